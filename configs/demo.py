@@ -1,0 +1,111 @@
+"""The embedded demo: a tiny TokenFLEX VLM on the procedural VQA suite, CPU-sized.
+
+Stages (``--config=configs/demo.py:stage=N``):
+  0: dense vision pre-training of the ViT on the scenes' per-patch labels (the demo's
+     stand-in for a pretrained SigLIP), run by ``tokenflex_jax.pretrain_vision``;
+  1: alignment: only the projector trains (ViT and LLM frozen);
+  2: full tuning (the default): everything trains, the ViT at a reduced learning rate.
+``launch/demo.sh`` runs 0 -> 1 -> 2 -> eval, chaining them through ``config.init``.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axes ("data", "fsdp", "tensor"). The one table for the project.
+FSDP_TP_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("classes", None),
+)
+
+
+def parse_stage(arg: str | None) -> int:
+  """``None`` -> 2; ``"1"`` or ``"stage=1"`` -> 1."""
+  if not arg:
+    return 2
+  value = arg.split("=", 1)[1] if "=" in arg else arg
+  if value not in ("0", "1", "2"):
+    raise ValueError(f"configs/demo.py: stage must be 0, 1 or 2, got {arg!r}")
+  return int(value)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  stage = parse_stage(arg)
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vit = ml_collections.ConfigDict(dict(
+      image_size=32, patch_size=2, width=64, depth=3, mlp_dim=256, num_heads=2,
+      layer_norm_eps=1e-6, dtype="float32"))
+  c.model.projector = ml_collections.ConfigDict(dict(
+      pooling="adaptive_avg", mlp_ratio=3, layer_norm_eps=1e-6, dtype="float32"))
+  c.model.llm = ml_collections.ConfigDict(dict(
+      vocab_size=256, width=96, depth=2, num_heads=2, num_kv_heads=1, head_dim=48,
+      mlp_dim=256, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False,
+      tie_embeddings=True, dtype="float32"))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "procedural"      # or "tfds": read the array_record build in tfds_dir
+  c.data.tfds_dir = ""
+  c.data.seed = 1
+  c.data.image_size = c.model.vit.get_ref("image_size")
+  c.data.num_examples = 1_000_000   # size of the procedural train split
+  c.data.families = ("background", "shape_color", "shape", "count", "quadrant", "dots",
+                     "dot_color")
+  c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.5, 1.5)
+  c.data.max_text_length = 24       # prompt + answer tokens, padded
+  c.data.num_workers = 0            # grain worker processes (0: in the main process)
+  c.data.tokenizer_path = ""        # "" -> WORKDIR/tokenizer.model, trained if missing
+
+  # TokenFLEX: the visual-token budget of each step is drawn from these.
+  c.token_counts = (64, 144, 256)
+  c.token_probs = (0.2, 0.3, 0.5)
+  c.loss_weighting = "sqrt"         # per-sample 1/sqrt(answer tokens), or "token_mean"
+
+  c.batch_size = 32                 # global
+  c.total_steps = 900
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=2e-3, warmup_steps=50, end_lr_fraction=0.05, b1=0.9, b2=0.98,
+      weight_decay=0.05, clip_norm=1.0))
+  # Learning-rate multiplier per module group; 0 freezes the group.
+  c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.3, projector=1.0, llm=1.0))
+
+  c.init = ml_collections.ConfigDict()
+  c.init.checkpoint = ""            # a workdir: start from its latest params (all modules)
+  c.init.vision_checkpoint = ""     # a workdir of pretrain_vision: take its ViT only
+
+  c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
+  c.sharding = ml_collections.ConfigDict(dict(rules=FSDP_TP_RULES))
+
+  c.log_every = 25
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 2
+
+  c.vision_pretrain = ml_collections.ConfigDict(dict(object_weight=5.0))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.token_counts = (64, 100, 144, 196, 256)
+  c.eval.examples_per_family = 200
+  c.eval.batch_size = 100
+  c.eval.max_prompt_length = 20
+  c.eval.max_new_tokens = 4
+  c.eval.seed = 12345
+  c.eval.checkpoint_step = -1       # -1: the latest
+
+  if stage == 0:
+    c.total_steps = 800
+    c.checkpoint_every = 400
+    c.lr_multipliers = ml_collections.ConfigDict(dict(vit=1.0))
+  elif stage == 1:
+    c.total_steps = 250
+    c.checkpoint_every = 250
+    c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.0, projector=1.0, llm=1.0))
+  return c

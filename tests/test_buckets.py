@@ -1,0 +1,42 @@
+"""The per-step visual-token bucket: distribution, determinism, validation."""
+
+import collections
+
+import pytest
+
+from tokenflex_jax.training.buckets import token_count_for_step, validate_buckets
+
+
+def test_distribution_follows_probabilities():
+  counts = collections.Counter(token_count_for_step(0, s, (64, 144, 256), (0.2, 0.3, 0.5))
+                               for s in range(20_000))
+  assert set(counts) == {64, 144, 256}
+  for n, p in ((64, 0.2), (144, 0.3), (256, 0.5)):
+    assert abs(counts[n] / 20_000 - p) < 0.015
+
+
+def test_pure_function_of_seed_and_step():
+  seq = [token_count_for_step(3, s, (64, 144, 256), (0.2, 0.3, 0.5)) for s in range(200)]
+  again = [token_count_for_step(3, s, (64, 144, 256), (0.2, 0.3, 0.5)) for s in range(200)]
+  other = [token_count_for_step(4, s, (64, 144, 256), (0.2, 0.3, 0.5)) for s in range(200)]
+  assert seq == again
+  assert seq != other
+  # Resuming at step 100 continues the same sequence.
+  assert [token_count_for_step(3, s, (64, 144, 256), (0.2, 0.3, 0.5))
+          for s in range(100, 200)] == seq[100:]
+
+
+def test_fixed_baseline_is_a_single_bucket():
+  assert {token_count_for_step(0, s, (144,), (1.0,)) for s in range(50)} == {144}
+
+
+@pytest.mark.parametrize("counts,probs,match", [
+    ((64, 150), (0.5, 0.5), "token_counts: num_visual_tokens=150"),
+    ((64, 144), (0.5,), "token_probs has 1 entries"),
+    ((64, 144), (0.5, 0.6), "sum to 1"),
+    ((), (), "empty"),
+    ((64, 64), (0.5, 0.5), "duplicates"),
+])
+def test_validation_names_the_field(counts, probs, match):
+  with pytest.raises(ValueError, match=match):
+    validate_buckets(counts, probs)

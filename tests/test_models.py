@@ -1,0 +1,93 @@
+"""The ViT, the decoder (cache vs. no cache) and the VLM's placement of visual tokens."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tokenflex_jax.models.llm import LLM, LLMConfig, init_cache
+from tokenflex_jax.models.projector import ProjectorConfig
+from tokenflex_jax.models.vit import ViT, ViTConfig, interpolate_posemb
+from tokenflex_jax.models.vlm import VLM, VLMConfig, merge, merge_index
+
+IMAGE_ID, PAD = 4, 0
+
+
+def small_vlm(**llm_overrides) -> VLM:
+  llm = dataclasses.replace(LLMConfig(vocab_size=32, width=32, depth=2, num_heads=4,
+                                      num_kv_heads=2, head_dim=8, mlp_dim=64), **llm_overrides)
+  vit = ViTConfig(image_size=16, patch_size=2, width=16, depth=1, mlp_dim=32, num_heads=2)
+  return VLM(VLMConfig(vit, ProjectorConfig(), llm, image_token_id=IMAGE_ID, pad_token_id=PAD))
+
+
+def test_vit_shapes_and_posemb_interpolation():
+  vit = ViT(ViTConfig(image_size=16, patch_size=2, width=16, depth=1, mlp_dim=32, num_heads=2))
+  params = vit.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  assert vit.apply(params, jnp.zeros((2, 16, 16, 3))).shape == (2, 64, 16)
+  # Another resolution works through an interpolated position embedding.
+  assert vit.apply(params, jnp.zeros((2, 24, 24, 3))).shape == (2, 144, 16)
+  posemb = jnp.arange(16.0).reshape(1, 16, 1)
+  np.testing.assert_allclose(interpolate_posemb(posemb, 4), posemb)
+  assert interpolate_posemb(posemb, 8).shape == (1, 64, 1)
+
+
+def test_merge_places_visual_tokens_at_the_placeholder():
+  text = jnp.arange(2 * 5).reshape(2, 5, 1).astype(jnp.float32) + 100
+  visual = -jnp.arange(2 * 3).reshape(2, 3, 1).astype(jnp.float32) - 1
+  index = merge_index(jnp.array([1, 3]), text_length=5, num_tokens=3)
+  out = np.asarray(merge(visual, text, index))[..., 0]
+  np.testing.assert_array_equal(out[0], [100, -1, -2, -3, 102, 103, 104])
+  np.testing.assert_array_equal(out[1], [105, 106, 107, -4, -5, -6, 109])
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True, "tie_embeddings": False},
+                                       {"num_kv_heads": 4}, {"num_kv_heads": 1}])
+def test_cached_generation_matches_teacher_forcing(overrides):
+  model = small_vlm(**overrides)
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  # Right-padded training rows; row 1 has a shorter prompt.
+  tokens = jnp.array([[2, 5, IMAGE_ID, 7, 8, 9, 6, 10, 11, 3, 0, 0],
+                      [2, 5, IMAGE_ID, 7, 8, 6, 12, 13, 3, 0, 0, 0]])
+  params = model.init(jax.random.key(0), images, tokens, 16)
+  n = 16
+  teacher = model.apply(params, images, tokens, n)
+  assert teacher.shape == (2, 12, 32)
+  prompts = jnp.array([[2, 5, IMAGE_ID, 7, 8, 9, 6], [0, 2, 5, IMAGE_ID, 7, 8, 6]])
+  length = prompts.shape[1] - 1 + n
+  cache = init_cache(model.config.llm, 2, length + 3)
+  logits, cache, key_valid, pos = model.apply(params, images, prompts, n, cache,
+                                              method=VLM.prefill)
+  np.testing.assert_allclose(logits[0], teacher[0, 7], atol=2e-5)
+  np.testing.assert_allclose(logits[1], teacher[1, 6], atol=2e-5)
+  step_tokens = [jnp.array([10, 12]), jnp.array([11, 13])]
+  for i, tok in enumerate(step_tokens):
+    logits, cache = model.apply(params, tok, pos + i, cache, key_valid, jnp.array(length + i),
+                                method=VLM.decode_step)
+    np.testing.assert_allclose(logits[0], teacher[0, 8 + i], atol=2e-5)
+    np.testing.assert_allclose(logits[1], teacher[1, 7 + i], atol=2e-5)
+
+
+def test_visual_tokens_change_the_answer_logits_and_count_matters():
+  model = small_vlm()
+  tokens = jnp.array([[2, IMAGE_ID, 7, 6, 10, 3]])
+  a = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3))
+  params = model.init(jax.random.key(0), a, tokens, 16)
+  b = -a
+  la = model.apply(params, a, tokens, 16)[0, 4]
+  lb = model.apply(params, b, tokens, 16)[0, 4]
+  l4 = model.apply(params, a, tokens, 4)[0, 4]
+  assert float(jnp.abs(la - lb).max()) > 1e-4
+  assert float(jnp.abs(la - l4).max()) > 1e-4
+
+
+def test_llm_plain_call_is_causal():
+  llm = LLM(LLMConfig(vocab_size=32, width=32, depth=1, num_heads=2, num_kv_heads=1,
+                      head_dim=16, mlp_dim=64))
+  tokens = jnp.array([[1, 2, 3, 4, 5]])
+  params = llm.init(jax.random.key(0), tokens)
+  out = llm.apply(params, tokens)
+  changed = llm.apply(params, tokens.at[0, 4].set(9))
+  np.testing.assert_allclose(out[0, :4], changed[0, :4], atol=1e-6)
+  assert float(jnp.abs(out[0, 4] - changed[0, 4]).max()) > 1e-4

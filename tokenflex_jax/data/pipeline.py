@@ -1,0 +1,128 @@
+"""The grain input pipeline: source -> shuffle -> per-host shard -> preprocess -> batch.
+
+Each host reads its own slice of the shuffled source (by `jax.process_index()`) and
+batches ``global_batch / process_count`` examples; `to_global_batch` assembles the
+host batches into global arrays sharded over the mesh's batch axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+
+from tokenflex_jax import sharding
+from tokenflex_jax.data import scenes
+from tokenflex_jax.data.tokenizer import Tokenizer
+
+
+def make_source(data_config: Any, split: str = "train") -> Any:
+  """The random-access source named by ``config.data.source``."""
+  if data_config.source == "procedural":
+    return scenes.SceneSource(seed=data_config.seed, num_examples=data_config.num_examples,
+                              image_size=data_config.image_size,
+                              families=tuple(data_config.families),
+                              family_weights=tuple(data_config.family_weights))
+  if data_config.source == "tfds":
+    if not data_config.tfds_dir:
+      raise ValueError("config.data.source='tfds' needs config.data.tfds_dir")
+    from tokenflex_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+    return tfds_builder.tfds_source(data_config.tfds_dir, split)
+  raise ValueError(f"config.data.source must be 'procedural' or 'tfds', "
+                   f"got {data_config.source!r}")
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [H, W, 3] in [-1, 1]."""
+  return image.astype(np.float32) / 127.5 - 1.0
+
+
+def encode_training_text(tokenizer: Tokenizer, question: str, answer: str,
+                         max_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Chat-formatted prompt + answer, right-padded.
+
+  Returns (tokens int32 [T], loss_mask float32 [T]) with the mask on answer tokens
+  (including the end-of-sequence token).
+  """
+  prompt = tokenizer.prompt_ids(question)
+  answer_ids = tokenizer.answer_ids(answer)
+  if len(answer_ids) < 2:
+    raise ValueError(f"empty answer for question {question!r}")
+  ids = prompt + answer_ids
+  if len(ids) > max_length:
+    raise ValueError(f"example needs {len(ids)} tokens but config.data.max_text_length is "
+                     f"{max_length}: {question!r} -> {answer!r}")
+  tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  mask = np.zeros((max_length,), np.float32)
+  mask[len(prompt):len(ids)] = 1.0
+  return tokens, mask
+
+
+class VQAPreprocess(grain.transforms.Map):
+  """Example dict -> {"image": f32 [H,W,3], "tokens": i32 [T], "loss_mask": f32 [T]}."""
+
+  def __init__(self, tokenizer_path: str, max_text_length: int):
+    self._path = tokenizer_path
+    self._max_length = max_text_length
+    self._tokenizer = None  # Loaded lazily: grain pickles transforms into workers.
+
+  def __getstate__(self):
+    return {**self.__dict__, "_tokenizer": None}
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if self._tokenizer is None:
+      self._tokenizer = Tokenizer(self._path)
+    tokens, mask = encode_training_text(self._tokenizer, element["question"],
+                                        element["answer"], self._max_length)
+    return {"image": normalize_image(element["image"]), "tokens": tokens, "loss_mask": mask}
+
+
+class PatchLabelPreprocess(grain.transforms.Map):
+  """Example dict -> {"image", "patch_color": i32 [g, g], "patch_object": i32 [g, g]}."""
+
+  def __init__(self, patch_size: int):
+    self._patch_size = patch_size
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    color, obj = scenes.patch_labels(element["color_map"], element["object_map"],
+                                     self._patch_size)
+    return {"image": normalize_image(element["image"]),
+            "patch_color": color.astype(np.int32), "patch_object": obj.astype(np.int32)}
+
+
+def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: int, seed: int,
+                  num_workers: int = 0) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of host-local batches."""
+  if global_batch % jax.process_count():
+    raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  local_batch = global_batch // jax.process_count()
+  ds = grain.MapDataset.source(source).seed(seed).shuffle()
+  ds = ds[jax.process_index()::jax.process_count()]
+  ds = ds.repeat(None).map(transform).batch(local_batch, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+  if num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(it)
+
+
+def abstract_batch(example_batch: Mapping[str, np.ndarray], mesh, rules
+                   ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
+  """Global shapes and shardings of a batch, given one host-local batch."""
+  shapes, shardings = {}, {}
+  for k, v in example_batch.items():
+    sh = sharding.batch_sharding(mesh, rules, v.ndim)
+    shapes[k] = jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:],
+                                     v.dtype, sharding=sh)
+    shardings[k] = sh
+  return shapes, shardings
+
+
+def to_global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, Any]
+                    ) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global jax.Arrays laid out by ``shardings``."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}

@@ -1,0 +1,70 @@
+r"""Evaluates a trained TokenFLEX checkpoint at every visual-token count.
+
+  python -m tokenflex_jax.eval --config=configs/demo.py --workdir=/tmp/run \
+      [--config.eval.checkpoint_step=800] [--config.eval.token_counts='(64,256)']
+
+Writes WORKDIR/eval/results.json, results.md and accuracy.png.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tokenflex_jax import setup, sharding
+from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.evaluation.evaluator import evaluate
+from tokenflex_jax.evaluation.report import markdown_table, write_results
+from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import checkpointing
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config the workdir was trained with.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints.")
+
+
+def load_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules, step: int = -1):
+  """(model, sharded params, tokenizer, step) from a workdir's checkpoint."""
+  tokenizer = Tokenizer(setup.tokenizer_path(config, workdir))
+  model = VLM(setup.model_config(config, tokenizer))
+  size, n = config.data.image_size, config.token_counts[0]
+  with sharding.mesh_rules(mesh, rules):
+    boxed = jax.eval_shape(lambda r: model.init(
+        r, jnp.zeros((1, size, size, 3)), jnp.zeros((1, config.data.max_text_length), jnp.int32),
+        n)["params"], jax.random.key(0))
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          sharding.strip_boxes(boxed), shardings)
+  params, step = checkpointing.load_params(workdir, abstract, step)
+  return model, params, tokenizer, step
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh, rules = setup.mesh_and_rules(config)
+  model, params, tokenizer, step = load_model(config, workdir, mesh, rules,
+                                              config.eval.checkpoint_step)
+  logging.info("evaluating %s at step %d, counts %s", workdir, step,
+               tuple(config.eval.token_counts))
+  results = evaluate(model, params, tokenizer, config, mesh, rules, step)
+  out_dir = os.path.join(workdir, "eval")
+  if jax.process_index() == 0:
+    write_results(results, out_dir)
+    logging.info("wrote %s/{results.json,results.md,accuracy.png}\n%s", out_dir,
+                 markdown_table(results))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run_eval(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,96 @@
+"""Evaluates one set of params at several visual-token counts on the scene suite."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from tokenflex_jax import sharding
+from tokenflex_jax.data import scenes
+from tokenflex_jax.data.pipeline import normalize_image
+from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
+from tokenflex_jax.models.projector import token_side
+from tokenflex_jax.models.vlm import VLM
+
+
+def eval_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
+  """The fixed evaluation examples: ``examples_per_family`` of each configured family.
+
+  Returns {"images": f32 [N,H,W,3], "prompts": i32 [N,P], "answers": [str], "families": [str]}.
+  Seeds differ from training (``config.eval.seed``), so no example is seen in training.
+  """
+  images, questions, answers, families = [], [], [], []
+  for i, family in enumerate(config.data.families):
+    source = scenes.SceneSource(seed=config.eval.seed + i,
+                                num_examples=config.eval.examples_per_family,
+                                image_size=config.data.image_size, families=(family,))
+    for j in range(len(source)):
+      ex = source[j]
+      images.append(normalize_image(ex["image"]))
+      questions.append(ex["question"])
+      answers.append(ex["answer"])
+      families.append(ex["family"])
+  return {"images": np.stack(images),
+          "prompts": encode_prompts(tokenizer, questions, config.eval.max_prompt_length),
+          "answers": answers, "families": families}
+
+
+def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+  by_name = {f.name: f for f in scenes.FAMILIES}
+  return {n: {"granularity": by_name[n].granularity, "chance": by_name[n].chance} for n in names}
+
+
+def evaluate(model: VLM, params: Any, tokenizer: Tokenizer, config: ml_collections.ConfigDict,
+             mesh, rules, step: int) -> dict[str, Any]:
+  """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
+  data = eval_set(config, tokenizer)
+  n_examples, bs = len(data["answers"]), config.eval.batch_size
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if bs % data_parallel:
+    raise ValueError(f"config.eval.batch_size={bs} must be divisible by the {data_parallel} "
+                     "data-parallel devices")
+  generate = make_generate(model, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+  image_sh = sharding.batch_sharding(mesh, rules, 4)
+  prompt_sh = sharding.batch_sharding(mesh, rules, 2)
+  results = {}
+  for n in config.eval.token_counts:
+    token_side(n)
+    fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n))
+    predictions = []
+    with sharding.mesh_rules(mesh, rules):
+      t0 = time.perf_counter()
+      compiled = fn.lower(params, jax.ShapeDtypeStruct((bs,) + data["images"].shape[1:],
+                                                       np.float32, sharding=image_sh),
+                          jax.ShapeDtypeStruct((bs, data["prompts"].shape[1]), np.int32,
+                                               sharding=prompt_sh)).compile()
+      compile_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      for start in range(0, n_examples, bs):
+        images = data["images"][start:start + bs]
+        prompts = data["prompts"][start:start + bs]
+        real = len(images)
+        if real < bs:  # Pad the last batch; the padding rows are dropped below.
+          images = np.concatenate([images, np.repeat(images[-1:], bs - real, 0)])
+          prompts = np.concatenate([prompts, np.repeat(prompts[-1:], bs - real, 0)])
+        out = compiled(params, jax.device_put(images, image_sh), jax.device_put(prompts, prompt_sh))
+        predictions.extend(np.asarray(out)[:real].tolist())
+      seconds = time.perf_counter() - t0
+    texts = [tokenizer.decode(p).strip() for p in predictions]
+    correct = np.array([t == a for t, a in zip(texts, data["answers"])], np.float64)
+    fams = np.array(data["families"])
+    per_family = {f: float(correct[fams == f].mean()) for f in config.data.families}
+    results[str(n)] = {"visual_tokens": int(n), "families": per_family,
+                       "average": float(np.mean(list(per_family.values()))),
+                       "examples_per_s": n_examples / seconds}
+    logging.info("eval %d visual tokens: average %.3f (%s); %.0f examples/s; compile %.1fs",
+                 n, results[str(n)]["average"],
+                 ", ".join(f"{k}={v:.2f}" for k, v in per_family.items()),
+                 n_examples / seconds, compile_s)
+  return {"step": int(step), "examples_per_family": int(config.eval.examples_per_family),
+          "families": family_info(tuple(config.data.families)), "results": results}

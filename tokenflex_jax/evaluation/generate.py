@@ -1,0 +1,58 @@
+"""Batched greedy decoding with the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.models.llm import init_cache
+from tokenflex_jax.models.vlm import VLM
+
+
+def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
+                  ) -> Callable[[Any, jax.Array, jax.Array, int], jax.Array]:
+  """Returns generate(params, images [B,H,W,3], prompts [B,P] left-padded, num_tokens).
+
+  The result is [B, max_new_tokens] int32; after the end-of-sequence token every
+  position holds ``pad_id``.
+  """
+  def generate(params, images, prompts, num_tokens):
+    b, p = prompts.shape
+    prompt_length = p - 1 + num_tokens
+    cache = init_cache(model.config.llm, b, prompt_length + max_new_tokens,
+                       jnp.dtype(model.config.llm.dtype))
+    logits, cache, key_valid, position = model.apply(
+        {"params": params}, images, prompts, num_tokens, cache, method=VLM.prefill)
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def body(i, carry):
+      out, token, cache, done = carry
+      out = out.at[:, i].set(jnp.where(done, pad_id, token))
+      done = done | (token == eos_id)
+      logits, cache = model.apply({"params": params}, token, position + i, cache, key_valid,
+                                  prompt_length + i, method=VLM.decode_step)
+      return out, jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, done
+
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    out, *_ = jax.lax.fori_loop(0, max_new_tokens, body,
+                                (out, token, cache, jnp.zeros((b,), bool)))
+    return out
+
+  return generate
+
+
+def encode_prompts(tokenizer: Tokenizer, questions: list[str], max_length: int) -> np.ndarray:
+  """Chat-formatted prompts, left-padded so every answer starts at the same slot. [B, P]."""
+  out = np.full((len(questions), max_length), tokenizer.pad_id, np.int32)
+  for i, question in enumerate(questions):
+    ids = tokenizer.prompt_ids(question)
+    if len(ids) > max_length:
+      raise ValueError(f"question needs {len(ids)} prompt tokens but "
+                       f"config.eval.max_prompt_length is {max_length}: {question!r}")
+    out[i, max_length - len(ids):] = ids
+  return out

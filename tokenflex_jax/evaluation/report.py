@@ -1,0 +1,61 @@
+"""Writes evaluation results: results.json, results.md (a table), accuracy.png."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  """Families as rows, visual-token counts as columns, accuracy in percent."""
+  counts = list(results["results"])
+  lines = [f"Accuracy (%) at step {results['step']}, "
+           f"{results['examples_per_family']} examples per family.", "",
+           "| family | granularity | chance | " + " | ".join(f"{c} tokens" for c in counts) + " |",
+           "|---|---|---|" + "---|" * len(counts)]
+  for name, info in results["families"].items():
+    cells = [f"{100 * results['results'][c]['families'][name]:.1f}" for c in counts]
+    lines.append(f"| {name} | {info['granularity']} | {100 * info['chance']:.1f} | "
+                 + " | ".join(cells) + " |")
+  lines.append("| **average** | | | " + " | ".join(
+      f"**{100 * results['results'][c]['average']:.1f}**" for c in counts) + " |")
+  lines.append("| examples/s | | | " + " | ".join(
+      f"{results['results'][c]['examples_per_s']:.0f}" for c in counts) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(results: dict[str, Any], path: str) -> None:
+  counts = [int(c) for c in results["results"]]
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  styles = {"coarse": "-", "medium": "--", "fine": ":"}
+  for name, info in results["families"].items():
+    acc = [100 * results["results"][str(c)]["families"][name] for c in counts]
+    ax.plot(counts, acc, styles.get(info["granularity"], "-"), marker="o",
+            label=f"{name} ({info['granularity']})")
+  ax.plot(counts, [100 * results["results"][str(c)]["average"] for c in counts], "k-",
+          linewidth=2.5, marker="s", label="average")
+  ax.set_xlabel("visual tokens")
+  ax.set_ylabel("accuracy (%)")
+  ax.set_xticks(counts)
+  ax.set_ylim(0, 101)
+  ax.grid(alpha=0.3)
+  ax.set_title(f"TokenFLEX demo, one model evaluated at each budget (step {results['step']})")
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_results(results: dict[str, Any], out_dir: str) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(markdown_table(results))
+  plot_accuracy(results, os.path.join(out_dir, "accuracy.png"))

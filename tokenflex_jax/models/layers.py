@@ -1,0 +1,134 @@
+"""Building blocks shared by the vision tower, the projector and the decoder.
+
+Every parameter is created through `nn.with_logical_partitioning`, so its logical
+axis names travel with it; `sharding.logical_shardings` maps them onto the mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+class DenseGeneral(nn.Module):
+  """x [..., *in_dims] @ kernel [*in_dims, *features] (+ bias [*features]).
+
+  The kernel is created at its full shape (flax's DenseGeneral creates a flattened 2-D
+  kernel, which would lose the per-dimension logical names), with lecun-normal fan-in
+  over all contracted dims.
+  """
+  features: tuple[int, ...]
+  axes: Axes
+  num_contract: int = 1
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in = self.num_contract
+    in_shape = x.shape[x.ndim - n_in:]
+    shape = tuple(in_shape) + tuple(self.features)
+    if len(self.axes) != len(shape):
+      raise ValueError(f"{self.name}: {len(self.axes)} logical axes {self.axes} for a kernel "
+                       f"of shape {shape}")
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, len(shape))))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                            (contract, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros_init(), self.axes[n_in:]), tuple(self.features))
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+def dense(features: int | Sequence[int], axes: Axes, *, num_contract: int = 1,
+          use_bias: bool = False, dtype: jnp.dtype = jnp.float32,
+          name: str | None = None) -> DenseGeneral:
+  """A projection whose kernel (and bias) carry logical axis names.
+
+  ``axes`` names every kernel dimension: the ``num_contract`` trailing input dims
+  first, then the output ``features``.
+  """
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return DenseGeneral(features, tuple(axes), num_contract, use_bias, dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation over the last axis (Llama / Qwen2). [..., D] -> [..., D]."""
+  eps: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("norm",)), (x.shape[-1],))
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(self.dtype)
+
+
+def layer_norm(eps: float, dtype: jnp.dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm whose scale and bias carry the logical name ``norm``."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+class SwiGLU(nn.Module):
+  """silu(x W_gate) * (x W_up) W_down, no biases. [..., D_in] -> [..., out_features]."""
+  hidden: int
+  out_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
+    up = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
+    h = nn.silu(gate) * up
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return dense(self.out_features, ("mlp", "embed"), dtype=self.dtype, name="down")(h)
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention weights.
+
+  Args:
+    q: [B, S, KV, G, Dh] queries (G query heads share each of the KV heads).
+    k: [B, T, KV, Dh] keys.
+    mask: [B, S, T] bool, True where query s may attend to key t.
+  Returns:
+    [B, KV, G, S, T] float32 probabilities.
+  """
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32)
+  scores = scores * (q.shape[-1] ** -0.5)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention with grouped KV heads.
+
+  Args:
+    q: [B, S, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV.
+    mask: [B, S, T] bool.
+  Returns:
+    [B, S, H, Dh].
+  """
+  b, s, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, s, kv, h // kv, d)
+  probs = attention_weights(qg, k, mask).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, h, d)

@@ -1,0 +1,167 @@
+"""Decoder-only language model of the Llama / Qwen2 family, with a KV cache.
+
+RMSNorm, rotary position embeddings, grouped-query attention (optional q/k/v bias),
+SwiGLU MLP, tied or untied output embedding. The cache is an explicit pytree passed
+in and returned, so generation is a pure function that jits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tokenflex_jax.models import layers
+
+# One entry per layer: {"k": [B, T_max, KV, Dh], "v": [B, T_max, KV, Dh]}.
+KVCache = tuple[dict[str, jax.Array], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  vocab_size: int = 256
+  width: int = 96
+  depth: int = 2
+  num_heads: int = 2
+  num_kv_heads: int = 1
+  head_dim: int = 48
+  mlp_dim: int = 256
+  rope_theta: float = 10_000.0
+  rms_norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+
+
+def init_cache(config: LLMConfig, batch: int, max_length: int,
+               dtype: jnp.dtype = jnp.float32) -> KVCache:
+  """An all-zero cache for ``max_length`` positions."""
+  shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(config.depth))
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (as Llama/Qwen2 in HF). x: [B, S, H, Dh]."""
+  half = x.shape[-1] // 2
+  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, S, half]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+  """Causal + padding mask. key_valid [B, T], query_slots [S] -> [B, S, T] bool."""
+  key_slots = jnp.arange(key_valid.shape[1])
+  causal = key_slots[None, :] <= query_slots[:, None]
+  return causal[None] & key_valid[:, None, :]
+
+
+class Attention(nn.Module):
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_valid, cache, cache_index):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                     use_bias=cfg.qkv_bias, dtype=dtype, name="q")(x)
+    k = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                     use_bias=cfg.qkv_bias, dtype=dtype, name="k")(x)
+    v = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
+                     use_bias=cfg.qkv_bias, dtype=dtype, name="v")(x)
+    q = rotary(q, positions, cfg.rope_theta)
+    k = rotary(k, positions, cfg.rope_theta)
+    new_cache = None
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+      new_cache = {"k": k, "v": v}
+    query_slots = cache_index + jnp.arange(x.shape[1])
+    out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
+                                   attention_mask(key_valid, query_slots))
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    out = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2,
+                       dtype=dtype, name="o")(out)
+    return out, new_cache
+
+
+class DecoderLayer(nn.Module):
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_valid, cache, cache_index):
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="attn_norm")(x)
+    y, new_cache = Attention(cfg, name="attn")(y, positions, key_valid, cache, cache_index)
+    x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+    y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
+    y = layers.SwiGLU(cfg.mlp_dim, cfg.width, dtype=dtype, name="mlp")(y)
+    return nn.with_logical_constraint(x + y, ("batch", "length", "embed")), new_cache
+
+
+class LLM(nn.Module):
+  """Token ids [B, S] -> logits [B, S, V]; `decode` runs on embeddings with a cache."""
+  config: LLMConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                  ("vocab", "embed")),
+        (cfg.vocab_size, cfg.width))
+    self.blocks = [DecoderLayer(cfg, name=f"layer_{i}") for i in range(cfg.depth)]
+    self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"),
+                                  dtype=jnp.dtype(cfg.dtype))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """[B, S] int -> [B, S, D]."""
+    x = jnp.take(jnp.asarray(self.embedding), tokens, axis=0).astype(self.config.dtype)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Final hidden states [B, S, D] (already normalised) -> logits [B, S, V] in float32."""
+    if self.config.tie_embeddings:
+      out = jnp.einsum("bsd,vd->bsv", hidden, jnp.asarray(self.embedding, hidden.dtype))
+    else:
+      out = self.lm_head(hidden)
+    return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def decode(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array,
+             cache: KVCache | None = None, cache_index: Any = 0
+             ) -> tuple[jax.Array, KVCache | None]:
+    """Runs the decoder stack on input embeddings.
+
+    Args:
+      x: [B, S, D] input embeddings.
+      positions: [B, S] rotary positions.
+      key_valid: [B, T] bool, which key slots hold real tokens; T = S without a cache,
+        T = T_max (the cache length) with one.
+      cache: optional `KVCache`; the new keys/values are written at ``cache_index``.
+      cache_index: slot of x's first token in the cache (int or scalar array).
+    Returns:
+      (final normalised hidden states [B, S, D], updated cache or None).
+    """
+    new_cache = []
+    for i, block in enumerate(self.blocks):
+      x, layer_cache = block(x, positions, key_valid,
+                             None if cache is None else cache[i], cache_index)
+      new_cache.append(layer_cache)
+    return self.final_norm(x), (None if cache is None else tuple(new_cache))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Plain causal LM: [B, S] -> logits [B, S, V] (no padding, no cache)."""
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    hidden, _ = self.decode(self.embed(tokens), positions, jnp.ones((b, s), bool))
+    return self.logits(hidden)

@@ -1,0 +1,123 @@
+"""The TokenFLEX vision-language model: ViT -> token-adaptive projector -> LLM.
+
+The visual tokens replace the single image placeholder token of each text
+sequence; text before it stays before, text after it follows the N visual tokens.
+All shapes are static: text is padded to a fixed length T, N is a static int, so
+the merged sequence has length S = T - 1 + N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tokenflex_jax.models.llm import LLM, KVCache, LLMConfig
+from tokenflex_jax.models.projector import ProjectorConfig, TokenAdaptiveProjector
+from tokenflex_jax.models.vit import ViT, ViTConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+  vit: ViTConfig
+  projector: ProjectorConfig
+  llm: LLMConfig
+  image_token_id: int
+  pad_token_id: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeIndex:
+  """Where each merged slot j in [0, S) reads from. All arrays are [B, S]."""
+  is_visual: jax.Array
+  text_index: jax.Array
+  visual_index: jax.Array
+
+
+def merge_index(image_pos: jax.Array, text_length: int, num_tokens: int) -> MergeIndex:
+  """Index maps for inserting N visual tokens at each row's placeholder. image_pos: [B]."""
+  j = jnp.arange(text_length - 1 + num_tokens)[None, :]
+  p = image_pos[:, None]
+  is_visual = (j >= p) & (j < p + num_tokens)
+  text_index = jnp.clip(jnp.where(j < p, j, j - num_tokens + 1), 0, text_length - 1)
+  visual_index = jnp.clip(j - p, 0, num_tokens - 1)
+  return MergeIndex(is_visual, text_index, visual_index)
+
+
+def merge(visual: jax.Array, text: jax.Array, index: MergeIndex) -> jax.Array:
+  """Interleaves visual [B, N, D] and text [B, T, D] embeddings -> [B, S, D]."""
+  take = lambda a, i: jnp.take_along_axis(a, i[..., None], axis=1)
+  return jnp.where(index.is_visual[..., None], take(visual, index.visual_index),
+                   take(text, index.text_index))
+
+
+class VLM(nn.Module):
+  config: VLMConfig
+
+  def setup(self):
+    cfg = self.config
+    self.vit = ViT(cfg.vit)
+    self.projector = TokenAdaptiveProjector(cfg.projector, cfg.llm.width)
+    self.llm = LLM(cfg.llm)
+
+  def encode_images(self, images: jax.Array, num_tokens: int) -> jax.Array:
+    """[B, H, W, 3] -> visual tokens [B, num_tokens, D]."""
+    return self.projector(self.vit(images), num_tokens)
+
+  def _embed_inputs(self, images, tokens, num_tokens):
+    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], merge index."""
+    image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)
+    index = merge_index(image_pos, tokens.shape[1], num_tokens)
+    x = merge(self.encode_images(images, num_tokens), self.llm.embed(tokens), index)
+    text_valid = tokens != self.config.pad_token_id
+    valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    return x, valid, positions, index
+
+  def __call__(self, images: jax.Array, tokens: jax.Array, num_tokens: int) -> jax.Array:
+    """Teacher-forced logits aligned with the text.
+
+    Args:
+      images: [B, H, W, 3] float in [-1, 1].
+      tokens: [B, T] int, right-padded, one image placeholder per row.
+      num_tokens: visual token count N (a static square int).
+    Returns:
+      [B, T, V] float32, where [:, t] is the prediction of tokens[:, t] from
+      everything before it (row 0 and positions up to the placeholder are meaningless).
+    """
+    x, valid, positions, _ = self._embed_inputs(images, tokens, num_tokens)
+    hidden, _ = self.llm.decode(x, positions, valid)
+    t = jnp.arange(tokens.shape[1])[None, :]
+    image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)[:, None]
+    merged_t = jnp.where(t < image_pos, t, t + num_tokens - 1)
+    predictor = jnp.maximum(merged_t - 1, 0)
+    hidden = jnp.take_along_axis(hidden, predictor[..., None], axis=1)
+    return self.llm.logits(hidden)
+
+  def prefill(self, images: jax.Array, tokens: jax.Array, num_tokens: int,
+              cache: KVCache) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+    """Runs a left-padded prompt through the model, filling the cache from slot 0.
+
+    Args:
+      images: [B, H, W, 3]; tokens: [B, P] left-padded prompts ending where the answer
+      starts; num_tokens: N; cache: a `KVCache` with T_max >= P - 1 + N slots.
+    Returns:
+      (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
+    """
+    x, valid, positions, _ = self._embed_inputs(images, tokens, num_tokens)
+    t_max = cache[0]["k"].shape[1]
+    key_valid = jnp.concatenate(
+        [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)
+    hidden, cache = self.llm.decode(x, positions, key_valid, cache, 0)
+    logits = self.llm.logits(hidden[:, -1:])[:, 0]
+    return logits, cache, key_valid, positions[:, -1] + 1
+
+  def decode_step(self, token: jax.Array, position: jax.Array, cache: KVCache,
+                  key_valid: jax.Array, cache_index: jax.Array
+                  ) -> tuple[jax.Array, KVCache]:
+    """One generation step. token, position: [B] -> (next-token logits [B, V], cache)."""
+    x = self.llm.embed(token[:, None])
+    hidden, cache = self.llm.decode(x, position[:, None], key_valid, cache, cache_index)
+    return self.llm.logits(hidden)[:, 0], cache

@@ -1,0 +1,90 @@
+"""Start-up pieces shared by the binaries: workdir, tokenizer, model config, mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from tokenflex_jax import sharding
+from tokenflex_jax.data.tokenizer import Tokenizer, ensure_tokenizer
+from tokenflex_jax.models.llm import LLMConfig
+from tokenflex_jax.models.projector import POOLING_MODES, ProjectorConfig
+from tokenflex_jax.models.vit import ViTConfig
+from tokenflex_jax.models.vlm import VLMConfig
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates the workdir and records the config the run uses (process 0 only)."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (written by `prepare_workdir`)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.data.tokenizer_path or os.path.join(workdir, TOKENIZER_FILE)
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
+  """The run's tokenizer: the configured file, else one inherited from the init
+  workdir (so every stage shares one vocabulary), else trained on the suite's text."""
+  path = tokenizer_path(config, workdir)
+  if not os.path.exists(path) and not config.data.tokenizer_path:
+    for source in (config.init.checkpoint, config.init.vision_checkpoint):
+      inherited = os.path.join(source, TOKENIZER_FILE) if source else ""
+      if inherited and os.path.exists(inherited):
+        if jax.process_index() == 0:
+          shutil.copyfile(inherited, path + ".tmp")
+          os.replace(path + ".tmp", path)
+        break
+  tokenizer = ensure_tokenizer(path)
+  logging.info("tokenizer %s: %d pieces", path, tokenizer.vocab_size)
+  return tokenizer
+
+
+def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
+  return ViTConfig(**config.model.vit.to_dict())
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> VLMConfig:
+  """The VLM's static configuration; checks it against the tokenizer."""
+  llm = LLMConfig(**config.model.llm.to_dict())
+  if tokenizer.vocab_size > llm.vocab_size:
+    raise ValueError(f"config.model.llm.vocab_size={llm.vocab_size} is smaller than the "
+                     f"tokenizer's {tokenizer.vocab_size} pieces")
+  projector = ProjectorConfig(**config.model.projector.to_dict())
+  if projector.pooling not in POOLING_MODES:
+    raise ValueError(f"config.model.projector.pooling must be one of {POOLING_MODES}, "
+                     f"got {projector.pooling!r}")
+  return VLMConfig(vit=vit_config(config), projector=projector, llm=llm,
+                   image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id)
+
+
+def mesh_and_rules(config: ml_collections.ConfigDict):
+  mesh = sharding.make_mesh(tuple(config.mesh.shape))
+  rules = sharding.rules_from_config(config.sharding.rules)
+  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  return mesh, rules
+
+
+def multipliers(config: ml_collections.ConfigDict) -> dict[str, float]:
+  return {k: float(v) for k, v in config.lr_multipliers.to_dict().items()}

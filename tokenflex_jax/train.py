@@ -1,0 +1,120 @@
+r"""Trains a TokenFLEX VLM: one visual-token budget per step, drawn from a static set.
+
+  python -m tokenflex_jax.train --config=configs/demo.py --workdir=/tmp/run \
+      [--config.total_steps=100 ...]
+
+A restarted run resumes from the latest checkpoint in its workdir. Each token count
+has its own train step, compiled ahead of time at start-up; the loop never compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tokenflex_jax import setup
+from tokenflex_jax.data import pipeline
+from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import buckets, checkpointing, steps
+from tokenflex_jax.training.loop import train_loop
+from tokenflex_jax.training.metrics import MetricWriter
+from tokenflex_jax.training.optimizer import make_optimizer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
+  """Trains until ``config.total_steps``, resuming from ``workdir`` if it has checkpoints."""
+  counts, probs = tuple(config.token_counts), tuple(config.token_probs)
+  buckets.validate_buckets(counts, probs)
+  setup.prepare_workdir(workdir, config)
+  mesh, rules = setup.mesh_and_rules(config)
+  tokenizer = setup.prepare_tokenizer(config, workdir)
+  model = VLM(setup.model_config(config, tokenizer))
+
+  # Data.
+  source = pipeline.make_source(config.data)
+  transform = pipeline.VQAPreprocess(setup.tokenizer_path(config, workdir),
+                                     config.data.max_text_length)
+  data_iterator = pipeline.make_iterator(source, transform, config.batch_size,
+                                         config.data.seed, config.data.num_workers)
+  local = config.batch_size // jax.process_count()
+  size, t = config.data.image_size, config.data.max_text_length
+  example = {"image": np.zeros((local, size, size, 3), np.float32),
+             "tokens": np.zeros((local, t), np.int32),
+             "loss_mask": np.zeros((local, t), np.float32)}
+  abstract_batch, batch_sh = pipeline.abstract_batch(example, mesh, rules)
+
+  # Model, optimizer, state.
+  zeros = lambda a: jnp.zeros(a.shape, a.dtype)
+  init_params = lambda rng: model.init(rng, zeros(abstract_batch["image"]),
+                                       zeros(abstract_batch["tokens"]), counts[0])["params"]
+  mults = setup.multipliers(config)
+  abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)),
+                                   jax.random.key(0))
+  tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
+  frozen = tuple(k for k, m in mults.items() if m == 0)
+  logging.info("learning-rate multipliers %s; frozen: %s", mults, frozen or "none")
+
+  def initial_params(abstract):
+    if config.init.checkpoint:
+      params, step = checkpointing.load_params(config.init.checkpoint, abstract)
+      logging.info("initialised all modules from %s (step %d)", config.init.checkpoint, step)
+      return params
+    if config.init.vision_checkpoint:
+      params, step = checkpointing.load_params(config.init.vision_checkpoint,
+                                               {"vit": abstract["vit"]})
+      logging.info("initialised the ViT from %s (step %d)", config.init.vision_checkpoint, step)
+      return params
+    return None
+
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  state, state_sh, start = steps.initialize_state(
+      init_params=init_params, tx=tx, rng=jax.random.key(config.seed), mesh=mesh, rules=rules,
+      manager=manager, data_iterator=data_iterator, initial_params=initial_params)
+
+  # One compiled step per visual-token bucket.
+  step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting, frozen)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
+                                      batch_sh, counts, mesh, rules)
+
+  writer = MetricWriter(workdir)
+  logging.info("training steps %d -> %d, buckets %s with probabilities %s", start,
+               config.total_steps, counts, probs)
+  state, _ = train_loop(
+      state=state, start_step=start, total_steps=config.total_steps, compiled=compiled,
+      count_for_step=functools.partial(buckets.token_count_for_step, config.seed,
+                                       counts=counts, probs=probs),
+      data_iterator=data_iterator,
+      to_global=lambda b: pipeline.to_global_batch(b, batch_sh),
+      tokens_per_example=lambda n: t - 1 + n,
+      flops_per_step={n: steps.compiled_flops(c) for n, c in compiled.items()},
+      manager=manager, writer=writer,
+      meta=lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()},
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      global_batch=config.batch_size)
+  writer.close()
+  manager.close()
+  return state
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

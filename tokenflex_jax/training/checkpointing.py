@@ -1,0 +1,89 @@
+"""Orbax checkpoints of a workdir: params, optimizer state, data iterator, metadata.
+
+Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,data,meta}``. Orbax writes
+each step to a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "data", "meta")
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def make_manager(workdir: str, keep: int = 2, asynchronous: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=asynchronous, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS, options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
+         data_iterator: grain.DatasetIterator | None, meta: dict[str, Any]) -> None:
+  """Starts an (asynchronous) save of everything needed to resume at ``step``."""
+  items = {"params": ocp.args.PyTreeSave(params), "opt_state": ocp.args.PyTreeSave(opt_state),
+           "meta": ocp.args.JsonSave(meta)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def _restore_args(abstract: Any) -> Any:
+  return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
+                                                     dtype=x.dtype), abstract)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
+            abstract_opt_state: Any, data_iterator: grain.DatasetIterator | None
+            ) -> tuple[Any, Any, dict[str, Any]]:
+  """Restores onto the shardings carried by the abstract trees (ShapeDtypeStruct)."""
+  items = {
+      "params": ocp.args.PyTreeRestore(abstract_params, _restore_args(abstract_params)),
+      "opt_state": ocp.args.PyTreeRestore(abstract_opt_state, _restore_args(abstract_opt_state)),
+      "meta": ocp.args.JsonRestore()}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  out = manager.restore(step, args=ocp.args.Composite(**items))
+  return out["params"], out["opt_state"], out["meta"]
+
+
+def latest_step(workdir: str) -> int | None:
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  with make_manager(workdir, read_only=True, asynchronous=False) as manager:
+    return manager.latest_step()
+
+
+def load_params(workdir: str, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
+  """Loads (a subtree of) the params saved in another workdir.
+
+  ``abstract_params`` may name only some top-level modules (e.g. {"vit": ...}); only
+  those are read. Returns (params, step).
+  """
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} "
+                            f"(expected {checkpoint_dir(workdir)})")
+  with make_manager(workdir, read_only=True, asynchronous=False) as manager:
+    step = manager.latest_step() if step is None or step < 0 else step
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"checkpoint step {step} not found in {checkpoint_dir(workdir)}; "
+                              f"available: {sorted(manager.all_steps())}")
+    out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        abstract_params, _restore_args(abstract_params), partial_restore=True)))
+  return out["params"], step
+
+
+def load_meta(workdir: str, step: int) -> dict[str, Any]:
+  with make_manager(workdir, read_only=True, asynchronous=False) as manager:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

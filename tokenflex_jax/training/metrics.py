@@ -1,0 +1,56 @@
+"""Metric sinks: TensorBoard event files, a JSON-lines file, and the console log.
+
+Only process 0 writes. Scalars arrive as Python floats (already fetched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+from absl import logging
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Writes ``{name: float}`` per step under ``WORKDIR/{tensorboard,metrics.jsonl}``."""
+
+  def __init__(self, workdir: str):
+    self._enabled = jax.process_index() == 0
+    self._tb = None
+    self._jsonl = None
+    if self._enabled:
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
+                      + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def format_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
+  """A compact console line: ``[  250/900  28%] loss=0.41 ...``."""
+  keys = ("num_tokens", "loss", "token_accuracy", "grad_norm", "learning_rate", "step_time_s",
+          "examples_per_s", "tokens_per_s_per_device", "tflops_per_device")
+  parts = [f"[{step:>6}/{total} {100 * step / max(total, 1):3.0f}%]"]
+  for k in keys:
+    if k in scalars:
+      v = scalars[k]
+      parts.append(f"{k}={int(v)}" if k == "num_tokens" else f"{k}={v:.4g}")
+  return " ".join(parts)
+
+
+def log_line(step: int, total: int, scalars: Mapping[str, float]) -> None:
+  logging.info("%s", format_line(step, total, scalars))

@@ -1,0 +1,58 @@
+"""AdamW with warmup + cosine, global-norm clipping, weight-decay mask, module groups.
+
+Each top-level module of the parameter tree (vit, projector, llm, ...) is a group with
+a learning-rate multiplier; multiplier 0 freezes the group (no optimizer moments are
+kept for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
+                           end_fraction: float) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=max(warmup_steps, 1),
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=peak * end_fraction)
+
+
+def group_labels(params: Mapping[str, Any], multipliers: Mapping[str, float]) -> Any:
+  """Labels every leaf with its top-level module name, or "frozen"."""
+  unknown = set(multipliers) - set(params)
+  if unknown:
+    raise ValueError(f"config.lr_multipliers names {sorted(unknown)}, but the model's "
+                     f"modules are {sorted(params)}")
+  missing = set(params) - set(multipliers)
+  if missing:
+    raise ValueError(f"config.lr_multipliers has no entry for modules {sorted(missing)}")
+  return {name: jax.tree.map(lambda _, n=name: n if multipliers[n] > 0 else "frozen", sub)
+          for name, sub in params.items()}
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and kernels only; not on norms, biases or embeddings."""
+  def keep(path, leaf):
+    names = [getattr(k, "key", "") for k in path]
+    return leaf.ndim >= 2 and "embedding" not in names and "pos_embedding" not in names
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(opt_config: Any, multipliers: Mapping[str, float], total_steps: int,
+                   params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (transformation, base learning-rate schedule)."""
+  schedule = learning_rate_schedule(opt_config.learning_rate, opt_config.warmup_steps,
+                                    total_steps, opt_config.end_lr_fraction)
+  transforms = {"frozen": optax.set_to_zero()}
+  for name, mult in multipliers.items():
+    if mult > 0:
+      transforms[name] = optax.adamw(
+          lambda step, m=mult: schedule(step) * m, b1=opt_config.b1, b2=opt_config.b2,
+          weight_decay=opt_config.weight_decay, mask=decay_mask)
+  tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm),
+                   optax.multi_transform(transforms, group_labels(params, multipliers)))
+  return tx, schedule
