@@ -1,0 +1,196 @@
+"""The trainer end to end on a tiny model: compiles, resume after a kill, overrides, eval."""
+
+import json
+import logging as py_logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from tests.tiny import TINY_FLAGS, tiny_config
+from tokenflex_jax import eval as eval_binary
+from tokenflex_jax.train import train
+from tokenflex_jax.training import checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOTAL = 40
+
+
+def losses(workdir):
+  """{step: loss} from metrics.jsonl (the last record wins for repeated steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
+  return out
+
+
+class _CompileCounter(py_logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.messages = []
+
+  def emit(self, record):
+    self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted in-process run; records which programs were compiled."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  config = tiny_config(total_steps=TOTAL, checkpoint_every=4)
+  counter = _CompileCounter()
+  logger = py_logging.getLogger("jax")
+  logger.addHandler(counter)
+  jax.config.update("jax_log_compiles", True)
+  try:
+    train(config, workdir)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logger.removeHandler(counter)
+  return workdir, config, counter.messages
+
+
+def test_one_compile_per_bucket(reference_run):
+  workdir, config, messages = reference_run
+  step_compiles = [m for m in messages if "Compiling" in m and "<lambda>" in m
+                   and "train" not in m.lower() and "float32[8,32,32,3]" in m]
+  # Each bucket's step is compiled exactly once, ahead of time; the loop never compiles.
+  train_compiles = [m for m in messages if "Compiling" in m and "float32[8,32,32,3]" in m]
+  assert len(train_compiles) == len(config.token_counts), "\n".join(train_compiles)
+  seen = {n for _, n in losses(workdir).values()}
+  assert seen == set(config.token_counts)
+  del step_compiles
+
+
+def test_metrics_and_checkpoints_written(reference_run):
+  workdir, config, _ = reference_run
+  record = losses(workdir)
+  assert sorted(record) == list(range(1, TOTAL + 1))
+  assert checkpointing.latest_step(workdir) == TOTAL
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(e.startswith("events.out.tfevents") for e in events)
+  # Loss falls on this easy data even for the tiny model.
+  first = sum(record[s][0] for s in range(1, 6)) / 5
+  last = sum(record[s][0] for s in range(TOTAL - 4, TOTAL + 1)) / 5
+  assert last < first
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["total_steps"] == TOTAL
+  del config
+
+
+def _train_command(workdir):
+  return [sys.executable, "-m", "tokenflex_jax.train", "--config=configs/demo.py",
+          f"--workdir={workdir}", f"--config.total_steps={TOTAL}", "--config.checkpoint_every=4",
+          *TINY_FLAGS]
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  return env
+
+
+def test_kill_and_resume_gives_the_same_losses(reference_run, tmp_path):
+  ref_dir, _, _ = reference_run
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(_train_command(workdir), cwd=REPO, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(workdir, "checkpoints", "4")
+  deadline = time.time() + 240
+  while not os.path.isdir(ckpt) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = checkpointing.latest_step(workdir)
+  assert killed_at is not None and killed_at < TOTAL, "the run finished before it was killed"
+
+  resumed = subprocess.run(_train_command(workdir), cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"resumed from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr
+  ref, got = losses(ref_dir), losses(workdir)
+  for step in range(killed_at + 1, TOTAL + 1):
+    assert got[step][1] == ref[step][1], f"bucket differs at step {step}"
+    assert got[step][0] == pytest.approx(ref[step][0], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / "sigterm")
+  cmd = _train_command(workdir)
+  cmd = [c for c in cmd if not c.startswith("--config.total_steps")] + [
+      "--config.total_steps=100000", "--config.checkpoint_every=100000"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while (not os.path.exists(metrics) or os.path.getsize(metrics) == 0) and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert "SIGTERM received" in stderr
+  step = checkpointing.latest_step(workdir)
+  assert step is not None and 0 < step < 100000
+
+
+def test_config_overrides_from_the_command_line():
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
+  fv(["prog", f"--config={REPO}/configs/demo.py:stage=1", "--config.optimizer.learning_rate=0.1",
+      "--config.token_counts=(144,)", "--config.token_probs=(1.0,)",
+      "--config.model.projector.pooling=resize_avg"])
+  c = fv.config
+  assert c.stage == 1 and c.lr_multipliers.vit == 0.0
+  assert c.optimizer.learning_rate == 0.1
+  assert tuple(c.token_counts) == (144,) and tuple(c.token_probs) == (1.0,)
+  assert c.model.projector.pooling == "resize_avg"
+  # The image size is one field referenced twice.
+  fv2 = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv2, lock_config=True)
+  fv2(["prog", f"--config={REPO}/configs/demo.py", "--config.model.vit.image_size=64"])
+  assert fv2.config.data.image_size == 64
+  fv3 = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv3, lock_config=True)
+  with pytest.raises(Exception, match="no_such_key"):
+    fv3(["prog", f"--config={REPO}/configs/demo.py", "--config.no_such_key=1"])
+
+
+def test_bad_config_is_rejected_with_the_field_name(tmp_path):
+  with pytest.raises(ValueError, match="config.token_probs"):
+    train(tiny_config(token_probs=(0.5, 0.5, 0.5)), str(tmp_path / "bad"))
+  with pytest.raises(ValueError, match="config.model.projector.pooling"):
+    train(tiny_config(model__projector__pooling="max"), str(tmp_path / "bad2"))
+
+
+def test_eval_writes_results_with_the_schema(reference_run):
+  workdir, config, _ = reference_run
+  results = eval_binary.run_eval(config, workdir)
+  out = os.path.join(workdir, "eval")
+  for name in ("results.json", "results.md", "accuracy.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0
+  with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved == json.loads(json.dumps(results))
+  assert saved["step"] == TOTAL
+  assert set(saved["families"]) == set(config.data.families)
+  for info in saved["families"].values():
+    assert info["granularity"] in ("coarse", "medium", "fine")
+    assert 0 < info["chance"] < 1
+  assert set(saved["results"]) == {"64", "100"}
+  for count, res in saved["results"].items():
+    assert res["visual_tokens"] == int(count)
+    assert set(res["families"]) == set(config.data.families)
+    assert all(0 <= a <= 1 for a in res["families"].values())
+    assert res["average"] == pytest.approx(sum(res["families"].values()) / len(res["families"]))
+    assert res["examples_per_s"] > 0
+  table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
+  assert "| 64 tokens | 100 tokens |" in table
+  assert all(f"| {name} |" in table for name in config.data.families)
