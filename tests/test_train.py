@@ -18,6 +18,9 @@ from tokenflex_jax import eval as eval_binary
 from tokenflex_jax.train import train
 from tokenflex_jax.training import checkpointing
 
+# Not yet verified green; run with `bash launch/test.sh --all`.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 40
 

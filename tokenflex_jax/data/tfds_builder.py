@@ -1,0 +1,181 @@
+"""The scene suite as a TFDS dataset in array_record files (no TensorFlow needed).
+
+Build:  python -m tokenflex_jax.data.tfds_builder --data_dir=DIR --num_train=N \
+            --num_validation=M [--seed=S --image_size=32]
+Read:   tfds_source(DIR, "train")[i] -> the same keys and types as
+        `scenes.generate_example`, plus "index" (the generator index it came from).
+
+Train example i is ``generate_example(seed, i)``; validation example i is
+``generate_example(seed, VALIDATION_INDEX_OFFSET + i)``, so the splits never share an
+example (nor does validation share one with a procedural train source of that seed).
+TFDS stores examples in a shuffled order: use "index" to match them to the generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags
+from PIL import Image
+
+from tokenflex_jax.data import scenes
+
+VALIDATION_INDEX_OFFSET = 1 << 40
+_TEXT_KEYS = ("question", "answer", "family")
+
+
+@dataclasses.dataclass(eq=False)  # tfds.core.BuilderConfig is neither frozen nor eq
+class TokenflexScenesConfig(tfds.core.BuilderConfig):
+  """What to generate; the config name encodes it, so each build gets its own folder."""
+  seed: int = 0
+  num_train: int = 1000
+  num_validation: int = 100
+  image_size: int = scenes.BASE_SIZE
+
+
+def make_config(*, seed: int, num_train: int, num_validation: int,
+                image_size: int = scenes.BASE_SIZE) -> TokenflexScenesConfig:
+  """The build config for these settings, named e.g. "seed0_train1000_val100_px32"."""
+  return TokenflexScenesConfig(
+      name=f"seed{seed}_train{num_train}_val{num_validation}_px{image_size}",
+      description="Procedural TokenFLEX VQA scenes, all question families, uniform.",
+      seed=seed, num_train=num_train, num_validation=num_validation, image_size=image_size)
+
+
+def _png(image: np.ndarray) -> bytes:
+  """uint8 [H, W, 3] -> PNG bytes (lossless)."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+class TokenflexScenes(tfds.core.GeneratorBasedBuilder):
+  """Splits "train" and "validation" of `scenes.generate_example`, uniform over families."""
+
+  name = "tokenflex_scenes"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  BUILDER_CONFIGS = [make_config(seed=0, num_train=1000, num_validation=100)]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    # DatasetInfo directly, not dataset_info_from_configs: that one looks for package
+    # metadata files and fails when this module runs as __main__.
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Procedural TokenFLEX VQA scenes (tokenflex_jax.data.scenes).",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+            "question": tfds.features.Text(),
+            "answer": tfds.features.Text(),
+            "family": tfds.features.Text(),
+            "color_map": tfds.features.Tensor(shape=(size, size), dtype=np.int32),
+            "object_map": tfds.features.Tensor(shape=(size, size), dtype=np.int32),
+            "index": tfds.features.Scalar(dtype=np.int64),
+        }),
+        supervised_keys=None,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # nothing to download
+    cfg = self.builder_config
+    return {"train": self._generate_examples(0, cfg.num_train),
+            "validation": self._generate_examples(VALIDATION_INDEX_OFFSET, cfg.num_validation)}
+
+  def _generate_examples(self, offset: int, count: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    cfg = self.builder_config
+    for i in range(offset, offset + count):
+      ex = scenes.generate_example(cfg.seed, i, image_size=cfg.image_size)
+      yield i, {**ex, "image": _png(ex["image"]), "index": i}
+
+
+def build_tfds(data_dir: str, *, seed: int, num_train: int, num_validation: int,
+               image_size: int = scenes.BASE_SIZE) -> None:
+  """Generates both splits under data_dir/tokenflex_scenes/<config>/1.0.0 (skips if built)."""
+  config = make_config(seed=seed, num_train=num_train, num_validation=num_validation,
+                       image_size=image_size)
+  TokenflexScenes(config=config, data_dir=data_dir).download_and_prepare(
+      file_format="array_record")
+
+
+def _dataset_dir(data_dir: str) -> str:
+  """The one built dataset folder in ``data_dir`` (or ``data_dir`` itself)."""
+  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    return data_dir
+  found = sorted(os.path.dirname(p) for p in glob.glob(
+      os.path.join(data_dir, TokenflexScenes.name, "*", "*", "dataset_info.json")))
+  if len(found) != 1:
+    raise ValueError(f"expected one {TokenflexScenes.name} build under {data_dir}, found "
+                     f"{found or 'none'}; pass that build's folder instead")
+  return found[0]
+
+
+class TfdsSceneSource:
+  """A grain RandomAccessDataSource over one split of a build, yielding generator-style dicts.
+
+  Items: {"image": uint8 [H, W, 3], "question"/"answer"/"family": str, "color_map",
+  "object_map": int32 [H, W], "index": int}. Picklable: the files are reopened lazily.
+  """
+
+  def __init__(self, data_dir: str, split: str):
+    self.dataset_dir = _dataset_dir(data_dir)
+    self.split = split
+    self._source = None
+    self._len = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      builder = tfds.builder_from_directory(self.dataset_dir)
+      self._source = builder.as_data_source(split=self.split)
+    return self._source
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raw = self._open()[int(index)]
+    out = {k: raw[k].decode("utf-8") if isinstance(raw[k], bytes) else raw[k]
+           for k in _TEXT_KEYS}
+    out["image"] = np.asarray(raw["image"], np.uint8)
+    out["color_map"] = np.asarray(raw["color_map"], np.int32)
+    out["object_map"] = np.asarray(raw["object_map"], np.int32)
+    out["index"] = int(raw["index"])
+    return out
+
+  def __repr__(self) -> str:
+    return f"TfdsSceneSource({self.dataset_dir!r}, split={self.split!r}, len={self._len})"
+
+
+def tfds_source(data_dir: str, split: str) -> TfdsSceneSource:
+  """Random access to ``split`` ("train" | "validation") of the build in ``data_dir``."""
+  return TfdsSceneSource(data_dir, split)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  build_tfds(f.data_dir, seed=f.seed, num_train=f.num_train,
+             num_validation=f.num_validation, image_size=f.image_size)
+  for split in ("train", "validation"):
+    print(split, tfds_source(f.data_dir, split))
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a script: importing this module must not clash
+  # with the trainer's flags.
+  flags.DEFINE_string("data_dir", None, "Where TFDS writes the build.", required=True)
+  flags.DEFINE_integer("seed", 0, "Generator seed.")
+  flags.DEFINE_integer("num_train", 10_000, "Train examples.")
+  flags.DEFINE_integer("num_validation", 1_000, "Validation examples.")
+  flags.DEFINE_integer("image_size", scenes.BASE_SIZE, "Image side in pixels.")
+  app.run(main)
