@@ -7,6 +7,6 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$REPO/launch/setup_env.sh"
 cd "$REPO"
-marker=(-m "not slow" --ignore=tests/test_train.py)
+marker=(-m "not slow")
 if [[ "${1:-}" == "--all" ]]; then marker=(); shift; fi
 exec python -m pytest -q "${marker[@]}" "$@" tests

@@ -13,20 +13,14 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from tokenflex_jax import setup, sharding
+from tokenflex_jax import cli, setup, sharding
 from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.evaluation.evaluator import evaluate
 from tokenflex_jax.evaluation.report import markdown_table, write_results
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import checkpointing
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config the workdir was trained with.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints.")
-
 
 def load_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules, step: int = -1):
   """(model, sharded params, tokenizer, step) from a workdir's checkpoint."""
@@ -59,12 +53,5 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run_eval(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(run_eval)

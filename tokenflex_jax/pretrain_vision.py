@@ -14,21 +14,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from tokenflex_jax import setup
+from tokenflex_jax import cli, setup
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
 from tokenflex_jax.training import checkpointing, steps
 from tokenflex_jax.training.loop import train_loop
 from tokenflex_jax.training.metrics import MetricWriter
 from tokenflex_jax.training.optimizer import make_optimizer
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (stage 0 variant).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
-
 
 def make_step(model: PatchLabeler, tx: optax.GradientTransformation, schedule: optax.Schedule,
               object_weight: float):
@@ -102,12 +96,5 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
   return state
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  pretrain(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(pretrain)

@@ -16,21 +16,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from tokenflex_jax import setup
+from tokenflex_jax import cli, setup
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import buckets, checkpointing, steps
 from tokenflex_jax.training.loop import train_loop
 from tokenflex_jax.training.metrics import MetricWriter
 from tokenflex_jax.training.optimizer import make_optimizer
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, tokenizer.")
-
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   """Trains until ``config.total_steps``, resuming from ``workdir`` if it has checkpoints."""
@@ -109,12 +103,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   return state
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  train(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(train)

@@ -56,18 +56,20 @@ def train_loop(*, state: Any, start_step: int, total_steps: int,
                log_every: int, checkpoint_every: int, global_batch: int) -> tuple[Any, int]:
   """Runs steps [start_step, total_steps); returns (state, last completed step)."""
   num_devices = jax.device_count()
-  pending = None  # (step, num_tokens, metrics on device, dispatch time)
-  last_time = time.perf_counter()
+  pending = None  # (step, num_tokens, metrics still on device)
+  clock = {"ready": time.perf_counter()}  # when the last reported step's metrics arrived
   step = start_step
 
-  def report(p, now):
-    s, n, metrics, dispatched = p
-    host = {k: float(np.asarray(v)) for k, v in metrics.items()}
+  def report(p):
+    s, n, metrics = p
+    host = {k: float(np.asarray(v)) for k, v in metrics.items()}  # Waits for step s.
+    now = time.perf_counter()
+    # Time between consecutive completed steps: the pipeline's throughput, data included.
+    step_time, clock["ready"] = now - clock["ready"], now
     if not (math.isfinite(host["loss"]) and math.isfinite(host.get("grad_norm", 0.0))):
       raise NonFiniteLossError(
           f"step {s + 1}: non-finite loss={host['loss']} grad_norm={host.get('grad_norm')} at "
           f"{n} visual tokens; stopping. Lower config.optimizer.learning_rate or check the data.")
-    step_time = now - dispatched
     host.update(num_tokens=n, step_time_s=step_time,
                 examples_per_s=global_batch / step_time,
                 tokens_per_s_per_device=global_batch * tokens_per_example(n) / step_time
@@ -86,22 +88,19 @@ def train_loop(*, state: Any, start_step: int, total_steps: int,
       n = count_for_step(step)
       batch = to_global(next(data_iterator))
       state, metrics = compiled[n](state, batch)
-      now = time.perf_counter()
       if pending is not None:
-        report(pending, now)
-      pending = (step, n, metrics, last_time)
-      last_time = now
+        report(pending)  # The previous step, while this one runs.
+      pending = (step, n, metrics)
       done = step + 1
       if done % checkpoint_every == 0 or done == total_steps or sigterm.raised:
-        jax.block_until_ready(state)
-        report(pending, time.perf_counter())
+        report(pending)
         pending = None
         checkpointing.save(manager, done, state.params, state.opt_state, data_iterator,
                            meta(done))
-        last_time = time.perf_counter()
+        clock["ready"] = time.perf_counter()  # Saving is not step time.
       if sigterm.raised:
         break
     if pending is not None:
-      report(pending, time.perf_counter())
+      report(pending)
   manager.wait_until_finished()
   return state, (step + 1 if total_steps > start_step else start_step)

@@ -1,0 +1,42 @@
+"""The command line shared by the config-driven binaries (train, pretrain_vision, eval).
+
+Flags are defined when a binary starts, not when its module is imported, so the library
+functions behind the binaries (``train.train``, ``eval.run_eval``, ...) can be imported
+together by tests and notebooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 sys_argv: list[str] | None = None) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """Defines ``--config`` (with its ``--config.a.b=V`` overrides) and ``--workdir``.
+
+  ``sys_argv`` is the command line the overrides are read from (default ``sys.argv``).
+  """
+  config = config_flags.DEFINE_config_file(
+      "config", None, "ml_collections config file, e.g. configs/demo.py:stage=1.",
+      flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  workdir = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tokenizer.",
+                                flag_values=flag_values)
+  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  return config, workdir
+
+
+def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
+  """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` and calls
+  ``job(config, workdir)`` under ``absl.app.run``."""
+  config, workdir = define_flags()
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    job(config.value, workdir.value)
+
+  app.run(main)
