@@ -3,7 +3,9 @@
 Stages (``--config=configs/demo.py:stage=N``):
   0: dense vision pre-training of the ViT on the scenes' per-patch labels (the demo's
      stand-in for a pretrained SigLIP), run by ``tokenflex_jax.pretrain_vision``;
-  1: alignment: only the projector trains (ViT and LLM frozen);
+  1: alignment with the ViT frozen: projector and LLM train (the paper trains only the
+     projector here, but its LLM is pretrained; the demo's starts from scratch). With no
+     ViT backward pass these steps are cheap, so most of the demo's steps are here;
   2: full tuning (the default): everything trains, the ViT at a reduced learning rate.
 ``launch/demo.sh`` runs 0 -> 1 -> 2 -> eval, chaining them through ``config.init``.
 """
@@ -59,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.image_size = c.model.vit.get_ref("image_size")
   c.data.num_examples = 1_000_000   # size of the procedural train split
   c.data.families = ("background", "shape_color", "shape", "count", "quadrant", "dots",
-                     "dot_color")
+                     "marks")
   c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.5, 1.5)
   c.data.max_text_length = 24       # prompt + answer tokens, padded
   c.data.num_workers = 0            # grain worker processes (0: in the main process)
@@ -71,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss_weighting = "sqrt"         # per-sample 1/sqrt(answer tokens), or "token_mean"
 
   c.batch_size = 32                 # global
-  c.total_steps = 900
+  c.total_steps = 250
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, end_lr_fraction=0.05, b1=0.9, b2=0.98,
       weight_decay=0.05, clip_norm=1.0))
@@ -93,7 +95,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.token_counts = (64, 100, 144, 196, 256)
-  c.eval.examples_per_family = 200
+  c.eval.examples_per_family = 300
   c.eval.batch_size = 100
   c.eval.max_prompt_length = 20
   c.eval.max_new_tokens = 4
@@ -101,11 +103,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.checkpoint_step = -1       # -1: the latest
 
   if stage == 0:
-    c.total_steps = 800
-    c.checkpoint_every = 400
+    c.total_steps = 500
+    c.checkpoint_every = 250
     c.lr_multipliers = ml_collections.ConfigDict(dict(vit=1.0))
   elif stage == 1:
-    c.total_steps = 250
-    c.checkpoint_every = 250
+    c.total_steps = 900
+    c.checkpoint_every = 300
     c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.0, projector=1.0, llm=1.0))
   return c

@@ -63,7 +63,7 @@ def test_family_table():
     assert f.chance == pytest.approx(1.0 / len(f.answers))
   grains = {f.name: f.granularity for f in scenes.FAMILIES}
   assert grains["background"] == grains["shape_color"] == "coarse"
-  assert grains["dots"] == grains["dot_color"] == "fine"
+  assert grains["dots"] == grains["marks"] == "fine"
 
 
 def test_palette_is_well_separated():
@@ -105,20 +105,27 @@ def test_dots_are_single_pixels_that_share_4x4_cells():
   assert shared >= 20  # ~34% of dot images (~42% of those with two or more dots)
 
 
-def test_dot_color_marks_share_a_4x4_cell_but_not_a_patch():
+def test_marks_tile_one_4x4_cell_one_patch_each():
   name_to_color = {n: i for i, n in enumerate(scenes.COLOR_NAMES)}
-  for ex in _examples("dot_color", n=60):
+  asked = set()
+  for ex in _examples("marks", n=60):
     ys, xs = np.nonzero(ex["object_map"] == scenes.MARK)
-    assert len(ys) == 2
+    assert len(ys) == 16  # four 2x2-pixel marks
     assert len(set((ys // 4).tolist())) == 1 and len(set((xs // 4).tolist())) == 1
-    assert len(set((xs // 2).tolist())) == 2
-    left, right = np.argsort(xs)
-    want = left if "left" in ex["question"] else right
-    assert ex["color_map"][ys[want], xs[want]] == name_to_color[ex["answer"]]
-    assert ex["color_map"][ys[0], xs[0]] != ex["color_map"][ys[1], xs[1]]
-    _, obj2 = scenes.patch_labels(ex["color_map"], ex["object_map"], 2)
+    y0, x0 = ys.min(), xs.min()
+    block = ex["color_map"][y0:y0 + 4, x0:x0 + 4]
+    corners = {"top left": block[0, 0], "top right": block[0, 2],
+               "bottom left": block[2, 0], "bottom right": block[2, 2]}
+    assert len(set(corners.values())) == 4
+    where = next(q for q in corners if f"the {q} mark" in ex["question"])
+    asked.add(where)
+    assert corners[where] == name_to_color[ex["answer"]]
+    color2, obj2 = scenes.patch_labels(ex["color_map"], ex["object_map"], 2)
     _, obj4 = scenes.patch_labels(ex["color_map"], ex["object_map"], 4)
-    assert (obj2 == scenes.MARK).sum() == 2 and (obj4 == scenes.MARK).sum() == 1
+    assert (obj2 == scenes.MARK).sum() == 4 and (obj4 == scenes.MARK).sum() == 1
+    assert color2[y0 // 2 + (where.startswith("bottom")), x0 // 2 + (where.endswith("right"))] \
+        == name_to_color[ex["answer"]]
+  assert len(asked) == 4
 
 
 def _patch_labels_loop(color_map, object_map, p):

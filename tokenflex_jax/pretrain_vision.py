@@ -78,7 +78,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   full_grid = g * g
   compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
-                                      batch_sh, (full_grid,), mesh, rules)
+                                      batch_sh, (full_grid,), mesh, rules,
+                                      what="patch-labelling step, {n} patches")
   writer = MetricWriter(workdir)
   state, _ = train_loop(
       state=state, start_step=start, total_steps=config.total_steps, compiled=compiled,

@@ -8,9 +8,9 @@ resolution), so which families need fine visual tokens does not depend on the si
 Granularity, for a 32x32 image cut into 2x2-pixel patches (a 16x16 grid):
 - coarse: answerable from a few pooled tokens (background or one big shape's colour);
 - medium: needs shape or layout at a 4x4-pixel (8x8 token) resolution;
-- fine: needs single-pixel detail that averaging 2x2 patches (4x4-pixel cells) blurs:
-  several 1-pixel dots can share one 4x4 cell (``dots``), and two 1-pixel marks of
-  different colours always share one 4x4 cell, side by side (``dot_color``).
+- fine: needs detail that averaging 2x2 patches (4x4-pixel cells) blurs: several 1-pixel
+  dots can share one 4x4 cell (``dots``), and four 2x2-pixel marks of different colours
+  always tile one 4x4 cell, so which colour sits where is lost at 8x8 tokens (``marks``).
 """
 
 from __future__ import annotations
@@ -192,19 +192,23 @@ def _dots(c: _Canvas, bg: int) -> tuple[str, str]:
   return "How many dots are there?", COUNT_WORDS[n - 1]
 
 
-def _dot_color(c: _Canvas, bg: int) -> tuple[str, str]:
-  # Two one-pixel marks side by side inside one 4x4-pixel cell (aligned to the 8x8 token
-  # grid): the left one in the cell's left 2x2-patch column, the right one in its right
-  # column. Pooled to 8x8 tokens both land in one token, and their order is averaged away.
-  cell_y, cell_x = (int(v) for v in c.rng.integers(1, BASE_SIZE // 4 - 1, size=2))
-  rows = c.rng.integers(0, 4, size=2)
-  cols = (int(c.rng.integers(0, 2)), int(c.rng.integers(2, 4)))
-  colors = _other_colors(c.rng, bg, 2)
-  for row, col, color in zip(rows, cols, colors):
-    c.paint(c.pixel_mask(4 * cell_y + int(row), 4 * cell_x + col), int(color), MARK)
-  side = int(c.rng.integers(2))
-  return (f"What colour is the {('left', 'right')[side]} mark?",
-          COLOR_NAMES[int(colors[side])])
+MARK_CELL = (4, 4)  # top-left base pixel of the 4x4-pixel block of marks
+
+
+def _marks(c: _Canvas, bg: int) -> tuple[str, str]:
+  # Four 2x2-pixel marks of distinct colours tiling one 4x4-pixel block near the top-left
+  # corner, aligned to the token grids: each mark is one token of the 16x16 grid, and
+  # all four fall into one token of the 8x8 grid, where their arrangement averages away.
+  colors = _other_colors(c.rng, bg, 4)
+  y0, x0 = MARK_CELL
+  for (_, row, col), color in zip(QUADRANTS, colors):
+    mask = np.zeros_like(c.object_map, bool)
+    for dy in range(2):
+      for dx in range(2):
+        mask |= c.pixel_mask(y0 + 2 * row + dy, x0 + 2 * col + dx)
+    c.paint(mask, int(color), MARK)
+  q = int(c.rng.integers(4))
+  return f"What colour is the {QUADRANTS[q][0]} mark?", COLOR_NAMES[int(colors[q])]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,9 +240,8 @@ FAMILIES: tuple[Family, ...] = (
             tuple(f"What colour is the shape in the {q}?" for q, _, _ in QUADRANTS),
             COLOR_NAMES, _quadrant),
     _family("dots", "fine", ("How many dots are there?",), COUNT_WORDS[:5], _dots),
-    _family("dot_color", "fine",
-            ("What colour is the left mark?", "What colour is the right mark?"),
-            COLOR_NAMES, _dot_color),
+    _family("marks", "fine", tuple(f"What colour is the {q} mark?" for q, _, _ in QUADRANTS),
+            COLOR_NAMES, _marks),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
 
