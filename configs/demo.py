@@ -64,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      "marks")
   c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.5, 1.5)
   c.data.max_text_length = 24       # prompt + answer tokens, padded
+  # Where the <image> placeholder goes: before the question (True) or after it (False).
+  # After it, the visual tokens can attend to the question, which lets the small demo
+  # decoder pick out a token by its position ("the top left mark") in the time budget.
+  c.data.image_first = False
   c.data.num_workers = 0            # grain worker processes (0: in the main process)
   c.data.tokenizer_path = ""        # "" -> WORKDIR/tokenizer.model, trained if missing
 

@@ -46,6 +46,8 @@ def test_chat_template(tok):
   assert prompt[:3] == [tok.bos_id, tok.user_id, tok.image_id]
   assert prompt[3:-1] == tok.encode(q) and prompt[-1] == tok.assistant_id
   assert prompt.count(tok.image_id) == 1
+  after = tok.prompt_ids(q, image_first=False)
+  assert after == [tok.bos_id, tok.user_id, *tok.encode(q), tok.image_id, tok.assistant_id]
   answer = tok.answer_ids(a)
   assert answer == tok.encode(a) + [tok.eos_id]
   assert tok.decode(prompt + answer) == q + " " + a

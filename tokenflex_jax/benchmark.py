@@ -50,7 +50,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   model = VLM(setup.model_config(config, tokenizer))
   counts = tuple(config.token_counts)
   transform = pipeline.VQAPreprocess(setup.tokenizer_path(config, workdir),
-                                     config.data.max_text_length)
+                                     config.data.max_text_length, config.data.image_first)
   iterator = pipeline.make_iterator(pipeline.make_source(config.data), transform,
                                     config.batch_size, config.data.seed)
   local = next(iterator)

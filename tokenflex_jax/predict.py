@@ -43,7 +43,9 @@ def predict(workdir: str, image_path: str, question: str, num_tokens: int, step:
   mesh, rules = setup.mesh_and_rules(config)
   model, params, tokenizer, _ = load_model(config, workdir, mesh, rules, step)
   image = normalize_image(load_image(image_path, config.data.image_size))[None]
-  prompts = encode_prompts(tokenizer, [question], len(tokenizer.prompt_ids(question)))
+  image_first = config.data.image_first
+  prompts = encode_prompts(tokenizer, [question],
+                           len(tokenizer.prompt_ids(question, image_first)), image_first)
   generate = make_generate(model, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
   with sharding.mesh_rules(mesh, rules):
     out = jax.jit(generate, static_argnums=3)(params, image, prompts, num_tokens)

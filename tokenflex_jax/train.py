@@ -38,7 +38,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   # Data.
   source = pipeline.make_source(config.data)
   transform = pipeline.VQAPreprocess(setup.tokenizer_path(config, workdir),
-                                     config.data.max_text_length)
+                                     config.data.max_text_length, config.data.image_first)
   data_iterator = pipeline.make_iterator(source, transform, config.batch_size,
                                          config.data.seed, config.data.num_workers)
   local = config.batch_size // jax.process_count()

@@ -40,14 +40,14 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / 127.5 - 1.0
 
 
-def encode_training_text(tokenizer: Tokenizer, question: str, answer: str,
-                         max_length: int) -> tuple[np.ndarray, np.ndarray]:
+def encode_training_text(tokenizer: Tokenizer, question: str, answer: str, max_length: int,
+                         image_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Chat-formatted prompt + answer, right-padded.
 
   Returns (tokens int32 [T], loss_mask float32 [T]) with the mask on answer tokens
   (including the end-of-sequence token).
   """
-  prompt = tokenizer.prompt_ids(question)
+  prompt = tokenizer.prompt_ids(question, image_first)
   answer_ids = tokenizer.answer_ids(answer)
   if len(answer_ids) < 2:
     raise ValueError(f"empty answer for question {question!r}")
@@ -65,9 +65,10 @@ def encode_training_text(tokenizer: Tokenizer, question: str, answer: str,
 class VQAPreprocess(grain.transforms.Map):
   """Example dict -> {"image": f32 [H,W,3], "tokens": i32 [T], "loss_mask": f32 [T]}."""
 
-  def __init__(self, tokenizer_path: str, max_text_length: int):
+  def __init__(self, tokenizer_path: str, max_text_length: int, image_first: bool = True):
     self._path = tokenizer_path
     self._max_length = max_text_length
+    self._image_first = image_first
     self._tokenizer = None  # Loaded lazily: grain pickles transforms into workers.
 
   def __getstate__(self):
@@ -77,7 +78,8 @@ class VQAPreprocess(grain.transforms.Map):
     if self._tokenizer is None:
       self._tokenizer = Tokenizer(self._path)
     tokens, mask = encode_training_text(self._tokenizer, element["question"],
-                                        element["answer"], self._max_length)
+                                        element["answer"], self._max_length,
+                                        self._image_first)
     return {"image": normalize_image(element["image"]), "tokens": tokens, "loss_mask": mask}
 
 

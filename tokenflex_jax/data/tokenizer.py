@@ -113,10 +113,11 @@ class Tokenizer:
         kept.append(i)
     return self._sp.decode(kept)
 
-  def prompt_ids(self, question: str) -> list[int]:
-    """[bos, user, image, *question, assistant]."""
-    return [self.bos_id, self.user_id, self.image_id, *self.encode(question),
-            self.assistant_id]
+  def prompt_ids(self, question: str, image_first: bool = True) -> list[int]:
+    """[bos, user, image, *question, assistant], or with the image after the question."""
+    text = self.encode(question)
+    body = [self.image_id, *text] if image_first else [*text, self.image_id]
+    return [self.bos_id, self.user_id, *body, self.assistant_id]
 
   def answer_ids(self, answer: str) -> list[int]:
     """[*answer, eos]: what the model is trained to write after the prompt."""

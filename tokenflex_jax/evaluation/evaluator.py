@@ -37,7 +37,8 @@ def eval_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[st
       answers.append(ex["answer"])
       families.append(ex["family"])
   return {"images": np.stack(images),
-          "prompts": encode_prompts(tokenizer, questions, config.eval.max_prompt_length),
+          "prompts": encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
+                                    config.data.image_first),
           "answers": answers, "families": families}
 
 

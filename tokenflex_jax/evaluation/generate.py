@@ -46,11 +46,12 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
   return generate
 
 
-def encode_prompts(tokenizer: Tokenizer, questions: list[str], max_length: int) -> np.ndarray:
+def encode_prompts(tokenizer: Tokenizer, questions: list[str], max_length: int,
+                   image_first: bool = True) -> np.ndarray:
   """Chat-formatted prompts, left-padded so every answer starts at the same slot. [B, P]."""
   out = np.full((len(questions), max_length), tokenizer.pad_id, np.int32)
   for i, question in enumerate(questions):
-    ids = tokenizer.prompt_ids(question)
+    ids = tokenizer.prompt_ids(question, image_first)
     if len(ids) > max_length:
       raise ValueError(f"question needs {len(ids)} prompt tokens but "
                        f"config.eval.max_prompt_length is {max_length}: {question!r}")
