@@ -99,5 +99,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-if __name__ == "__main__":
+def main() -> None:
   cli.run(benchmark)
+
+
+if __name__ == "__main__":
+  main()

@@ -53,5 +53,9 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-if __name__ == "__main__":
+def main() -> None:
   cli.run(run_eval)
+
+
+if __name__ == "__main__":
+  main()

@@ -52,13 +52,17 @@ def predict(workdir: str, image_path: str, question: str, num_tokens: int, step:
   return tokenizer.decode(np.asarray(out)[0].tolist()).strip()
 
 
-def main(argv):
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   print(predict(_WORKDIR.value, _IMAGE.value, _QUESTION.value, _NUM_TOKENS.value, _STEP.value,
                 _MAX_NEW.value))
 
 
-if __name__ == "__main__":
+def main() -> None:
   flags.mark_flags_as_required(["workdir", "image", "question"])
-  app.run(main)
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()

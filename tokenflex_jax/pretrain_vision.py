@@ -97,5 +97,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
   return state
 
 
-if __name__ == "__main__":
+def main() -> None:
   cli.run(pretrain)
+
+
+if __name__ == "__main__":
+  main()

@@ -103,5 +103,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   return state
 
 
-if __name__ == "__main__":
+def main() -> None:
   cli.run(train)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,31 @@
+"""pyproject.toml and requirements.txt agree, and every console script resolves."""
+
+import importlib
+import os
+import tomllib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _requirements():
+  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
+    lines = [line.split("#")[0].strip() for line in f]
+  return {line for line in lines if line}
+
+
+def test_pyproject_pins_match_requirements():
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  runtime = set(project["dependencies"])
+  test = set(project["optional-dependencies"]["test"])
+  assert runtime | test == _requirements()
+  assert all("==" in d for d in runtime | test)
+
+
+def test_console_scripts_point_at_main_functions():
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert {"tokenflex-train", "tokenflex-eval", "tokenflex-predict"} <= set(scripts)
+  for target in scripts.values():
+    module, func = target.split(":")
+    assert callable(getattr(importlib.import_module(module), func)), target
