@@ -11,10 +11,14 @@ import time
 import jax
 import pytest
 from absl import flags
+from PIL import Image
 
 from tests.tiny import TINY_FLAGS, tiny_config
 from tokenflex_jax import cli
 from tokenflex_jax import eval as eval_binary
+from tokenflex_jax import predict
+from tokenflex_jax.data import scenes
+from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.train import train
 from tokenflex_jax.training import checkpointing
 
@@ -197,3 +201,20 @@ def test_eval_writes_results_with_the_schema(reference_run):
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
   assert "| 64 tokens | 100 tokens |" in table
   assert all(f"| {name} |" in table for name in config.data.families)
+
+
+def test_predict_answers_one_question(reference_run, tmp_path):
+  workdir, config, _ = reference_run
+  example = scenes.generate_example(5, 0, families=("background",))
+  path = str(tmp_path / "scene.png")
+  Image.fromarray(example["image"]).save(path)
+  tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model"))
+  answer = predict.predict(workdir, path, example["question"], num_tokens=100)
+  # Whatever the tiny model says, it is text the tokenizer can produce, not ids or padding.
+  assert isinstance(answer, str) and "<" not in answer
+  assert tokenizer.decode(tokenizer.encode(answer)) == answer
+  with pytest.raises(ValueError, match="num_visual_tokens=150"):
+    predict.predict(workdir, path, example["question"], num_tokens=150)
+  with pytest.raises(ValueError, match="missing.png"):
+    predict.predict(workdir, str(tmp_path / "missing.png"), "?", num_tokens=64)
+  del config
