@@ -7,11 +7,20 @@ together by tests and notebooks.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+
+class QuietLibraryInfo(logging.Filter):
+  """Drops INFO lines logged from inside Orbax (dozens per checkpoint); keeps warnings."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
@@ -37,6 +46,7 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.get_absl_handler().addFilter(QuietLibraryInfo())
     job(config.value, workdir.value)
 
   app.run(main)

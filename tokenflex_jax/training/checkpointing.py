@@ -13,6 +13,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -37,6 +38,7 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
   manager.save(step, args=ocp.args.Composite(**items), force=True)
+  logging.info("saving checkpoint %s/%d (asynchronously)", manager.directory, step)
 
 
 def _restore_args(abstract: Any) -> Any:
