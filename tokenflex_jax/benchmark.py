@@ -16,7 +16,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -61,14 +60,12 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mults = setup.multipliers(config)
   abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(0))
   tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
-  frozen = tuple(k for k, m in mults.items() if m == 0)
+  frozen = setup.frozen_groups(mults)
+  rng = jax.random.key(config.seed)
   with sharding.mesh_rules(mesh, rules):
-    boxed = jax.eval_shape(lambda r: steps.init_state(init_params, tx, r), jax.random.key(0))
-    state_sh = steps.state_shardings(boxed, mesh, rules)
-    state = jax.jit(lambda r: nn.unbox(steps.init_state(init_params, tx, r)),
-                    out_shardings=state_sh)(jax.random.key(config.seed))
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    abstract_state, state_sh = steps.abstract_state_and_shardings(init_params, tx, rng, mesh,
+                                                                  rules)
+    state = steps.fresh_state(init_params, tx, rng, state_sh)
   step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting, frozen)
   compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
                                       batch_sh, counts, mesh, rules)

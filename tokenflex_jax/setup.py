@@ -88,3 +88,8 @@ def mesh_and_rules(config: ml_collections.ConfigDict):
 
 def multipliers(config: ml_collections.ConfigDict) -> dict[str, float]:
   return {k: float(v) for k, v in config.lr_multipliers.to_dict().items()}
+
+
+def frozen_groups(mults: dict[str, float]) -> tuple[str, ...]:
+  """The module groups with learning-rate multiplier 0 (no backward pass through them)."""
+  return tuple(k for k, m in mults.items() if m == 0)

@@ -56,7 +56,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)),
                                    jax.random.key(0))
   tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
-  frozen = tuple(k for k, m in mults.items() if m == 0)
+  frozen = setup.frozen_groups(mults)
   logging.info("learning-rate multipliers %s; frozen: %s", mults, frozen or "none")
 
   def initial_params(abstract):

@@ -132,6 +132,24 @@ def log_compiled(what: str, compiled: Any, seconds: float) -> None:
                  compiled_flops(compiled) / 1e9)
 
 
+def abstract_state_and_shardings(init_params: Callable[[jax.Array], Any],
+                                 tx: optax.GradientTransformation, rng: jax.Array, mesh, rules
+                                 ) -> tuple[TrainState, TrainState]:
+  """(abstract state with shardings, state shardings), from shapes only (call under
+  ``sharding.mesh_rules``)."""
+  boxed = jax.eval_shape(lambda r: init_state(init_params, tx, r), rng)
+  state_sh = state_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          sharding.strip_boxes(boxed), state_sh)
+  return abstract, state_sh
+
+
+def fresh_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                rng: jax.Array, state_sh: TrainState) -> TrainState:
+  """A randomly initialised state, created directly in its shardings."""
+  return jax.jit(lambda r: nn.unbox(init_state(init_params, tx, r)), out_shardings=state_sh)(rng)
+
+
 def initialize_state(*, init_params: Callable[[jax.Array], Any],
                      tx: optax.GradientTransformation, rng: jax.Array, mesh, rules,
                      manager: Any, data_iterator: Any,
@@ -147,18 +165,14 @@ def initialize_state(*, init_params: Callable[[jax.Array], Any],
     (state, state shardings, step to start from).
   """
   with sharding.mesh_rules(mesh, rules):
-    boxed = jax.eval_shape(lambda r: init_state(init_params, tx, r), rng)
-    state_sh = state_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            sharding.strip_boxes(boxed), state_sh)
+    abstract, state_sh = abstract_state_and_shardings(init_params, tx, rng, mesh, rules)
     latest = manager.latest_step()
     if latest is not None:
       params, opt_state, _ = checkpointing.restore(manager, latest, abstract.params,
                                                    abstract.opt_state, data_iterator)
       logging.info("resumed from %s at step %d", manager.directory, latest)
       return TrainState(jnp.asarray(latest, jnp.int32), params, opt_state), state_sh, latest
-    state = jax.jit(lambda r: nn.unbox(init_state(init_params, tx, r)),
-                    out_shardings=state_sh)(rng)
+    state = fresh_state(init_params, tx, rng, state_sh)
     loaded = initial_params(abstract.params)
     if loaded is not None:
       params = _merge(state.params, loaded)
