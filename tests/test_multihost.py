@@ -1,10 +1,19 @@
-"""Real multi-process JAX on 127.0.0.1: every host draws the same bucket at every step."""
+"""Real multi-process JAX on 127.0.0.1 (gloo collectives): every host draws the same
+bucket at every step, and 2 processes train exactly like 1."""
 
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+
+import pytest
+
+from tests.tiny import TINY_FLAGS
+from tokenflex_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,3 +40,104 @@ def test_bucket_choice_identical_across_processes(tmp_path):
   draws = result["draws"]
   assert len(draws) == n and draws[0] == draws[1]
   assert set(draws[0]) == {64, 144, 256}  # A real mixture, not one constant bucket.
+
+
+# --- Training across processes --------------------------------------------------------
+
+TOTAL = 40
+
+
+def _flags(workdir, mesh, binary="train"):
+  tiny = [f for f in TINY_FLAGS if not f.startswith("--config.mesh.shape=")]
+  return [sys.executable, "-m", f"tokenflex_jax.{binary}", "--config=configs/demo.py",
+          f"--workdir={workdir}", f"--config.total_steps={TOTAL}",
+          "--config.checkpoint_every=4", f"--config.mesh.shape={mesh}", *tiny]
+
+
+def _env(devices):
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
+  return out
+
+
+def _start_two(workdir, binary="train"):
+  port = free_port()
+  return [subprocess.Popen(
+      _flags(workdir, "(1,-1,1)", binary) + [f"--coordinator_address=127.0.0.1:{port}",
+                                     "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+
+
+def _finish(procs, timeout=600):
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  return logs
+
+
+def _assert_same(got, ref, steps, rel):
+  for step in steps:
+    assert got[step][1] == ref[step][1], f"bucket differs at step {step}"
+    assert got[step][0] == pytest.approx(ref[step][0], rel=rel, abs=1e-6), f"step {step}"
+
+
+def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
+  """FSDP over 8 devices: 2 processes x 4 == 1 process x 8, through a SIGTERM and a
+  restart; then the 2-process checkpoint resumes in 1 process on a (2,2,2) mesh."""
+  ref_dir, two_dir, other_dir = (str(tmp_path / d) for d in ("one", "two", "other_mesh"))
+  ref = subprocess.run(_flags(ref_dir, "(1,-1,1)"), cwd=REPO, env=_env(8), capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  reference = _losses(ref_dir)
+  assert sorted(reference) == list(range(1, TOTAL + 1))
+
+  # Two processes; SIGTERM reaches only process 1, yet both save the same step and stop.
+  procs = _start_two(two_dir)
+  first_ckpt = os.path.join(two_dir, "checkpoints", "4")
+  deadline = time.time() + 300
+  while not os.path.isdir(first_ckpt) and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
+    time.sleep(0.02)
+  procs[1].send_signal(signal.SIGTERM)
+  logs = _finish(procs)
+  stopped = checkpointing.latest_step(two_dir)
+  assert 4 <= stopped < TOTAL, f"stopped at {stopped}: the run ended before SIGTERM"
+  assert "SIGTERM received" in logs[1]
+  _assert_same(_losses(two_dir), reference, range(1, stopped + 1), rel=1e-5)
+  shutil.copytree(two_dir, other_dir)
+
+  # Both processes restart and resume from the collective checkpoint.
+  logs = _finish(_start_two(two_dir))
+  assert f"at step {stopped}" in logs[0]
+  _assert_same(_losses(two_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-5)
+
+  # Evaluation: each process decodes its rows of every batch; the gathered predictions
+  # score exactly as one process decoding everything.
+  one = subprocess.run(_flags(two_dir, "(1,-1,1)", "eval"), cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  with open(os.path.join(two_dir, "eval", "results.json"), encoding="utf-8") as f:
+    single = json.load(f)
+  os.remove(os.path.join(two_dir, "eval", "results.json"))
+  _finish(_start_two(two_dir, "eval"))
+  with open(os.path.join(two_dir, "eval", "results.json"), encoding="utf-8") as f:
+    gathered = json.load(f)
+  assert gathered["step"] == single["step"] == TOTAL
+  for count, result in single["results"].items():
+    assert gathered["results"][count]["families"] == result["families"], count
+
+  # The same checkpoint, one process, another mesh shape (data, fsdp, tensor) = (2, 2, 2).
+  other = subprocess.run(_flags(other_dir, "(2,2,2)"), cwd=REPO, env=_env(8),
+                         capture_output=True, text=True, timeout=600)
+  assert other.returncode == 0, other.stderr[-3000:]
+  assert f"at step {stopped}" in other.stderr
+  assert "data position is recomputed from the step" in other.stderr
+  _assert_same(_losses(other_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-4)

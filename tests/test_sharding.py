@@ -40,7 +40,7 @@ def test_make_mesh_validates_shape():
 
 def test_every_parameter_has_logical_names_and_expected_sharding(mesh):
   model = demo_model()
-  rules = sharding.rules_from_config(demo.FSDP_TP_RULES)
+  rules = sharding.rules_from_config(sharding.FSDP_TP_RULES)
   images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((8, 24), jnp.int32)
   with sharding.mesh_rules(mesh, rules):
@@ -75,7 +75,7 @@ def test_every_parameter_has_logical_names_and_expected_sharding(mesh):
 
 def test_sharded_forward_matches_single_device(mesh):
   model = demo_model()
-  rules = sharding.rules_from_config(demo.FSDP_TP_RULES)
+  rules = sharding.rules_from_config(sharding.FSDP_TP_RULES)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.uniform(-1, 1, (8, 32, 32, 3)), jnp.float32)
   tokens = np.zeros((8, 24), np.int32)
@@ -96,7 +96,7 @@ def test_sharded_forward_matches_single_device(mesh):
 
 def test_describe_lists_every_parameter(mesh):
   model = demo_model()
-  rules = sharding.rules_from_config(demo.FSDP_TP_RULES)
+  rules = sharding.rules_from_config(sharding.FSDP_TP_RULES)
   with sharding.mesh_rules(mesh, rules):
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((8, 32, 32, 3)),
                                               jnp.zeros((8, 24), jnp.int32), 64)["params"])

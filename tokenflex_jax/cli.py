@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import jax
 import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from tokenflex_jax import distributed
 
 
 class QuietLibraryInfo(logging.Filter):
@@ -38,15 +41,40 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   return config, workdir
 
 
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS
+                             ) -> tuple[flags.FlagHolder, ...]:
+  """``--coordinator_address``, ``--num_processes``, ``--process_id`` (see `distributed`)."""
+  return (
+      flags.DEFINE_string("coordinator_address", None,
+                          "HOST:PORT of process 0, for a multi-process run started by hand "
+                          "(TPU pods and SLURM are detected without it).",
+                          flag_values=flag_values),
+      flags.DEFINE_integer("num_processes", None, "Processes in the run (with "
+                           "--coordinator_address).", flag_values=flag_values),
+      flags.DEFINE_integer("process_id", None, "This process's index (with "
+                           "--coordinator_address).", flag_values=flag_values))
+
+
+def start_processes(address: flags.FlagHolder, count: flags.FlagHolder,
+                    index: flags.FlagHolder) -> None:
+  """Joins the multi-process runtime if the run has several processes; quietens the
+  logs of every process but 0 to warnings."""
+  distributed.initialize(address.value, count.value, index.value)
+  absl_logging.get_absl_handler().addFilter(QuietLibraryInfo())
+  if jax.process_index() != 0:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
-  """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` and calls
-  ``job(config, workdir)`` under ``absl.app.run``."""
+  """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` (and the
+  multi-process flags) and calls ``job(config, workdir)`` under ``absl.app.run``."""
   config, workdir = define_flags()
+  process_flags = define_distributed_flags()
 
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    absl_logging.get_absl_handler().addFilter(QuietLibraryInfo())
+    start_processes(*process_flags)
     job(config.value, workdir.value)
 
   app.run(main)

@@ -52,9 +52,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
                        num_objects=scenes.NUM_OBJECT_TYPES)
 
   source = pipeline.make_source(config.data)
-  data_iterator = pipeline.make_iterator(source, pipeline.PatchLabelPreprocess(vit_cfg.patch_size),
-                                         config.batch_size, config.data.seed,
-                                         config.data.num_workers)
+  data_iterator_from = lambda start: pipeline.make_iterator(
+      source, pipeline.PatchLabelPreprocess(vit_cfg.patch_size), config.batch_size,
+      config.data.seed, config.data.num_workers, start_batch=start)
   local, size, g = (config.batch_size // jax.process_count(), config.data.image_size,
                     vit_cfg.grid_side)
   example = {"image": np.zeros((local, size, size, 3), np.float32),
@@ -69,9 +69,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
   mults.update(setup.multipliers(config))
   tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  state, state_sh, start = steps.initialize_state(
+  state, state_sh, start, data_iterator = steps.initialize_state(
       init_params=init_params, tx=tx, rng=jax.random.key(config.seed), mesh=mesh, rules=rules,
-      manager=manager, data_iterator=data_iterator)
+      manager=manager, data_iterator_from=data_iterator_from)
 
   step_fn = make_step(model, tx, schedule, config.vision_pretrain.object_weight)
   abstract_state = jax.tree.map(

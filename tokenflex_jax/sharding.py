@@ -23,6 +23,29 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 Rules = tuple[tuple[str, Any], ...]
 
+# Rules presets: logical axis -> mesh axes. A config puts one in config.sharding.rules.
+# Pure data parallelism: the batch is split over every device, parameters replicated.
+DATA_PARALLEL_RULES: Rules = (
+    ("batch", ("data", "fsdp", "tensor")),
+    ("length", None), ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None),
+    ("head_dim", None), ("vocab", None), ("norm", None), ("classes", None),
+)
+# FSDP (ZeRO-3 style): the batch over every device, parameters and optimizer moments split
+# along their model width over the fsdp axis and gathered per layer when used.
+FSDP_RULES: Rules = (
+    ("batch", ("data", "fsdp", "tensor")),
+    ("length", None), ("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv_heads", None),
+    ("head_dim", None), ("vocab", None), ("norm", None), ("classes", None),
+)
+# FSDP + tensor parallelism (Megatron style): MLP hidden units, attention heads and the
+# vocabulary split over the tensor axis; each tensor-parallel group shares its batch.
+FSDP_TP_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
+    ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"), ("norm", None),
+    ("classes", None),
+)
+
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a (data, fsdp, tensor) mesh; one entry of ``shape`` may be -1 ("the rest")."""

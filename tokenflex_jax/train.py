@@ -26,6 +26,7 @@ from tokenflex_jax.training.loop import train_loop
 from tokenflex_jax.training.metrics import MetricWriter
 from tokenflex_jax.training.optimizer import make_optimizer
 
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   """Trains until ``config.total_steps``, resuming from ``workdir`` if it has checkpoints."""
   counts, probs = tuple(config.token_counts), tuple(config.token_probs)
@@ -39,8 +40,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   source = pipeline.make_source(config.data)
   transform = pipeline.VQAPreprocess(setup.tokenizer_path(config, workdir),
                                      config.data.max_text_length, config.data.image_first)
-  data_iterator = pipeline.make_iterator(source, transform, config.batch_size,
-                                         config.data.seed, config.data.num_workers)
+  data_iterator_from = lambda start: pipeline.make_iterator(
+      source, transform, config.batch_size, config.data.seed, config.data.num_workers,
+      start_batch=start)
   local = config.batch_size // jax.process_count()
   size, t = config.data.image_size, config.data.max_text_length
   example = {"image": np.zeros((local, size, size, 3), np.float32),
@@ -72,9 +74,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
     return None
 
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  state, state_sh, start = steps.initialize_state(
+  state, state_sh, start, data_iterator = steps.initialize_state(
       init_params=init_params, tx=tx, rng=jax.random.key(config.seed), mesh=mesh, rules=rules,
-      manager=manager, data_iterator=data_iterator, initial_params=initial_params)
+      manager=manager, data_iterator_from=data_iterator_from, initial_params=initial_params)
 
   # One compiled step per visual-token bucket.
   step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting, frozen)

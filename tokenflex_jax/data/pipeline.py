@@ -1,8 +1,9 @@
 """The grain input pipeline: source -> shuffle -> per-host shard -> preprocess -> batch.
 
-Each host reads its own slice of the shuffled source (by `jax.process_index()`) and
-batches ``global_batch / process_count`` examples; `to_global_batch` assembles the
-host batches into global arrays sharded over the mesh's batch axes.
+Global batch i is the shuffled source's examples [i*B, (i+1)*B); host p reads and
+preprocesses only its rows [p*B/P, (p+1)*B/P) of it (`HostRows`), so a run sees the
+same batches whatever its number of processes. `to_global_batch` assembles the host
+batches into global arrays sharded over the mesh's batch axes.
 """
 
 from __future__ import annotations
@@ -96,16 +97,38 @@ class PatchLabelPreprocess(grain.transforms.Map):
             "patch_color": color.astype(np.int32), "patch_object": obj.astype(np.int32)}
 
 
+class HostRows:
+  """Index map: the k-th example of host ``index`` -> its position in the global order.
+
+  Host p of P, local batch L = B / P: its k-th example is row p*L + k % L of global
+  batch k // L. With one process this is the identity.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, global_batch: int, index: int, count: int):
+    self.dataset, self.global_batch = dataset, global_batch
+    self.local_batch, self.index = global_batch // count, index
+
+  def __len__(self) -> int:
+    return len(self.dataset) // self.global_batch * self.local_batch
+
+  def __getitem__(self, k: int) -> Any:
+    batch, row = divmod(k, self.local_batch)
+    return self.dataset[batch * self.global_batch + self.index * self.local_batch + row]
+
+
 def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: int, seed: int,
-                  num_workers: int = 0) -> grain.DatasetIterator:
-  """An endless, checkpointable iterator of host-local batches."""
+                  num_workers: int = 0, start_batch: int = 0) -> grain.DatasetIterator:
+  """An endless, checkpointable iterator of host-local batches, from global batch
+  ``start_batch`` on (the order does not depend on the number of processes)."""
   if global_batch % jax.process_count():
     raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
                      f"{jax.process_count()} processes")
   local_batch = global_batch // jax.process_count()
   ds = grain.MapDataset.source(source).seed(seed).shuffle()
-  ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.repeat(None).map(transform).batch(local_batch, drop_remainder=True)
+  ds = grain.MapDataset.source(HostRows(ds, global_batch, jax.process_index(),
+                                        jax.process_count()))
+  ds = ds.repeat(None)[start_batch * local_batch:]
+  ds = ds.map(transform).batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

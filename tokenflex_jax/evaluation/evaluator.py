@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tokenflex_jax import sharding
 from tokenflex_jax.data import scenes
@@ -47,23 +48,47 @@ def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
   return {n: {"granularity": by_name[n].granularity, "chance": by_name[n].chance} for n in names}
 
 
+def _predict_all(compiled: Any, params: Any, data: dict[str, Any], bs: int, image_sh, prompt_sh,
+                 mesh) -> list[list[int]]:
+  """Generated ids for every example, in order.
+
+  Each process feeds and reads back only its rows of every global batch (rows
+  [p*bs/P, (p+1)*bs/P)); the hosts' predictions are gathered once at the end.
+  """
+  n, count, index = len(data["answers"]), jax.process_count(), jax.process_index()
+  local_bs = bs // count
+  padded = -(-n // bs) * bs  # The last batch is padded by repeating the last example.
+  take = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - n, 0)])
+  images, prompts = take(data["images"]), take(data["prompts"])
+  local_out = []
+  for start in range(index * local_bs, padded, bs):
+    rows = slice(start, start + local_bs)
+    out = compiled(params, jax.make_array_from_process_local_data(image_sh, images[rows]),
+                   jax.make_array_from_process_local_data(prompt_sh, prompts[rows]))
+    local = multihost_utils.global_array_to_host_local_array(out, mesh, prompt_sh.spec)
+    local_out.append(np.asarray(local))
+  local_out = np.stack(local_out)  # [batches, local_bs, T]
+  if count > 1:  # [processes, batches, local_bs, T] -> batch-major global order.
+    local_out = np.swapaxes(np.asarray(multihost_utils.process_allgather(local_out)), 0, 1)
+  return local_out.reshape(padded, -1)[:n].tolist()
+
+
 def evaluate(model: VLM, params: Any, tokenizer: Tokenizer, config: ml_collections.ConfigDict,
              mesh, rules, step: int) -> dict[str, Any]:
   """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
   data = eval_set(config, tokenizer)
   n_examples, bs = len(data["answers"]), config.eval.batch_size
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if bs % data_parallel:
+  if bs % data_parallel or bs % jax.process_count():
     raise ValueError(f"config.eval.batch_size={bs} must be divisible by the {data_parallel} "
-                     "data-parallel devices")
+                     f"data-parallel devices and the {jax.process_count()} processes")
   generate = make_generate(model, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
   image_sh = sharding.batch_sharding(mesh, rules, 4)
   prompt_sh = sharding.batch_sharding(mesh, rules, 2)
   results = {}
   for n in config.eval.token_counts:
     token_side(n)
-    fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n))
-    predictions = []
+    fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n), out_shardings=prompt_sh)
     with sharding.mesh_rules(mesh, rules):
       t0 = time.perf_counter()
       compiled = fn.lower(params, jax.ShapeDtypeStruct((bs,) + data["images"].shape[1:],
@@ -72,15 +97,7 @@ def evaluate(model: VLM, params: Any, tokenizer: Tokenizer, config: ml_collectio
                                                sharding=prompt_sh)).compile()
       compile_s = time.perf_counter() - t0
       t0 = time.perf_counter()
-      for start in range(0, n_examples, bs):
-        images = data["images"][start:start + bs]
-        prompts = data["prompts"][start:start + bs]
-        real = len(images)
-        if real < bs:  # Pad the last batch; the padding rows are dropped below.
-          images = np.concatenate([images, np.repeat(images[-1:], bs - real, 0)])
-          prompts = np.concatenate([prompts, np.repeat(prompts[-1:], bs - real, 0)])
-        out = compiled(params, jax.device_put(images, image_sh), jax.device_put(prompts, prompt_sh))
-        predictions.extend(np.asarray(out)[:real].tolist())
+      predictions = _predict_all(compiled, params, data, bs, image_sh, prompt_sh, mesh)
       seconds = time.perf_counter() - t0
     texts = [tokenizer.decode(p).strip() for p in predictions]
     correct = np.array([t == a for t, a in zip(texts, data["answers"])], np.float64)

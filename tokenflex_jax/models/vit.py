@@ -50,8 +50,7 @@ class EncoderBlock(nn.Module):
     y = layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_attn")(x)
     q, k, v = (layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "head_dim"),
                             use_bias=True, dtype=dtype, name=n)(y) for n in ("q", "k", "v"))
-    mask = jnp.ones((x.shape[0], x.shape[1], x.shape[1]), bool)
-    y = layers.grouped_attention(q, k, v, mask)
+    y = layers.grouped_attention(q, k, v, mask=None)
     y = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2, use_bias=True,
                      dtype=dtype, name="out")(y)
     x = x + y

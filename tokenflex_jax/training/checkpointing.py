@@ -41,6 +41,13 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
   logging.info("saving checkpoint %s/%d (asynchronously)", manager.directory, step)
 
 
+def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether ``step`` holds a data-iterator state for this process layout (a checkpoint
+  written by a different number of processes has none for it)."""
+  name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  return os.path.exists(os.path.join(str(manager.directory), str(step), "data", name))
+
+
 def _restore_args(abstract: Any) -> Any:
   return jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                                      dtype=x.dtype), abstract)
@@ -49,13 +56,19 @@ def _restore_args(abstract: Any) -> Any:
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
             abstract_opt_state: Any, data_iterator: grain.DatasetIterator | None
             ) -> tuple[Any, Any, dict[str, Any]]:
-  """Restores onto the shardings carried by the abstract trees (ShapeDtypeStruct)."""
+  """Restores onto the shardings carried by the abstract trees (ShapeDtypeStruct), so
+  any mesh shape works; restores ``data_iterator`` in place when the checkpoint has its
+  state (see `has_data_state`)."""
   items = {
       "params": ocp.args.PyTreeRestore(abstract_params, _restore_args(abstract_params)),
       "opt_state": ocp.args.PyTreeRestore(abstract_opt_state, _restore_args(abstract_opt_state)),
       "meta": ocp.args.JsonRestore()}
-  if data_iterator is not None:
+  if data_iterator is not None and has_data_state(manager, step):
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  elif data_iterator is not None:
+    logging.warning("checkpoint %d has no data-iterator state for %d processes (written by "
+                    "a different number): the data position is recomputed from the step",
+                    step, jax.process_count())
   out = manager.restore(step, args=ocp.args.Composite(**items))
   return out["params"], out["opt_state"], out["meta"]
 

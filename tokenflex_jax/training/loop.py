@@ -2,8 +2,8 @@
 
 Per step: pick the bucket, fetch the host batch, run that bucket's compiled step,
 then read the *previous* step's metrics (so logging never stalls the device queue),
-check them for NaN/Inf, write them, and save a checkpoint when due. SIGTERM makes
-the loop save and return cleanly.
+check them for NaN/Inf, write them, and save a checkpoint when due. SIGTERM (on any
+host) makes every host save the same step and return cleanly.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tokenflex_jax.training import checkpointing
 from tokenflex_jax.training.metrics import MetricWriter, log_line
@@ -46,6 +47,15 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def stop_requested(raised_here: bool) -> bool:
+  """True on every process as soon as any process got SIGTERM, so all of them save the
+  same step together (the save is collective) and stop."""
+  if jax.process_count() == 1:
+    return raised_here
+  flags = multihost_utils.process_allgather(np.asarray(raised_here, np.int32))
+  return bool(np.max(flags))
 
 
 def train_loop(*, state: Any, start_step: int, total_steps: int,
@@ -92,13 +102,14 @@ def train_loop(*, state: Any, start_step: int, total_steps: int,
         report(pending)  # The previous step, while this one runs.
       pending = (step, n, metrics)
       done = step + 1
-      if done % checkpoint_every == 0 or done == total_steps or sigterm.raised:
+      stop = stop_requested(sigterm.raised)
+      if done % checkpoint_every == 0 or done == total_steps or stop:
         report(pending)
         pending = None
         checkpointing.save(manager, done, state.params, state.opt_state, data_iterator,
                            meta(done))
         clock["ready"] = time.perf_counter()  # Saving is not step time.
-      if sigterm.raised:
+      if stop:
         break
     if pending is not None:
       report(pending)

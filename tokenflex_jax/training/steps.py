@@ -152,26 +152,33 @@ def fresh_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTrans
 
 def initialize_state(*, init_params: Callable[[jax.Array], Any],
                      tx: optax.GradientTransformation, rng: jax.Array, mesh, rules,
-                     manager: Any, data_iterator: Any,
+                     manager: Any, data_iterator_from: Callable[[int], Any],
                      initial_params: Callable[[Any], Any | None] = lambda abstract: None,
-                     ) -> tuple[TrainState, TrainState, int]:
+                     ) -> tuple[TrainState, TrainState, int, Any]:
   """Resumes from the workdir's latest checkpoint, or creates a sharded fresh state.
 
   Args:
     init_params: rng -> boxed params (e.g. ``lambda r: model.init(r, ...)["params"]``).
+    data_iterator_from: global batch index -> the host's data iterator starting there.
     initial_params: for a fresh run, given the abstract (sharded) params, returns
       params to start from (e.g. loaded from another workdir) or None for random init.
   Returns:
-    (state, state shardings, step to start from).
+    (state, state shardings, step to start from, data iterator positioned for it). The
+    iterator's state comes from the checkpoint when it has one for this process layout,
+    else (a checkpoint written by another number of processes) from the step.
   """
+  data_iterator = data_iterator_from(0)
   with sharding.mesh_rules(mesh, rules):
     abstract, state_sh = abstract_state_and_shardings(init_params, tx, rng, mesh, rules)
     latest = manager.latest_step()
     if latest is not None:
       params, opt_state, _ = checkpointing.restore(manager, latest, abstract.params,
                                                    abstract.opt_state, data_iterator)
+      if not checkpointing.has_data_state(manager, latest):
+        data_iterator = data_iterator_from(latest)
       logging.info("resumed from %s at step %d", manager.directory, latest)
-      return TrainState(jnp.asarray(latest, jnp.int32), params, opt_state), state_sh, latest
+      state = TrainState(jnp.asarray(latest, jnp.int32), params, opt_state)
+      return state, state_sh, latest, data_iterator
     state = fresh_state(init_params, tx, rng, state_sh)
     loaded = initial_params(abstract.params)
     if loaded is not None:
@@ -180,7 +187,7 @@ def initialize_state(*, init_params: Callable[[jax.Array], Any],
       state = TrainState(state.step, params, opt_state)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("initialised a fresh state: %.3fM parameters", n_params / 1e6)
-  return state, state_sh, 0
+  return state, state_sh, 0, data_iterator
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

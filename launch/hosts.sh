@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Trains over a plain list of hosts (GPU boxes without a scheduler): starts one train
+# process per host over ssh, host 0 being the coordinator, and waits for all of them.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: bash launch/hosts.sh --hosts=H0,H1,... --workdir=DIR [options] [-- TRAIN_FLAGS]
+
+Process i runs on host i with --coordinator_address=H0:PORT --num_processes=N
+--process_id=i. Every host needs this checkout at the same path with its environment
+set up (bash launch/setup_env.sh or `pip install .`) and passwordless ssh. The host
+named `localhost` runs without ssh.
+
+Required: --hosts, --workdir (a directory every host sees).
+Options:
+  --port=PORT          coordinator port on H0                             [8476]
+  --config=FILE[:ARG]  config for the train binary                        [configs/demo.py]
+  --venv=DIR           Python environment on the hosts                    [<repo>/.venv]
+  --dry-run            print the commands instead of running them
+  -h, --help           this help
+Everything after `--` goes to the train binary.
+EOF
+}
+
+HOSTS="" WORKDIR="" PORT=8476 CONFIG="configs/demo.py" DRY_RUN=0
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+TRAIN_FLAGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --hosts=*) HOSTS="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --port=*) PORT="${1#*=}" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --venv=*) VENV="${1#*=}" ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; TRAIN_FLAGS=("$@"); break ;;
+    *) echo "hosts.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for required in HOSTS WORKDIR; do
+  if [[ -z "${!required}" ]]; then
+    echo "hosts.sh: --${required,,} is required (see --help)" >&2; exit 2
+  fi
+done
+IFS=',' read -r -a HOST_LIST <<< "$HOSTS"
+N="${#HOST_LIST[@]}"
+COORDINATOR="${HOST_LIST[0]}:$PORT"
+
+pids=()
+for i in "${!HOST_LIST[@]}"; do
+  host="${HOST_LIST[$i]}"
+  cmd="cd $(printf '%q' "$REPO") && PYTHONPATH=$(printf '%q' "$REPO") $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$(printf ' %q' --config="$CONFIG" --workdir="$WORKDIR" --coordinator_address="$COORDINATOR" --num_processes="$N" --process_id="$i" "${TRAIN_FLAGS[@]}")"
+  if [[ "$host" == localhost ]]; then launcher=(bash -c "$cmd"); else launcher=(ssh "$host" "$cmd"); fi
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '+'; printf ' %q' "${launcher[@]}"; printf ' &\n'
+  else
+    "${launcher[@]}" 2>&1 | sed -u "s/^/[$host $i] /" &
+    pids+=($!)
+  fi
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"

