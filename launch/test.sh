@@ -5,6 +5,8 @@
 #   bash launch/test.sh -k sharding  extra arguments go to pytest
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REQUIREMENTS="requirements.txt requirements-test.txt"
+# shellcheck source=launch/setup_env.sh
 source "$REPO/launch/setup_env.sh"
 cd "$REPO"
 marker=(-m "not slow")

@@ -44,14 +44,16 @@ def test_bucket_choice_identical_across_processes(tmp_path):
 
 # --- Training across processes --------------------------------------------------------
 
-TOTAL = 40
+TOTAL = 20
 
 
 def _flags(workdir, mesh, binary="train"):
-  tiny = [f for f in TINY_FLAGS if not f.startswith("--config.mesh.shape=")]
+  tiny = [f for f in TINY_FLAGS
+          if not f.startswith(("--config.mesh.shape=", "--config.token_"))]
   return [sys.executable, "-m", f"tokenflex_jax.{binary}", "--config=configs/demo.py",
           f"--workdir={workdir}", f"--config.total_steps={TOTAL}",
-          "--config.checkpoint_every=4", f"--config.mesh.shape={mesh}", *tiny]
+          "--config.checkpoint_every=4", f"--config.mesh.shape={mesh}",
+          "--config.token_counts=(64,144)", "--config.token_probs=(0.5,0.5)", *tiny]
 
 
 def _env(devices):

@@ -7,8 +7,8 @@ import tomllib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _requirements():
-  with open(os.path.join(REPO, "requirements.txt"), encoding="utf-8") as f:
+def _requirements(name="requirements.txt"):
+  with open(os.path.join(REPO, name), encoding="utf-8") as f:
     lines = [line.split("#")[0].strip() for line in f]
   return {line for line in lines if line}
 
@@ -18,7 +18,8 @@ def test_pyproject_pins_match_requirements():
     project = tomllib.load(f)["project"]
   runtime = set(project["dependencies"])
   test = set(project["optional-dependencies"]["test"])
-  assert runtime | test == _requirements()
+  assert runtime == _requirements()
+  assert test == _requirements("requirements-test.txt")
   assert all("==" in d for d in runtime | test)
 
 

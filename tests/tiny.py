@@ -12,6 +12,7 @@ TINY_FLAGS = (
     "--config.mesh.shape=(2,2,2)", "--config.optimizer.warmup_steps=2",
     "--config.eval.examples_per_family=8", "--config.eval.batch_size=8",
     "--config.eval.token_counts=(64,100)",
+    "--config.token_counts=(64,144,256)", "--config.token_probs=(0.2,0.3,0.5)",
 )
 
 

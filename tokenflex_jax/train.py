@@ -63,8 +63,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
 
   def initial_params(abstract):
     if config.init.checkpoint:
-      params, step = checkpointing.load_params(config.init.checkpoint, abstract)
-      logging.info("initialised all modules from %s (step %d)", config.init.checkpoint, step)
+      # Whatever modules it has: all of them from an earlier stage; the ViT and the LLM
+      # (and no projector) from `python -m tokenflex_jax.convert`.
+      saved = set(checkpointing.saved_modules(config.init.checkpoint)) & set(abstract)
+      if not saved:
+        raise ValueError(f"config.init.checkpoint={config.init.checkpoint!r} holds none of "
+                         f"the modules {sorted(abstract)}")
+      params, step = checkpointing.load_params(config.init.checkpoint,
+                                               {k: abstract[k] for k in sorted(saved)})
+      logging.info("initialised %s from %s (step %d)%s", ", ".join(sorted(saved)),
+                   config.init.checkpoint, step,
+                   "" if saved == set(abstract) else
+                   f"; {', '.join(sorted(set(abstract) - saved))} freshly initialised")
       return params
     if config.init.vision_checkpoint:
       params, step = checkpointing.load_params(config.init.vision_checkpoint,

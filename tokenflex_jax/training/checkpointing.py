@@ -41,6 +41,14 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
   logging.info("saving checkpoint %s/%d (asynchronously)", manager.directory, step)
 
 
+def save_params(manager: ocp.CheckpointManager, step: int, params: Any,
+                meta: dict[str, Any]) -> None:
+  """Saves params and metadata only (a starting point, e.g. converted towers) and waits."""
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
+                                             meta=ocp.args.JsonSave(meta)), force=True)
+  manager.wait_until_finished()
+
+
 def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
   """Whether ``step`` holds a data-iterator state for this process layout (a checkpoint
   written by a different number of processes has none for it)."""
@@ -97,6 +105,18 @@ def load_params(workdir: str, abstract_params: Any, step: int | None = None) -> 
     out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
         abstract_params, _restore_args(abstract_params), partial_restore=True)))
   return out["params"], step
+
+
+def saved_modules(workdir: str, step: int | None = None) -> tuple[str, ...]:
+  """The top-level modules (e.g. "vit", "llm") of the params saved at ``step`` (latest)."""
+  with make_manager(workdir, read_only=True, asynchronous=False) as manager:
+    step = manager.latest_step() if step is None or step < 0 else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoints in workdir {workdir!r}")
+    path = os.path.join(str(manager.directory), str(step), "params")
+  metadata = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  return tuple(sorted(getattr(tree, "tree", tree)))
 
 
 def load_meta(workdir: str, step: int) -> dict[str, Any]:

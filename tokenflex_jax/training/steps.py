@@ -90,10 +90,12 @@ def state_shardings(abstract_boxed_state: TrainState, mesh, rules) -> TrainState
 def compile_per_bucket(step_fn: Callable, abstract_state: TrainState, state_sh: TrainState,
                        abstract_batch: Batch, batch_sh: Mapping[str, Any],
                        counts: Sequence[int], mesh, rules,
-                       what: str = "train step, {n} visual tokens") -> dict[int, Any]:
+                       what: str = "train step, {n} visual tokens",
+                       timings: dict[int, float] | None = None) -> dict[int, Any]:
   """Lowers and compiles ``step_fn`` once per token count; logs cost and memory.
 
-  Returns {num_tokens: compiled executable (state, batch) -> (state, metrics)}.
+  Returns {num_tokens: compiled executable (state, batch) -> (state, metrics)}; records
+  each compile's seconds in ``timings`` if given.
   """
   compiled = {}
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -103,7 +105,10 @@ def compile_per_bucket(step_fn: Callable, abstract_state: TrainState, state_sh: 
                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
     with sharding.mesh_rules(mesh, rules):
       compiled[n] = jitted.lower(abstract_state, abstract_batch).compile()
-    log_compiled(what.format(n=n), compiled[n], time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    log_compiled(what.format(n=n), compiled[n], seconds)
+    if timings is not None:
+      timings[n] = seconds
   return compiled
 
 

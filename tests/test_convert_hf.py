@@ -1,0 +1,219 @@
+"""Hugging Face import/export against the real transformers models (tiny, random, local).
+
+transformers and torch (CPU) are test-only dependencies (requirements-hf.txt);
+HF_HUB_OFFLINE=1: the models are built from configs and saved locally, nothing is
+downloaded.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
+import torch  # pylint: disable=wrong-import-position
+import transformers  # pylint: disable=wrong-import-position
+from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
+
+from tokenflex_jax.convert import hf  # pylint: disable=wrong-import-position
+from tokenflex_jax.models.llm import LLM  # pylint: disable=wrong-import-position
+from tokenflex_jax.models.vit import ViT  # pylint: disable=wrong-import-position
+
+RTOL = 1e-4
+
+
+def relative_error(ours, ref) -> float:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def _randomise(model: torch.nn.Module, seed: int) -> None:
+  """Random weights everywhere, biases and norms included (HF inits those to 0/1)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def _save(model, path):
+  model.save_pretrained(path)
+  assert os.path.exists(os.path.join(path, "config.json"))
+  return str(path)
+
+
+def _assert_tensors_equal(original, exported, not_ours=()):
+  """Every tensor of ``original`` comes back bit-exact from the export, except those
+  whose names start with ``not_ours`` (parts we do not import, e.g. a pooling head)."""
+  a = load_file(os.path.join(original, hf.SAFETENSORS))
+  b = load_file(os.path.join(exported, hf.SAFETENSORS))
+  assert sorted(b) == sorted(n for n in a if not n.startswith(not_ours or ("\0",)))
+  for name in b:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# --- Vision ---------------------------------------------------------------------------
+
+def siglip(tmp_path):
+  config = transformers.SiglipVisionConfig(
+      image_size=32, patch_size=4, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, layer_norm_eps=1e-6, attn_implementation="eager")
+  model = transformers.SiglipVisionModel(config).eval()
+  _randomise(model, 0)
+  return model, _save(model, tmp_path / "siglip")
+
+
+def test_siglip_vision_parity_and_round_trip(tmp_path):
+  model, path = siglip(tmp_path)
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state
+  config, params = hf.import_vision(path)
+  assert (config.width, config.depth, config.num_heads, config.patch_size) == (48, 2, 4, 4)
+  ours = ViT(config).apply({"params": params}, images)
+  assert ours.shape == (2, 64, 48)
+  assert relative_error(ours, ref.numpy()) < RTOL
+
+  exported = str(tmp_path / "exported")
+  hf.export_vision(config, params, exported)
+  _assert_tensors_equal(path, exported, not_ours=("head.",))  # bit-exact round trip
+  again = transformers.SiglipVisionModel.from_pretrained(
+      exported, attn_implementation="eager").eval()
+  with torch.no_grad():
+    out = again(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2))).last_hidden_state
+  np.testing.assert_array_equal(out.numpy(), ref.numpy())
+
+
+def test_vision_import_rejects_a_language_model(tmp_path):
+  _, path = qwen2(tmp_path, tied=True)
+  with pytest.raises(ValueError, match="model_type='qwen2' is not a supported vision tower"):
+    hf.import_vision(path)
+
+
+# --- Language -------------------------------------------------------------------------
+
+def qwen2(tmp_path, tied):
+  config = transformers.Qwen2Config(
+      vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0,
+      rms_norm_eps=1e-6, tie_word_embeddings=tied, attn_implementation="eager")
+  model = transformers.Qwen2ForCausalLM(config).eval()
+  _randomise(model, 1)
+  return model, _save(model, tmp_path / f"qwen2_tied{tied}")
+
+
+def llama(tmp_path, bias):
+  config = transformers.LlamaConfig(
+      vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=6, num_key_value_heads=2, rope_theta=500_000.0, rms_norm_eps=1e-5,
+      attention_bias=bias, tie_word_embeddings=False, attn_implementation="eager")
+  model = transformers.LlamaForCausalLM(config).eval()
+  _randomise(model, 2)
+  return model, _save(model, tmp_path / f"llama_bias{bias}")
+
+
+@pytest.mark.parametrize("family, variant", [("qwen2", True), ("qwen2", False),
+                                             ("llama", False)])
+def test_llm_parity_and_round_trip(tmp_path, family, variant):
+  model, path = (qwen2(tmp_path, tied=variant) if family == "qwen2"
+                 else llama(tmp_path, bias=variant))
+  vocab = model.config.vocab_size
+  tokens = np.random.default_rng(3).integers(0, vocab, (2, 11)).astype(np.int32)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  config, params = hf.import_llm(path)
+  assert config.num_kv_heads < config.num_heads  # grouped-query attention
+  assert config.qkv_bias == (family == "qwen2")
+  assert config.tie_embeddings == (family == "qwen2" and variant)
+  ours = LLM(config).apply({"params": params}, tokens)
+  assert ours.shape == (2, 11, vocab)
+  assert relative_error(ours, ref) < RTOL
+
+  exported = str(tmp_path / "exported")
+  hf.export_llm(config, params, exported, model_type=family)
+  _assert_tensors_equal(path, exported)
+  cls = transformers.Qwen2ForCausalLM if family == "qwen2" else transformers.LlamaForCausalLM
+  again = cls.from_pretrained(exported, attn_implementation="eager").eval()
+  with torch.no_grad():
+    out = again(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  np.testing.assert_array_equal(out, ref)
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+  model, _ = qwen2(tmp_path, tied=False)
+  path = str(tmp_path / "sharded")
+  model.save_pretrained(path, max_shard_size="20KB")
+  assert os.path.exists(os.path.join(path, hf.INDEX))
+  config, params = hf.import_llm(path)
+  tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
+
+
+def test_unsupported_configs_name_the_field(tmp_path):
+  _, path = llama(tmp_path, bias=True)
+  with pytest.raises(ValueError, match="attention_bias"):
+    hf.import_llm(path)
+  with pytest.raises(ValueError, match="model_type='gpt2'"):
+    hf.llm_config_from_hf({"model_type": "gpt2"})
+  with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+    hf.llm_config_from_hf({"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn"},
+                           "num_attention_heads": 2, "hidden_size": 8})
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    hf.import_llm(str(tmp_path))
+
+
+# --- The convert binary: HF towers -> workdir -> training -> HF again -------------------
+
+def test_convert_binary_feeds_the_trainer_and_exports_back(tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.tiny import TINY_FLAGS  # pylint: disable=import-outside-toplevel
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  vision = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+      image_size=32, patch_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=2))
+  _randomise(vision, 4)
+  text = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+      vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+  _randomise(text, 5)
+  vision_dir, llm_dir = _save(vision, tmp_path / "siglip"), _save(text, tmp_path / "qwen2")
+  start, run, out = (str(tmp_path / d) for d in ("start", "run", "exported"))
+  tiny = [f for f in TINY_FLAGS if not f.startswith("--config.model.")]
+
+  converted = subprocess.run(
+      [sys.executable, "-m", "tokenflex_jax.convert", "--config=configs/demo.py",
+       f"--workdir={start}", f"--vision={vision_dir}", f"--llm={llm_dir}", *tiny],
+      cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert converted.returncode == 0, converted.stderr[-3000:]
+  with open(os.path.join(start, "model_overrides.txt"), encoding="utf-8") as f:
+    model_flags = f.read().split()
+  assert "--config.model.vit.width=32" in model_flags
+  assert "--config.model.llm.vocab_size=320" in model_flags
+
+  trained = subprocess.run(
+      [sys.executable, "-m", "tokenflex_jax.train", "--config=configs/demo.py",
+       f"--workdir={run}", "--config.total_steps=3", f"--config.init.checkpoint={start}",
+       *tiny, *model_flags], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert "initialised llm, vit from" in trained.stderr
+  assert "projector freshly initialised" in trained.stderr
+
+  exported = subprocess.run(
+      [sys.executable, "-m", "tokenflex_jax.convert", "--config=configs/demo.py",
+       f"--workdir={run}", f"--export_to={out}", *tiny, *model_flags],
+      cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+  assert exported.returncode == 0, exported.stderr[-3000:]
+  again = transformers.Qwen2ForCausalLM.from_pretrained(
+      os.path.join(out, "llm"), attn_implementation="eager").eval()
+  tokens = np.arange(10, dtype=np.int32).reshape(1, 10)
+  config, params = hf.import_llm(os.path.join(out, "llm"))
+  with torch.no_grad():
+    ref = again(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
+  # Training moved the weights away from the imported ones.
+  original = load_file(os.path.join(llm_dir, hf.SAFETENSORS))["model.embed_tokens.weight"]
+  assert not np.array_equal(np.asarray(params["embedding"]), original)

@@ -1,0 +1,111 @@
+r"""Compiles a config's train step for every bucket from shapes alone; prints memory.
+
+  python -m tokenflex_jax.aot --config=configs/paper.py:stage=3 --num_cpu_devices=64
+
+No parameter is allocated: the state and batch are `jax.ShapeDtypeStruct`s with their
+shardings, so a 7B model's step can be lowered and compiled for a 64-device mesh on a
+laptop's CPU, to read XLA's per-device memory analysis before renting the pod. (On a
+CPU the figures are the CPU compiler's; on TPU/GPU run it there for theirs.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from tokenflex_jax import setup, sharding
+from tokenflex_jax.data import pipeline
+from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import steps
+from tokenflex_jax.training.optimizer import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+  """What the model config needs from a tokenizer, without one."""
+  vocab_size: int
+  image_id: int = 1
+  pad_id: int = 0
+
+
+def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, float]]:
+  """{num_tokens: {"compile_s", "gflop", "argument_gib", "output_gib", "temp_gib",
+  "total_gib"}} per device, for the train step of each of ``config.token_counts``."""
+  mesh, rules = setup.mesh_and_rules(config)
+  model = VLM(setup.model_config(config, TokenIds(config.model.llm.vocab_size)))
+  counts = tuple(config.token_counts)
+  local = config.batch_size // jax.process_count()
+  size, t = config.data.image_size, config.data.max_text_length
+  example = {"image": np.zeros((1, size, size, 3), np.float32),
+             "tokens": np.zeros((1, t), np.int32), "loss_mask": np.zeros((1, t), np.float32)}
+  example = {k: np.broadcast_to(v, (local,) + v.shape[1:]) for k, v in example.items()}
+  abstract_batch, batch_sh = pipeline.abstract_batch(example, mesh, rules)
+  init_params = lambda rng: model.init(rng, jnp.zeros(abstract_batch["image"].shape),
+                                       jnp.zeros(abstract_batch["tokens"].shape, jnp.int32),
+                                       counts[0])["params"]
+  mults = setup.multipliers(config)
+  abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(0))
+  tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
+  with sharding.mesh_rules(mesh, rules):
+    abstract_state, state_sh = steps.abstract_state_and_shardings(
+        init_params, tx, jax.random.key(0), mesh, rules)
+  step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting,
+                                      setup.frozen_groups(mults))
+  out = {}
+  for n in counts:
+    timed = {}
+    compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
+                                        batch_sh, (n,), mesh, rules, timings=timed)[n]
+    mem = compiled.memory_analysis()
+    gib = lambda b: b / 2**30
+    out[n] = {"compile_s": timed[n], "gflop": steps.compiled_flops(compiled) / 1e9,
+              "argument_gib": gib(mem.argument_size_in_bytes),
+              "output_gib": gib(mem.output_size_in_bytes),
+              "temp_gib": gib(mem.temp_size_in_bytes)}
+    # Arguments are donated into the outputs, so they are not counted twice.
+    out[n]["total_gib"] = max(out[n]["argument_gib"], out[n]["output_gib"]) + out[n]["temp_gib"]
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  print(f"{n_params / 1e9:.2f}B parameters; mesh {dict(mesh.shape)}; global batch "
+        f"{config.batch_size}; frozen: {setup.frozen_groups(mults) or 'none'}")
+  print("| visual tokens | compile (s) | GFLOP/step/device | arguments GiB | temporaries GiB "
+        "| total GiB/device |")
+  print("|---|---|---|---|---|---|")
+  for n, r in out.items():
+    print(f"| {n} | {r['compile_s']:.0f} | {r['gflop']:.0f} | {r['argument_gib']:.2f} | "
+          f"{r['temp_gib']:.2f} | {r['total_gib']:.2f} |")
+  sys.stdout.flush()
+  return out
+
+
+def main() -> None:
+  config = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  devices = flags.DEFINE_integer("num_cpu_devices", 0,
+                                 "Simulate this many host CPU devices (0: the real devices).")
+  out = flags.DEFINE_string("json_out", None, "Also write the figures here.")
+  flags.mark_flags_as_required(["config"])
+
+  def run(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if devices.value:
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", devices.value)
+    results = compile_buckets(config.value)
+    if out.value:
+      with open(out.value, "w", encoding="utf-8") as f:
+        json.dump({str(k): v for k, v in results.items()}, f, indent=2)
+
+  app.run(run)
+
+
+if __name__ == "__main__":
+  main()

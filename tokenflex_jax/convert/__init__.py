@@ -1,0 +1,1 @@
+"""Converters between Hugging Face checkpoints and this project's parameters."""
