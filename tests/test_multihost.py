@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.tiny import TINY_FLAGS
+from tests.tiny import TINY_FLAGS, losses
 from tokenflex_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,15 +61,6 @@ def _env(devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _losses(workdir):
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      rec = json.loads(line)
-      out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
-  return out
-
-
 def _start_two(workdir, binary="train"):
   port = free_port()
   return [subprocess.Popen(
@@ -98,7 +89,7 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
   ref = subprocess.run(_flags(ref_dir, "(1,-1,1)"), cwd=REPO, env=_env(8), capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stderr[-3000:]
-  reference = _losses(ref_dir)
+  reference = losses(ref_dir)
   assert sorted(reference) == list(range(1, TOTAL + 1))
 
   # Two processes; SIGTERM reaches only process 1, yet both save the same step and stop.
@@ -113,13 +104,13 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
   stopped = checkpointing.latest_step(two_dir)
   assert 4 <= stopped < TOTAL, f"stopped at {stopped}: the run ended before SIGTERM"
   assert "SIGTERM received" in logs[1]
-  _assert_same(_losses(two_dir), reference, range(1, stopped + 1), rel=1e-5)
+  _assert_same(losses(two_dir), reference, range(1, stopped + 1), rel=1e-5)
   shutil.copytree(two_dir, other_dir)
 
   # Both processes restart and resume from the collective checkpoint.
   logs = _finish(_start_two(two_dir))
   assert f"at step {stopped}" in logs[0]
-  _assert_same(_losses(two_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-5)
+  _assert_same(losses(two_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-5)
 
   # Evaluation: each process decodes its rows of every batch; the gathered predictions
   # score exactly as one process decoding everything.
@@ -142,4 +133,4 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
   assert other.returncode == 0, other.stderr[-3000:]
   assert f"at step {stopped}" in other.stderr
   assert "data position is recomputed from the step" in other.stderr
-  _assert_same(_losses(other_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-4)
+  _assert_same(losses(other_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-4)

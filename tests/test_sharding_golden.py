@@ -11,14 +11,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from configs import demo
+from configs import demo, paper
 from tokenflex_jax import setup, sharding
 from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.models.vlm import VLM
 
-GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden",
-                      "demo_param_shardings.txt")
+GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 MESH_SHAPE = (2, 2, 2)
 
 
@@ -27,15 +27,16 @@ class _Ids:
   vocab_size, image_id, pad_id = 256, 4, 0
 
 
-def render(config_arg: str) -> str:
-  """'path shape: PartitionSpec' for every parameter of the demo model, one per line."""
-  config = demo.get_config(config_arg)
+def render(config, rules) -> str:
+  """'path shape: PartitionSpec' for every parameter of the config's model, one per line."""
   model = VLM(setup.model_config(config, _Ids()))
   mesh = sharding.make_mesh(MESH_SHAPE)
-  rules = sharding.rules_from_config(config.sharding.rules)
+  rules = sharding.rules_from_config(rules)
+  size, text = config.data.image_size, config.data.max_text_length
   with sharding.mesh_rules(mesh, rules):
     boxed = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((8, 32, 32, 3)), jnp.zeros((8, 24), jnp.int32), 64)["params"])
+        jax.random.key(0), jnp.zeros((8, size, size, 3)), jnp.zeros((8, text), jnp.int32),
+        64)["params"])
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   lines = []
   for (path, sh), leaf in zip(jax.tree_util.tree_flatten_with_path(shardings)[0],
@@ -44,27 +45,30 @@ def render(config_arg: str) -> str:
   return "\n".join(lines)
 
 
-def golden_text() -> str:
-  blocks = [f"# demo config, mesh (data, fsdp, tensor) = {MESH_SHAPE}, 8 devices.\n"
+def golden_text(name: str) -> str:
+  config = {"demo": demo, "paper": paper}[name].get_config()
+  blocks = [f"# {name} config, mesh (data, fsdp, tensor) = {MESH_SHAPE}, 8 devices.\n"
             f"# A mesh axis that does not divide a dimension is dropped for that dimension."]
-  for preset in demo.RULES:
-    blocks.append(f"\n## rules={preset}\n" + render(f"stage=2,rules={preset}"))
+  for preset, rules in demo.RULES.items():
+    blocks.append(f"\n## rules={preset}\n" + render(config, rules))
   return "\n".join(blocks) + "\n"
 
 
-def test_parameter_shardings_match_the_golden_file():
+@pytest.mark.parametrize("name", ["demo", "paper"])
+def test_parameter_shardings_match_the_golden_file(name):
   assert jax.device_count() == 8
-  text = golden_text()
+  text = golden_text(name)
+  path = os.path.join(GOLDEN_DIR, f"{name}_param_shardings.txt")
   if os.environ.get("TOKENFLEX_UPDATE_GOLDEN"):
-    with open(GOLDEN, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
       f.write(text)
-  with open(GOLDEN, encoding="utf-8") as f:
+  with open(path, encoding="utf-8") as f:
     want = f.read()
   assert text == want, "parameter shardings changed; see the module docstring"
 
 
 def test_presets_differ_where_they_should():
-  text = golden_text()
+  text = golden_text("demo")
   blocks = dict(b.split("\n", 1) for b in text.split("\n## ")[1:])
   embed = "['llm']['embedding'] (256, 96)"
   line = lambda preset: next(l for l in blocks[f"rules={preset}"].splitlines() if

@@ -13,7 +13,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from tests.tiny import TINY_FLAGS, tiny_config
+from tests.tiny import TINY_FLAGS, losses, tiny_config
 from tokenflex_jax import cli
 from tokenflex_jax import eval as eval_binary
 from tokenflex_jax import predict
@@ -24,16 +24,6 @@ from tokenflex_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 40
-
-
-def losses(workdir):
-  """{step: loss} from metrics.jsonl (the last record wins for repeated steps)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      rec = json.loads(line)
-      out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
-  return out
 
 
 class _CompileCounter(py_logging.Handler):

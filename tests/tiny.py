@@ -1,5 +1,8 @@
 """A tiny variant of the demo config for fast tests (same code paths, small widths)."""
 
+import json
+import os
+
 import ml_collections
 
 from configs import demo
@@ -32,3 +35,14 @@ def _set(c, dotted, value):
   for p in parents:
     c = c[p]
   c[leaf] = value
+
+
+def losses(workdir):
+  """{step: (loss, num_tokens)} from a run's metrics.jsonl (the last record wins for
+  repeated steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
+  return out

@@ -64,7 +64,7 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
-  """Images [B, H, W, 3] in [-1, 1] -> patch features [B, L, C], L = (H/p) * (W/p)."""
+  """Images [B, H, W, 3] in [-1, 1] -> patch features [B, L, C], L = (H//p) * (W//p)."""
   config: ViTConfig
 
   @nn.compact
@@ -72,9 +72,11 @@ class ViT(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     p = cfg.patch_size
-    if images.shape[1] % p or images.shape[2] % p or images.shape[1] != images.shape[2]:
-      raise ValueError(f"images of shape {images.shape} are not square multiples of "
+    if images.shape[1] != images.shape[2] or images.shape[1] < p:
+      raise ValueError(f"images of shape {images.shape} are not square, or smaller than "
                        f"patch_size={p}")
+    # Like SigLIP's VALID convolution, a remainder smaller than a patch is dropped
+    # (384 px / 14 -> a 27 x 27 grid).
     x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
                 kernel_init=nn.with_logical_partitioning(
                     layers.default_kernel_init, (None, None, None, "embed")),
