@@ -15,21 +15,16 @@ import pytest
 
 from configs import demo, paper
 from tokenflex_jax import setup, sharding
-from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.aot import TokenIds
 from tokenflex_jax.models.vlm import VLM
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 MESH_SHAPE = (2, 2, 2)
 
 
-class _Ids:
-  """The two token ids the model config needs (no tokenizer file)."""
-  vocab_size, image_id, pad_id = 256, 4, 0
-
-
 def render(config, rules) -> str:
   """'path shape: PartitionSpec' for every parameter of the config's model, one per line."""
-  model = VLM(setup.model_config(config, _Ids()))
+  model = VLM(setup.model_config(config, TokenIds(256, image_id=4)))
   mesh = sharding.make_mesh(MESH_SHAPE)
   rules = sharding.rules_from_config(rules)
   size, text = config.data.image_size, config.data.max_text_length

@@ -106,7 +106,7 @@ def test_kill_and_resume_gives_the_same_losses(reference_run, tmp_path):
   resumed = subprocess.run(_train_command(workdir), cwd=REPO, env=_env(), capture_output=True,
                            text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert f"resumed from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr
+  assert "resumed from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr
   ref, got = losses(ref_dir), losses(workdir)
   for step in range(killed_at + 1, TOTAL + 1):
     assert got[step][1] == ref[step][1], f"bucket differs at step {step}"

@@ -14,11 +14,9 @@ import dataclasses
 import json
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,7 +24,6 @@ from tokenflex_jax import setup, sharding
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import steps
-from tokenflex_jax.training.optimizer import make_optimizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,23 +40,14 @@ def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, fl
   mesh, rules = setup.mesh_and_rules(config)
   model = VLM(setup.model_config(config, TokenIds(config.model.llm.vocab_size)))
   counts = tuple(config.token_counts)
-  local = config.batch_size // jax.process_count()
-  size, t = config.data.image_size, config.data.max_text_length
-  example = {"image": np.zeros((1, size, size, 3), np.float32),
-             "tokens": np.zeros((1, t), np.int32), "loss_mask": np.zeros((1, t), np.float32)}
-  example = {k: np.broadcast_to(v, (local,) + v.shape[1:]) for k, v in example.items()}
-  abstract_batch, batch_sh = pipeline.abstract_batch(example, mesh, rules)
+  abstract_batch, batch_sh = pipeline.abstract_vqa_batch(config, mesh, rules)
   init_params = lambda rng: model.init(rng, jnp.zeros(abstract_batch["image"].shape),
                                        jnp.zeros(abstract_batch["tokens"].shape, jnp.int32),
                                        counts[0])["params"]
-  mults = setup.multipliers(config)
-  abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(0))
-  tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
+  tx, step_fn, frozen = setup.optimizer_and_step(config, model, init_params)
   with sharding.mesh_rules(mesh, rules):
     abstract_state, state_sh = steps.abstract_state_and_shardings(
         init_params, tx, jax.random.key(0), mesh, rules)
-  step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting,
-                                      setup.frozen_groups(mults))
   out = {}
   for n in counts:
     timed = {}
@@ -73,9 +61,9 @@ def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, fl
               "temp_gib": gib(mem.temp_size_in_bytes)}
     # Arguments are donated into the outputs, so they are not counted twice.
     out[n]["total_gib"] = max(out[n]["argument_gib"], out[n]["output_gib"]) + out[n]["temp_gib"]
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
   print(f"{n_params / 1e9:.2f}B parameters; mesh {dict(mesh.shape)}; global batch "
-        f"{config.batch_size}; frozen: {setup.frozen_groups(mults) or 'none'}")
+        f"{config.batch_size}; frozen: {frozen or 'none'}")
   print("| visual tokens | compile (s) | GFLOP/step/device | arguments GiB | temporaries GiB "
         "| total GiB/device |")
   print("|---|---|---|---|---|---|")

@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -24,7 +23,6 @@ from tokenflex_jax import cli, setup, sharding
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import steps
-from tokenflex_jax.training.optimizer import make_optimizer
 
 TIMED_STEPS = 10
 WARMUP_STEPS = 2
@@ -57,16 +55,12 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch = pipeline.to_global_batch(local, batch_sh)
 
   init_params = lambda rng: model.init(rng, batch["image"], batch["tokens"], counts[0])["params"]
-  mults = setup.multipliers(config)
-  abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(0))
-  tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
-  frozen = setup.frozen_groups(mults)
+  tx, step_fn, frozen = setup.optimizer_and_step(config, model, init_params)
   rng = jax.random.key(config.seed)
   with sharding.mesh_rules(mesh, rules):
     abstract_state, state_sh = steps.abstract_state_and_shardings(init_params, tx, rng, mesh,
                                                                   rules)
     state = steps.fresh_state(init_params, tx, rng, state_sh)
-  step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting, frozen)
   compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
                                       batch_sh, counts, mesh, rules)
   results = {}

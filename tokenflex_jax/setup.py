@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import ml_collections
+import optax
 from absl import logging
 
 from tokenflex_jax import sharding
@@ -16,7 +19,9 @@ from tokenflex_jax.data.tokenizer import Tokenizer, ensure_tokenizer
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import POOLING_MODES, ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
-from tokenflex_jax.models.vlm import VLMConfig
+from tokenflex_jax.models.vlm import VLM, VLMConfig
+from tokenflex_jax.training import steps
+from tokenflex_jax.training.optimizer import make_optimizer
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -93,3 +98,17 @@ def multipliers(config: ml_collections.ConfigDict) -> dict[str, float]:
 def frozen_groups(mults: dict[str, float]) -> tuple[str, ...]:
   """The module groups with learning-rate multiplier 0 (no backward pass through them)."""
   return tuple(k for k, m in mults.items() if m == 0)
+
+
+def optimizer_and_step(config: ml_collections.ConfigDict, model: VLM,
+                       init_params: Callable[[jax.Array], Any]
+                       ) -> tuple[optax.GradientTransformation, Callable, tuple[str, ...]]:
+  """(optimizer, train-step function (state, batch, num_tokens), frozen module groups)
+  for ``config``; ``init_params`` gives the parameter shapes (rng -> boxed params)."""
+  mults = multipliers(config)
+  abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(0))
+  tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
+  frozen = frozen_groups(mults)
+  logging.info("learning-rate multipliers %s; frozen: %s", mults, frozen or "none")
+  return tx, steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting,
+                                       frozen), frozen

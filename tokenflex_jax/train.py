@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from tokenflex_jax import cli, setup
@@ -24,7 +22,6 @@ from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import buckets, checkpointing, steps
 from tokenflex_jax.training.loop import train_loop
 from tokenflex_jax.training.metrics import MetricWriter
-from tokenflex_jax.training.optimizer import make_optimizer
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
@@ -43,23 +40,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   data_iterator_from = lambda start: pipeline.make_iterator(
       source, transform, config.batch_size, config.data.seed, config.data.num_workers,
       start_batch=start)
-  local = config.batch_size // jax.process_count()
-  size, t = config.data.image_size, config.data.max_text_length
-  example = {"image": np.zeros((local, size, size, 3), np.float32),
-             "tokens": np.zeros((local, t), np.int32),
-             "loss_mask": np.zeros((local, t), np.float32)}
-  abstract_batch, batch_sh = pipeline.abstract_batch(example, mesh, rules)
+  abstract_batch, batch_sh = pipeline.abstract_vqa_batch(config, mesh, rules)
 
   # Model, optimizer, state.
   zeros = lambda a: jnp.zeros(a.shape, a.dtype)
   init_params = lambda rng: model.init(rng, zeros(abstract_batch["image"]),
                                        zeros(abstract_batch["tokens"]), counts[0])["params"]
-  mults = setup.multipliers(config)
-  abstract_params = jax.eval_shape(lambda r: nn.unbox(init_params(r)),
-                                   jax.random.key(0))
-  tx, schedule = make_optimizer(config.optimizer, mults, config.total_steps, abstract_params)
-  frozen = setup.frozen_groups(mults)
-  logging.info("learning-rate multipliers %s; frozen: %s", mults, frozen or "none")
+  tx, step_fn, _ = setup.optimizer_and_step(config, model, init_params)
 
   def initial_params(abstract):
     if config.init.checkpoint:
@@ -89,7 +76,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
       manager=manager, data_iterator_from=data_iterator_from, initial_params=initial_params)
 
   # One compiled step per visual-token bucket.
-  step_fn = steps.make_vlm_train_step(model, tx, schedule, config.loss_weighting, frozen)
   abstract_state = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
@@ -104,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
                                        counts=counts, probs=probs),
       data_iterator=data_iterator,
       to_global=lambda b: pipeline.to_global_batch(b, batch_sh),
-      tokens_per_example=lambda n: t - 1 + n,
+      tokens_per_example=lambda n: config.data.max_text_length - 1 + n,
       flops_per_step={n: steps.compiled_flops(c) for n, c in compiled.items()},
       manager=manager, writer=writer,
       meta=lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()},

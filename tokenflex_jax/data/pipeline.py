@@ -147,6 +147,18 @@ def abstract_batch(example_batch: Mapping[str, np.ndarray], mesh, rules
   return shapes, shardings
 
 
+def abstract_vqa_batch(config: Any, mesh, rules
+                       ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
+  """`abstract_batch` of the VQA batches ``config`` describes (no data is read):
+  image [B, S, S, 3] f32, tokens [B, T] i32, loss_mask [B, T] f32, B global."""
+  local = config.batch_size // jax.process_count()
+  size, t = config.data.image_size, config.data.max_text_length
+  example = {"image": np.zeros((local, size, size, 3), np.float32),
+             "tokens": np.zeros((local, t), np.int32),
+             "loss_mask": np.zeros((local, t), np.float32)}
+  return abstract_batch(example, mesh, rules)
+
+
 def to_global_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, Any]
                     ) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global jax.Arrays laid out by ``shardings``."""

@@ -63,22 +63,23 @@ def _restore_args(abstract: Any) -> Any:
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
             abstract_opt_state: Any, data_iterator: grain.DatasetIterator | None
-            ) -> tuple[Any, Any, dict[str, Any]]:
+            ) -> tuple[Any, Any, dict[str, Any], bool]:
   """Restores onto the shardings carried by the abstract trees (ShapeDtypeStruct), so
   any mesh shape works; restores ``data_iterator`` in place when the checkpoint has its
-  state (see `has_data_state`)."""
+  state (see `has_data_state`). Returns (params, opt_state, meta, data restored)."""
   items = {
       "params": ocp.args.PyTreeRestore(abstract_params, _restore_args(abstract_params)),
       "opt_state": ocp.args.PyTreeRestore(abstract_opt_state, _restore_args(abstract_opt_state)),
       "meta": ocp.args.JsonRestore()}
-  if data_iterator is not None and has_data_state(manager, step):
+  data_restored = data_iterator is not None and has_data_state(manager, step)
+  if data_restored:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   elif data_iterator is not None:
     logging.warning("checkpoint %d has no data-iterator state for %d processes (written by "
                     "a different number): the data position is recomputed from the step",
                     step, jax.process_count())
   out = manager.restore(step, args=ocp.args.Composite(**items))
-  return out["params"], out["opt_state"], out["meta"]
+  return out["params"], out["opt_state"], out["meta"], data_restored
 
 
 def latest_step(workdir: str) -> int | None:

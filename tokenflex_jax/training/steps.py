@@ -177,9 +177,9 @@ def initialize_state(*, init_params: Callable[[jax.Array], Any],
     abstract, state_sh = abstract_state_and_shardings(init_params, tx, rng, mesh, rules)
     latest = manager.latest_step()
     if latest is not None:
-      params, opt_state, _ = checkpointing.restore(manager, latest, abstract.params,
-                                                   abstract.opt_state, data_iterator)
-      if not checkpointing.has_data_state(manager, latest):
+      params, opt_state, _, data_restored = checkpointing.restore(
+          manager, latest, abstract.params, abstract.opt_state, data_iterator)
+      if not data_restored:
         data_iterator = data_iterator_from(latest)
       logging.info("resumed from %s at step %d", manager.directory, latest)
       state = TrainState(jnp.asarray(latest, jnp.int32), params, opt_state)
