@@ -5,6 +5,7 @@ HF_HUB_OFFLINE=1: the models are built from configs and saved locally, nothing i
 downloaded.
 """
 
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +17,7 @@ import transformers  # pylint: disable=wrong-import-position
 from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 
 from tokenflex_jax.convert import hf  # pylint: disable=wrong-import-position
-from tokenflex_jax.models.llm import LLM  # pylint: disable=wrong-import-position
+from tokenflex_jax.models.llm import LLM, LLMConfig  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.vit import ViT  # pylint: disable=wrong-import-position
 
 RTOL = 1e-4
@@ -83,6 +84,88 @@ def test_siglip_vision_parity_and_round_trip(tmp_path):
   np.testing.assert_array_equal(out.numpy(), ref.numpy())
 
 
+def siglip2(tmp_path):
+  """A NaFlex SigLIP2 tower: 64 position-table entries (an 8 x 8 grid) of 4 px patches."""
+  config = transformers.Siglip2VisionConfig(
+      num_patches=64, patch_size=4, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=4, layer_norm_eps=1e-6, attn_implementation="eager")
+  model = transformers.Siglip2VisionModel(config).eval()
+  _randomise(model, 6)
+  return model, _save(model, tmp_path / "siglip2")
+
+
+def siglip2_inputs(images: np.ndarray, patch: int) -> dict[str, torch.Tensor]:
+  """What ``Siglip2VisionModel`` takes for full square images [B, H, W, 3] (NHWC).
+
+  pixel_values [B, L, p*p*3]: patches in row-major grid order, each flattened (row,
+  column, channel) as the image processor's ``convert_image_to_patches``; no padding, so
+  pixel_attention_mask [B, L] is all ones and spatial_shapes [B, 2] is the grid.
+  """
+  b, h, w, c = images.shape
+  gh, gw = h // patch, w // patch
+  patches = images.reshape(b, gh, patch, gw, patch, c).transpose(0, 1, 3, 2, 4, 5)
+  return {"pixel_values": torch.from_numpy(patches.reshape(b, gh * gw, -1).copy()),
+          "pixel_attention_mask": torch.ones((b, gh * gw), dtype=torch.int32),
+          "spatial_shapes": torch.tensor([[gh, gw]] * b, dtype=torch.long)}
+
+
+def test_siglip2_vision_parity_and_round_trip(tmp_path):
+  model, path = siglip2(tmp_path)
+  images = np.random.default_rng(7).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = model(**siglip2_inputs(images, 4)).last_hidden_state.numpy()
+  config, params = hf.import_vision(path)
+  # image_size = sqrt(num_patches) * patch_size: the grid of the position table.
+  assert (config.image_size, config.patch_size, config.grid_side) == (32, 4, 8)
+  assert (config.width, config.depth, config.num_heads) == (48, 2, 4)
+  ours = ViT(config).apply({"params": params}, images)
+  assert ours.shape == (2, 64, 48)
+  assert relative_error(ours, ref) < RTOL
+
+  exported = str(tmp_path / "exported")
+  hf.export_vision(config, params, exported, model_type="siglip2_vision_model")
+  _assert_tensors_equal(path, exported, not_ours=("head.",))  # bit-exact round trip
+  again = transformers.Siglip2VisionModel.from_pretrained(
+      exported, attn_implementation="eager").eval()
+  with torch.no_grad():
+    out = again(**siglip2_inputs(images, 4)).last_hidden_state.numpy()
+  np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("image_size", [24, 44])  # 6 x 6 (antialiased) and 11 x 11 grids
+def test_siglip2_import_resizes_the_position_table_for_another_grid(tmp_path, image_size):
+  model, path = siglip2(tmp_path)
+  images = np.random.default_rng(8).uniform(-1, 1, (1, image_size, image_size, 3))
+  images = images.astype(np.float32)
+  with torch.no_grad():
+    ref = model(**siglip2_inputs(images, 4)).last_hidden_state.numpy()
+  config, params = hf.import_vision(path, image_size=image_size)
+  side = image_size // 4
+  assert config.image_size == image_size
+  assert params["pos_embedding"].shape == (1, side * side, 48)
+  table = model.embeddings.position_embedding.weight.detach().reshape(8, 8, 48)
+  resized = model.embeddings.resize_positional_embeddings(
+      table, torch.tensor([[side, side]]), side * side)[0].numpy()
+  assert relative_error(params["pos_embedding"][0], resized) < 1e-6
+  ours = ViT(config).apply({"params": params}, images)
+  assert relative_error(ours, ref) < RTOL
+
+
+def test_vision_config_of_a_full_siglip2_model_and_its_errors():
+  vision = {"model_type": "siglip2_vision_model", "num_patches": 256, "patch_size": 16,
+            "hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128,
+            "num_attention_heads": 2}
+  config = hf.vision_config_from_hf({"model_type": "siglip2", "vision_config": vision})
+  assert (config.image_size, config.grid_side) == (256, 16)
+  with pytest.raises(ValueError, match="config.json: vision num_patches=200"):
+    hf.vision_config_from_hf(dict(vision, num_patches=200))
+  with pytest.raises(ValueError, match="config.json: vision hidden_act='relu'"):
+    hf.vision_config_from_hf(dict(vision, hidden_act="relu"))
+  siglip_v1 = dict(vision, model_type="siglip_vision_model", image_size=224)
+  with pytest.raises(ValueError, match="SigLIP2 only"):
+    hf.vision_config_from_hf(siglip_v1, image_size=256)
+
+
 def test_vision_import_rejects_a_language_model(tmp_path):
   _, path = qwen2(tmp_path, tied=True)
   with pytest.raises(ValueError, match="model_type='qwen2' is not a supported vision tower"):
@@ -136,6 +219,64 @@ def test_llm_parity_and_round_trip(tmp_path, family, variant):
   with torch.no_grad():
     out = again(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
   np.testing.assert_array_equal(out, ref)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
+
+
+def scaled_llama(tmp_path, rope_scaling):
+  """Head dim 8, theta 1e4: wavelengths 6.3, 63, 628 and 6283 positions, so llama3's
+  bands (kept below 128 / 4 = 32, scaled above 128, blended between) all occur."""
+  config = transformers.LlamaConfig(
+      vocab_size=80, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+      num_attention_heads=6, num_key_value_heads=2, rope_theta=10_000.0, rms_norm_eps=1e-5,
+      rope_scaling=dict(rope_scaling), tie_word_embeddings=False, attn_implementation="eager")
+  model = transformers.LlamaForCausalLM(config).eval()
+  _randomise(model, 9)
+  return model, _save(model, tmp_path / f"llama_{rope_scaling['rope_type']}")
+
+
+@pytest.mark.parametrize("rope_scaling", [LLAMA3_SCALING, {"rope_type": "linear", "factor": 4.0}],
+                         ids=["llama3", "linear"])
+def test_llm_rope_scaling_parity_and_round_trip(tmp_path, rope_scaling):
+  model, path = scaled_llama(tmp_path, rope_scaling)
+  # 160 positions: past the 128-position original context, and long enough that the
+  # scaled frequencies' angles differ from plain RoPE's by radians.
+  tokens = np.random.default_rng(10).integers(0, 80, (1, 160)).astype(np.int32)
+  with torch.no_grad():
+    ref = model(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  config, params = hf.import_llm(path)
+  assert (config.rope_type, config.rope_factor) == (rope_scaling["rope_type"],
+                                                     rope_scaling["factor"])
+  assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
+  plain = dataclasses.replace(config, rope_type="default", rope_factor=1.0)
+  assert relative_error(LLM(plain).apply({"params": params}, tokens), ref) > 1e-2
+
+  exported = str(tmp_path / "exported")
+  hf.export_llm(config, params, exported, model_type="llama")
+  assert hf.read_config(exported)["rope_scaling"]["rope_type"] == rope_scaling["rope_type"]
+  assert hf.llm_config_from_hf(hf.read_config(exported)) == config
+  _assert_tensors_equal(path, exported)
+  again = transformers.LlamaForCausalLM.from_pretrained(
+      exported, attn_implementation="eager").eval()
+  with torch.no_grad():
+    out = again(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  np.testing.assert_array_equal(out, ref)
+
+
+def test_unsupported_rope_scaling_names_its_type(tmp_path):
+  _, path = scaled_llama(tmp_path, {"rope_type": "yarn", "factor": 4.0,
+                                    "original_max_position_embeddings": 128})
+  with pytest.raises(ValueError, match=r"config.json: rope_scaling type 'yarn' "
+                                       r"\(field rope_parameters.rope_type\)"):
+    hf.import_llm(path)
+  with pytest.raises(ValueError, match=r"'dynamic' \(field rope_scaling.type\)"):
+    hf.llm_config_from_hf({"model_type": "llama", "rope_scaling": {"type": "dynamic"}})
+  with pytest.raises(ValueError, match="rope_scaling.factor is missing"):
+    hf.llm_config_from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "linear"}})
+  with pytest.raises(ValueError, match="rope_type='yarn'"):
+    LLMConfig(rope_type="yarn")
 
 
 def test_sharded_checkpoint_with_index(tmp_path):

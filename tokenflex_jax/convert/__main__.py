@@ -36,6 +36,8 @@ from tokenflex_jax.models.vit import ViT, ViTConfig
 from tokenflex_jax.training import checkpointing
 
 OVERRIDES_FILE = "model_overrides.txt"
+OPTIONAL_LLM_FIELDS = ("rope_type", "rope_factor", "rope_low_freq_factor",
+                       "rope_high_freq_factor", "rope_original_max_positions")
 
 
 def _shardings(module: nn.Module, example_inputs: tuple, mesh, rules):
@@ -55,11 +57,21 @@ def _placer(shardings):
 
 
 def overrides(vit: ViTConfig | None, llm: LLMConfig | None) -> list[str]:
-  """``--config.model.{vit,llm}.FIELD=VALUE`` flags for the converted configs."""
+  """``--config.model.{vit,llm}.FIELD=VALUE`` flags for the converted configs.
+
+  The LLM's ``rope_*`` scaling fields are written only when they differ from their
+  defaults: a config file that does not list them then still accepts the flags (a
+  flag for a key the config lacks is an error). A scaled-RoPE LLM needs them listed.
+  """
   flags_out = []
+  llm_defaults = dataclasses.asdict(LLMConfig())
   for name, cfg in (("vit", vit), ("llm", llm)):
-    if cfg is not None:
-      flags_out += [f"--config.model.{name}.{k}={v}" for k, v in dataclasses.asdict(cfg).items()]
+    if cfg is None:
+      continue
+    for k, v in dataclasses.asdict(cfg).items():
+      if name == "llm" and k in OPTIONAL_LLM_FIELDS and v == llm_defaults[k]:
+        continue
+      flags_out.append(f"--config.model.{name}.{k}={v}")
   return flags_out
 
 

@@ -7,13 +7,17 @@ reader, one tensor at a time, and maps it onto the parameter trees of
 
   * vision: SigLIP vision towers (``SiglipVisionModel``, or the ``vision_model`` of a
     full ``SiglipModel``; SigLIP2's fixed-resolution checkpoints use the same layout);
+  * vision: SigLIP2 NaFlex towers (``Siglip2VisionModel``, or a full ``Siglip2Model``'s):
+    the patch Linear becomes the patch convolution, the ``num_patches`` position table
+    our learned position embedding (resized at import if asked for another grid);
   * language: Qwen2 / Qwen2.5 and Llama (grouped-query attention, optional q/k/v bias,
-    tied or untied embeddings, RoPE theta).
+    tied or untied embeddings, RoPE theta, "linear" and "llama3" RoPE scaling).
 
 Layout conventions. Torch ``Linear`` weights are ``[out, in]``; ours are ``[in, out]``,
 with attention projections split per head: q/k/v ``[D, H, Dh]``, output ``[H, Dh, D]``.
-The patch convolution is ``[C, 3, p, p]`` in torch and ``[p, p, 3, C]`` (HWIO) here.
-Export applies the inverse maps, so import -> export is bit-exact.
+The patch convolution is ``[C, 3, p, p]`` in torch (SigLIP2: a Linear ``[C, p*p*3]`` over
+patches flattened row, column, channel) and ``[p, p, 3, C]`` (HWIO) here. Export applies
+the inverse maps, so import -> export is bit-exact.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tokenflex_jax.models.llm import LLMConfig
+from tokenflex_jax.models.llm import ROPE_TYPES, LLMConfig
 from tokenflex_jax.models.vit import ViTConfig
 
 Params = dict[str, Any]
@@ -125,21 +129,63 @@ def _unheads_out(k: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(k.reshape(-1, k.shape[-1]).T)
 
 
-# --- Vision: SigLIP --------------------------------------------------------------------
+# --- Vision: SigLIP and SigLIP2 -------------------------------------------------------
 
-VISION_TYPES = ("siglip_vision_model", "siglip")
+SIGLIP_TYPES = ("siglip_vision_model", "siglip")
+SIGLIP2_TYPES = ("siglip2_vision_model", "siglip2")
+VISION_TYPES = SIGLIP_TYPES + SIGLIP2_TYPES
 
-def vision_config_from_hf(config: Mapping[str, Any]) -> ViTConfig:
-  """ViTConfig from a SigLIP ``config.json`` (a vision config or a full SigLIP one)."""
-  cfg = config.get("vision_config", config)
-  model_type = cfg.get("model_type", "siglip_vision_model")
+
+def _vision_section(config: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+  """(the vision tower's config, its model_type) from a vision or a full model config."""
+  cfg = dict(config.get("vision_config", config))
+  default = "siglip2_vision_model" if config.get("model_type") in SIGLIP2_TYPES else (
+      "siglip_vision_model")
+  model_type = cfg.get("model_type", default)
   if model_type not in VISION_TYPES:
-    raise ValueError(f"model_type={model_type!r} is not a supported vision tower "
-                     f"{VISION_TYPES}")
+    raise ValueError(f"config.json: model_type={model_type!r} is not a supported vision "
+                     f"tower {VISION_TYPES}")
+  return cfg, model_type
+
+
+def _siglip2_grid(cfg: Mapping[str, Any]) -> int:
+  """Side of SigLIP2's square position table (``num_patches`` = side * side)."""
+  num_patches = int(cfg.get("num_patches", 256))
+  side = int(round(np.sqrt(num_patches)))
+  if side * side != num_patches:
+    raise ValueError(f"config.json: vision num_patches={num_patches} is not a square number; "
+                     f"SigLIP2's position table must form a square grid")
+  return side
+
+
+def vision_config_from_hf(config: Mapping[str, Any], image_size: int | None = None
+                          ) -> ViTConfig:
+  """ViTConfig from a SigLIP / SigLIP2 ``config.json`` (a vision config or a full model's).
+
+  SigLIP: ``image_size`` is the checkpoint's. SigLIP2 NaFlex (``Siglip2VisionModel``) has
+  no image size, only a ``num_patches`` position table forming a sqrt(num_patches) square
+  grid; we take ``image_size = sqrt(num_patches) * patch_size`` (e.g. 256 patches of 16
+  px -> 256 px), the resolution at which that table is used unresized. ``image_size``
+  overrides that for SigLIP2 (see `import_vision`); SigLIP accepts only its own.
+  """
+  cfg, model_type = _vision_section(config)
   act = cfg.get("hidden_act", "gelu_pytorch_tanh")
   if act not in ("gelu_pytorch_tanh", "gelu_new"):
-    raise ValueError(f"vision hidden_act={act!r}: only tanh-approximated GELU is supported")
-  return ViTConfig(image_size=cfg["image_size"], patch_size=cfg["patch_size"],
+    raise ValueError(f"config.json: vision hidden_act={act!r} is not supported (only "
+                     f"tanh-approximated GELU)")
+  if cfg.get("num_channels", 3) != 3:
+    raise ValueError(f"config.json: vision num_channels={cfg['num_channels']} is not "
+                     f"supported (RGB only)")
+  patch = cfg["patch_size"]
+  if model_type in SIGLIP2_TYPES:
+    native = _siglip2_grid(cfg) * patch
+  else:
+    native = cfg["image_size"]
+    if image_size not in (None, native):
+      raise ValueError(f"image_size={image_size} differs from the SigLIP checkpoint's "
+                       f"image_size={native} (config.json); resizing at import is "
+                       f"implemented for SigLIP2 only")
+  return ViTConfig(image_size=image_size or native, patch_size=patch,
                    width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
                    mlp_dim=cfg["intermediate_size"], num_heads=cfg["num_attention_heads"],
                    layer_norm_eps=cfg.get("layer_norm_eps", 1e-6))
@@ -153,23 +199,84 @@ def _vision_prefix(reader: TensorReader) -> str:
                  f"{reader.hf_dir}")
 
 
-def import_vision(hf_dir: str, place: Place = lambda path, x: x) -> tuple[ViTConfig, Params]:
+def antialiased_bilinear_weights(source: int, target: int) -> np.ndarray:
+  """[target, source] row weights of ``F.interpolate(mode="bilinear",
+  align_corners=False, antialias=True)`` along one axis, as SigLIP2 computes them."""
+  scale = source / target
+  support = max(scale, 1.0)
+  center = (np.arange(target) + 0.5) * scale - 0.5
+  weights = np.clip(1 - np.abs(np.arange(source)[None, :] - center[:, None]) / support, 0, None)
+  return weights / weights.sum(-1, keepdims=True)
+
+
+def resize_siglip2_posemb(table: np.ndarray, side: int) -> np.ndarray:
+  """SigLIP2's position-table resize. [n*n, C] (row-major n x n grid) -> [side*side, C].
+
+  Same weights as Hugging Face's ``Siglip2VisionEmbeddings.resize_positional_embeddings``
+  (bilinear, align_corners=False, antialias=True), summed in float64 and rounded to the
+  table's dtype once; it agrees with Hugging Face's float32 sums to ~1e-6 relative.
+  """
+  old = int(round(np.sqrt(table.shape[0])))
+  if old == side:
+    return table
+  weights = antialiased_bilinear_weights(old, side)  # [side, old]
+  grid = table.astype(np.float64).reshape(old, old, -1)
+  resized = np.einsum("ah,bw,hwc->abc", weights, weights, grid)
+  return resized.reshape(side * side, -1).astype(table.dtype)
+
+
+def _patch_kernel(weight: np.ndarray, siglip2: bool, patch: int, where: str) -> np.ndarray:
+  """HF patch embedding -> our conv kernel [p, p, 3, C].
+
+  SigLIP: a Conv2d weight [C, 3, p, p]. SigLIP2: a Linear weight [C, p*p*3] over patches
+  flattened (row, column, channel), as ``convert_image_to_patches`` lays them out.
+  """
+  if siglip2:
+    if weight.ndim != 2 or weight.shape[1] != patch * patch * 3:
+      raise ValueError(f"{where}: SigLIP2 expects a Linear weight [C, {patch * patch * 3}], "
+                       f"got {weight.shape}")
+    return weight.reshape(weight.shape[0], patch, patch, 3).transpose(1, 2, 3, 0)
+  if weight.ndim != 4:
+    raise ValueError(f"{where}: SigLIP expects a Conv2d weight [C, 3, p, p], got "
+                     f"{weight.shape}; is config.json's model_type right?")
+  return weight.transpose(2, 3, 1, 0)
+
+
+def import_vision(hf_dir: str, place: Place = lambda path, x: x,
+                  image_size: int | None = None) -> tuple[ViTConfig, Params]:
   """(config, params) such that ``ViT(config).apply({"params": params}, images_nhwc)``
-  equals the SigLIP tower's ``last_hidden_state`` (images in [-1, 1]).
+  equals the tower's ``last_hidden_state`` (images in [-1, 1]).
+
+  SigLIP: for images of the checkpoint's ``image_size``. SigLIP2 NaFlex: for square
+  images of ``config.image_size`` (see `vision_config_from_hf`), i.e. what
+  ``Siglip2VisionModel`` returns on that image patchified with ``spatial_shapes``
+  [side, side] and no padding. By default the grid equals the checkpoint's position
+  table and the import is exact. With another ``image_size`` the table is resized here,
+  once, with SigLIP2's own antialiased bilinear weights (`resize_siglip2_posemb`), so the
+  output matches Hugging Face at that resolution to ~1e-6 relative (float32 rounding of
+  the resize), and exporting writes the resized table.
 
   ``place(path, array)`` receives each converted tensor as it is read (e.g. to put it on
   devices with its sharding), so the host holds one tensor at a time.
   """
-  config = vision_config_from_hf(read_config(hf_dir))
+  hf_config = read_config(hf_dir)
+  config = vision_config_from_hf(hf_config, image_size)
+  siglip2 = _vision_section(hf_config)[1] in SIGLIP2_TYPES
   reader = TensorReader(hf_dir)
   prefix = _vision_prefix(reader)
   get = lambda name: reader(prefix + name)
-  heads = config.num_heads
+  heads, patch = config.num_heads, config.patch_size
+  kernel_name = f"{hf_dir}: {prefix}embeddings.patch_embedding.weight"
+
+  def posemb() -> np.ndarray:
+    table = get("embeddings.position_embedding.weight")
+    return (resize_siglip2_posemb(table, config.grid_side) if siglip2 else table)[None]
+
   loaders: list[tuple[tuple[str, ...], Callable[[], np.ndarray]]] = [
-      (("patch_embed", "kernel"),
-       lambda: get("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)),
+      (("patch_embed", "kernel"), lambda: _patch_kernel(
+          get("embeddings.patch_embedding.weight"), siglip2, patch, kernel_name)),
       (("patch_embed", "bias"), lambda: get("embeddings.patch_embedding.bias")),
-      (("pos_embedding",), lambda: get("embeddings.position_embedding.weight")[None]),
+      (("pos_embedding",), posemb),
       (("ln_final", "scale"), lambda: get("post_layernorm.weight")),
       (("ln_final", "bias"), lambda: get("post_layernorm.bias")),
   ]
@@ -194,12 +301,28 @@ def import_vision(hf_dir: str, place: Place = lambda path, x: x) -> tuple[ViTCon
   return config, _build(loaders, place)
 
 
-def export_vision(config: ViTConfig, params: Params, hf_dir: str) -> None:
-  """Writes a ``SiglipVisionModel`` directory (no pooling head) from our ViT params."""
+VISION_EXPORT_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+
+
+def export_vision(config: ViTConfig, params: Params, hf_dir: str,
+                  model_type: str = "siglip_vision_model") -> None:
+  """Writes a ``SiglipVisionModel`` or (``model_type="siglip2_vision_model"``) a NaFlex
+  ``Siglip2VisionModel`` directory, without pooling head, from our ViT params.
+
+  SigLIP2's position table is ours as is (grid_side * grid_side entries, so
+  ``num_patches = grid_side ** 2``), and its patch Linear is our kernel flattened
+  (row, column, channel): importing a SigLIP2 checkpoint and exporting it back is
+  bit-exact when the import did not resize.
+  """
+  if model_type not in VISION_EXPORT_TYPES:
+    raise ValueError(f"model_type must be one of {VISION_EXPORT_TYPES}, got {model_type!r}")
   p = lambda x: np.asarray(x)
+  kernel = p(params["patch_embed"]["kernel"])  # [p, p, 3, C]
+  siglip2 = model_type == "siglip2_vision_model"
   tensors = {
-      "embeddings.patch_embedding.weight":
-          p(params["patch_embed"]["kernel"]).transpose(3, 2, 0, 1),
+      "embeddings.patch_embedding.weight": (
+          kernel.transpose(3, 0, 1, 2).reshape(kernel.shape[-1], -1) if siglip2
+          else kernel.transpose(3, 2, 0, 1)),
       "embeddings.patch_embedding.bias": p(params["patch_embed"]["bias"]),
       "embeddings.position_embedding.weight": p(params["pos_embedding"])[0],
       "post_layernorm.weight": p(params["ln_final"]["scale"]),
@@ -219,13 +342,17 @@ def export_vision(config: ViTConfig, params: Params, hf_dir: str) -> None:
       tensors[f"{pre}mlp.{n}.weight"] = _linear(p(block[n]["kernel"]))
       tensors[f"{pre}mlp.{n}.bias"] = p(block[n]["bias"])
   hf_config = {
-      "architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
-      "image_size": config.image_size, "patch_size": config.patch_size,
+      "architectures": ["Siglip2VisionModel" if siglip2 else "SiglipVisionModel"],
+      "model_type": model_type, "patch_size": config.patch_size,
       "hidden_size": config.width, "num_hidden_layers": config.depth,
       "intermediate_size": config.mlp_dim, "num_attention_heads": config.num_heads,
       "layer_norm_eps": config.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
       "num_channels": 3, "vision_use_head": False, "torch_dtype": "float32",
   }
+  if siglip2:
+    hf_config["num_patches"] = config.grid_side ** 2
+  else:
+    hf_config["image_size"] = config.image_size
   write_checkpoint(hf_dir, hf_config, tensors)
 
 
@@ -240,6 +367,61 @@ def _rope_theta(cfg: Mapping[str, Any]) -> float:
   return float((cfg.get("rope_parameters") or {}).get("rope_theta", 10_000.0))
 
 
+def _rope_scaling_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The LLMConfig ``rope_*`` fields for a config's RoPE scaling.
+
+  Reads ``rope_scaling`` (config.json files written before transformers 5) or else
+  ``rope_parameters`` (transformers >= 5, which folds rope_theta in). Supports
+  ``rope_type`` (or the older ``type``) "default", "linear" and "llama3"; raises a
+  ValueError naming the field for anything else.
+  """
+  field = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
+  scaling = cfg.get(field) or {}
+  if any(isinstance(v, Mapping) for v in scaling.values()):
+    raise ValueError(f"config.json: per-layer-type {field} is not supported")
+  if float(scaling.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1:
+    raise ValueError("config.json: partial_rotary_factor != 1 is not supported")
+  key = "rope_type" if "rope_type" in scaling else "type"
+  rope_type = scaling.get(key) or "default"
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"config.json: rope_scaling type {rope_type!r} (field {field}.{key}) "
+                     f"is not supported; only {ROPE_TYPES}")
+  if rope_type == "default":
+    return {}
+
+  def need(key: str) -> Any:
+    if key not in scaling:
+      raise ValueError(f"config.json: {field}.{key} is missing for rope_type {rope_type!r}")
+    return scaling[key]
+
+  fields = {"rope_type": rope_type, "rope_factor": float(need("factor"))}
+  if rope_type == "llama3":
+    # As transformers: a top-level original_max_position_embeddings wins, then the one in
+    # the scaling dict, then max_position_embeddings.
+    original = cfg.get("original_max_position_embeddings",
+                       scaling.get("original_max_position_embeddings",
+                                   cfg.get("max_position_embeddings")))
+    if original is None:
+      raise ValueError(f"config.json: {field}.original_max_position_embeddings is missing "
+                       f"for rope_type 'llama3'")
+    fields.update(rope_low_freq_factor=float(need("low_freq_factor")),
+                  rope_high_freq_factor=float(need("high_freq_factor")),
+                  rope_original_max_positions=int(original))
+  return fields
+
+
+def _rope_scaling_json(config: LLMConfig) -> dict[str, Any] | None:
+  """The inverse of `_rope_scaling_fields`: config.json's ``rope_scaling``, or None."""
+  if config.rope_type == "default":
+    return None
+  scaling = {"rope_type": config.rope_type, "factor": config.rope_factor}
+  if config.rope_type == "llama3":
+    scaling.update(low_freq_factor=config.rope_low_freq_factor,
+                   high_freq_factor=config.rope_high_freq_factor,
+                   original_max_position_embeddings=config.rope_original_max_positions)
+  return scaling
+
+
 def llm_config_from_hf(config: Mapping[str, Any]) -> LLMConfig:
   """LLMConfig from a Qwen2 / Llama ``config.json`` (or a VLM's ``text_config``)."""
   cfg = config.get("text_config", config)
@@ -247,11 +429,7 @@ def llm_config_from_hf(config: Mapping[str, Any]) -> LLMConfig:
   if model_type not in LLM_TYPES:
     raise ValueError(f"model_type={model_type!r} is not one of the supported LLM families "
                      f"{LLM_TYPES}")
-  scaling = cfg.get("rope_scaling") or {}
-  rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-  if rope_type not in ("default", None):
-    raise ValueError(f"rope_scaling type {rope_type!r} is not supported yet (only plain "
-                     f"RoPE with rope_theta)")
+  rope = _rope_scaling_fields(cfg)
   if cfg.get("hidden_act", "silu") != "silu":
     raise ValueError(f"hidden_act={cfg['hidden_act']!r}: only SwiGLU (silu) MLPs are supported")
   heads = cfg["num_attention_heads"]
@@ -265,7 +443,7 @@ def llm_config_from_hf(config: Mapping[str, Any]) -> LLMConfig:
                    num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=head_dim,
                    mlp_dim=cfg["intermediate_size"], rope_theta=_rope_theta(cfg),
                    rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), qkv_bias=bias,
-                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), **rope)
 
 
 def _llm_prefix(reader: TensorReader) -> str:
@@ -343,6 +521,9 @@ def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str =
   }
   if model_type == "llama":
     hf_config.update(attention_bias=config.qkv_bias, mlp_bias=False)
+  scaling = _rope_scaling_json(config)
+  if scaling is not None:
+    hf_config["rope_scaling"] = scaling
   write_checkpoint(hf_dir, hf_config, tensors)
 
 

@@ -13,11 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tokenflex_jax.models import layers
 
 # One entry per layer: {"k": [B, T_max, KV, Dh], "v": [B, T_max, KV, Dh]}.
 KVCache = tuple[dict[str, jax.Array], ...]
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,20 @@ class LLMConfig:
   qkv_bias: bool = False
   tie_embeddings: bool = True
   dtype: str = "float32"
+  # RoPE frequency scaling, as a Hugging Face config's ``rope_scaling``: "default" (none),
+  # "linear" (every frequency / rope_factor) or "llama3" (Llama 3.1: wavelengths above
+  # rope_original_max_positions / rope_low_freq_factor are stretched by rope_factor,
+  # those below rope_original_max_positions / rope_high_freq_factor kept, a smooth
+  # blend between). Plain scalars, so ml_collections configs and flags can carry them.
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_positions: int = 8192
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"LLMConfig.rope_type={self.rope_type!r} is not one of {ROPE_TYPES}")
 
 
 def init_cache(config: LLMConfig, batch: int, max_length: int,
@@ -44,12 +60,38 @@ def init_cache(config: LLMConfig, batch: int, max_length: int,
                for _ in range(config.depth))
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, half-split layout (as Llama/Qwen2 in HF). x: [B, S, H, Dh]."""
+def rope_frequencies(config: LLMConfig) -> np.ndarray:
+  """Inverse frequencies [Dh // 2] (float32) of the config's RoPE, scaling applied.
+
+  Computed in float32 in the same order as Hugging Face's ``ROPE_INIT_FUNCTIONS`` so that
+  the rotation angles (position * frequency) agree bit for bit.
+  """
+  dim = config.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  inv_freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
+  factor = np.float32(config.rope_factor)
+  if config.rope_type == "linear":
+    return inv_freq / factor
+  if config.rope_type == "llama3":
+    context = np.float32(config.rope_original_max_positions)
+    low, high = np.float32(config.rope_low_freq_factor), np.float32(config.rope_high_freq_factor)
+    wavelength = np.float32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelength < context / high) & ~(wavelength > context / low)
+    return np.where(medium, blended, scaled).astype(np.float32)
+  return inv_freq
+
+
+def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotary embedding, half-split layout (as Llama/Qwen2 in HF).
+
+  x: [B, S, H, Dh]; positions: [B, S]; inv_freq: [Dh // 2] from `rope_frequencies`.
+  """
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, S, half]
-  cos = jnp.cos(angles)[:, :, None, :]
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  cos = jnp.cos(angles)[:, :, None, :]  # [B, S, 1, half]
   sin = jnp.sin(angles)[:, :, None, :]
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -76,8 +118,9 @@ class Attention(nn.Module):
                      use_bias=cfg.qkv_bias, dtype=dtype, name="k")(x)
     v = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
                      use_bias=cfg.qkv_bias, dtype=dtype, name="v")(x)
-    q = rotary(q, positions, cfg.rope_theta)
-    k = rotary(k, positions, cfg.rope_theta)
+    inv_freq = rope_frequencies(cfg)
+    q = rotary(q, positions, inv_freq)
+    k = rotary(k, positions, inv_freq)
     new_cache = None
     if cache is not None:
       start = (0, cache_index, 0, 0)
