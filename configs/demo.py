@@ -52,10 +52,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       layer_norm_eps=1e-6, dtype="float32"))
   c.model.projector = ml_collections.ConfigDict(dict(
       pooling="adaptive_avg", mlp_ratio=3, layer_norm_eps=1e-6, dtype="float32"))
+  # Rotary positions of the visual tokens: 0 gives each token its own position (as the
+  # paper's Qwen2.5 does); K > 0 spreads any count over K positions, so the text's
+  # positions do not depend on the count (see models/vlm.py and the README).
+  c.model.visual_position_span = 256
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=256, width=96, depth=2, num_heads=2, num_kv_heads=1, head_dim=48,
       mlp_dim=256, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False,
-      tie_embeddings=True, dtype="float32"))
+      tie_embeddings=True, dtype="float32",
+      # RoPE scaling as in a Hugging Face config (see models/llm.py): none here.
+      rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_positions=8192))
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "procedural"      # or "tfds": read the array_record build in tfds_dir
@@ -72,7 +79,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # decoder this trained better in the time budget (measured, see README).
   c.data.image_first = False
   c.data.num_workers = 0            # grain worker processes (0: in the main process)
-  c.data.tokenizer_path = ""        # "" -> WORKDIR/tokenizer.model, trained if missing
+  c.data.truncate = False           # conversations longer than max_text_length: error
+
+  # "project": the demo's own sentencepiece model (path "" -> WORKDIR/tokenizer.model,
+  # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json,
+  # templates chatml | llama3) or "sentencepiece" (templates llama2 | gemma).
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="project", path="", template="", image_token="",
+      system_prompt=ml_collections.config_dict.placeholder(str)))  # None: the template's
 
   # TokenFLEX: the visual-token budget of each step is drawn from these (the paper's set).
   # The demo evaluates 100 and 196 too, which it never trains (see README for how its
@@ -104,6 +118,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.vision_pretrain = ml_collections.ConfigDict(dict(object_weight=5.0))
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.suite = "scenes"           # or "mmbench" (TSV) / "vqa" (JSONL) at data_path
+  c.eval.data_path = ""
+  c.eval.image_dir = ""             # vqa: folder of relative image paths ("" -> data_path's)
+  c.eval.skip_malformed = False     # count and skip bad rows instead of failing
   c.eval.token_counts = (64, 100, 144, 196, 256)
   c.eval.examples_per_family = 200
   c.eval.batch_size = 100

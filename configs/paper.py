@@ -48,14 +48,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       layer_norm_eps=1e-6, dtype="bfloat16"))
   c.model.projector = ml_collections.ConfigDict(dict(
       pooling="resize_avg", mlp_ratio=3, layer_norm_eps=1e-6, dtype="bfloat16"))
+  # One rotary position per visual token, as the paper's Qwen2.5 sees them.
+  c.model.visual_position_span = 0
   # Qwen2.5-7B-Instruct.
   c.model.llm = ml_collections.ConfigDict(dict(
       vocab_size=152_064, width=3584, depth=28, num_heads=28, num_kv_heads=4, head_dim=128,
       mlp_dim=18_944, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qkv_bias=True,
-      tie_embeddings=False, dtype="bfloat16"))
+      tie_embeddings=False, dtype="bfloat16",
+      # RoPE scaling as in a Hugging Face config (see models/llm.py): none here.
+      rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_positions=8192))
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "tfds"            # an array_record build (see README)
+  c.data.source = "llava"           # python -m tokenflex_jax.data.llava_tfds (see README)
   c.data.tfds_dir = ""
   c.data.seed = 1
   c.data.image_size = c.model.vit.get_ref("image_size")
@@ -65,7 +70,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_text_length = 1024     # ours
   c.data.image_first = True
   c.data.num_workers = 8
-  c.data.tokenizer_path = ""
+  c.data.truncate = True            # LLaVA practice: cut conversations past the length
+
+  # Qwen2.5's own tokenizer.json and chat template; <|image_pad|> is one of its
+  # special tokens and marks where the visual tokens go.
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      kind="hf", path="", template="chatml", image_token="<|image_pad|>",
+      system_prompt=ml_collections.config_dict.placeholder(str)))  # None: Qwen2.5's default
 
   c.token_counts = (64, 144, 256)
   c.token_probs = (0.2, 0.3, 0.5)
@@ -92,6 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
 
   c.eval = ml_collections.ConfigDict()
+  c.eval.suite = "mmbench"          # or "vqa"; data_path: the TSV / JSONL file
+  c.eval.data_path = ""
+  c.eval.image_dir = ""
+  c.eval.skip_malformed = False
   c.eval.token_counts = (64, 100, 144, 196, 256)
   c.eval.examples_per_family = 0
   c.eval.batch_size = 64

@@ -10,16 +10,17 @@ import pytest
 from tokenflex_jax.models.llm import LLM, LLMConfig, init_cache
 from tokenflex_jax.models.projector import ProjectorConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig, interpolate_posemb
-from tokenflex_jax.models.vlm import VLM, VLMConfig, merge, merge_index
+from tokenflex_jax.models.vlm import VLM, VLMConfig, merge, merge_index, merged_positions
 
 IMAGE_ID, PAD = 4, 0
 
 
-def small_vlm(**llm_overrides) -> VLM:
+def small_vlm(visual_position_span: int = 0, **llm_overrides) -> VLM:
   llm = dataclasses.replace(LLMConfig(vocab_size=32, width=32, depth=2, num_heads=4,
                                       num_kv_heads=2, head_dim=8, mlp_dim=64), **llm_overrides)
   vit = ViTConfig(image_size=16, patch_size=2, width=16, depth=1, mlp_dim=32, num_heads=2)
-  return VLM(VLMConfig(vit, ProjectorConfig(), llm, image_token_id=IMAGE_ID, pad_token_id=PAD))
+  return VLM(VLMConfig(vit, ProjectorConfig(), llm, image_token_id=IMAGE_ID, pad_token_id=PAD,
+                       visual_position_span=visual_position_span))
 
 
 def test_vit_shapes_and_posemb_interpolation():
@@ -44,7 +45,8 @@ def test_merge_places_visual_tokens_at_the_placeholder():
 
 @pytest.mark.parametrize("overrides,image_first", [
     ({}, True), ({}, False), ({"qkv_bias": True, "tie_embeddings": False}, True),
-    ({"num_kv_heads": 4}, True), ({"num_kv_heads": 1}, False)])
+    ({"num_kv_heads": 4}, True), ({"num_kv_heads": 1}, False),
+    ({"visual_position_span": 64}, False), ({"visual_position_span": 10}, True)])
 def test_cached_generation_matches_teacher_forcing(overrides, image_first):
   model = small_vlm(**overrides)
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
@@ -72,6 +74,25 @@ def test_cached_generation_matches_teacher_forcing(overrides, image_first):
                                 method=VLM.decode_step)
     np.testing.assert_allclose(logits[0], teacher[0, 8 + i], atol=2e-5)
     np.testing.assert_allclose(logits[1], teacher[1, 7 + i], atol=2e-5)
+
+
+def test_visual_position_span_makes_text_positions_count_independent():
+  tokens = jnp.array([[2, 5, 7, IMAGE_ID, 6, 10, 3, 0]])
+  text_positions = {}
+  for n in (4, 16, 36, 64):
+    index = merge_index(jnp.array([3]), tokens.shape[1], n)
+    text_valid = tokens != PAD
+    valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
+    positions, end = merged_positions(valid, index.is_visual, n, span=64)
+    positions = np.asarray(positions[0])
+    visual = positions[3:3 + n]
+    np.testing.assert_allclose(visual, 3 + np.arange(n) * 64 / n)  # spread over [3, 67)
+    text_positions[n] = positions[3 + n:3 + n + 3].tolist()  # <assistant>, 10, <eos>
+    assert float(end[0]) == 3 + 64 + 3
+    plain, plain_end = merged_positions(valid, index.is_visual, n, span=0)
+    np.testing.assert_array_equal(np.asarray(plain[0])[:3 + n + 3], np.arange(3 + n + 3))
+    assert float(plain_end[0]) == 3 + n + 3
+  assert all(p == [67, 68, 69] for p in text_positions.values()), text_positions
 
 
 def test_visual_tokens_change_the_answer_logits_and_count_matters():

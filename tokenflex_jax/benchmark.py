@@ -46,8 +46,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tokenizer = setup.prepare_tokenizer(config, workdir)
   model = VLM(setup.model_config(config, tokenizer))
   counts = tuple(config.token_counts)
-  transform = pipeline.VQAPreprocess(setup.tokenizer_path(config, workdir),
-                                     config.data.max_text_length, config.data.image_first)
+  transform = pipeline.make_transform(config.data, setup.tokenizer_loader(config, workdir))
   iterator = pipeline.make_iterator(pipeline.make_source(config.data), transform,
                                     config.batch_size, config.data.seed)
   local = next(iterator)

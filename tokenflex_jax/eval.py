@@ -16,7 +16,6 @@ import ml_collections
 from absl import logging
 
 from tokenflex_jax import cli, setup, sharding
-from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.evaluation.evaluator import evaluate
 from tokenflex_jax.evaluation.report import markdown_table, write_results
 from tokenflex_jax.models.vlm import VLM
@@ -24,7 +23,7 @@ from tokenflex_jax.training import checkpointing
 
 def load_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules, step: int = -1):
   """(model, sharded params, tokenizer, step) from a workdir's checkpoint."""
-  tokenizer = Tokenizer(setup.tokenizer_path(config, workdir))
+  tokenizer = setup.tokenizer_loader(config, workdir)()
   model = VLM(setup.model_config(config, tokenizer))
   size, n = config.data.image_size, config.token_counts[0]
   with sharding.mesh_rules(mesh, rules):

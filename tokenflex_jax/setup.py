@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -15,6 +16,8 @@ import optax
 from absl import logging
 
 from tokenflex_jax import sharding
+from tokenflex_jax.data import chat
+from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.tokenizer import Tokenizer, ensure_tokenizer
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import POOLING_MODES, ProjectorConfig
@@ -44,15 +47,50 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config.tokenizer`` (kind, path, template, image_token); configs written before it
+  existed used the project's sentencepiece model at ``config.data.tokenizer_path``."""
+  if "tokenizer" in config:
+    return config.tokenizer
+  return ml_collections.ConfigDict(dict(kind="project",
+                                        path=config.data.get("tokenizer_path", ""),
+                                        template="", image_token=""))
+
+
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.tokenizer_path or os.path.join(workdir, TOKENIZER_FILE)
+  path = tokenizer_config(config).path
+  if tokenizer_config(config).kind == "project":
+    return path or os.path.join(workdir, TOKENIZER_FILE)
+  if not path:
+    raise ValueError(f"config.tokenizer.kind={tokenizer_config(config).kind!r} needs "
+                     "config.tokenizer.path (the LLM's tokenizer.json or .model file)")
+  return path
 
 
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """The run's tokenizer: the configured file, else one inherited from the init
-  workdir (so every stage shares one vocabulary), else trained on the suite's text."""
+def tokenizer_loader(config: ml_collections.ConfigDict, workdir: str
+                     ) -> Callable[[], ChatTokenizer]:
+  """A picklable zero-argument function that loads the run's tokenizer (grain workers
+  call it on their side)."""
+  t = tokenizer_config(config)
+  if t.kind == "project":
+    return functools.partial(Tokenizer, tokenizer_path(config, workdir))
+  return functools.partial(chat.load_tokenizer, kind=t.kind, path=tokenizer_path(config, workdir),
+                           template=t.template, image_token=t.image_token,
+                           system_prompt=t.get("system_prompt"))
+
+
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> ChatTokenizer:
+  """The run's tokenizer. A project tokenizer is the configured file, else one inherited
+  from the init workdir (so every stage shares one vocabulary), else trained on the
+  suite's text; an LLM's tokenizer (kind "hf" or "sentencepiece") is loaded as it is."""
+  t = tokenizer_config(config)
+  if t.kind != "project":
+    tokenizer = tokenizer_loader(config, workdir)()
+    logging.info("tokenizer %s (%s, template %s): %d ids", t.path, t.kind, t.template,
+                 tokenizer.vocab_size)
+    return tokenizer
   path = tokenizer_path(config, workdir)
-  if not os.path.exists(path) and not config.data.tokenizer_path:
+  if not os.path.exists(path) and not t.path:
     for source in (config.init.checkpoint, config.init.vision_checkpoint):
       inherited = os.path.join(source, TOKENIZER_FILE) if source else ""
       if inherited and os.path.exists(inherited):
@@ -69,7 +107,7 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
   return ViTConfig(**config.model.vit.to_dict())
 
 
-def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> VLMConfig:
+def model_config(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> VLMConfig:
   """The VLM's static configuration; checks it against the tokenizer."""
   llm = LLMConfig(**config.model.llm.to_dict())
   if tokenizer.vocab_size > llm.vocab_size:
@@ -80,7 +118,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> VLM
     raise ValueError(f"config.model.projector.pooling must be one of {POOLING_MODES}, "
                      f"got {projector.pooling!r}")
   return VLMConfig(vit=vit_config(config), projector=projector, llm=llm,
-                   image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id)
+                   image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id,
+                   visual_position_span=config.model.get("visual_position_span", 0))
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):

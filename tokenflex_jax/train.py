@@ -35,8 +35,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
 
   # Data.
   source = pipeline.make_source(config.data)
-  transform = pipeline.VQAPreprocess(setup.tokenizer_path(config, workdir),
-                                     config.data.max_text_length, config.data.image_first)
+  transform = pipeline.make_transform(config.data, setup.tokenizer_loader(config, workdir))
   data_iterator_from = lambda start: pipeline.make_iterator(
       source, transform, config.batch_size, config.data.seed, config.data.num_workers,
       start_batch=start)

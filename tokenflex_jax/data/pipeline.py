@@ -8,16 +8,18 @@ batches into global arrays sharded over the mesh's batch axes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from tokenflex_jax import sharding
 from tokenflex_jax.data import scenes
-from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.data.chat import ChatTokenizer
 
 
 def make_source(data_config: Any, split: str = "train") -> Any:
@@ -27,12 +29,18 @@ def make_source(data_config: Any, split: str = "train") -> Any:
                               image_size=data_config.image_size,
                               families=tuple(data_config.families),
                               family_weights=tuple(data_config.family_weights))
+  if data_config.source == "llava":
+    if not data_config.tfds_dir:
+      raise ValueError("config.data.source='llava' needs config.data.tfds_dir (a build of "
+                       "python -m tokenflex_jax.data.llava_tfds)")
+    from tokenflex_jax.data import llava_tfds  # pylint: disable=import-outside-toplevel
+    return llava_tfds.LlavaTfdsSource(data_config.tfds_dir, split)
   if data_config.source == "tfds":
     if not data_config.tfds_dir:
       raise ValueError("config.data.source='tfds' needs config.data.tfds_dir")
     from tokenflex_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
     return tfds_builder.tfds_source(data_config.tfds_dir, split)
-  raise ValueError(f"config.data.source must be 'procedural' or 'tfds', "
+  raise ValueError(f"config.data.source must be 'procedural', 'tfds' or 'llava', "
                    f"got {data_config.source!r}")
 
 
@@ -41,7 +49,7 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / 127.5 - 1.0
 
 
-def encode_training_text(tokenizer: Tokenizer, question: str, answer: str, max_length: int,
+def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
                          image_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Chat-formatted prompt + answer, right-padded.
 
@@ -66,8 +74,9 @@ def encode_training_text(tokenizer: Tokenizer, question: str, answer: str, max_l
 class VQAPreprocess(grain.transforms.Map):
   """Example dict -> {"image": f32 [H,W,3], "tokens": i32 [T], "loss_mask": f32 [T]}."""
 
-  def __init__(self, tokenizer_path: str, max_text_length: int, image_first: bool = True):
-    self._path = tokenizer_path
+  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], max_text_length: int,
+               image_first: bool = True):
+    self._load = load_tokenizer
     self._max_length = max_text_length
     self._image_first = image_first
     self._tokenizer = None  # Loaded lazily: grain pickles transforms into workers.
@@ -77,11 +86,79 @@ class VQAPreprocess(grain.transforms.Map):
 
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
     if self._tokenizer is None:
-      self._tokenizer = Tokenizer(self._path)
+      self._tokenizer = self._load()
     tokens, mask = encode_training_text(self._tokenizer, element["question"],
                                         element["answer"], self._max_length,
                                         self._image_first)
     return {"image": normalize_image(element["image"]), "tokens": tokens, "loss_mask": mask}
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes (any format PIL reads) -> uint8 [size, size, 3], bicubic resize."""
+  with Image.open(io.BytesIO(data)) as im:
+    im = im.convert("RGB")
+    if im.size != (size, size):
+      im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
+def encode_conversation(tokenizer: ChatTokenizer, turns: Sequence[tuple[str, str]],
+                        max_length: int, truncate: bool = False, name: str = ""
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """A whole conversation in the tokenizer's chat template, right-padded.
+
+  Returns (tokens int32 [T], loss_mask float32 [T]): the mask covers every assistant
+  reply and its end-of-turn token. A conversation longer than T raises an error naming
+  ``name``, or with ``truncate`` loses its tail (never the image placeholder).
+  """
+  ids, mask = tokenizer.conversation_ids(turns)
+  if len(ids) > max_length:
+    if not truncate or tokenizer.image_id not in ids[:max_length]:
+      raise ValueError(f"{name}: needs {len(ids)} tokens but config.data.max_text_length is "
+                       f"{max_length}" + ("" if not truncate else
+                                          " and truncation would cut the image placeholder"))
+    ids, mask = ids[:max_length], mask[:max_length]
+  tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  loss_mask = np.zeros((max_length,), np.float32)
+  loss_mask[:len(mask)] = mask
+  return tokens, loss_mask
+
+
+class ConversationPreprocess(grain.transforms.Map):
+  """LLaVA source item -> {"image": f32 [S,S,3], "tokens": i32 [T], "loss_mask": f32 [T]}.
+
+  ``load_tokenizer`` is a picklable zero-argument callable (e.g. a functools.partial of
+  `chat.load_tokenizer`); each worker process calls it once.
+  """
+
+  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], image_size: int,
+               max_text_length: int, truncate: bool = False):
+    self._load = load_tokenizer
+    self._image_size, self._max_length, self._truncate = image_size, max_text_length, truncate
+    self._tokenizer = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_tokenizer": None}
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    if self._tokenizer is None:
+      self._tokenizer = self._load()
+    name = f"row {element.get('row', '?')} (id {element.get('id', '?')!r})"
+    tokens, mask = encode_conversation(self._tokenizer, element["turns"], self._max_length,
+                                       self._truncate, name)
+    image = decode_image(element["image"], self._image_size)
+    return {"image": normalize_image(image), "tokens": tokens, "loss_mask": mask}
+
+
+def make_transform(data_config: Any, load_tokenizer: Callable[[], ChatTokenizer]
+                   ) -> grain.transforms.Map:
+  """The preprocessing for ``config.data.source``: conversations for "llava", else the
+  scene suite's single question and answer."""
+  if data_config.source == "llava":
+    return ConversationPreprocess(load_tokenizer, data_config.image_size,
+                                  data_config.max_text_length, data_config.get("truncate", False))
+  return VQAPreprocess(load_tokenizer, data_config.max_text_length, data_config.image_first)
 
 
 class PatchLabelPreprocess(grain.transforms.Map):

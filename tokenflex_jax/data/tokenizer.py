@@ -2,6 +2,8 @@
 
 A prompt is ``<bos> <user> <image> question <assistant>``; the model then writes
 ``answer <eos>``. The ``<image>`` token marks where the visual tokens are spliced in.
+A conversation repeats ``<user> text <assistant> answer <eos>`` after one ``<bos>``.
+`Tokenizer` implements `chat.ChatTokenizer`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
-from tokenflex_jax.data import scenes
+from tokenflex_jax.data import conversation, scenes
 
 IMAGE_TOKEN = "<image>"
 USER_TOKEN = "<user>"
@@ -63,6 +65,10 @@ class Tokenizer:
       raise ValueError(f"{model_path} lacks the special tokens {SPECIAL_TOKENS}")
     self._image_id, self._user_id, self._assistant_id = ids
     self._skip = {self.pad_id, self.bos_id, *ids}
+    self._template = conversation.IdTemplate(
+        begin=(self.bos_id,), user_open=(self._user_id,), user_close=(),
+        assistant_open=(self._assistant_id,), end_of_turn=self.eos_id, assistant_close=(),
+        trim=False)
 
   def __getstate__(self):  # grain pickles transforms; reload the model on the other side
     return {"model_path": self.model_path}
@@ -122,6 +128,15 @@ class Tokenizer:
   def answer_ids(self, answer: str) -> list[int]:
     """[*answer, eos]: what the model is trained to write after the prompt."""
     return [*self.encode(answer), self.eos_id]
+
+  def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+    """(role, text) turns -> (ids [L], mask [L]), mask True on each answer and its eos.
+
+    ``[bos, user, *q1, assistant, *a1, eos, user, ...]``: for ``[("user", "<image>\\nq"),
+    ("assistant", a)]`` that is ``prompt_ids(q) + answer_ids(a)``. See `conversation`.
+    """
+    return conversation.format_ids(self._template, conversation.parse_conversation(turns),
+                                   self.encode, self.image_id)
 
 
 def ensure_tokenizer(model_path: str) -> Tokenizer:

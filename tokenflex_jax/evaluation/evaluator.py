@@ -1,8 +1,15 @@
-"""Evaluates one set of params at several visual-token counts on the scene suite."""
+"""Evaluates one set of params at several visual-token counts.
+
+The questions come from the scene suite (``config.eval.suite = "scenes"``, the default)
+or from a benchmark file: an MMBench TSV ("mmbench") or a VQA JSONL ("vqa") at
+``config.eval.data_path`` (see `benchmarks`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -14,18 +21,28 @@ from jax.experimental import multihost_utils
 from tokenflex_jax import sharding
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
-from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.data.llava import format_skipped
+from tokenflex_jax.evaluation import benchmarks
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
 
 
-def eval_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[str, Any]:
-  """The fixed evaluation examples: ``examples_per_family`` of each configured family.
+@dataclasses.dataclass
+class EvalSet:
+  """images: f32 [N, H, W, 3]; prompts: i32 [N, P] left-padded; score(decoded texts) ->
+  {family: accuracy}; families: {family: {"granularity", "chance"}}."""
+  images: np.ndarray
+  prompts: np.ndarray
+  score: Callable[[Sequence[str]], dict[str, float]]
+  families: dict[str, dict[str, Any]]
+  examples_per_family: int
 
-  Returns {"images": f32 [N,H,W,3], "prompts": i32 [N,P], "answers": [str], "families": [str]}.
-  Seeds differ from training (``config.eval.seed``), so no example is seen in training.
-  """
+
+def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+  """The fixed scene-suite examples: ``examples_per_family`` of each configured family,
+  scored by exact match. Seeds differ from training (``config.eval.seed``)."""
   images, questions, answers, families = [], [], [], []
   for i, family in enumerate(config.data.families):
     source = scenes.SceneSource(seed=config.eval.seed + i,
@@ -37,10 +54,48 @@ def eval_set(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> dict[st
       questions.append(ex["question"])
       answers.append(ex["answer"])
       families.append(ex["family"])
-  return {"images": np.stack(images),
-          "prompts": encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
-                                    config.data.image_first),
-          "answers": answers, "families": families}
+  fams = np.array(families)
+
+  def score(texts: Sequence[str]) -> dict[str, float]:
+    correct = np.array([t == a for t, a in zip(texts, answers, strict=True)], np.float64)
+    return {f: float(correct[fams == f].mean()) for f in config.data.families}
+
+  return EvalSet(np.stack(images),
+                 encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
+                                config.data.image_first),
+                 score, family_info(tuple(config.data.families)),
+                 int(config.eval.examples_per_family))
+
+
+def benchmark_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+  """An MMBench TSV or VQA JSONL file (``config.eval.suite``, ``config.eval.data_path``)."""
+  path, size, skip = config.eval.data_path, config.data.image_size, config.eval.skip_malformed
+  if not path:
+    raise ValueError(f"config.eval.suite={config.eval.suite!r} needs config.eval.data_path")
+  if config.eval.suite == "mmbench":
+    bench = benchmarks.mmbench(path, size, skip)
+  else:
+    bench = benchmarks.vqa(path, size, skip, config.eval.get("image_dir", ""))
+  if bench.skipped:
+    logging.warning("%s: %s", path, format_skipped(bench.skipped))
+  if not bench.questions:
+    raise ValueError(f"{path}: no usable rows")
+  granularity = config.eval.suite
+  return EvalSet(normalize_image(bench.images),
+                 encode_prompts(tokenizer, bench.questions, config.eval.max_prompt_length,
+                                config.data.image_first),
+                 bench.score,
+                 {f: {"granularity": granularity, "chance": c} for f, c in bench.chance.items()},
+                 len(bench.questions))
+
+
+def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+  suite = config.eval.get("suite", "scenes")
+  if suite == "scenes":
+    return scene_eval_set(config, tokenizer)
+  if suite in ("mmbench", "vqa"):
+    return benchmark_eval_set(config, tokenizer)
+  raise ValueError(f"config.eval.suite must be 'scenes', 'mmbench' or 'vqa', got {suite!r}")
 
 
 def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -48,18 +103,18 @@ def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
   return {n: {"granularity": by_name[n].granularity, "chance": by_name[n].chance} for n in names}
 
 
-def _predict_all(compiled: Any, params: Any, data: dict[str, Any], bs: int, image_sh, prompt_sh,
+def _predict_all(compiled: Any, params: Any, data: EvalSet, bs: int, image_sh, prompt_sh,
                  mesh) -> list[list[int]]:
   """Generated ids for every example, in order.
 
   Each process feeds and reads back only its rows of every global batch (rows
   [p*bs/P, (p+1)*bs/P)); the hosts' predictions are gathered once at the end.
   """
-  n, count, index = len(data["answers"]), jax.process_count(), jax.process_index()
+  n, count, index = len(data.prompts), jax.process_count(), jax.process_index()
   local_bs = bs // count
   padded = -(-n // bs) * bs  # The last batch is padded by repeating the last example.
   take = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - n, 0)])
-  images, prompts = take(data["images"]), take(data["prompts"])
+  images, prompts = take(data.images), take(data.prompts)
   local_out = []
   for start in range(index * local_bs, padded, bs):
     rows = slice(start, start + local_bs)
@@ -73,11 +128,11 @@ def _predict_all(compiled: Any, params: Any, data: dict[str, Any], bs: int, imag
   return local_out.reshape(padded, -1)[:n].tolist()
 
 
-def evaluate(model: VLM, params: Any, tokenizer: Tokenizer, config: ml_collections.ConfigDict,
-             mesh, rules, step: int) -> dict[str, Any]:
+def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
+             config: ml_collections.ConfigDict, mesh, rules, step: int) -> dict[str, Any]:
   """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
   data = eval_set(config, tokenizer)
-  n_examples, bs = len(data["answers"]), config.eval.batch_size
+  n_examples, bs = len(data.prompts), config.eval.batch_size
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if bs % data_parallel or bs % jax.process_count():
     raise ValueError(f"config.eval.batch_size={bs} must be divisible by the {data_parallel} "
@@ -91,18 +146,15 @@ def evaluate(model: VLM, params: Any, tokenizer: Tokenizer, config: ml_collectio
     fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n), out_shardings=prompt_sh)
     with sharding.mesh_rules(mesh, rules):
       t0 = time.perf_counter()
-      compiled = fn.lower(params, jax.ShapeDtypeStruct((bs,) + data["images"].shape[1:],
+      compiled = fn.lower(params, jax.ShapeDtypeStruct((bs,) + data.images.shape[1:],
                                                        np.float32, sharding=image_sh),
-                          jax.ShapeDtypeStruct((bs, data["prompts"].shape[1]), np.int32,
+                          jax.ShapeDtypeStruct((bs, data.prompts.shape[1]), np.int32,
                                                sharding=prompt_sh)).compile()
       compile_s = time.perf_counter() - t0
       t0 = time.perf_counter()
       predictions = _predict_all(compiled, params, data, bs, image_sh, prompt_sh, mesh)
       seconds = time.perf_counter() - t0
-    texts = [tokenizer.decode(p).strip() for p in predictions]
-    correct = np.array([t == a for t, a in zip(texts, data["answers"])], np.float64)
-    fams = np.array(data["families"])
-    per_family = {f: float(correct[fams == f].mean()) for f in config.data.families}
+    per_family = data.score([tokenizer.decode(p).strip() for p in predictions])
     results[str(n)] = {"visual_tokens": int(n), "families": per_family,
                        "average": float(np.mean(list(per_family.values()))),
                        "examples_per_s": n_examples / seconds}
@@ -110,5 +162,6 @@ def evaluate(model: VLM, params: Any, tokenizer: Tokenizer, config: ml_collectio
                  n, results[str(n)]["average"],
                  ", ".join(f"{k}={v:.2f}" for k, v in per_family.items()),
                  n_examples / seconds, compile_s)
-  return {"step": int(step), "examples_per_family": int(config.eval.examples_per_family),
-          "families": family_info(tuple(config.data.families)), "results": results}
+  return {"step": int(step), "suite": config.eval.get("suite", "scenes"),
+          "examples_per_family": data.examples_per_family,
+          "families": data.families, "results": results}

@@ -15,8 +15,10 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 def markdown_table(results: dict[str, Any]) -> str:
   """Families as rows, visual-token counts as columns, accuracy in percent."""
   counts = list(results["results"])
-  lines = [f"Accuracy (%) at step {results['step']}, "
-           f"{results['examples_per_family']} examples per family.", "",
+  suite = results.get("suite", "scenes")
+  size = (f"{results['examples_per_family']} examples per family" if suite == "scenes" else
+          f"{suite}, {results['examples_per_family']} questions")
+  lines = [f"Accuracy (%) at step {results['step']}, {size}.", "",
            "| family | granularity | chance | " + " | ".join(f"{c} tokens" for c in counts) + " |",
            "|---|---|---|" + "---|" * len(counts)]
   for name, info in results["families"].items():

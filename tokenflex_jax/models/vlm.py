@@ -4,6 +4,12 @@ The visual tokens replace the single image placeholder token of each text
 sequence; text before it stays before, text after it follows the N visual tokens.
 All shapes are static: text is padded to a fixed length T, N is a static int, so
 the merged sequence has length S = T - 1 + N.
+
+Rotary positions: by default each merged slot advances the position by one, so the
+text after the image starts N positions later at every count. With
+``visual_position_span = K > 0`` the N visual tokens are spread evenly over K positions
+(token i at p + i * K / N): the text's positions, and the distance from the answer to
+each region of the image, are then the same at every token count.
 """
 
 from __future__ import annotations
@@ -26,6 +32,26 @@ class VLMConfig:
   llm: LLMConfig
   image_token_id: int
   pad_token_id: int = 0
+  visual_position_span: int = 0  # 0: one position per visual token; K: N tokens span K
+
+
+def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
+                     span: int) -> tuple[jax.Array, jax.Array]:
+  """Rotary positions of merged slots. valid, is_visual: [B, S] bool.
+
+  Returns (positions [B, S] float32, the position after the last slot [B]). A padding
+  slot does not advance the position; a text slot advances it by one; a visual slot by
+  one, or by span / num_tokens when span > 0.
+  """
+  visual_step = span / num_tokens if span else 1.0
+  # Counted in integers, scaled once: exact, where a float cumsum would drift.
+  text_end = jnp.cumsum(valid & ~is_visual, axis=1)
+  visual_end = jnp.cumsum(valid & is_visual, axis=1)
+  text_before = text_end - (valid & ~is_visual)
+  visual_before = visual_end - (valid & is_visual)
+  positions = text_before.astype(jnp.float32) + visual_before * jnp.float32(visual_step)
+  end = text_end[:, -1].astype(jnp.float32) + visual_end[:, -1] * jnp.float32(visual_step)
+  return positions, end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,14 +93,15 @@ class VLM(nn.Module):
     return self.projector(self.vit(images), num_tokens)
 
   def _embed_inputs(self, images, tokens, num_tokens):
-    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], merge index."""
+    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], end [B], index."""
     image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)
     index = merge_index(image_pos, tokens.shape[1], num_tokens)
     x = merge(self.encode_images(images, num_tokens), self.llm.embed(tokens), index)
     text_valid = tokens != self.config.pad_token_id
     valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    return x, valid, positions, index
+    positions, end = merged_positions(valid, index.is_visual, num_tokens,
+                                      self.config.visual_position_span)
+    return x, valid, positions, end, index
 
   def __call__(self, images: jax.Array, tokens: jax.Array, num_tokens: int) -> jax.Array:
     """Teacher-forced logits aligned with the text.
@@ -87,7 +114,7 @@ class VLM(nn.Module):
       [B, T, V] float32, where [:, t] is the prediction of tokens[:, t] from
       everything before it (row 0 and positions up to the placeholder are meaningless).
     """
-    x, valid, positions, _ = self._embed_inputs(images, tokens, num_tokens)
+    x, valid, positions, _, _ = self._embed_inputs(images, tokens, num_tokens)
     hidden, _ = self.llm.decode(x, positions, valid)
     t = jnp.arange(tokens.shape[1])[None, :]
     image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)[:, None]
@@ -106,13 +133,13 @@ class VLM(nn.Module):
     Returns:
       (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
     """
-    x, valid, positions, _ = self._embed_inputs(images, tokens, num_tokens)
+    x, valid, positions, end, _ = self._embed_inputs(images, tokens, num_tokens)
     t_max = cache[0]["k"].shape[1]
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)
     hidden, cache = self.llm.decode(x, positions, key_valid, cache, 0)
     logits = self.llm.logits(hidden[:, -1:])[:, 0]
-    return logits, cache, key_valid, positions[:, -1] + 1
+    return logits, cache, key_valid, end
 
   def decode_step(self, token: jax.Array, position: jax.Array, cache: KVCache,
                   key_valid: jax.Array, cache_index: jax.Array

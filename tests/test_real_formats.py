@@ -1,0 +1,239 @@
+"""Real data formats end to end: LLaVA JSON -> TFDS build -> pipeline -> training steps
+with a Hugging Face tokenizer.json, then the eval binary on an MMBench TSV and a VQA
+JSONL; malformed rows name their file and row, or are counted and skipped."""
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.tiny import TINY_FLAGS, losses
+from tokenflex_jax.data import llava, llava_tfds, pipeline
+from tokenflex_jax.evaluation import benchmarks
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
+COLORS = ["red", "green", "blue", "yellow"]
+
+
+def _png(color: str, size: int = 20) -> bytes:
+  rgb = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220),
+         "yellow": (230, 230, 20)}[color]
+  buf = io.BytesIO()
+  Image.fromarray(np.full((size, size + 6, 3), rgb, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _texts():
+  return [f"What colour is the picture? It is {c}. Answer with the option's letter from the "
+          f"given choices directly. A. B. C. D. {c}" for c in COLORS] + [
+          "Describe the image in one word. Is it bright? yes no"]
+
+
+def make_hf_tokenizer(directory: str) -> str:
+  """A tiny Qwen-style tokenizer.json (BPE + chatml special tokens) built locally."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Metaspace()
+  tok.decoder = decoders.Metaspace()
+  trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"] + SPECIALS)
+  tok.train_from_iterator(_texts() * 3, trainer)
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, "tokenizer.json")
+  tok.save(path)
+  with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+    json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+  return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A LLaVA JSON + image folder, an MMBench TSV and a VQA JSONL, all small."""
+  root = tmp_path_factory.mktemp("formats")
+  images = root / "images"
+  images.mkdir()
+  rows = []
+  for i in range(16):
+    color = COLORS[i % 4]
+    (images / f"{i}.png").write_bytes(_png(color))
+    rows.append({"id": f"q{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the picture?"},
+        {"from": "gpt", "value": color},
+        {"from": "human", "value": "Is it bright?"},
+        {"from": "gpt", "value": "yes" if color == "yellow" else "no"}]})
+  (root / "train.json").write_text(json.dumps(rows))
+  header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
+  lines = [header]
+  for i, color in enumerate(COLORS * 2):
+    image = base64.b64encode(_png(color)).decode() if i < 4 else str(i - 4)  # references
+    lines.append(f"{i}\tWhat colour is the picture?\tnan\t{COLORS[0]}\t{COLORS[1]}\t"
+                 f"{COLORS[2]}\t{COLORS[3]}\t{'ABCD'[COLORS.index(color)]}\t"
+                 f"{'warm' if color in ('red', 'yellow') else 'cold'}\t{image}\n")
+  (root / "mmbench.tsv").write_text("".join(lines))
+  with open(root / "vqa.jsonl", "w", encoding="utf-8") as f:
+    for i, color in enumerate(COLORS):
+      f.write(json.dumps({"image": f"images/{i}.png", "question": "What colour is the picture?",
+                          "answers": [color] * 7 + ["dark"] * 3}) + "\n")
+  make_hf_tokenizer(str(root / "tokenizer"))
+  return root
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env.pop("PYTEST_CURRENT_TEST", None)
+  return env
+
+
+def _run(module, *args):
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+def _hf_flags(files):
+  return (f"--config.tokenizer.kind=hf", f"--config.tokenizer.path={files}/tokenizer/tokenizer.json",
+          "--config.tokenizer.template=chatml", "--config.tokenizer.image_token=<|image_pad|>")
+
+
+# --- Malformed rows --------------------------------------------------------------------
+
+def _llava_rows(tmp_path, bad_row):
+  (tmp_path / "a.png").write_bytes(_png("red"))
+  good = {"id": "ok", "image": "a.png", "conversations": [
+      {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+  path = tmp_path / "rows.json"
+  path.write_text(json.dumps([good, bad_row, good]))
+  return str(path)
+
+
+@pytest.mark.parametrize("bad_row, reason", [
+    ({"id": "x", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A"}]},
+     "missing image"),
+    ({"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "Q without marker"}, {"from": "gpt", "value": "A"}]},
+     "no <image> marker"),
+    ({"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "  "}]},
+     "empty answer"),
+])
+def test_malformed_llava_row_names_file_and_row_or_is_counted(tmp_path, bad_row, reason):
+  path = _llava_rows(tmp_path, bad_row)
+  with pytest.raises(llava.MalformedRowError, match=rf"rows\.json: row 1: {reason}") as e:
+    llava.read_llava(path, str(tmp_path))
+  assert e.value.path == path and e.value.row == 1
+  rows, skipped = llava.read_llava(path, str(tmp_path), skip_malformed=True)
+  assert [r.row for r in rows] == [0, 2] and skipped == {reason: 1}
+
+
+def test_malformed_benchmark_rows(tmp_path):
+  tsv = tmp_path / "bench.tsv"
+  image = base64.b64encode(_png("red")).decode()
+  tsv.write_text("index\tquestion\tA\tB\tanswer\timage\n"
+                 f"0\tWhich?\tred\tblue\tA\t{image}\n"
+                 f"1\tWhich?\tred\tblue\tE\t{image}\n"
+                 f"2\tWhich?\tred\tblue\tB\t\n")
+  with pytest.raises(llava.MalformedRowError, match=r"bench\.tsv: row 1: unknown option letter"):
+    benchmarks.read_mmbench(str(tsv), 16)
+  questions, skipped = benchmarks.read_mmbench(str(tsv), 16, skip_malformed=True)
+  assert [q.index for q in questions] == ["0"]
+  assert skipped == {"unknown option letter": 1, "missing image": 1}
+
+  jsonl = tmp_path / "vqa.jsonl"
+  (tmp_path / "a.png").write_bytes(_png("red"))
+  jsonl.write_text(json.dumps({"image": "a.png", "question": "Q?", "answers": ["red"]}) + "\n"
+                   + json.dumps({"image": "a.png", "question": "Q?", "answers": []}) + "\n"
+                   + json.dumps({"image": "b.png", "question": "Q?", "answers": ["x"]}) + "\n")
+  with pytest.raises(llava.MalformedRowError, match=r"vqa\.jsonl: row 1: empty answer"):
+    benchmarks.read_vqa(str(jsonl), 16)
+  rows, skipped = benchmarks.read_vqa(str(jsonl), 16, skip_malformed=True)
+  assert len(rows) == 1 and skipped == {"empty answer": 1, "missing image": 1}
+
+
+# --- Scoring ---------------------------------------------------------------------------
+
+def test_vqa_soft_accuracy_matches_the_official_formula():
+  answers = ["two"] * 2 + ["3"] * 8
+  assert benchmarks.vqa_soft_accuracy("2", answers) == pytest.approx(0.6)   # 2 humans
+  assert benchmarks.vqa_soft_accuracy("Three.", answers) == pytest.approx(1.0)
+  assert benchmarks.vqa_soft_accuracy("four", answers) == 0.0
+  assert benchmarks.vqa_soft_accuracy("a dog", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
+  assert benchmarks.normalize_vqa_answer("The Dog's  bowl!") == "dog's bowl"
+
+
+def test_mmbench_circular_evaluation(files):
+  bench = benchmarks.mmbench(str(files / "mmbench.tsv"), 16)
+  assert len(bench.questions) == 8 * 4  # 8 questions x 4 rotations
+  assert set(bench.chance) == {"warm", "cold"}
+  assert bench.chance["warm"] == pytest.approx(0.25 ** 4)
+  # Referenced images (rows 4-7 point at rows 0-3) decode to the same pixels.
+  np.testing.assert_array_equal(bench.images[0], bench.images[16])
+  # The right option under each rotation: the answer's text is the image colour.
+  right = []
+  for q_num in range(8):
+    color = (COLORS * 2)[q_num]
+    for shift in range(4):
+      rotated = COLORS[shift:] + COLORS[:shift]
+      right.append("ABCD"[rotated.index(color)])
+  assert bench.score(right) == {"warm": 1.0, "cold": 1.0}
+  wrong_once = list(right)
+  wrong_once[1] = "A" if right[1] != "A" else "B"  # question 0 (red, warm), rotation 1
+  assert bench.score(wrong_once) == {"warm": 0.75, "cold": 1.0}
+  assert bench.score(["(" + r + ") text" for r in right]) == {"warm": 1.0, "cold": 1.0}
+
+
+# --- End to end ------------------------------------------------------------------------
+
+def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
+  data_dir = tmp_path / "tfds"
+  _run("tokenflex_jax.data.llava_tfds", f"--json={files}/train.json",
+       f"--image_dir={files}/images", f"--data_dir={data_dir}")
+  build = llava_tfds.LlavaTfdsSource(str(data_dir))
+  assert len(build) == 16
+  assert build[0]["turns"][0] == ("user", "<image>\nWhat colour is the picture?")
+
+  # The pipeline: the chat template's tokens, loss on both assistant replies only.
+  from tokenflex_jax.data import chat
+  tok = chat.load_tokenizer(kind="hf", path=f"{files}/tokenizer/tokenizer.json",
+                            template="chatml", image_token="<|image_pad|>")
+  transform = pipeline.ConversationPreprocess(lambda: tok, 16, 160)
+  example = transform.map(build[0])
+  assert example["image"].shape == (16, 16, 3) and example["image"].dtype == np.float32
+  tokens, mask = example["tokens"], example["loss_mask"]
+  assert (tokens == tok.image_id).sum() == 1
+  turns = build[0]["turns"]
+  supervised = [int(t) for t, m in zip(tokens, mask) if m]
+  assert supervised.count(tok.eos_id) == 2  # each reply ends its turn
+  expected = turns[1][1] + turns[3][1]
+  assert "".join(tok.decode([t]) for t in supervised).replace(" ", "").strip() == expected
+  assert mask[:int(np.argmax(tokens == tok.image_id)) + 1].sum() == 0
+
+  workdir = tmp_path / "run"
+  common = (*TINY_FLAGS, *_hf_flags(files), "--config.data.source=llava",
+            f"--config.data.tfds_dir={data_dir}", "--config.data.max_text_length=160",
+            "--config.data.image_size=16", "--config.model.vit.image_size=16")
+  _run("tokenflex_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+       "--config.total_steps=3", *common)
+  recorded = losses(str(workdir))
+  assert sorted(recorded) == [1, 2, 3] and all(np.isfinite(l) for l, _ in recorded.values())
+
+  for suite, path, families in (("mmbench", "mmbench.tsv", {"warm", "cold"}),
+                                ("vqa", "vqa.jsonl", {"vqa"})):
+    _run("tokenflex_jax.eval", "--config=configs/demo.py", f"--workdir={workdir}", *common,
+         f"--config.eval.suite={suite}", f"--config.eval.data_path={files}/{path}",
+         "--config.eval.max_prompt_length=160", "--config.eval.max_new_tokens=3")
+    with open(workdir / "eval" / "results.json", encoding="utf-8") as f:
+      results = json.load(f)
+    assert results["suite"] == suite and set(results["families"]) == families
+    assert set(results["results"]) == {"64", "100"}
+    for r in results["results"].values():
+      assert set(r["families"]) == families
+      assert all(0.0 <= a <= 1.0 for a in r["families"].values())

@@ -1,0 +1,253 @@
+"""A Hugging Face ``tokenizer.json`` behind `chat.ChatTokenizer`, in its LLM's chat template.
+
+Two templates, chosen by name (texts shown as ``{...}``):
+
+* "chatml" (Qwen2, Qwen2.5): ``<|im_start|>system\\n{system}<|im_end|>\\n`` then per turn
+  ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; the system prompt defaults to Qwen2.5's.
+* "llama3": ``<|begin_of_text|>`` then per turn
+  ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{text}<|eot_id|>``, texts trimmed.
+
+A conversation is rendered to the text the model's Jinja chat template would render and
+encoded in one go, except that the image placeholder id is spliced in where the marker
+was, so the ids are ``apply_chat_template``'s. The loss mask comes from the tokens'
+character offsets: a token is the assistant's when it overlaps a reply or its end of turn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import tokenizers
+
+from tokenflex_jax.data import conversation
+from tokenflex_jax.data.conversation import ASSISTANT, USER, Turn
+
+QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+TEMPLATES = ("chatml", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTemplate:
+  """A chat template whose turns are ``header_start + role + header_end + text +
+  end_of_turn + separator`` after an optional bos token."""
+  name: str
+  header_start: str
+  header_end: str
+  end_of_turn: str
+  separator: str
+  special_tokens: tuple[str, ...]  # must be single added tokens of the tokenizer
+  begins_with_bos: bool
+  bos: str  # used when tokenizer_config.json names none
+  pad: str  # used when tokenizer_config.json names none
+  system_prompt: str  # the default; "" for no system turn
+  trim: bool
+
+
+CHATML = TextTemplate(
+    name="chatml", header_start="<|im_start|>", header_end="\n", end_of_turn="<|im_end|>",
+    separator="\n", special_tokens=("<|im_start|>", "<|im_end|>"), begins_with_bos=False,
+    bos="", pad="<|endoftext|>", system_prompt=QWEN25_SYSTEM_PROMPT, trim=False)
+LLAMA3 = TextTemplate(
+    name="llama3", header_start="<|start_header_id|>", header_end="<|end_header_id|>\n\n",
+    end_of_turn="<|eot_id|>", separator="",
+    special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    begins_with_bos=True, bos="<|begin_of_text|>", pad="<|end_of_text|>", system_prompt="",
+    trim=True)
+
+
+def text_template(name: str) -> TextTemplate:
+  """The template called ``name`` ("chatml" or "llama3")."""
+  if name == "chatml":
+    return CHATML
+  if name == "llama3":
+    return LLAMA3
+  raise ValueError(f"unknown chat template {name!r} for a Hugging Face tokenizer; "
+                   f"expected one of {TEMPLATES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+  """A conversation as text: the reply spans [start, end) in characters, each covering
+  the reply and its end-of-turn token, and where the image id goes (None: no image)."""
+  text: str
+  replies: tuple[tuple[int, int], ...]
+  image_at: int | None
+
+
+def render(template: TextTemplate, turns: Sequence[Turn], system_prompt: str,
+           bos: str) -> Rendered:
+  """Parsed turns -> the text the model's chat template renders; a conversation that ends
+  with a user turn gets the assistant header (the generation prompt)."""
+  t = template
+  text = bos if t.begins_with_bos else ""
+  if system_prompt:
+    system = system_prompt.strip() if t.trim else system_prompt
+    text += f"{t.header_start}system{t.header_end}{system}{t.end_of_turn}{t.separator}"
+  replies, image_at = [], None
+  for turn in turns:
+    turn = turn.trimmed() if t.trim else turn
+    text += f"{t.header_start}{turn.role}{t.header_end}"
+    if turn.role == USER:
+      text += turn.before
+      if turn.has_image:
+        image_at = len(text)
+      text += turn.after + t.end_of_turn + t.separator
+    else:
+      start = len(text)
+      text += turn.before + t.end_of_turn
+      replies.append((start, len(text)))
+      text += t.separator
+  if turns[-1].role == USER:
+    text += f"{t.header_start}{ASSISTANT}{t.header_end}"
+  return Rendered(text, tuple(replies), image_at)
+
+
+def _in_replies(start: int, end: int, replies: Sequence[tuple[int, int]]) -> bool:
+  """Whether the characters [start, end) of a token overlap a reply span."""
+  if start == end:
+    return any(s <= start < e for s, e in replies)
+  return any(start < e and end > s for s, e in replies)
+
+
+def read_tokenizer_config(tokenizer_json: str) -> dict:
+  """The tokenizer_config.json beside ``tokenizer_json``, or {} when there is none."""
+  path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _config_token(config: dict, key: str) -> str:
+  """A token named in tokenizer_config.json: a string, {"content": ...} or absent ("")."""
+  value = config.get(key)
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) else ""
+
+
+class HFTokenizer:
+  """A ``tokenizers`` tokenizer.json plus one LLM chat template and an image token.
+
+  ``path`` is the tokenizer.json or its folder; a tokenizer_config.json beside it may name
+  the bos, eos and pad tokens. ``system_prompt`` None takes the template's default (chatml:
+  Qwen2.5's; llama3: none) and "" leaves the system turn out. ``image_token`` must be one
+  id of the tokenizer (e.g. "<|image_pad|>" in Qwen2-VL-style vocabularies).
+  """
+
+  def __init__(self, path: str, template: str = "chatml", image_token: str = "<|image_pad|>",
+               system_prompt: str | None = None):
+    self._args = dict(path=path, template=template, image_token=image_token,
+                      system_prompt=system_prompt)
+    self._template = text_template(template)
+    self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(self.path):
+      raise FileNotFoundError(f"no tokenizer.json at {path}")
+    self._tok = tokenizers.Tokenizer.from_file(self.path)
+    config = read_tokenizer_config(self.path)
+    added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+    for token in self._template.special_tokens:
+      if token not in added:
+        raise ValueError(f"{self.path} has no added token {token!r}, which the "
+                         f"{template!r} chat template needs")
+    self._system = self._template.system_prompt if system_prompt is None else system_prompt
+    self._bos = _config_token(config, "bos_token") or self._template.bos
+    if self._template.begins_with_bos and self._bos not in added:
+      raise ValueError(f"{self.path} has no added token {self._bos!r} (bos), which the "
+                       f"{template!r} chat template needs")
+    self._eos_id = added[self._template.end_of_turn]
+    self._image_id = self._token_id(image_token, "the image placeholder", added)
+    self._pad_id = self._token_id(_config_token(config, "pad_token") or self._template.pad,
+                                  "padding", added)
+    if self._image_id in (self._eos_id, self._pad_id):
+      raise ValueError(f"image token {image_token!r} is also the end-of-turn or pad token")
+    self._bos_id = self._tok.token_to_id(self._bos) if self._bos else None
+    config_eos = self._tok.token_to_id(_config_token(config, "eos_token"))
+    self._stop = {self._eos_id} | ({config_eos} if config_eos is not None else set())
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    self._drop = special | {self._pad_id, self._image_id}
+    self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+
+  def _token_id(self, token: str, what: str, added: dict[str, int]) -> int:
+    """The single id of ``token``; ValueError naming the file when it has none."""
+    i = self._tok.token_to_id(token) if token else None
+    if i is None:
+      examples = ", ".join(repr(t) for t in list(added)[:12])
+      raise ValueError(f"{self.path} has no token {token!r} ({what}); it must be a single "
+                       f"id of the tokenizer, e.g. one of its added tokens: {examples}")
+    return i
+
+  def __getstate__(self):  # grain pickles transforms; reload the file on the other side
+    return dict(self._args)
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+  @property
+  def vocab_size(self) -> int:
+    """One more than the largest id (added tokens included)."""
+    return self._vocab_size
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad_id
+
+  @property
+  def bos_id(self) -> int | None:
+    """The config's bos token (llama3: <|begin_of_text|>); None when there is none."""
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int:
+    """The template's end of turn (<|im_end|>, <|eot_id|>): where generation stops."""
+    return self._eos_id
+
+  @property
+  def image_id(self) -> int:
+    return self._image_id
+
+  def encode(self, text: str) -> list[int]:
+    """Text -> ids, without bos/eos; special tokens spelled out in the text are parsed."""
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Sequence[int]) -> str:
+    """Ids -> text: stops at the first end of turn (or the config's eos), drops specials."""
+    kept = []
+    for i in ids:
+      i = int(i)
+      if i in self._stop:
+        break
+      if i not in self._drop:
+        kept.append(i)
+    return self._tok.decode(kept, skip_special_tokens=True)
+
+  def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
+    """(role, text) turns -> (ids [L], mask [L]) in the chat template; the mask is True on
+    the assistant replies and their end-of-turn tokens. See `conversation` for the rules."""
+    parsed = conversation.parse_conversation(turns)
+    r = render(self._template, parsed, self._system, self._bos)
+    at = r.image_at
+    pieces = [(0, r.text)] if at is None else [(0, r.text[:at]), (at, r.text[at:])]
+    ids, mask = [], []
+    for k, (offset, text) in enumerate(pieces):
+      if k:  # the image placeholder sits between the two pieces
+        ids.append(self._image_id)
+        mask.append(False)
+      encoding = self._tok.encode(text, add_special_tokens=False)
+      ids.extend(encoding.ids)
+      mask.extend(_in_replies(offset + s, offset + e, r.replies) for s, e in encoding.offsets)
+    conversation.check_image_count(ids, self._image_id, parsed)
+    return ids, mask
+
+  def prompt_ids(self, question: str, image_first: bool = True) -> list[int]:
+    """One user turn with the image and ``question``, ending with the assistant header."""
+    turn = (USER, conversation.question_with_image(question, image_first))
+    return self.conversation_ids([turn])[0]
+
+  def answer_ids(self, answer: str) -> list[int]:
+    """[*answer, end_of_turn]: what the model is trained to write after the prompt."""
+    text = answer.strip() if self._template.trim else answer
+    return [*self.encode(text), self._eos_id]

@@ -1,0 +1,182 @@
+r"""LLaVA conversation JSON + an image folder -> a TFDS dataset in array_record files.
+
+Build (no TensorFlow needed):
+
+  python -m tokenflex_jax.data.llava_tfds --json=llava_v1_5_mix665k.json \
+      --image_dir=/data/llava/images --data_dir=/data/tfds [--name=NAME] \
+      [--skip_malformed]
+
+Every row is validated first (`llava.read_llava`): a malformed row stops the build with
+an error naming the file and row, or, with --skip_malformed, is left out and counted
+(the counts are logged and written to the build's description). Each example stores the
+image file's bytes as they are (decoded and resized by the input pipeline) and the
+conversation as JSON text [[role, text], ...].
+
+Read: ``LlavaTfdsSource(data_dir, "train")`` is a grain data source; the pipeline reads
+it when ``config.data.source = "llava"`` and ``config.data.tfds_dir`` names the build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import app, flags, logging
+from PIL import Image
+
+from tokenflex_jax.data import llava
+
+NAME = "llava_conversations"
+
+
+@dataclasses.dataclass(eq=False)  # tfds.core.BuilderConfig is neither frozen nor eq
+class LlavaConfig(tfds.core.BuilderConfig):
+  json_path: str = ""
+  image_dir: str = ""
+  skip_malformed: bool = False
+
+
+def _checked_image_bytes(conversation: llava.Conversation, json_path: str) -> bytes:
+  """The image file's bytes, after checking that PIL can decode it."""
+  with open(conversation.image_path, "rb") as f:
+    data = f.read()
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      im.verify()
+  except Exception as e:  # PIL raises many types for corrupt files.
+    raise llava.MalformedRowError(json_path, conversation.row, "unreadable image",
+                                  f"{conversation.image_path}: {e}") from None
+  return data
+
+
+class LlavaConversations(tfds.core.GeneratorBasedBuilder):
+  """One split, "train": the usable rows of a LLaVA JSON file, in file order."""
+
+  name = NAME
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=f"LLaVA conversations from {self.builder_config.json_path}.",
+        features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(),
+            "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # encoded bytes
+            "conversations": tfds.features.Text(),  # JSON [[role, text], ...]
+            "row": tfds.features.Scalar(dtype=np.int64),
+        }),
+        supervised_keys=None,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # local files only
+    cfg = self.builder_config
+    rows, skipped = llava.read_llava(cfg.json_path, cfg.image_dir, cfg.skip_malformed)
+    if skipped:
+      logging.warning("%s: %s", cfg.json_path, llava.format_skipped(skipped))
+    if not rows:
+      raise ValueError(f"{cfg.json_path}: no usable rows")
+    return {"train": self._generate_examples(rows)}
+
+  def _generate_examples(self, rows: list[llava.Conversation]
+                         ) -> Iterator[tuple[int, dict[str, Any]]]:
+    cfg = self.builder_config
+    for conversation in rows:
+      try:
+        image = _checked_image_bytes(conversation, cfg.json_path)
+      except llava.MalformedRowError as e:
+        if not cfg.skip_malformed:
+          raise
+        logging.warning("skipped %s", e)
+        continue
+      yield conversation.row, {
+          "id": conversation.id, "image": image, "row": conversation.row,
+          "conversations": json.dumps([list(t) for t in conversation.turns])}
+
+
+def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
+          skip_malformed: bool = False) -> str:
+  """Builds (or reuses) data_dir/llava_conversations/NAME/1.0.0; returns that folder.
+
+  NAME defaults to the JSON file's name without its extension.
+  """
+  name = name or re.sub(r"[^A-Za-z0-9_]", "_", os.path.splitext(os.path.basename(json_path))[0])
+  config = LlavaConfig(name=name, json_path=os.path.abspath(json_path),
+                       image_dir=os.path.abspath(image_dir), skip_malformed=skip_malformed)
+  builder = LlavaConversations(config=config, data_dir=data_dir)
+  builder.download_and_prepare(file_format="array_record")
+  return builder.data_dir
+
+
+def _dataset_dir(data_dir: str) -> str:
+  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+    return data_dir
+  found = sorted(os.path.dirname(p) for p in glob.glob(
+      os.path.join(data_dir, NAME, "*", "*", "dataset_info.json")))
+  if len(found) != 1:
+    raise ValueError(f"expected one {NAME} build under {data_dir}, found {found or 'none'}; "
+                     f"pass that build's folder as config.data.tfds_dir")
+  return found[0]
+
+
+class LlavaTfdsSource:
+  """Grain random-access source: {"image": encoded bytes, "turns": [(role, text)], "id"}.
+
+  Picklable: the array_record files are reopened lazily in each process.
+  """
+
+  def __init__(self, data_dir: str, split: str = "train"):
+    self.dataset_dir = _dataset_dir(data_dir)
+    self.split = split
+    self._source = None
+    self._len = len(self._open())
+
+  def _open(self):
+    if self._source is None:
+      self._source = tfds.builder_from_directory(self.dataset_dir).as_data_source(
+          split=self.split)
+    return self._source
+
+  def __getstate__(self):
+    return {**self.__dict__, "_source": None}
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raw = self._open()[int(index)]
+    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    return {"image": bytes(raw["image"]), "id": text(raw["id"]),
+            "turns": llava.turns_from_json(text(raw["conversations"])),
+            "row": int(raw["row"])}
+
+  def __repr__(self) -> str:
+    return f"LlavaTfdsSource({self.dataset_dir!r}, split={self.split!r}, len={self._len})"
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  folder = build(f.data_dir, f.json, f.image_dir, f.name, f.skip_malformed)
+  print(folder, LlavaTfdsSource(folder))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("json", None, "LLaVA conversation JSON (or JSON lines).", required=True)
+  flags.DEFINE_string("image_dir", None, "Folder the rows' 'image' paths are relative to.",
+                      required=True)
+  flags.DEFINE_string("data_dir", None, "Where TFDS writes the build.", required=True)
+  flags.DEFINE_string("name", "", "Build config name (one folder per name); default: the "
+                      "JSON file's name.")
+  flags.DEFINE_bool("skip_malformed", False,
+                    "Leave malformed rows out (counted in the log) instead of failing.")
+  app.run(main)

@@ -1,0 +1,265 @@
+"""Evaluation data in the formats people have, and their scoring.
+
+* MMBench-style TSV: columns ``index, question, hint, A, B, C, D[, E...], answer,
+  category, image`` (base64; a short all-digit image field refers to the row with that
+  index, as MMBench stores repeated images). Scored as multiple choice with circular
+  evaluation: a question with k options is asked k times with the options rotated, and
+  counts as correct only if every rotation is answered correctly.
+* VQA JSONL: one object per line, ``{"image": path, "question": str, "answers": [str]}``
+  (image relative to the file's folder unless absolute; optional ``category``). Scored
+  with the VQA soft accuracy: min(1, matching human answers / 3), averaged over the
+  leave-one-out subsets of the human answers, after the VQA answer normalisation.
+
+A malformed row raises `llava.MalformedRowError` naming the file and row (rows count
+from 0 among the data rows), or with ``skip_malformed`` is left out and counted.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import string
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from tokenflex_jax.data.llava import MalformedRowError
+
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+LETTERS = string.ascii_uppercase
+
+
+@dataclasses.dataclass
+class Benchmark:
+  """Questions ready for generation and a scorer for the generated answers.
+
+  images: uint8 [N, H, W, 3] decoded at the eval resolution; questions: N prompt texts
+  (the image goes where the chat template puts it); score(predictions) -> {family:
+  accuracy}; chance: {family: accuracy of random guessing}; skipped: {reason: rows}.
+  """
+  images: np.ndarray
+  questions: list[str]
+  score: Callable[[Sequence[str]], dict[str, float]]
+  chance: dict[str, float]
+  skipped: dict[str, int]
+
+
+def _decode(data: bytes, size: int, path: str, row: int, what: str) -> np.ndarray:
+  try:
+    with Image.open(io.BytesIO(data)) as im:
+      return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
+                        np.uint8)
+  except Exception as e:  # PIL raises many types for corrupt data.
+    raise MalformedRowError(path, row, "unreadable image", f"{what}: {e}") from None
+
+
+def _collect(rows, parse, skip_malformed: bool):
+  """Applies parse(row_number, row) to each row; returns (parsed, {reason: count})."""
+  out, skipped = [], collections.Counter()
+  for i, row in enumerate(rows):
+    try:
+      out.append(parse(i, row))
+    except MalformedRowError as e:
+      if not skip_malformed:
+        raise
+      skipped[e.reason] += 1
+  return out, dict(skipped)
+
+
+# --- MMBench ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceQuestion:
+  index: str
+  question: str
+  hint: str
+  options: tuple[str, ...]   # in letter order A, B, ...
+  answer: int                # index into options
+  category: str
+  image: np.ndarray
+
+
+def mc_prompt(question: str, hint: str, options: Sequence[str]) -> str:
+  """The LLaVA-style multiple-choice prompt: hint, question, lettered options, instruction."""
+  lines = ([hint] if hint else []) + [question]
+  lines += [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)] + [MC_INSTRUCTION]
+  return "\n".join(lines)
+
+
+def parse_choice(text: str, num_options: int) -> int | None:
+  """The option index a generated answer names ("B", "B.", "(B) cat", "The answer is B")."""
+  valid = LETTERS[:num_options]
+  text = text.strip()
+  m = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", text)
+  if m and m.group(1) in valid:
+    return valid.index(m.group(1))
+  found = re.findall(r"\b([A-Z])\b", text)
+  found = [f for f in found if f in valid]
+  return valid.index(found[0]) if found else None
+
+
+def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
+                 ) -> tuple[list[ChoiceQuestion], dict[str, int]]:
+  """Reads an MMBench TSV; returns (questions, {reason: rows skipped})."""
+  csv.field_size_limit(1 << 30)
+  with open(path, encoding="utf-8", newline="") as f:
+    rows = list(csv.DictReader(f, delimiter="\t"))
+  if rows and not {"question", "answer", "image", "A", "B"} <= set(rows[0]):
+    raise ValueError(f"{path}: an MMBench TSV needs the columns index, question, A, B, "
+                     f"[C, D, ...], answer, image; found {sorted(rows[0])}")
+  by_index = {r.get("index", str(i)): r for i, r in enumerate(rows)}
+
+  def parse(i: int, row: dict[str, str]) -> ChoiceQuestion:
+    bad = lambda reason, detail: MalformedRowError(path, i, reason, detail)
+    index = row.get("index") or str(i)
+    options = []
+    for letter in LETTERS:
+      value = (row.get(letter) or "").strip()
+      if letter not in row or not value or value.lower() == "nan":
+        break
+      options.append(value)
+    if len(options) < 2:
+      raise bad("fewer than two options", f"index {index}")
+    answer = (row.get("answer") or "").strip()
+    if answer not in LETTERS[:len(options)]:
+      raise bad("unknown option letter",
+                f"index {index}: answer {answer!r} is not one of {LETTERS[:len(options)]}")
+    if not (row.get("question") or "").strip():
+      raise bad("empty question", f"index {index}")
+    image = (row.get("image") or "").strip()
+    if image.isdigit() and len(image) < 32:  # a reference to another row's image
+      image = (by_index.get(image) or {}).get("image", "").strip()
+    if not image:
+      raise bad("missing image", f"index {index}")
+    try:
+      data = base64.b64decode(image, validate=True)
+    except ValueError as e:
+      raise bad("missing image", f"index {index}: the image is not base64 ({e})") from None
+    hint = (row.get("hint") or "").strip()
+    return ChoiceQuestion(index, row["question"].strip(), "" if hint.lower() == "nan" else hint,
+                          tuple(options), LETTERS.index(answer),
+                          (row.get("category") or "").strip() or "all",
+                          _decode(data, image_size, path, i, f"index {index}"))
+
+  return _collect(rows, parse, skip_malformed)
+
+
+def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> Benchmark:
+  """Circular multiple choice: each k-option question is asked k times, rotated."""
+  questions, skipped = read_mmbench(path, image_size, skip_malformed)
+  images, prompts, asked = [], [], []  # asked: (question number, correct letter index)
+  for q_num, q in enumerate(questions):
+    k = len(q.options)
+    for shift in range(k):
+      rotated = q.options[shift:] + q.options[:shift]
+      images.append(q.image)
+      prompts.append(mc_prompt(q.question, q.hint, rotated))
+      asked.append((q_num, (q.answer - shift) % k))
+  categories = sorted({q.category for q in questions})
+
+  def score(predictions: Sequence[str]) -> dict[str, float]:
+    correct = np.ones(len(questions), bool)
+    for (q_num, answer), text in zip(asked, predictions, strict=True):
+      if parse_choice(text, len(questions[q_num].options)) != answer:
+        correct[q_num] = False
+    cats = np.array([q.category for q in questions])
+    return {c: float(correct[cats == c].mean()) for c in categories}
+
+  chance = {c: float(np.mean([(1 / len(q.options)) ** len(q.options) for q in questions
+                              if q.category == c])) for c in categories}
+  return Benchmark(np.stack(images) if images else np.zeros((0, image_size, image_size, 3),
+                                                              np.uint8),
+                   prompts, score, chance, skipped)
+
+
+# --- VQA -------------------------------------------------------------------------------
+
+_NUMBERS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't",
+                 "cant": "can't", "wont": "won't", "im": "i'm", "ive": "i've",
+                 "youre": "you're", "thats": "that's", "whats": "what's", "wasnt": "wasn't"}
+_PUNCT = re.compile(r"(?<!\d)\.(?!\d)|[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:]")
+
+
+def normalize_vqa_answer(text: str) -> str:
+  """The VQA evaluation's answer normalisation (lower case, punctuation, number words,
+  articles, common contractions)."""
+  text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+  text = re.sub(r"(\d),(\d)", r"\1\2", text)
+  text = _PUNCT.sub(lambda m: "" if m.group(0) in "'" else " ", text)
+  words = []
+  for w in text.split():
+    w = _NUMBERS.get(w, w)
+    if w not in _ARTICLES:
+      words.append(_CONTRACTIONS.get(w, w))
+  return " ".join(words)
+
+
+def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
+  """mean over i of min(1, #{j != i: answers[j] == prediction} / 3), normalised answers."""
+  pred = normalize_vqa_answer(prediction)
+  gts = [normalize_vqa_answer(a) for a in answers]
+  if len(gts) == 1:
+    return float(pred == gts[0])
+  matches = sum(g == pred for g in gts)
+  return float(np.mean([min(1.0, (matches - (g == pred)) / 3) for g in gts]))
+
+
+def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = ""
+             ) -> tuple[list[tuple[np.ndarray, str, list[str], str]], dict[str, int]]:
+  """Reads a VQA JSONL; returns ([(image, question, answers, category)], skipped)."""
+  folder = image_dir or os.path.dirname(os.path.abspath(path))
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+
+  def parse(i: int, line: str):
+    bad = lambda reason, detail: MalformedRowError(path, i, reason, detail)
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise bad("invalid JSON", str(e)) from None
+    if not isinstance(row, dict):
+      raise bad("not an object", type(row).__name__)
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+      raise bad("empty question", repr(row.get("question_id", "")))
+    answers = row.get("answers")
+    if isinstance(answers, str):
+      answers = [answers]
+    answers = [a if isinstance(a, str) else a.get("answer", "") if isinstance(a, dict) else ""
+               for a in (answers or [])]
+    if not answers or not all(a.strip() for a in answers):
+      raise bad("empty answer", f"question {question!r}")
+    image = row.get("image")
+    image_path = os.path.join(folder, image) if isinstance(image, str) and image else ""
+    if not image_path or not os.path.isfile(image_path):
+      raise bad("missing image", f"{image_path or 'no image field'}")
+    with open(image_path, "rb") as f:
+      pixels = _decode(f.read(), image_size, path, i, image_path)
+    return pixels, question.strip(), answers, str(row.get("category") or "vqa")
+
+  return _collect(lines, parse, skip_malformed)
+
+
+def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = ""
+        ) -> Benchmark:
+  rows, skipped = read_vqa(path, image_size, skip_malformed, image_dir)
+  categories = sorted({r[3] for r in rows})
+  cats = np.array([r[3] for r in rows])
+
+  def score(predictions: Sequence[str]) -> dict[str, float]:
+    acc = np.array([vqa_soft_accuracy(p, r[2]) for p, r in zip(predictions, rows, strict=True)])
+    return {c: float(acc[cats == c].mean()) for c in categories}
+
+  images = (np.stack([r[0] for r in rows]) if rows
+            else np.zeros((0, image_size, image_size, 3), np.uint8))
+  return Benchmark(images, [r[1] for r in rows], score, {c: 0.0 for c in categories}, skipped)
