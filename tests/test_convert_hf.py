@@ -355,6 +355,10 @@ def test_convert_binary_feeds_the_trainer_and_exports_back(tmp_path):
   with torch.no_grad():
     ref = again(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
   assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
+  # The whole VLM, projector included, in our layout: the same trained weights.
+  vlm = load_file(os.path.join(out, "vlm", hf.SAFETENSORS))
+  assert any(k.startswith("projector.") for k in vlm) and any(k.startswith("vit.") for k in vlm)
+  np.testing.assert_array_equal(vlm["llm.embedding"], np.asarray(params["embedding"]))
   # Training moved the weights away from the imported ones.
   original = load_file(os.path.join(llm_dir, hf.SAFETENSORS))["model.embed_tokens.weight"]
   assert not np.array_equal(np.asarray(params["embedding"]), original)

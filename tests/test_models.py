@@ -117,3 +117,21 @@ def test_llm_plain_call_is_causal():
   changed = llm.apply(params, tokens.at[0, 4].set(9))
   np.testing.assert_allclose(out[0, :4], changed[0, :4], atol=1e-6)
   assert float(jnp.abs(out[0, 4] - changed[0, 4]).max()) > 1e-4
+
+
+def test_remat_keeps_the_parameters_and_the_gradients():
+  plain, remat = small_vlm(), VLM(dataclasses.replace(small_vlm().config, remat=True))
+  images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+  tokens = jnp.array([[2, 5, IMAGE_ID, 7, 8, 6, 10, 3], [2, IMAGE_ID, 7, 6, 12, 13, 3, 0]])
+  params = plain.init(jax.random.key(0), images, tokens, 16)
+  assert (jax.tree.structure(remat.init(jax.random.key(0), images, tokens, 16))
+          == jax.tree.structure(params))
+  loss = lambda model: lambda p: jnp.mean(model.apply(p, images, tokens, 16) ** 2)
+  value, grads = jax.value_and_grad(loss(plain))(params)
+  value_r, grads_r = jax.jit(jax.value_and_grad(loss(remat)))(params)
+  np.testing.assert_allclose(value_r, value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads_r, grads)
+  # The remat model's backward pass recomputes: its jaxpr has remat regions.
+  jaxpr = lambda model: str(jax.make_jaxpr(jax.grad(loss(model)))(params))
+  assert "remat" in jaxpr(remat) and "remat" not in jaxpr(plain)

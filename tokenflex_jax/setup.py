@@ -119,7 +119,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) ->
                      f"got {projector.pooling!r}")
   return VLMConfig(vit=vit_config(config), projector=projector, llm=llm,
                    image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id,
-                   visual_position_span=config.model.get("visual_position_span", 0))
+                   visual_position_span=config.model.get("visual_position_span", 0),
+                   remat=config.model.get("remat", False))
 
 
 def mesh_and_rules(config: ml_collections.ConfigDict):

@@ -13,7 +13,8 @@ no host holds the whole model) and WORKDIR/model_overrides.txt, the
   python -m tokenflex_jax.train --config=... $(cat /ckpt/start/model_overrides.txt) \
       --config.init.checkpoint=/ckpt/start --workdir=/runs/stage1
 
-Export (a trained workdir's ViT and LLM to Hugging Face directories):
+Export (a trained workdir's ViT and LLM to Hugging Face directories /out/vision and
+/out/llm, and every weight of the VLM, projector included, in our layout to /out/vlm):
 
   python -m tokenflex_jax.convert --config=... --workdir=/runs/stage3 --export_to=/out
 """
@@ -108,14 +109,16 @@ def import_towers(config: ml_collections.ConfigDict, workdir: str, vision_dir: s
 
 def export_towers(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                   llm_type: str) -> None:
-  """Writes the workdir's latest ViT and LLM as Hugging Face directories under out_dir."""
+  """Writes the workdir's latest ViT and LLM as Hugging Face directories under out_dir,
+  and every weight of the VLM (projector included) in our layout under out_dir/vlm."""
   from tokenflex_jax import eval as eval_binary  # pylint: disable=import-outside-toplevel
   mesh, rules = setup.mesh_and_rules(config)
   model, params, _, step = eval_binary.load_model(config, workdir, mesh, rules)
   host = jax.tree.map(jax.device_get, params)
   hf.export_vision(model.config.vit, host["vit"], os.path.join(out_dir, "vision"))
   hf.export_llm(model.config.llm, host["llm"], os.path.join(out_dir, "llm"), llm_type)
-  logging.info("exported step %d of %s to %s/{vision,llm}", step, workdir, out_dir)
+  hf.export_vlm(host, config.model.to_dict(), os.path.join(out_dir, "vlm"))
+  logging.info("exported step %d of %s to %s/{vision,llm,vlm}", step, workdir, out_dir)
 
 
 def main() -> None:

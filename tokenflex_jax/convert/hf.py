@@ -527,6 +527,16 @@ def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str =
   write_checkpoint(hf_dir, hf_config, tensors)
 
 
+def export_vlm(params: Params, model_config: Mapping[str, Any], out_dir: str) -> None:
+  """The whole VLM's own weights (ViT, projector, LLM) in our layout, as safetensors.
+
+  Tensor names are the params paths joined with "." ("projector.mlp.wi_gate.kernel");
+  ``config.json`` holds ``{"tokenflex_model": model_config}`` (``config.model``).
+  """
+  tensors = {name.replace("/", "."): np.asarray(leaf) for name, leaf in tree_paths(params)}
+  write_checkpoint(out_dir, {"tokenflex_model": dict(model_config)}, tensors)
+
+
 def tree_paths(params: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
   """('a/b/kernel', leaf) for every leaf (for comparisons and logs)."""
   for k, v in params.items():

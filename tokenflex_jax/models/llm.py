@@ -154,6 +154,9 @@ class DecoderLayer(nn.Module):
 class LLM(nn.Module):
   """Token ids [B, S] -> logits [B, S, V]; `decode` runs on embeddings with a cache."""
   config: LLMConfig
+  # Recompute each layer's activations in the backward pass instead of keeping them
+  # (memory for FLOPs). The parameter tree is the same either way.
+  remat: bool = False
 
   def setup(self):
     cfg = self.config
@@ -161,7 +164,8 @@ class LLM(nn.Module):
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.width))
-    self.blocks = [DecoderLayer(cfg, name=f"layer_{i}") for i in range(cfg.depth)]
+    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+    self.blocks = [layer(cfg, name=f"layer_{i}") for i in range(cfg.depth)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"),

@@ -66,6 +66,9 @@ class EncoderBlock(nn.Module):
 class ViT(nn.Module):
   """Images [B, H, W, 3] in [-1, 1] -> patch features [B, L, C], L = (H//p) * (W//p)."""
   config: ViTConfig
+  # Recompute each block's activations in the backward pass (memory for FLOPs); the
+  # parameter tree is the same either way.
+  remat: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -89,6 +92,7 @@ class ViT(nn.Module):
                         (1, cfg.grid_side ** 2, cfg.width))
     x = x + interpolate_posemb(posemb, gh).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
     for i in range(cfg.depth):
-      x = EncoderBlock(cfg, name=f"block_{i}")(x)
+      x = block(cfg, name=f"block_{i}")(x)
     return layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_final")(x)

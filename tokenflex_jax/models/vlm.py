@@ -33,6 +33,7 @@ class VLMConfig:
   image_token_id: int
   pad_token_id: int = 0
   visual_position_span: int = 0  # 0: one position per visual token; K: N tokens span K
+  remat: bool = False  # rematerialise ViT blocks and LLM layers (same parameters)
 
 
 def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
@@ -84,9 +85,9 @@ class VLM(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.vit = ViT(cfg.vit)
+    self.vit = ViT(cfg.vit, remat=cfg.remat)
     self.projector = TokenAdaptiveProjector(cfg.projector, cfg.llm.width)
-    self.llm = LLM(cfg.llm)
+    self.llm = LLM(cfg.llm, remat=cfg.remat)
 
   def encode_images(self, images: jax.Array, num_tokens: int) -> jax.Array:
     """[B, H, W, 3] -> visual tokens [B, num_tokens, D]."""
