@@ -11,4 +11,4 @@ source "$REPO/launch/setup_env.sh"
 cd "$REPO"
 marker=(-m "not slow")
 if [[ "${1:-}" == "--all" ]]; then marker=(); shift; fi
-exec python -m pytest -q "${marker[@]}" "$@" tests
+exec python -m pytest -q --durations=20 "${marker[@]}" "$@" tests
