@@ -99,7 +99,8 @@ def _run(module, *args):
 
 
 def _hf_flags(files):
-  return (f"--config.tokenizer.kind=hf", f"--config.tokenizer.path={files}/tokenizer/tokenizer.json",
+  return ("--config.tokenizer.kind=hf",
+          f"--config.tokenizer.path={files}/tokenizer/tokenizer.json",
           "--config.tokenizer.template=chatml", "--config.tokenizer.image_token=<|image_pad|>")
 
 

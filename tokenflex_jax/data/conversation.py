@@ -10,7 +10,7 @@ after it are cut out; the tokenizer puts its single image placeholder id there.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 IMAGE_MARKER = "<image>"
 USER, ASSISTANT = "user", "assistant"
@@ -133,3 +133,15 @@ def format_ids(template: IdTemplate, turns: Sequence[Turn], encode: Callable[[st
     add(template.assistant_open)
   check_image_count(ids, image_id, turns)
   return ids, mask
+
+
+def text_ids(ids: Sequence[int], stop: Collection[int], drop: Collection[int]) -> list[int]:
+  """The ids a decoder turns into text: up to the first id in ``stop``, without ``drop``."""
+  kept = []
+  for i in ids:
+    i = int(i)
+    if i in stop:
+      break
+    if i not in drop:
+      kept.append(i)
+  return kept

@@ -215,13 +215,7 @@ class HFTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Ids -> text: stops at the first end of turn (or the config's eos), drops specials."""
-    kept = []
-    for i in ids:
-      i = int(i)
-      if i in self._stop:
-        break
-      if i not in self._drop:
-        kept.append(i)
+    kept = conversation.text_ids(ids, self._stop, self._drop)
     return self._tok.decode(kept, skip_special_tokens=True)
 
   def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:

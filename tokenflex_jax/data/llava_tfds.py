@@ -19,7 +19,6 @@ it when ``config.data.source = "llava"`` and ``config.data.tfds_dir`` names the 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -32,7 +31,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from PIL import Image
 
-from tokenflex_jax.data import llava
+from tokenflex_jax.data import llava, tfds_split
 
 NAME = "llava_conversations"
 
@@ -117,50 +116,20 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
   return builder.data_dir
 
 
-def _dataset_dir(data_dir: str) -> str:
-  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
-    return data_dir
-  found = sorted(os.path.dirname(p) for p in glob.glob(
-      os.path.join(data_dir, NAME, "*", "*", "dataset_info.json")))
-  if len(found) != 1:
-    raise ValueError(f"expected one {NAME} build under {data_dir}, found {found or 'none'}; "
-                     f"pass that build's folder as config.data.tfds_dir")
-  return found[0]
-
-
-class LlavaTfdsSource:
+class LlavaTfdsSource(tfds_split.TfdsSplit):
   """Grain random-access source: {"image": encoded bytes, "turns": [(role, text)], "id"}.
 
   Picklable: the array_record files are reopened lazily in each process.
   """
 
   def __init__(self, data_dir: str, split: str = "train"):
-    self.dataset_dir = _dataset_dir(data_dir)
-    self.split = split
-    self._source = None
-    self._len = len(self._open())
+    super().__init__(tfds_split.find_build(data_dir, NAME), split)
 
-  def _open(self):
-    if self._source is None:
-      self._source = tfds.builder_from_directory(self.dataset_dir).as_data_source(
-          split=self.split)
-    return self._source
-
-  def __getstate__(self):
-    return {**self.__dict__, "_source": None}
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    raw = self._open()[int(index)]
+  def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
     text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
     return {"image": bytes(raw["image"]), "id": text(raw["id"]),
             "turns": llava.turns_from_json(text(raw["conversations"])),
             "row": int(raw["row"])}
-
-  def __repr__(self) -> str:
-    return f"LlavaTfdsSource({self.dataset_dir!r}, split={self.split!r}, len={self._len})"
 
 
 def main(argv: list[str]) -> None:

@@ -110,13 +110,7 @@ class SentencePieceChatTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Piece ids -> text: stops at the first end of turn or eos, drops special ids."""
-    kept = []
-    for i in ids:
-      i = int(i)
-      if i in self._stop:
-        break
-      if i not in self._drop:
-        kept.append(i)
+    kept = conversation.text_ids(ids, self._stop, self._drop)
     return self._sp.decode(kept)
 
   def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:

@@ -14,9 +14,7 @@ TFDS stores examples in a shuffled order: use "index" to match them to the gener
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +23,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image
 
-from tokenflex_jax.data import scenes
+from tokenflex_jax.data import scenes, tfds_split
 
 VALIDATION_INDEX_OFFSET = 1 << 40
 _TEXT_KEYS = ("question", "answer", "family")
@@ -105,19 +103,7 @@ def build_tfds(data_dir: str, *, seed: int, num_train: int, num_validation: int,
       file_format="array_record")
 
 
-def _dataset_dir(data_dir: str) -> str:
-  """The one built dataset folder in ``data_dir`` (or ``data_dir`` itself)."""
-  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
-    return data_dir
-  found = sorted(os.path.dirname(p) for p in glob.glob(
-      os.path.join(data_dir, TokenflexScenes.name, "*", "*", "dataset_info.json")))
-  if len(found) != 1:
-    raise ValueError(f"expected one {TokenflexScenes.name} build under {data_dir}, found "
-                     f"{found or 'none'}; pass that build's folder instead")
-  return found[0]
-
-
-class TfdsSceneSource:
+class TfdsSceneSource(tfds_split.TfdsSplit):
   """A grain RandomAccessDataSource over one split of a build, yielding generator-style dicts.
 
   Items: {"image": uint8 [H, W, 3], "question"/"answer"/"family": str, "color_map",
@@ -125,25 +111,9 @@ class TfdsSceneSource:
   """
 
   def __init__(self, data_dir: str, split: str):
-    self.dataset_dir = _dataset_dir(data_dir)
-    self.split = split
-    self._source = None
-    self._len = len(self._open())
+    super().__init__(tfds_split.find_build(data_dir, TokenflexScenes.name), split)
 
-  def _open(self):
-    if self._source is None:
-      builder = tfds.builder_from_directory(self.dataset_dir)
-      self._source = builder.as_data_source(split=self.split)
-    return self._source
-
-  def __getstate__(self):
-    return {**self.__dict__, "_source": None}
-
-  def __len__(self) -> int:
-    return self._len
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    raw = self._open()[int(index)]
+  def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
     out = {k: raw[k].decode("utf-8") if isinstance(raw[k], bytes) else raw[k]
            for k in _TEXT_KEYS}
     out["image"] = np.asarray(raw["image"], np.uint8)
@@ -151,9 +121,6 @@ class TfdsSceneSource:
     out["object_map"] = np.asarray(raw["object_map"], np.int32)
     out["index"] = int(raw["index"])
     return out
-
-  def __repr__(self) -> str:
-    return f"TfdsSceneSource({self.dataset_dir!r}, split={self.split!r}, len={self._len})"
 
 
 def tfds_source(data_dir: str, split: str) -> TfdsSceneSource:

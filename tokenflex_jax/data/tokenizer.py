@@ -110,13 +110,7 @@ class Tokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     """Piece ids -> text: stops at the first eos, drops pad, bos and special ids."""
-    kept = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i not in self._skip:
-        kept.append(i)
+    kept = conversation.text_ids(ids, (self.eos_id,), self._skip)
     return self._sp.decode(kept)
 
   def prompt_ids(self, question: str, image_first: bool = True) -> list[int]:
