@@ -168,15 +168,18 @@ def test_vqa_soft_accuracy_matches_the_official_formula():
   assert benchmarks.vqa_soft_accuracy("four", answers) == 0.0
   assert benchmarks.vqa_soft_accuracy("a dog", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
   assert benchmarks.normalize_vqa_answer("The Dog's  bowl!") == "dog's bowl"
+  assert benchmarks.normalize_vqa_answer("None") == "0"
+  assert benchmarks.normalize_vqa_answer("10:30, 1,000.") == "10:30 1000"
 
 
 def test_mmbench_circular_evaluation(files):
   bench = benchmarks.mmbench(str(files / "mmbench.tsv"), 16)
-  assert len(bench.questions) == 8 * 4  # 8 questions x 4 rotations
+  assert len(bench.questions) == 8 * 4 and bench.num_questions == 8  # x 4 rotations
+  np.testing.assert_array_equal(bench.image_index[:8], [0, 0, 0, 0, 1, 1, 1, 1])
   assert set(bench.chance) == {"warm", "cold"}
   assert bench.chance["warm"] == pytest.approx(0.25 ** 4)
   # Referenced images (rows 4-7 point at rows 0-3) decode to the same pixels.
-  np.testing.assert_array_equal(bench.images[0], bench.images[16])
+  np.testing.assert_array_equal(bench.images[0], bench.images[4])
   # The right option under each rotation: the answer's text is the image colour.
   right = []
   for q_num in range(8):
@@ -190,6 +193,23 @@ def test_mmbench_circular_evaluation(files):
   assert bench.score(wrong_once) == {"warm": 0.75, "cold": 1.0}
   assert bench.score(["(" + r + ") text" for r in right]) == {"warm": 1.0, "cold": 1.0}
 
+
+def test_choice_parsing_and_circular_copies_in_the_file(tmp_path):
+  options = ("red", "green", "blue")
+  assert benchmarks.parse_choice("(c)", options) == 2
+  assert benchmarks.parse_choice("The answer is B.", options) == 1
+  assert benchmarks.parse_choice("it is green", options) == 1  # the option's text
+  assert benchmarks.parse_choice("green or blue", options) is None
+  assert benchmarks.parse_choice("D", options) is None
+  # VLMEvalKit-style files carry the rotated copies as rows index + j * 1e6.
+  image = base64.b64encode(_png("red")).decode()
+  tsv = tmp_path / "circular.tsv"
+  tsv.write_text("index\tquestion\tA\tB\tanswer\timage\n"
+                 f"0\tWhich?\tred\tblue\tA\t{image}\n"
+                 f"1000000\tWhich?\tblue\tred\tB\t0\n")
+  bench = benchmarks.mmbench(str(tsv), 16)
+  assert bench.num_questions == 1 and len(bench.questions) == 2
+  assert bench.score(["A", "B"]) == {"all": 1.0} and bench.score(["A", "A"]) == {"all": 0.0}
 
 # --- End to end ------------------------------------------------------------------------
 
@@ -215,7 +235,6 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
   assert supervised.count(tok.eos_id) == 2  # each reply ends its turn
   expected = turns[1][1] + turns[3][1]
   assert "".join(tok.decode([t]) for t in supervised).replace(" ", "").strip() == expected
-  assert mask[:int(np.argmax(tokens == tok.image_id)) + 1].sum() == 0
 
   workdir = tmp_path / "run"
   common = (*TINY_FLAGS, *_hf_flags(files), "--config.data.source=llava",
@@ -226,14 +245,17 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
   recorded = losses(str(workdir))
   assert sorted(recorded) == [1, 2, 3] and all(np.isfinite(l) for l, _ in recorded.values())
 
-  for suite, path, families in (("mmbench", "mmbench.tsv", {"warm", "cold"}),
-                                ("vqa", "vqa.jsonl", {"vqa"})):
+  for suite, path, families, chance, questions in (
+      ("mmbench", "mmbench.tsv", {"warm", "cold"}, 0.25 ** 4, 8),
+      ("vqa", "vqa.jsonl", {"vqa"}, 0.0, 4)):
     _run("tokenflex_jax.eval", "--config=configs/demo.py", f"--workdir={workdir}", *common,
          f"--config.eval.suite={suite}", f"--config.eval.data_path={files}/{path}",
          "--config.eval.max_prompt_length=160", "--config.eval.max_new_tokens=3")
     with open(workdir / "eval" / "results.json", encoding="utf-8") as f:
       results = json.load(f)
     assert results["suite"] == suite and set(results["families"]) == families
+    assert results["examples_per_family"] == questions
+    assert all(f["chance"] == pytest.approx(chance) for f in results["families"].values())
     assert set(results["results"]) == {"64", "100"}
     for r in results["results"].values():
       assert set(r["families"]) == families

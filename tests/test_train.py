@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny model: compiles, resume after a kill, overrides, eval."""
 
+import copy
 import json
 import logging as py_logging
 import os
@@ -14,7 +15,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tokenflex_jax import cli
+from tokenflex_jax import cli, setup
 from tokenflex_jax import eval as eval_binary
 from tokenflex_jax import predict
 from tokenflex_jax.data import scenes
@@ -191,6 +192,18 @@ def test_eval_writes_results_with_the_schema(reference_run):
   table = open(os.path.join(out, "results.md"), encoding="utf-8").read()
   assert "| 64 tokens | 100 tokens |" in table
   assert all(f"| {name} |" in table for name in config.data.families)
+
+
+def test_eval_refuses_a_config_describing_another_model(reference_run):
+  workdir, config, _ = reference_run
+  other = copy.deepcopy(config)
+  other.model.visual_position_span = config.model.visual_position_span + 1
+  with pytest.raises(ValueError, match="visual_position_span"):
+    eval_binary.run_eval(other, workdir)
+  other = copy.deepcopy(config)
+  other.model.remat = not config.model.remat  # a performance flag: the same model
+  tokenizer = setup.tokenizer_loader(other, workdir)()
+  eval_binary.check_same_model(other, workdir, setup.model_config(other, tokenizer), tokenizer)
 
 
 def test_predict_answers_one_question(reference_run, tmp_path):

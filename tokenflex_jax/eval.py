@@ -8,6 +8,7 @@ Writes WORKDIR/eval/results.json, results.md and accuracy.png.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -18,13 +19,34 @@ from absl import logging
 from tokenflex_jax import cli, setup, sharding
 from tokenflex_jax.evaluation.evaluator import evaluate
 from tokenflex_jax.evaluation.report import markdown_table, write_results
-from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.models.vlm import VLM, VLMConfig
 from tokenflex_jax.training import checkpointing
+
+
+def check_same_model(config: ml_collections.ConfigDict, workdir: str,
+                     model_config: VLMConfig, tokenizer: ChatTokenizer) -> None:
+  """Refuses a ``config`` whose model differs from the one the workdir was trained with
+  (e.g. other visual positions, which would load but answer wrongly). The rematerialisation
+  flag may differ; a workdir without config.json is not checked."""
+  if not os.path.exists(os.path.join(workdir, setup.CONFIG_FILE)):
+    return
+  trained = dataclasses.replace(
+      setup.model_config(setup.load_workdir_config(workdir), tokenizer), remat=False)
+  given = dataclasses.replace(model_config, remat=False)
+  flat = lambda c: dict(jax.tree_util.tree_leaves_with_path(dataclasses.asdict(c)))
+  differ = sorted(jax.tree_util.keystr(k) for k, v in flat(given).items()
+                  if flat(trained).get(k) != v)
+  if differ:
+    raise ValueError(f"--config describes another model than {workdir} was trained with; "
+                     f"fields {', '.join(differ)} differ (pass the training run's overrides)")
+
 
 def load_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules, step: int = -1):
   """(model, sharded params, tokenizer, step) from a workdir's checkpoint."""
   tokenizer = setup.tokenizer_loader(config, workdir)()
   model = VLM(setup.model_config(config, tokenizer))
+  check_same_model(config, workdir, model.config, tokenizer)
   size, n = config.data.image_size, config.token_counts[0]
   with sharding.mesh_rules(mesh, rules):
     boxed = jax.eval_shape(lambda r: model.init(

@@ -18,7 +18,7 @@ from absl import logging
 from tokenflex_jax import sharding
 from tokenflex_jax.data import chat
 from tokenflex_jax.data.chat import ChatTokenizer
-from tokenflex_jax.data.tokenizer import Tokenizer, ensure_tokenizer
+from tokenflex_jax.data.tokenizer import ensure_tokenizer
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import POOLING_MODES, ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
@@ -72,8 +72,6 @@ def tokenizer_loader(config: ml_collections.ConfigDict, workdir: str
   """A picklable zero-argument function that loads the run's tokenizer (grain workers
   call it on their side)."""
   t = tokenizer_config(config)
-  if t.kind == "project":
-    return functools.partial(Tokenizer, tokenizer_path(config, workdir))
   return functools.partial(chat.load_tokenizer, kind=t.kind, path=tokenizer_path(config, workdir),
                            template=t.template, image_token=t.image_token,
                            system_prompt=t.get("system_prompt"))

@@ -8,7 +8,9 @@ list of rows::
                      {"from": "gpt", "value": "It is parked."}, ...]}
 
 ``image`` is relative to an image folder. Turns alternate human -> gpt; the one
-``<image>`` marker sits in a human turn. A row that breaks these rules is malformed:
+``<image>`` marker sits in a human turn. Rows without an image (LLaVA-1.5's mix has
+about 41k text-only ShareGPT rows) cannot be used: the model takes one image per
+conversation. A row that breaks these rules is malformed:
 `read_llava` raises an error naming the file, the row and what is wrong, or, with
 ``skip_malformed``, leaves the row out and counts it by reason.
 """
@@ -49,8 +51,11 @@ def parse_row(raw: object, path: str, row: int, image_dir: str) -> Conversation:
     raise bad("not an object", type(raw).__name__)
   row_id = str(raw.get("id", row))
   image = raw.get("image")
+  if "image" not in raw:  # LLaVA-1.5's mix has ~41k of these (ShareGPT text).
+    raise bad("text-only row", f"id {row_id!r} has no 'image' field; this model needs one "
+              "image per conversation")
   if not image or not isinstance(image, str):
-    raise bad("missing image", f"id {row_id!r} has no 'image' field")
+    raise bad("missing image", f"id {row_id!r}: 'image' is {image!r}")
   image_path = os.path.join(image_dir, image)
   if not os.path.isfile(image_path):
     raise bad("missing image", f"id {row_id!r}: {image_path} does not exist")

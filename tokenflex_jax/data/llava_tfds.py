@@ -6,11 +6,13 @@ Build (no TensorFlow needed):
       --image_dir=/data/llava/images --data_dir=/data/tfds [--name=NAME] \
       [--skip_malformed]
 
-Every row is validated first (`llava.read_llava`): a malformed row stops the build with
-an error naming the file and row, or, with --skip_malformed, is left out and counted
-(the counts are logged and written to the build's description). Each example stores the
-image file's bytes as they are (decoded and resized by the input pipeline) and the
-conversation as JSON text [[role, text], ...].
+Every row is validated first (`llava.read_llava`, then each image is decoded once): a
+malformed row stops the build with an error naming the file and row, or, with
+--skip_malformed, is left out and counted in the log (LLaVA-1.5's mix665k has about 41k
+text-only rows, which this skips as "text-only row"). Each example stores the image
+file's bytes as they are (decoded and resized by the input pipeline), the conversation
+as JSON text [[role, text], ...] and its row in the JSON file; TFDS stores the examples
+in its own shuffled order.
 
 Read: ``LlavaTfdsSource(data_dir, "train")`` is a grain data source; the pipeline reads
 it when ``config.data.source = "llava"`` and ``config.data.tfds_dir`` names the build.
@@ -57,7 +59,7 @@ def _checked_image_bytes(conversation: llava.Conversation, json_path: str) -> by
 
 
 class LlavaConversations(tfds.core.GeneratorBasedBuilder):
-  """One split, "train": the usable rows of a LLaVA JSON file, in file order."""
+  """One split, "train": the usable rows of a LLaVA JSON file ("row" says which)."""
 
   name = NAME
   VERSION = tfds.core.Version("1.0.0")

@@ -4,7 +4,9 @@
   category, image`` (base64; a short all-digit image field refers to the row with that
   index, as MMBench stores repeated images). Scored as multiple choice with circular
   evaluation: a question with k options is asked k times with the options rotated, and
-  counts as correct only if every rotation is answered correctly.
+  counts as correct only if every rotation is answered correctly. Files that already
+  hold the rotated copies (VLMEvalKit's: index + j * 1e6) are read for their original
+  rows only (index < 1e6); the rotations are made here.
 * VQA JSONL: one object per line, ``{"image": path, "question": str, "answers": [str]}``
   (image relative to the file's folder unless absolute; optional ``category``). Scored
   with the VQA soft accuracy: min(1, matching human answers / 3), averaged over the
@@ -33,6 +35,8 @@ from PIL import Image
 from tokenflex_jax.data.llava import MalformedRowError
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+VQA_INSTRUCTION = "Answer the question using a single word or phrase."
+CIRCULAR_COPY_OFFSET = 1_000_000
 LETTERS = string.ascii_uppercase
 
 
@@ -40,12 +44,16 @@ LETTERS = string.ascii_uppercase
 class Benchmark:
   """Questions ready for generation and a scorer for the generated answers.
 
-  images: uint8 [N, H, W, 3] decoded at the eval resolution; questions: N prompt texts
-  (the image goes where the chat template puts it); score(predictions) -> {family:
-  accuracy}; chance: {family: accuracy of random guessing}; skipped: {reason: rows}.
+  images: uint8 [M, H, W, 3] decoded at the eval resolution; questions: N prompt texts
+  (the image goes where the chat template puts it); image_index: int [N], the image of
+  each prompt (MMBench's rotations share one); num_questions: what is scored (N, or the
+  MMBench questions before rotation); score(predictions) -> {family: accuracy}; chance:
+  {family: accuracy of random guessing}; skipped: {reason: rows}.
   """
   images: np.ndarray
   questions: list[str]
+  image_index: np.ndarray
+  num_questions: int
   score: Callable[[Sequence[str]], dict[str, float]]
   chance: dict[str, float]
   skipped: dict[str, int]
@@ -93,16 +101,19 @@ def mc_prompt(question: str, hint: str, options: Sequence[str]) -> str:
   return "\n".join(lines)
 
 
-def parse_choice(text: str, num_options: int) -> int | None:
-  """The option index a generated answer names ("B", "B.", "(B) cat", "The answer is B")."""
-  valid = LETTERS[:num_options]
+def parse_choice(text: str, options: Sequence[str]) -> int | None:
+  """The option a generated answer names: a letter ("B", "b.", "(B) cat", "The answer is
+  B") or, failing that, exactly one option's text. None if it names none."""
+  valid = LETTERS[:len(options)]
   text = text.strip()
-  m = re.match(r"^\(?([A-Z])(?:[.):\s]|$)", text)
-  if m and m.group(1) in valid:
-    return valid.index(m.group(1))
-  found = re.findall(r"\b([A-Z])\b", text)
-  found = [f for f in found if f in valid]
-  return valid.index(found[0]) if found else None
+  m = re.match(r"^\(?([A-Za-z])(?:[.):\s]|$)", text)
+  if m and m.group(1).upper() in valid:
+    return valid.index(m.group(1).upper())
+  found = [f for f in re.findall(r"\b([A-Z])\b", text) if f in valid]
+  if found:
+    return valid.index(found[0])
+  named = [i for i, o in enumerate(options) if o.strip().lower() in text.lower()]
+  return named[0] if len(named) == 1 else None
 
 
 def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
@@ -115,6 +126,9 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
     raise ValueError(f"{path}: an MMBench TSV needs the columns index, question, A, B, "
                      f"[C, D, ...], answer, image; found {sorted(rows[0])}")
   by_index = {r.get("index", str(i)): r for i, r in enumerate(rows)}
+  # Circular copies (index >= 1e6) repeat an original row with rotated options.
+  rows = [r for r in rows if not (r.get("index") or "0").isdigit()
+          or int(r["index"]) < CIRCULAR_COPY_OFFSET]
 
   def parse(i: int, row: dict[str, str]) -> ChoiceQuestion:
     bad = lambda reason, detail: MalformedRowError(path, i, reason, detail)
@@ -154,48 +168,60 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
 def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> Benchmark:
   """Circular multiple choice: each k-option question is asked k times, rotated."""
   questions, skipped = read_mmbench(path, image_size, skip_malformed)
-  images, prompts, asked = [], [], []  # asked: (question number, correct letter index)
+  prompts, image_index, asked = [], [], []  # asked: (question number, right letter index)
   for q_num, q in enumerate(questions):
     k = len(q.options)
     for shift in range(k):
       rotated = q.options[shift:] + q.options[:shift]
-      images.append(q.image)
       prompts.append(mc_prompt(q.question, q.hint, rotated))
+      image_index.append(q_num)
       asked.append((q_num, (q.answer - shift) % k))
   categories = sorted({q.category for q in questions})
 
   def score(predictions: Sequence[str]) -> dict[str, float]:
     correct = np.ones(len(questions), bool)
     for (q_num, answer), text in zip(asked, predictions, strict=True):
-      if parse_choice(text, len(questions[q_num].options)) != answer:
+      if parse_choice(text, questions[q_num].options) != answer:
         correct[q_num] = False
     cats = np.array([q.category for q in questions])
     return {c: float(correct[cats == c].mean()) for c in categories}
 
   chance = {c: float(np.mean([(1 / len(q.options)) ** len(q.options) for q in questions
                               if q.category == c])) for c in categories}
-  return Benchmark(np.stack(images) if images else np.zeros((0, image_size, image_size, 3),
-                                                              np.uint8),
-                   prompts, score, chance, skipped)
+  return Benchmark(_stack([q.image for q in questions], image_size), prompts,
+                   np.array(image_index, np.int64), len(questions), score, chance, skipped)
+
+
+def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
+  return np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
 
 
 # --- VQA -------------------------------------------------------------------------------
 
-_NUMBERS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten".split())}
+_NUMBERS = {"none": "0", **{w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten".split())}}
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't",
                  "cant": "can't", "wont": "won't", "im": "i'm", "ive": "i've",
                  "youre": "you're", "thats": "that's", "whats": "what's", "wasnt": "wasn't"}
-_PUNCT = re.compile(r"(?<!\d)\.(?!\d)|[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:]")
+# The official VQA evaluation's punctuation list (":", "%", "$", ... are kept).
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+          "@", "`", ",", "?", "!")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 
 
 def normalize_vqa_answer(text: str) -> str:
-  """The VQA evaluation's answer normalisation (lower case, punctuation, number words,
-  articles, common contractions)."""
-  text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-  text = re.sub(r"(\d),(\d)", r"\1\2", text)
-  text = _PUNCT.sub(lambda m: "" if m.group(0) in "'" else " ", text)
+  """The official VQA evaluation's answer normalisation: punctuation (removed next to a
+  space or inside a number, else a space), periods outside numbers, lower case, number
+  words to digits, articles, common contractions."""
+  text = text.replace("\n", " ").replace("\t", " ").strip()
+  for p in _PUNCT:
+    if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text):
+      text = text.replace(p, "")
+    else:
+      text = text.replace(p, " ")
+  text = _PERIOD_STRIP.sub("", text).lower()
   words = []
   for w in text.split():
     w = _NUMBERS.get(w, w)
@@ -250,8 +276,10 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
   return _collect(lines, parse, skip_malformed)
 
 
-def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = ""
-        ) -> Benchmark:
+def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = "",
+        instruction: str = VQA_INSTRUCTION) -> Benchmark:
+  """Each question, followed by ``instruction`` on a new line (LLaVA's short-answer
+  prompt; "" for none), scored with the VQA soft accuracy."""
   rows, skipped = read_vqa(path, image_size, skip_malformed, image_dir)
   categories = sorted({r[3] for r in rows})
   cats = np.array([r[3] for r in rows])
@@ -260,6 +288,7 @@ def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str
     acc = np.array([vqa_soft_accuracy(p, r[2]) for p, r in zip(predictions, rows, strict=True)])
     return {c: float(acc[cats == c].mean()) for c in categories}
 
-  images = (np.stack([r[0] for r in rows]) if rows
-            else np.zeros((0, image_size, image_size, 3), np.uint8))
-  return Benchmark(images, [r[1] for r in rows], score, {c: 0.0 for c in categories}, skipped)
+  prompts = [f"{r[1]}\n{instruction}" if instruction else r[1] for r in rows]
+  return Benchmark(_stack([r[0] for r in rows], image_size), prompts,
+                   np.arange(len(rows)), len(rows), score, {c: 0.0 for c in categories},
+                   skipped)

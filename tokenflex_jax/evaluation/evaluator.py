@@ -31,9 +31,12 @@ from tokenflex_jax.models.vlm import VLM
 
 @dataclasses.dataclass
 class EvalSet:
-  """images: f32 [N, H, W, 3]; prompts: i32 [N, P] left-padded; score(decoded texts) ->
-  {family: accuracy}; families: {family: {"granularity", "chance"}}."""
+  """images: uint8 [M, H, W, 3]; image_index: int [N], the image of each prompt; prompts:
+  i32 [N, P] left-padded; score(decoded texts) -> {family: accuracy}; families: {family:
+  {"granularity", "chance"}}; examples_per_family: what the report states (the scene
+  suite: per family; a benchmark: its number of questions)."""
   images: np.ndarray
+  image_index: np.ndarray
   prompts: np.ndarray
   score: Callable[[Sequence[str]], dict[str, float]]
   families: dict[str, dict[str, Any]]
@@ -50,7 +53,7 @@ def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) 
                                 image_size=config.data.image_size, families=(family,))
     for j in range(len(source)):
       ex = source[j]
-      images.append(normalize_image(ex["image"]))
+      images.append(ex["image"])
       questions.append(ex["question"])
       answers.append(ex["answer"])
       families.append(ex["family"])
@@ -60,7 +63,7 @@ def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) 
     correct = np.array([t == a for t, a in zip(texts, answers, strict=True)], np.float64)
     return {f: float(correct[fams == f].mean()) for f in config.data.families}
 
-  return EvalSet(np.stack(images),
+  return EvalSet(np.stack(images), np.arange(len(images)),
                  encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
                                 config.data.image_first),
                  score, family_info(tuple(config.data.families)),
@@ -81,12 +84,12 @@ def benchmark_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokeniz
   if not bench.questions:
     raise ValueError(f"{path}: no usable rows")
   granularity = config.eval.suite
-  return EvalSet(normalize_image(bench.images),
+  return EvalSet(bench.images, bench.image_index,
                  encode_prompts(tokenizer, bench.questions, config.eval.max_prompt_length,
                                 config.data.image_first),
                  bench.score,
                  {f: {"granularity": granularity, "chance": c} for f, c in bench.chance.items()},
-                 len(bench.questions))
+                 bench.num_questions)
 
 
 def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
@@ -113,13 +116,13 @@ def _predict_all(compiled: Any, params: Any, data: EvalSet, bs: int, image_sh, p
   n, count, index = len(data.prompts), jax.process_count(), jax.process_index()
   local_bs = bs // count
   padded = -(-n // bs) * bs  # The last batch is padded by repeating the last example.
-  take = lambda a: np.concatenate([a, np.repeat(a[-1:], padded - n, 0)])
-  images, prompts = take(data.images), take(data.prompts)
+  rows_of = lambda start: np.minimum(np.arange(start, start + local_bs), n - 1)
   local_out = []
   for start in range(index * local_bs, padded, bs):
-    rows = slice(start, start + local_bs)
-    out = compiled(params, jax.make_array_from_process_local_data(image_sh, images[rows]),
-                   jax.make_array_from_process_local_data(prompt_sh, prompts[rows]))
+    rows = rows_of(start)
+    images = normalize_image(data.images[data.image_index[rows]])
+    out = compiled(params, jax.make_array_from_process_local_data(image_sh, images),
+                   jax.make_array_from_process_local_data(prompt_sh, data.prompts[rows]))
     local = multihost_utils.global_array_to_host_local_array(out, mesh, prompt_sh.spec)
     local_out.append(np.asarray(local))
   local_out = np.stack(local_out)  # [batches, local_bs, T]
