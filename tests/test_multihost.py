@@ -103,7 +103,7 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
   logs = _finish(procs)
   stopped = checkpointing.latest_step(two_dir)
   assert 4 <= stopped < TOTAL, f"stopped at {stopped}: the run ended before SIGTERM"
-  assert "SIGTERM received" in logs[1]
+  assert all(f"every process saves step {stopped}" in log for log in logs)
   _assert_same(losses(two_dir), reference, range(1, stopped + 1), rel=1e-5)
   shutil.copytree(two_dir, other_dir)
 

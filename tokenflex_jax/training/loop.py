@@ -28,13 +28,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop polls (restores the old handler on exit)."""
+  """Turns SIGTERM into a flag the loop polls (restores the old handler on exit). Only
+  in a single-process run: with several, JAX's preemption service owns SIGTERM."""
 
   def __init__(self):
     self.raised = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     def handler(signum, frame):  # pylint: disable=unused-argument
       logging.warning("SIGTERM received: saving a checkpoint and exiting")
       self.raised = True
@@ -49,13 +52,21 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def stop_requested(raised_here: bool) -> bool:
-  """True on every process as soon as any process got SIGTERM, so all of them save the
-  same step together (the save is collective) and stop."""
+def stop_requested(step: int, raised_here: bool) -> bool:
+  """True on every process at the same step once any process got SIGTERM, so all of
+  them save that step together (the save is collective) and stop.
+
+  With several processes this is JAX's preemption service: the coordination service
+  catches SIGTERM and the processes agree on the step over it, with no device collective,
+  so the host never waits for the device queue. It must be asked at every step.
+  """
   if jax.process_count() == 1:
     return raised_here
-  flags = multihost_utils.process_allgather(np.asarray(raised_here, np.int32))
-  return bool(np.max(flags))
+  if multihost_utils.reached_preemption_sync_point(step):
+    logging.warning("preemption notice (SIGTERM on some process): every process saves "
+                    "step %d and exits", step)
+    return True
+  return False
 
 
 def train_loop(*, state: Any, start_step: int, total_steps: int,
@@ -102,7 +113,7 @@ def train_loop(*, state: Any, start_step: int, total_steps: int,
         report(pending)  # The previous step, while this one runs.
       pending = (step, n, metrics)
       done = step + 1
-      stop = stop_requested(sigterm.raised)
+      stop = stop_requested(done, sigterm.raised)
       if done % checkpoint_every == 0 or done == total_steps or stop:
         report(pending)
         pending = None
