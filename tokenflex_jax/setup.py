@@ -58,13 +58,13 @@ def tokenizer_config(config: ml_collections.ConfigDict) -> ml_collections.Config
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-  path = tokenizer_config(config).path
-  if tokenizer_config(config).kind == "project":
-    return path or os.path.join(workdir, TOKENIZER_FILE)
-  if not path:
-    raise ValueError(f"config.tokenizer.kind={tokenizer_config(config).kind!r} needs "
+  t = tokenizer_config(config)
+  if t.kind == "project":
+    return t.path or os.path.join(workdir, TOKENIZER_FILE)
+  if not t.path:
+    raise ValueError(f"config.tokenizer.kind={t.kind!r} needs "
                      "config.tokenizer.path (the LLM's tokenizer.json or .model file)")
-  return path
+  return t.path
 
 
 def tokenizer_loader(config: ml_collections.ConfigDict, workdir: str

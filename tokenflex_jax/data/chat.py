@@ -75,7 +75,8 @@ def load_tokenizer(kind: str, path: str, template: str = "", image_token: str = 
                        f"token {tokenizer.IMAGE_TOKEN!r}; got config.tokenizer.template="
                        f"{template!r}, config.tokenizer.image_token={image_token!r}")
     if system_prompt is not None:
-      raise ValueError("the project tokenizer has no system prompt")
+      raise ValueError("the project tokenizer has no system prompt; leave "
+                       "config.tokenizer.system_prompt unset")
     return tokenizer.Tokenizer(path)
   if kind not in ("sentencepiece", "hf"):
     raise ValueError(f"unknown config.tokenizer.kind {kind!r}; expected one of {KINDS}")
@@ -84,6 +85,7 @@ def load_tokenizer(kind: str, path: str, template: str = "", image_token: str = 
                      "a single-id token of the tokenizer that marks the image")
   if kind == "sentencepiece":
     if system_prompt is not None:
-      raise ValueError("the sentencepiece templates (llama2, gemma) take no system prompt")
+      raise ValueError("the sentencepiece templates (llama2, gemma) take no system prompt; "
+                       "leave config.tokenizer.system_prompt unset")
     return SentencePieceChatTokenizer(path, template, image_token)
   return HFTokenizer(path, template, image_token, system_prompt)

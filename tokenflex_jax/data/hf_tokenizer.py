@@ -64,8 +64,8 @@ def text_template(name: str) -> TextTemplate:
     return CHATML
   if name == "llama3":
     return LLAMA3
-  raise ValueError(f"unknown chat template {name!r} for a Hugging Face tokenizer; "
-                   f"expected one of {TEMPLATES}")
+  raise ValueError(f"unknown chat template {name!r} for a Hugging Face tokenizer "
+                   f"(config.tokenizer.template); expected one of {TEMPLATES}")
 
 
 @dataclasses.dataclass(frozen=True)

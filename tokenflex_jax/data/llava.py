@@ -21,7 +21,10 @@ import collections
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 IMAGE_MARKER = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -102,10 +105,17 @@ def read_llava(path: str, image_dir: str, skip_malformed: bool = False
   if not isinstance(rows, list):
     raise ValueError(f"{path}: expected a JSON list of conversation rows, "
                      f"got {type(rows).__name__}")
+  return collect_rows(rows, lambda i, raw: parse_row(raw, path, i, image_dir), skip_malformed)
+
+
+def collect_rows(rows: Sequence[Any], parse: Callable[[int, Any], T], skip_malformed: bool
+                 ) -> tuple[list[T], dict[str, int]]:
+  """[parse(row number, row)] for every row; a `MalformedRowError` propagates, or with
+  ``skip_malformed`` leaves the row out and is counted: returns (parsed, {reason: rows})."""
   out, skipped = [], collections.Counter()
-  for i, raw in enumerate(rows):
+  for i, row in enumerate(rows):
     try:
-      out.append(parse_row(raw, path, i, image_dir))
+      out.append(parse(i, row))
     except MalformedRowError as e:
       if not skip_malformed:
         raise

@@ -38,8 +38,8 @@ class SentencePieceChatTokenizer:
 
   def __init__(self, model_path: str, template: str = "llama2", image_token: str = "<image>"):
     if template not in TEMPLATES:
-      raise ValueError(f"unknown chat template {template!r} for a sentencepiece tokenizer; "
-                       f"expected one of {TEMPLATES}")
+      raise ValueError(f"unknown chat template {template!r} for a sentencepiece tokenizer "
+                       f"(config.tokenizer.template); expected one of {TEMPLATES}")
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"no sentencepiece model at {model_path}")
     self.model_path, self.template, self.image_token = model_path, template, image_token

@@ -19,10 +19,8 @@ from 0 among the data rows), or with ``skip_malformed`` is left out and counted.
 from __future__ import annotations
 
 import base64
-import collections
 import csv
 import dataclasses
-import io
 import json
 import os
 import re
@@ -30,9 +28,9 @@ import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
-from tokenflex_jax.data.llava import MalformedRowError
+from tokenflex_jax.data.llava import MalformedRowError, collect_rows
+from tokenflex_jax.data.pipeline import decode_image
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -60,25 +58,11 @@ class Benchmark:
 
 
 def _decode(data: bytes, size: int, path: str, row: int, what: str) -> np.ndarray:
+  """`pipeline.decode_image`, with a corrupt image reported as a malformed row."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      return np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
-                        np.uint8)
+    return decode_image(data, size)
   except Exception as e:  # PIL raises many types for corrupt data.
     raise MalformedRowError(path, row, "unreadable image", f"{what}: {e}") from None
-
-
-def _collect(rows, parse, skip_malformed: bool):
-  """Applies parse(row_number, row) to each row; returns (parsed, {reason: count})."""
-  out, skipped = [], collections.Counter()
-  for i, row in enumerate(rows):
-    try:
-      out.append(parse(i, row))
-    except MalformedRowError as e:
-      if not skip_malformed:
-        raise
-      skipped[e.reason] += 1
-  return out, dict(skipped)
 
 
 # --- MMBench ---------------------------------------------------------------------------
@@ -162,7 +146,7 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
                           (row.get("category") or "").strip() or "all",
                           _decode(data, image_size, path, i, f"index {index}"))
 
-  return _collect(rows, parse, skip_malformed)
+  return collect_rows(rows, parse, skip_malformed)
 
 
 def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> Benchmark:
@@ -273,7 +257,7 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
       pixels = _decode(f.read(), image_size, path, i, image_path)
     return pixels, question.strip(), answers, str(row.get("category") or "vqa")
 
-  return _collect(lines, parse, skip_malformed)
+  return collect_rows(lines, parse, skip_malformed)
 
 
 def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = "",
