@@ -1,10 +1,10 @@
-"""The benchmark binary measures every bucket and writes its figures."""
+"""The step-timing binary (tokenflex_jax.bench) measures every bucket and writes its figures."""
 
 import json
 import os
 
 from tests.tiny import tiny_config
-from tokenflex_jax.benchmark import benchmark
+from tokenflex_jax.bench import benchmark
 
 
 def test_benchmark_reports_every_bucket(tmp_path, capsys):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses
 from tokenflex_jax.data import llava, llava_tfds, pipeline
-from tokenflex_jax.evaluation import benchmarks
+from tokenflex_jax.data.rows import MalformedRowError
+from tokenflex_jax.evaluation import eval_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
@@ -125,26 +126,35 @@ def _llava_rows(tmp_path, bad_row):
     ({"id": "x", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "  "}]},
      "empty answer"),
+    ({"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": "A <image>"}]},
+     "<image> marker in an assistant turn"),
+    ({"id": "x", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image> Q <image>"}, {"from": "gpt", "value": "A"}]},
+     "more than one <image> marker"),
+    ({"id": "x", "image": "a.png", "conversations": [
+        {"from": "gpt", "value": "A"}, {"from": "human", "value": "<image> Q"}]},
+     "turns out of order"),
 ])
 def test_malformed_llava_row_names_file_and_row_or_is_counted(tmp_path, bad_row, reason):
   path = _llava_rows(tmp_path, bad_row)
-  with pytest.raises(llava.MalformedRowError, match=rf"rows\.json: row 1: {reason}") as e:
+  with pytest.raises(MalformedRowError, match=rf"rows\.json: row 1: {reason}") as e:
     llava.read_llava(path, str(tmp_path))
   assert e.value.path == path and e.value.row == 1
   rows, skipped = llava.read_llava(path, str(tmp_path), skip_malformed=True)
   assert [r.row for r in rows] == [0, 2] and skipped == {reason: 1}
 
 
-def test_malformed_benchmark_rows(tmp_path):
+def test_malformed_eval_file_rows(tmp_path):
   tsv = tmp_path / "bench.tsv"
   image = base64.b64encode(_png("red")).decode()
   tsv.write_text("index\tquestion\tA\tB\tanswer\timage\n"
                  f"0\tWhich?\tred\tblue\tA\t{image}\n"
                  f"1\tWhich?\tred\tblue\tE\t{image}\n"
                  f"2\tWhich?\tred\tblue\tB\t\n")
-  with pytest.raises(llava.MalformedRowError, match=r"bench\.tsv: row 1: unknown option letter"):
-    benchmarks.read_mmbench(str(tsv), 16)
-  questions, skipped = benchmarks.read_mmbench(str(tsv), 16, skip_malformed=True)
+  with pytest.raises(MalformedRowError, match=r"bench\.tsv: row 1: unknown option letter"):
+    eval_files.read_mmbench(str(tsv), 16)
+  questions, skipped = eval_files.read_mmbench(str(tsv), 16, skip_malformed=True)
   assert [q.index for q in questions] == ["0"]
   assert skipped == {"unknown option letter": 1, "missing image": 1}
 
@@ -153,9 +163,9 @@ def test_malformed_benchmark_rows(tmp_path):
   jsonl.write_text(json.dumps({"image": "a.png", "question": "Q?", "answers": ["red"]}) + "\n"
                    + json.dumps({"image": "a.png", "question": "Q?", "answers": []}) + "\n"
                    + json.dumps({"image": "b.png", "question": "Q?", "answers": ["x"]}) + "\n")
-  with pytest.raises(llava.MalformedRowError, match=r"vqa\.jsonl: row 1: empty answer"):
-    benchmarks.read_vqa(str(jsonl), 16)
-  rows, skipped = benchmarks.read_vqa(str(jsonl), 16, skip_malformed=True)
+  with pytest.raises(MalformedRowError, match=r"vqa\.jsonl: row 1: empty answer"):
+    eval_files.read_vqa(str(jsonl), 16)
+  rows, skipped = eval_files.read_vqa(str(jsonl), 16, skip_malformed=True)
   assert len(rows) == 1 and skipped == {"empty answer": 1, "missing image": 1}
 
 
@@ -163,17 +173,17 @@ def test_malformed_benchmark_rows(tmp_path):
 
 def test_vqa_soft_accuracy_matches_the_official_formula():
   answers = ["two"] * 2 + ["3"] * 8
-  assert benchmarks.vqa_soft_accuracy("2", answers) == pytest.approx(0.6)   # 2 humans
-  assert benchmarks.vqa_soft_accuracy("Three.", answers) == pytest.approx(1.0)
-  assert benchmarks.vqa_soft_accuracy("four", answers) == 0.0
-  assert benchmarks.vqa_soft_accuracy("a dog", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
-  assert benchmarks.normalize_vqa_answer("The Dog's  bowl!") == "dog's bowl"
-  assert benchmarks.normalize_vqa_answer("None") == "0"
-  assert benchmarks.normalize_vqa_answer("10:30, 1,000.") == "10:30 1000"
+  assert eval_files.vqa_soft_accuracy("2", answers) == pytest.approx(0.6)   # 2 humans
+  assert eval_files.vqa_soft_accuracy("Three.", answers) == pytest.approx(1.0)
+  assert eval_files.vqa_soft_accuracy("four", answers) == 0.0
+  assert eval_files.vqa_soft_accuracy("a dog", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
+  assert eval_files.normalize_vqa_answer("The Dog's  bowl!") == "dog's bowl"
+  assert eval_files.normalize_vqa_answer("None") == "0"
+  assert eval_files.normalize_vqa_answer("10:30, 1,000.") == "10:30 1000"
 
 
 def test_mmbench_circular_evaluation(files):
-  bench = benchmarks.mmbench(str(files / "mmbench.tsv"), 16)
+  bench = eval_files.mmbench(str(files / "mmbench.tsv"), 16)
   assert len(bench.questions) == 8 * 4 and bench.num_questions == 8  # x 4 rotations
   np.testing.assert_array_equal(bench.image_index[:8], [0, 0, 0, 0, 1, 1, 1, 1])
   assert set(bench.chance) == {"warm", "cold"}
@@ -196,18 +206,18 @@ def test_mmbench_circular_evaluation(files):
 
 def test_choice_parsing_and_circular_copies_in_the_file(tmp_path):
   options = ("red", "green", "blue")
-  assert benchmarks.parse_choice("(c)", options) == 2
-  assert benchmarks.parse_choice("The answer is B.", options) == 1
-  assert benchmarks.parse_choice("it is green", options) == 1  # the option's text
-  assert benchmarks.parse_choice("green or blue", options) is None
-  assert benchmarks.parse_choice("D", options) is None
+  assert eval_files.parse_choice("(c)", options) == 2
+  assert eval_files.parse_choice("The answer is B.", options) == 1
+  assert eval_files.parse_choice("it is green", options) == 1  # the option's text
+  assert eval_files.parse_choice("green or blue", options) is None
+  assert eval_files.parse_choice("D", options) is None
   # VLMEvalKit-style files carry the rotated copies as rows index + j * 1e6.
   image = base64.b64encode(_png("red")).decode()
   tsv = tmp_path / "circular.tsv"
   tsv.write_text("index\tquestion\tA\tB\tanswer\timage\n"
                  f"0\tWhich?\tred\tblue\tA\t{image}\n"
                  f"1000000\tWhich?\tblue\tred\tB\t0\n")
-  bench = benchmarks.mmbench(str(tsv), 16)
+  bench = eval_files.mmbench(str(tsv), 16)
   assert bench.num_questions == 1 and len(bench.questions) == 2
   assert bench.score(["A", "B"]) == {"all": 1.0} and bench.score(["A", "A"]) == {"all": 0.0}
 

@@ -102,7 +102,7 @@ def test_dots_are_single_pixels_that_share_4x4_cells():
     cells = set(zip((ys // 4).tolist(), (xs // 4).tolist()))
     shared += len(cells) < len(ys)
   # 8x8 tokens (4x4-pixel cells) merge dots often; the 16x16 grid never does.
-  assert shared >= 20  # ~34% of dot images (~42% of those with two or more dots)
+  assert shared >= 20
 
 
 def test_marks_tile_one_4x4_cell_one_patch_each():

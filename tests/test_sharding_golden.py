@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo, paper
-from tokenflex_jax import setup, sharding
-from tokenflex_jax.aot import TokenIds
+from tokenflex_jax import model_config, sharding
 from tokenflex_jax.models.vlm import VLM
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -24,7 +23,7 @@ MESH_SHAPE = (2, 2, 2)
 
 def render(config, rules) -> str:
   """'path shape: PartitionSpec' for every parameter of the config's model, one per line."""
-  model = VLM(setup.model_config(config, TokenIds(256, image_id=4)))
+  model = VLM(model_config.vlm_config(config, model_config.FixedTokenIds(256, image_id=4)))
   mesh = sharding.make_mesh(MESH_SHAPE)
   rules = sharding.rules_from_config(rules)
   size, text = config.data.image_size, config.data.max_text_length

@@ -15,7 +15,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tokenflex_jax import cli, setup
+from tokenflex_jax import cli, run_tokenizer, trained_model
 from tokenflex_jax import eval as eval_binary
 from tokenflex_jax import predict
 from tokenflex_jax.data import scenes
@@ -202,8 +202,7 @@ def test_eval_refuses_a_config_describing_another_model(reference_run):
     eval_binary.run_eval(other, workdir)
   other = copy.deepcopy(config)
   other.model.remat = not config.model.remat  # a performance flag: the same model
-  tokenizer = setup.tokenizer_loader(other, workdir)()
-  eval_binary.check_same_model(other, workdir, setup.model_config(other, tokenizer), tokenizer)
+  trained_model.check_same_model(other, workdir, run_tokenizer.loader(other, workdir)())
 
 
 def test_predict_answers_one_question(reference_run, tmp_path):

@@ -10,60 +10,39 @@ CPU the figures are the CPU compiler's; on TPU/GPU run it there for theirs.)
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
-from tokenflex_jax import setup, sharding
-from tokenflex_jax.data import pipeline
+from tokenflex_jax import cli, model_config, sharding
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import steps
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenIds:
-  """What the model config needs from a tokenizer, without one."""
-  vocab_size: int
-  image_id: int = 1
-  pad_id: int = 0
+from tokenflex_jax.training import trainer
+from tokenflex_jax.training.vlm_task import vlm_task
 
 
 def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, float]]:
   """{num_tokens: {"compile_s", "gflop", "argument_gib", "output_gib", "temp_gib",
   "total_gib"}} per device, for the train step of each of ``config.token_counts``."""
-  mesh, rules = setup.mesh_and_rules(config)
-  model = VLM(setup.model_config(config, TokenIds(config.model.llm.vocab_size)))
-  counts = tuple(config.token_counts)
-  abstract_batch, batch_sh = pipeline.abstract_vqa_batch(config, mesh, rules)
-  init_params = lambda rng: model.init(rng, jnp.zeros(abstract_batch["image"].shape),
-                                       jnp.zeros(abstract_batch["tokens"].shape, jnp.int32),
-                                       counts[0])["params"]
-  tx, step_fn, frozen = setup.optimizer_and_step(config, model, init_params)
-  with sharding.mesh_rules(mesh, rules):
-    abstract_state, state_sh = steps.abstract_state_and_shardings(
-        init_params, tx, jax.random.key(0), mesh, rules)
+  mesh, rules = sharding.mesh_from_config(config)
+  model = VLM(model_config.vlm_config(config,
+                                      model_config.FixedTokenIds(config.model.llm.vocab_size)))
+  job = trainer.compile_task(config, vlm_task(config, model, mesh, rules), mesh, rules)
+  gib = lambda b: b / 2**30
   out = {}
-  for n in counts:
-    timed = {}
-    compiled = steps.compile_per_bucket(step_fn, abstract_state, state_sh, abstract_batch,
-                                        batch_sh, (n,), mesh, rules, timings=timed)[n]
-    mem = compiled.memory_analysis()
-    gib = lambda b: b / 2**30
-    out[n] = {"compile_s": timed[n], "gflop": steps.compiled_flops(compiled) / 1e9,
+  for n, step in job.steps.items():
+    mem = step.memory
+    out[n] = {"compile_s": step.compile_seconds, "gflop": step.flops / 1e9,
               "argument_gib": gib(mem.argument_size_in_bytes),
               "output_gib": gib(mem.output_size_in_bytes),
               "temp_gib": gib(mem.temp_size_in_bytes)}
     # Arguments are donated into the outputs, so they are not counted twice.
     out[n]["total_gib"] = max(out[n]["argument_gib"], out[n]["output_gib"]) + out[n]["temp_gib"]
-  n_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  n_params = sum(x.size for x in jax.tree.leaves(job.state_shardings.params))
   print(f"{n_params / 1e9:.2f}B parameters; mesh {dict(mesh.shape)}; global batch "
-        f"{config.batch_size}; frozen: {frozen or 'none'}")
+        f"{config.batch_size}; frozen: {job.optimizer.frozen or 'none'}")
   print("| visual tokens | compile (s) | GFLOP/step/device | arguments GiB | temporaries GiB "
         "| total GiB/device |")
   print("|---|---|---|---|---|---|")
@@ -75,11 +54,10 @@ def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, fl
 
 
 def main() -> None:
-  config = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+  config, _ = cli.define_flags(workdir_required=False)
   devices = flags.DEFINE_integer("num_cpu_devices", 0,
                                  "Simulate this many host CPU devices (0: the real devices).")
   out = flags.DEFINE_string("json_out", None, "Also write the figures here.")
-  flags.mark_flags_as_required(["config"])
 
   def run(argv):
     if len(argv) > 1:

@@ -1,4 +1,5 @@
-"""The command line shared by the config-driven binaries (train, pretrain_vision, eval).
+"""The command line shared by the config-driven binaries (train, pretrain_vision, eval,
+predict, bench, aot, convert).
 
 Flags are defined when a binary starts, not when its module is imported, so the library
 functions behind the binaries (``train.train``, ``eval.run_eval``, ...) can be imported
@@ -27,7 +28,8 @@ class QuietLibraryInfo(logging.Filter):
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: list[str] | None = None) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+                 sys_argv: list[str] | None = None, config_required: bool = True,
+                 workdir_required: bool = True) -> tuple[flags.FlagHolder, flags.FlagHolder]:
   """Defines ``--config`` (with its ``--config.a.b=V`` overrides) and ``--workdir``.
 
   ``sys_argv`` is the command line the overrides are read from (default ``sys.argv``).
@@ -37,7 +39,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
       flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
   workdir = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tokenizer.",
                                 flag_values=flag_values)
-  flags.mark_flags_as_required(["config", "workdir"], flag_values=flag_values)
+  required = [name for name, needed in (("config", config_required),
+                                         ("workdir", workdir_required)) if needed]
+  flags.mark_flags_as_required(required, flag_values=flag_values)
   return config, workdir
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 
-from tokenflex_jax import cli, setup, sharding
+from tokenflex_jax import cli, sharding, trained_model
 from tokenflex_jax.convert import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig
@@ -81,7 +81,7 @@ def import_towers(config: ml_collections.ConfigDict, workdir: str, vision_dir: s
   """Writes the converted towers as checkpoint 0 of ``workdir``; returns the overrides."""
   if not vision_dir and not llm_dir:
     raise app.UsageError("give --vision and/or --llm (Hugging Face model directories)")
-  mesh, rules = setup.mesh_and_rules(config)
+  mesh, rules = sharding.mesh_from_config(config)
   params, vit_cfg, llm_cfg = {}, None, None
   if vision_dir:
     vit_cfg = hf.vision_config_from_hf(hf.read_config(vision_dir))
@@ -111,14 +111,13 @@ def export_towers(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
                   llm_type: str) -> None:
   """Writes the workdir's latest ViT and LLM as Hugging Face directories under out_dir,
   and every weight of the VLM (projector included) in our layout under out_dir/vlm."""
-  from tokenflex_jax import eval as eval_binary  # pylint: disable=import-outside-toplevel
-  mesh, rules = setup.mesh_and_rules(config)
-  model, params, _, step = eval_binary.load_model(config, workdir, mesh, rules)
-  host = jax.tree.map(jax.device_get, params)
-  hf.export_vision(model.config.vit, host["vit"], os.path.join(out_dir, "vision"))
-  hf.export_llm(model.config.llm, host["llm"], os.path.join(out_dir, "llm"), llm_type)
+  mesh, rules = sharding.mesh_from_config(config)
+  trained = trained_model.load(config, workdir, mesh, rules)
+  host = jax.tree.map(jax.device_get, trained.params)
+  hf.export_vision(trained.model.config.vit, host["vit"], os.path.join(out_dir, "vision"))
+  hf.export_llm(trained.model.config.llm, host["llm"], os.path.join(out_dir, "llm"), llm_type)
   hf.export_vlm(host, config.model.to_dict(), os.path.join(out_dir, "vlm"))
-  logging.info("exported step %d of %s to %s/{vision,llm,vlm}", step, workdir, out_dir)
+  logging.info("exported step %d of %s to %s/{vision,llm,vlm}", trained.step, workdir, out_dir)
 
 
 def main() -> None:

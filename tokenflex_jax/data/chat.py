@@ -4,6 +4,8 @@ Three kinds implement `ChatTokenizer`: the project's own sentencepiece model
 (`tokenizer.Tokenizer`), an LLM's sentencepiece ``.model``
 (`sp_chat_tokenizer.SentencePieceChatTokenizer`, templates llama2 | gemma) and an LLM's
 Hugging Face ``tokenizer.json`` (`hf_tokenizer.HFTokenizer`, templates chatml | llama3).
+Their common part (special ids, pickling, decoding, prompt and answer ids) is
+`chat_base.ChatTokenizerBase`.
 Conversations are (role, text) turns; ``IMAGE_MARKER`` in a user text marks where the
 image placeholder id goes (rules in `conversation`).
 """

@@ -4,7 +4,9 @@ Every chat tokenizer (`chat.ChatTokenizer`) formats the same parsed turns in its
 template, so the rules live here once: roles are "user" and "assistant" (LLaVA's "human"
 and "gpt" too), turns alternate starting with the user, and the literal ``<image>`` marker
 sits at most once in the conversation, in a user turn. The marker and one newline right
-after it are cut out; the tokenizer puts its single image placeholder id there.
+after it are cut out; the tokenizer puts its single image placeholder id there. The LLaVA
+reader (`llava`) validates data rows by the same rules (`parse_turn`, `count_markers`);
+a broken rule raises `ConversationError`, whose ``reason`` names it.
 """
 
 from __future__ import annotations
@@ -36,37 +38,59 @@ class Turn:
     return dataclasses.replace(self, before=self.before.strip())
 
 
+class ConversationError(ValueError):
+  """Turns that break the rules above; ``reason`` names the rule broken in a few words
+  (what a reader of data rows counts skipped rows by), the message says where."""
+
+  def __init__(self, reason: str, message: str):
+    self.reason = reason
+    super().__init__(message)
+
+
+def count_markers(texts: Sequence[str]) -> int:
+  """The number of image markers in a conversation's texts (0 or 1); `ConversationError`
+  if there are more."""
+  markers = sum(text.count(IMAGE_MARKER) for text in texts)
+  if markers > 1:
+    raise ConversationError(f"more than one {IMAGE_MARKER} marker",
+                            f"the image marker {IMAGE_MARKER!r} appears {markers} times in "
+                            "the conversation; it may appear at most once")
+  return markers
+
+
+def parse_turn(i: int, role: str, text: str) -> Turn:
+  """Turn ``i`` of a conversation: checks its role (alternating user, assistant, ... from
+  the user) and that an image marker in it sits in a user turn, and cuts the marker out."""
+  name = ROLES.get(role)
+  if name is None:
+    raise ConversationError("unknown role", f"turn {i} has the unknown role {role!r}; "
+                            f"expected one of {sorted(ROLES)}")
+  expected = USER if i % 2 == 0 else ASSISTANT
+  if name != expected:
+    raise ConversationError("turns out of order",
+                            f"turn {i} is {role!r} but turns must alternate user, "
+                            "assistant, ... starting with the user")
+  if IMAGE_MARKER not in text:
+    return Turn(name, text)
+  if name == ASSISTANT:
+    raise ConversationError(f"{IMAGE_MARKER} marker in an assistant turn",
+                            f"turn {i}: the image marker {IMAGE_MARKER!r} is in an assistant "
+                            "turn; it belongs in a user turn")
+  before, _, after = text.partition(IMAGE_MARKER)
+  return Turn(name, before, after.removeprefix("\n"), has_image=True)
+
+
 def parse_conversation(turns: Sequence[tuple[str, str]]) -> list[Turn]:
   """Validates (role, text) turns and cuts the image marker out of its user turn.
 
-  Raises ValueError for an empty conversation, an unknown role, turns that do not
-  alternate user, assistant, ... from the user, or a misplaced or repeated marker.
+  Raises `ConversationError` (a ValueError) for an empty conversation, a repeated
+  marker, or a turn that `parse_turn` rejects (unknown role, out of order, the marker in
+  an assistant turn).
   """
   if not turns:
-    raise ValueError("a conversation needs at least one turn")
-  markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
-  if markers > 1:
-    raise ValueError(f"the image marker {IMAGE_MARKER!r} appears {markers} times in the "
-                     "conversation; it may appear at most once")
-  parsed = []
-  for i, (role, text) in enumerate(turns):
-    name = ROLES.get(role)
-    if name is None:
-      raise ValueError(f"turn {i} has the unknown role {role!r}; expected one of "
-                       f"{sorted(ROLES)}")
-    expected = USER if i % 2 == 0 else ASSISTANT
-    if name != expected:
-      raise ValueError(f"turn {i} is {role!r} but turns must alternate user, assistant, ... "
-                       "starting with the user")
-    if IMAGE_MARKER not in text:
-      parsed.append(Turn(name, text))
-    elif name == ASSISTANT:
-      raise ValueError(f"turn {i}: the image marker {IMAGE_MARKER!r} is in an assistant "
-                       "turn; it belongs in a user turn")
-    else:
-      before, _, after = text.partition(IMAGE_MARKER)
-      parsed.append(Turn(name, before, after.removeprefix("\n"), has_image=True))
-  return parsed
+    raise ConversationError("no turns", "a conversation needs at least one turn")
+  count_markers([text for _, text in turns])
+  return [parse_turn(i, role, text) for i, (role, text) in enumerate(turns)]
 
 
 def question_with_image(question: str, image_first: bool) -> str:

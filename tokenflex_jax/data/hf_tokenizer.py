@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import tokenizers
 
 from tokenflex_jax.data import conversation
+from tokenflex_jax.data.chat_base import ChatTokenizerBase, SpecialIds
 from tokenflex_jax.data.conversation import ASSISTANT, USER, Turn
 
 QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
@@ -129,19 +130,22 @@ def _config_token(config: dict, key: str) -> str:
   return value if isinstance(value, str) else ""
 
 
-class HFTokenizer:
+class HFTokenizer(ChatTokenizerBase):
   """A ``tokenizers`` tokenizer.json plus one LLM chat template and an image token.
 
   ``path`` is the tokenizer.json or its folder; a tokenizer_config.json beside it may name
   the bos, eos and pad tokens. ``system_prompt`` None takes the template's default (chatml:
   Qwen2.5's; llama3: none) and "" leaves the system turn out. ``image_token`` must be one
   id of the tokenizer (e.g. "<|image_pad|>" in Qwen2-VL-style vocabularies).
+  ``vocab_size`` is one more than the largest id (added tokens included); ``bos_id`` is
+  the config's bos token (llama3: <|begin_of_text|>) or None; ``eos_id`` is the
+  template's end of turn (<|im_end|>, <|eot_id|>); decoding also stops at the config's eos.
   """
 
   def __init__(self, path: str, template: str = "chatml", image_token: str = "<|image_pad|>",
                system_prompt: str | None = None):
-    self._args = dict(path=path, template=template, image_token=image_token,
-                      system_prompt=system_prompt)
+    args = dict(path=path, template=template, image_token=image_token,
+                system_prompt=system_prompt)
     self._template = text_template(template)
     self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(self.path):
@@ -158,18 +162,20 @@ class HFTokenizer:
     if self._template.begins_with_bos and self._bos not in added:
       raise ValueError(f"{self.path} has no added token {self._bos!r} (bos), which the "
                        f"{template!r} chat template needs")
-    self._eos_id = added[self._template.end_of_turn]
-    self._image_id = self._token_id(image_token, "the image placeholder", added)
-    self._pad_id = self._token_id(_config_token(config, "pad_token") or self._template.pad,
-                                  "padding", added)
-    if self._image_id in (self._eos_id, self._pad_id):
+    eos_id = added[self._template.end_of_turn]
+    image_id = self._token_id(image_token, "the image placeholder", added)
+    pad_id = self._token_id(_config_token(config, "pad_token") or self._template.pad,
+                            "padding", added)
+    if image_id in (eos_id, pad_id):
       raise ValueError(f"image token {image_token!r} is also the end-of-turn or pad token")
-    self._bos_id = self._tok.token_to_id(self._bos) if self._bos else None
     config_eos = self._tok.token_to_id(_config_token(config, "eos_token"))
-    self._stop = {self._eos_id} | ({config_eos} if config_eos is not None else set())
     special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-    self._drop = special | {self._pad_id, self._image_id}
-    self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
+    super().__init__(args, SpecialIds(
+        vocab_size=max(self._tok.get_vocab(with_added_tokens=True).values()) + 1,
+        pad=pad_id, bos=self._tok.token_to_id(self._bos) if self._bos else None,
+        eos=eos_id, image=image_id,
+        stop=frozenset({eos_id} | ({config_eos} if config_eos is not None else set())),
+        drop=frozenset(special | {pad_id, image_id})), self._template.trim)
 
   def _token_id(self, token: str, what: str, added: dict[str, int]) -> int:
     """The single id of ``token``; ValueError naming the file when it has none."""
@@ -180,43 +186,12 @@ class HFTokenizer:
                        f"id of the tokenizer, e.g. one of its added tokens: {examples}")
     return i
 
-  def __getstate__(self):  # grain pickles transforms; reload the file on the other side
-    return dict(self._args)
-
-  def __setstate__(self, state):
-    self.__init__(**state)
-
-  @property
-  def vocab_size(self) -> int:
-    """One more than the largest id (added tokens included)."""
-    return self._vocab_size
-
-  @property
-  def pad_id(self) -> int:
-    return self._pad_id
-
-  @property
-  def bos_id(self) -> int | None:
-    """The config's bos token (llama3: <|begin_of_text|>); None when there is none."""
-    return self._bos_id
-
-  @property
-  def eos_id(self) -> int:
-    """The template's end of turn (<|im_end|>, <|eot_id|>): where generation stops."""
-    return self._eos_id
-
-  @property
-  def image_id(self) -> int:
-    return self._image_id
-
   def encode(self, text: str) -> list[int]:
     """Text -> ids, without bos/eos; special tokens spelled out in the text are parsed."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids: Sequence[int]) -> str:
-    """Ids -> text: stops at the first end of turn (or the config's eos), drops specials."""
-    kept = conversation.text_ids(ids, self._stop, self._drop)
-    return self._tok.decode(kept, skip_special_tokens=True)
+  def _ids_to_text(self, ids: list[int]) -> str:
+    return self._tok.decode(ids, skip_special_tokens=True)
 
   def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
     """(role, text) turns -> (ids [L], mask [L]) in the chat template; the mask is True on
@@ -228,20 +203,10 @@ class HFTokenizer:
     ids, mask = [], []
     for k, (offset, text) in enumerate(pieces):
       if k:  # the image placeholder sits between the two pieces
-        ids.append(self._image_id)
+        ids.append(self.image_id)
         mask.append(False)
       encoding = self._tok.encode(text, add_special_tokens=False)
       ids.extend(encoding.ids)
       mask.extend(_in_replies(offset + s, offset + e, r.replies) for s, e in encoding.offsets)
-    conversation.check_image_count(ids, self._image_id, parsed)
+    conversation.check_image_count(ids, self.image_id, parsed)
     return ids, mask
-
-  def prompt_ids(self, question: str, image_first: bool = True) -> list[int]:
-    """One user turn with the image and ``question``, ending with the assistant header."""
-    turn = (USER, conversation.question_with_image(question, image_first))
-    return self.conversation_ids([turn])[0]
-
-  def answer_ids(self, answer: str) -> list[int]:
-    """[*answer, end_of_turn]: what the model is trained to write after the prompt."""
-    text = answer.strip() if self._template.trim else answer
-    return [*self.encode(text), self._eos_id]

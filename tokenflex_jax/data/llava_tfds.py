@@ -8,7 +8,7 @@ Build (no TensorFlow needed):
 
 Every row is validated first (`llava.read_llava`, then each image is decoded once): a
 malformed row stops the build with an error naming the file and row, or, with
---skip_malformed, is left out and counted in the log (LLaVA-1.5's mix665k has about 41k
+--skip_malformed, is left out and counted in the log (LLaVA-1.5's mix665k holds
 text-only rows, which this skips as "text-only row"). Each example stores the image
 file's bytes as they are (decoded and resized by the input pipeline), the conversation
 as JSON text [[role, text], ...] and its row in the JSON file; TFDS stores the examples
@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from tokenflex_jax.data import llava, tfds_split
+from tokenflex_jax.data.rows import MalformedRowError, format_skipped
 
 NAME = "llava_conversations"
 
@@ -53,8 +54,8 @@ def _checked_image_bytes(conversation: llava.Conversation, json_path: str) -> by
     with Image.open(io.BytesIO(data)) as im:
       im.verify()
   except Exception as e:  # PIL raises many types for corrupt files.
-    raise llava.MalformedRowError(json_path, conversation.row, "unreadable image",
-                                  f"{conversation.image_path}: {e}") from None
+    raise MalformedRowError(json_path, conversation.row, "unreadable image",
+                            f"{conversation.image_path}: {e}") from None
   return data
 
 
@@ -83,7 +84,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     rows, skipped = llava.read_llava(cfg.json_path, cfg.image_dir, cfg.skip_malformed)
     if skipped:
-      logging.warning("%s: %s", cfg.json_path, llava.format_skipped(skipped))
+      logging.warning("%s: %s", cfg.json_path, format_skipped(skipped))
     if not rows:
       raise ValueError(f"{cfg.json_path}: no usable rows")
     return {"train": self._generate_examples(rows)}
@@ -94,7 +95,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
     for conversation in rows:
       try:
         image = _checked_image_bytes(conversation, cfg.json_path)
-      except llava.MalformedRowError as e:
+      except MalformedRowError as e:
         if not cfg.skip_malformed:
           raise
         logging.warning("skipped %s", e)

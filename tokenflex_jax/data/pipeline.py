@@ -49,6 +49,17 @@ def normalize_image(image: np.ndarray) -> np.ndarray:
   return image.astype(np.float32) / 127.5 - 1.0
 
 
+def pad_to_length(ids: Sequence[int], mask: Sequence[bool], length: int, pad_id: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """ids [n] and mask [n] (n <= length) -> (tokens int32 [length] right-padded with
+  ``pad_id``, loss_mask float32 [length]: 1.0 where ``mask`` is True, 0.0 on the padding)."""
+  tokens = np.full((length,), pad_id, np.int32)
+  tokens[:len(ids)] = ids
+  loss_mask = np.zeros((length,), np.float32)
+  loss_mask[:len(mask)] = mask
+  return tokens, loss_mask
+
+
 def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
                          image_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Chat-formatted prompt + answer, right-padded.
@@ -64,42 +75,8 @@ def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, m
   if len(ids) > max_length:
     raise ValueError(f"example needs {len(ids)} tokens but config.data.max_text_length is "
                      f"{max_length}: {question!r} -> {answer!r}")
-  tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
-  tokens[:len(ids)] = ids
-  mask = np.zeros((max_length,), np.float32)
-  mask[len(prompt):len(ids)] = 1.0
-  return tokens, mask
-
-
-class VQAPreprocess(grain.transforms.Map):
-  """Example dict -> {"image": f32 [H,W,3], "tokens": i32 [T], "loss_mask": f32 [T]}."""
-
-  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], max_text_length: int,
-               image_first: bool = True):
-    self._load = load_tokenizer
-    self._max_length = max_text_length
-    self._image_first = image_first
-    self._tokenizer = None  # Loaded lazily: grain pickles transforms into workers.
-
-  def __getstate__(self):
-    return {**self.__dict__, "_tokenizer": None}
-
-  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if self._tokenizer is None:
-      self._tokenizer = self._load()
-    tokens, mask = encode_training_text(self._tokenizer, element["question"],
-                                        element["answer"], self._max_length,
-                                        self._image_first)
-    return {"image": normalize_image(element["image"]), "tokens": tokens, "loss_mask": mask}
-
-
-def decode_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image bytes (any format PIL reads) -> uint8 [size, size, 3], bicubic resize."""
-  with Image.open(io.BytesIO(data)) as im:
-    im = im.convert("RGB")
-    if im.size != (size, size):
-      im = im.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im, np.uint8)
+  return pad_to_length(ids, [False] * len(prompt) + [True] * len(answer_ids), max_length,
+                       tokenizer.pad_id)
 
 
 def encode_conversation(tokenizer: ChatTokenizer, turns: Sequence[tuple[str, str]],
@@ -118,34 +95,66 @@ def encode_conversation(tokenizer: ChatTokenizer, turns: Sequence[tuple[str, str
                        f"{max_length}" + ("" if not truncate else
                                           " and truncation would cut the image placeholder"))
     ids, mask = ids[:max_length], mask[:max_length]
-  tokens = np.full((max_length,), tokenizer.pad_id, np.int32)
-  tokens[:len(ids)] = ids
-  loss_mask = np.zeros((max_length,), np.float32)
-  loss_mask[:len(mask)] = mask
-  return tokens, loss_mask
+  return pad_to_length(ids, mask, max_length, tokenizer.pad_id)
 
 
-class ConversationPreprocess(grain.transforms.Map):
-  """LLaVA source item -> {"image": f32 [S,S,3], "tokens": i32 [T], "loss_mask": f32 [T]}.
+def decode_image(data: bytes, size: int) -> np.ndarray:
+  """Encoded image bytes (any format PIL reads) -> uint8 [size, size, 3], bicubic resize."""
+  with Image.open(io.BytesIO(data)) as im:
+    im = im.convert("RGB")
+    if im.size != (size, size):
+      im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im, np.uint8)
 
-  ``load_tokenizer`` is a picklable zero-argument callable (e.g. a functools.partial of
-  `chat.load_tokenizer`); each worker process calls it once.
-  """
+
+class TokenizingPreprocess(grain.transforms.Map):
+  """A transform that tokenizes: ``load_tokenizer`` is a picklable zero-argument callable
+  (e.g. a functools.partial of `chat.load_tokenizer`). grain pickles transforms into its
+  worker processes without the tokenizer; each process loads it once, on first use."""
+
+  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer]):
+    self._load = load_tokenizer
+    self._tokenizer: ChatTokenizer | None = None
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, "_tokenizer": None}
+
+  @property
+  def tokenizer(self) -> ChatTokenizer:
+    if self._tokenizer is None:
+      self._tokenizer = self._load()
+    return self._tokenizer
+
+
+class QAPreprocess(TokenizingPreprocess):
+  """One question and one answer (the scene suite's examples) -> {"image": f32 [H,W,3],
+  "tokens": i32 [T], "loss_mask": f32 [T]}; the loss is on the answer."""
+
+  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], max_text_length: int,
+               image_first: bool = True):
+    super().__init__(load_tokenizer)
+    self._max_length = max_text_length
+    self._image_first = image_first
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    tokens, mask = encode_training_text(self.tokenizer, element["question"],
+                                        element["answer"], self._max_length,
+                                        self._image_first)
+    return {"image": normalize_image(element["image"]), "tokens": tokens, "loss_mask": mask}
+
+
+class ConversationPreprocess(TokenizingPreprocess):
+  """LLaVA source item -> {"image": f32 [S,S,3], "tokens": i32 [T], "loss_mask": f32 [T]};
+  the loss is on every assistant reply."""
 
   def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], image_size: int,
                max_text_length: int, truncate: bool = False):
-    self._load = load_tokenizer
+    super().__init__(load_tokenizer)
     self._image_size, self._max_length, self._truncate = image_size, max_text_length, truncate
-    self._tokenizer = None
-
-  def __getstate__(self):
-    return {**self.__dict__, "_tokenizer": None}
 
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    if self._tokenizer is None:
-      self._tokenizer = self._load()
     name = f"row {element.get('row', '?')} (id {element.get('id', '?')!r})"
-    tokens, mask = encode_conversation(self._tokenizer, element["turns"], self._max_length,
+    tokens, mask = encode_conversation(self.tokenizer, element["turns"], self._max_length,
                                        self._truncate, name)
     image = decode_image(element["image"], self._image_size)
     return {"image": normalize_image(image), "tokens": tokens, "loss_mask": mask}
@@ -157,8 +166,8 @@ def make_transform(data_config: Any, load_tokenizer: Callable[[], ChatTokenizer]
   scene suite's single question and answer."""
   if data_config.source == "llava":
     return ConversationPreprocess(load_tokenizer, data_config.image_size,
-                                  data_config.max_text_length, data_config.get("truncate", False))
-  return VQAPreprocess(load_tokenizer, data_config.max_text_length, data_config.image_first)
+                                  data_config.max_text_length, data_config.truncate)
+  return QAPreprocess(load_tokenizer, data_config.max_text_length, data_config.image_first)
 
 
 class PatchLabelPreprocess(grain.transforms.Map):
@@ -224,10 +233,10 @@ def abstract_batch(example_batch: Mapping[str, np.ndarray], mesh, rules
   return shapes, shardings
 
 
-def abstract_vqa_batch(config: Any, mesh, rules
-                       ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
-  """`abstract_batch` of the VQA batches ``config`` describes (no data is read):
-  image [B, S, S, 3] f32, tokens [B, T] i32, loss_mask [B, T] f32, B global."""
+def abstract_train_batch(config: Any, mesh, rules
+                         ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
+  """`abstract_batch` of the batch a train step takes, as ``config`` describes it (no data
+  is read): image [B, S, S, 3] f32, tokens [B, T] i32, loss_mask [B, T] f32, B global."""
   local = config.batch_size // jax.process_count()
   size, t = config.data.image_size, config.data.max_text_length
   example = {"image": np.zeros((local, size, size, 3), np.float32),

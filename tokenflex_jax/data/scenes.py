@@ -105,7 +105,7 @@ def _other_colors(rng: np.random.Generator, exclude: int, n: int) -> np.ndarray:
 
 def _place_apart(rng: np.random.Generator, halves: list[int], gap: int) -> list[tuple[int, int]]:
   """Centres (y, x) for boxes of the given half-sizes, inside the image, ``gap`` apart."""
-  while True:  # 1-4 boxes of half-size <= 4 in 32 px: a layout is found within a few tries
+  while True:  # a box that finds no place starts the layout again
     centres: list[tuple[int, int]] = []
     for h in halves:
       for _ in range(50):

@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import sentencepiece as spm
 
 from tokenflex_jax.data import conversation, scenes
+from tokenflex_jax.data.chat_base import IdTemplateTokenizer, SpecialIds
 
 IMAGE_TOKEN = "<image>"
 USER_TOKEN = "<user>"
@@ -29,8 +30,7 @@ def train_tokenizer(model_path: str, texts: Iterable[str], vocab_size: int = 256
 
   Deterministic: the same texts give a byte-identical file. ``vocab_size`` is an upper
   bound (``hard_vocab_limit=False``): a small corpus yields fewer pieces. BPE, not
-  unigram: on the suite's ~30 sentences unigram stops at ~60 sub-word pieces, while BPE
-  gives every word one piece (short prompts).
+  unigram: on the suite's small corpus BPE gives every word one piece (short prompts).
   """
   writer = io.BytesIO()  # not model_prefix: the model file would record that path
   spm.SentencePieceTrainer.train(
@@ -52,49 +52,29 @@ def train_tokenizer(model_path: str, texts: Iterable[str], vocab_size: int = 256
     raise
 
 
-class Tokenizer:
-  """A loaded sentencepiece model plus the chat template's special ids."""
+class Tokenizer(IdTemplateTokenizer):
+  """A loaded sentencepiece model plus the chat template's special ids.
+
+  ``prompt_ids(q)`` is ``[bos, user, image, *q, assistant]`` (with ``image_first=False``
+  the image follows ``q``), ``answer_ids(a)`` is ``[*a, eos]`` and ``conversation_ids``
+  gives ``[bos, user, *q1, assistant, *a1, eos, user, ...]``: for
+  ``[("user", "<image>\\nq"), ("assistant", a)]`` that is ``prompt_ids(q) + answer_ids(a)``.
+  """
 
   def __init__(self, model_path: str):
-    if not os.path.exists(model_path):
-      raise FileNotFoundError(f"no tokenizer model at {model_path}")
-    self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
-    ids = [self._sp.piece_to_id(t) for t in SPECIAL_TOKENS]
-    if any(i == self._sp.unk_id() for i in ids):
+    sp = self._load(model_path, "tokenizer model")
+    ids = [sp.piece_to_id(t) for t in SPECIAL_TOKENS]
+    if any(i == sp.unk_id() for i in ids):
       raise ValueError(f"{model_path} lacks the special tokens {SPECIAL_TOKENS}")
-    self._image_id, self._user_id, self._assistant_id = ids
-    self._skip = {self.pad_id, self.bos_id, *ids}
-    self._template = conversation.IdTemplate(
-        begin=(self.bos_id,), user_open=(self._user_id,), user_close=(),
-        assistant_open=(self._assistant_id,), end_of_turn=self.eos_id, assistant_close=(),
+    image_id, self._user_id, self._assistant_id = ids
+    template = conversation.IdTemplate(
+        begin=(sp.bos_id(),), user_open=(self._user_id,), user_close=(),
+        assistant_open=(self._assistant_id,), end_of_turn=sp.eos_id(), assistant_close=(),
         trim=False)
-
-  def __getstate__(self):  # grain pickles transforms; reload the model on the other side
-    return {"model_path": self.model_path}
-
-  def __setstate__(self, state):
-    self.__init__(state["model_path"])
-
-  @property
-  def vocab_size(self) -> int:
-    return self._sp.get_piece_size()
-
-  @property
-  def pad_id(self) -> int:
-    return self._sp.pad_id()
-
-  @property
-  def bos_id(self) -> int:
-    return self._sp.bos_id()
-
-  @property
-  def eos_id(self) -> int:
-    return self._sp.eos_id()
-
-  @property
-  def image_id(self) -> int:
-    return self._image_id
+    special = SpecialIds(vocab_size=sp.get_piece_size(), pad=sp.pad_id(), bos=sp.bos_id(),
+                         eos=sp.eos_id(), image=image_id, stop=frozenset({sp.eos_id()}),
+                         drop=frozenset({sp.pad_id(), sp.bos_id(), *ids}))
+    super().__init__({"model_path": model_path}, template, special)
 
   @property
   def user_id(self) -> int:
@@ -103,34 +83,6 @@ class Tokenizer:
   @property
   def assistant_id(self) -> int:
     return self._assistant_id
-
-  def encode(self, text: str) -> list[int]:
-    """Text -> piece ids, without bos/eos."""
-    return self._sp.encode(text)
-
-  def decode(self, ids: Sequence[int]) -> str:
-    """Piece ids -> text: stops at the first eos, drops pad, bos and special ids."""
-    kept = conversation.text_ids(ids, (self.eos_id,), self._skip)
-    return self._sp.decode(kept)
-
-  def prompt_ids(self, question: str, image_first: bool = True) -> list[int]:
-    """[bos, user, image, *question, assistant], or with the image after the question."""
-    text = self.encode(question)
-    body = [self.image_id, *text] if image_first else [*text, self.image_id]
-    return [self.bos_id, self.user_id, *body, self.assistant_id]
-
-  def answer_ids(self, answer: str) -> list[int]:
-    """[*answer, eos]: what the model is trained to write after the prompt."""
-    return [*self.encode(answer), self.eos_id]
-
-  def conversation_ids(self, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[bool]]:
-    """(role, text) turns -> (ids [L], mask [L]), mask True on each answer and its eos.
-
-    ``[bos, user, *q1, assistant, *a1, eos, user, ...]``: for ``[("user", "<image>\\nq"),
-    ("assistant", a)]`` that is ``prompt_ids(q) + answer_ids(a)``. See `conversation`.
-    """
-    return conversation.format_ids(self._template, conversation.parse_conversation(turns),
-                                   self.encode, self.image_id)
 
 
 def ensure_tokenizer(model_path: str) -> Tokenizer:

@@ -1,8 +1,8 @@
 """Evaluates one set of params at several visual-token counts.
 
 The questions come from the scene suite (``config.eval.suite = "scenes"``, the default)
-or from a benchmark file: an MMBench TSV ("mmbench") or a VQA JSONL ("vqa") at
-``config.eval.data_path`` (see `benchmarks`).
+or from an eval file: an MMBench TSV ("mmbench") or a VQA JSONL ("vqa") at
+``config.eval.data_path`` (see `eval_files`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tokenflex_jax import sharding
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.data.chat import ChatTokenizer
-from tokenflex_jax.data.llava import format_skipped
-from tokenflex_jax.evaluation import benchmarks
+from tokenflex_jax.data.rows import format_skipped
+from tokenflex_jax.evaluation import eval_files
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
@@ -34,7 +34,7 @@ class EvalSet:
   """images: uint8 [M, H, W, 3]; image_index: int [N], the image of each prompt; prompts:
   i32 [N, P] left-padded; score(decoded texts) -> {family: accuracy}; families: {family:
   {"granularity", "chance"}}; examples_per_family: what the report states (the scene
-  suite: per family; a benchmark: its number of questions)."""
+  suite: per family; an eval file: its number of questions)."""
   images: np.ndarray
   image_index: np.ndarray
   prompts: np.ndarray
@@ -70,15 +70,15 @@ def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) 
                  int(config.eval.examples_per_family))
 
 
-def benchmark_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
   """An MMBench TSV or VQA JSONL file (``config.eval.suite``, ``config.eval.data_path``)."""
   path, size, skip = config.eval.data_path, config.data.image_size, config.eval.skip_malformed
   if not path:
     raise ValueError(f"config.eval.suite={config.eval.suite!r} needs config.eval.data_path")
   if config.eval.suite == "mmbench":
-    bench = benchmarks.mmbench(path, size, skip)
+    bench = eval_files.mmbench(path, size, skip)
   else:
-    bench = benchmarks.vqa(path, size, skip, config.eval.get("image_dir", ""))
+    bench = eval_files.vqa(path, size, skip, config.eval.image_dir)
   if bench.skipped:
     logging.warning("%s: %s", path, format_skipped(bench.skipped))
   if not bench.questions:
@@ -93,11 +93,11 @@ def benchmark_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokeniz
 
 
 def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
-  suite = config.eval.get("suite", "scenes")
+  suite = config.eval.suite
   if suite == "scenes":
     return scene_eval_set(config, tokenizer)
   if suite in ("mmbench", "vqa"):
-    return benchmark_eval_set(config, tokenizer)
+    return eval_file_set(config, tokenizer)
   raise ValueError(f"config.eval.suite must be 'scenes', 'mmbench' or 'vqa', got {suite!r}")
 
 
@@ -165,6 +165,6 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
                  n, results[str(n)]["average"],
                  ", ".join(f"{k}={v:.2f}" for k, v in per_family.items()),
                  n_examples / seconds, compile_s)
-  return {"step": int(step), "suite": config.eval.get("suite", "scenes"),
+  return {"step": int(step), "suite": config.eval.suite,
           "examples_per_family": data.examples_per_family,
           "families": data.families, "results": results}

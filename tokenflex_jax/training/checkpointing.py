@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -123,3 +124,30 @@ def saved_modules(workdir: str, step: int | None = None) -> tuple[str, ...]:
 def load_meta(workdir: str, step: int) -> dict[str, Any]:
   with make_manager(workdir, read_only=True, asynchronous=False) as manager:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def initial_params(init: ml_collections.ConfigDict, abstract_params: dict[str, Any]
+                   ) -> dict[str, Any] | None:
+  """The params a fresh run starts from, per ``config.init``: None for a random start.
+
+  ``init.checkpoint`` (a workdir): whichever top-level modules it holds, e.g. all of
+  them from an earlier stage, or the ViT and the LLM (no projector) from
+  ``python -m tokenflex_jax.convert``. ``init.vision_checkpoint`` (a workdir of
+  ``pretrain_vision``): its ViT only. Loaded onto the shardings of ``abstract_params``.
+  """
+  if init.checkpoint:
+    saved = set(saved_modules(init.checkpoint)) & set(abstract_params)
+    if not saved:
+      raise ValueError(f"config.init.checkpoint={init.checkpoint!r} holds none of "
+                       f"the modules {sorted(abstract_params)}")
+    params, step = load_params(init.checkpoint, {k: abstract_params[k] for k in sorted(saved)})
+    fresh = sorted(set(abstract_params) - saved)
+    logging.info("initialised %s from %s (step %d)%s", ", ".join(sorted(saved)),
+                 init.checkpoint, step, f"; {', '.join(fresh)} freshly initialised" if fresh
+                 else "")
+    return params
+  if init.vision_checkpoint:
+    params, step = load_params(init.vision_checkpoint, {"vit": abstract_params["vit"]})
+    logging.info("initialised the ViT from %s (step %d)", init.vision_checkpoint, step)
+    return params
+  return None

@@ -8,10 +8,11 @@ host) makes every host save the same step and return cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -69,60 +70,106 @@ def stop_requested(step: int, raised_here: bool) -> bool:
   return False
 
 
-def train_loop(*, state: Any, start_step: int, total_steps: int,
-               compiled: Mapping[int, Any], count_for_step: Callable[[int], int],
-               data_iterator: Any, to_global: Callable[[Any], Any],
-               tokens_per_example: Callable[[int], int], flops_per_step: Mapping[int, float],
-               manager: Any, writer: MetricWriter, meta: Callable[[int], dict],
-               log_every: int, checkpoint_every: int, global_batch: int) -> tuple[Any, int]:
-  """Runs steps [start_step, total_steps); returns (state, last completed step)."""
-  num_devices = jax.device_count()
-  pending = None  # (step, num_tokens, metrics still on device)
-  clock = {"ready": time.perf_counter()}  # when the last reported step's metrics arrived
-  step = start_step
+@dataclasses.dataclass(frozen=True)
+class BucketSteps:
+  """One step function per visual-token count, ``(state, batch) -> (state, metrics)``
+  (compiled executables in a run), and the rule that picks each step's count."""
+  by_count: Mapping[int, Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]]
+  count_for_step: Callable[[int], int]
 
-  def report(p):
-    s, n, metrics = p
-    host = {k: float(np.asarray(v)) for k, v in metrics.items()}  # Waits for step s.
+
+@dataclasses.dataclass(frozen=True)
+class DataFeed:
+  """Host-local batches and the function that assembles them into global arrays."""
+  iterator: Iterator[Mapping[str, Any]]
+  to_global: Callable[[Mapping[str, Any]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Saver:
+  """Checkpoints every ``every`` steps (and at the end or on SIGTERM) into ``manager``;
+  ``meta(step)`` is the JSON metadata saved with each."""
+  manager: Any
+  every: int
+  meta: Callable[[int], dict]
+
+  def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    checkpointing.save(self.manager, step, state.params, state.opt_state, data_iterator,
+                       self.meta(step))
+
+
+class Reporter:
+  """Turns a step's device metrics into logged scalars: fetches them (the only wait on
+  the device), stops on a non-finite loss, adds throughput, writes and logs them.
+
+  The step time is the time between two consecutive reports: the pipeline's
+  throughput, data included; `restart_clock` excludes what is not a step (a save).
+  """
+
+  def __init__(self, writer: MetricWriter, total_steps: int, log_every: int,
+               global_batch: int, tokens_per_example: Callable[[int], int],
+               flops_per_step: Mapping[int, float]):
+    self._writer, self._total, self._log_every = writer, total_steps, log_every
+    self._batch, self._tokens, self._flops = global_batch, tokens_per_example, flops_per_step
+    self._devices = jax.device_count()
+    self._first: int | None = None
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    self._ready = time.perf_counter()
+
+  def report(self, step: int, num_tokens: int, metrics: Mapping[str, Any]) -> None:
+    """Reports step ``step`` (0-based; logged as ``step + 1``, the steps completed)."""
+    host = {k: float(np.asarray(v)) for k, v in metrics.items()}  # Waits for the step.
     now = time.perf_counter()
-    # Time between consecutive completed steps: the pipeline's throughput, data included.
-    step_time, clock["ready"] = now - clock["ready"], now
+    step_time, self._ready = now - self._ready, now
+    if self._first is None:
+      self._first = step
     if not (math.isfinite(host["loss"]) and math.isfinite(host.get("grad_norm", 0.0))):
       raise NonFiniteLossError(
-          f"step {s + 1}: non-finite loss={host['loss']} grad_norm={host.get('grad_norm')} at "
-          f"{n} visual tokens; stopping. Lower config.optimizer.learning_rate or check the data.")
-    host.update(num_tokens=n, step_time_s=step_time,
-                examples_per_s=global_batch / step_time,
-                tokens_per_s_per_device=global_batch * tokens_per_example(n) / step_time
-                / num_devices,
-                tflops_per_device=flops_per_step.get(n, 0.0) / step_time / 1e12)
+          f"step {step + 1}: non-finite loss={host['loss']} grad_norm={host.get('grad_norm')} "
+          f"at {num_tokens} visual tokens; stopping. Lower config.optimizer.learning_rate or "
+          "check the data.")
+    host.update(num_tokens=num_tokens, step_time_s=step_time,
+                examples_per_s=self._batch / step_time,
+                tokens_per_s_per_device=self._batch * self._tokens(num_tokens) / step_time
+                / self._devices,
+                tflops_per_device=self._flops.get(num_tokens, 0.0) / step_time / 1e12)
     scalars = {f"train/{k}": v for k, v in host.items()}
-    scalars.update({f"train_{n}tokens/{k}": host[k] for k in
+    scalars.update({f"train_{num_tokens}tokens/{k}": host[k] for k in
                     ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device")
                     if k in host})
-    writer.write(s + 1, scalars)
-    if (s + 1) % log_every == 0 or s + 1 == total_steps or s == start_step:
-      log_line(s + 1, total_steps, host)
+    self._writer.write(step + 1, scalars)
+    if (step + 1) % self._log_every == 0 or step + 1 == self._total or step == self._first:
+      log_line(step + 1, self._total, host)
 
+
+def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps,
+               data: DataFeed, saver: Saver, reporter: Reporter) -> tuple[Any, int]:
+  """Runs steps [start_step, total_steps); returns (state, steps completed).
+
+  Each step's metrics are reported while the next step runs, so the host never waits
+  for the device except to save.
+  """
+  pending = None  # (step, num_tokens, metrics still on device)
+  done = start_step
+  reporter.restart_clock()
   with _SigtermFlag() as sigterm:
     for step in range(start_step, total_steps):
-      n = count_for_step(step)
-      batch = to_global(next(data_iterator))
-      state, metrics = compiled[n](state, batch)
+      n = steps.count_for_step(step)
+      state, metrics = steps.by_count[n](state, data.to_global(next(data.iterator)))
       if pending is not None:
-        report(pending)  # The previous step, while this one runs.
-      pending = (step, n, metrics)
-      done = step + 1
+        reporter.report(*pending)  # The previous step, while this one runs.
+      pending, done = (step, n, metrics), step + 1
       stop = stop_requested(done, sigterm.raised)
-      if done % checkpoint_every == 0 or done == total_steps or stop:
-        report(pending)
+      if done % saver.every == 0 or done == total_steps or stop:
+        reporter.report(*pending)
         pending = None
-        checkpointing.save(manager, done, state.params, state.opt_state, data_iterator,
-                           meta(done))
-        clock["ready"] = time.perf_counter()  # Saving is not step time.
+        saver.save(done, state, data.iterator)
+        reporter.restart_clock()  # Saving is not step time.
       if stop:
         break
     if pending is not None:
-      report(pending)
-  manager.wait_until_finished()
-  return state, (step + 1 if total_steps > start_step else start_step)
+      reporter.report(*pending)
+  saver.manager.wait_until_finished()
+  return state, done

@@ -7,11 +7,23 @@ kept for it).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import ml_collections
 import optax
+from absl import logging
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """The run's optimizer: the transformation, its base learning-rate schedule (for the
+  logs) and the module groups it freezes (no backward pass through them)."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  frozen: tuple[str, ...]
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
@@ -56,3 +68,15 @@ def make_optimizer(opt_config: Any, multipliers: Mapping[str, float], total_step
   tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm),
                    optax.multi_transform(transforms, group_labels(params, multipliers)))
   return tx, schedule
+
+
+def from_config(config: ml_collections.ConfigDict, abstract_params: Mapping[str, Any]
+                ) -> Optimizer:
+  """``config.optimizer`` with ``config.lr_multipliers`` (one per top-level module of
+  ``abstract_params``, 0 freezing it) over ``config.total_steps``."""
+  multipliers = {k: float(v) for k, v in config.lr_multipliers.to_dict().items()}
+  tx, schedule = make_optimizer(config.optimizer, multipliers, config.total_steps,
+                                abstract_params)
+  frozen = tuple(k for k, m in multipliers.items() if m == 0)
+  logging.info("learning-rate multipliers %s; frozen: %s", multipliers, frozen or "none")
+  return Optimizer(tx, schedule, frozen)

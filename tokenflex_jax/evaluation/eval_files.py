@@ -1,4 +1,6 @@
-"""Evaluation data in the formats people have, and their scoring.
+"""Eval files in the formats people have (MMBench TSV, VQA JSONL): reading and scoring.
+
+(Step timing is another module: `tokenflex_jax.bench`.)
 
 * MMBench-style TSV: columns ``index, question, hint, A, B, C, D[, E...], answer,
   category, image`` (base64; a short all-digit image field refers to the row with that
@@ -12,7 +14,7 @@
   with the VQA soft accuracy: min(1, matching human answers / 3), averaged over the
   leave-one-out subsets of the human answers, after the VQA answer normalisation.
 
-A malformed row raises `llava.MalformedRowError` naming the file and row (rows count
+A malformed row raises `rows.MalformedRowError` naming the file and row (rows count
 from 0 among the data rows), or with ``skip_malformed`` is left out and counted.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
-import json
 import os
 import re
 import string
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tokenflex_jax.data.llava import MalformedRowError, collect_rows
+from tokenflex_jax.data.rows import MalformedRowError, collect_rows, json_line
 from tokenflex_jax.data.pipeline import decode_image
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -39,7 +40,7 @@ LETTERS = string.ascii_uppercase
 
 
 @dataclasses.dataclass
-class Benchmark:
+class EvalFile:
   """Questions ready for generation and a scorer for the generated answers.
 
   images: uint8 [M, H, W, 3] decoded at the eval resolution; questions: N prompt texts
@@ -149,7 +150,7 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
   return collect_rows(rows, parse, skip_malformed)
 
 
-def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> Benchmark:
+def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> EvalFile:
   """Circular multiple choice: each k-option question is asked k times, rotated."""
   questions, skipped = read_mmbench(path, image_size, skip_malformed)
   prompts, image_index, asked = [], [], []  # asked: (question number, right letter index)
@@ -172,7 +173,7 @@ def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> Benchma
 
   chance = {c: float(np.mean([(1 / len(q.options)) ** len(q.options) for q in questions
                               if q.category == c])) for c in categories}
-  return Benchmark(_stack([q.image for q in questions], image_size), prompts,
+  return EvalFile(_stack([q.image for q in questions], image_size), prompts,
                    np.array(image_index, np.int64), len(questions), score, chance, skipped)
 
 
@@ -233,10 +234,7 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
 
   def parse(i: int, line: str):
     bad = lambda reason, detail: MalformedRowError(path, i, reason, detail)
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise bad("invalid JSON", str(e)) from None
+    row = json_line(line, path, i)
     if not isinstance(row, dict):
       raise bad("not an object", type(row).__name__)
     question = row.get("question")
@@ -261,7 +259,7 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
 
 
 def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = "",
-        instruction: str = VQA_INSTRUCTION) -> Benchmark:
+        instruction: str = VQA_INSTRUCTION) -> EvalFile:
   """Each question, followed by ``instruction`` on a new line (LLaVA's short-answer
   prompt; "" for none), scored with the VQA soft accuracy."""
   rows, skipped = read_vqa(path, image_size, skip_malformed, image_dir)
@@ -273,6 +271,6 @@ def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str
     return {c: float(acc[cats == c].mean()) for c in categories}
 
   prompts = [f"{r[1]}\n{instruction}" if instruction else r[1] for r in rows]
-  return Benchmark(_stack([r[0] for r in rows], image_size), prompts,
+  return EvalFile(_stack([r[0] for r in rows], image_size), prompts,
                    np.arange(len(rows)), len(rows), score, {c: 0.0 for c in categories},
                    skipped)

@@ -1,0 +1,254 @@
+"""`loop.train_loop` with fake step functions, data, checkpoint manager and metrics:
+bucket order, lagged metric fetches, written scalars, NaN/Inf stop, checkpoint cadence
+and SIGTERM, without compiling anything."""
+
+import functools
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from tokenflex_jax.training import buckets, loop, steps
+from tokenflex_jax.training.metrics import MetricWriter
+
+COUNTS, PROBS, SEED = (64, 144, 256), (0.2, 0.3, 0.5), 7
+BATCH = 8
+count_for_step = functools.partial(buckets.token_count_for_step, SEED, counts=COUNTS,
+                                   probs=PROBS)
+
+
+class Value:
+  """A metric "on device": records in ``events`` when the host reads it."""
+
+  def __init__(self, value, step, events):
+    self.value, self.step, self.events = value, step, events
+
+  def __array__(self, dtype=None, copy=None):  # pylint: disable=redefined-builtin
+    self.events.append(("read", self.step))
+    return np.asarray(self.value, dtype=dtype)
+
+
+class FakeManager:
+  """Records what `checkpointing.save` hands to an Orbax manager."""
+
+  def __init__(self, events):
+    self.events, self.saves, self.waits = events, [], 0
+    self.directory = "/fake/checkpoints"
+
+  def save(self, step, args=None, force=False):
+    assert force
+    self.events.append(("save", step))
+    self.saves.append((step, args["params"].item, args["meta"].item, args["data"].item))
+
+  def wait_until_finished(self):
+    self.events.append(("wait", None))
+    self.waits += 1
+
+
+class FakeWriter:
+  def __init__(self):
+    self.records = []
+
+  def write(self, step, scalars):
+    self.records.append((step, dict(scalars)))
+
+
+def loss_of(step):
+  return 1.0 + 0.01 * step
+
+
+class Run:
+  """A fake run: one step function per bucket recording (step, count, batch)."""
+
+  def __init__(self, bad=None, on_step=None):
+    self.events, self.calls, self.globalised = [], [], []
+    self.bad = bad or {}          # step -> metrics overrides (NaN/Inf)
+    self.on_step = on_step        # step -> called inside that step
+    self.manager = FakeManager(self.events)
+
+  def step_fn(self, count):
+    def fn(state, batch):
+      step = int(state.step)
+      assert batch["globalised"], "the step got a batch that did not pass through to_global"
+      self.calls.append((step, count, int(batch["index"])))
+      self.events.append(("step", step))
+      if self.on_step is not None:
+        self.on_step(step)
+      metrics = {"loss": Value(loss_of(step), step, self.events),
+                 "grad_norm": np.float32(0.5), "learning_rate": np.float32(1e-3)}
+      metrics.update(self.bad.get(step, {}))
+      new = steps.TrainState(np.int32(step + 1), {"w": np.float32(step + 1)}, {"mu": ()})
+      return new, metrics
+    return fn
+
+  def to_global(self, batch):
+    self.globalised.append(int(batch["index"]))
+    return {**batch, "globalised": True}
+
+  def run(self, start, total, every, writer=None, data=None):
+    self.data = data if data is not None else iter(
+        {"index": np.int32(i)} for i in range(10_000))
+    writer = writer if writer is not None else FakeWriter()
+    self.writer = writer
+    reporter = loop.Reporter(writer, total, log_every=1000, global_batch=BATCH,
+                             tokens_per_example=lambda n: n + 23,
+                             flops_per_step={n: 1e9 * n for n in COUNTS})
+    saver = loop.Saver(self.manager, every, lambda step: {"step": step})
+    state = steps.TrainState(np.int32(start), {"w": np.float32(start)}, {"mu": ()})
+    return loop.train_loop(state, start, total,
+                           loop.BucketSteps({n: self.step_fn(n) for n in COUNTS},
+                                            count_for_step),
+                           loop.DataFeed(self.data, self.to_global), saver, reporter)
+
+
+def test_each_step_runs_its_buckets_step_on_the_next_batch():
+  """Step s runs by_count[count_for_step(s)] on the s-th batch (after to_global); a
+  resumed loop continues the same bucket sequence."""
+  full = Run()
+  full.run(0, 30, every=7)
+  expected = [count_for_step(s) for s in range(30)]
+  assert len(set(expected)) > 1, "the seed draws a single bucket: the test sees no order"
+  assert [c for _, c, _ in full.calls] == expected
+  assert [s for s, _, _ in full.calls] == list(range(30))
+  assert [i for _, _, i in full.calls] == list(range(30))  # one batch per step, in order
+  assert full.globalised == list(range(30))
+
+  resumed = Run()
+  resumed.run(13, 30, every=7)
+  assert [(s, c) for s, c, _ in resumed.calls] == [(s, c) for s, c, _ in full.calls[13:]]
+
+
+def _index(events, event):
+  return events.index(event)
+
+
+def test_metrics_are_fetched_one_step_late_except_before_a_save():
+  """Step s's metrics are read after step s+1 is dispatched (and before s+2), unless
+  step s completes a checkpoint (every 4th, and the last), where they are read
+  before the save and before step s+1; each step's metrics are read exactly once."""
+  r = Run()
+  total, every = 11, 4
+  r.run(0, total, every)
+  ev = r.events
+  for s in range(total):
+    assert ev.count(("read", s)) == 1, f"step {s} read {ev.count(('read', s))} times"
+    read = _index(ev, ("read", s))
+    assert read > _index(ev, ("step", s))
+    if (s + 1) % every == 0 or s + 1 == total:
+      save = _index(ev, ("save", s + 1))
+      assert read < save, f"step {s}: saved before its metrics were checked"
+      if s + 1 < total:
+        assert save < _index(ev, ("step", s + 1))
+    else:
+      assert _index(ev, ("step", s + 1)) < read, f"step {s} was read before step {s + 1} ran"
+      if s + 2 < total:
+        assert read < _index(ev, ("step", s + 2)), f"step {s} read more than one step late"
+  assert ev[-1] == ("wait", None)
+
+
+def test_written_scalars(tmp_path):
+  """Every step is written exactly once, as step+1, with its own loss and bucket, the
+  per-bucket copies and throughput consistent with the step time."""
+  writer = MetricWriter(str(tmp_path))
+  r = Run()
+  start, total = 3, 17
+  r.run(start, total, every=5, writer=writer)
+  writer.close()
+  with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  assert [rec["step"] for rec in records] == list(range(start + 1, total + 1))
+  for rec in records:
+    s, n = rec["step"] - 1, count_for_step(rec["step"] - 1)
+    assert rec["train/loss"] == pytest.approx(loss_of(s))
+    assert rec["train/num_tokens"] == n
+    assert rec["train/grad_norm"] == pytest.approx(0.5)
+    assert rec["train/learning_rate"] == pytest.approx(1e-3)
+    per_bucket = {k for k in rec if k.startswith("train_")}
+    assert per_bucket == {f"train_{n}tokens/{k}" for k in
+                          ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device")}
+    assert rec[f"train_{n}tokens/loss"] == rec["train/loss"]
+    t = rec["train/step_time_s"]
+    assert t > 0 and rec[f"train_{n}tokens/step_time_s"] == t
+    assert rec["train/examples_per_s"] == pytest.approx(BATCH / t)
+    assert rec["train/tokens_per_s_per_device"] == pytest.approx(BATCH * (n + 23) / t / 8)
+    assert rec["train/tflops_per_device"] == pytest.approx(1e9 * n / t / 1e12)
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("bad", [{"loss": np.float32(np.nan)},
+                                 {"grad_norm": np.float32(np.inf)}], ids=["nan_loss", "inf_grad"])
+def test_non_finite_metrics_stop_the_run_before_a_save(bad):
+  """A NaN loss or Inf gradient norm at (0-based) step 3 raises NonFiniteLossError
+  naming the step (as completed steps, 4) and its bucket; the state after it is never
+  checkpointed, and the SIGTERM handler is restored."""
+  before = signal.getsignal(signal.SIGTERM)
+  r = Run(bad={3: bad})
+  with pytest.raises(loop.NonFiniteLossError) as e:
+    r.run(0, 20, every=4)
+  message = str(e.value)
+  assert "step 4:" in message and f"at {count_for_step(3)} visual tokens" in message
+  assert [s for s, *_ in r.manager.saves] == []
+  assert signal.getsignal(signal.SIGTERM) is before
+  # Without a checkpoint due, the error comes one step late (the fetch is lagged) and
+  # stops the run there.
+  r = Run(bad={3: bad})
+  with pytest.raises(loop.NonFiniteLossError, match="step 4:"):
+    r.run(0, 20, every=100)
+  assert [s for s, *_ in r.calls] == [0, 1, 2, 3, 4]
+  assert r.manager.saves == []
+
+
+@pytest.mark.parametrize("start,total,every,expected", [
+    (0, 10, 3, [3, 6, 9, 10]),
+    (0, 9, 3, [3, 6, 9]),
+    (4, 10, 3, [6, 9, 10]),
+    (0, 5, 100, [5]),
+    (7, 7, 3, []),
+])
+def test_checkpoint_cadence(start, total, every, expected):
+  """Saves at multiples of ``every`` and at ``total_steps`` (once), with the state and
+  data position of that step; waits for the saves; returns (state, steps completed)."""
+  r = Run()
+  state, done = r.run(start, total, every)
+  assert [s for s, *_ in r.manager.saves] == expected
+  for step, params, meta, data in r.manager.saves:
+    assert float(params["w"]) == step  # the state after `step` steps, not a later one
+    assert meta == {"step": step}
+    assert data is r.data
+  assert r.manager.waits == 1 and r.events[-1] == ("wait", None)
+  assert done == total and int(state.step) == total and float(state.params["w"]) == total
+  assert int(next(r.data)["index"]) == total - start  # exactly one batch per step taken
+
+
+def test_sigterm_saves_the_current_step_and_returns():
+  """SIGTERM during step 4 (0-based) saves after that step (5 completed) and returns
+  early with 5, the data iterator just past 5 batches; the previous handler is back."""
+  seen = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: seen.append("old handler"))
+  try:
+    mine = signal.getsignal(signal.SIGTERM)
+    r = Run(on_step=lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 4 else None)
+    state, done = r.run(0, 50, every=100)
+    assert done == 5 and int(state.step) == 5
+    assert [s for s, *_ in r.manager.saves] == [5]
+    assert float(r.manager.saves[0][1]["w"]) == 5
+    assert [s for s, *_ in r.calls] == [0, 1, 2, 3, 4]
+    assert int(next(r.data)["index"]) == 5
+    assert [step for step, _ in r.writer.records] == [1, 2, 3, 4, 5]
+    assert r.manager.waits == 1
+    assert seen == [], "the loop's handler should have caught the signal"
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_on_a_checkpoint_step_saves_once():
+  """SIGTERM in a step that is due a checkpoint anyway saves that step once."""
+  r = Run(on_step=lambda s: os.kill(os.getpid(), signal.SIGTERM) if s == 5 else None)
+  previous = signal.getsignal(signal.SIGTERM)
+  _, done = r.run(0, 50, every=3)
+  assert done == 6 and [s for s, *_ in r.manager.saves] == [3, 6]
+  assert signal.getsignal(signal.SIGTERM) is previous
+

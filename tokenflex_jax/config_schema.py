@@ -1,0 +1,179 @@
+"""The one config schema: every key, its default, the config-file argument parser and the
+reading of a workdir's saved ``config.json``.
+
+``configs/*.py`` start from `base_config()` and override values only; they add no keys.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+from absl import logging
+
+from tokenflex_jax import sharding
+
+ConfigDict = ml_collections.ConfigDict
+
+
+def base_config() -> ConfigDict:
+  """Every config key with its default (the demo's values, except where noted)."""
+  c = ConfigDict()
+  c.stage = 2                       # training stage, set by the config file's argument
+  c.seed = 0                        # parameter init and token-count sampling
+
+  c.model = ConfigDict()
+  c.model.vit = ConfigDict(dict(
+      image_size=32, patch_size=2, width=64, depth=3, mlp_dim=256, num_heads=1,
+      layer_norm_eps=1e-6, dtype="float32"))
+  c.model.projector = ConfigDict(dict(
+      pooling="adaptive_avg", mlp_ratio=3, layer_norm_eps=1e-6, dtype="float32"))
+  c.model.llm = ConfigDict(dict(
+      vocab_size=256, width=96, depth=2, num_heads=2, num_kv_heads=1, head_dim=48,
+      mlp_dim=256, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False,
+      tie_embeddings=True, dtype="float32",
+      # RoPE scaling as in a Hugging Face config (see models/llm.py): none by default.
+      rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0,
+      rope_high_freq_factor=4.0, rope_original_max_positions=8192))
+  # Rematerialise ViT blocks and LLM layers in the backward pass (memory for FLOPs).
+  c.model.remat = False
+  # Rotary positions of the visual tokens: 0 gives each token its own position (the
+  # LLaVA convention); K > 0 spreads any count over K positions, so the text's positions
+  # do not depend on the count (see models/vlm.py).
+  c.model.visual_position_span = 0
+
+  c.data = ConfigDict()
+  c.data.source = "procedural"      # "procedural" | "tfds" (array_record in tfds_dir) | "llava"
+  c.data.tfds_dir = ""
+  c.data.seed = 1
+  c.data.image_size = c.model.vit.get_ref("image_size")
+  c.data.num_examples = 1_000_000   # size of the procedural train split
+  c.data.families = ("background", "shape_color", "shape", "count", "quadrant", "dots",
+                     "marks")      # procedural question families and their weights
+  c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.5, 1.0)
+  c.data.max_text_length = 24       # prompt + answer tokens, padded
+  # The <image> placeholder before the question (True) or after it, where the visual
+  # tokens can attend to the question.
+  c.data.image_first = False
+  c.data.num_workers = 0            # grain worker processes (0: in the main process)
+  c.data.truncate = False           # conversations longer than max_text_length: cut, or error
+
+  # "project": the demo's own sentencepiece model (path "" -> WORKDIR/tokenizer.model,
+  # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json,
+  # templates chatml | llama3) or "sentencepiece" (templates llama2 | gemma).
+  c.tokenizer = ConfigDict(dict(
+      kind="project", path="", template="", image_token="",
+      system_prompt=ml_collections.config_dict.placeholder(str)))  # None: the template's
+
+  # TokenFLEX: the visual-token budget of each step is drawn from these (the paper's set).
+  c.token_counts = (64, 144, 256)
+  c.token_probs = (0.2, 0.3, 0.5)
+  c.loss_weighting = "sqrt"         # per-sample 1/sqrt(answer tokens), or "token_mean"
+
+  c.batch_size = 32                 # global
+  c.total_steps = 300
+  c.optimizer = ConfigDict(dict(
+      learning_rate=2e-3, warmup_steps=50, end_lr_fraction=0.05, b1=0.9, b2=0.98,
+      weight_decay=0.05, clip_norm=1.0))
+  # Learning-rate multiplier per top-level parameter module, every one named; 0 freezes
+  # it. Config files replace the whole dict.
+  c.lr_multipliers = ConfigDict(dict(vit=1.0, projector=1.0, llm=1.0))
+
+  c.init = ConfigDict()
+  c.init.checkpoint = ""            # a workdir: start from its latest params (all modules)
+  c.init.vision_checkpoint = ""     # a workdir of pretrain_vision: take its ViT only
+
+  c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))  # (data, fsdp, tensor); -1: the rest
+  # Logical axis -> mesh axes: the one table every sharding is derived from.
+  c.sharding = ConfigDict(dict(rules=sharding.FSDP_TP_RULES))
+
+  c.log_every = 25
+  c.checkpoint_every = 150
+  c.keep_checkpoints = 2
+
+  # Stage 0 (pretrain_vision): loss weight of the per-patch object labels.
+  c.vision_pretrain = ConfigDict(dict(object_weight=5.0))
+
+  c.eval = ConfigDict()
+  c.eval.suite = "scenes"           # or "mmbench" (TSV) / "vqa" (JSONL) at data_path
+  c.eval.data_path = ""
+  c.eval.image_dir = ""             # vqa: folder of relative image paths ("" -> data_path's)
+  c.eval.skip_malformed = False     # count and skip bad rows instead of failing
+  c.eval.token_counts = (64, 100, 144, 196, 256)
+  c.eval.examples_per_family = 200  # scenes suite
+  c.eval.batch_size = 100
+  c.eval.max_prompt_length = 20
+  c.eval.max_new_tokens = 4
+  c.eval.seed = 12345
+  c.eval.checkpoint_step = -1       # -1: the latest
+  return c
+
+
+def parse_arg(arg: str | None, file: str, **choices: tuple[str, ...]) -> dict[str, str]:
+  """Parses a config file's argument, e.g. ``"stage=1,rules=fsdp"``, into {key: value}.
+
+  ``choices`` maps each key to its allowed values, the first being the default. A bare
+  first value (``"1"``) sets the first key. Raises ValueError naming ``file``, the key
+  and the allowed values.
+  """
+  values = {key: allowed[0] for key, allowed in choices.items()}
+  usage = ",".join(f"{key}={'|'.join(sorted(allowed))}" for key, allowed in choices.items())
+  first = next(iter(choices))
+  for i, part in enumerate(p for p in (arg or "").split(",") if p):
+    key, value = part.split("=", 1) if "=" in part else (first if i == 0 else "", part)
+    if key not in choices:
+      raise ValueError(f"{file}: unknown argument {part!r}; use {usage}")
+    if value not in choices[key]:
+      raise ValueError(f"{file}: {key} must be {_one_of(sorted(choices[key]))}, "
+                       f"got {value!r}; use {usage}")
+    values[key] = value
+  return values
+
+
+def _one_of(values: list[str]) -> str:
+  return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
+def read_saved(saved: Mapping[str, Any]) -> ConfigDict:
+  """A workdir's saved config (``json.load`` of its config.json) as a full config:
+  `base_config()` with the saved values laid over it.
+
+  JSON lists become tuples where the schema has a tuple; ``lr_multipliers`` is taken
+  whole. Legacy: a config without ``tokenizer`` used the project's sentencepiece model
+  at ``data.tokenizer_path``. Keys the schema does not know are kept, with a warning.
+  """
+  saved = copy.deepcopy(dict(saved))
+  if "tokenizer" not in saved:
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    saved["tokenizer"] = dict(kind="project", path=data.pop("tokenizer_path", ""),
+                              template="", image_token="")
+  config = base_config()
+  _overlay(config, saved, "config")
+  return config
+
+
+def _overlay(target: ConfigDict, saved: Mapping[str, Any], path: str) -> None:
+  for key, value in saved.items():
+    name = f"{path}.{key}"
+    if key not in target:
+      logging.warning("%s is not in the config schema (tokenflex_jax/config_schema.py); "
+                      "kept as saved", name)
+      target[key] = ConfigDict(value) if isinstance(value, dict) else value
+    elif name == "config.lr_multipliers":
+      target[key] = ConfigDict(value)
+    elif isinstance(target[key], ConfigDict) and isinstance(value, dict):
+      _overlay(target[key], value, name)
+    else:
+      if isinstance(target[key], tuple):
+        value = _tuples(value)
+      try:
+        target[key] = value
+      except TypeError as e:
+        raise ValueError(f"{name}={value!r} in the saved config: {e}") from e
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to (nested) tuples, e.g. sharding rules [["batch", ["data"]]]."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value

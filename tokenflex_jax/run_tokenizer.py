@@ -1,0 +1,70 @@
+"""The run's tokenizer, from ``config.tokenizer``.
+
+A "project" tokenizer (the demo's own sentencepiece model) lives in the workdir as
+``tokenizer.model``: the configured file, else one inherited from the init workdir (so
+every stage shares one vocabulary), else trained on the suite's text. An LLM's own
+tokenizer (kind "hf" or "sentencepiece") is read from ``config.tokenizer.path``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import Callable
+
+import jax
+import ml_collections
+from absl import logging
+
+from tokenflex_jax.data import chat
+from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.data.tokenizer import ensure_tokenizer
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  t = config.tokenizer
+  if t.kind == "project":
+    return t.path or os.path.join(workdir, TOKENIZER_FILE)
+  if not t.path:
+    raise ValueError(f"config.tokenizer.kind={t.kind!r} needs "
+                     "config.tokenizer.path (the LLM's tokenizer.json or .model file)")
+  return t.path
+
+
+def loader(config: ml_collections.ConfigDict, workdir: str) -> Callable[[], ChatTokenizer]:
+  """A picklable zero-argument function that loads the run's tokenizer (grain workers
+  call it on their side)."""
+  t = config.tokenizer
+  return functools.partial(chat.load_tokenizer, kind=t.kind, path=tokenizer_path(config, workdir),
+                           template=t.template, image_token=t.image_token,
+                           system_prompt=t.system_prompt)
+
+
+def _inherit(config: ml_collections.ConfigDict, path: str) -> None:
+  """Copies the init workdir's project tokenizer to ``path`` (process 0 writes)."""
+  for source in (config.init.checkpoint, config.init.vision_checkpoint):
+    inherited = os.path.join(source, TOKENIZER_FILE) if source else ""
+    if inherited and os.path.exists(inherited):
+      if jax.process_index() == 0:
+        shutil.copyfile(inherited, path + ".tmp")
+        os.replace(path + ".tmp", path)
+      return
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> ChatTokenizer:
+  """The run's tokenizer, creating the workdir's project tokenizer if it has none."""
+  t = config.tokenizer
+  if t.kind != "project":
+    tokenizer = loader(config, workdir)()
+    logging.info("tokenizer %s (%s, template %s): %d ids", t.path, t.kind, t.template,
+                 tokenizer.vocab_size)
+    return tokenizer
+  path = tokenizer_path(config, workdir)
+  if not os.path.exists(path) and not t.path:
+    _inherit(config, path)
+  tokenizer = ensure_tokenizer(path)
+  logging.info("tokenizer %s: %d pieces", path, tokenizer.vocab_size)
+  return tokenizer

@@ -1,0 +1,126 @@
+"""The one trainer core: everything a training run does the same way, whatever it trains.
+
+A `Task` says what differs (the model's parameters, the loss, the batch and the data,
+the token-count buckets); `train` does the rest, in this order:
+
+1. `compile_task`: the optimizer from the config, every state sharding derived from
+   the params' logical axes, and one train step per bucket compiled ahead of time (the
+   loop never compiles);
+2. `start_state`: resumed from the workdir's latest checkpoint (params, optimizer state
+   and data-iterator position), else random, with the modules ``config.init`` names
+   loaded from another workdir;
+3. `loop.train_loop` until ``config.total_steps``, with metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from tokenflex_jax import sharding
+from tokenflex_jax.data import pipeline
+from tokenflex_jax.training import checkpointing, compiled, loop, optimizer as optimizer_lib
+from tokenflex_jax.training import steps
+from tokenflex_jax.training.metrics import MetricWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """What one kind of training is.
+
+  init_params: rng -> the params, boxed with their logical axes.
+  loss_fn: (params, batch, num_tokens) -> (scalar loss, {name: scalar metric}).
+  abstract_batch: the global batch's `jax.ShapeDtypeStruct`s, with their shardings.
+  data_from: a global batch index -> the host's data iterator starting there.
+  counts: the buckets (visual-token counts), each compiled once.
+  count_for_step: a step -> its bucket (a pure function: every host agrees).
+  tokens_per_example: a bucket -> sequence positions per example (for throughput).
+  name: what the compiled step is called in the logs.
+  """
+  init_params: steps.InitParams
+  loss_fn: steps.LossFn
+  abstract_batch: Mapping[str, jax.ShapeDtypeStruct]
+  data_from: Callable[[int], Iterator[Mapping[str, Any]]]
+  counts: Sequence[int]
+  count_for_step: Callable[[int], int]
+  tokens_per_example: Callable[[int], int]
+  name: str = "train step"
+
+
+def start_state(config: ml_collections.ConfigDict, task: Task, optimizer: optimizer_lib.Optimizer,
+                state_sh: steps.TrainState, manager: Any, mesh, rules
+                ) -> tuple[steps.TrainState, int, Iterator[Mapping[str, Any]]]:
+  """(state, first step, data iterator positioned for it): resumed from ``manager``'s
+  latest checkpoint, else fresh (random, with ``config.init``'s modules loaded).
+
+  The data iterator's state comes from the checkpoint when it has one for this
+  process layout, else (written by another number of processes) from the step.
+  """
+  data = task.data_from(0)
+  abstract = steps.abstract_state(task.init_params, optimizer.tx, state_sh)
+  latest = manager.latest_step()
+  if latest is not None:
+    with sharding.mesh_rules(mesh, rules):
+      params, opt_state, _, data_restored = checkpointing.restore(
+          manager, latest, abstract.params, abstract.opt_state, data)
+    logging.info("resumed from %s at step %d", manager.directory, latest)
+    data = data if data_restored else task.data_from(latest)
+    return steps.TrainState(jnp.asarray(latest, jnp.int32), params, opt_state), latest, data
+  state = steps.random_state(task.init_params, optimizer.tx, jax.random.key(config.seed),
+                             state_sh, mesh, rules)
+  with sharding.mesh_rules(mesh, rules):
+    loaded = checkpointing.initial_params(config.init, abstract.params)
+    if loaded is not None:
+      state = steps.with_params(state, loaded, optimizer, state_sh)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("initialised a fresh state: %.3fM parameters", n_params / 1e6)
+  return state, 0, data
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledTask:
+  """A task's optimizer, its state's shardings and its train step compiled per bucket."""
+  optimizer: optimizer_lib.Optimizer
+  state_shardings: steps.TrainState
+  steps: dict[int, compiled.CompiledStep]
+
+
+def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
+  """The optimizer from ``config``, the shardings derived from the params' logical axes,
+  and the train step lowered and compiled once per bucket (from shapes alone)."""
+  optimizer = optimizer_lib.from_config(config, steps.abstract_params(task.init_params))
+  state_sh = steps.state_shardings(task.init_params, optimizer.tx, mesh, rules)
+  by_count = compiled.compile_buckets(
+      steps.make_train_step(task.loss_fn, optimizer),
+      steps.abstract_state(task.init_params, optimizer.tx, state_sh), task.abstract_batch,
+      task.counts, mesh, rules, task.name)
+  return CompiledTask(optimizer, state_sh, by_count)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
+          ) -> steps.TrainState:
+  """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
+  job = compile_task(config, task, mesh, rules)
+  manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
+  state, start, data = start_state(config, task, job.optimizer, job.state_shardings, manager,
+                                   mesh, rules)
+  batch_sh = compiled.shardings_of(dict(task.abstract_batch))
+  writer = MetricWriter(workdir)
+  reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
+                           task.tokens_per_example, {n: c.flops for n, c in job.steps.items()})
+  saver = loop.Saver(manager, config.checkpoint_every,
+                     lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()})
+  logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
+               tuple(task.counts))
+  state, _ = loop.train_loop(
+      state, start, config.total_steps, loop.BucketSteps(job.steps, task.count_for_step),
+      loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter)
+  writer.close()
+  manager.close()
+  return state

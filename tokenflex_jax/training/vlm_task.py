@@ -1,0 +1,57 @@
+"""The VLM's training task: answer-token loss at a visual-token budget drawn per step."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax.numpy as jnp
+import ml_collections
+
+from tokenflex_jax.data import pipeline
+from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import buckets
+from tokenflex_jax.training.loss import answer_loss
+from tokenflex_jax.training.steps import LossFn
+from tokenflex_jax.training.trainer import Task
+
+
+def vlm_loss(model: VLM, weighting: str) -> LossFn:
+  """(params, batch, num_tokens) -> answer loss; batch: image [B, H, W, 3] f32,
+  tokens [B, T] i32, loss_mask [B, T] f32."""
+  def loss_fn(params, batch, num_tokens):
+    logits = model.apply({"params": params}, batch["image"], batch["tokens"], num_tokens)
+    return answer_loss(logits, batch["tokens"], batch["loss_mask"], weighting)
+  return loss_fn
+
+
+def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
+             load_tokenizer: Callable[[], ChatTokenizer] | None = None) -> Task:
+  """The VLM's `Task` for ``config`` (its buckets: ``config.token_counts`` drawn with
+  ``config.token_probs``). Without ``load_tokenizer`` the task has no data (shapes only,
+  e.g. for an ahead-of-time compile)."""
+  counts, probs = tuple(config.token_counts), tuple(config.token_probs)
+  buckets.validate_buckets(counts, probs)
+  abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
+  image, tokens = abstract_batch["image"], abstract_batch["tokens"]
+  init_params = lambda rng: model.init(rng, jnp.zeros(image.shape, image.dtype),
+                                       jnp.zeros(tokens.shape, tokens.dtype), counts[0])["params"]
+
+  @functools.cache
+  def source_and_transform():
+    if load_tokenizer is None:
+      raise ValueError("this VLM task was built without a tokenizer: it has no data")
+    return (pipeline.make_source(config.data),
+            pipeline.make_transform(config.data, load_tokenizer))
+
+  def data_from(start: int):
+    return pipeline.make_iterator(*source_and_transform(), config.batch_size, config.data.seed,
+                                  config.data.num_workers, start_batch=start)
+
+  return Task(init_params=init_params, loss_fn=vlm_loss(model, config.loss_weighting),
+              abstract_batch=abstract_batch, data_from=data_from, counts=counts,
+              count_for_step=functools.partial(buckets.token_count_for_step, config.seed,
+                                               counts=counts, probs=probs),
+              tokens_per_example=lambda n: config.data.max_text_length - 1 + n,
+              name="VLM train step")
