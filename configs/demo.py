@@ -8,7 +8,7 @@ preset (dp, fsdp, fsdp_tp; default fsdp_tp, see `tokenflex_jax.sharding`). Stage
      projector here, but its LLM is pretrained; the demo's starts from scratch);
   2: full tuning (the default): everything trains, the ViT at a reduced learning rate.
 The model, data and eval values are the schema's defaults (`tokenflex_jax.config_schema`);
-the ViT has one attention head, cheaper than two at width 64 on CPU (see README).
+the ViT has one attention head, cheaper than two at width 64 on CPU (docs/measurements.md).
 ``launch/demo.sh`` runs 0 -> 1 -> 2 -> eval, chaining them through ``config.init``.
 """
 
@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config()
   c.stage = int(args["stage"])
   # One position span for every visual-token count, so the small decoder generalises to
-  # the counts it never trains (see README).
+  # the counts it never trains (docs/measurements.md).
   c.model.visual_position_span = 256
   c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.3, projector=1.0, llm=1.0))
   c.sharding.rules = RULES[args["rules"]]

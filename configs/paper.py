@@ -7,7 +7,7 @@
 The paper states the three stages but not what each freezes, nor batch sizes, learning
 rates or step counts: every value marked "ours" below is our default, not the paper's.
 
-Start from converted Hugging Face towers (see README, "From Hugging Face checkpoints"):
+Start from converted Hugging Face towers (docs/huggingface.md):
   python -m tokenflex_jax.convert --config=configs/paper.py --workdir=/ckpt/start \
       --vision=.../siglip-so400m-patch14-384 --llm=.../Qwen2.5-7B-Instruct
   python -m tokenflex_jax.train --config=configs/paper.py:stage=1 \
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      num_heads=16, dtype="bfloat16")
   c.model.projector.update(pooling="resize_avg", dtype="bfloat16")
   # remat stays off: the temporaries are gathered weights and gradients, not
-  # activations (see README). visual_position_span 0: one rotary position per visual
+  # activations (docs/scaling.md). visual_position_span 0: one rotary position per visual
   # token, as the paper's Qwen2.5 sees them.
   # Qwen2.5-7B-Instruct.
   c.model.llm.update(vocab_size=152_064, width=3584, depth=28, num_heads=28, num_kv_heads=4,
@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                      tie_embeddings=False, dtype="bfloat16")
 
   c.data.update(
-      source="llava",               # python -m tokenflex_jax.data.llava_tfds (see README)
+      source="llava",               # python -m tokenflex_jax.data.llava_tfds (docs/data.md)
       num_examples=0, families=(), family_weights=(),
       max_text_length=1024,         # ours
       image_first=True, num_workers=8,

@@ -23,29 +23,14 @@ Everything after `--` goes to the train binary.
 EOF
 }
 
-HOSTS="" WORKDIR="" PORT=8476 CONFIG="configs/demo.py" DRY_RUN=0
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$REPO/.venv"
-TRAIN_FLAGS=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --hosts=*) HOSTS="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
-    --port=*) PORT="${1#*=}" ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --venv=*) VENV="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; TRAIN_FLAGS=("$@"); break ;;
-    *) echo "hosts.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
-for required in HOSTS WORKDIR; do
-  if [[ -z "${!required}" ]]; then
-    echo "hosts.sh: --${required,,} is required (see --help)" >&2; exit 2
-  fi
-done
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+HOSTS="" PORT=8476
+declare -A VALUE_OPTIONS=([--hosts]=HOSTS [--workdir]=WORKDIR [--port]=PORT [--config]=CONFIG
+                          [--venv]=VENV)
+declare -A SWITCH_OPTIONS=([--dry-run]=DRY_RUN)
+parse_launch_args "$@"
+require HOSTS WORKDIR
 IFS=',' read -r -a HOST_LIST <<< "$HOSTS"
 N="${#HOST_LIST[@]}"
 COORDINATOR="${HOST_LIST[0]}:$PORT"
@@ -53,7 +38,7 @@ COORDINATOR="${HOST_LIST[0]}:$PORT"
 pids=()
 for i in "${!HOST_LIST[@]}"; do
   host="${HOST_LIST[$i]}"
-  cmd="cd $(printf '%q' "$REPO") && PYTHONPATH=$(printf '%q' "$REPO") $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$(printf ' %q' --config="$CONFIG" --workdir="$WORKDIR" --coordinator_address="$COORDINATOR" --num_processes="$N" --process_id="$i" "${TRAIN_FLAGS[@]}")"
+  cmd="cd $(printf '%q' "$REPO") && PYTHONPATH=$(printf '%q' "$REPO") $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$(train_args --coordinator_address="$COORDINATOR" --num_processes="$N" --process_id="$i")"
   if [[ "$host" == localhost ]]; then launcher=(bash -c "$cmd"); else launcher=(ssh "$host" "$cmd"); fi
   if [[ "$DRY_RUN" == 1 ]]; then
     printf '+'; printf ' %q' "${launcher[@]}"; printf ' &\n'

@@ -29,35 +29,15 @@ Example:
 EOF
 }
 
-PARTITION="" NODES="" WORKDIR="" GPUS=8 PER_GPU=0 TIME="24:00:00" ACCOUNT="" JOB="tokenflex"
-CONFIG="configs/demo.py" DRY_RUN=0
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="$REPO/.venv"
-TRAIN_FLAGS=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --partition=*) PARTITION="${1#*=}" ;;
-    --nodes=*) NODES="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
-    --gpus-per-node=*) GPUS="${1#*=}" ;;
-    --per-gpu) PER_GPU=1 ;;
-    --time=*) TIME="${1#*=}" ;;
-    --account=*) ACCOUNT="${1#*=}" ;;
-    --job-name=*) JOB="${1#*=}" ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --venv=*) VENV="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; TRAIN_FLAGS=("$@"); break ;;
-    *) echo "slurm.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
-for required in PARTITION NODES WORKDIR; do
-  if [[ -z "${!required}" ]]; then
-    echo "slurm.sh: --${required,,} is required (see --help)" >&2; exit 2
-  fi
-done
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+PARTITION="" NODES="" GPUS=8 PER_GPU=0 TIME="24:00:00" ACCOUNT="" JOB="tokenflex"
+declare -A VALUE_OPTIONS=([--partition]=PARTITION [--nodes]=NODES [--workdir]=WORKDIR
+                          [--gpus-per-node]=GPUS [--time]=TIME [--account]=ACCOUNT
+                          [--job-name]=JOB [--config]=CONFIG [--venv]=VENV)
+declare -A SWITCH_OPTIONS=([--per-gpu]=PER_GPU [--dry-run]=DRY_RUN)
+parse_launch_args "$@"
+require PARTITION NODES WORKDIR
 if ! [[ "$NODES" =~ ^[1-9][0-9]*$ && "$GPUS" =~ ^[1-9][0-9]*$ ]]; then
   echo "slurm.sh: --nodes and --gpus-per-node must be positive integers" >&2; exit 2
 fi
@@ -70,7 +50,7 @@ if [[ "$PER_GPU" == 1 ]]; then
 fi
 ACCOUNT_LINE=""
 if [[ -n "$ACCOUNT" ]]; then ACCOUNT_LINE="#SBATCH --account=$ACCOUNT"; fi
-TRAIN_ARGS="$(printf ' %q' --config="$CONFIG" --workdir="$WORKDIR" "${TRAIN_FLAGS[@]}")"
+TRAIN_ARGS="$(train_args)"
 
 SCRIPT="#!/usr/bin/env bash
 #SBATCH --job-name=$JOB

@@ -36,46 +36,27 @@ Example (prints what it would do):
 EOF
 }
 
-COMMAND="" PROJECT="" ZONE="" NAME="" ACCEL="v5p-8" VERSION="v2-alpha-tpuv5"
-QUEUED=0 SPOT=0 CONFIG="configs/demo.py" WORKDIR="" DRY_RUN=0
-TRAIN_FLAGS=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -h|--help) usage; exit 0 ;;
-    --project=*) PROJECT="${1#*=}" ;;
-    --zone=*) ZONE="${1#*=}" ;;
-    --name=*) NAME="${1#*=}" ;;
-    --accelerator=*) ACCEL="${1#*=}" ;;
-    --version=*) VERSION="${1#*=}" ;;
-    --queued) QUEUED=1 ;;
-    --spot) SPOT=1 ;;
-    --config=*) CONFIG="${1#*=}" ;;
-    --workdir=*) WORKDIR="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    --) shift; TRAIN_FLAGS=("$@"); break ;;
-    -*) echo "tpu_pod.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    *) if [[ -z "$COMMAND" ]]; then COMMAND="$1"; else
-         echo "tpu_pod.sh: unexpected argument $1 (see --help)" >&2; exit 2; fi ;;
-  esac
-  shift
-done
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+COMMAND="" PROJECT="" ZONE="" NAME="" ACCEL="v5p-8" VERSION="v2-alpha-tpuv5" QUEUED=0 SPOT=0
+declare -A VALUE_OPTIONS=([--project]=PROJECT [--zone]=ZONE [--name]=NAME
+                          [--accelerator]=ACCEL [--version]=VERSION [--config]=CONFIG
+                          [--workdir]=WORKDIR)
+declare -A SWITCH_OPTIONS=([--queued]=QUEUED [--spot]=SPOT [--dry-run]=DRY_RUN)
+POSITIONAL=COMMAND
+parse_launch_args "$@"
 
 case "$COMMAND" in
   create|setup|train|logs|delete|all) ;;
   "") echo "tpu_pod.sh: missing COMMAND (see --help)" >&2; exit 2 ;;
   *) echo "tpu_pod.sh: unknown command '$COMMAND' (see --help)" >&2; exit 2 ;;
 esac
-for required in PROJECT ZONE NAME; do
-  if [[ -z "${!required}" ]]; then
-    echo "tpu_pod.sh: --${required,,} is required (see --help)" >&2; exit 2
-  fi
-done
+require PROJECT ZONE NAME
 if [[ "$COMMAND" == train || "$COMMAND" == all ]] && [[ -z "$WORKDIR" ]]; then
   echo "tpu_pod.sh: --workdir is required to train (a directory every worker sees)" >&2
   exit 2
 fi
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REMOTE_DIR="tokenflex_jax"           # on each worker, relative to the home directory
 LOG="train.log"
 GCLOUD=(gcloud compute tpus)
@@ -120,9 +101,7 @@ setup() {
 }
 
 train() {
-  local flags
-  flags="$(printf ' %q' --config="$CONFIG" --workdir="$WORKDIR" "${TRAIN_FLAGS[@]}")"
-  ssh_all "cd $REMOTE_DIR && nohup ../venv/bin/python -m tokenflex_jax.train$flags > ../$LOG 2>&1 &"
+  ssh_all "cd $REMOTE_DIR && nohup ../venv/bin/python -m tokenflex_jax.train$(train_args) > ../$LOG 2>&1 &"
   logs
 }
 

@@ -11,6 +11,12 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
 CLUSTER_SCRIPTS = ("tpu_pod.sh", "slurm.sh", "hosts.sh")
+# The minimal valid dry run of each cluster script.
+DRY_RUNS = {
+    "tpu_pod.sh": ("train", "--project=p", "--zone=z", "--name=tf", "--workdir=/w", "--dry-run"),
+    "slurm.sh": ("--partition=gpu", "--nodes=2", "--workdir=/w", "--dry-run"),
+    "hosts.sh": ("--hosts=gpu0,gpu1", "--workdir=/w", "--dry-run"),
+}
 
 
 def _run(script, *args):
@@ -27,7 +33,8 @@ def _shellcheck():
 
 
 def test_every_script_parses_and_passes_shellcheck():
-  assert {os.path.basename(s) for s in SCRIPTS} >= {"demo.sh", "test.sh", *CLUSTER_SCRIPTS}
+  assert {os.path.basename(s) for s in SCRIPTS} >= {"demo.sh", "test.sh", "common.sh",
+                                                    *CLUSTER_SCRIPTS}
   for script in SCRIPTS:
     assert subprocess.run(["bash", "-n", script]).returncode == 0, script
   result = subprocess.run([_shellcheck(), "-x", *SCRIPTS], capture_output=True, text=True,
@@ -106,3 +113,59 @@ def test_hosts_dry_run_numbers_the_processes():
     assert line.startswith(f"+ ssh {host} ")
     assert "--coordinator_address=gpu0:9000" in line and "--num_processes=3" in line
     assert f"--process_id={i}" in line
+
+
+@pytest.mark.parametrize("script", CLUSTER_SCRIPTS)
+def test_unknown_and_malformed_arguments_are_refused(script):
+  """The shared parser (common.sh): an unknown option, a value option without `=VALUE`,
+  a switch given a value, and a stray positional argument each stop with exit 2."""
+  for bad in ("--bogus=1", "--workdir", "--dry-run=1"):
+    result = _run(script, *DRY_RUNS[script], bad)
+    assert result.returncode == 2, (bad, result.stdout)
+    assert f"{script}: unknown " in result.stderr, (bad, result.stderr)
+  for stray in ("stray", ""):
+    result = _run(script, *DRY_RUNS[script], stray)
+    assert result.returncode == 2, (stray, result.stdout)
+    expected = "unexpected argument" if script == "tpu_pod.sh" else "unknown argument"
+    assert f"{script}: {expected} {stray}" in result.stderr, (stray, result.stderr)
+
+
+@pytest.mark.parametrize("script", CLUSTER_SCRIPTS)
+def test_train_flags_pass_through_once(script):
+  """Flags after `--` reach the train binary untouched and only once, and the launcher
+  adds no --config.* flag of its own: ml_collections concatenates a tuple field given
+  twice, so a launcher-added --config.mesh.shape would corrupt the user's."""
+  result = _run(script, *DRY_RUNS[script], "--", "--config.mesh.shape=(1,-1,1)", "two words")
+  assert result.returncode == 0, result.stderr
+  train_lines = [line for line in result.stdout.splitlines()
+                 if "python" in line and "tokenflex_jax.train" in line]
+  assert train_lines
+  for line in train_lines:
+    assert line.count("--config.") == 1, line
+    assert line.count("mesh.shape") == 1 and line.count("words") == 1, line
+
+
+def test_common_parser_sets_the_declared_variables():
+  """parse_launch_args on its own: value options keep everything after the first `=`,
+  switches become 1, `--` hands the rest over verbatim; require names the missing flag."""
+  snippet = """
+    source launch/common.sh
+    usage() { echo USAGE; }
+    A="" S=0 POS=""
+    declare -A VALUE_OPTIONS=([--alpha]=A)
+    declare -A SWITCH_OPTIONS=([--switch]=S)
+    POSITIONAL=POS
+    parse_launch_args cmd --alpha=x=y --switch -- --config.a='(1,2)' "b c"
+    printf '%s|' "$A" "$S" "$POS" "$CONFIG" "${TRAIN_FLAGS[@]}"
+    echo
+    WORKDIR=""
+    require A WORKDIR
+  """
+  result = subprocess.run(["bash", "-c", snippet, "launcher.sh"], capture_output=True,
+                          text=True, cwd=REPO, timeout=60)
+  assert result.stdout == "x=y|1|cmd|configs/demo.py|--config.a=(1,2)|b c|\n"
+  assert result.returncode == 2
+  assert result.stderr.strip() == "launcher.sh: --workdir is required (see --help)"
+  helped = subprocess.run(["bash", "-c", snippet.replace("cmd --alpha", "--help --alpha")],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+  assert helped.returncode == 0 and helped.stdout == "USAGE\n"

@@ -103,9 +103,17 @@ def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> 
   return CompiledTask(optimizer, state_sh, by_count)
 
 
+def check_loop_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field if the loop's cadences or batch are unusable."""
+  for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+    if config[name] <= 0:
+      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           ) -> steps.TrainState:
   """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
+  check_loop_config(config)
   job = compile_task(config, task, mesh, rules)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
   state, start, data = start_state(config, task, job.optimizer, job.state_shardings, manager,
@@ -118,9 +126,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
                      lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()})
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
                tuple(task.counts))
-  state, _ = loop.train_loop(
-      state, start, config.total_steps, loop.BucketSteps(job.steps, task.count_for_step),
-      loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter)
-  writer.close()
-  manager.close()
+  try:
+    state, _ = loop.train_loop(
+        state, start, config.total_steps, loop.BucketSteps(job.steps, task.count_for_step),
+        loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter)
+  finally:  # Also on a non-finite loss: finish the save in flight, flush the metrics.
+    writer.close()
+    manager.close()
   return state
