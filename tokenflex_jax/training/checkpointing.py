@@ -126,7 +126,7 @@ def load_meta(workdir: str, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def initial_params(init: ml_collections.ConfigDict, abstract_params: dict[str, Any]
+def load_init_modules(init: ml_collections.ConfigDict, abstract_params: dict[str, Any]
                    ) -> dict[str, Any] | None:
   """The params a fresh run starts from, per ``config.init``: None for a random start.
 

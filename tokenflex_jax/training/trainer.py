@@ -75,7 +75,7 @@ def start_state(config: ml_collections.ConfigDict, task: Task, optimizer: optimi
   state = steps.random_state(task.init_params, optimizer.tx, jax.random.key(config.seed),
                              state_sh, mesh, rules)
   with sharding.mesh_rules(mesh, rules):
-    loaded = checkpointing.initial_params(config.init, abstract.params)
+    loaded = checkpointing.load_init_modules(config.init, abstract.params)
     if loaded is not None:
       state = steps.with_params(state, loaded, optimizer, state_sh)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
