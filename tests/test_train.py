@@ -194,6 +194,30 @@ def test_eval_writes_results_with_the_schema(reference_run):
   assert all(f"| {name} |" in table for name in config.data.families)
 
 
+def test_eval_reports_the_automatic_budget(reference_run):
+  workdir, config, _ = reference_run
+  config = copy.deepcopy(config)
+  config.eval.token_counts = (64, 144)
+  results = eval_binary.run_eval(config, workdir)
+  auto = results["auto_budget"]
+  assert auto["counts"] == [64, 144]
+  fixed = {int(c): r["average"] for c, r in results["results"].items()}
+  curve = auto["curve"]
+  # The lowest threshold stops everything at 64; the last (null) escalates everything.
+  assert curve[0]["mean_visual_tokens"] == 64
+  assert curve[0]["accuracy"] == pytest.approx(fixed[64])
+  assert curve[-1]["threshold"] is None and curve[-1]["mean_visual_tokens"] == 64 + 144
+  assert curve[-1]["accuracy"] == pytest.approx(fixed[144])
+  tokens = [p["mean_visual_tokens"] for p in curve]
+  assert tokens == sorted(tokens)  # a higher threshold escalates more
+  oracle = auto["oracle"]
+  assert oracle["accuracy"] >= max(fixed.values()) - 1e-9
+  assert 64 <= oracle["mean_visual_tokens"] <= 144
+  out = os.path.join(workdir, "eval")
+  assert os.path.getsize(os.path.join(out, "budget.png")) > 0
+  assert "| oracle |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+
+
 def test_eval_refuses_a_config_describing_another_model(reference_run):
   workdir, config, _ = reference_run
   other = copy.deepcopy(config)
@@ -211,10 +235,25 @@ def test_predict_answers_one_question(reference_run, tmp_path):
   path = str(tmp_path / "scene.png")
   Image.fromarray(example["image"]).save(path)
   tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model"))
-  answer = predict.predict(workdir, path, example["question"], num_tokens=100)
+  result = predict.predict(workdir, path, example["question"], num_tokens=100)
+  answer = result.text
   # Whatever the tiny model says, it is text the tokenizer can produce, not ids or padding.
   assert isinstance(answer, str) and "<" not in answer
   assert tokenizer.decode(tokenizer.encode(answer)) == answer
+  assert result.num_tokens == 100 and result.visual_tokens == 100
+  assert result.confidence <= 0
+  # auto: the trained counts in order; a threshold of 0 is never reached (a log-prob is
+  # below 0), so every count is tried and the largest answers.
+  config_auto = copy.deepcopy(config)
+  config_auto.eval.auto_threshold = 0.0
+  auto = predict.predict(workdir, path, example["question"], "auto", config=config_auto)
+  assert auto.num_tokens == max(config.token_counts)
+  assert auto.visual_tokens == sum(config.token_counts)
+  config_auto.eval.auto_threshold = -1e9  # always confident: the smallest count answers
+  auto = predict.predict(workdir, path, example["question"], "auto", config=config_auto)
+  assert auto.num_tokens == auto.visual_tokens == min(config.token_counts)
+  with pytest.raises(ValueError, match="'auto'"):
+    predict.predict(workdir, path, example["question"], "many")
   with pytest.raises(ValueError, match="num_visual_tokens=150"):
     predict.predict(workdir, path, example["question"], num_tokens=150)
   with pytest.raises(ValueError, match="missing.png"):

@@ -3,22 +3,31 @@ r"""Answers one question about one image with a trained checkpoint.
   python -m tokenflex_jax.predict --workdir=/tmp/run --image=cat.png \
       --question="What colour is the background?" --num_tokens=144 [--config=...]
 
+``--num_tokens=auto`` chooses the budget per question: the ViT runs once, the model
+answers at the smallest trained count (``config.token_counts``) and again at the next
+while the answer's mean token log-probability is under ``config.eval.auto_threshold``
+(see `evaluation.auto_budget`).
+
 Without ``--config`` the workdir's own config is used; with it, it must describe the
 same model (the rule of every binary that reads a workdir, see `trained_model`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from PIL import Image
 
 from tokenflex_jax import cli, sharding, trained_model
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.projector import token_side
+from tokenflex_jax.models.vlm import VLM
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -32,29 +41,63 @@ def load_image(path: str, size: int) -> np.ndarray:
   return np.asarray(image, np.uint8)
 
 
-def predict(workdir: str, image_path: str, question: str, num_tokens: int, step: int = -1,
-            max_new_tokens: int = 8, config: ml_collections.ConfigDict | None = None) -> str:
-  """The model's answer (decoded text) to ``question`` about the image at ``image_path``."""
-  token_side(num_tokens)
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  text: str
+  num_tokens: int       # the count that answered
+  confidence: float     # its mean token log-probability
+  visual_tokens: int    # spent over every attempt
+
+
+def answer(trained: trained_model.TrainedModel, image: np.ndarray, prompts: np.ndarray,
+           counts: Sequence[int], threshold: float, max_new_tokens: int) -> Answer:
+  """Answers at ``counts[0]``, then at each next count while the confidence is under
+  ``threshold``. image: f32 [1, H, W, 3]; prompts: i32 [1, P]. The ViT runs once."""
+  tokenizer, model = trained.tokenizer, trained.model
+  generate = jax.jit(make_generate(model, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id),
+                     static_argnums=3)
+  patches = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VLM.patches))(
+      trained.params, image)
+  spent = 0
+  for n in counts:
+    out, confidence = generate(trained.params, None, prompts, n, patches)
+    spent += n
+    confidence = float(confidence[0])
+    if confidence >= threshold:
+      break
+  return Answer(tokenizer.decode(np.asarray(out)[0].tolist()).strip(), n, confidence, spent)
+
+
+def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
+            step: int = -1, max_new_tokens: int = 8,
+            config: ml_collections.ConfigDict | None = None) -> Answer:
+  """The model's answer to ``question`` about the image at ``image_path``, at
+  ``num_tokens`` visual tokens or, with "auto", at the budget chosen for it."""
   config = trained_model.run_config(workdir, config)
+  if num_tokens == "auto":
+    counts, threshold = sorted(config.token_counts), config.eval.auto_threshold
+  elif isinstance(num_tokens, int) or str(num_tokens).isdigit():
+    counts, threshold = [int(num_tokens)], -float("inf")
+    token_side(counts[0])
+  else:
+    raise ValueError(f"--num_tokens must be a square count (64, 144, ...) or 'auto', "
+                     f"got {num_tokens!r}")
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules, step)
-  tokenizer = trained.tokenizer
   image = normalize_image(load_image(image_path, config.data.image_size))[None]
   image_first = config.data.image_first
-  prompts = encode_prompts(tokenizer, [question],
-                           len(tokenizer.prompt_ids(question, image_first)), image_first)
-  generate = make_generate(trained.model, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
+  prompts = encode_prompts(trained.tokenizer, [question],
+                           len(trained.tokenizer.prompt_ids(question, image_first)), image_first)
   with sharding.mesh_rules(mesh, rules):
-    out = jax.jit(generate, static_argnums=3)(trained.params, image, prompts, num_tokens)
-  return tokenizer.decode(np.asarray(out)[0].tolist()).strip()
+    return answer(trained, image, prompts, counts, threshold, max_new_tokens)
 
 
 def main() -> None:
   config, workdir = cli.define_flags(config_required=False)
   image = flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...).")
   question = flags.DEFINE_string("question", None, "The question.")
-  num_tokens = flags.DEFINE_integer("num_tokens", 144, "Visual tokens (a square: 64, 144, ...).")
+  num_tokens = flags.DEFINE_string("num_tokens", "144", "Visual tokens (a square: 64, 144, "
+                                   "...), or 'auto' to choose them per question.")
   step = flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
   max_new = flags.DEFINE_integer("max_new_tokens", 8, "Longest answer in tokens.")
   flags.mark_flags_as_required(["image", "question"])
@@ -62,8 +105,11 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    print(predict(workdir.value, image.value, question.value, num_tokens.value, step.value,
-                  max_new.value, config.value))
+    result = predict(workdir.value, image.value, question.value, num_tokens.value, step.value,
+                     max_new.value, config.value)
+    logging.info("answered at %d visual tokens (%d spent), confidence %.3f",
+                 result.num_tokens, result.visual_tokens, result.confidence)
+    print(result.text)
 
   app.run(run)
 

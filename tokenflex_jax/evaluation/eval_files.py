@@ -47,7 +47,9 @@ class EvalFile:
   (the image goes where the chat template puts it); image_index: int [N], the image of
   each prompt (MMBench's rotations share one); num_questions: what is scored (N, or the
   MMBench questions before rotation); score(predictions) -> {family: accuracy}; chance:
-  {family: accuracy of random guessing}; skipped: {reason: rows}.
+  {family: accuracy of random guessing}; skipped: {reason: rows}; prompt_scores(
+  predictions) -> float [N] in [0, 1], each prompt's own credit (an MMBench rotation
+  answered right, a VQA soft accuracy).
   """
   images: np.ndarray
   questions: list[str]
@@ -56,6 +58,7 @@ class EvalFile:
   score: Callable[[Sequence[str]], dict[str, float]]
   chance: dict[str, float]
   skipped: dict[str, int]
+  prompt_scores: Callable[[Sequence[str]], np.ndarray]
 
 
 def _decode(data: bytes, size: int, path: str, row: int, what: str) -> np.ndarray:
@@ -171,10 +174,15 @@ def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> EvalFil
     cats = np.array([q.category for q in questions])
     return {c: float(correct[cats == c].mean()) for c in categories}
 
+  def prompt_scores(predictions: Sequence[str]) -> np.ndarray:
+    return np.array([float(parse_choice(text, questions[q_num].options) == answer)
+                     for (q_num, answer), text in zip(asked, predictions, strict=True)])
+
   chance = {c: float(np.mean([(1 / len(q.options)) ** len(q.options) for q in questions
                               if q.category == c])) for c in categories}
   return EvalFile(_stack([q.image for q in questions], image_size), prompts,
-                   np.array(image_index, np.int64), len(questions), score, chance, skipped)
+                  np.array(image_index, np.int64), len(questions), score, chance, skipped,
+                  prompt_scores)
 
 
 def _stack(images: list[np.ndarray], size: int) -> np.ndarray:
@@ -266,11 +274,14 @@ def vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str
   categories = sorted({r[3] for r in rows})
   cats = np.array([r[3] for r in rows])
 
+  def prompt_scores(predictions: Sequence[str]) -> np.ndarray:
+    return np.array([vqa_soft_accuracy(p, r[2]) for p, r in zip(predictions, rows, strict=True)])
+
   def score(predictions: Sequence[str]) -> dict[str, float]:
-    acc = np.array([vqa_soft_accuracy(p, r[2]) for p, r in zip(predictions, rows, strict=True)])
+    acc = prompt_scores(predictions)
     return {c: float(acc[cats == c].mean()) for c in categories}
 
   prompts = [f"{r[1]}\n{instruction}" if instruction else r[1] for r in rows]
   return EvalFile(_stack([r[0] for r in rows], image_size), prompts,
-                   np.arange(len(rows)), len(rows), score, {c: 0.0 for c in categories},
-                   skipped)
+                  np.arange(len(rows)), len(rows), score, {c: 0.0 for c in categories},
+                  skipped, prompt_scores)

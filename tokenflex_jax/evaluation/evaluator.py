@@ -23,7 +23,7 @@ from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.rows import format_skipped
-from tokenflex_jax.evaluation import eval_files
+from tokenflex_jax.evaluation import auto_budget, eval_files
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
@@ -34,13 +34,15 @@ class EvalSet:
   """images: uint8 [M, H, W, 3]; image_index: int [N], the image of each prompt; prompts:
   i32 [N, P] left-padded; score(decoded texts) -> {family: accuracy}; families: {family:
   {"granularity", "chance"}}; examples_per_family: what the report states (the scene
-  suite: per family; an eval file: its number of questions)."""
+  suite: per family; an eval file: its number of questions); prompt_scores(decoded
+  texts) -> float [N], each prompt's own credit in [0, 1]."""
   images: np.ndarray
   image_index: np.ndarray
   prompts: np.ndarray
   score: Callable[[Sequence[str]], dict[str, float]]
   families: dict[str, dict[str, Any]]
   examples_per_family: int
+  prompt_scores: Callable[[Sequence[str]], np.ndarray]
 
 
 def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
@@ -59,15 +61,18 @@ def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) 
       families.append(ex["family"])
   fams = np.array(families)
 
+  def prompt_scores(texts: Sequence[str]) -> np.ndarray:
+    return np.array([t == a for t, a in zip(texts, answers, strict=True)], np.float64)
+
   def score(texts: Sequence[str]) -> dict[str, float]:
-    correct = np.array([t == a for t, a in zip(texts, answers, strict=True)], np.float64)
+    correct = prompt_scores(texts)
     return {f: float(correct[fams == f].mean()) for f in config.data.families}
 
   return EvalSet(np.stack(images), np.arange(len(images)),
                  encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
                                 config.data.image_first),
                  score, family_info(tuple(config.data.families)),
-                 int(config.eval.examples_per_family))
+                 int(config.eval.examples_per_family), prompt_scores)
 
 
 def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
@@ -89,7 +94,7 @@ def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -
                                 config.data.image_first),
                  bench.score,
                  {f: {"granularity": granularity, "chance": c} for f, c in bench.chance.items()},
-                 bench.num_questions)
+                 bench.num_questions, bench.prompt_scores)
 
 
 def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
@@ -107,8 +112,8 @@ def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 
 def _predict_all(compiled: Any, params: Any, data: EvalSet, bs: int, image_sh, prompt_sh,
-                 mesh) -> list[list[int]]:
-  """Generated ids for every example, in order.
+                 mesh) -> tuple[list[list[int]], np.ndarray]:
+  """(generated ids, confidence [N]) for every example, in order.
 
   Each process feeds and reads back only its rows of every global batch (rows
   [p*bs/P, (p+1)*bs/P)); the hosts' predictions are gathered once at the end.
@@ -117,18 +122,22 @@ def _predict_all(compiled: Any, params: Any, data: EvalSet, bs: int, image_sh, p
   local_bs = bs // count
   padded = -(-n // bs) * bs  # The last batch is padded by repeating the last example.
   rows_of = lambda start: np.minimum(np.arange(start, start + local_bs), n - 1)
-  local_out = []
+  local_out, local_conf = [], []
   for start in range(index * local_bs, padded, bs):
     rows = rows_of(start)
     images = normalize_image(data.images[data.image_index[rows]])
-    out = compiled(params, jax.make_array_from_process_local_data(image_sh, images),
-                   jax.make_array_from_process_local_data(prompt_sh, data.prompts[rows]))
-    local = multihost_utils.global_array_to_host_local_array(out, mesh, prompt_sh.spec)
-    local_out.append(np.asarray(local))
+    out, conf = compiled(params, jax.make_array_from_process_local_data(image_sh, images),
+                         jax.make_array_from_process_local_data(prompt_sh, data.prompts[rows]))
+    local_out.append(np.asarray(
+        multihost_utils.global_array_to_host_local_array(out, mesh, prompt_sh.spec)))
+    local_conf.append(np.asarray(
+        multihost_utils.global_array_to_host_local_array(conf, mesh, conf.sharding.spec)))
   local_out = np.stack(local_out)  # [batches, local_bs, T]
-  if count > 1:  # [processes, batches, local_bs, T] -> batch-major global order.
+  local_conf = np.stack(local_conf)  # [batches, local_bs]
+  if count > 1:  # [processes, batches, local_bs, ...] -> batch-major global order.
     local_out = np.swapaxes(np.asarray(multihost_utils.process_allgather(local_out)), 0, 1)
-  return local_out.reshape(padded, -1)[:n].tolist()
+    local_conf = np.swapaxes(np.asarray(multihost_utils.process_allgather(local_conf)), 0, 1)
+  return local_out.reshape(padded, -1)[:n].tolist(), local_conf.reshape(padded)[:n]
 
 
 def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
@@ -143,10 +152,11 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
   generate = make_generate(model, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
   image_sh = sharding.batch_sharding(mesh, rules, 4)
   prompt_sh = sharding.batch_sharding(mesh, rules, 2)
-  results = {}
+  conf_sh = sharding.batch_sharding(mesh, rules, 1)
+  results, texts, confidence = {}, {}, {}
   for n in config.eval.token_counts:
     token_side(n)
-    fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n), out_shardings=prompt_sh)
+    fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n), out_shardings=(prompt_sh, conf_sh))
     with sharding.mesh_rules(mesh, rules):
       t0 = time.perf_counter()
       compiled = fn.lower(params, jax.ShapeDtypeStruct((bs,) + data.images.shape[1:],
@@ -155,9 +165,11 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
                                                sharding=prompt_sh)).compile()
       compile_s = time.perf_counter() - t0
       t0 = time.perf_counter()
-      predictions = _predict_all(compiled, params, data, bs, image_sh, prompt_sh, mesh)
+      predictions, confidence[n] = _predict_all(compiled, params, data, bs, image_sh,
+                                                prompt_sh, mesh)
       seconds = time.perf_counter() - t0
-    per_family = data.score([tokenizer.decode(p).strip() for p in predictions])
+    texts[n] = [tokenizer.decode(p).strip() for p in predictions]
+    per_family = data.score(texts[n])
     results[str(n)] = {"visual_tokens": int(n), "families": per_family,
                        "average": float(np.mean(list(per_family.values()))),
                        "examples_per_s": n_examples / seconds}
@@ -165,6 +177,30 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
                  n, results[str(n)]["average"],
                  ", ".join(f"{k}={v:.2f}" for k, v in per_family.items()),
                  n_examples / seconds, compile_s)
-  return {"step": int(step), "suite": config.eval.suite,
-          "examples_per_family": data.examples_per_family,
-          "families": data.families, "results": results}
+  out = {"step": int(step), "suite": config.eval.suite,
+         "examples_per_family": data.examples_per_family,
+         "families": data.families, "results": results}
+  counts = sorted(set(config.token_counts) & set(config.eval.token_counts))
+  if len(counts) >= 2:
+    out["auto_budget"] = auto_budget_results(data, texts, confidence, counts)
+  else:
+    logging.info("no automatic budget: fewer than two of the trained counts %s are among "
+                 "config.eval.token_counts", tuple(config.token_counts))
+  return out
+
+
+def auto_budget_results(data: EvalSet, texts: dict[int, list[str]],
+                        confidence: dict[int, np.ndarray], counts: Sequence[int]
+                        ) -> dict[str, Any]:
+  """The automatic budget escalating over ``counts`` (the trained ones), for a sweep of
+  confidence thresholds, and the oracle (see `auto_budget`)."""
+  curve = auto_budget.sweep(texts, confidence, counts, data.score,
+                            auto_budget.default_thresholds({c: confidence[c] for c in counts}))
+  best = auto_budget.oracle(texts, data.prompt_scores, counts, data.score)
+  for point in curve:
+    logging.info("auto budget, threshold %.3g: accuracy %.3f at %.1f visual tokens",
+                 point["threshold"], point["accuracy"], point["mean_visual_tokens"])
+  logging.info("oracle budget: accuracy %.3f at %.1f visual tokens", best["accuracy"],
+               best["mean_visual_tokens"])
+  return {"counts": list(counts), "signal": "mean token log-probability", "curve": curve,
+          "oracle": best}

@@ -15,33 +15,41 @@ from tokenflex_jax.models.vlm import VLM
 
 
 def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
-                  ) -> Callable[[Any, jax.Array, jax.Array, int], jax.Array]:
-  """Returns generate(params, images [B,H,W,3], prompts [B,P] left-padded, num_tokens).
+                  ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """Returns generate(params, images [B,H,W,3], prompts [B,P] left-padded, num_tokens,
+  patches=None) -> (ids [B, max_new_tokens] int32, confidence [B] float32).
 
-  The result is [B, max_new_tokens] int32; after the end-of-sequence token every
-  position holds ``pad_id``.
+  After the end-of-sequence token every position of ids holds ``pad_id``. The
+  confidence is the answer's mean token log-probability, over its tokens up to and
+  including the end-of-sequence token. With ``patches`` [B, L, C] (`VLM.patches` of the
+  images) the ViT is not run again (``images`` may then be None).
   """
-  def generate(params, images, prompts, num_tokens):
+  def generate(params, images, prompts, num_tokens, patches=None):
     b, p = prompts.shape
     prompt_length = p - 1 + num_tokens
     cache = init_cache(model.config.llm, b, prompt_length + max_new_tokens,
                        jnp.dtype(model.config.llm.dtype))
     logits, cache, key_valid, position = model.apply(
-        {"params": params}, images, prompts, num_tokens, cache, method=VLM.prefill)
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        {"params": params}, images, prompts, num_tokens, cache, patches, method=VLM.prefill)
 
     def body(i, carry):
-      out, token, cache, done = carry
+      out, logits, cache, done, logprob, length = carry
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
+                                          token[:, None], axis=-1)[:, 0]
       out = out.at[:, i].set(jnp.where(done, pad_id, token))
+      logprob = logprob + jnp.where(done, 0.0, token_logprob)
+      length = length + (~done).astype(jnp.float32)
       done = done | (token == eos_id)
       logits, cache = model.apply({"params": params}, token, position + i, cache, key_valid,
                                   prompt_length + i, method=VLM.decode_step)
-      return out, jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, done
+      return out, logits, cache, done, logprob, length
 
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
-    out, *_ = jax.lax.fori_loop(0, max_new_tokens, body,
-                                (out, token, cache, jnp.zeros((b,), bool)))
-    return out
+    zeros = jnp.zeros((b,), jnp.float32)
+    out, _, _, _, logprob, length = jax.lax.fori_loop(
+        0, max_new_tokens, body, (out, logits, cache, jnp.zeros((b,), bool), zeros, zeros))
+    return out, logprob / jnp.maximum(length, 1.0)
 
   return generate
 

@@ -1,4 +1,4 @@
-"""Writes evaluation results: results.json, results.md (a table), accuracy.png."""
+"""Writes evaluation results: results.json, results.md (tables), accuracy.png, budget.png."""
 
 from __future__ import annotations
 
@@ -32,6 +32,46 @@ def markdown_table(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def auto_budget_table(results: dict[str, Any]) -> str:
+  """The automatic budget's accuracy against mean visual tokens per threshold, beside
+  the fixed budgets and the oracle ("" when the results have none)."""
+  auto = results.get("auto_budget")
+  if not auto:
+    return ""
+  lines = [f"Automatic budget: escalate over {auto['counts']} while the answer's "
+           f"{auto['signal']} is under the threshold; visual tokens count every attempt.", "",
+           "| budget | threshold | accuracy (%) | mean visual tokens |", "|---|---|---|---|"]
+  for c in auto["counts"]:
+    r = results["results"][str(c)]
+    lines.append(f"| fixed {c} | | {100 * r['average']:.1f} | {c} |")
+  for p in auto["curve"]:
+    t = "always escalate" if p["threshold"] is None else f"{p['threshold']:.3g}"
+    lines.append(f"| auto | {t} | {100 * p['accuracy']:.1f} | {p['mean_visual_tokens']:.1f} |")
+  o = auto["oracle"]
+  lines.append(f"| oracle | | {100 * o['accuracy']:.1f} | {o['mean_visual_tokens']:.1f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_budget(results: dict[str, Any], path: str) -> None:
+  """Accuracy against mean visual tokens: fixed budgets, the automatic curve, the oracle."""
+  auto = results["auto_budget"]
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fixed = [int(c) for c in results["results"]]
+  ax.plot(fixed, [100 * results["results"][str(c)]["average"] for c in fixed], "ks-",
+          label="fixed budget")
+  ax.plot([p["mean_visual_tokens"] for p in auto["curve"]],
+          [100 * p["accuracy"] for p in auto["curve"]], "o-", label="automatic (thresholds)")
+  ax.plot([auto["oracle"]["mean_visual_tokens"]], [100 * auto["oracle"]["accuracy"]], "r*",
+          markersize=14, label="oracle")
+  ax.set_xlabel("mean visual tokens per question (every attempt counted)")
+  ax.set_ylabel("average accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_accuracy(results: dict[str, Any], path: str) -> None:
   counts = [int(c) for c in results["results"]]
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -60,4 +100,8 @@ def write_results(results: dict[str, Any], out_dir: str) -> None:
     json.dump(results, f, indent=2)
   with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
     f.write(markdown_table(results))
+    if "auto_budget" in results:
+      f.write("\n" + auto_budget_table(results))
   plot_accuracy(results, os.path.join(out_dir, "accuracy.png"))
+  if "auto_budget" in results:
+    plot_budget(results, os.path.join(out_dir, "budget.png"))

@@ -89,15 +89,20 @@ class VLM(nn.Module):
     self.projector = TokenAdaptiveProjector(cfg.projector, cfg.llm.width)
     self.llm = LLM(cfg.llm, remat=cfg.remat)
 
-  def encode_images(self, images: jax.Array, num_tokens: int) -> jax.Array:
-    """[B, H, W, 3] -> visual tokens [B, num_tokens, D]."""
-    return self.projector(self.vit(images), num_tokens)
+  def patches(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> the ViT's patch features [B, L, C], the same at every count."""
+    return self.vit(images)
 
-  def _embed_inputs(self, images, tokens, num_tokens):
+  def encode_images(self, images: jax.Array, num_tokens: int,
+                    patches: jax.Array | None = None) -> jax.Array:
+    """[B, H, W, 3] (or their ``patches`` [B, L, C]) -> visual tokens [B, num_tokens, D]."""
+    return self.projector(self.vit(images) if patches is None else patches, num_tokens)
+
+  def _embed_inputs(self, images, tokens, num_tokens, patches=None):
     """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], end [B], index."""
     image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)
     index = merge_index(image_pos, tokens.shape[1], num_tokens)
-    x = merge(self.encode_images(images, num_tokens), self.llm.embed(tokens), index)
+    x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index)
     text_valid = tokens != self.config.pad_token_id
     valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
     positions, end = merged_positions(valid, index.is_visual, num_tokens,
@@ -124,17 +129,20 @@ class VLM(nn.Module):
     hidden = jnp.take_along_axis(hidden, predictor[..., None], axis=1)
     return self.llm.logits(hidden)
 
-  def prefill(self, images: jax.Array, tokens: jax.Array, num_tokens: int,
-              cache: KVCache) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+  def prefill(self, images: jax.Array | None, tokens: jax.Array, num_tokens: int,
+              cache: KVCache, patches: jax.Array | None = None
+              ) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
     """Runs a left-padded prompt through the model, filling the cache from slot 0.
 
     Args:
-      images: [B, H, W, 3]; tokens: [B, P] left-padded prompts ending where the answer
-      starts; num_tokens: N; cache: a `KVCache` with T_max >= P - 1 + N slots.
+      images: [B, H, W, 3], or None when ``patches`` [B, L, C] (from `patches`) are
+      given, so that several counts share one ViT pass; tokens: [B, P] left-padded
+      prompts ending where the answer starts; num_tokens: N; cache: a `KVCache` with
+      T_max >= P - 1 + N slots.
     Returns:
       (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
     """
-    x, valid, positions, end, _ = self._embed_inputs(images, tokens, num_tokens)
+    x, valid, positions, end, _ = self._embed_inputs(images, tokens, num_tokens, patches)
     t_max = cache[0]["k"].shape[1]
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)

@@ -1,0 +1,56 @@
+"""The automatic visual-token budget: escalation, its sweep and the oracle."""
+
+import numpy as np
+import pytest
+
+from tokenflex_jax.evaluation import auto_budget
+
+COUNTS = (64, 144, 256)
+# Three questions; confidence at each count.
+CONF = {64: np.array([-0.01, -2.0, -3.0]), 144: np.array([-0.5, -0.05, -2.5]),
+        256: np.array([-0.2, -0.3, -1.0])}
+TEXTS = {64: ["a", "x", "x"], 144: ["a", "b", "x"], 256: ["a", "b", "c"]}
+TRUTH = ["a", "b", "c"]
+
+
+def _scores(texts):
+  return np.array([t == a for t, a in zip(texts, TRUTH)], np.float64)
+
+
+def _score(texts):
+  return {"all": float(_scores(texts).mean())}
+
+
+def test_escalate_stops_at_the_first_confident_count_and_counts_every_attempt():
+  chosen, spent = auto_budget.escalate(CONF, COUNTS, threshold=-0.1)
+  assert chosen.tolist() == [64, 144, 256]
+  assert spent.tolist() == [64, 64 + 144, 64 + 144 + 256]
+  # The largest count answers when nothing is confident enough.
+  chosen, spent = auto_budget.escalate(CONF, COUNTS, threshold=float("inf"))
+  assert chosen.tolist() == [256] * 3 and spent.tolist() == [464] * 3
+  chosen, spent = auto_budget.escalate(CONF, COUNTS, threshold=-10.0)
+  assert chosen.tolist() == [64] * 3 and spent.tolist() == [64] * 3
+
+
+def test_sweep_replays_each_threshold():
+  curve = auto_budget.sweep(TEXTS, CONF, COUNTS, _score, [-10.0, -0.1, float("inf")])
+  assert [p["accuracy"] for p in curve] == pytest.approx([1 / 3, 1.0, 1.0])
+  assert [p["mean_visual_tokens"] for p in curve] == pytest.approx(
+      [64, (64 + 208 + 464) / 3, 464])
+  assert curve[-1]["threshold"] is None  # +inf: always escalate, stored as JSON null
+
+
+def test_oracle_takes_the_smallest_count_that_answers():
+  best = auto_budget.oracle(TEXTS, _scores, COUNTS, _score)
+  assert best["accuracy"] == pytest.approx(1.0)
+  assert best["mean_visual_tokens"] == pytest.approx((64 + 144 + 256) / 3)
+  # A question no count answers is charged the smallest count.
+  wrong = {c: ["z", "z", "z"] for c in COUNTS}
+  assert auto_budget.oracle(wrong, _scores, COUNTS, _score)["mean_visual_tokens"] == 64
+
+
+def test_default_thresholds_span_the_smallest_counts_confidence():
+  thresholds = auto_budget.default_thresholds(CONF)
+  assert thresholds[0] == pytest.approx(CONF[64].min())
+  assert thresholds[-2] == pytest.approx(CONF[64].max()) and thresholds[-1] == float("inf")
+  assert thresholds == sorted(thresholds)
