@@ -19,7 +19,7 @@ from absl import app, flags
 
 from tokenflex_jax import cli, model_config, sharding
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import steps, trainer
+from tokenflex_jax.training import trainer
 from tokenflex_jax.training.vlm_task import vlm_task
 
 
@@ -29,8 +29,7 @@ def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, fl
   mesh, rules = sharding.mesh_from_config(config)
   model = VLM(model_config.vlm_config(config,
                                       model_config.FixedTokenIds(config.model.llm.vocab_size)))
-  task = vlm_task(config, model, mesh, rules)
-  job = trainer.compile_task(config, task, mesh, rules)
+  job = trainer.compile_task(config, vlm_task(config, model, mesh, rules), mesh, rules)
   gib = lambda b: b / 2**30
   out = {}
   for n, step in job.steps.items():
@@ -41,7 +40,7 @@ def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, fl
               "temp_gib": gib(mem.temp_size_in_bytes)}
     # Arguments are donated into the outputs, so they are not counted twice.
     out[n]["total_gib"] = max(out[n]["argument_gib"], out[n]["output_gib"]) + out[n]["temp_gib"]
-  n_params = sum(x.size for x in jax.tree.leaves(steps.abstract_params(task.init_params)))
+  n_params = sum(x.size for x in jax.tree.leaves(job.abstract_state.params))
   print(f"{n_params / 1e9:.2f}B parameters; mesh {dict(mesh.shape)}; global batch "
         f"{config.batch_size}; frozen: {job.optimizer.frozen or 'none'}")
   print("| visual tokens | compile (s) | GFLOP/step/device | arguments GiB | temporaries GiB "

@@ -55,9 +55,11 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer
   return train_step
 
 
-def abstract_params(init_params: InitParams) -> Any:
-  """The unboxed parameter shapes (`jax.ShapeDtypeStruct`s) ``init_params`` makes."""
-  return jax.eval_shape(lambda r: nn.unbox(init_params(r)), jax.random.key(0))
+def boxed_params(init_params: InitParams, mesh, rules) -> Any:
+  """The parameter shapes ``init_params`` makes, still boxed with their logical axes
+  (`jax.ShapeDtypeStruct`s; nothing is allocated)."""
+  with sharding.mesh_rules(mesh, rules):
+    return jax.eval_shape(init_params, jax.random.key(0))
 
 
 def _boxed_state(init_params: InitParams, tx: optax.GradientTransformation,
@@ -66,26 +68,24 @@ def _boxed_state(init_params: InitParams, tx: optax.GradientTransformation,
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(nn.unbox(params)))
 
 
-def state_shardings(init_params: InitParams, tx: optax.GradientTransformation, mesh,
-                    rules) -> TrainState:
-  """Shardings of every leaf of the state, derived from the params' logical axes: the
-  optimizer state's through optax's own parameter mapping, the step replicated. Raises
-  if a large parameter ends up unsharded on a mesh that could shard it."""
-  with sharding.mesh_rules(mesh, rules):
-    boxed = jax.eval_shape(init_params, jax.random.key(0))
+def state_shardings(boxed: Any, tx: optax.GradientTransformation, mesh, rules) -> TrainState:
+  """Shardings of every leaf of the state, derived from the params' logical axes
+  (``boxed``, from `boxed_params`): the optimizer state's through optax's own parameter
+  mapping, the step replicated. Raises if a large parameter ends up unsharded on a mesh
+  that could shard it."""
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   sharding.assert_params_sufficiently_sharded(boxed, param_sh, mesh, rules)
-  params = sharding.strip_boxes(boxed)
-  opt_sh = sharding.opt_state_shardings(tx, params, param_sh, mesh)
+  opt_sh = sharding.opt_state_shardings(tx, boxed, param_sh, mesh)
   return TrainState(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), param_sh,
                     opt_sh)
 
 
-def abstract_state(init_params: InitParams, tx: optax.GradientTransformation,
+def abstract_state(params: Any, tx: optax.GradientTransformation,
                    state_sh: TrainState) -> TrainState:
-  """The state's shapes, each `jax.ShapeDtypeStruct` carrying its sharding."""
-  shapes = jax.eval_shape(lambda r: nn.unbox(_boxed_state(init_params, tx, r)),
-                          jax.random.key(0))
+  """The state's shapes for the unboxed parameter shapes ``params``, each
+  `jax.ShapeDtypeStruct` carrying its sharding."""
+  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
+                      jax.eval_shape(tx.init, params))
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       shapes, state_sh)
 

@@ -53,8 +53,31 @@ class Task:
   name: str = "train step"
 
 
-def start_state(config: ml_collections.ConfigDict, task: Task, optimizer: optimizer_lib.Optimizer,
-                state_sh: steps.TrainState, manager: Any, mesh, rules
+@dataclasses.dataclass(frozen=True)
+class CompiledTask:
+  """A task's optimizer, its state's shardings and shapes, and its train step compiled
+  per bucket."""
+  optimizer: optimizer_lib.Optimizer
+  state_shardings: steps.TrainState
+  abstract_state: steps.TrainState   # `jax.ShapeDtypeStruct`s with their shardings
+  steps: dict[int, compiled.CompiledStep]
+
+
+def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
+  """The optimizer from ``config``, the shardings derived from the params' logical axes,
+  and the train step lowered and compiled once per bucket (from shapes alone)."""
+  boxed = steps.boxed_params(task.init_params, mesh, rules)
+  params = sharding.strip_boxes(boxed)
+  optimizer = optimizer_lib.from_config(config, params)
+  state_sh = steps.state_shardings(boxed, optimizer.tx, mesh, rules)
+  abstract = steps.abstract_state(params, optimizer.tx, state_sh)
+  by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, optimizer), abstract,
+                                      task.abstract_batch, task.counts, mesh, rules, task.name)
+  return CompiledTask(optimizer, state_sh, abstract, by_count)
+
+
+def start_state(config: ml_collections.ConfigDict, task: Task, job: CompiledTask,
+                manager: Any, mesh, rules
                 ) -> tuple[steps.TrainState, int, Iterator[Mapping[str, Any]]]:
   """(state, first step, data iterator positioned for it): resumed from ``manager``'s
   latest checkpoint, else fresh (random, with ``config.init``'s modules loaded).
@@ -63,7 +86,7 @@ def start_state(config: ml_collections.ConfigDict, task: Task, optimizer: optimi
   process layout, else (written by another number of processes) from the step.
   """
   data = task.data_from(0)
-  abstract = steps.abstract_state(task.init_params, optimizer.tx, state_sh)
+  abstract, optimizer, state_sh = job.abstract_state, job.optimizer, job.state_shardings
   latest = manager.latest_step()
   if latest is not None:
     with sharding.mesh_rules(mesh, rules):
@@ -83,26 +106,6 @@ def start_state(config: ml_collections.ConfigDict, task: Task, optimizer: optimi
   return state, 0, data
 
 
-@dataclasses.dataclass(frozen=True)
-class CompiledTask:
-  """A task's optimizer, its state's shardings and its train step compiled per bucket."""
-  optimizer: optimizer_lib.Optimizer
-  state_shardings: steps.TrainState
-  steps: dict[int, compiled.CompiledStep]
-
-
-def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
-  """The optimizer from ``config``, the shardings derived from the params' logical axes,
-  and the train step lowered and compiled once per bucket (from shapes alone)."""
-  optimizer = optimizer_lib.from_config(config, steps.abstract_params(task.init_params))
-  state_sh = steps.state_shardings(task.init_params, optimizer.tx, mesh, rules)
-  by_count = compiled.compile_buckets(
-      steps.make_train_step(task.loss_fn, optimizer),
-      steps.abstract_state(task.init_params, optimizer.tx, state_sh), task.abstract_batch,
-      task.counts, mesh, rules, task.name)
-  return CompiledTask(optimizer, state_sh, by_count)
-
-
 def check_loop_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field if the loop's cadences or batch are unusable."""
   for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -116,8 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   check_loop_config(config)
   job = compile_task(config, task, mesh, rules)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  state, start, data = start_state(config, task, job.optimizer, job.state_shardings, manager,
-                                   mesh, rules)
+  state, start, data = start_state(config, task, job, manager, mesh, rules)
   batch_sh = compiled.shardings_of(dict(task.abstract_batch))
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
