@@ -90,8 +90,6 @@ def test_decay_mask_on_the_vit():
       assert not mask[p], p
 
 
-@pytest.mark.xfail(strict=True, reason="decay_mask uses ndim >= 2, so the [heads, head_dim] "
-                   "q/k/v biases of the attention (ViT; LLM with qkv_bias) are decayed")
 def test_decay_mask_excludes_multi_head_biases():
   """No bias is decayed, whatever its rank (the q/k/v biases are [heads, head_dim])."""
   mask = _paths(optimizer_lib.decay_mask(_patch_labeler_params()))
@@ -105,7 +103,7 @@ def _flat(tree):
 
 def _numpy_adamw(params, grads_per_step, multipliers, cfg, total_steps):
   """AdamW by its definition: global-norm clipping, bias-corrected moments, decoupled
-  decay on >= 2-D non-embedding leaves, lr(t) * multiplier; frozen groups untouched."""
+  decay on >= 2-D leaves that are not biases, scales or embeddings, lr(t) * multiplier; frozen groups untouched."""
   schedule = optimizer_lib.learning_rate_schedule(cfg.learning_rate, cfg.warmup_steps,
                                                   total_steps, cfg.end_lr_fraction)
   p = _flat(params)
@@ -124,7 +122,7 @@ def _numpy_adamw(params, grads_per_step, multipliers, cfg, total_steps):
       v2[k] = cfg.b2 * v2[k] + (1 - cfg.b2) * g[k] ** 2
       mhat, vhat = m[k] / (1 - cfg.b1 ** (t + 1)), v2[k] / (1 - cfg.b2 ** (t + 1))
       u = mhat / (np.sqrt(vhat) + 1e-8)
-      if p[k].ndim >= 2 and "embedding" not in k:
+      if p[k].ndim >= 2 and "embedding" not in k and not k.endswith(("['bias']", "['scale']")):
         u = u + cfg.weight_decay * p[k]
       p[k] = p[k] - lr * mult * u
   return p

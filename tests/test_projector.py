@@ -2,6 +2,7 @@
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +101,54 @@ def test_projector_full_count_is_identity_pooling():
   grid = jax.random.normal(jax.random.key(0), (1, 16, 16, 8))
   for mode in ("adaptive_avg", "resize_avg"):
     np.testing.assert_allclose(pool_grid(grid, 16, mode), grid, atol=1e-6)
+
+
+def test_sincos_2d_encodes_row_and_column():
+  from tokenflex_jax.models.projector import sincos_2d
+  table = sincos_2d(4, 8)  # [16, 8]: channels 0-3 the row, 4-7 the column
+  assert table.shape == (16, 8)
+  rows = table.reshape(4, 4, 8)
+  np.testing.assert_allclose(rows[:, 0, :4], rows[:, 3, :4])  # row part: same along a row
+  np.testing.assert_allclose(rows[0, :, 4:], rows[3, :, 4:])  # column part: down a column
+  assert len({tuple(np.round(r, 5)) for r in table}) == 16  # every patch distinct
+  with pytest.raises(ValueError, match="divisible by 4"):
+    sincos_2d(4, 6)
+
+
+def test_position_embedding_is_added_before_pooling():
+  """Pooled tokens carry the mean position of their window: with zero patch features the
+  projector's input is exactly the pooled embedding table, at every count."""
+  from tokenflex_jax.models import layers
+  cfg = ProjectorConfig(position_embedding=True)
+  proj = TokenAdaptiveProjector(cfg, out_features=8)
+  patches = jnp.zeros((1, 64, 16))
+  params = nn.meta.unbox(proj.init(jax.random.key(0), patches, 16)["params"])
+  table = np.asarray(params["pos_embedding"])[0]  # [64, 16], initialised to sin-cos
+  from tokenflex_jax.models.projector import sincos_2d
+  np.testing.assert_allclose(table, sincos_2d(8, 16))
+  for n in (4, 16, 64):
+    got = proj.apply({"params": params}, patches, n)
+    pooled = pool_grid(jnp.asarray(table).reshape(1, 8, 8, 16), int(np.sqrt(n)),
+                       "adaptive_avg").reshape(1, n, 16)
+    normed = layers.layer_norm(cfg.layer_norm_eps).apply({"params": params["norm"]}, pooled)
+    want = layers.SwiGLU(3 * 16, 8).apply({"params": params["mlp"]}, normed)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  without = TokenAdaptiveProjector(ProjectorConfig(), 8).init(jax.random.key(0), patches, 16)
+  assert "pos_embedding" not in without["params"]
+
+
+def test_gelu_mlp_is_llava_two_layer():
+  proj = TokenAdaptiveProjector(ProjectorConfig(mlp="gelu"), out_features=8)
+  x = jax.random.normal(jax.random.key(1), (2, 16, 4))
+  params = nn.meta.unbox(proj.init(jax.random.key(0), x, 16)["params"])
+  assert set(params["mlp"]) == {"fc1", "fc2"}
+  assert params["mlp"]["fc1"]["kernel"].shape == (4, 8)
+  assert params["mlp"]["fc2"]["kernel"].shape == (8, 8)
+  from tokenflex_jax.models import layers
+  h = layers.layer_norm(1e-6).apply({"params": params["norm"]}, x)
+  m = params["mlp"]
+  want = (jax.nn.gelu(h @ m["fc1"]["kernel"] + m["fc1"]["bias"], approximate=False)
+          @ m["fc2"]["kernel"] + m["fc2"]["bias"])
+  np.testing.assert_allclose(proj.apply({"params": params}, x, 16), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="mlp"):
+    TokenAdaptiveProjector(ProjectorConfig(mlp="relu"), 8).init(jax.random.key(0), x, 16)

@@ -63,7 +63,7 @@ def test_family_table():
     assert f.chance == pytest.approx(1.0 / len(f.answers))
   grains = {f.name: f.granularity for f in scenes.FAMILIES}
   assert grains["background"] == grains["shape_color"] == "coarse"
-  assert grains["dots"] == "medium" and grains["marks"] == "fine"
+  assert grains["tiles"] == "medium" and grains["marks"] == "fine"
 
 
 def test_palette_is_well_separated():
@@ -91,41 +91,35 @@ def test_answers_match_the_scene():
     assert set(colors.tolist()) == {name_to_color[ex["answer"]]}
 
 
-def test_dots_are_single_pixels_that_share_4x4_cells():
-  shared = 0
-  for ex in _examples("dots", n=100):
-    ys, xs = np.nonzero(ex["object_map"] == scenes.DOT)
-    assert len(ys) == scenes.COUNT_WORDS.index(ex["answer"]) + 1
-    cheb = np.maximum(np.abs(ys[:, None] - ys[None]), np.abs(xs[:, None] - xs[None]))
-    np.fill_diagonal(cheb, 99)
-    assert cheb.min() >= 2  # never two dots in one 2x2 patch
-    cells = set(zip((ys // 4).tolist(), (xs // 4).tolist()))
-    shared += len(cells) < len(ys)
-  # 8x8 tokens (4x4-pixel cells) merge dots often; the 16x16 grid never does.
-  assert shared >= 20
-
-
-def test_marks_tile_one_4x4_cell_one_patch_each():
+@pytest.mark.parametrize("family,sides", [("tiles", scenes.TILE_SIDES),
+                                          ("marks", scenes.MARK_SIDES)])
+def test_mark_blocks_are_four_squares_of_one_listed_side(family, sides):
   name_to_color = {n: i for i, n in enumerate(scenes.COLOR_NAMES)}
-  asked = set()
-  for ex in _examples("marks", n=60):
+  seen_sides, seen_anchors = set(), set()
+  for ex in _examples(family, n=120):
     ys, xs = np.nonzero(ex["object_map"] == scenes.MARK)
-    assert len(ys) == 16  # four 2x2-pixel marks
-    assert len(set((ys // 4).tolist())) == 1 and len(set((xs // 4).tolist())) == 1
-    y0, x0 = ys.min(), xs.min()
-    block = ex["color_map"][y0:y0 + 4, x0:x0 + 4]
-    corners = {"top left": block[0, 0], "top right": block[0, 2],
-               "bottom left": block[2, 0], "bottom right": block[2, 2]}
-    assert len(set(corners.values())) == 4
-    where = next(q for q in corners if f"the {q} mark" in ex["question"])
-    asked.add(where)
-    assert corners[where] == name_to_color[ex["answer"]]
-    color2, obj2 = scenes.patch_labels(ex["color_map"], ex["object_map"], 2)
-    _, obj4 = scenes.patch_labels(ex["color_map"], ex["object_map"], 4)
-    assert (obj2 == scenes.MARK).sum() == 4 and (obj4 == scenes.MARK).sum() == 1
-    assert color2[y0 // 2 + (where.startswith("bottom")), x0 // 2 + (where.endswith("right"))] \
-        == name_to_color[ex["answer"]]
-  assert asked == {"top left"}
+    y0, x0 = int(ys.min()), int(xs.min())
+    side = (int(ys.max()) - y0 + 1) // 2
+    assert side in sides and len(ys) == 4 * side * side  # a full 2x2 block of squares
+    assert y0 in scenes.block_anchors(side) and x0 in scenes.block_anchors(side)
+    block = ex["color_map"][y0:y0 + 2 * side, x0:x0 + 2 * side]
+    quads = [block[r * side:(r + 1) * side, c * side:(c + 1) * side]
+             for r in range(2) for c in range(2)]
+    assert all(len(np.unique(q)) == 1 for q in quads)  # each mark is one colour
+    assert len({int(q[0, 0]) for q in quads}) == 4  # of four distinct colours
+    assert int(quads[0][0, 0]) == name_to_color[ex["answer"]]  # the top-left one asked
+    seen_sides.add(side)
+    seen_anchors.add((y0, x0))
+  assert seen_sides == set(sides) and len(seen_anchors) > 20
+
+
+def test_two_pixel_marks_are_one_patch_each():
+  for ex in _examples("marks", n=120):
+    ys, xs = np.nonzero(ex["object_map"] == scenes.MARK)
+    if len(ys) == 16:  # side 2
+      assert ys.min() % 2 == 0 and xs.min() % 2 == 0
+      _, obj2 = scenes.patch_labels(ex["color_map"], ex["object_map"], 2)
+      assert (obj2 == scenes.MARK).sum() == 4
 
 
 def _patch_labels_loop(color_map, object_map, p):
@@ -162,7 +156,7 @@ def test_patch_labels_match_brute_force(p):
 
 
 def test_patch_labels_on_a_scene():
-  ex = scenes.generate_example(1, 2, families=("dots",))
+  ex = scenes.generate_example(1, 2, families=("marks",))
   want = _patch_labels_loop(ex["color_map"], ex["object_map"], 2)
   got = scenes.patch_labels(ex["color_map"], ex["object_map"], 2)
   np.testing.assert_array_equal(got[0], want[0])
@@ -177,24 +171,24 @@ def test_bad_families_raise():
   with pytest.raises(ValueError, match="no_such_family"):
     scenes.SceneSource(0, 10, families=("no_such_family",))
   with pytest.raises(ValueError, match="family_weights"):
-    scenes.generate_example(0, 0, families=("shape", "dots"), family_weights=(1.0,))
+    scenes.generate_example(0, 0, families=("shape", "marks"), family_weights=(1.0,))
 
 
 def test_family_weights_pick_families():
-  got = {scenes.generate_example(0, i, families=("shape", "dots"),
+  got = {scenes.generate_example(0, i, families=("shape", "marks"),
                                  family_weights=(0.0, 1.0))["family"] for i in range(30)}
-  assert got == {"dots"}
+  assert got == {"marks"}
   got = {scenes.generate_example(0, i)["family"] for i in range(200)}
   assert got == set(scenes.FAMILY_NAMES)
 
 
 def test_scene_source_is_a_picklable_random_access_source():
-  src = scenes.SceneSource(seed=5, num_examples=12, families=("count", "dots"),
+  src = scenes.SceneSource(seed=5, num_examples=12, families=("count", "marks"),
                            family_weights=(1.0, 2.0))
   assert len(src) == 12
   clone = pickle.loads(pickle.dumps(src))
   _assert_same(src[3], clone[3])
-  _assert_same(src[3], scenes.generate_example(5, 3, families=("count", "dots"),
+  _assert_same(src[3], scenes.generate_example(5, 3, families=("count", "marks"),
                                                family_weights=(1.0, 2.0)))
   with pytest.raises(IndexError):
     src[12]  # pylint: disable=pointless-statement

@@ -28,8 +28,11 @@ def base_config() -> ConfigDict:
   c.model.vit = ConfigDict(dict(
       image_size=32, patch_size=2, width=64, depth=3, mlp_dim=256, num_heads=1,
       layer_norm_eps=1e-6, dtype="float32"))
+  # pooling: adaptive_avg | resize_avg; mlp: swiglu | gelu (LLaVA's); position_embedding:
+  # a learned per-patch embedding added before pooling (models/projector.py).
   c.model.projector = ConfigDict(dict(
-      pooling="adaptive_avg", mlp_ratio=3, layer_norm_eps=1e-6, dtype="float32"))
+      pooling="adaptive_avg", mlp="swiglu", mlp_ratio=3, position_embedding=False,
+      layer_norm_eps=1e-6, dtype="float32"))
   c.model.llm = ConfigDict(dict(
       vocab_size=256, width=96, depth=2, num_heads=2, num_kv_heads=1, head_dim=48,
       mlp_dim=256, rope_theta=10_000.0, rms_norm_eps=1e-6, qkv_bias=False,
@@ -50,9 +53,9 @@ def base_config() -> ConfigDict:
   c.data.seed = 1
   c.data.image_size = c.model.vit.get_ref("image_size")
   c.data.num_examples = 1_000_000   # size of the procedural train split
-  c.data.families = ("background", "shape_color", "shape", "count", "quadrant", "dots",
+  c.data.families = ("background", "shape_color", "shape", "count", "quadrant", "tiles",
                      "marks")      # procedural question families and their weights
-  c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.5, 1.0)
+  c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.5)
   c.data.max_text_length = 24       # prompt + answer tokens, padded
   # The <image> placeholder before the question (True) or after it, where the visual
   # tokens can attend to the question.

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from tokenflex_jax.models.llm import LLMConfig
-from tokenflex_jax.models.projector import POOLING_MODES, ProjectorConfig
+from tokenflex_jax.models.projector import MLP_KINDS, POOLING_MODES, ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
 from tokenflex_jax.models.vlm import VLMConfig
 
@@ -43,6 +43,9 @@ def vlm_config(config: ml_collections.ConfigDict, tokenizer: TokenIds) -> VLMCon
   if projector.pooling not in POOLING_MODES:
     raise ValueError(f"config.model.projector.pooling must be one of {POOLING_MODES}, "
                      f"got {projector.pooling!r}")
+  if projector.mlp not in MLP_KINDS:
+    raise ValueError(f"config.model.projector.mlp must be one of {MLP_KINDS}, "
+                     f"got {projector.mlp!r}")
   return VLMConfig(vit=vit_config(config), projector=projector, llm=llm,
                    image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id,
                    visual_position_span=config.model.visual_position_span,

@@ -5,15 +5,17 @@ kind of scene and asks one question about it. Geometry is defined on a 32x32 bas
 and scaled to ``image_size`` (a 64-pixel image is the 32-pixel scene at twice the
 resolution), so which families need fine visual tokens does not depend on the size.
 
-Granularity, for a 32x32 image cut into 2x2-pixel patches (a 16x16 grid):
+Granularity, for a 32x32 image cut into 2x2-pixel patches (a 16x16 grid), pooled to
+n x n visual tokens (each token averages a window of about 32/n pixels):
 - coarse: answerable from a few pooled tokens (background or one big shape's colour);
-- medium: needs shape, layout or small objects, but nothing that averaging 2x2 patches
-  (4x4-pixel cells, 8x8 tokens) destroys. ``dots`` counts 1-pixel dots that often share
-  a 4x4 cell; it is medium, not fine, because average pooling keeps the count: each dot
-  has a 2x2 patch of its own, so a pooled token holds the fraction of dot patches;
-- fine: needs detail that averaging 2x2 patches destroys: four 2x2-pixel marks of
-  different colours always tile one 4x4 cell, so which colour sits where is lost at
-  8x8 tokens (``marks``).
+- medium: shape, count and layout of objects of 6 pixels or more, whose information
+  survives pooling at every count (``shape``, ``count``, ``quadrant``), and ``tiles``;
+- budget-graded: ``tiles`` (medium) and ``marks`` (fine) ask the colour of the top-left
+  mark of a 2x2 block of marks of distinct colours, each mark m x m pixels (tiles: m in
+  4..6, marks: 2..4) at a random place. A mark's colour survives pooling when some visual
+  token is mostly (> 50%) that mark, which needs windows no wider than about the mark:
+  the share of solvable questions grows with the count (`pooling_geometry.py` computes
+  it exactly; docs/data.md has the table).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ COLOR_NAMES: tuple[str, ...] = tuple(name for name, _ in COLORS)
 _PALETTE = np.array([rgb for _, rgb in COLORS], np.int32)  # [8, 3]
 
 # Object type ids of `object_map` (0 = background).
-NONE, CIRCLE, SQUARE, TRIANGLE, CROSS, DOT, MARK = range(7)
-OBJECT_NAMES: tuple[str, ...] = ("none", "circle", "square", "triangle", "cross", "dot", "mark")
+NONE, CIRCLE, SQUARE, TRIANGLE, CROSS, MARK = range(6)
+OBJECT_NAMES: tuple[str, ...] = ("none", "circle", "square", "triangle", "cross", "mark")
 NUM_OBJECT_TYPES = len(OBJECT_NAMES)
 SHAPES: tuple[int, ...] = (CIRCLE, SQUARE, TRIANGLE, CROSS)
 
@@ -92,9 +94,9 @@ class _Canvas:
               | ((np.abs(dy) <= arm) & (np.abs(dx) <= half)))
     raise ValueError(f"not a shape id: {kind}")
 
-  def pixel_mask(self, y: int, x: int) -> np.ndarray:
-    """Bool [H, W]: base pixel (y, x), i.e. a scale x scale block of the image."""
-    return (self.cy == y) & (self.cx == x)
+  def box_mask(self, y: int, x: int, side: int) -> np.ndarray:
+    """Bool [H, W]: the side x side square of base pixels with top-left (y, x)."""
+    return (self.cy >= y) & (self.cy < y + side) & (self.cx >= x) & (self.cx < x + side)
 
 
 def _other_colors(rng: np.random.Generator, exclude: int, n: int) -> np.ndarray:
@@ -172,47 +174,37 @@ def _quadrant(c: _Canvas, bg: int) -> tuple[str, str]:
   return f"What colour is the shape in the {QUADRANTS[q][0]}?", COLOR_NAMES[int(colors[q])]
 
 
-def _dots(c: _Canvas, bg: int) -> tuple[str, str]:
-  # 1-5 one-pixel dots clustered in a 6-10 px square, >= 2 px apart (Chebyshev: never two
-  # in one 2x2 patch), so that several dots often share one 4x4-pixel cell.
-  n = int(c.rng.integers(1, 6))
-  dots: list[tuple[int, int]] = []
-  while len(dots) < n:  # a greedy packing can get stuck below n: start again
-    side = int(c.rng.integers(6, 11))
-    y0, x0 = c.rng.integers(1, BASE_SIZE - side, size=2)
-    dots = []
-    for k in c.rng.permutation(side * side):
-      y, x = int(y0 + k // side), int(x0 + k % side)
-      if all(max(abs(y - py), abs(x - px)) >= 2 for py, px in dots):
-        dots.append((y, x))
-        if len(dots) == n:
-          break
-  color = int(_other_colors(c.rng, bg, 1)[0])
-  mask = np.zeros_like(c.object_map, bool)
-  for y, x in dots:
-    mask |= c.pixel_mask(y, x)
-  c.paint(mask, color, DOT)
-  return "How many dots are there?", COUNT_WORDS[n - 1]
+# Mark sides (base pixels) of the budget-graded families, and where a block may start.
+TILE_SIDES: tuple[int, ...] = (4, 5, 6)
+MARK_SIDES: tuple[int, ...] = (2, 3, 4)
+BLOCK_ANCHORS: tuple[int, ...] = tuple(range(2, 10))  # top-left base pixel, per axis
 
 
-MARK_CELL = (4, 4)  # top-left base pixel of the 4x4-pixel block of marks
+def block_anchors(side: int) -> tuple[int, ...]:
+  """Where a block of marks of ``side`` may start (per axis). 2-pixel marks start on even
+  pixels, so that each is one patch: otherwise no patch, and no token, is mostly one mark."""
+  return tuple(a for a in BLOCK_ANCHORS if side != 2 or a % 2 == 0)
+
+
+def _mark_block(c: _Canvas, bg: int, sides: tuple[int, ...], noun: str) -> tuple[str, str]:
+  # A 2x2 block of m x m marks of distinct colours at a random place; the question asks
+  # the top-left one, which pooling mixes with its neighbours unless some token's window
+  # lies mostly inside it.
+  side = int(c.rng.choice(sides))
+  anchors = block_anchors(side)
+  y0, x0 = (int(anchors[i]) for i in c.rng.integers(len(anchors), size=2))
+  colors = _other_colors(c.rng, bg, 4)
+  for (_, row, col), color in zip(QUADRANTS, colors):
+    c.paint(c.box_mask(y0 + row * side, x0 + col * side, side), int(color), MARK)
+  return f"What colour is the top left {noun}?", COLOR_NAMES[int(colors[0])]
+
+
+def _tiles(c: _Canvas, bg: int) -> tuple[str, str]:
+  return _mark_block(c, bg, TILE_SIDES, "tile")
 
 
 def _marks(c: _Canvas, bg: int) -> tuple[str, str]:
-  # Four 2x2-pixel marks of distinct colours tiling one 4x4-pixel block at a fixed place,
-  # aligned to the token grids: each mark is one token of the 16x16 grid, and all four
-  # fall into one token of the 8x8 grid, where their arrangement averages away. The
-  # question is always about the top-left mark: reading it is one look at a fixed place
-  # (learnable by the small demo decoder), and at 8x8 tokens it is a guess among four.
-  colors = _other_colors(c.rng, bg, 4)
-  y0, x0 = MARK_CELL
-  for (_, row, col), color in zip(QUADRANTS, colors):
-    mask = np.zeros_like(c.object_map, bool)
-    for dy in range(2):
-      for dx in range(2):
-        mask |= c.pixel_mask(y0 + 2 * row + dy, x0 + 2 * col + dx)
-    c.paint(mask, int(color), MARK)
-  return "What colour is the top left mark?", COLOR_NAMES[int(colors[0])]
+  return _mark_block(c, bg, MARK_SIDES, "mark")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +235,7 @@ FAMILIES: tuple[Family, ...] = (
     _family("quadrant", "medium",
             tuple(f"What colour is the shape in the {q}?" for q, _, _ in QUADRANTS),
             COLOR_NAMES, _quadrant),
-    _family("dots", "medium", ("How many dots are there?",), COUNT_WORDS[:5], _dots),
+    _family("tiles", "medium", ("What colour is the top left tile?",), COLOR_NAMES, _tiles),
     _family("marks", "fine", ("What colour is the top left mark?",), COLOR_NAMES, _marks),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)

@@ -2,6 +2,15 @@
 
 One set of weights serves every token count; the count is a static Python int, so
 each count is its own compiled program.
+
+Options (each changes the parameter tree, so a checkpoint records them in its config):
+- ``position_embedding``: a learned embedding per patch of the ViT grid, initialised to a
+  2-D sine-cosine table, added to the patch features before pooling. Pooling is linear,
+  so each token then carries the mean position of the patches it averages: the same
+  place in the image reads the same at every count. A pretrained SigLIP's features carry
+  their position; a small ViT pre-trained on position-free labels loses it
+  (docs/results.md measures both).
+- ``mlp``: "swiglu" (TokenFLEX) or "gelu" (LLaVA-1.5's two-layer GELU MLP, the ablation).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import numpy as np
 from tokenflex_jax.models import layers
 
 POOLING_MODES = ("adaptive_avg", "resize_avg")
+MLP_KINDS = ("swiglu", "gelu")
 
 
 def adaptive_avg_matrix(size: int, side: int) -> np.ndarray:
@@ -94,12 +104,41 @@ def token_side(num_tokens: int) -> int:
   return side
 
 
+def sincos_2d(side: int, width: int) -> np.ndarray:
+  """[side * side, width] 2-D sine-cosine table (MAE's): half the channels encode the
+  row, half the column, each as sin/cos pairs over geometric frequencies."""
+  if width % 4:
+    raise ValueError(f"a 2-D sine-cosine embedding needs a width divisible by 4, got {width}")
+  freqs = 1.0 / 10_000 ** (np.arange(width // 4) / (width // 4))  # [W/4]
+  rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+  def encode(pos):  # [side*side] -> [side*side, W/2]
+    angle = pos.reshape(-1, 1) * freqs[None, :]
+    return np.concatenate([np.sin(angle), np.cos(angle)], axis=1)
+  return np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
   pooling: str = "adaptive_avg"
-  mlp_ratio: int = 3
+  mlp: str = "swiglu"
+  mlp_ratio: int = 3  # SwiGLU hidden width = mlp_ratio x the ViT width
+  position_embedding: bool = False
   layer_norm_eps: float = 1e-6
   dtype: str = "float32"
+
+
+class GeluMLP(nn.Module):
+  """LLaVA-1.5's projector MLP: gelu(x W1 + b1) W2 + b2, both of width out_features."""
+  out_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = layers.dense(self.out_features, ("embed", "mlp"), use_bias=True, dtype=self.dtype,
+                     name="fc1")(x)
+    h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+    return layers.dense(self.out_features, ("mlp", "embed"), use_bias=True, dtype=self.dtype,
+                        name="fc2")(h)
 
 
 class TokenAdaptiveProjector(nn.Module):
@@ -116,8 +155,18 @@ class TokenAdaptiveProjector(nn.Module):
     if s * s != length:
       raise ValueError(f"patch sequence length {length} is not a square grid")
     n = token_side(num_tokens)
+    if cfg.position_embedding:
+      table = sincos_2d(s, c)
+      posemb = self.param("pos_embedding", nn.with_logical_partitioning(
+          lambda *_: jnp.asarray(table)[None], (None, None, "embed")), (1, length, c))
+      patches = patches + posemb.astype(patches.dtype)
     x = pool_grid(patches.reshape(b, s, s, c), n, cfg.pooling).reshape(b, n * n, c)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = layers.layer_norm(cfg.layer_norm_eps, dtype, name="norm")(x)
-    x = layers.SwiGLU(cfg.mlp_ratio * c, self.out_features, dtype=dtype, name="mlp")(x)
+    if cfg.mlp == "swiglu":
+      x = layers.SwiGLU(cfg.mlp_ratio * c, self.out_features, dtype=dtype, name="mlp")(x)
+    elif cfg.mlp == "gelu":
+      x = GeluMLP(self.out_features, dtype=dtype, name="mlp")(x)
+    else:
+      raise ValueError(f"unknown projector mlp {cfg.mlp!r}; expected one of {MLP_KINDS}")
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))

@@ -47,10 +47,12 @@ def group_labels(params: Mapping[str, Any], multipliers: Mapping[str, float]) ->
 
 
 def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices and kernels only; not on norms, biases or embeddings."""
+  """Weight decay on matrices and kernels only; not on norms, biases (of any rank, e.g.
+  the attention's [heads, head_dim] q/k/v biases) or embeddings."""
   def keep(path, leaf):
     names = [getattr(k, "key", "") for k in path]
-    return leaf.ndim >= 2 and "embedding" not in names and "pos_embedding" not in names
+    return (leaf.ndim >= 2 and names[-1] not in ("bias", "scale")
+            and "embedding" not in names and "pos_embedding" not in names)
   return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -1,0 +1,72 @@
+"""launch/reproduce.sh end to end, small: one seed, two variants, a few steps; then its
+files against the results.json schema of docs/results.md, and a resumed rerun."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from configs import reproduce
+from tokenflex_jax.config_schema import base_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ("--config.total_steps=3", "--config.batch_size=8", "--config.log_every=1",
+         "--config.checkpoint_every=3", "--config.eval.token_counts=(64,256)",
+         "--config.eval.batch_size=16")
+
+
+def _reproduce(workdir, out):
+  return subprocess.run(
+      ["bash", os.path.join(REPO, "launch", "reproduce.sh"), workdir, "--seeds=1",
+       "--models=fixed_64,tokenflex", "--examples_per_family=4", f"--out={out}", "--", *SMALL],
+      capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+def test_variants_change_only_what_they_name():
+  base = reproduce.get_config("model=tokenflex,seed=0,stage=2").to_dict()
+  for name, (counts, probs, projector) in reproduce.VARIANTS.items():
+    c = reproduce.get_config(f"model={name},seed=2,stage=1")
+    assert c.token_counts == counts and c.token_probs == probs and c.stage == 1
+    assert c.seed == 2 and c.data.seed == 3 and c.eval.examples_per_family == 1000
+    assert all(c.model.projector[k] == v for k, v in projector.items())
+    c2 = reproduce.get_config(f"model={name},seed=0,stage=2").to_dict()
+    differ = {k for k in base if base[k] != c2[k]}
+    assert differ <= {"token_counts", "token_probs", "model"}, (name, differ)
+  assert set(base_config()) >= set(base)  # overrides only
+  with pytest.raises(ValueError, match="model must be"):
+    reproduce.get_config("model=nope")
+
+
+def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "docs")
+  first = _reproduce(workdir, out)
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  for name in ("results.md", "results.json", "results_accuracy.png", "results_budget.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  s = json.load(open(os.path.join(out, "results.json")))
+  assert set(s["models"]) == {"fixed_64", "tokenflex"}
+  for name, model in s["models"].items():
+    assert model["seeds"] == 1 and isinstance(model["seeds"], int)
+    assert model["train_counts"] == list(reproduce.VARIANTS[name][0])
+    assert model["train_probs"] == pytest.approx(reproduce.VARIANTS[name][1])
+    assert set(model["accuracy"]) == {"64", "256"}
+    for stat in model["accuracy"].values():
+      assert set(stat) == {"mean", "std"} and 0.0 <= stat["mean"] <= 1.0 and stat["std"] == 0.0
+    assert model["train"]["mean_visual_tokens"] > 0 and model["train"]["step_seconds"] > 0
+  assert s["models"]["fixed_64"]["train"]["mean_visual_tokens"] == 64
+  assert s["auto_budget"] and all(
+      set(p) == {"threshold", "accuracy", "mean_visual_tokens"} for p in s["auto_budget"])
+  assert s["auto_budget"][-1]["mean_visual_tokens"] == 64 + 256  # +inf: every attempt
+  assert set(s["oracle"]) == {"accuracy", "mean_visual_tokens"}
+  assert 0.0 <= s["oracle"]["accuracy"] <= 1.0 and s["examples_per_family"] == 4
+  assert "reproduce.sh" in s["command"] and s["wall_time_s"] > 0
+  md = open(os.path.join(out, "results.md")).read()
+  assert "## Verdict" in md and "| fixed_64 | 64 | swiglu, adaptive_avg | 1 |" in md
+  walls = open(os.path.join(workdir, "wall_times.tsv")).read().splitlines()
+  assert len(walls) == 1 + 2 * 3  # stage 0, then stages 1, 2 and eval of each variant
+
+  again = _reproduce(workdir, out)  # everything finished: nothing reruns
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
+  assert "stage1" not in again.stdout and "done:" in again.stdout

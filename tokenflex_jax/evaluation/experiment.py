@@ -1,0 +1,212 @@
+"""The reproduction's report (``launch/reproduce.sh``): every variant's evaluations
+gathered over seeds into the paper-style tables, ``results.json`` and plots.
+
+A reproduction workdir holds ``stage0/`` (the shared ViT), ``NAME/seedK/stage{1,2}/``
+per variant and seed (the evaluation in ``stage2/eval/results.json``),
+``wall_times.tsv`` (name, seed, stage, seconds per finished stage) and
+``command.txt``. Accuracies are averages over the suite's families, in [0, 1]; a
+spread is the standard deviation over seeds (0 with one seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tokenflex_jax.data import pooling_geometry
+
+FIXED_PREFIX = "fixed_"
+FLEX = "tokenflex"
+# Order of the variants in tables (others follow alphabetically).
+ORDER = ("fixed_64", "fixed_144", "fixed_256", "tokenflex", "ratio_111", "ratio_532",
+         "gelu_mlp", "resize_pool")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One variant and seed, evaluated."""
+  name: str
+  seed: int
+  config: dict[str, Any]       # stage 2's config.json
+  eval: dict[str, Any]         # stage2/eval/results.json
+  train_seconds: float         # summed step times of stages 1 and 2 (no compile)
+  train_visual_tokens: float   # mean visual tokens per training example, stages 1 and 2
+  wall_seconds: float          # wall time of stages 1 and 2 (start-up and compiles included)
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def _metrics(path: str) -> tuple[float, list[float]]:
+  """(summed train/step_time_s, every step's train/num_tokens) of a metrics.jsonl."""
+  seconds, tokens = 0.0, []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "train/step_time_s" in row:
+        seconds += row["train/step_time_s"]
+        tokens.append(row["train/num_tokens"])
+  return seconds, tokens
+
+
+def wall_times(workdir: str) -> dict[tuple[str, str, str], float]:
+  """{(name, seed, stage): seconds} from wall_times.tsv (a rerun stage: its last line)."""
+  out: dict[tuple[str, str, str], float] = {}
+  path = os.path.join(workdir, "wall_times.tsv")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        name, seed, stage, seconds = line.rstrip("\n").split("\t")
+        out[(name, seed, stage)] = float(seconds)
+  return out
+
+
+def collect(workdir: str) -> list[Run]:
+  """Every evaluated run of a reproduction workdir, in `ORDER` then by seed."""
+  walls = wall_times(workdir)
+  runs = []
+  for name in sorted(os.listdir(workdir)):
+    for seed_dir in sorted(os.listdir(os.path.join(workdir, name))
+                           if os.path.isdir(os.path.join(workdir, name)) else ()):
+      match = re.fullmatch(r"seed(\d+)", seed_dir)
+      base = os.path.join(workdir, name, seed_dir)
+      results = os.path.join(base, "stage2", "eval", "results.json")
+      if not match or not os.path.exists(os.path.join(base, "eval.done")):
+        continue
+      seconds, tokens = 0.0, []
+      for stage in ("stage1", "stage2"):
+        s, t = _metrics(os.path.join(base, stage, "metrics.jsonl"))
+        seconds, tokens = seconds + s, tokens + t
+      wall = sum(walls.get((name, match.group(1), stage), 0.0) for stage in ("stage1", "stage2"))
+      runs.append(Run(name, int(match.group(1)),
+                      _read_json(os.path.join(base, "stage2", "config.json")),
+                      _read_json(results), seconds, float(np.mean(tokens)), wall))
+  rank = {n: i for i, n in enumerate(ORDER)}
+  return sorted(runs, key=lambda r: (rank.get(r.name, len(ORDER)), r.name, r.seed))
+
+
+def _mean_std(values: Sequence[float]) -> dict[str, float]:
+  return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def _auto_budget(runs: Sequence[Run]) -> tuple[list[dict[str, float]], dict[str, float]]:
+  """The automatic-budget curve and the oracle, averaged over seeds point by point (the
+  k-th threshold of every seed is the same quantile of its smallest count's confidence)."""
+  curves = [r.eval["auto_budget"]["curve"] for r in runs if "auto_budget" in r.eval]
+  if not curves:
+    return [], {}
+  length = min(len(c) for c in curves)
+  curve = [{key: float(np.mean([c[i][key] for c in curves]))
+            for key in ("threshold", "accuracy", "mean_visual_tokens")} for i in range(length)]
+  oracles = [r.eval["auto_budget"]["oracle"] for r in runs if "auto_budget" in r.eval]
+  oracle = {key: float(np.mean([o[key] for o in oracles]))
+            for key in ("accuracy", "mean_visual_tokens")}
+  return curve, oracle
+
+
+def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
+              ) -> dict[str, Any]:
+  """The results.json of ``runs`` (see the module docstring and docs/results.md)."""
+  if not runs:
+    raise ValueError("no evaluated runs: nothing to summarize (did stage 2's eval finish?)")
+  by_name: dict[str, list[Run]] = {}
+  for r in runs:
+    by_name.setdefault(r.name, []).append(r)
+  counts = list(runs[0].eval["results"])
+  families = list(runs[0].eval["families"])
+  models = {}
+  for name, group in by_name.items():
+    cfg = group[0].config
+    models[name] = {
+        "train_counts": list(cfg["token_counts"]), "train_probs": list(cfg["token_probs"]),
+        "projector": {k: cfg["model"]["projector"][k] for k in ("pooling", "mlp",
+                                                                "position_embedding")
+                      if k in cfg["model"]["projector"]},
+        "seeds": len(group),
+        "accuracy": {c: _mean_std([r.eval["results"][c]["average"] for r in group])
+                     for c in counts},
+        "families": {c: {f: _mean_std([r.eval["results"][c]["families"][f] for r in group])
+                         for f in families} for c in counts},
+        "train": {"step_seconds": float(np.mean([r.train_seconds for r in group])),
+                  "wall_seconds": float(np.mean([r.wall_seconds for r in group])),
+                  "mean_visual_tokens": float(np.mean([r.train_visual_tokens for r in group]))},
+    }
+  curve, oracle = _auto_budget(by_name.get(FLEX, []))
+  return {"command": command, "wall_time_s": wall_time_s, "eval_counts": [int(c) for c in counts],
+          "examples_per_family": runs[0].eval["examples_per_family"],
+          "families": runs[0].eval["families"], "models": models,
+          "auto_budget": curve, "oracle": oracle,
+          "graded_solvable": {f: {c: pooling_geometry.solvable_share(f, int(c))
+                                  for c in counts}
+                              for f in pooling_geometry.GRADED_SIDES if f in families}}
+
+
+def _delta(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float]:
+  """(a - b, their combined spread) in points."""
+  return 100 * (a["mean"] - b["mean"]), 100 * float(np.hypot(a["std"], b["std"]))
+
+
+def own_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[str, Any]]:
+  """``name`` minus each fixed model at that model's own count, per count (points)."""
+  models, out = summary["models"], []
+  if name not in models:
+    return out
+  for fixed, info in models.items():
+    if not fixed.startswith(FIXED_PREFIX):
+      continue
+    c = str(info["train_counts"][0])
+    if c not in models[name]["accuracy"]:
+      continue
+    delta, spread = _delta(models[name]["accuracy"][c], info["accuracy"][c])
+    out.append({"fixed": fixed, "count": int(c), "delta": delta, "spread": spread,
+                "holds": delta >= -spread})
+  return out
+
+
+def off_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[str, Any]]:
+  """``name`` minus each fixed model at every count that model did not train on."""
+  models, out = summary["models"], []
+  if name not in models:
+    return out
+  for fixed, info in models.items():
+    if not fixed.startswith(FIXED_PREFIX):
+      continue
+    for c in summary["eval_counts"]:
+      if c in info["train_counts"]:
+        continue
+      delta, spread = _delta(models[name]["accuracy"][str(c)], info["accuracy"][str(c)])
+      out.append({"fixed": fixed, "count": c, "delta": delta, "spread": spread,
+                  "clearly_better": delta > max(spread, 1.0)})
+  return out
+
+
+def rising_families(summary: Mapping[str, Any], counts: Sequence[int] = (64, 144, 196, 256)
+                    ) -> list[str]:
+  """Families whose mean accuracy rises strictly along ``counts`` for every model."""
+  out = []
+  for family in summary["families"]:
+    if all(all(info["families"][str(a)][family]["mean"] < info["families"][str(b)][family]["mean"]
+               for a, b in zip(counts, counts[1:]))
+           for info in summary["models"].values()
+           if all(str(c) in info["families"] for c in counts)):
+      out.append(family)
+  return out
+
+
+def budget_reach(summary: Mapping[str, Any], tolerance: float = 0.01) -> dict[str, Any] | None:
+  """The automatic budget's cheapest point within ``tolerance`` of TokenFLEX at its
+  largest count, or None when no point gets there."""
+  if not summary["auto_budget"] or FLEX not in summary["models"]:
+    return None
+  top = str(max(summary["models"][FLEX]["train_counts"]))
+  target = summary["models"][FLEX]["accuracy"][top]["mean"] - tolerance
+  hits = [p for p in summary["auto_budget"] if p["accuracy"] >= target]
+  return min(hits, key=lambda p: p["mean_visual_tokens"]) if hits else None

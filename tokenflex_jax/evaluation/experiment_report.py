@@ -1,0 +1,260 @@
+"""Renders a reproduction summary (`experiment.summarize`) as docs/results.md, its
+results.json and plots (results_accuracy.png, results_budget.png)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+
+from tokenflex_jax.evaluation import experiment  # pylint: disable=wrong-import-position
+
+MAIN = ("fixed_64", "fixed_144", "fixed_256", "tokenflex")
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f}"
+
+
+def _pm(stat: Mapping[str, float]) -> str:
+  return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _trained(info: Mapping[str, Any]) -> str:
+  counts = "/".join(map(str, info["train_counts"]))
+  if len(info["train_counts"]) == 1:
+    return counts
+  total = sum(info["train_probs"])
+  return f"{counts} at {':'.join(f'{10 * p / total:.0f}' for p in info['train_probs'])}"
+
+
+def _accuracy_table(s: Mapping[str, Any]) -> list[str]:
+  counts = [str(c) for c in s["eval_counts"]]
+  lines = ["| model | trained at | projector | seeds | " + " | ".join(counts) + " |",
+           "|---|---|---|---|" + "---|" * len(counts)]
+  for name, info in s["models"].items():
+    proj = info.get("projector", {})
+    proj_s = f"{proj.get('mlp', 'swiglu')}, {proj.get('pooling', 'adaptive_avg')}"
+    cells = [(f"**{_pm(info['accuracy'][c])}**" if int(c) in info["train_counts"]
+              else _pm(info["accuracy"][c])) for c in counts]
+    lines.append(f"| {name} | {_trained(info)} | {proj_s} | {info['seeds']} | "
+                 + " | ".join(cells) + " |")
+  return lines
+
+
+def _own_count_section(s: Mapping[str, Any]) -> list[str]:
+  deltas = experiment.own_count_deltas(s)
+  if not deltas:
+    return ["(needs `tokenflex` and at least one fixed model)"]
+  models = s["models"]
+  lines = ["| count | fixed model | fixed | TokenFLEX | TokenFLEX − fixed (points) | "
+           "within the spread or better |", "|---|---|---|---|---|---|"]
+  for d in deltas:
+    c = str(d["count"])
+    lines.append(f"| {c} | {d['fixed']} | {_pm(models[d['fixed']]['accuracy'][c])} | "
+                 f"{_pm(models['tokenflex']['accuracy'][c])} | {d['delta']:+.1f} "
+                 f"(spread {d['spread']:.1f}) | {'yes' if d['holds'] else 'no'} |")
+  lines += ["", "Per family at each fixed model's own count (mean over seeds, %; "
+            "TokenFLEX − fixed in brackets):", ""]
+  fams = list(s["families"])
+  lines += ["| count | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+  for d in deltas:
+    c = str(d["count"])
+    fixed, flex = models[d["fixed"]]["families"][c], models["tokenflex"]["families"][c]
+    lines.append(f"| {c} | " + " | ".join(
+        f"{_pct(flex[f]['mean'])} ({100 * (flex[f]['mean'] - fixed[f]['mean']):+.1f})"
+        for f in fams) + " |")
+  return lines
+
+
+def _off_count_section(s: Mapping[str, Any]) -> list[str]:
+  deltas = experiment.off_count_deltas(s)
+  if not deltas:
+    return ["(needs `tokenflex` and at least one fixed model)"]
+  models = s["models"]
+  lines = ["| fixed model | count | fixed | TokenFLEX | TokenFLEX − fixed (points) | "
+           "clearly better (> spread and > 1) |", "|---|---|---|---|---|---|"]
+  for d in deltas:
+    c = str(d["count"])
+    lines.append(f"| {d['fixed']} | {c} | {_pm(models[d['fixed']]['accuracy'][c])} | "
+                 f"{_pm(models['tokenflex']['accuracy'][c])} | {d['delta']:+.1f} "
+                 f"(spread {d['spread']:.1f}) | {'yes' if d['clearly_better'] else 'no'} |")
+  return lines
+
+
+def _family_section(s: Mapping[str, Any]) -> list[str]:
+  counts = [str(c) for c in s["eval_counts"]]
+  lines = ["| family | granularity | chance | model | " + " | ".join(counts) + " |",
+           "|---|---|---|---|" + "---|" * len(counts)]
+  for fam, info in s["families"].items():
+    for name in (n for n in MAIN if n in s["models"]):
+      stats = s["models"][name]["families"]
+      lines.append(f"| {fam} | {info['granularity']} | {_pct(info['chance'])} | {name} | "
+                   + " | ".join(_pct(stats[c][fam]["mean"]) for c in counts) + " |")
+  graded = s.get("graded_solvable", {})
+  if graded:
+    lines += ["", "Share of the budget-graded families' questions whose answer survives the "
+              "pooling (geometry alone, `data/pooling_geometry.py`, adaptive_avg):", "",
+              "| family | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
+    for fam, shares in graded.items():
+      lines.append(f"| {fam} | " + " | ".join(_pct(shares[c]) for c in counts) + " |")
+  return lines
+
+
+def _cost_section(s: Mapping[str, Any]) -> list[str]:
+  models = s["models"]
+  base = models.get("fixed_256")
+  lines = ["| model | mean visual tokens per training example | step time, stages 1+2 (s) | "
+           "wall time, stages 1+2 (s) | step time / fixed_256's |", "|---|---|---|---|---|"]
+  for name, info in models.items():
+    t = info["train"]
+    ratio = (f"{t['step_seconds'] / base['train']['step_seconds']:.2f}" if base else "-")
+    lines.append(f"| {name} | {t['mean_visual_tokens']:.1f} | {t['step_seconds']:.0f} | "
+                 f"{t['wall_seconds']:.0f} | {ratio} |")
+  return lines
+
+
+def _budget_section(s: Mapping[str, Any]) -> list[str]:
+  if not s["auto_budget"]:
+    return ["(needs an evaluated `tokenflex`)"]
+  flex = s["models"]["tokenflex"]
+  top = max(flex["train_counts"])
+  lines = ["Mean over seeds, threshold by threshold (the k-th threshold is the same decile "
+           "of each seed's 64-token confidence; +inf always escalates to the largest count).",
+           "", "| confidence threshold | accuracy (%) | mean visual tokens | % of "
+           f"{top} |", "|---|---|---|---|"]
+  for p in s["auto_budget"]:
+    lines.append(f"| {p['threshold']:.3g} | {_pct(p['accuracy'])} | "
+                 f"{p['mean_visual_tokens']:.1f} | {100 * p['mean_visual_tokens'] / top:.0f} |")
+  o = s["oracle"]
+  lines.append(f"| oracle (smallest count that answers best) | {_pct(o['accuracy'])} | "
+               f"{o['mean_visual_tokens']:.1f} | {100 * o['mean_visual_tokens'] / top:.0f} |")
+  for c in s["eval_counts"]:
+    lines.append(f"| fixed {c} | {_pct(flex['accuracy'][str(c)]['mean'])} | {c} | "
+                 f"{100 * c / top:.0f} |")
+  return lines
+
+
+def verdict(s: Mapping[str, Any]) -> list[str]:
+  """The issue's criteria, each stated as met or not from the numbers above."""
+  lines = []
+  own = experiment.own_count_deltas(s)
+  if own:
+    bad = [d for d in own if not d["holds"]]
+    lines.append(
+        "- **At each fixed model's own count**: TokenFLEX is "
+        + ("at least as accurate within the seeds' spread at every count"
+           if not bad else "below the fixed model beyond the spread at "
+           + ", ".join(f"{d['count']} ({d['delta']:+.1f} points, spread {d['spread']:.1f})"
+                       for d in bad))
+        + " (" + ", ".join(f"{d['count']}: {d['delta']:+.1f}" for d in own) + ").")
+  off = experiment.off_count_deltas(s)
+  if off:
+    won = sum(d["clearly_better"] for d in off)
+    lines.append(f"- **Off the fixed models' own counts**: TokenFLEX is clearly better in "
+                 f"{won} of {len(off)} (model, count) pairs; the mean difference is "
+                 f"{sum(d['delta'] for d in off) / len(off):+.1f} points.")
+  rising = experiment.rising_families(s)
+  lines.append("- **Accuracy rising with the count (64 < 144 < 196 < 256) for every model**: "
+               + (", ".join(rising) if rising else "no family"))
+  reach = experiment.budget_reach(s)
+  if s["auto_budget"]:
+    top = max(s["models"]["tokenflex"]["train_counts"])
+    if reach:
+      lines.append(f"- **Automatic budget**: within 1 point of TokenFLEX at {top} tokens at "
+                   f"{reach['mean_visual_tokens']:.1f} mean visual tokens "
+                   f"({100 * reach['mean_visual_tokens'] / top:.0f}% of {top}; the target is "
+                   f"60%); the oracle needs {s['oracle']['mean_visual_tokens']:.1f}.")
+    else:
+      best = max(s["auto_budget"], key=lambda p: p["accuracy"])
+      lines.append(f"- **Automatic budget**: never within 1 point of TokenFLEX at {top} tokens; "
+                   f"its best is {_pct(best['accuracy'])}% at "
+                   f"{best['mean_visual_tokens']:.1f} tokens.")
+  return lines
+
+
+def markdown(s: Mapping[str, Any]) -> str:
+  hours = s["wall_time_s"] / 3600
+  seeds = sorted({info["seeds"] for info in s["models"].values()})
+  out = ["# Results: the paper's experiment in miniature", "",
+         "[README](../README.md) · [measurements](measurements.md) (how these were diagnosed "
+         "and what was tried)", "",
+         f"Written by `python -m tokenflex_jax.report`, called by `{s['command'].strip()}` "
+         f"after each seed; the stages behind it took {s['wall_time_s']:.0f} s "
+         f"({hours:.1f} h) of wall time in all, on the machine of docs/measurements.md. "
+         f"Every number is what that command printed. {s['examples_per_family']} questions "
+         f"per family, {len(s['families'])} families; accuracy is the family average in %, "
+         f"mean ± standard deviation over {'/'.join(map(str, seeds))} seeds; bold: a count "
+         "the model trained on.", "",
+         "## Verdict", "", *verdict(s), "",
+         "## Average accuracy at each visual-token count", "", *_accuracy_table(s), "",
+         "![accuracy](results_accuracy.png)", "",
+         "## TokenFLEX against each fixed model at that model's own count", "",
+         *_own_count_section(s), "",
+         "## The fixed models off their own count", "", *_off_count_section(s), "",
+         "## Per family", "", *_family_section(s), "",
+         "## Training cost: dynamic against fixed-256", "", *_cost_section(s), "",
+         "## Automatic budget (TokenFLEX, `--num_tokens=auto`)", "", *_budget_section(s), "",
+         "![automatic budget](results_budget.png)", ""]
+  return "\n".join(out)
+
+
+def plot_accuracy(s: Mapping[str, Any], path: str) -> None:
+  counts = s["eval_counts"]
+  fig, ax = plt.subplots(figsize=(7.5, 4.8))
+  for name, info in s["models"].items():
+    mean = [100 * info["accuracy"][str(c)]["mean"] for c in counts]
+    std = [100 * info["accuracy"][str(c)]["std"] for c in counts]
+    style = "--" if name.startswith(experiment.FIXED_PREFIX) else "-"
+    width = 2.5 if name == experiment.FLEX else 1.2
+    ax.errorbar(counts, mean, yerr=std, fmt=style, marker="o", capsize=3, linewidth=width,
+                label=name)
+  ax.set_xlabel("visual tokens at evaluation")
+  ax.set_ylabel("average accuracy (%)")
+  ax.set_xticks(counts)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  ax.set_title("Fixed-token models against TokenFLEX (mean ± std over seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_budget(s: Mapping[str, Any], path: str) -> None:
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  flex = s["models"][experiment.FLEX]
+  counts = s["eval_counts"]
+  ax.plot(counts, [100 * flex["accuracy"][str(c)]["mean"] for c in counts], "ks-",
+          label="TokenFLEX, fixed budget")
+  ax.plot([p["mean_visual_tokens"] for p in s["auto_budget"]],
+          [100 * p["accuracy"] for p in s["auto_budget"]], "o-",
+          label="automatic (threshold sweep)")
+  ax.plot([s["oracle"]["mean_visual_tokens"]], [100 * s["oracle"]["accuracy"]], "r*",
+          markersize=14, label="oracle")
+  top = max(flex["train_counts"])
+  ax.axvline(0.6 * top, color="gray", linestyle=":", label=f"60% of {top}")
+  ax.set_xlabel("mean visual tokens per question (every attempt counted)")
+  ax.set_ylabel("average accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write(s: Mapping[str, Any], out_dir: str) -> None:
+  """docs/results.md, results.json, results_accuracy.png and results_budget.png."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(s, f, indent=2)
+  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(s))
+  plot_accuracy(s, os.path.join(out_dir, "results_accuracy.png"))
+  if s["auto_budget"]:
+    plot_budget(s, os.path.join(out_dir, "results_budget.png"))
