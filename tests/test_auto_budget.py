@@ -54,3 +54,20 @@ def test_default_thresholds_span_the_smallest_counts_confidence():
   assert thresholds[0] == pytest.approx(CONF[64].min())
   assert thresholds[-2] == pytest.approx(CONF[64].max()) and thresholds[-1] == float("inf")
   assert thresholds == sorted(thresholds)
+
+
+def test_ladders_run_from_the_smallest_to_the_largest_count():
+  assert auto_budget.ladders([256, 64, 144]) == [(64, 144, 256), (64, 256)]
+  assert auto_budget.ladders([64, 100, 144, 256])[0] == (64, 100, 144, 256)
+  assert len(auto_budget.ladders([64, 100, 144, 256])) == 4
+  assert auto_budget.ladders([64]) == [(64,)]
+
+
+def test_ladder_counts_default_and_validation():
+  assert auto_budget.ladder_counts((), (256, 64, 144)) == (64, 144, 256)
+  assert auto_budget.ladder_counts((), (64, 144, 256), (64, 256)) == (64, 256)
+  assert auto_budget.ladder_counts((256, 64), (64, 144, 256)) == (64, 256)
+  with pytest.raises(ValueError, match="config.eval.auto_counts"):
+    auto_budget.ladder_counts((64, 100), (64, 144, 256))
+  with pytest.raises(ValueError, match="config.eval.auto_counts"):
+    auto_budget.ladder_counts((64,), (64, 144, 256))

@@ -24,8 +24,13 @@ def _eval(acc: dict[str, float], auto: bool) -> dict:
     out["auto_budget"] = {"counts": [64, 144, 256], "curve": [
         {"threshold": -1.0, "accuracy": acc["64"], "mean_visual_tokens": 70.0},
         {"threshold": -0.5, "accuracy": acc["256"] - 0.005, "mean_visual_tokens": 140.0},
-        {"threshold": float("inf"), "accuracy": acc["256"], "mean_visual_tokens": 464.0}],
+        {"threshold": None, "accuracy": acc["256"], "mean_visual_tokens": 464.0}],
         "oracle": {"accuracy": acc["256"] + 0.05, "mean_visual_tokens": 90.0}}
+    skip = {"counts": [64, 256], "curve": [
+        {"threshold": -1.0, "accuracy": acc["64"], "mean_visual_tokens": 64.0},
+        {"threshold": None, "accuracy": acc["256"], "mean_visual_tokens": 320.0}],
+        "oracle": out["auto_budget"]["oracle"]}
+    out["auto_budget_ladders"] = {"64-144-256": out["auto_budget"], "64-256": skip}
   return out
 
 
@@ -80,6 +85,9 @@ def test_collect_and_summarize(workdir):
   assert flex["families"]["256"]["marks"]["mean"] == pytest.approx(2 * 0.83 - 1)
   assert s["models"]["fixed_64"]["train"]["step_seconds"] == pytest.approx(0.8)
   assert [p["mean_visual_tokens"] for p in s["auto_budget"]] == [70.0, 140.0, 464.0]
+  assert [p["threshold"] for p in s["auto_budget"]] == [-1.0, -0.5, None]
+  assert set(s["auto_budget_ladders"]) == {"64-144-256", "64-256"}
+  assert s["auto_budget_ladders"]["64-256"]["curve"][1]["mean_visual_tokens"] == 320.0
   assert s["oracle"]["accuracy"] == pytest.approx(0.88)
   assert s["graded_solvable"]["marks"]["256"] == 1.0
   with pytest.raises(ValueError, match="no evaluated runs"):
@@ -106,6 +114,9 @@ def test_criteria(workdir):
       "tokenflex": s["models"]["tokenflex"]}}) == ["marks"]
   reach = experiment.budget_reach(s)
   assert reach["mean_visual_tokens"] == 140.0  # 0.825 is within 1 point of 0.83
+  skip = s["auto_budget_ladders"]["64-256"]["curve"]
+  assert experiment.budget_reach(s, skip)["mean_visual_tokens"] == 320.0
+  assert experiment.budget_reach(s, skip[:1]) is None
 
 
 def test_report_files(workdir, tmp_path):
@@ -120,6 +131,7 @@ def test_report_files(workdir, tmp_path):
   md = open(os.path.join(out, "results.md")).read()
   assert "`bash launch/reproduce.sh repro`" in md
   assert "| 64 | fixed_64 | 71.0 ± 1.0 | 70.0 ± 1.0 | -1.0 (spread 1.4) | yes |" in md
-  assert "**Automatic budget**: within 1 point" in md
+  assert "**Automatic budget, 64 → 144 → 256**: within 1 point" in md
+  assert "| auto 64 → 256 | always escalate | 83.0 | 320.0 | 125 |" in md
   assert "| tokenflex | 64/144/256 at 3:3:3 | swiglu, adaptive_avg | 2 |" in md
   assert experiment_report.verdict(summary)[0].startswith("- **At each fixed model's own count")

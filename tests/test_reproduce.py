@@ -59,6 +59,7 @@ def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
       set(p) == {"threshold", "accuracy", "mean_visual_tokens"} for p in s["auto_budget"])
   assert s["auto_budget"][-1]["mean_visual_tokens"] == 64 + 256  # +inf: every attempt
   assert set(s["oracle"]) == {"accuracy", "mean_visual_tokens"}
+  assert set(s["auto_budget_ladders"]) == {"64-256"}  # the trained counts evaluated
   assert 0.0 <= s["oracle"]["accuracy"] <= 1.0 and s["examples_per_family"] == 4
   assert "reproduce.sh" in s["command"] and s["wall_time_s"] > 0
   md = open(os.path.join(out, "results.md")).read()

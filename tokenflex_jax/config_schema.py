@@ -114,6 +114,9 @@ def base_config() -> ConfigDict:
   # predict --num_tokens=auto: answer at the smallest trained count, escalate to the
   # next while the answer's mean token log-probability is under this.
   c.eval.auto_threshold = -0.1
+  # The counts it escalates over, ascending; () = the trained counts. The eval binary
+  # also reports every other order (e.g. 64 -> 256, skipping 144) in results.json.
+  c.eval.auto_counts = ()
   return c
 
 

@@ -4,9 +4,9 @@ r"""Answers one question about one image with a trained checkpoint.
       --question="What colour is the background?" --num_tokens=144 [--config=...]
 
 ``--num_tokens=auto`` chooses the budget per question: the ViT runs once, the model
-answers at the smallest trained count (``config.token_counts``) and again at the next
-while the answer's mean token log-probability is under ``config.eval.auto_threshold``
-(see `evaluation.auto_budget`).
+answers at the smallest trained count (``config.token_counts``, or the ladder
+``config.eval.auto_counts``) and again at the next while the answer's mean token
+log-probability is under ``config.eval.auto_threshold`` (see `evaluation.auto_budget`).
 
 Without ``--config`` the workdir's own config is used; with it, it must describe the
 same model (the rule of every binary that reads a workdir, see `trained_model`).
@@ -25,6 +25,7 @@ from PIL import Image
 
 from tokenflex_jax import cli, sharding, trained_model
 from tokenflex_jax.data.pipeline import normalize_image
+from tokenflex_jax.evaluation import auto_budget
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
@@ -75,7 +76,8 @@ def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
   ``num_tokens`` visual tokens or, with "auto", at the budget chosen for it."""
   config = trained_model.run_config(workdir, config)
   if num_tokens == "auto":
-    counts, threshold = sorted(config.token_counts), config.eval.auto_threshold
+    counts = list(auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts))
+    threshold = config.eval.auto_threshold
   elif isinstance(num_tokens, int) or str(num_tokens).isdigit():
     counts, threshold = [int(num_tokens)], -float("inf")
     token_side(counts[0])

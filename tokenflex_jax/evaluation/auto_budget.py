@@ -14,6 +14,7 @@ best on the question: the bound no confidence signal can beat.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,6 +41,33 @@ def escalate(confidence: Mapping[int, np.ndarray], counts: Sequence[int], thresh
     chosen = np.where(stop, c, chosen)
     open_ &= ~stop
   return chosen, spent
+
+
+def ladders(counts: Sequence[int]) -> list[tuple[int, ...]]:
+  """Every escalation order over ``counts`` from the smallest to the largest: the full one
+  first, then those that skip some of the counts between, e.g. (64, 144, 256), (64, 256)."""
+  counts = sorted(counts)
+  if len(counts) < 2:
+    return [tuple(counts)]
+  inner = counts[1:-1]
+  out = []
+  for keep in range(len(inner), -1, -1):
+    for subset in itertools.combinations(inner, keep):
+      out.append((counts[0], *subset, counts[-1]))
+  return out
+
+
+def ladder_counts(configured: Sequence[int], trained: Sequence[int],
+                  evaluated: Sequence[int] | None = None) -> tuple[int, ...]:
+  """The escalation order: ``config.eval.auto_counts`` (``configured``) or, when empty,
+  the ``trained`` counts (those among ``evaluated``, if given). Raises ValueError naming
+  config.eval.auto_counts unless it is at least two of the trained counts."""
+  available = sorted(set(trained) & set(evaluated)) if evaluated is not None else sorted(trained)
+  counts = tuple(sorted(configured)) if configured else tuple(available)
+  if configured and (len(counts) < 2 or not set(counts) <= set(available)):
+    raise ValueError(f"config.eval.auto_counts={tuple(configured)} must be two or more of the "
+                     f"trained (and evaluated) counts {tuple(available)}")
+  return counts
 
 
 def pick(texts: Mapping[int, Sequence[str]], chosen: np.ndarray) -> list[str]:

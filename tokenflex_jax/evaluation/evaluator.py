@@ -182,7 +182,12 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
          "families": data.families, "results": results}
   counts = sorted(set(config.token_counts) & set(config.eval.token_counts))
   if len(counts) >= 2:
-    out["auto_budget"] = auto_budget_results(data, texts, confidence, counts)
+    ladder = auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts,
+                                       config.eval.token_counts)
+    out["auto_budget"] = auto_budget_results(data, texts, confidence, ladder)
+    out["auto_budget_ladders"] = {
+        "-".join(map(str, lad)): auto_budget_results(data, texts, confidence, lad)
+        for lad in auto_budget.ladders(counts)}
   else:
     logging.info("no automatic budget: fewer than two of the trained counts %s are among "
                  "config.eval.token_counts", tuple(config.token_counts))

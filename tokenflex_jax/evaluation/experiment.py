@@ -97,19 +97,31 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
   return {"mean": float(np.mean(values)), "std": float(np.std(values))}
 
 
-def _auto_budget(runs: Sequence[Run]) -> tuple[list[dict[str, float]], dict[str, float]]:
-  """The automatic-budget curve and the oracle, averaged over seeds point by point (the
+def _mean_threshold(values: Sequence[float | None]) -> float | None:
+  """None (always escalate) if any seed's is None, else the mean."""
+  return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _curve_mean(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The automatic-budget curve and oracle of several seeds, averaged point by point (the
   k-th threshold of every seed is the same quantile of its smallest count's confidence)."""
-  curves = [r.eval["auto_budget"]["curve"] for r in runs if "auto_budget" in r.eval]
-  if not curves:
-    return [], {}
-  length = min(len(c) for c in curves)
-  curve = [{key: float(np.mean([c[i][key] for c in curves]))
-            for key in ("threshold", "accuracy", "mean_visual_tokens")} for i in range(length)]
-  oracles = [r.eval["auto_budget"]["oracle"] for r in runs if "auto_budget" in r.eval]
-  oracle = {key: float(np.mean([o[key] for o in oracles]))
+  length = min(len(r["curve"]) for r in results)
+  curve = [{"threshold": _mean_threshold([r["curve"][i]["threshold"] for r in results]),
+            **{key: float(np.mean([r["curve"][i][key] for r in results]))
+               for key in ("accuracy", "mean_visual_tokens")}} for i in range(length)]
+  oracle = {key: float(np.mean([r["oracle"][key] for r in results]))
             for key in ("accuracy", "mean_visual_tokens")}
-  return curve, oracle
+  return {"counts": list(results[0]["counts"]), "curve": curve, "oracle": oracle}
+
+
+def _auto_budget(runs: Sequence[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """({} or the primary escalation's mean curve, {ladder name: its mean curve})."""
+  evals = [r.eval for r in runs if "auto_budget" in r.eval]
+  if not evals:
+    return {}, {}
+  names = set.intersection(*(set(e.get("auto_budget_ladders", {})) for e in evals))
+  return (_curve_mean([e["auto_budget"] for e in evals]),
+          {n: _curve_mean([e["auto_budget_ladders"][n] for e in evals]) for n in sorted(names)})
 
 
 def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
@@ -139,11 +151,12 @@ def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
                   "wall_seconds": float(np.mean([r.wall_seconds for r in group])),
                   "mean_visual_tokens": float(np.mean([r.train_visual_tokens for r in group]))},
     }
-  curve, oracle = _auto_budget(by_name.get(FLEX, []))
+  primary, ladders = _auto_budget(by_name.get(FLEX, []))
   return {"command": command, "wall_time_s": wall_time_s, "eval_counts": [int(c) for c in counts],
           "examples_per_family": runs[0].eval["examples_per_family"],
           "families": runs[0].eval["families"], "models": models,
-          "auto_budget": curve, "oracle": oracle,
+          "auto_budget": primary.get("curve", []), "oracle": primary.get("oracle", {}),
+          "auto_budget_counts": primary.get("counts", []), "auto_budget_ladders": ladders,
           "graded_solvable": {f: {c: pooling_geometry.solvable_share(f, int(c))
                                   for c in counts}
                               for f in pooling_geometry.GRADED_SIDES if f in families}}
@@ -201,12 +214,14 @@ def rising_families(summary: Mapping[str, Any], counts: Sequence[int] = (64, 144
   return out
 
 
-def budget_reach(summary: Mapping[str, Any], tolerance: float = 0.01) -> dict[str, Any] | None:
-  """The automatic budget's cheapest point within ``tolerance`` of TokenFLEX at its
-  largest count, or None when no point gets there."""
-  if not summary["auto_budget"] or FLEX not in summary["models"]:
+def budget_reach(summary: Mapping[str, Any], curve: Sequence[Mapping[str, Any]] | None = None,
+                 tolerance: float = 0.01) -> dict[str, Any] | None:
+  """The cheapest point of ``curve`` (default: the primary automatic budget) within
+  ``tolerance`` of TokenFLEX at its largest count, or None when no point gets there."""
+  curve = summary["auto_budget"] if curve is None else curve
+  if not curve or FLEX not in summary["models"]:
     return None
   top = str(max(summary["models"][FLEX]["train_counts"]))
   target = summary["models"][FLEX]["accuracy"][top]["mean"] - tolerance
-  hits = [p for p in summary["auto_budget"] if p["accuracy"] >= target]
+  hits = [p for p in curve if p["accuracy"] >= target]
   return min(hits, key=lambda p: p["mean_visual_tokens"]) if hits else None

@@ -120,24 +120,43 @@ def _cost_section(s: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _ladders(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """{escalation order name: mean curve}, the primary one alone for evals without them."""
+  if s.get("auto_budget_ladders"):
+    return s["auto_budget_ladders"]
+  if s["auto_budget"]:
+    name = "-".join(map(str, s.get("auto_budget_counts", []))) or "primary"
+    return {name: {"curve": s["auto_budget"], "oracle": s["oracle"]}}
+  return {}
+
+
+def _threshold(t: float | None) -> str:
+  return "always escalate" if t is None else f"{t:.3g}"
+
+
 def _budget_section(s: Mapping[str, Any]) -> list[str]:
-  if not s["auto_budget"]:
+  ladders = _ladders(s)
+  if not ladders:
     return ["(needs an evaluated `tokenflex`)"]
   flex = s["models"]["tokenflex"]
   top = max(flex["train_counts"])
-  lines = ["Mean over seeds, threshold by threshold (the k-th threshold is the same decile "
-           "of each seed's 64-token confidence; +inf always escalates to the largest count).",
-           "", "| confidence threshold | accuracy (%) | mean visual tokens | % of "
-           f"{top} |", "|---|---|---|---|"]
-  for p in s["auto_budget"]:
-    lines.append(f"| {p['threshold']:.3g} | {_pct(p['accuracy'])} | "
-                 f"{p['mean_visual_tokens']:.1f} | {100 * p['mean_visual_tokens'] / top:.0f} |")
-  o = s["oracle"]
-  lines.append(f"| oracle (smallest count that answers best) | {_pct(o['accuracy'])} | "
-               f"{o['mean_visual_tokens']:.1f} | {100 * o['mean_visual_tokens'] / top:.0f} |")
+  lines = ["The model answers at the smallest count of an escalation order and again at the "
+           "next while its answer's mean token log-probability is under the threshold; every "
+           "attempt counts. Mean over seeds, threshold by threshold (the k-th threshold is "
+           "the same decile of each seed's smallest-count confidence).", ""]
+  lines += ["| budget | threshold | accuracy (%) | mean visual tokens | % of "
+            f"{top} |", "|---|---|---|---|---|"]
   for c in s["eval_counts"]:
-    lines.append(f"| fixed {c} | {_pct(flex['accuracy'][str(c)]['mean'])} | {c} | "
+    lines.append(f"| fixed {c} | | {_pct(flex['accuracy'][str(c)]['mean'])} | {c} | "
                  f"{100 * c / top:.0f} |")
+  for name, ladder in ladders.items():
+    for p in ladder["curve"]:
+      lines.append(f"| auto {name.replace('-', ' → ')} | {_threshold(p['threshold'])} | "
+                   f"{_pct(p['accuracy'])} | {p['mean_visual_tokens']:.1f} | "
+                   f"{100 * p['mean_visual_tokens'] / top:.0f} |")
+  o = s["oracle"]
+  lines.append(f"| oracle (the smallest count that answers best) | | {_pct(o['accuracy'])} | "
+               f"{o['mean_visual_tokens']:.1f} | {100 * o['mean_visual_tokens'] / top:.0f} |")
   return lines
 
 
@@ -163,19 +182,21 @@ def verdict(s: Mapping[str, Any]) -> list[str]:
   rising = experiment.rising_families(s)
   lines.append("- **Accuracy rising with the count (64 < 144 < 196 < 256) for every model**: "
                + (", ".join(rising) if rising else "no family"))
-  reach = experiment.budget_reach(s)
   if s["auto_budget"]:
     top = max(s["models"]["tokenflex"]["train_counts"])
-    if reach:
-      lines.append(f"- **Automatic budget**: within 1 point of TokenFLEX at {top} tokens at "
-                   f"{reach['mean_visual_tokens']:.1f} mean visual tokens "
-                   f"({100 * reach['mean_visual_tokens'] / top:.0f}% of {top}; the target is "
-                   f"60%); the oracle needs {s['oracle']['mean_visual_tokens']:.1f}.")
-    else:
-      best = max(s["auto_budget"], key=lambda p: p["accuracy"])
-      lines.append(f"- **Automatic budget**: never within 1 point of TokenFLEX at {top} tokens; "
-                   f"its best is {_pct(best['accuracy'])}% at "
-                   f"{best['mean_visual_tokens']:.1f} tokens.")
+    for name, ladder in _ladders(s).items():
+      reach = experiment.budget_reach(s, ladder["curve"])
+      order = name.replace("-", " → ")
+      if reach:
+        lines.append(f"- **Automatic budget, {order}**: within 1 point of TokenFLEX at {top} "
+                     f"tokens at {reach['mean_visual_tokens']:.1f} mean visual tokens "
+                     f"({100 * reach['mean_visual_tokens'] / top:.0f}% of {top}; the target is "
+                     f"at most 60%); the oracle needs {s['oracle']['mean_visual_tokens']:.1f}.")
+      else:
+        best = max(ladder["curve"], key=lambda p: p["accuracy"])
+        lines.append(f"- **Automatic budget, {order}**: never within 1 point of TokenFLEX at "
+                     f"{top} tokens; its best is {_pct(best['accuracy'])}% at "
+                     f"{best['mean_visual_tokens']:.1f} tokens.")
   return lines
 
 
@@ -232,9 +253,10 @@ def plot_budget(s: Mapping[str, Any], path: str) -> None:
   counts = s["eval_counts"]
   ax.plot(counts, [100 * flex["accuracy"][str(c)]["mean"] for c in counts], "ks-",
           label="TokenFLEX, fixed budget")
-  ax.plot([p["mean_visual_tokens"] for p in s["auto_budget"]],
-          [100 * p["accuracy"] for p in s["auto_budget"]], "o-",
-          label="automatic (threshold sweep)")
+  for name, ladder in _ladders(s).items():
+    ax.plot([p["mean_visual_tokens"] for p in ladder["curve"]],
+            [100 * p["accuracy"] for p in ladder["curve"]], "o-",
+            label=f"automatic, {name.replace('-', ' -> ')}")
   ax.plot([s["oracle"]["mean_visual_tokens"]], [100 * s["oracle"]["accuracy"]], "r*",
           markersize=14, label="oracle")
   top = max(flex["train_counts"])
