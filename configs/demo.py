@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # One position span for every visual-token count, so the small decoder generalises to
   # the counts it never trains (docs/measurements.md).
   c.model.visual_position_span = 256
+  # The stage-0 ViT's features carry no position (docs/measurements.md): a learned
+  # per-patch embedding before pooling gives every count the same map of the image.
+  c.model.projector.position_embedding = True
   c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.3, projector=1.0, llm=1.0))
   c.sharding.rules = RULES[args["rules"]]
   if c.stage == 0:  # PatchLabeler's modules

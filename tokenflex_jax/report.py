@@ -41,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()
