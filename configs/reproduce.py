@@ -12,13 +12,16 @@ no variant: its ViT is shared.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from configs import demo
 from tokenflex_jax.config_schema import parse_arg
 
-# name -> (token_counts, token_probs, projector overrides).
-VARIANTS: dict[str, tuple[tuple[int, ...], tuple[float, ...], dict[str, str]]] = {
+# name -> (token_counts, token_probs, projector overrides). ``tokenflex_nope`` drops the
+# projector's position embedding: the recipe the paper-effect issue measured first.
+VARIANTS: dict[str, tuple[tuple[int, ...], tuple[float, ...], dict[str, Any]]] = {
     "fixed_64": ((64,), (1.0,), {}),
     "fixed_144": ((144,), (1.0,), {}),
     "fixed_256": ((256,), (1.0,), {}),
@@ -27,6 +30,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[float, ...], dict[str, str]]] =
     "ratio_532": ((64, 144, 256), (0.5, 0.3, 0.2), {}),
     "gelu_mlp": ((64, 144, 256), (0.2, 0.3, 0.5), {"mlp": "gelu"}),
     "resize_pool": ((64, 144, 256), (0.2, 0.3, 0.5), {"pooling": "resize_avg"}),
+    "tokenflex_nope": ((64, 144, 256), (0.2, 0.3, 0.5), {"position_embedding": False}),
 }
 SEEDS = tuple(str(s) for s in range(10))
 

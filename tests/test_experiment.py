@@ -42,7 +42,8 @@ def _write_run(workdir, name, seed, counts, acc, step_times=(0.5, 0.5)):
       for i, n in enumerate(counts * 2):
         f.write(json.dumps({"step": i + 1, "train/step_time_s": t, "train/num_tokens": n}) + "\n")
   cfg = {"token_counts": list(counts), "token_probs": [1 / len(counts)] * len(counts),
-         "model": {"projector": {"pooling": "adaptive_avg", "mlp": "swiglu"}}}
+         "model": {"projector": {"pooling": "adaptive_avg", "mlp": "swiglu",
+                               "position_embedding": True}}}
   with open(os.path.join(base, "stage2", "config.json"), "w") as f:
     json.dump(cfg, f)
   with open(os.path.join(base, "stage2", "eval", "results.json"), "w") as f:

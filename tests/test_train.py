@@ -259,3 +259,14 @@ def test_predict_answers_one_question(reference_run, tmp_path):
   with pytest.raises(ValueError, match="missing.png"):
     predict.predict(workdir, str(tmp_path / "missing.png"), "?", num_tokens=64)
   del config
+
+
+def test_position_probe_of_a_trained_workdir(reference_run):
+  from tokenflex_jax.probe import probe
+  workdir, config, _ = reference_run
+  got = probe(workdir, num_images=32)
+  assert set(got) == {"vit patches"} | {f"tokens at {n}" for n in config.eval.token_counts}
+  assert all(v["row"] <= 1.0 and v["col"] <= 1.0 for v in got.values())
+  # The projector's position embedding (on in the demo) makes the tokens' place readable.
+  assert config.model.projector.position_embedding
+  assert got["tokens at 64"]["row"] > got["vit patches"]["row"] + 0.1

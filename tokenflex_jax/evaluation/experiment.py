@@ -25,7 +25,7 @@ FIXED_PREFIX = "fixed_"
 FLEX = "tokenflex"
 # Order of the variants in tables (others follow alphabetically).
 ORDER = ("fixed_64", "fixed_144", "fixed_256", "tokenflex", "ratio_111", "ratio_532",
-         "gelu_mlp", "resize_pool")
+         "gelu_mlp", "resize_pool", "tokenflex_nope")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,8 @@ def _accuracy_table(s: Mapping[str, Any]) -> list[str]:
            "|---|---|---|---|" + "---|" * len(counts)]
   for name, info in s["models"].items():
     proj = info.get("projector", {})
-    proj_s = f"{proj.get('mlp', 'swiglu')}, {proj.get('pooling', 'adaptive_avg')}"
+    proj_s = (f"{proj.get('mlp', 'swiglu')}, {proj.get('pooling', 'adaptive_avg')}"
+              + ("" if proj.get("position_embedding", False) else ", no pos. emb."))
     cells = [(f"**{_pm(info['accuracy'][c])}**" if int(c) in info["train_counts"]
               else _pm(info["accuracy"][c])) for c in counts]
     lines.append(f"| {name} | {_trained(info)} | {proj_s} | {info['seeds']} | "
