@@ -95,6 +95,25 @@ def test_visual_position_span_makes_text_positions_count_independent():
   assert all(p == [67, 68, 69] for p in text_positions.values()), text_positions
 
 
+def test_grid_layout_puts_each_place_of_the_image_at_one_position_at_every_count():
+  tokens = jnp.array([[2, 5, 7, IMAGE_ID, 6, 10, 3, 0]])
+  for n in (4, 16, 64, 256):
+    index = merge_index(jnp.array([3]), tokens.shape[1], n)
+    valid = index.is_visual | jnp.take_along_axis(tokens != PAD, index.text_index, axis=1)
+    positions, end = merged_positions(valid, index.is_visual, n, span=256, layout="grid")
+    positions = np.asarray(positions[0])
+    side = int(np.sqrt(n))
+    visual = positions[3:3 + n].reshape(side, side)
+    assert np.all(np.diff(visual.reshape(-1)) > 0)  # still row-major with span >= n
+    # The image place (y, x) in [0, 1)^2 at 3 + 256 y + 16 x, whatever the count.
+    centres = (np.arange(side) + 0.5) / side
+    np.testing.assert_allclose(visual, 3 + 256 * centres[:, None] + 16 * centres[None, :],
+                               rtol=1e-6)
+    assert positions[3 + n:3 + n + 3].tolist() == [259, 260, 261] and float(end[0]) == 262
+  with pytest.raises(ValueError, match="visual_position_layout"):
+    merged_positions(valid, index.is_visual, 256, span=256, layout="spiral")
+
+
 def test_visual_tokens_change_the_answer_logits_and_count_matters():
   model = small_vlm()
   tokens = jnp.array([[2, IMAGE_ID, 7, 6, 10, 3]])

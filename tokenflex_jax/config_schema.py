@@ -46,6 +46,9 @@ def base_config() -> ConfigDict:
   # LLaVA convention); K > 0 spreads any count over K positions, so the text's positions
   # do not depend on the count (see models/vlm.py).
   c.model.visual_position_span = 0
+  # With a span: "raster" (token i at p + i * K / N) or "grid" (each token at its cell's
+  # place in the image, the same map at every count; models/vlm.py).
+  c.model.visual_position_layout = "raster"
 
   c.data = ConfigDict()
   c.data.source = "procedural"      # "procedural" | "tfds" (array_record in tfds_dir) | "llava"

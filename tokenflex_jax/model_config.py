@@ -11,7 +11,7 @@ import ml_collections
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import MLP_KINDS, POOLING_MODES, ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
-from tokenflex_jax.models.vlm import VLMConfig
+from tokenflex_jax.models.vlm import VISUAL_POSITION_LAYOUTS, VLMConfig
 
 
 class TokenIds(Protocol):
@@ -46,9 +46,13 @@ def vlm_config(config: ml_collections.ConfigDict, tokenizer: TokenIds) -> VLMCon
   if projector.mlp not in MLP_KINDS:
     raise ValueError(f"config.model.projector.mlp must be one of {MLP_KINDS}, "
                      f"got {projector.mlp!r}")
+  if config.model.visual_position_layout not in VISUAL_POSITION_LAYOUTS:
+    raise ValueError(f"config.model.visual_position_layout must be one of "
+                     f"{VISUAL_POSITION_LAYOUTS}, got {config.model.visual_position_layout!r}")
   return VLMConfig(vit=vit_config(config), projector=projector, llm=llm,
                    image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id,
                    visual_position_span=config.model.visual_position_span,
+                   visual_position_layout=config.model.visual_position_layout,
                    remat=config.model.remat)
 
 

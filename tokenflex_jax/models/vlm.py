@@ -7,14 +7,20 @@ the merged sequence has length S = T - 1 + N.
 
 Rotary positions: by default each merged slot advances the position by one, so the
 text after the image starts N positions later at every count. With
-``visual_position_span = K > 0`` the N visual tokens are spread evenly over K positions
-(token i at p + i * K / N): the text's positions, and the distance from the answer to
-each region of the image, are then the same at every token count.
+``visual_position_span = K > 0`` the N visual tokens span K positions, so the text's
+positions are the same at every count. How they are laid out in that span:
+- ``visual_position_layout="raster"``: token i at p + i * K / N. The rows of the image
+  land at the same positions at every count, the columns do not (cell (r, c) of an
+  n x n grid is at p + K r / n + K c / n^2): each count is its own map of the image.
+- ``"grid"``: cell (r, c) at p + K (r + 1/2) / n + sqrt(K) (c + 1/2) / n, i.e. the place
+  (y, x) in [0, 1)^2 of the image at p + K y + sqrt(K) x at every count; with K >= n^2
+  the order is still row-major.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -25,6 +31,9 @@ from tokenflex_jax.models.projector import ProjectorConfig, TokenAdaptiveProject
 from tokenflex_jax.models.vit import ViT, ViTConfig
 
 
+VISUAL_POSITION_LAYOUTS = ("raster", "grid")
+
+
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
   vit: ViTConfig
@@ -33,17 +42,22 @@ class VLMConfig:
   image_token_id: int
   pad_token_id: int = 0
   visual_position_span: int = 0  # 0: one position per visual token; K: N tokens span K
+  visual_position_layout: str = "raster"  # with a span: "raster" or "grid" (see above)
   remat: bool = False  # rematerialise ViT blocks and LLM layers (same parameters)
 
 
 def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
-                     span: int) -> tuple[jax.Array, jax.Array]:
+                     span: int, layout: str = "raster") -> tuple[jax.Array, jax.Array]:
   """Rotary positions of merged slots. valid, is_visual: [B, S] bool.
 
   Returns (positions [B, S] float32, the position after the last slot [B]). A padding
   slot does not advance the position; a text slot advances it by one; a visual slot by
-  one, or by span / num_tokens when span > 0.
+  one, or by span / num_tokens when span > 0; with the "grid" layout a visual slot sits
+  at its cell's place in the span instead (module docstring).
   """
+  if layout not in VISUAL_POSITION_LAYOUTS:
+    raise ValueError(f"visual_position_layout must be one of {VISUAL_POSITION_LAYOUTS}, "
+                     f"got {layout!r}")
   visual_step = span / num_tokens if span else 1.0
   # Counted in integers, scaled once: exact, where a float cumsum would drift.
   text_end = jnp.cumsum(valid & ~is_visual, axis=1)
@@ -52,6 +66,11 @@ def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
   visual_before = visual_end - (valid & is_visual)
   positions = text_before.astype(jnp.float32) + visual_before * jnp.float32(visual_step)
   end = text_end[:, -1].astype(jnp.float32) + visual_end[:, -1] * jnp.float32(visual_step)
+  if span and layout == "grid":
+    side = math.isqrt(num_tokens)
+    row, col = visual_before // side, visual_before % side
+    place = (span * (row + 0.5) + math.sqrt(span) * (col + 0.5)) / side
+    positions = jnp.where(is_visual, text_before + place.astype(jnp.float32), positions)
   return positions, end
 
 
@@ -106,7 +125,8 @@ class VLM(nn.Module):
     text_valid = tokens != self.config.pad_token_id
     valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
     positions, end = merged_positions(valid, index.is_visual, num_tokens,
-                                      self.config.visual_position_span)
+                                      self.config.visual_position_span,
+                                      self.config.visual_position_layout)
     return x, valid, positions, end, index
 
   def __call__(self, images: jax.Array, tokens: jax.Array, num_tokens: int) -> jax.Array:
