@@ -77,6 +77,11 @@ def test_collect_and_summarize(workdir):
   assert [(r.name, r.seed) for r in runs] == [("fixed_64", 0), ("fixed_64", 1), ("fixed_256", 0),
                                               ("fixed_256", 1), ("tokenflex", 0), ("tokenflex", 1)]
   assert runs[0].train_seconds == pytest.approx(0.2 * 4) and runs[0].wall_seconds == 30
+  # A paused step does not count: the median per count, times its steps.
+  path = os.path.join(workdir, "fixed_64", "seed0", "stage1", "metrics.jsonl")
+  with open(path, "a") as f:
+    f.write(json.dumps({"step": 3, "train/step_time_s": 100.0, "train/num_tokens": 64}) + "\n")
+  assert experiment.collect(workdir)[0].train_seconds == pytest.approx(0.2 * 5)
   assert runs[4].train_visual_tokens == pytest.approx(np.mean([64, 144, 256]))
   s = experiment.summarize(runs, "cmd", 123.0)
   flex = s["models"]["tokenflex"]

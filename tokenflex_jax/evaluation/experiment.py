@@ -35,7 +35,7 @@ class Run:
   seed: int
   config: dict[str, Any]       # stage 2's config.json
   eval: dict[str, Any]         # stage2/eval/results.json
-  train_seconds: float         # summed step times of stages 1 and 2 (no compile)
+  train_seconds: float         # stages 1 and 2: per count, median step time x its steps
   train_visual_tokens: float   # mean visual tokens per training example, stages 1 and 2
   wall_seconds: float          # wall time of stages 1 and 2 (start-up and compiles included)
 
@@ -46,14 +46,18 @@ def _read_json(path: str) -> Any:
 
 
 def _metrics(path: str) -> tuple[float, list[float]]:
-  """(summed train/step_time_s, every step's train/num_tokens) of a metrics.jsonl."""
-  seconds, tokens = 0.0, []
+  """(training seconds, every step's train/num_tokens) of a metrics.jsonl. The seconds
+  are, per visual-token count, the median step time times that count's steps: robust to
+  a machine paused or shared for a while (a restart's first step, a test run beside it)."""
+  times: dict[float, list[float]] = {}
+  tokens = []
   with open(path, encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
       if "train/step_time_s" in row:
-        seconds += row["train/step_time_s"]
+        times.setdefault(row["train/num_tokens"], []).append(row["train/step_time_s"])
         tokens.append(row["train/num_tokens"])
+  seconds = sum(float(np.median(t)) * len(t) for t in times.values())
   return seconds, tokens
 
 

@@ -111,7 +111,10 @@ def _family_section(s: Mapping[str, Any]) -> list[str]:
 def _cost_section(s: Mapping[str, Any]) -> list[str]:
   models = s["models"]
   base = models.get("fixed_256")
-  lines = ["| model | mean visual tokens per training example | step time, stages 1+2 (s) | "
+  lines = ["Step time: per count, the median step time times that count's steps, stages 1 "
+           "and 2 (compiles excluded; robust to the machine being shared for a while). Wall "
+           "time: the two stages' processes, start-up and compiles included, as measured.",
+           "", "| model | mean visual tokens per training example | step time, stages 1+2 (s) | "
            "wall time, stages 1+2 (s) | step time / fixed_256's |", "|---|---|---|---|---|"]
   for name, info in models.items():
     t = info["train"]
