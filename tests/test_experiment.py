@@ -116,6 +116,8 @@ def test_criteria(workdir):
   assert all(d["clearly_better"] for d in off if d["count"] != 100 or d["fixed"] == "fixed_256")
   # marks rises 64 < 144 < 196 < 256 for tokenflex, but not for the fixed models.
   assert experiment.rising_families(s) == []
+  assert experiment.rising_by_model(s) == {"fixed_64": [], "fixed_256": [],
+                                           "tokenflex": ["marks"]}
   assert experiment.rising_families({"families": FAMILIES, "models": {
       "tokenflex": s["models"]["tokenflex"]}}) == ["marks"]
   reach = experiment.budget_reach(s)

@@ -54,7 +54,3 @@ def markdown_table(counts: tuple[int, ...] = (64, 100, 144, 196, 256)) -> str:
       cells = " | ".join(f"{100 * solvable_share(family, n, mode):.0f}" for n in counts)
       lines.append(f"| {family} | {', '.join(map(str, sides))} | {mode} | {cells} |")
   return "\n".join(lines)
-
-
-if __name__ == "__main__":
-  print(markdown_table())

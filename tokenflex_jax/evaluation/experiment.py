@@ -205,17 +205,24 @@ def off_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[
   return out
 
 
+def _rises(info: Mapping[str, Any], family: str, counts: Sequence[int]) -> bool:
+  means = [info["families"][str(c)][family]["mean"] for c in counts]
+  return all(a < b for a, b in zip(means, means[1:]))
+
+
+def rising_by_model(summary: Mapping[str, Any], counts: Sequence[int] = (64, 144, 196, 256)
+                    ) -> dict[str, list[str]]:
+  """{model: the families whose mean accuracy rises strictly along ``counts``}."""
+  return {name: [f for f in summary["families"] if _rises(info, f, counts)]
+          for name, info in summary["models"].items()
+          if all(str(c) in info["families"] for c in counts)}
+
+
 def rising_families(summary: Mapping[str, Any], counts: Sequence[int] = (64, 144, 196, 256)
                     ) -> list[str]:
   """Families whose mean accuracy rises strictly along ``counts`` for every model."""
-  out = []
-  for family in summary["families"]:
-    if all(all(info["families"][str(a)][family]["mean"] < info["families"][str(b)][family]["mean"]
-               for a, b in zip(counts, counts[1:]))
-           for info in summary["models"].values()
-           if all(str(c) in info["families"] for c in counts)):
-      out.append(family)
-  return out
+  per_model = rising_by_model(summary, counts)
+  return [f for f in summary["families"] if all(f in fams for fams in per_model.values())]
 
 
 def budget_reach(summary: Mapping[str, Any], curve: Sequence[Mapping[str, Any]] | None = None,

@@ -184,8 +184,10 @@ def verdict(s: Mapping[str, Any]) -> list[str]:
                  f"{won} of {len(off)} (model, count) pairs; the mean difference is "
                  f"{sum(d['delta'] for d in off) / len(off):+.1f} points.")
   rising = experiment.rising_families(s)
+  per_model = experiment.rising_by_model(s)
   lines.append("- **Accuracy rising with the count (64 < 144 < 196 < 256) for every model**: "
-               + (", ".join(rising) if rising else "no family"))
+               + (", ".join(rising) if rising else "no family") + "; per model: "
+               + "; ".join(f"{m} {', '.join(f) or 'none'}" for m, f in per_model.items()) + ".")
   if s["auto_budget"]:
     top = max(s["models"]["tokenflex"]["train_counts"])
     for name, ladder in _ladders(s).items():
