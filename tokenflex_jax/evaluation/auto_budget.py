@@ -10,6 +10,10 @@ Given the answers and confidences of every count (the fixed-budget sweep of the 
 binary), the escalation of any threshold follows without running the model again:
 `escalate` replays it exactly. The oracle answers at the smallest count that scores
 best on the question: the bound no confidence signal can beat.
+
+A second signal, the router, is learned: a logistic regression from what the question
+asks (its prompt tokens) and the answer's confidence to whether the answer at that count
+is right, cross-fitted on the evaluation set (`router_confidence`).
 """
 
 from __future__ import annotations
@@ -111,3 +115,53 @@ def oracle(texts: Mapping[int, Sequence[str]], prompt_scores: Callable[[Sequence
   best = np.argmax(per_count >= per_count.max(axis=0, keepdims=True), axis=0)
   chosen = np.array(counts)[best]
   return _point(score, pick(texts, chosen), chosen)
+
+
+# --- A learned signal: the router. ---
+
+def router_features(prompts: np.ndarray, vocab_size: int, confidence: np.ndarray) -> np.ndarray:
+  """[N, vocab_size + 2] features of each question at one count: which prompt tokens it
+  has (0/1 per vocabulary id: what is asked), the answer's confidence, and a bias.
+
+  prompts: int [N, P]; confidence: [N]."""
+  n = len(prompts)
+  bag = np.zeros((n, vocab_size), np.float64)
+  np.put_along_axis(bag, np.clip(prompts, 0, vocab_size - 1), 1.0, axis=1)
+  return np.concatenate([bag, confidence[:, None].astype(np.float64), np.ones((n, 1))], axis=1)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 25) -> np.ndarray:
+  """Weights [F] of an L2-regularised logistic regression (Newton's method) of targets
+  y in [0, 1] (soft credit allowed) on features x [N, F]."""
+  w = np.zeros(x.shape[1])
+  reg = l2 * len(x) * np.eye(x.shape[1])
+  for _ in range(steps):
+    p = 1.0 / (1.0 + np.exp(-(x @ w)))
+    grad = x.T @ (p - y) + reg @ w
+    hess = (x * (p * (1 - p))[:, None]).T @ x + reg
+    w -= np.linalg.solve(hess, grad)
+  return w
+
+
+def cross_fitted(x: np.ndarray, y: np.ndarray, folds: int = 2, seed: int = 0) -> np.ndarray:
+  """Out-of-fold predicted P(correct) [N]: each fold scored by a model fitted on the
+  others, so no question grades itself."""
+  fold = np.random.default_rng(seed).permutation(len(x)) % folds
+  out = np.zeros(len(x))
+  for k in range(folds):
+    w = fit_logistic(x[fold != k], y[fold != k])
+    out[fold == k] = 1.0 / (1.0 + np.exp(-(x[fold == k] @ w)))
+  return out
+
+
+def router_confidence(prompts: np.ndarray, vocab_size: int,
+                      confidence: Mapping[int, np.ndarray], credit: Mapping[int, np.ndarray]
+                      ) -> dict[int, np.ndarray]:
+  """{count: the router's cross-fitted P(the answer at that count is right) [N]}.
+
+  ``credit[c]``: [N] each question's credit at count ``c`` (``prompt_scores``). A
+  deployment would fit the router once on held-out questions; here it is cross-fitted on
+  the evaluation set itself, which needs no extra data for any suite.
+  """
+  return {c: cross_fitted(router_features(prompts, vocab_size, confidence[c]), credit[c])
+          for c in confidence}

@@ -188,6 +188,13 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
     out["auto_budget_ladders"] = {
         "-".join(map(str, lad)): auto_budget_results(data, texts, confidence, lad)
         for lad in auto_budget.ladders(counts)}
+    routed = auto_budget.router_confidence(
+        data.prompts, model.config.llm.vocab_size, {c: confidence[c] for c in counts},
+        {c: data.prompt_scores(texts[c]) for c in counts})
+    out["auto_budget_router_ladders"] = {
+        "-".join(map(str, lad)): auto_budget_results(data, texts, routed, lad,
+                                                     "router P(correct), cross-fitted")
+        for lad in auto_budget.ladders(counts)}
   else:
     logging.info("no automatic budget: fewer than two of the trained counts %s are among "
                  "config.eval.token_counts", tuple(config.token_counts))
@@ -195,17 +202,17 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
 
 
 def auto_budget_results(data: EvalSet, texts: dict[int, list[str]],
-                        confidence: dict[int, np.ndarray], counts: Sequence[int]
-                        ) -> dict[str, Any]:
+                        confidence: dict[int, np.ndarray], counts: Sequence[int],
+                        signal: str = "mean token log-probability") -> dict[str, Any]:
   """The automatic budget escalating over ``counts`` (the trained ones), for a sweep of
   confidence thresholds, and the oracle (see `auto_budget`)."""
   curve = auto_budget.sweep(texts, confidence, counts, data.score,
                             auto_budget.default_thresholds({c: confidence[c] for c in counts}))
   best = auto_budget.oracle(texts, data.prompt_scores, counts, data.score)
   for point in curve:
-    logging.info("auto budget, threshold %.3g: accuracy %.3f at %.1f visual tokens",
-                 point["threshold"], point["accuracy"], point["mean_visual_tokens"])
+    logging.info("auto budget (%s, %s), threshold %s: accuracy %.3f at %.1f visual tokens",
+                 signal, "-".join(map(str, counts)), point["threshold"], point["accuracy"],
+                 point["mean_visual_tokens"])
   logging.info("oracle budget: accuracy %.3f at %.1f visual tokens", best["accuracy"],
                best["mean_visual_tokens"])
-  return {"counts": list(counts), "signal": "mean token log-probability", "curve": curve,
-          "oracle": best}
+  return {"counts": list(counts), "signal": signal, "curve": curve, "oracle": best}
