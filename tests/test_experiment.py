@@ -31,6 +31,8 @@ def _eval(acc: dict[str, float], auto: bool) -> dict:
         {"threshold": None, "accuracy": acc["256"], "mean_visual_tokens": 320.0}],
         "oracle": out["auto_budget"]["oracle"]}
     out["auto_budget_ladders"] = {"64-144-256": out["auto_budget"], "64-256": skip}
+    out["auto_budget_router_ladders"] = {"64-256": {**skip, "curve": [
+        {"threshold": 0.5, "accuracy": acc["256"], "mean_visual_tokens": 100.0}]}}
   return out
 
 
@@ -139,7 +141,9 @@ def test_report_files(workdir, tmp_path):
   md = open(os.path.join(out, "results.md")).read()
   assert "`bash launch/reproduce.sh repro`" in md
   assert "| 64 | fixed_64 | 71.0 ± 1.0 | 70.0 ± 1.0 | -1.0 (spread 1.4) | yes |" in md
-  assert "**Automatic budget, 64 → 144 → 256**: within 1 point" in md
-  assert "| auto 64 → 256 | always escalate | 83.0 | 320.0 | 125 |" in md
+  assert "**Automatic budget, log-prob, 64 → 144 → 256**: within 1 point" in md
+  assert "| auto, log-prob, 64 → 256 | always escalate | 83.0 | 320.0 | 125 |" in md
+  assert "**Automatic budget, router, 64 → 256 (2 seeds)**: within 1 point of TokenFLEX " \
+      "at 256 tokens at 100.0 mean visual tokens (39% of 256" in md
   assert "| tokenflex | 64/144/256 at 3:3:3 | swiglu, adaptive_avg | 2 |" in md
   assert experiment_report.verdict(summary)[0].startswith("- **At each fixed model's own count")

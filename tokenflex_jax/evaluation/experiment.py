@@ -118,14 +118,27 @@ def _curve_mean(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   return {"counts": list(results[0]["counts"]), "curve": curve, "oracle": oracle}
 
 
-def _auto_budget(runs: Sequence[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-  """({} or the primary escalation's mean curve, {ladder name: its mean curve})."""
+def _ladders_mean(evals: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+  """{ladder name: mean curve} of results[key] over the evals that have it, with the
+  number of seeds behind each."""
+  having = [e[key] for e in evals if key in e]
+  if not having:
+    return {}
+  names = set.intersection(*(set(h) for h in having))
+  return {n: {**_curve_mean([h[n] for h in having]), "seeds": len(having)}
+          for n in sorted(names, key=lambda n: (-n.count("-"), n))}
+
+
+def _auto_budget(runs: Sequence[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]],
+                                              dict[str, dict[str, Any]]]:
+  """(the primary escalation's mean curve or {}, {ladder: mean curve} of the confidence,
+  the same of the router)."""
   evals = [r.eval for r in runs if "auto_budget" in r.eval]
   if not evals:
-    return {}, {}
-  names = set.intersection(*(set(e.get("auto_budget_ladders", {})) for e in evals))
+    return {}, {}, {}
   return (_curve_mean([e["auto_budget"] for e in evals]),
-          {n: _curve_mean([e["auto_budget_ladders"][n] for e in evals]) for n in sorted(names)})
+          _ladders_mean(evals, "auto_budget_ladders"),
+          _ladders_mean(evals, "auto_budget_router_ladders"))
 
 
 def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
@@ -155,12 +168,13 @@ def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
                   "wall_seconds": float(np.mean([r.wall_seconds for r in group])),
                   "mean_visual_tokens": float(np.mean([r.train_visual_tokens for r in group]))},
     }
-  primary, ladders = _auto_budget(by_name.get(FLEX, []))
+  primary, ladders, routed = _auto_budget(by_name.get(FLEX, []))
   return {"command": command, "wall_time_s": wall_time_s, "eval_counts": [int(c) for c in counts],
           "examples_per_family": runs[0].eval["examples_per_family"],
           "families": runs[0].eval["families"], "models": models,
           "auto_budget": primary.get("curve", []), "oracle": primary.get("oracle", {}),
           "auto_budget_counts": primary.get("counts", []), "auto_budget_ladders": ladders,
+          "auto_budget_router_ladders": routed,
           "graded_solvable": {f: {c: pooling_geometry.solvable_share(f, int(c))
                                   for c in counts}
                               for f in pooling_geometry.GRADED_SIDES if f in families}}

@@ -125,13 +125,18 @@ def _cost_section(s: Mapping[str, Any]) -> list[str]:
 
 
 def _ladders(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  """{escalation order name: mean curve}, the primary one alone for evals without them."""
-  if s.get("auto_budget_ladders"):
-    return s["auto_budget_ladders"]
-  if s["auto_budget"]:
+  """{"signal, order": mean curve} for the confidence and the router, every escalation
+  order; the primary one alone for evals without them."""
+  out = {}
+  for name, ladder in s.get("auto_budget_ladders", {}).items():
+    out[f"log-prob, {name.replace('-', ' → ')}"] = ladder
+  for name, ladder in s.get("auto_budget_router_ladders", {}).items():
+    out[f"router, {name.replace('-', ' → ')} ({ladder['seeds']} seeds)"] = ladder
+  if not out and s["auto_budget"]:
     name = "-".join(map(str, s.get("auto_budget_counts", []))) or "primary"
-    return {name: {"curve": s["auto_budget"], "oracle": s["oracle"]}}
-  return {}
+    out[f"log-prob, {name.replace('-', ' → ')}"] = {"curve": s["auto_budget"],
+                                                     "oracle": s["oracle"]}
+  return out
 
 
 def _threshold(t: float | None) -> str:
@@ -145,9 +150,12 @@ def _budget_section(s: Mapping[str, Any]) -> list[str]:
   flex = s["models"]["tokenflex"]
   top = max(flex["train_counts"])
   lines = ["The model answers at the smallest count of an escalation order and again at the "
-           "next while its answer's mean token log-probability is under the threshold; every "
-           "attempt counts. Mean over seeds, threshold by threshold (the k-th threshold is "
-           "the same decile of each seed's smallest-count confidence).", ""]
+           "next while the signal is under the threshold; every attempt counts. Signals: "
+           "`log-prob`, the answer's mean token log-probability; `router`, a logistic "
+           "regression of whether the answer is right from the question's tokens and that "
+           "log-probability, cross-fitted on the evaluation set (2 folds; "
+           "`evaluation/auto_budget.py`). Mean over seeds, threshold by threshold (the k-th "
+           "threshold is the same decile of each seed's smallest-count signal).", ""]
   lines += ["| budget | threshold | accuracy (%) | mean visual tokens | % of "
             f"{top} |", "|---|---|---|---|---|"]
   for c in s["eval_counts"]:
@@ -155,7 +163,7 @@ def _budget_section(s: Mapping[str, Any]) -> list[str]:
                  f"{100 * c / top:.0f} |")
   for name, ladder in ladders.items():
     for p in ladder["curve"]:
-      lines.append(f"| auto {name.replace('-', ' → ')} | {_threshold(p['threshold'])} | "
+      lines.append(f"| auto, {name} | {_threshold(p['threshold'])} | "
                    f"{_pct(p['accuracy'])} | {p['mean_visual_tokens']:.1f} | "
                    f"{100 * p['mean_visual_tokens'] / top:.0f} |")
   o = s["oracle"]
@@ -192,7 +200,7 @@ def verdict(s: Mapping[str, Any]) -> list[str]:
     top = max(s["models"]["tokenflex"]["train_counts"])
     for name, ladder in _ladders(s).items():
       reach = experiment.budget_reach(s, ladder["curve"])
-      order = name.replace("-", " → ")
+      order = name
       if reach:
         lines.append(f"- **Automatic budget, {order}**: within 1 point of TokenFLEX at {top} "
                      f"tokens at {reach['mean_visual_tokens']:.1f} mean visual tokens "
@@ -262,7 +270,7 @@ def plot_budget(s: Mapping[str, Any], path: str) -> None:
   for name, ladder in _ladders(s).items():
     ax.plot([p["mean_visual_tokens"] for p in ladder["curve"]],
             [100 * p["accuracy"] for p in ladder["curve"]], "o-",
-            label=f"automatic, {name.replace('-', ' -> ')}")
+            label=f"automatic, {name}")
   ax.plot([s["oracle"]["mean_visual_tokens"]], [100 * s["oracle"]["accuracy"]], "r*",
           markersize=14, label="oracle")
   top = max(flex["train_counts"])
