@@ -73,19 +73,21 @@ def test_ladder_counts_default_and_validation():
     auto_budget.ladder_counts((64,), (64, 144, 256))
 
 
-def test_router_learns_which_questions_need_more_tokens():
-  """Questions with token 5 are answered right only at the larger count; the router,
-  cross-fitted, learns to escalate exactly those, where the raw confidence cannot."""
+def test_router_escalates_where_more_tokens_help():
+  """Questions with token 5 are right only at the larger count, those with token 7 at
+  neither; the router, cross-fitted, escalates exactly the first kind: the raw
+  confidence cannot tell them apart, and hard-but-hopeless questions stay small."""
   rng = np.random.default_rng(0)
-  n = 400
-  hard = rng.random(n) < 0.4
-  prompts = np.where(hard[:, None], [[1, 5, 2]], [[1, 6, 2]])
+  n = 600
+  kind = rng.integers(3, size=n)  # 0: easy, 1: needs 256, 2: hopeless
+  prompts = np.stack([np.ones(n, int), np.array([6, 5, 7])[kind], np.full(n, 2)], 1)
   confidence = {64: rng.normal(size=n), 256: rng.normal(size=n)}  # uninformative
-  credit = {64: (~hard).astype(float), 256: np.ones(n)}
-  routed = auto_budget.router_confidence(prompts, 8, confidence, credit)
-  assert routed[64][hard].max() < 0.5 < routed[64][~hard].min()
-  chosen, spent = auto_budget.escalate(routed, [64, 256], 0.5)
-  np.testing.assert_array_equal(chosen, np.where(hard, 256, 64))
-  assert spent.mean() == pytest.approx(64 + 256 * hard.mean())
+  credit = {64: (kind == 0).astype(float), 256: (kind != 2).astype(float)}
+  routed = auto_budget.router_confidence(prompts, 8, confidence, credit, (64, 256))
+  assert routed[64][kind == 1].max() < -0.5 < routed[64][kind != 1].min()
+  np.testing.assert_array_equal(routed[256], 0.0)
+  chosen, spent = auto_budget.escalate(routed, [64, 256], -0.5)
+  np.testing.assert_array_equal(chosen, np.where(kind == 1, 256, 64))
+  assert spent.mean() == pytest.approx(64 + 256 * (kind == 1).mean())
   x = auto_budget.router_features(prompts, 8, confidence[64])
   assert x.shape == (n, 10) and set(np.unique(x[:, :8])) == {0.0, 1.0}

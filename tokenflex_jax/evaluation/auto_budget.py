@@ -11,9 +11,10 @@ binary), the escalation of any threshold follows without running the model again
 `escalate` replays it exactly. The oracle answers at the smallest count that scores
 best on the question: the bound no confidence signal can beat.
 
-A second signal, the router, is learned: a logistic regression from what the question
-asks (its prompt tokens) and the answer's confidence to whether the answer at that count
-is right, cross-fitted on the evaluation set (`router_confidence`).
+A second signal, the router, is learned: logistic regressions from what the question
+asks (its prompt tokens) and the answer's confidence to whether the answer is right at
+this count and at the next, cross-fitted on the evaluation set; it escalates when the
+next count is expected to do better (`router_confidence`).
 """
 
 from __future__ import annotations
@@ -155,13 +156,21 @@ def cross_fitted(x: np.ndarray, y: np.ndarray, folds: int = 2, seed: int = 0) ->
 
 
 def router_confidence(prompts: np.ndarray, vocab_size: int,
-                      confidence: Mapping[int, np.ndarray], credit: Mapping[int, np.ndarray]
-                      ) -> dict[int, np.ndarray]:
-  """{count: the router's cross-fitted P(the answer at that count is right) [N]}.
+                      confidence: Mapping[int, np.ndarray], credit: Mapping[int, np.ndarray],
+                      ladder: Sequence[int]) -> dict[int, np.ndarray]:
+  """{count: the router's signal [N]} for escalating along ``ladder``: at each count, the
+  predicted chance that the answer there is right minus the predicted chance that the
+  answer at the next count is (both cross-fitted from the features at this count), so
+  that a question escalates when more tokens are expected to help, not merely when it is
+  hard (a question no count answers should not escalate). The largest count's signal is 0.
 
   ``credit[c]``: [N] each question's credit at count ``c`` (``prompt_scores``). A
   deployment would fit the router once on held-out questions; here it is cross-fitted on
   the evaluation set itself, which needs no extra data for any suite.
   """
-  return {c: cross_fitted(router_features(prompts, vocab_size, confidence[c]), credit[c])
-          for c in confidence}
+  ladder = sorted(ladder)
+  out = {ladder[-1]: np.zeros(len(prompts))}
+  for c, nxt in zip(ladder, ladder[1:]):
+    x = router_features(prompts, vocab_size, confidence[c])
+    out[c] = cross_fitted(x, credit[c]) - cross_fitted(x, credit[nxt])
+  return out

@@ -188,12 +188,12 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
     out["auto_budget_ladders"] = {
         "-".join(map(str, lad)): auto_budget_results(data, texts, confidence, lad)
         for lad in auto_budget.ladders(counts)}
-    routed = auto_budget.router_confidence(
-        data.prompts, model.config.llm.vocab_size, {c: confidence[c] for c in counts},
-        {c: data.prompt_scores(texts[c]) for c in counts})
+    credit = {c: data.prompt_scores(texts[c]) for c in counts}
     out["auto_budget_router_ladders"] = {
-        "-".join(map(str, lad)): auto_budget_results(data, texts, routed, lad,
-                                                     "router P(correct), cross-fitted")
+        "-".join(map(str, lad)): auto_budget_results(
+            data, texts, auto_budget.router_confidence(
+                data.prompts, model.config.llm.vocab_size, confidence, credit, lad),
+            lad, "router: P(right here) - P(right at the next count), cross-fitted")
         for lad in auto_budget.ladders(counts)}
   else:
     logging.info("no automatic budget: fewer than two of the trained counts %s are among "
