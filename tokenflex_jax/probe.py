@@ -22,10 +22,6 @@ from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation.position_probe import linear_probe_r2
 from tokenflex_jax.models.vlm import VLM
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A trained VLM's workdir.", required=True)
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 256, "Scene images to probe on.")
-
-
 def probe(workdir: str, num_images: int = 256) -> dict[str, dict[str, float]]:
   """{"vit patches": {"row", "col"}, "tokens at N": {...} per evaluated count N}."""
   config = workdir_lib.read_config(workdir)
@@ -46,13 +42,13 @@ def probe(workdir: str, num_images: int = 256) -> dict[str, dict[str, float]]:
   return out
 
 
-def _main(argv) -> None:
-  del argv
-  results = probe(_WORKDIR.value, _NUM_IMAGES.value)
+def write_probe(workdir: str, num_images: int) -> None:
+  """Prints the probe's table and writes WORKDIR/eval/position_probe.json."""
+  results = probe(workdir, num_images)
   lines = ["| features | row R^2 | column R^2 |", "|---|---|---|"]
   lines += [f"| {k} | {v['row']:.3f} | {v['col']:.3f} |" for k, v in results.items()]
   print("\n".join(lines))
-  out_dir = os.path.join(_WORKDIR.value, "eval")
+  out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "position_probe.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
@@ -60,7 +56,10 @@ def _main(argv) -> None:
 
 
 def main() -> None:
-  app.run(_main)
+  # Flags are defined when the binary starts, not at import (see `cli`).
+  workdir = flags.DEFINE_string("workdir", None, "A trained VLM's workdir.", required=True)
+  num_images = flags.DEFINE_integer("num_images", 256, "Scene images to probe on.")
+  app.run(lambda argv: write_probe(workdir.value, num_images.value))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,6 @@ from absl import app, flags, logging
 
 from tokenflex_jax.evaluation import experiment, experiment_report
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A launch/reproduce.sh workdir.", required=True)
-_OUT = flags.DEFINE_string("out", "docs", "Directory for results.md, results.json and plots.")
-
-
 def write_report(workdir: str, out: str) -> dict:
   """Summarizes ``workdir``'s runs into ``out``; returns the summary (results.json)."""
   runs = experiment.collect(workdir)
@@ -31,13 +27,15 @@ def write_report(workdir: str, out: str) -> dict:
   return summary
 
 
-def _main(argv) -> None:
-  del argv
-  write_report(_WORKDIR.value, _OUT.value)
-
-
 def main() -> None:
-  app.run(_main)
+  # Flags are defined when the binary starts, not at import (see `cli`).
+  workdir = flags.DEFINE_string("workdir", None, "A launch/reproduce.sh workdir.",
+                                required=True)
+  out = flags.DEFINE_string("out", "docs", "Directory for results.md, results.json, plots.")
+  def run(argv) -> None:
+    del argv
+    write_report(workdir.value, out.value)
+  app.run(run)
 
 
 if __name__ == "__main__":
