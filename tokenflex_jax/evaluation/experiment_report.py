@@ -131,7 +131,8 @@ def _ladders(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   for name, ladder in s.get("auto_budget_ladders", {}).items():
     out[f"log-prob, {name.replace('-', ' → ')}"] = ladder
   for name, ladder in s.get("auto_budget_router_ladders", {}).items():
-    out[f"router, {name.replace('-', ' → ')} ({ladder['seeds']} seeds)"] = ladder
+    seeds = ladder["seeds"]
+    out[f"router, {name.replace('-', ' → ')} ({seeds} seed{'s' * (seeds != 1)})"] = ladder
   if not out and s["auto_budget"]:
     name = "-".join(map(str, s.get("auto_budget_counts", []))) or "primary"
     out[f"log-prob, {name.replace('-', ' → ')}"] = {"curve": s["auto_budget"],
@@ -221,11 +222,12 @@ def markdown(s: Mapping[str, Any]) -> str:
          "[README](../README.md) · [measurements](measurements.md) (how these were diagnosed "
          "and what was tried)", "",
          f"Written by `python -m tokenflex_jax.report`, called by `{s['command'].strip()}` "
-         f"after each seed; the stages behind it took {s['wall_time_s']:.0f} s "
+         f"after each seed; the stages finished so far took {s['wall_time_s']:.0f} s "
          f"({hours:.1f} h) of wall time in all, on the machine of docs/measurements.md. "
          f"Every number is what that command printed. {s['examples_per_family']} questions "
          f"per family, {len(s['families'])} families; accuracy is the family average in %, "
-         f"mean ± standard deviation over {'/'.join(map(str, seeds))} seeds; bold: a count "
+         f"mean ± standard deviation over {'/'.join(map(str, seeds))} "
+         f"seed{'s' * (seeds != [1])}; bold: a count "
          "the model trained on.", "",
          "## Verdict", "", *verdict(s), "",
          "## Average accuracy at each visual-token count", "", *_accuracy_table(s), "",
