@@ -185,37 +185,36 @@ def _delta(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float
   return 100 * (a["mean"] - b["mean"]), 100 * float(np.hypot(a["std"], b["std"]))
 
 
+def _fixed_models(summary: Mapping[str, Any], name: str):
+  """(fixed model name, its summary) for every fixed model, none when ``name`` is missing."""
+  if name not in summary["models"]:
+    return
+  for fixed, info in summary["models"].items():
+    if fixed.startswith(FIXED_PREFIX):
+      yield fixed, info
+
+
 def own_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[str, Any]]:
   """``name`` minus each fixed model at that model's own count, per count (points)."""
-  models, out = summary["models"], []
-  if name not in models:
-    return out
-  for fixed, info in models.items():
-    if not fixed.startswith(FIXED_PREFIX):
-      continue
+  mine, out = summary["models"].get(name, {}).get("accuracy", {}), []
+  for fixed, info in _fixed_models(summary, name):
     c = str(info["train_counts"][0])
-    if c not in models[name]["accuracy"]:
-      continue
-    delta, spread = _delta(models[name]["accuracy"][c], info["accuracy"][c])
-    out.append({"fixed": fixed, "count": int(c), "delta": delta, "spread": spread,
-                "holds": delta >= -spread})
+    if c in mine:
+      delta, spread = _delta(mine[c], info["accuracy"][c])
+      out.append({"fixed": fixed, "count": int(c), "delta": delta, "spread": spread,
+                  "holds": delta >= -spread})
   return out
 
 
 def off_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[str, Any]]:
   """``name`` minus each fixed model at every count that model did not train on."""
-  models, out = summary["models"], []
-  if name not in models:
-    return out
-  for fixed, info in models.items():
-    if not fixed.startswith(FIXED_PREFIX):
-      continue
+  mine, out = summary["models"].get(name, {}).get("accuracy", {}), []
+  for fixed, info in _fixed_models(summary, name):
     for c in summary["eval_counts"]:
-      if c in info["train_counts"]:
-        continue
-      delta, spread = _delta(models[name]["accuracy"][str(c)], info["accuracy"][str(c)])
-      out.append({"fixed": fixed, "count": c, "delta": delta, "spread": spread,
-                  "clearly_better": delta > max(spread, 1.0)})
+      if c not in info["train_counts"]:
+        delta, spread = _delta(mine[str(c)], info["accuracy"][str(c)])
+        out.append({"fixed": fixed, "count": c, "delta": delta, "spread": spread,
+                    "clearly_better": delta > max(spread, 1.0)})
   return out
 
 

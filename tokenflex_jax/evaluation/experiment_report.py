@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
 from tokenflex_jax.evaluation import experiment  # pylint: disable=wrong-import-position
+from tokenflex_jax.evaluation.report import (  # pylint: disable=wrong-import-position
+    BUDGET_XLABEL, save_figure)
 
 MAIN = ("fixed_64", "fixed_144", "fixed_256", "tokenflex")
 
@@ -49,6 +51,16 @@ def _accuracy_table(s: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+def _delta_row(first: str, second: str, d: Mapping[str, Any], models: Mapping[str, Any],
+               verdict: bool) -> str:
+  """One row of a TokenFLEX-against-a-fixed-model table: the two leading cells, both
+  accuracies at ``d``'s count, the difference with its spread, and the verdict."""
+  c = str(d["count"])
+  return (f"| {first} | {second} | {_pm(models[d['fixed']]['accuracy'][c])} | "
+          f"{_pm(models['tokenflex']['accuracy'][c])} | {d['delta']:+.1f} "
+          f"(spread {d['spread']:.1f}) | {'yes' if verdict else 'no'} |")
+
+
 def _own_count_section(s: Mapping[str, Any]) -> list[str]:
   deltas = experiment.own_count_deltas(s)
   if not deltas:
@@ -56,11 +68,7 @@ def _own_count_section(s: Mapping[str, Any]) -> list[str]:
   models = s["models"]
   lines = ["| count | fixed model | fixed | TokenFLEX | TokenFLEX − fixed (points) | "
            "within the spread or better |", "|---|---|---|---|---|---|"]
-  for d in deltas:
-    c = str(d["count"])
-    lines.append(f"| {c} | {d['fixed']} | {_pm(models[d['fixed']]['accuracy'][c])} | "
-                 f"{_pm(models['tokenflex']['accuracy'][c])} | {d['delta']:+.1f} "
-                 f"(spread {d['spread']:.1f}) | {'yes' if d['holds'] else 'no'} |")
+  lines += [_delta_row(str(d["count"]), d["fixed"], d, models, d["holds"]) for d in deltas]
   lines += ["", "Per family at each fixed model's own count (mean over seeds, %; "
             "TokenFLEX − fixed in brackets):", ""]
   fams = list(s["families"])
@@ -81,11 +89,8 @@ def _off_count_section(s: Mapping[str, Any]) -> list[str]:
   models = s["models"]
   lines = ["| fixed model | count | fixed | TokenFLEX | TokenFLEX − fixed (points) | "
            "clearly better (> spread and > 1) |", "|---|---|---|---|---|---|"]
-  for d in deltas:
-    c = str(d["count"])
-    lines.append(f"| {d['fixed']} | {c} | {_pm(models[d['fixed']]['accuracy'][c])} | "
-                 f"{_pm(models['tokenflex']['accuracy'][c])} | {d['delta']:+.1f} "
-                 f"(spread {d['spread']:.1f}) | {'yes' if d['clearly_better'] else 'no'} |")
+  lines += [_delta_row(d["fixed"], str(d["count"]), d, models, d["clearly_better"])
+            for d in deltas]
   return lines
 
 
@@ -252,15 +257,9 @@ def plot_accuracy(s: Mapping[str, Any], path: str) -> None:
     width = 2.5 if name == experiment.FLEX else 1.2
     ax.errorbar(counts, mean, yerr=std, fmt=style, marker="o", capsize=3, linewidth=width,
                 label=name)
-  ax.set_xlabel("visual tokens at evaluation")
-  ax.set_ylabel("average accuracy (%)")
   ax.set_xticks(counts)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
   ax.set_title("Fixed-token models against TokenFLEX (mean ± std over seeds)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, ax, path, "visual tokens at evaluation", "average accuracy (%)")
 
 
 def plot_budget(s: Mapping[str, Any], path: str) -> None:
@@ -277,13 +276,7 @@ def plot_budget(s: Mapping[str, Any], path: str) -> None:
           markersize=14, label="oracle")
   top = max(flex["train_counts"])
   ax.axvline(0.6 * top, color="gray", linestyle=":", label=f"60% of {top}")
-  ax.set_xlabel("mean visual tokens per question (every attempt counted)")
-  ax.set_ylabel("average accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, ax, path, BUDGET_XLABEL, "average accuracy (%)")
 
 
 def write(s: Mapping[str, Any], out_dir: str) -> None:

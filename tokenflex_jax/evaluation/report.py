@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 
+BUDGET_XLABEL = "mean visual tokens per question (every attempt counted)"
+
 
 def markdown_table(results: dict[str, Any]) -> str:
   """Families as rows, visual-token counts as columns, accuracy in percent."""
@@ -52,6 +54,18 @@ def auto_budget_table(results: dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def save_figure(fig, ax, path: str, xlabel: str, ylabel: str) -> None:
+  """The project's plot finish: axis labels, a light grid, the legend at the lower right,
+  saved at 110 dpi and closed."""
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def plot_budget(results: dict[str, Any], path: str) -> None:
   """Accuracy against mean visual tokens: fixed budgets, the automatic curve, the oracle."""
   auto = results["auto_budget"]
@@ -63,13 +77,7 @@ def plot_budget(results: dict[str, Any], path: str) -> None:
           [100 * p["accuracy"] for p in auto["curve"]], "o-", label="automatic (thresholds)")
   ax.plot([auto["oracle"]["mean_visual_tokens"]], [100 * auto["oracle"]["accuracy"]], "r*",
           markersize=14, label="oracle")
-  ax.set_xlabel("mean visual tokens per question (every attempt counted)")
-  ax.set_ylabel("average accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, ax, path, BUDGET_XLABEL, "average accuracy (%)")
 
 
 def plot_accuracy(results: dict[str, Any], path: str) -> None:
@@ -82,16 +90,10 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
             label=f"{name} ({info['granularity']})")
   ax.plot(counts, [100 * results["results"][str(c)]["average"] for c in counts], "k-",
           linewidth=2.5, marker="s", label="average")
-  ax.set_xlabel("visual tokens")
-  ax.set_ylabel("accuracy (%)")
   ax.set_xticks(counts)
   ax.set_ylim(0, 101)
-  ax.grid(alpha=0.3)
   ax.set_title(f"TokenFLEX demo, one model evaluated at each budget (step {results['step']})")
-  ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  save_figure(fig, ax, path, "visual tokens", "accuracy (%)")
 
 
 def write_results(results: dict[str, Any], out_dir: str) -> None:
