@@ -36,10 +36,17 @@ source "$REPO/launch/setup_env.sh"
 cd "$REPO"
 W="$(realpath -m "${RUN_DIR:-$REPO/workdirs/reproduce}")"
 OUT="$(realpath -m "$OUT")"
-if [[ -z "$MODELS" ]]; then
-  MODELS="$(python -c 'from configs import reproduce; print(",".join(reproduce.VARIANTS))')"
-fi
+KNOWN="$(python -c 'from configs import reproduce; print(",".join(reproduce.VARIANTS))')"
+MODELS="${MODELS:-$KNOWN}"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
+for name in "${MODEL_LIST[@]}"; do
+  if [[ ",$KNOWN," != *",$name,"* ]]; then
+    echo "$LAUNCHER: --models: unknown variant '$name'; known: $KNOWN" >&2; exit 2
+  fi
+done
+if [[ ! "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "$LAUNCHER: --seeds must be a positive integer, got '$SEEDS'" >&2; exit 2
+fi
 mkdir -p "$W"
 printf '%q ' bash launch/reproduce.sh "$@" > "$W/command.txt"
 echo >> "$W/command.txt"

@@ -71,3 +71,14 @@ def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
   assert "stage1" not in again.stdout and "done:" in again.stdout
+
+
+@pytest.mark.parametrize("arg,message", [("--models=fixed_64,nope", "unknown variant 'nope'"),
+                                         ("--seeds=0", "--seeds must be a positive integer")])
+def test_bad_arguments_are_refused_in_one_line(tmp_path, arg, message):
+  result = subprocess.run(["bash", os.path.join(REPO, "launch", "reproduce.sh"),
+                           str(tmp_path / "w"), arg], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+  assert result.returncode == 2 and message in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / "w")  # nothing started
