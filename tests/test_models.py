@@ -138,19 +138,62 @@ def test_llm_plain_call_is_causal():
   assert float(jnp.abs(out[0, 4] - changed[0, 4]).max()) > 1e-4
 
 
-def test_remat_keeps_the_parameters_and_the_gradients():
-  plain, remat = small_vlm(), VLM(dataclasses.replace(small_vlm().config, remat=True))
+def _images_tokens():
   images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
   tokens = jnp.array([[2, 5, IMAGE_ID, 7, 8, 6, 10, 3], [2, IMAGE_ID, 7, 6, 12, 13, 3, 0]])
+  return images, tokens
+
+
+def test_layers_are_stacked_with_a_layers_axis():
+  model = small_vlm()
+  images, tokens = _images_tokens()
+  boxed = model.init(jax.random.key(0), images, tokens, 16)["params"]
+  q = boxed["llm"]["layers"]["attn"]["q"]["kernel"]
+  assert q.value.shape == (2, 32, 4, 8) and q.names == ("layers", "embed", "heads", "head_dim")
+  fc1 = boxed["vit"]["blocks"]["fc1"]["kernel"]
+  assert fc1.value.shape == (1, 16, 32) and fc1.names == ("layers", "embed", "mlp")
+  # Each layer is initialised on its own: the two layers' weights differ.
+  assert float(jnp.abs(q.value[0] - q.value[1]).max()) > 1e-3
+
+
+def test_a_stack_runs_its_layers_in_order_on_their_own_slices():
+  from tokenflex_jax.models.llm import DecoderLayer
+  model = small_vlm()
+  cfg = model.config.llm
+  llm = LLM(cfg)
+  tokens = jnp.array([[3, 5, 7, 9, 11, 2]])
+  params = llm.init(jax.random.key(0), tokens)["params"]
+  x = llm.apply({"params": params}, tokens, method=LLM.embed)
+  positions = jnp.arange(6)[None]
+  valid = jnp.ones((1, 6), bool)
+  for i in range(cfg.depth):  # a Python loop over slices of the stacked tree
+    layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    x, _ = DecoderLayer(cfg).apply({"params": layer}, x, positions, valid, None, 0)
+  final = llm.apply({"params": params}, x, method=lambda m, h: m.final_norm(h))
+  expected = llm.apply({"params": params}, final, method=LLM.logits)
+  np.testing.assert_allclose(llm.apply({"params": params}, tokens), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat_policy,scan_layers",
+                         [("dots", True), ("full", True), ("none", False), ("full", False)])
+def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, scan_layers):
+  plain = small_vlm()
+  flagged = VLM(dataclasses.replace(plain.config, remat_policy=remat_policy,
+                                    scan_layers=scan_layers))
+  images, tokens = _images_tokens()
   params = plain.init(jax.random.key(0), images, tokens, 16)
-  assert (jax.tree.structure(remat.init(jax.random.key(0), images, tokens, 16))
-          == jax.tree.structure(params))
+  other = flagged.init(jax.random.key(0), images, tokens, 16)
+  assert jax.tree.structure(other) == jax.tree.structure(params)
+  assert jax.tree.map(jnp.shape, other) == jax.tree.map(jnp.shape, params)
   loss = lambda model: lambda p: jnp.mean(model.apply(p, images, tokens, 16) ** 2)
   value, grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
-  value_r, grads_r = jax.jit(jax.value_and_grad(loss(remat)))(params)
-  np.testing.assert_allclose(value_r, value, rtol=1e-5)
+  value_f, grads_f = jax.jit(jax.value_and_grad(loss(flagged)))(params)
+  np.testing.assert_allclose(value_f, value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads_r, grads)
-  # The remat model's backward pass recomputes: its jaxpr has remat regions.
+               grads_f, grads)
   jaxpr = lambda model: str(jax.make_jaxpr(jax.grad(loss(model)))(params))
-  assert "remat" in jaxpr(remat) and "remat" not in jaxpr(plain)
+  # A remat policy puts the layers' backward pass in remat regions; unrolling is the
+  # scan's unroll (one copy per layer), rolled is one.
+  assert ("remat" in jaxpr(flagged)) == (remat_policy != "none")
+  assert "remat" not in jaxpr(plain)
+  assert "unroll=2" in jaxpr(flagged) if not scan_layers else "unroll=1" in jaxpr(flagged)

@@ -40,8 +40,13 @@ def base_config() -> ConfigDict:
       # RoPE scaling as in a Hugging Face config (see models/llm.py): none by default.
       rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0,
       rope_high_freq_factor=4.0, rope_original_max_positions=8192))
-  # Rematerialise ViT blocks and LLM layers in the backward pass (memory for FLOPs).
-  c.model.remat = False
+  # Performance flags for the ViT blocks and LLM layers; the parameter tree (weights
+  # stacked per layer) is the same whatever they say. remat_policy: what the backward
+  # pass keeps of each layer, "none" (everything) | "dots" (matmul outputs) | "full"
+  # (the layer's input only). scan_layers: one rolled loop (compiles one layer) or
+  # unrolled (models/layers.py `stacked`).
+  c.model.remat_policy = "none"
+  c.model.scan_layers = True
   # Rotary positions of the visual tokens: 0 gives each token its own position (the
   # LLaVA convention); K > 0 spreads any count over K positions, so the text's positions
   # do not depend on the count (see models/vlm.py).
@@ -154,9 +159,13 @@ def read_saved(saved: Mapping[str, Any]) -> ConfigDict:
 
   JSON lists become tuples where the schema has a tuple; ``lr_multipliers`` is taken
   whole. Legacy: a config without ``tokenizer`` used the project's sentencepiece model
-  at ``data.tokenizer_path``. Keys the schema does not know are kept, with a warning.
+  at ``data.tokenizer_path``; ``model.remat`` (a bool) is ``model.remat_policy`` "full"
+  or "none". Keys the schema does not know are kept, with a warning.
   """
   saved = copy.deepcopy(dict(saved))
+  model = saved.get("model")
+  if isinstance(model, dict) and isinstance(model.get("remat"), bool):
+    model["remat_policy"] = "full" if model.pop("remat") else "none"
   if "tokenizer" not in saved:
     data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
     saved["tokenizer"] = dict(kind="project", path=data.pop("tokenizer_path", ""),

@@ -8,6 +8,7 @@ from typing import Protocol
 import jax
 import ml_collections
 
+from tokenflex_jax.models.layers import REMAT_POLICIES
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import MLP_KINDS, POOLING_MODES, ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
@@ -49,18 +50,22 @@ def vlm_config(config: ml_collections.ConfigDict, tokenizer: TokenIds) -> VLMCon
   if config.model.visual_position_layout not in VISUAL_POSITION_LAYOUTS:
     raise ValueError(f"config.model.visual_position_layout must be one of "
                      f"{VISUAL_POSITION_LAYOUTS}, got {config.model.visual_position_layout!r}")
+  if config.model.remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, "
+                     f"got {config.model.remat_policy!r}")
   return VLMConfig(vit=vit_config(config), projector=projector, llm=llm,
                    image_token_id=tokenizer.image_id, pad_token_id=tokenizer.pad_id,
                    visual_position_span=config.model.visual_position_span,
                    visual_position_layout=config.model.visual_position_layout,
-                   remat=config.model.remat)
+                   remat_policy=config.model.remat_policy,
+                   scan_layers=config.model.scan_layers)
 
 
 def model_differences(given: VLMConfig, trained: VLMConfig) -> list[str]:
-  """The fields (e.g. ``.llm.width``) in which two models differ; rematerialisation
-  is a performance flag, not part of the model, and is ignored."""
-  flat = lambda c: dict(jax.tree_util.tree_leaves_with_path(
-      dataclasses.asdict(dataclasses.replace(c, remat=False))))
+  """The fields (e.g. ``.llm.width``) in which two models differ; the performance flags
+  (rematerialisation, scanned layers) are not part of the model and are ignored."""
+  flat = lambda c: dict(jax.tree_util.tree_leaves_with_path(dataclasses.asdict(
+      dataclasses.replace(c, remat_policy="none", scan_layers=True))))
   trained_fields = flat(trained)
   return sorted(jax.tree_util.keystr(k) for k, v in flat(given).items()
                 if trained_fields.get(k) != v)

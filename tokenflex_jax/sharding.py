@@ -33,11 +33,14 @@ MIN_SHARDED_SIZE = 2**20
 Rules = tuple[tuple[str, Any], ...]
 
 # Rules presets: logical axis -> mesh axes. A config puts one in config.sharding.rules.
+# "layers" is the stacking axis of per-layer weights ([depth, ...]); it stays whole, so
+# a rolled loop over the layers reads one layer's slice on every device.
 # Pure data parallelism: the batch is split over every device, parameters replicated.
 DATA_PARALLEL_RULES: Rules = (
     ("batch", ("data", "fsdp", "tensor")),
     ("length", None), ("embed", None), ("mlp", None), ("heads", None), ("kv_heads", None),
     ("head_dim", None), ("vocab", None), ("norm", None), ("classes", None),
+    ("layers", None),
 )
 # FSDP (ZeRO-3 style): the batch over every device, parameters and optimizer moments split
 # along their model width over the fsdp axis and gathered per layer when used.
@@ -45,6 +48,7 @@ FSDP_RULES: Rules = (
     ("batch", ("data", "fsdp", "tensor")),
     ("length", None), ("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv_heads", None),
     ("head_dim", None), ("vocab", None), ("norm", None), ("classes", None),
+    ("layers", None),
 )
 # FSDP + tensor parallelism (Megatron style): MLP hidden units, attention heads and the
 # vocabulary split over the tensor axis; each tensor-parallel group shares its batch.
@@ -52,7 +56,7 @@ FSDP_TP_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
     ("kv_heads", "tensor"), ("head_dim", None), ("vocab", "tensor"), ("norm", None),
-    ("classes", None),
+    ("classes", None), ("layers", None),
 )
 
 

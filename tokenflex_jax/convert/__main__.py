@@ -6,7 +6,8 @@ Import (a SigLIP vision tower and/or a Qwen2 / Llama LLM):
       --vision=/models/siglip-so400m-patch14-384 --llm=/models/Qwen2.5-7B-Instruct
 
 writes an Orbax checkpoint WORKDIR/checkpoints/0 with params {"vit", "llm"} (each tensor
-read, converted and placed on the mesh of --config with its sharding one at a time, so
+read, converted and placed on the mesh of --config with its sharding one at a time (a
+per-layer weight with all its layers stacked), so
 no host holds the whole model) and WORKDIR/model_overrides.txt, the
 ``--config.model.*`` flags that make the config's model match the converted one. Then:
 

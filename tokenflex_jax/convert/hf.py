@@ -17,7 +17,9 @@ Layout conventions. Torch ``Linear`` weights are ``[out, in]``; ours are ``[in, 
 with attention projections split per head: q/k/v ``[D, H, Dh]``, output ``[H, Dh, D]``.
 The patch convolution is ``[C, 3, p, p]`` in torch (SigLIP2: a Linear ``[C, p*p*3]`` over
 patches flattened row, column, channel) and ``[p, p, 3, C]`` (HWIO) here. Export applies
-the inverse maps, so import -> export is bit-exact.
+the inverse maps, so import -> export is bit-exact. Per-layer weights are stacked on a
+leading layer axis (``vit/blocks/...`` and ``llm/layers/...``, [depth, ...]), as the
+models' layer stacks read them: one Hugging Face tensor name per layer becomes one slice.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -94,7 +97,8 @@ def write_checkpoint(hf_dir: str, config: Mapping[str, Any],
 
 def _build(loaders: list[tuple[tuple[str, ...], Callable[[], np.ndarray]]],
            place: Place) -> Params:
-  """Reads, converts and places one tensor at a time into a nested params dict."""
+  """Reads, converts and places one parameter at a time (a per-layer weight: all its
+  layers, stacked) into a nested params dict."""
   params: Params = {}
   for path, load in loaders:
     node = params
@@ -102,6 +106,24 @@ def _build(loaders: list[tuple[tuple[str, ...], Callable[[], np.ndarray]]],
       node = node.setdefault(key, {})
     node[path[-1]] = place(path, np.ascontiguousarray(load()))
   return params
+
+
+def _stacked(name: str, depth: int,
+             layer: Callable[[int], list[tuple[tuple[str, ...], Callable[[], np.ndarray]]]]
+             ) -> list[tuple[tuple[str, ...], Callable[[], np.ndarray]]]:
+  """Loaders of the stacked per-layer weights under ``name``, [depth, ...]: one per
+  parameter, each reading that parameter of every layer (``layer(i)`` lists layer i's
+  (path within the layer, loader) pairs)."""
+  per_layer = [layer(i) for i in range(depth)]
+  return [((name,) + path,
+           lambda k=k: np.stack([per_layer[i][k][1]() for i in range(depth)]))
+          for k, (path, _) in enumerate(per_layer[0])]
+
+
+def _unstacked(stack: Params, depth: int) -> list[Params]:
+  """The per-layer param dicts (numpy) of a stacked subtree [depth, ...]."""
+  host = jax.tree.map(np.asarray, stack)
+  return [jax.tree.map(lambda a, i=i: a[i], host) for i in range(depth)]
 
 
 # --- Layout maps (torch -> ours; each has an exact inverse) ----------------------------
@@ -257,7 +279,8 @@ def import_vision(hf_dir: str, place: Place = lambda path, x: x,
   the resize), and exporting writes the resized table.
 
   ``place(path, array)`` receives each converted tensor as it is read (e.g. to put it on
-  devices with its sharding), so the host holds one tensor at a time.
+  devices with its sharding), so the host holds one parameter (all its layers) at a
+  time.
   """
   hf_config = read_config(hf_dir)
   config = vision_config_from_hf(hf_config, image_size)
@@ -280,24 +303,23 @@ def import_vision(hf_dir: str, place: Place = lambda path, x: x,
       (("ln_final", "scale"), lambda: get("post_layernorm.weight")),
       (("ln_final", "bias"), lambda: get("post_layernorm.bias")),
   ]
-  for i in range(config.depth):
-    block, pre = f"block_{i}", f"encoder.layers.{i}."
+  def block(i: int) -> list[tuple[tuple[str, ...], Callable[[], np.ndarray]]]:
+    pre, out = f"encoder.layers.{i}.", []
     for n in ("q", "k", "v"):
-      loaders += [
-          ((block, n, "kernel"), lambda n=n, pre=pre: _heads_in(
-              get(f"{pre}self_attn.{n}_proj.weight"), heads)),
-          ((block, n, "bias"), lambda n=n, pre=pre: get(
-              f"{pre}self_attn.{n}_proj.bias").reshape(heads, -1))]
-    loaders += [
-        ((block, "out", "kernel"), lambda pre=pre: _heads_out(
-            get(f"{pre}self_attn.out_proj.weight"), heads)),
-        ((block, "out", "bias"), lambda pre=pre: get(f"{pre}self_attn.out_proj.bias"))]
+      out += [
+          ((n, "kernel"), lambda n=n: _heads_in(get(f"{pre}self_attn.{n}_proj.weight"), heads)),
+          ((n, "bias"), lambda n=n: get(f"{pre}self_attn.{n}_proj.bias").reshape(heads, -1))]
+    out += [
+        (("out", "kernel"), lambda: _heads_out(get(f"{pre}self_attn.out_proj.weight"), heads)),
+        (("out", "bias"), lambda: get(f"{pre}self_attn.out_proj.bias"))]
     for ours, theirs in (("ln_attn", "layer_norm1"), ("ln_mlp", "layer_norm2")):
-      loaders += [((block, ours, "scale"), lambda t=theirs, pre=pre: get(f"{pre}{t}.weight")),
-                  ((block, ours, "bias"), lambda t=theirs, pre=pre: get(f"{pre}{t}.bias"))]
+      out += [((ours, "scale"), lambda t=theirs: get(f"{pre}{t}.weight")),
+              ((ours, "bias"), lambda t=theirs: get(f"{pre}{t}.bias"))]
     for n in ("fc1", "fc2"):
-      loaders += [((block, n, "kernel"), lambda n=n, pre=pre: _linear(get(f"{pre}mlp.{n}.weight"))),
-                  ((block, n, "bias"), lambda n=n, pre=pre: get(f"{pre}mlp.{n}.bias"))]
+      out += [((n, "kernel"), lambda n=n: _linear(get(f"{pre}mlp.{n}.weight"))),
+              ((n, "bias"), lambda n=n: get(f"{pre}mlp.{n}.bias"))]
+    return out
+  loaders += _stacked("blocks", config.depth, block)
   return config, _build(loaders, place)
 
 
@@ -328,19 +350,19 @@ def export_vision(config: ViTConfig, params: Params, hf_dir: str,
       "post_layernorm.weight": p(params["ln_final"]["scale"]),
       "post_layernorm.bias": p(params["ln_final"]["bias"]),
   }
-  for i in range(config.depth):
-    block, pre = params[f"block_{i}"], f"encoder.layers.{i}."
+  for i, block in enumerate(_unstacked(params["blocks"], config.depth)):
+    pre = f"encoder.layers.{i}."
     for n in ("q", "k", "v"):
-      tensors[f"{pre}self_attn.{n}_proj.weight"] = _unheads_in(p(block[n]["kernel"]))
-      tensors[f"{pre}self_attn.{n}_proj.bias"] = p(block[n]["bias"]).reshape(-1)
-    tensors[f"{pre}self_attn.out_proj.weight"] = _unheads_out(p(block["out"]["kernel"]))
-    tensors[f"{pre}self_attn.out_proj.bias"] = p(block["out"]["bias"])
+      tensors[f"{pre}self_attn.{n}_proj.weight"] = _unheads_in(block[n]["kernel"])
+      tensors[f"{pre}self_attn.{n}_proj.bias"] = block[n]["bias"].reshape(-1)
+    tensors[f"{pre}self_attn.out_proj.weight"] = _unheads_out(block["out"]["kernel"])
+    tensors[f"{pre}self_attn.out_proj.bias"] = block["out"]["bias"]
     for ours, theirs in (("ln_attn", "layer_norm1"), ("ln_mlp", "layer_norm2")):
-      tensors[f"{pre}{theirs}.weight"] = p(block[ours]["scale"])
-      tensors[f"{pre}{theirs}.bias"] = p(block[ours]["bias"])
+      tensors[f"{pre}{theirs}.weight"] = block[ours]["scale"]
+      tensors[f"{pre}{theirs}.bias"] = block[ours]["bias"]
     for n in ("fc1", "fc2"):
-      tensors[f"{pre}mlp.{n}.weight"] = _linear(p(block[n]["kernel"]))
-      tensors[f"{pre}mlp.{n}.bias"] = p(block[n]["bias"])
+      tensors[f"{pre}mlp.{n}.weight"] = _linear(block[n]["kernel"])
+      tensors[f"{pre}mlp.{n}.bias"] = block[n]["bias"]
   hf_config = {
       "architectures": ["Siglip2VisionModel" if siglip2 else "SiglipVisionModel"],
       "model_type": model_type, "patch_size": config.patch_size,
@@ -466,24 +488,24 @@ def import_llm(hf_dir: str, place: Place = lambda path, x: x) -> tuple[LLMConfig
   if not config.tie_embeddings:
     head = "" if prefix == "model." else prefix.replace("model.", "", 1)
     loaders.append((("lm_head", "kernel"), lambda: _linear(reader(f"{head}lm_head.weight"))))
-  for i in range(config.depth):
-    layer, pre = f"layer_{i}", f"layers.{i}."
+  def layer(i: int) -> list[tuple[tuple[str, ...], Callable[[], np.ndarray]]]:
+    pre, out = f"layers.{i}.", []
     for n, heads in (("q", config.num_heads), ("k", config.num_kv_heads),
                      ("v", config.num_kv_heads)):
-      loaders.append(((layer, "attn", n, "kernel"), lambda n=n, h=heads, pre=pre: _heads_in(
+      out.append((("attn", n, "kernel"), lambda n=n, h=heads: _heads_in(
           get(f"{pre}self_attn.{n}_proj.weight"), h)))
       if config.qkv_bias:
-        loaders.append(((layer, "attn", n, "bias"), lambda n=n, h=heads, pre=pre: get(
+        out.append((("attn", n, "bias"), lambda n=n, h=heads: get(
             f"{pre}self_attn.{n}_proj.bias").reshape(h, -1)))
-    loaders += [
-        ((layer, "attn", "o", "kernel"), lambda pre=pre: _heads_out(
-            get(f"{pre}self_attn.o_proj.weight"), config.num_heads)),
-        ((layer, "attn_norm", "scale"), lambda pre=pre: get(f"{pre}input_layernorm.weight")),
-        ((layer, "mlp_norm", "scale"),
-         lambda pre=pre: get(f"{pre}post_attention_layernorm.weight"))]
+    out += [
+        (("attn", "o", "kernel"), lambda: _heads_out(get(f"{pre}self_attn.o_proj.weight"),
+                                                     config.num_heads)),
+        (("attn_norm", "scale"), lambda: get(f"{pre}input_layernorm.weight")),
+        (("mlp_norm", "scale"), lambda: get(f"{pre}post_attention_layernorm.weight"))]
     for n in ("gate", "up", "down"):
-      loaders.append(((layer, "mlp", n, "kernel"),
-                      lambda n=n, pre=pre: _linear(get(f"{pre}mlp.{n}_proj.weight"))))
+      out.append((("mlp", n, "kernel"), lambda n=n: _linear(get(f"{pre}mlp.{n}_proj.weight"))))
+    return out
+  loaders += _stacked("layers", config.depth, layer)
   return config, _build(loaders, place)
 
 
@@ -498,17 +520,17 @@ def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str =
              "model.norm.weight": p(params["final_norm"]["scale"])}
   if not config.tie_embeddings:
     tensors["lm_head.weight"] = _linear(p(params["lm_head"]["kernel"]))
-  for i in range(config.depth):
-    layer, pre = params[f"layer_{i}"], f"model.layers.{i}."
+  for i, layer in enumerate(_unstacked(params["layers"], config.depth)):
+    pre = f"model.layers.{i}."
     for n in ("q", "k", "v"):
-      tensors[f"{pre}self_attn.{n}_proj.weight"] = _unheads_in(p(layer["attn"][n]["kernel"]))
+      tensors[f"{pre}self_attn.{n}_proj.weight"] = _unheads_in(layer["attn"][n]["kernel"])
       if config.qkv_bias:
-        tensors[f"{pre}self_attn.{n}_proj.bias"] = p(layer["attn"][n]["bias"]).reshape(-1)
-    tensors[f"{pre}self_attn.o_proj.weight"] = _unheads_out(p(layer["attn"]["o"]["kernel"]))
-    tensors[f"{pre}input_layernorm.weight"] = p(layer["attn_norm"]["scale"])
-    tensors[f"{pre}post_attention_layernorm.weight"] = p(layer["mlp_norm"]["scale"])
+        tensors[f"{pre}self_attn.{n}_proj.bias"] = layer["attn"][n]["bias"].reshape(-1)
+    tensors[f"{pre}self_attn.o_proj.weight"] = _unheads_out(layer["attn"]["o"]["kernel"])
+    tensors[f"{pre}input_layernorm.weight"] = layer["attn_norm"]["scale"]
+    tensors[f"{pre}post_attention_layernorm.weight"] = layer["mlp_norm"]["scale"]
     for n in ("gate", "up", "down"):
-      tensors[f"{pre}mlp.{n}_proj.weight"] = _linear(p(layer["mlp"][n]["kernel"]))
+      tensors[f"{pre}mlp.{n}_proj.weight"] = _linear(layer["mlp"][n]["kernel"])
   hf_config = {
       "architectures": ["Qwen2ForCausalLM" if model_type == "qwen2" else "LlamaForCausalLM"],
       "model_type": model_type, "vocab_size": config.vocab_size,

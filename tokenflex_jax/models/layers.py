@@ -7,6 +7,7 @@ axis names travel with it; `sharding.logical_shardings` maps them onto the mesh.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -138,3 +139,35 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   probs = attention_weights(qg, kh, mask).astype(v.dtype)
   out = jnp.einsum("bkgst,bktd->bkgsd", probs, vh)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+
+
+# --- Layer stacks ---------------------------------------------------------------------
+
+# What the backward pass keeps of each layer: "none" keeps every activation (no
+# rematerialisation), "dots" keeps the matmul outputs and recomputes the rest (the
+# elementwise ops, norms, softmax), "full" keeps only the layer's input.
+REMAT_POLICIES = ("none", "dots", "full")
+LAYERS_AXIS = "layers"
+
+
+def stacked(block: type[nn.Module], length: int, *, remat_policy: str = "none",
+            scan: bool = True, in_axes: tuple[Any, ...] = ()) -> type[nn.Module]:
+  """``length`` copies of ``block`` whose parameters are stacked on a leading axis.
+
+  Every parameter of the returned module has shape [length, *per-layer shape] and the
+  logical axis `LAYERS_AXIS` in front of the block's own names. ``block`` is called as
+  ``block(carry, *args) -> (carry, per-layer output)``; ``in_axes`` says, per extra
+  argument, ``nn.broadcast`` (the same for every layer) or 0 (sliced per layer, e.g. a
+  stacked KV cache). ``scan=True`` runs the layers as one rolled loop (XLA compiles one
+  layer); ``scan=False`` unrolls it (one copy per layer): the parameter tree is the
+  same either way, and so is ``remat_policy`` (`REMAT_POLICIES`).
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
+  if remat_policy != "none":
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if remat_policy == "dots" else None)
+    block = nn.remat(block, policy=policy, prevent_cse=False)
+  return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=in_axes, length=length, unroll=1 if scan else length,
+                 metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})

@@ -17,8 +17,8 @@ import numpy as np
 
 from tokenflex_jax.models import layers
 
-# One entry per layer: {"k": [B, T_max, KV, Dh], "v": [B, T_max, KV, Dh]}.
-KVCache = tuple[dict[str, jax.Array], ...]
+# Stacked over the layers: {"k": [depth, B, T_max, KV, Dh], "v": the same}.
+KVCache = dict[str, jax.Array]
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -55,9 +55,8 @@ class LLMConfig:
 def init_cache(config: LLMConfig, batch: int, max_length: int,
                dtype: jnp.dtype = jnp.float32) -> KVCache:
   """An all-zero cache for ``max_length`` positions."""
-  shape = (batch, max_length, config.num_kv_heads, config.head_dim)
-  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-               for _ in range(config.depth))
+  shape = (config.depth, batch, max_length, config.num_kv_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def rope_frequencies(config: LLMConfig) -> np.ndarray:
@@ -137,6 +136,11 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """One pre-norm layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
+
+  x [B, S, D] (the carry of a layer stack) -> (x [B, S, D], this layer's updated cache
+  slice {"k", "v": [B, T_max, KV, Dh]} or None).
+  """
   config: LLMConfig
 
   @nn.compact
@@ -154,9 +158,12 @@ class DecoderLayer(nn.Module):
 class LLM(nn.Module):
   """Token ids [B, S] -> logits [B, S, V]; `decode` runs on embeddings with a cache."""
   config: LLMConfig
-  # Recompute each layer's activations in the backward pass instead of keeping them
-  # (memory for FLOPs). The parameter tree is the same either way.
-  remat: bool = False
+  # Performance flags; the parameter tree is the same whatever they say (the layers'
+  # weights are stacked under "layers", [depth, ...]): what the backward pass keeps of
+  # each layer (`layers.REMAT_POLICIES`), and a rolled loop over the layers (True) or
+  # an unrolled one.
+  remat_policy: str = "none"
+  scan_layers: bool = True
 
   def setup(self):
     cfg = self.config
@@ -164,8 +171,11 @@ class LLM(nn.Module):
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.width))
-    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-    self.blocks = [layer(cfg, name=f"layer_{i}") for i in range(cfg.depth)]
+    # Per layer: positions, key_valid and cache_index are shared, the cache is sliced.
+    stack = layers.stacked(DecoderLayer, cfg.depth, remat_policy=self.remat_policy,
+                           scan=self.scan_layers,
+                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    self.layers = stack(cfg)
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"),
@@ -199,12 +209,8 @@ class LLM(nn.Module):
     Returns:
       (final normalised hidden states [B, S, D], updated cache or None).
     """
-    new_cache = []
-    for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, positions, key_valid,
-                             None if cache is None else cache[i], cache_index)
-      new_cache.append(layer_cache)
-    return self.final_norm(x), (None if cache is None else tuple(new_cache))
+    x, cache = self.layers(x, positions, key_valid, cache, cache_index)
+    return self.final_norm(x), cache
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Plain causal LM: [B, S] -> logits [B, S, V] (no padding, no cache)."""

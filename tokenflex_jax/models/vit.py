@@ -39,11 +39,14 @@ def interpolate_posemb(posemb: jax.Array, side: int) -> jax.Array:
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + MHA(LN(x)); x + MLP(LN(x)). [B, L, C] -> same."""
+  """Pre-LayerNorm transformer block: x + MHA(LN(x)); x + MLP(LN(x)).
+
+  [B, L, C] -> ([B, L, C], None): the (carry, output) of one step of a layer stack.
+  """
   config: ViTConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     head_dim = cfg.width // cfg.num_heads
@@ -60,15 +63,18 @@ class EncoderBlock(nn.Module):
     y = nn.gelu(y, approximate=True)
     y = layers.dense(cfg.width, ("mlp", "embed"), use_bias=True, dtype=dtype, name="fc2")(y)
     x = x + y
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
 class ViT(nn.Module):
   """Images [B, H, W, 3] in [-1, 1] -> patch features [B, L, C], L = (H//p) * (W//p)."""
   config: ViTConfig
-  # Recompute each block's activations in the backward pass (memory for FLOPs); the
-  # parameter tree is the same either way.
-  remat: bool = False
+  # Performance flags; the parameter tree is the same whatever they say (the blocks'
+  # weights are stacked under "blocks", [depth, ...]): what the backward pass keeps of
+  # each block (`layers.REMAT_POLICIES`), and a rolled loop over the blocks (True) or
+  # an unrolled one.
+  remat_policy: str = "none"
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -92,7 +98,7 @@ class ViT(nn.Module):
                         (1, cfg.grid_side ** 2, cfg.width))
     x = x + interpolate_posemb(posemb, gh).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
-    for i in range(cfg.depth):
-      x = block(cfg, name=f"block_{i}")(x)
+    blocks = layers.stacked(EncoderBlock, cfg.depth, remat_policy=self.remat_policy,
+                            scan=self.scan_layers)
+    x, _ = blocks(cfg, name="blocks")(x)
     return layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_final")(x)

@@ -43,7 +43,10 @@ class VLMConfig:
   pad_token_id: int = 0
   visual_position_span: int = 0  # 0: one position per visual token; K: N tokens span K
   visual_position_layout: str = "raster"  # with a span: "raster" or "grid" (see above)
-  remat: bool = False  # rematerialise ViT blocks and LLM layers (same parameters)
+  # Performance flags for the ViT blocks and the LLM layers (the parameters are the same
+  # whatever they say): `layers.REMAT_POLICIES`, and a rolled loop or an unrolled one.
+  remat_policy: str = "none"
+  scan_layers: bool = True
 
 
 def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
@@ -104,9 +107,9 @@ class VLM(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.vit = ViT(cfg.vit, remat=cfg.remat)
+    self.vit = ViT(cfg.vit, remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
     self.projector = TokenAdaptiveProjector(cfg.projector, cfg.llm.width)
-    self.llm = LLM(cfg.llm, remat=cfg.remat)
+    self.llm = LLM(cfg.llm, remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
 
   def patches(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> the ViT's patch features [B, L, C], the same at every count."""
@@ -163,7 +166,7 @@ class VLM(nn.Module):
       (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
     """
     x, valid, positions, end, _ = self._embed_inputs(images, tokens, num_tokens, patches)
-    t_max = cache[0]["k"].shape[1]
+    t_max = cache["k"].shape[2]
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)
     hidden, cache = self.llm.decode(x, positions, key_valid, cache, 0)
