@@ -92,14 +92,17 @@ def test_saved_config_round_trips(module, arg):
 
 def test_legacy_saved_config_gets_the_defaults():
   saved = json.loads(demo.get_config().to_json_best_effort())
-  del saved["tokenizer"], saved["model"]["visual_position_span"], saved["model"]["remat"]
+  del saved["tokenizer"], saved["model"]["visual_position_span"]
+  del saved["model"]["remat_policy"], saved["model"]["scan_layers"]
+  saved["model"]["remat"] = True  # the bool the schema had before remat policies
   saved["data"]["tokenizer_path"] = "/old/tokenizer.model"
   saved["gone"] = {"a": 1}
   c = read_saved(saved)
   assert c.tokenizer.to_dict() == dict(kind="project", path="/old/tokenizer.model",
                                        template="", image_token="", system_prompt=None)
   assert "tokenizer_path" not in c.data
-  assert c.model.visual_position_span == 0 and c.model.remat is False
+  assert c.model.visual_position_span == 0 and c.model.remat_policy == "full"
+  assert c.model.scan_layers is True and "remat" not in c.model
   assert c.gone.a == 1  # unknown keys are kept (with a warning)
 
 

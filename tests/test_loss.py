@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tokenflex_jax.training.loss import WEIGHTINGS, answer_loss, token_weights
+from tokenflex_jax.training.loss import WEIGHTINGS, answer_loss, chunked_answer_loss, token_weights
 
 B, T, V = 4, 7, 11
 
@@ -132,3 +132,30 @@ def test_unknown_weighting_names_the_config_field():
     token_weights(jnp.asarray(mask), "mean")
   with pytest.raises(ValueError, match="config.loss_weighting"):
     answer_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), "per_sample")
+
+
+@pytest.mark.parametrize("vocab_chunk", [1, 3, 4, V])
+def test_chunked_loss_equals_the_whole_loss(vocab_chunk):
+  """The loss from hidden states and the head, a vocabulary chunk at a time (padding V
+  up to a multiple of the chunk where it does not divide it), has the values, metrics
+  and gradients of the loss on the whole [B, T, V] logits."""
+  rng = np.random.default_rng(4)
+  logits, targets, mask = _batch([1, 5, 2, 4, 0])
+  hidden = jnp.asarray(rng.normal(size=(len(mask), T, 6)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(6, V)), jnp.float32)
+  # Make some answers right, so the accuracy is not 0.
+  targets = np.where(rng.random(targets.shape) < 0.5,
+                     np.argmax(np.asarray(hidden @ head), -1), targets).astype(np.int32)
+  whole = lambda h, w: answer_loss(h @ w, jnp.asarray(targets), jnp.asarray(mask), "sqrt")
+  chunked = lambda h, w: chunked_answer_loss(h, w, jnp.asarray(targets), jnp.asarray(mask),
+                                             "sqrt", vocab_chunk)
+  (a, ma), ga = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(hidden, head)
+  (b, mb), gb = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head)
+  assert float(b) == pytest.approx(float(a), rel=1e-6)
+  assert 0 < float(ma["token_accuracy"]) < 1
+  assert float(mb["token_accuracy"]) == float(ma["token_accuracy"])
+  assert float(mb["answer_tokens"]) == float(ma["answer_tokens"])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), gb, ga)
+  # Chunked, no [B, T, V] array exists anywhere in the forward or backward pass.
+  shapes = str(jax.make_jaxpr(jax.grad(lambda h, w: chunked(h, w)[0]))(hidden, head))
+  assert (f"f32[{len(mask)},{T},{V}]" in shapes) == (vocab_chunk >= V)

@@ -197,3 +197,18 @@ def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, s
   assert ("remat" in jaxpr(flagged)) == (remat_policy != "none")
   assert "remat" not in jaxpr(plain)
   assert "unroll=2" in jaxpr(flagged) if not scan_layers else "unroll=1" in jaxpr(flagged)
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_vocabulary_chunked_vlm_loss_equals_the_whole_logits_loss(tie_embeddings):
+  from tokenflex_jax.training.vlm_task import vlm_loss
+  model = small_vlm(tie_embeddings=tie_embeddings)
+  images, tokens = _images_tokens()
+  params = model.init(jax.random.key(0), images, tokens, 16)["params"]
+  batch = {"image": images, "tokens": tokens,
+           "loss_mask": (jnp.arange(tokens.shape[1]) >= 4).astype(jnp.float32)[None] *
+                        (tokens != PAD)}
+  whole = jax.value_and_grad(lambda p: vlm_loss(model, "sqrt", 0)(p, batch, 16)[0])(params)
+  chunked = jax.value_and_grad(lambda p: vlm_loss(model, "sqrt", 10)(p, batch, 16)[0])(params)
+  np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               chunked[1], whole[1])

@@ -30,8 +30,10 @@ def _tree():
       "vit": {"patch_embed": {"kernel": leaf(2, 2, 3, 4), "bias": leaf(4)},
               "pos_embedding": leaf(1, 9, 4), "ln": {"scale": leaf(4), "bias": leaf(4)}},
       "projector": {"fc": {"kernel": leaf(4, 6), "bias": leaf(6)}},
-      "llm": {"embedding": leaf(10, 6), "layer_0": {"q": {"kernel": leaf(6, 2, 3)},
-                                                    "norm": {"scale": leaf(6)}}},
+      # Stacked per-layer weights [depth, ...]: a norm scale is 2-D, a q bias 3-D.
+      "llm": {"embedding": leaf(10, 6),
+              "layers": {"q": {"kernel": leaf(2, 6, 2, 3), "bias": leaf(2, 2, 3)},
+                         "norm": {"scale": leaf(2, 6)}}},
   }
 
 
@@ -66,7 +68,7 @@ def test_decay_mask_on_kernels_only():
   mask = _paths(optimizer_lib.decay_mask(_tree()))
   decayed = {p for p, m in mask.items() if m}
   assert decayed == {"['vit']['patch_embed']['kernel']", "['projector']['fc']['kernel']",
-                     "['llm']['layer_0']['q']['kernel']"}
+                     "['llm']['layers']['q']['kernel']"}
 
 
 def _patch_labeler_params():

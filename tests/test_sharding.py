@@ -59,15 +59,15 @@ def test_every_parameter_has_logical_names_and_expected_sharding(mesh):
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   spec = lambda *path: _get(shardings, path).spec
   assert spec("llm", "embedding") == P("tensor", "fsdp")
-  assert spec("llm", "layer_0", "mlp", "gate", "kernel") == P("fsdp", "tensor")
-  assert spec("llm", "layer_0", "mlp", "down", "kernel") == P("tensor", "fsdp")
-  assert spec("llm", "layer_0", "attn", "q", "kernel") == P("fsdp", "tensor", None)
+  assert spec("llm", "layers", "mlp", "gate", "kernel") == P(None, "fsdp", "tensor")
+  assert spec("llm", "layers", "mlp", "down", "kernel") == P(None, "tensor", "fsdp")
+  assert spec("llm", "layers", "attn", "q", "kernel") == P(None, "fsdp", "tensor", None)
   # One KV head cannot be split over tensor=2: that dim stays replicated.
-  assert spec("llm", "layer_0", "attn", "k", "kernel") == P("fsdp", None, None)
+  assert spec("llm", "layers", "attn", "k", "kernel") == P(None, "fsdp", None, None)
   assert spec("projector", "mlp", "up", "kernel") == P("fsdp", "tensor")
-  assert spec("vit", "block_0", "fc1", "kernel") == P("fsdp", "tensor")
+  assert spec("vit", "blocks", "fc1", "kernel") == P(None, "fsdp", "tensor")
   assert spec("vit", "pos_embedding") == P(None, None, "fsdp")
-  assert spec("llm", "layer_0", "attn_norm", "scale") == P(None)
+  assert spec("llm", "layers", "attn_norm", "scale") == P(None, None)
 
   # Real arrays land with those shardings, and each device holds only its shard.
   with sharding.mesh_rules(mesh, rules):

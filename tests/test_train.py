@@ -225,7 +225,8 @@ def test_eval_refuses_a_config_describing_another_model(reference_run):
   with pytest.raises(ValueError, match="visual_position_span"):
     eval_binary.run_eval(other, workdir)
   other = copy.deepcopy(config)
-  other.model.remat = not config.model.remat  # a performance flag: the same model
+  other.model.remat_policy = "full"  # performance flags: the same model
+  other.model.scan_layers = not config.model.scan_layers
   trained_model.check_same_model(other, workdir, run_tokenizer.loader(other, workdir)())
 
 

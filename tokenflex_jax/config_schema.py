@@ -82,6 +82,10 @@ def base_config() -> ConfigDict:
   c.token_counts = (64, 144, 256)
   c.token_probs = (0.2, 0.3, 0.5)
   c.loss_weighting = "sqrt"         # per-sample 1/sqrt(answer tokens), or "token_mean"
+  # The loss computes the logits this many vocabulary entries at a time (an online
+  # softmax), so [batch, text, vocab] float32 logits never exist at once; 0 or more than
+  # the vocabulary: all at once. A performance flag: the same loss (training/loss.py).
+  c.loss_vocab_chunk = 16384
 
   c.batch_size = 32                 # global
   c.total_steps = 300

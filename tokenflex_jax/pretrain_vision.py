@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokenflex_jax import cli, model_config, run_tokenizer, sharding, workdir as workdir_lib
+from tokenflex_jax import cli, flops, model_config, run_tokenizer, sharding, workdir as workdir_lib
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
 from tokenflex_jax.training import steps, trainer
@@ -47,7 +47,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
           source, pipeline.PatchLabelPreprocess(vit.patch_size), config.batch_size,
           config.data.seed, config.data.num_workers, start_batch=start),
       counts=(g * g,), count_for_step=lambda step: g * g, tokens_per_example=lambda n: n,
-      name="patch-labelling step")
+      name="patch-labelling step",
+      flops_per_step=lambda n: flops.patch_labeler_train_flops(
+          vit, len(scenes.COLORS) + scenes.NUM_OBJECT_TYPES, config.batch_size))
   return trainer.train(config, workdir, task, mesh, rules)
 
 

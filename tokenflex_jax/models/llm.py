@@ -186,6 +186,14 @@ class LLM(nn.Module):
     x = jnp.take(jnp.asarray(self.embedding), tokens, axis=0).astype(self.config.dtype)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
+  def output_head(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype: the embedding's transpose
+    (tied) or the ``lm_head`` kernel."""
+    dtype = jnp.dtype(self.config.dtype)
+    if self.config.tie_embeddings:
+      return jnp.asarray(self.embedding, dtype).T
+    return jnp.asarray(nn.unbox(self.lm_head.variables["params"]["kernel"]), dtype)
+
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [B, S, D] (already normalised) -> logits [B, S, V] in float32."""
     if self.config.tie_embeddings:

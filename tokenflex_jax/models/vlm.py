@@ -143,14 +143,22 @@ class VLM(nn.Module):
       [B, T, V] float32, where [:, t] is the prediction of tokens[:, t] from
       everything before it (row 0 and positions up to the placeholder are meaningless).
     """
+    return self.llm.logits(self.text_hidden(images, tokens, num_tokens))
+
+  def text_hidden(self, images: jax.Array, tokens: jax.Array, num_tokens: int) -> jax.Array:
+    """The final hidden states [B, T, D] behind `__call__`'s logits (the same alignment):
+    the loss projects them onto the vocabulary a chunk at a time."""
     x, valid, positions, _, _ = self._embed_inputs(images, tokens, num_tokens)
     hidden, _ = self.llm.decode(x, positions, valid)
     t = jnp.arange(tokens.shape[1])[None, :]
     image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)[:, None]
     merged_t = jnp.where(t < image_pos, t, t + num_tokens - 1)
     predictor = jnp.maximum(merged_t - 1, 0)
-    hidden = jnp.take_along_axis(hidden, predictor[..., None], axis=1)
-    return self.llm.logits(hidden)
+    return jnp.take_along_axis(hidden, predictor[..., None], axis=1)
+
+  def output_head(self) -> jax.Array:
+    """The LLM's output projection [D, V] (compute dtype): logits = hidden @ it."""
+    return self.llm.output_head()
 
   def prefill(self, images: jax.Array | None, tokens: jax.Array, num_tokens: int,
               cache: KVCache, patches: jax.Array | None = None

@@ -16,6 +16,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from tokenflex_jax.convert import legacy_layers
+
 ITEMS = ("params", "opt_state", "data", "meta")
 
 
@@ -68,6 +70,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
   """Restores onto the shardings carried by the abstract trees (ShapeDtypeStruct), so
   any mesh shape works; restores ``data_iterator`` in place when the checkpoint has its
   state (see `has_data_state`). Returns (params, opt_state, meta, data restored)."""
+  refuse_per_layer_layout(os.path.dirname(str(manager.directory)), step)
   items = {
       "params": ocp.args.PyTreeRestore(abstract_params, _restore_args(abstract_params)),
       "opt_state": ocp.args.PyTreeRestore(abstract_opt_state, _restore_args(abstract_opt_state)),
@@ -96,6 +99,17 @@ def load_params(workdir: str, abstract_params: Any, step: int | None = None) -> 
   ``abstract_params`` may name only some top-level modules (e.g. {"vit": ...}); only
   those are read. Returns (params, step).
   """
+  step = resolve_step(workdir, step)
+  refuse_per_layer_layout(workdir, step)
+  with make_manager(workdir, read_only=True, asynchronous=False) as manager:
+    out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        abstract_params, _restore_args(abstract_params), partial_restore=True)))
+  return out["params"], step
+
+
+def resolve_step(workdir: str, step: int | None = None) -> int:
+  """``step`` if the workdir has it, its latest checkpoint for None or -1; raises
+  FileNotFoundError naming the workdir and the steps it has otherwise."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} "
                             f"(expected {checkpoint_dir(workdir)})")
@@ -104,21 +118,33 @@ def load_params(workdir: str, abstract_params: Any, step: int | None = None) -> 
     if step is None or step not in manager.all_steps():
       raise FileNotFoundError(f"checkpoint step {step} not found in {checkpoint_dir(workdir)}; "
                               f"available: {sorted(manager.all_steps())}")
-    out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-        abstract_params, _restore_args(abstract_params), partial_restore=True)))
-  return out["params"], step
+  return step
+
+
+def params_metadata(workdir: str, step: int) -> dict[str, Any]:
+  """The nested tree of the params saved at ``step`` (array metadata at the leaves)."""
+  path = os.path.join(checkpoint_dir(workdir), str(step), "params")
+  metadata = ocp.PyTreeCheckpointer().metadata(path)
+  tree = getattr(metadata, "item_metadata", metadata)
+  return dict(getattr(tree, "tree", tree))
+
+
+def refuse_per_layer_layout(workdir: str, step: int) -> None:
+  """Raises ValueError, with the command that converts it, for a checkpoint written
+  before the layers were stacked (``vit/block_0``, ``llm/layer_0``, ...)."""
+  old = legacy_layers.per_layer_subtrees(params_metadata(workdir, step))
+  if old:
+    raise ValueError(
+        f"checkpoint {checkpoint_dir(workdir)}/{step} stores one subtree per layer "
+        f"({old[0]}, ...), the layout before the layers were stacked; convert it with "
+        f"`python -m tokenflex_jax.convert.stack_layers --from={workdir} --to=NEW_WORKDIR` "
+        f"and use NEW_WORKDIR (evaluate it, or start a run from it with "
+        f"--config.init.checkpoint=NEW_WORKDIR)")
 
 
 def saved_modules(workdir: str, step: int | None = None) -> tuple[str, ...]:
   """The top-level modules (e.g. "vit", "llm") of the params saved at ``step`` (latest)."""
-  with make_manager(workdir, read_only=True, asynchronous=False) as manager:
-    step = manager.latest_step() if step is None or step < 0 else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoints in workdir {workdir!r}")
-    path = os.path.join(str(manager.directory), str(step), "params")
-  metadata = ocp.PyTreeCheckpointer().metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  return tuple(sorted(getattr(tree, "tree", tree)))
+  return tuple(sorted(params_metadata(workdir, resolve_step(workdir, step))))
 
 
 def load_meta(workdir: str, step: int) -> dict[str, Any]:

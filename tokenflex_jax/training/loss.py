@@ -1,6 +1,9 @@
-"""Answer-token cross-entropy with the two per-sample weightings."""
+"""Answer-token cross-entropy with the two per-sample weightings, from logits or from
+hidden states in chunks of the sequence (so [B, T, V] logits never exist at once)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,5 +38,63 @@ def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
   w = token_weights(loss_mask, weighting)
   loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-9)
   correct = (jnp.argmax(logits, axis=-1) == targets) * loss_mask
+  n = jnp.sum(loss_mask)
+  return loss, {"token_accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0), "answer_tokens": n}
+
+
+def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                        loss_mask: jax.Array, weighting: str, vocab_chunk: int
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`answer_loss` of the logits ``hidden @ head``, ``vocab_chunk`` vocabulary entries
+  at a time.
+
+  The log-sum-exp, the target's logit and the argmax are accumulated over chunks of
+  the vocabulary (an online softmax), so only [B, T, vocab_chunk] logits exist at a
+  time, in the forward pass and in the backward pass (which recomputes each chunk's
+  logits); the head's gradient is written chunk by chunk, with no accumulator. The same
+  values as `answer_loss` up to float32 rounding; ``vocab_chunk`` <= 0 or >= V is
+  `answer_loss` itself.
+
+  Args:
+    hidden: [B, T, D] final hidden states aligned with targets (compute dtype).
+    head: [D, V] output projection (logits = hidden @ head, then float32).
+    targets, loss_mask, weighting: as `answer_loss`.
+    vocab_chunk: vocabulary entries per chunk; V is padded up to a multiple of it.
+  """
+  d, v = head.shape
+  if vocab_chunk <= 0 or vocab_chunk >= v:
+    logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
+    return answer_loss(logits.astype(jnp.float32), targets, loss_mask, weighting)
+  chunks = -(-v // vocab_chunk)
+  padded = jnp.pad(head, [(0, 0), (0, chunks * vocab_chunk - v)])
+  heads = jnp.moveaxis(padded.reshape(d, chunks, vocab_chunk), 1, 0)  # [chunks, D, C]
+  offsets = jnp.arange(chunks) * vocab_chunk
+
+  @jax.checkpoint
+  def body(carry, xs):
+    top, total, target_logit, best, best_index = carry   # each [B, T]
+    w, offset = xs
+    z = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
+    column = offset + jnp.arange(vocab_chunk)
+    z = jnp.where(column < v, z, -jnp.inf)                # padded columns
+    new_top = jnp.maximum(top, jnp.max(z, axis=-1))
+    total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(z - new_top[..., None]), -1)
+    here = (targets >= offset) & (targets < offset + vocab_chunk)
+    picked = jnp.take_along_axis(z, jnp.clip(targets - offset, 0, vocab_chunk - 1)[..., None],
+                                 axis=-1)[..., 0]
+    target_logit = target_logit + jnp.where(here, picked, 0.0)
+    chunk_best = jnp.max(z, axis=-1)
+    better = chunk_best > best                            # ties keep the first, as argmax
+    best_index = jnp.where(better, offset + jnp.argmax(z, axis=-1), best_index)
+    return (new_top, total, target_logit, jnp.maximum(best, chunk_best), best_index), None
+
+  shape = targets.shape
+  start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape),
+           jnp.full(shape, -jnp.inf), jnp.zeros(shape, jnp.int32))
+  (top, total, target_logit, _, best_index), _ = jax.lax.scan(body, start, (heads, offsets))
+  ce = top + jnp.log(total) - target_logit
+  w = token_weights(loss_mask, weighting)
+  loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-9)
+  correct = (best_index == targets) * loss_mask
   n = jnp.sum(loss_mask)
   return loss, {"token_accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0), "answer_tokens": n}

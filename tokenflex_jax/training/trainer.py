@@ -42,6 +42,8 @@ class Task:
   count_for_step: a step -> its bucket (a pure function: every host agrees).
   tokens_per_example: a bucket -> sequence positions per example (for throughput).
   name: what the compiled step is called in the logs.
+  flops_per_step: a bucket -> model FLOPs of one global step (`tokenflex_jax.flops`), for
+    the logged FLOP rate; None: XLA's cost analysis, which counts a scanned loop once.
   """
   init_params: steps.InitParams
   loss_fn: steps.LossFn
@@ -51,6 +53,7 @@ class Task:
   count_for_step: Callable[[int], int]
   tokens_per_example: Callable[[int], int]
   name: str = "train step"
+  flops_per_step: Callable[[int], float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,17 @@ def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> 
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, optimizer), abstract,
                                       task.abstract_batch, task.counts, mesh, rules, task.name)
   return CompiledTask(optimizer, state_sh, abstract, by_count)
+
+
+def flops_per_device(task: Task, job: CompiledTask) -> dict[int, float]:
+  """{bucket: FLOPs of one step per device}: the task's model FLOPs, else XLA's count."""
+  if task.flops_per_step is None:
+    return {n: c.flops for n, c in job.steps.items()}
+  out = {n: task.flops_per_step(n) / jax.device_count() for n in job.steps}
+  for n, c in job.steps.items():
+    logging.info("bucket %d: %.4g model GFLOP per step and device (XLA's cost analysis, "
+                 "a scanned loop counted once: %.4g)", n, out[n] / 1e9, c.flops / 1e9)
+  return out
 
 
 def start_state(config: ml_collections.ConfigDict, task: Task, job: CompiledTask,
@@ -123,7 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   batch_sh = compiled.shardings_of(dict(task.abstract_batch))
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
-                           task.tokens_per_example, {n: c.flops for n, c in job.steps.items()})
+                           task.tokens_per_example, flops_per_device(task, job))
   saver = loop.Saver(manager, config.checkpoint_every,
                      lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()})
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,

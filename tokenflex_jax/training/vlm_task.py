@@ -8,21 +8,27 @@ from collections.abc import Callable
 import jax.numpy as jnp
 import ml_collections
 
+from tokenflex_jax import flops
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import buckets
-from tokenflex_jax.training.loss import answer_loss
+from tokenflex_jax.training.loss import chunked_answer_loss
 from tokenflex_jax.training.steps import LossFn
 from tokenflex_jax.training.trainer import Task
 
 
-def vlm_loss(model: VLM, weighting: str) -> LossFn:
+def vlm_loss(model: VLM, weighting: str, vocab_chunk: int = 0) -> LossFn:
   """(params, batch, num_tokens) -> answer loss; batch: image [B, H, W, 3] f32,
-  tokens [B, T] i32, loss_mask [B, T] f32."""
+  tokens [B, T] i32, loss_mask [B, T] f32. The logits are computed ``vocab_chunk``
+  vocabulary entries at a time (0: all at once; `chunked_answer_loss`)."""
   def loss_fn(params, batch, num_tokens):
-    logits = model.apply({"params": params}, batch["image"], batch["tokens"], num_tokens)
-    return answer_loss(logits, batch["tokens"], batch["loss_mask"], weighting)
+    variables = {"params": params}
+    hidden = model.apply(variables, batch["image"], batch["tokens"], num_tokens,
+                         method=VLM.text_hidden)
+    head = model.apply(variables, method=VLM.output_head)
+    return chunked_answer_loss(hidden, head, batch["tokens"], batch["loss_mask"],
+                               weighting, vocab_chunk)
   return loss_fn
 
 
@@ -49,9 +55,13 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
     return pipeline.make_iterator(*source_and_transform(), config.batch_size, config.data.seed,
                                   config.data.num_workers, start_batch=start)
 
-  return Task(init_params=init_params, loss_fn=vlm_loss(model, config.loss_weighting),
+  return Task(init_params=init_params, loss_fn=vlm_loss(model, config.loss_weighting,
+                                                       config.loss_vocab_chunk),
               abstract_batch=abstract_batch, data_from=data_from, counts=counts,
               count_for_step=functools.partial(buckets.token_count_for_step, config.seed,
                                                counts=counts, probs=probs),
               tokens_per_example=lambda n: config.data.max_text_length - 1 + n,
-              name="VLM train step")
+              name="VLM train step",
+              flops_per_step=lambda n: flops.vlm_train_flops(
+                  model.config, n, config.data.max_text_length, config.batch_size,
+                  {name: m > 0 for name, m in config.lr_multipliers.items()}))
