@@ -35,6 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # The stage-0 ViT's features carry no position (docs/measurements.md): a learned
   # per-patch embedding before pooling gives every count the same map of the image.
   c.model.projector.position_embedding = True
+  # Three ViT blocks and two LLM layers this narrow run faster unrolled on a CPU (one
+  # fused program) than as a rolled loop (docs/performance.md); the same parameters.
+  c.model.scan_layers = False
   c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.3, projector=1.0, llm=1.0))
   c.sharding.rules = RULES[args["rules"]]
   if c.stage == 0:  # PatchLabeler's modules

@@ -42,13 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.vit.update(image_size=384, patch_size=14, width=1152, depth=27, mlp_dim=4304,
                      num_heads=16, dtype="bfloat16")
   c.model.projector.update(pooling="resize_avg", dtype="bfloat16")
-  # remat stays off: the temporaries are gathered weights and gradients, not
-  # activations (docs/scaling.md). visual_position_span 0: one rotary position per visual
-  # token, as the paper's Qwen2.5 sees them.
-  # Qwen2.5-7B-Instruct.
+  # Qwen2.5-7B-Instruct. visual_position_span 0: one rotary position per visual token, as
+  # the paper's Qwen2.5 sees them.
   c.model.llm.update(vocab_size=152_064, width=3584, depth=28, num_heads=28, num_kv_heads=4,
                      head_dim=128, mlp_dim=18_944, rope_theta=1_000_000.0, qkv_bias=True,
                      tie_embeddings=False, dtype="bfloat16")
+  # Each layer keeps only its input for the backward pass: the step then fits a 16 GiB
+  # chip (a TPU v5e) at every bucket (docs/scaling.md).
+  c.model.remat_policy = "full"
 
   c.data.update(
       source="llava",               # python -m tokenflex_jax.data.llava_tfds (docs/data.md)

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,21 +22,15 @@ def _rows(stdout):
   return {int(r[0]): [float(x) for x in r[1:]] for r in rows[1:]}
 
 
-def test_paper_config_compiles_every_bucket_on_64_devices():
-  """Every bucket of stage 3, at the paper's widths, 1 + 1 layers (the full depth is the
-  slow variant below; memory per layer is what scales)."""
-  out = _aot("--config=configs/paper.py:stage=3", "--config.model.vit.depth=1",
-             "--config.model.llm.depth=1")
+def test_paper_model_fits_a_16_gib_chip_at_every_bucket():
+  """Every bucket of stage 3 of the full paper model (27 + 28 scanned layers) on 64
+  devices: at most 16 GiB per device (a TPU v5e chip's HBM)."""
+  out = _aot("--config=configs/paper.py:stage=3")
   assert "mesh {'data': 1, 'fsdp': 64, 'tensor': 1}" in out
   rows = _rows(out)
   assert sorted(rows) == [64, 144, 256]
-  for n, (_, gflop, args, temps, total) in rows.items():
-    assert gflop > 0 and args > 0 and temps > 0 and total >= args, n
+  for n, (_, gflop, xla_gflop, args, temps, total) in rows.items():
+    assert gflop > 0 and xla_gflop > 0 and args > 0 and temps > 0 and total >= args, n
+    assert total <= 16.0, (n, total)
   # More visual tokens, more work per step.
   assert rows[64][1] < rows[144][1] < rows[256][1]
-
-
-@pytest.mark.slow
-def test_full_paper_model_compiles():
-  rows = _rows(_aot("--config=configs/paper.py:stage=3"))
-  assert sorted(rows) == [64, 144, 256]

@@ -40,8 +40,7 @@ def _xla_flops(model, num_tokens, frozen=()):
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
-@pytest.mark.parametrize("num_tokens,frozen", [(16, ()), (64, ()), (64, ("vit",)),
-                                               (16, ("vit", "llm"))])
+@pytest.mark.parametrize("num_tokens,frozen", [(64, ()), (16, ("vit", "llm"))])
 def test_formula_is_the_matmul_share_of_xlas_count(num_tokens, frozen):
   model = _model()
   trainable = {k: k not in frozen for k in flops.MODULES}

@@ -26,7 +26,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
   mesh, rules = sharding.mesh_from_config(config)
   run_tokenizer.prepare(config, workdir)  # Later stages inherit it from this workdir.
   vit = model_config.vit_config(config)
-  model = PatchLabeler(vit, num_colors=len(scenes.COLORS), num_objects=scenes.NUM_OBJECT_TYPES)
+  model = PatchLabeler(vit, num_colors=len(scenes.COLORS), num_objects=scenes.NUM_OBJECT_TYPES,
+                       **model_config.layer_flags(config))
   local, size, g = config.batch_size // jax.process_count(), config.data.image_size, vit.grid_side
   abstract_batch, _ = pipeline.abstract_batch({
       "image": np.zeros((local, size, size, 3), np.float32),

@@ -119,18 +119,48 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
   return jax.nn.softmax(scores, axis=-1)
 
 
-def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                      mask: jax.Array | None) -> jax.Array:
-  """Softmax attention with grouped KV heads.
+# Attention implementations: "reference" (`reference_attention`), "xla" / "cudnn"
+# (`jax.nn.dot_product_attention` with that implementation; cuDNN's fused kernel runs on
+# NVIDIA GPUs in bfloat16/float16), "auto": the one measured fastest on the backend.
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
 
-  The heads are moved in front of the sequence once, so both products are plain batched
-  matmuls over contiguous [S, Dh] blocks (why: docs/measurements.md).
+
+def resolve_attention(name: str, dtype: jnp.dtype) -> str:
+  """The implementation "auto" stands for on this backend (others are returned as
+  they are): cuDNN on a GPU in 16-bit, else the reference (docs/performance.md)."""
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
+  if name != "auto":
+    return name
+  if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    return "cudnn"
+  return "reference"
+
+
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
+                      implementation: str = "reference") -> jax.Array:
+  """Softmax attention with grouped KV heads.
 
   Args:
     q: [B, S, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV.
     mask: [B, S, T] bool, or None for full (unmasked) attention.
+    implementation: one of `ATTENTION_IMPLEMENTATIONS` ("auto" resolved here).
   Returns:
     [B, S, H, Dh].
+  """
+  implementation = resolve_attention(implementation, q.dtype)
+  if implementation == "reference":
+    return reference_attention(q, k, v, mask)
+  return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                      implementation=implementation)
+
+
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                        mask: jax.Array | None) -> jax.Array:
+  """`grouped_attention` written out: scores in float32, softmax, weighted values.
+
+  The heads are moved in front of the sequence once, so both products are plain batched
+  matmuls over contiguous [S, Dh] blocks (why: docs/measurements.md).
   """
   b, s, h, d = q.shape
   kv = k.shape[2]

@@ -106,6 +106,7 @@ def attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
   config: LLMConfig
+  implementation: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
   def __call__(self, x, positions, key_valid, cache, cache_index):
@@ -128,7 +129,7 @@ class Attention(nn.Module):
       new_cache = {"k": k, "v": v}
     query_slots = cache_index + jnp.arange(x.shape[1])
     out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
-                                   attention_mask(key_valid, query_slots))
+                                   attention_mask(key_valid, query_slots), self.implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2,
                        dtype=dtype, name="o")(out)
@@ -142,13 +143,14 @@ class DecoderLayer(nn.Module):
   slice {"k", "v": [B, T_max, KV, Dh]} or None).
   """
   config: LLMConfig
+  attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
   def __call__(self, x, positions, key_valid, cache, cache_index):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="attn_norm")(x)
-    y, new_cache = Attention(cfg, name="attn")(y, positions, key_valid, cache, cache_index)
+    y, new_cache = Attention(cfg, self.attention, name="attn")(y, positions, key_valid, cache, cache_index)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
     y = layers.SwiGLU(cfg.mlp_dim, cfg.width, dtype=dtype, name="mlp")(y)
@@ -164,6 +166,7 @@ class LLM(nn.Module):
   # an unrolled one.
   remat_policy: str = "none"
   scan_layers: bool = True
+  attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   def setup(self):
     cfg = self.config
@@ -175,7 +178,7 @@ class LLM(nn.Module):
     stack = layers.stacked(DecoderLayer, cfg.depth, remat_policy=self.remat_policy,
                            scan=self.scan_layers,
                            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
-    self.layers = stack(cfg)
+    self.layers = stack(cfg, self.attention)
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"),

@@ -22,10 +22,15 @@ class PatchLabeler(nn.Module):
   vit_config: ViTConfig
   num_colors: int
   num_objects: int
+  # The ViT's performance flags (see `ViT`); the parameters are the same whatever they say.
+  remat_policy: str = "none"
+  scan_layers: bool = True
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    features = ViT(self.vit_config, name="vit")(images)
+    features = ViT(self.vit_config, remat_policy=self.remat_policy,
+                   scan_layers=self.scan_layers, attention=self.attention, name="vit")(images)
     color = layers.dense(self.num_colors, ("embed", "classes"), use_bias=True,
                          name="color_head")(features)
     obj = layers.dense(self.num_objects, ("embed", "classes"), use_bias=True,

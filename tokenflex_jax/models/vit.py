@@ -44,6 +44,7 @@ class EncoderBlock(nn.Module):
   [B, L, C] -> ([B, L, C], None): the (carry, output) of one step of a layer stack.
   """
   config: ViTConfig
+  attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
@@ -53,7 +54,7 @@ class EncoderBlock(nn.Module):
     y = layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_attn")(x)
     q, k, v = (layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "head_dim"),
                             use_bias=True, dtype=dtype, name=n)(y) for n in ("q", "k", "v"))
-    y = layers.grouped_attention(q, k, v, mask=None)
+    y = layers.grouped_attention(q, k, v, mask=None, implementation=self.attention)
     y = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2, use_bias=True,
                      dtype=dtype, name="out")(y)
     x = x + y
@@ -75,6 +76,7 @@ class ViT(nn.Module):
   # an unrolled one.
   remat_policy: str = "none"
   scan_layers: bool = True
+  attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -100,5 +102,5 @@ class ViT(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     blocks = layers.stacked(EncoderBlock, cfg.depth, remat_policy=self.remat_policy,
                             scan=self.scan_layers)
-    x, _ = blocks(cfg, name="blocks")(x)
+    x, _ = blocks(cfg, self.attention, name="blocks")(x)
     return layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_final")(x)

@@ -44,9 +44,11 @@ class VLMConfig:
   visual_position_span: int = 0  # 0: one position per visual token; K: N tokens span K
   visual_position_layout: str = "raster"  # with a span: "raster" or "grid" (see above)
   # Performance flags for the ViT blocks and the LLM layers (the parameters are the same
-  # whatever they say): `layers.REMAT_POLICIES`, and a rolled loop or an unrolled one.
+  # whatever they say): `layers.REMAT_POLICIES`, a rolled loop or an unrolled one, and
+  # the attention implementation.
   remat_policy: str = "none"
   scan_layers: bool = True
+  attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`, ViT and LLM
 
 
 def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
@@ -107,9 +109,11 @@ class VLM(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.vit = ViT(cfg.vit, remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
+    flags = dict(remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
+                 attention=cfg.attention)
+    self.vit = ViT(cfg.vit, **flags)
     self.projector = TokenAdaptiveProjector(cfg.projector, cfg.llm.width)
-    self.llm = LLM(cfg.llm, remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers)
+    self.llm = LLM(cfg.llm, **flags)
 
   def patches(self, images: jax.Array) -> jax.Array:
     """[B, H, W, 3] -> the ViT's patch features [B, L, C], the same at every count."""
