@@ -164,8 +164,10 @@ def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
                      for c in counts},
         "families": {c: {f: _mean_std([r.eval["results"][c]["families"][f] for r in group])
                          for f in families} for c in counts},
-        "train": {"step_seconds": float(np.mean([r.train_seconds for r in group])),
-                  "wall_seconds": float(np.mean([r.wall_seconds for r in group])),
+        # Medians over seeds: a seed whose stages shared the CPU with other work does
+        # not move them.
+        "train": {"step_seconds": float(np.median([r.train_seconds for r in group])),
+                  "wall_seconds": float(np.median([r.wall_seconds for r in group])),
                   "mean_visual_tokens": float(np.mean([r.train_visual_tokens for r in group]))},
     }
   primary, ladders, routed = _auto_budget(by_name.get(FLEX, []))

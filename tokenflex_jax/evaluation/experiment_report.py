@@ -118,7 +118,8 @@ def _cost_section(s: Mapping[str, Any]) -> list[str]:
   base = models.get("fixed_256")
   lines = ["Step time: per count, the median step time times that count's steps, stages 1 "
            "and 2 (compiles excluded; robust to the machine being shared for a while). Wall "
-           "time: the two stages' processes, start-up and compiles included, as measured.",
+           "time: the two stages' processes, start-up and compiles included, as measured. "
+           "Both are medians over the seeds.",
            "", "| model | mean visual tokens per training example | step time, stages 1+2 (s) | "
            "wall time, stages 1+2 (s) | step time / fixed_256's |", "|---|---|---|---|---|"]
   for name, info in models.items():
