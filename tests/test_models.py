@@ -260,3 +260,22 @@ def test_cudnn_attention_equals_the_reference_on_a_gpu():
   want = layers.reference_attention(q, k, v, mask)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              atol=2e-2)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  """dtype="bfloat16": the parameters stay float32 (the master copy), the matmuls run in
+  bfloat16, the logits come back float32, close to the float32 model's."""
+  images, tokens = _images_tokens()
+  f32 = small_vlm()
+  cfg = f32.config
+  bf16 = VLM(dataclasses.replace(cfg, vit=dataclasses.replace(cfg.vit, dtype="bfloat16"),
+                                 llm=dataclasses.replace(cfg.llm, dtype="bfloat16"),
+                                 projector=dataclasses.replace(cfg.projector,
+                                                               dtype="bfloat16")))
+  params = bf16.init(jax.random.key(0), images, tokens, 16)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits = bf16.apply(params, images, tokens, 16)
+  assert logits.dtype == jnp.float32
+  jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply(p, images, tokens, 16))(params))
+  assert "preferred_element_type=bfloat16" in jaxpr or "bf16[" in jaxpr
+  np.testing.assert_allclose(logits, f32.apply(params, images, tokens, 16), atol=0.1)

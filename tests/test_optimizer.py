@@ -15,7 +15,7 @@ from tokenflex_jax.models.patch_labeler import PatchLabeler
 from tokenflex_jax.training import optimizer as optimizer_lib
 
 OPT = dict(learning_rate=0.1, warmup_steps=2, end_lr_fraction=0.1, b1=0.9, b2=0.98,
-           weight_decay=0.05, clip_norm=1.0)
+           weight_decay=0.05, clip_norm=1.0, mu_dtype="float32")
 
 
 def _opt_config(**overrides):
@@ -154,6 +154,26 @@ def test_adamw_per_group_matches_numpy():
   want = _numpy_adamw(params, grads, mults, cfg, 10)
   for path, value in _flat(got).items():
     np.testing.assert_allclose(value, want[path], rtol=2e-5, atol=1e-6, err_msg=path)
+
+
+def test_bfloat16_first_moment_halves_it_and_keeps_the_update_close():
+  """mu_dtype=bfloat16: Adam's first moments are bfloat16, the second moments and the
+  parameters float32, and four steps land within bfloat16 rounding of float32's."""
+  params = _tree()
+  grads = [jax.tree.map(lambda x, s=s: s * jnp.cos(x), params) for s in (1.0, 0.5, 2.0, 1.0)]
+  mults = {"vit": 1.0, "projector": 1.0, "llm": 1.0}
+  full, _ = _apply(optimizer_lib.make_optimizer(_opt_config(), mults, 10, params)[0],
+                   params, grads, 4)
+  tx, _ = optimizer_lib.make_optimizer(_opt_config(mu_dtype="bfloat16"), mults, 10, params)
+  half, state = _apply(tx, params, grads, 4)
+  adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(s, "mu")]
+  assert adam and all(x.dtype == jnp.bfloat16 for s in adam for x in jax.tree.leaves(s.mu))
+  assert all(x.dtype == jnp.float32 for s in adam for x in jax.tree.leaves(s.nu))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-3), half, full)
+  with pytest.raises(ValueError, match="config.optimizer.mu_dtype must be one of"):
+    optimizer_lib.make_optimizer(_opt_config(mu_dtype="float16"), mults, 10, params)
 
 
 def test_frozen_group_stays_put_and_keeps_no_moments():

@@ -95,7 +95,8 @@ def base_config() -> ConfigDict:
   c.total_steps = 300
   c.optimizer = ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, end_lr_fraction=0.05, b1=0.9, b2=0.98,
-      weight_decay=0.05, clip_norm=1.0))
+      weight_decay=0.05, clip_norm=1.0,
+      mu_dtype="float32"))         # Adam's first moment: float32 or bfloat16
   # Learning-rate multiplier per top-level parameter module, every one named; 0 freezes
   # it. Config files replace the whole dict.
   c.lr_multipliers = ConfigDict(dict(vit=1.0, projector=1.0, llm=1.0))

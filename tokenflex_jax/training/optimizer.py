@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
@@ -56,6 +57,17 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+MU_DTYPES = ("float32", "bfloat16")
+
+
+def moment_dtype(name: str) -> Any:
+  """``config.optimizer.mu_dtype`` -> the dtype of Adam's first moment (the second
+  moment and the parameters stay float32)."""
+  if name not in MU_DTYPES:
+    raise ValueError(f"config.optimizer.mu_dtype must be one of {MU_DTYPES}, got {name!r}")
+  return jnp.dtype(name)
+
+
 def make_optimizer(opt_config: Any, multipliers: Mapping[str, float], total_steps: int,
                    params: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (transformation, base learning-rate schedule)."""
@@ -66,7 +78,8 @@ def make_optimizer(opt_config: Any, multipliers: Mapping[str, float], total_step
     if mult > 0:
       transforms[name] = optax.adamw(
           lambda step, m=mult: schedule(step) * m, b1=opt_config.b1, b2=opt_config.b2,
-          weight_decay=opt_config.weight_decay, mask=decay_mask)
+          weight_decay=opt_config.weight_decay, mask=decay_mask,
+          mu_dtype=moment_dtype(opt_config.mu_dtype))
   tx = optax.chain(optax.clip_by_global_norm(opt_config.clip_norm),
                    optax.multi_transform(transforms, group_labels(params, multipliers)))
   return tx, schedule
