@@ -15,6 +15,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -40,19 +41,38 @@ def time_calls(fn, state, batch, calls: int) -> tuple[list[float], object]:
   return times, state
 
 
+def roofline_gflops(dtype: str, size: int = 2048, calls: int = 10) -> float:
+  """This host's matmul rate: the median GFLOP/s of a [size, size] @ [size, size]
+  product in ``dtype`` on the first device."""
+  x = jax.device_put(jnp.ones((size, size), dtype), jax.devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  jax.block_until_ready(matmul(x))
+  times = []
+  for _ in range(calls):
+    t0 = time.perf_counter()
+    jax.block_until_ready(matmul(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * size ** 3 / float(np.median(times)) / 1e9
+
+
 def markdown(results: dict[int, dict[str, float]], title: str) -> str:
   largest = results[max(results)]["step_s"]
-  lines = [title, "| visual tokens | step (ms) | examples/s | GFLOP/step | GFLOP/s/device | "
-           f"time vs {max(results)} |", "|---|---|---|---|---|---|"]
+  lines = [title, "| visual tokens | step (ms) | examples/s | model GFLOP/step/device | "
+           "XLA's count | GFLOP/s/device | MFU (f32 roofline) | "
+           f"time vs {max(results)} |", "|---|---|---|---|---|---|---|---|"]
   for n, r in results.items():
     lines.append(f"| {n} | {1e3 * r['step_s']:.0f} | {r['examples_per_s']:.1f} | "
-                 f"{r['gflop_per_step']:.2f} | {r['gflop_per_s_per_device']:.1f} | "
+                 f"{r['gflop_per_step']:.2f} | {r['xla_gflop_per_step']:.2f} | "
+                 f"{r['gflop_per_s_per_device']:.1f} | {r['mfu']:.2f} | "
                  f"{r['step_s'] / largest:.2f} |")
   return "\n".join(lines)
 
 
 def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """{num_tokens: {"step_s", "examples_per_s", "gflop_per_step", "gflop_per_s_per_device"}}."""
+  """{num_tokens: {"step_s", "examples_per_s", "gflop_per_step" (model FLOPs per device,
+  `tokenflex_jax.flops`), "xla_gflop_per_step" (XLA's count, a scanned loop once),
+  "gflop_per_s_per_device", "mfu"}}. MFU: the step's model FLOPs over all devices per
+  second against this host's float32 matmul rate (simulated host devices share it)."""
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)
@@ -63,19 +83,23 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str) -> dict:
   job = trainer.compile_task(config, task, mesh, rules)
   state = steps.random_state(task.init_params, job.optimizer.tx, jax.random.key(config.seed),
                              job.state_shardings, mesh, rules)
+  roofline = {d: roofline_gflops(d) for d in ("float32", "bfloat16")}
+  flops = trainer.flops_per_device(task, job)
   results = {}
   for n, step in job.steps.items():
     _, state = time_calls(step, state, batch, WARMUP_STEPS)
     times, state = time_calls(step, state, batch, TIMED_STEPS)
     step_s = float(np.median(times))
     results[n] = {"step_s": step_s, "examples_per_s": config.batch_size / step_s,
-                  "gflop_per_step": step.flops / 1e9,
-                  "gflop_per_s_per_device": step.flops / step_s / 1e9}
+                  "gflop_per_step": flops[n] / 1e9, "xla_gflop_per_step": step.flops / 1e9,
+                  "gflop_per_s_per_device": flops[n] / step_s / 1e9,
+                  "mfu": flops[n] * jax.device_count() / step_s / 1e9 / roofline["float32"]}
   print(markdown(results, f"train step, batch {config.batch_size}, frozen: "
                           f"{job.optimizer.frozen or 'none'}, {jax.device_count()} x "
                           f"{jax.devices()[0].device_kind}"))
   with open(os.path.join(workdir, "benchmark.json"), "w", encoding="utf-8") as f:
     json.dump({"batch_size": config.batch_size, "frozen": list(job.optimizer.frozen),
+               "roofline_gflops": roofline,
                "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
                "results": {str(n): r for n, r in results.items()}}, f, indent=2)
   logging.info("wrote %s", os.path.join(workdir, "benchmark.json"))
