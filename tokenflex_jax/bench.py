@@ -4,8 +4,10 @@ r"""Measures the train step of every visual-token bucket: time, throughput, FLOP
       [--config.lr_multipliers.vit=0] [--config.batch_size=16]
 
 Builds the trainer's own per-bucket compiled steps (random init, one real batch from the
-pipeline), times ``TIMED_STEPS`` calls per bucket after a warm-up, and prints a table
-with each bucket's cost relative to the largest one. Writes WORKDIR/benchmark.json.
+pipeline), measures this host's float32 and bfloat16 matmul rate, times ``TIMED_STEPS``
+calls per bucket after a warm-up, and prints a table: step time, model FLOPs (the
+formula of `tokenflex_jax.flops`) beside XLA's count, FLOP rate, MFU against the float32
+rate, each bucket's cost relative to the largest. Writes WORKDIR/benchmark.json.
 """
 
 from __future__ import annotations
