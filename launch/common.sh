@@ -12,7 +12,7 @@
 # Defaults every launcher shares (each may override them before parsing).
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC2034  # VENV, DRY_RUN: read by the launchers that source this file
-VENV="$REPO/.venv" CONFIG="configs/demo.py" WORKDIR="" DRY_RUN=0 POSITIONAL=""
+VENV="${VENV:-$REPO/.venv}" CONFIG="configs/demo.py" WORKDIR="" DRY_RUN=0 POSITIONAL=""
 TRAIN_FLAGS=()
 LAUNCHER="$(basename "$0")"
 
