@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from tokenflex_jax.models.llm import LLMConfig
-from tokenflex_jax.models.projector import ProjectorConfig
+from tokenflex_jax.models.projector import ProjectorConfig, token_side
 from tokenflex_jax.models.vit import ViTConfig
 from tokenflex_jax.models.vlm import VLMConfig
 
@@ -48,7 +48,7 @@ def vit_forward(cfg: ViTConfig) -> Forward:
 def projector_forward(cfg: ProjectorConfig, vit: ViTConfig, out_width: int,
                       num_tokens: int) -> Forward:
   """Pooling (two separable matmuls over the grid) and the MLP on the N tokens."""
-  side, n, c = vit.grid_side, int(round(num_tokens ** 0.5)), vit.width
+  side, n, c = vit.grid_side, token_side(num_tokens), vit.width
   pooling = 2 * (n * side * side * c + n * n * side * c)
   if cfg.mlp == "swiglu":
     hidden = cfg.mlp_ratio * c

@@ -150,7 +150,8 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="attn_norm")(x)
-    y, new_cache = Attention(cfg, self.attention, name="attn")(y, positions, key_valid, cache, cache_index)
+    y, new_cache = Attention(cfg, self.attention, name="attn")(y, positions, key_valid, cache,
+                                                              cache_index)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
     y = layers.SwiGLU(cfg.mlp_dim, cfg.width, dtype=dtype, name="mlp")(y)

@@ -72,26 +72,27 @@ def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,
 
   @jax.checkpoint
   def body(carry, xs):
-    top, total, target_logit, best, best_index = carry   # each [B, T]
+    # The running max is both the log-sum-exp's shift and the argmax's best logit.
+    top, total, target_logit, best_index = carry           # each [B, T]
     w, offset = xs
     z = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype)).astype(jnp.float32)
     column = offset + jnp.arange(vocab_chunk)
     z = jnp.where(column < v, z, -jnp.inf)                # padded columns
-    new_top = jnp.maximum(top, jnp.max(z, axis=-1))
+    chunk_top = jnp.max(z, axis=-1)
+    new_top = jnp.maximum(top, chunk_top)
     total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(z - new_top[..., None]), -1)
     here = (targets >= offset) & (targets < offset + vocab_chunk)
     picked = jnp.take_along_axis(z, jnp.clip(targets - offset, 0, vocab_chunk - 1)[..., None],
                                  axis=-1)[..., 0]
     target_logit = target_logit + jnp.where(here, picked, 0.0)
-    chunk_best = jnp.max(z, axis=-1)
-    better = chunk_best > best                            # ties keep the first, as argmax
+    better = chunk_top > top                              # ties keep the first, as argmax
     best_index = jnp.where(better, offset + jnp.argmax(z, axis=-1), best_index)
-    return (new_top, total, target_logit, jnp.maximum(best, chunk_best), best_index), None
+    return (new_top, total, target_logit, best_index), None
 
   shape = targets.shape
   start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape),
-           jnp.full(shape, -jnp.inf), jnp.zeros(shape, jnp.int32))
-  (top, total, target_logit, _, best_index), _ = jax.lax.scan(body, start, (heads, offsets))
+           jnp.zeros(shape, jnp.int32))
+  (top, total, target_logit, best_index), _ = jax.lax.scan(body, start, (heads, offsets))
   ce = top + jnp.log(total) - target_logit
   w = token_weights(loss_mask, weighting)
   loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-9)
