@@ -1,26 +1,51 @@
-"""The step-timing binary (tokenflex_jax.bench) measures every bucket and writes its figures."""
+"""The benchmark (tokenflex_jax.bench): every figure of its report, on a tiny model."""
 
 import json
 import os
 
 from tests.tiny import tiny_config
-from tokenflex_jax.bench import benchmark
+from tokenflex_jax.benchmarking import report, suite
+
+# The PyTorch peer has the paper's projector and one position per visual token.
+PEER_MODEL = dict(model__projector__position_embedding=False, model__visual_position_span=0,
+                  model__llm__qkv_bias=True, mesh__shape=(-1, 1, 1))
 
 
-def test_benchmark_reports_every_bucket(tmp_path, capsys):
-  config = tiny_config(batch_size=8)
-  results = benchmark(config, str(tmp_path))
-  assert set(results) == set(config.token_counts)
-  for r in results.values():
-    assert r["step_s"] > 0 and r["gflop_per_step"] > 0 and r["xla_gflop_per_step"] > 0
-    assert 0 < r["mfu"] < 2
-    assert r["examples_per_s"] == config.batch_size / r["step_s"]
+def test_benchmark_reports_every_figure(tmp_path):
+  # Two buckets keep the compiles (each bucket: ours in both layer layouts, the loss, and
+  # the two decoders at the largest) within the suite's budget.
+  config = tiny_config(token_counts=(64, 256), token_probs=(0.4, 0.6), **PEER_MODEL)
+  options = suite.Options(rounds=2, steps_per_round=1, warmup=1, new_tokens=4,
+                          pipeline_batches=2)
+  r = suite.benchmark(config, str(tmp_path), options)
+  counts = [str(n) for n in sorted(config.token_counts)]
+  assert list(r["buckets"]) == counts
+  for b in r["buckets"].values():
+    assert b["step_spread_s"][0] <= b["step_s"] <= b["step_spread_s"][1]
+    assert 0 < b["mfu"] < 2 and b["gflop_per_step"] > 0 and b["xla_gflop_per_step"] > 0
+    assert b["examples_per_s"] == config.batch_size / b["step_s"]
+    # The peer is the same model from the same parameters: the same first loss.
+    assert abs(b["peer_loss"] - b["loss"]) < 1e-4 * abs(b["loss"]), b
+    assert b["speedup_vs_peer"] == b["peer_step_s"] / b["step_s"] > 0
   # More visual tokens, more work per step.
-  flops = [results[n]["gflop_per_step"] for n in sorted(results)]
+  flops = [r["buckets"][n]["gflop_per_step"] for n in counts]
   assert flops == sorted(flops) and flops[0] < flops[-1]
-  with open(os.path.join(tmp_path, "benchmark.json"), encoding="utf-8") as f:
+  steps = {n: r["buckets"][n]["step_s"] for n in counts}
+  assert r["mix_vs_fixed256"] == (0.4 * steps["64"] + 0.6 * steps["256"]) / steps["256"]
+  assert r["pipeline_vs_consumption"] > 0
+  # Decoding with the cache and recomputing the whole sequence give the same tokens.
+  assert r["generation"]["same_ids"] and r["kv_cache_speedup"] > 0
+  assert set(r["layouts"]) == {"scanned", "unrolled"}
+  for layout in r["layouts"].values():
+    assert set(layout["compile_s"]) == set(counts) and min(layout["step_s"].values()) > 0
+
+  table = report.write(r, str(tmp_path))
+  with open(os.path.join(tmp_path, "bench.json"), encoding="utf-8") as f:
     saved = json.load(f)
-  assert set(saved["results"]) == {str(n) for n in config.token_counts}
+  for key in ("roofline_gflops", "buckets", "mix_vs_fixed256", "pipeline_vs_consumption",
+              "kv_cache_speedup", "compile_s"):
+    assert key in saved
   assert saved["roofline_gflops"]["float32"] > 0 and saved["roofline_gflops"]["bfloat16"] > 0
-  table = capsys.readouterr().out
-  assert all(f"| {n} |" in table for n in config.token_counts)
+  assert set(saved["compile_s"]) == set(counts)
+  assert all(f"| {n} |" in table for n in counts)
+  assert (tmp_path / "bench.md").read_text().startswith("train step, batch 8")

@@ -43,9 +43,15 @@ class DenseGeneral(nn.Module):
         1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
         out_axis=tuple(range(n_in, len(shape))))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape)
+    # The leading dims as one (a view): a product over [B, L] contracts one dim in the
+    # weight gradient, which XLA's CPU backend runs without transposing the activations
+    # (two contracted dims cost a transposed copy of each; docs/performance.md).
+    lead = x.shape[:x.ndim - n_in]
+    x = x.reshape((-1,) + tuple(in_shape)) if len(lead) > 1 else x
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
                             (contract, ((), ())))
+    y = y.reshape(tuple(lead) + tuple(self.features)) if len(lead) > 1 else y
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros_init(), self.axes[n_in:]), tuple(self.features))

@@ -149,10 +149,12 @@ class VLM(nn.Module):
     """
     return self.llm.logits(self.text_hidden(images, tokens, num_tokens))
 
-  def text_hidden(self, images: jax.Array, tokens: jax.Array, num_tokens: int) -> jax.Array:
+  def text_hidden(self, images: jax.Array | None, tokens: jax.Array, num_tokens: int,
+                  patches: jax.Array | None = None) -> jax.Array:
     """The final hidden states [B, T, D] behind `__call__`'s logits (the same alignment):
-    the loss projects them onto the vocabulary a chunk at a time."""
-    x, valid, positions, _, _ = self._embed_inputs(images, tokens, num_tokens)
+    the loss projects them onto the vocabulary a chunk at a time. With ``patches``
+    [B, L, C] (`patches` of the images) the ViT is not run (``images`` may be None)."""
+    x, valid, positions, _, _ = self._embed_inputs(images, tokens, num_tokens, patches)
     hidden, _ = self.llm.decode(x, positions, valid)
     t = jnp.arange(tokens.shape[1])[None, :]
     image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)[:, None]

@@ -1,0 +1,220 @@
+"""The whole benchmark, measured in one process (`tokenflex_jax.bench` is its binary).
+
+1. this host's matmul roofline, float32 and bfloat16;
+2. per bucket: the trainer's own compiled step (random init, one real batch), median
+   step time over rounds after a warm-up, model FLOPs (`tokenflex_jax.flops`) beside
+   XLA's count, MFU against the float32 roofline;
+3. the config's bucket mix (the paper's 2:3:5) as the mean step time it implies,
+   against the largest bucket's;
+4. the input pipeline alone (examples/s) against what the fastest step consumes;
+5. generation at the largest bucket: new tokens/s with the KV cache and recomputing;
+6. compile time per bucket, the layers scanned and unrolled (and the unrolled step time);
+7. the PyTorch peer (`torch_peer`), started from the same parameters, its step time per
+   bucket in rounds interleaved with ours.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from tokenflex_jax import model_config, run_tokenizer, sharding
+from tokenflex_jax.benchmarking import generation, timing
+from tokenflex_jax.data import pipeline, scenes
+from tokenflex_jax.evaluation.generate import encode_prompts
+from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import compiled, steps, trainer
+from tokenflex_jax.training.vlm_task import vlm_task
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How much to measure. rounds x steps_per_round timed steps per bucket (ours and the
+  peer's alternate round by round, so a drift of the host's speed hits both), after
+  ``warmup`` untimed ones; ``peer``: run the PyTorch peer; ``layouts``: also compile
+  (and time) the other layer layout, scanned vs unrolled; ``new_tokens``: generation
+  length; ``pipeline_batches``: batches the input pipeline is timed on."""
+  rounds: int = 3
+  steps_per_round: int = 4
+  warmup: int = 2
+  peer: bool = True
+  layouts: bool = True
+  new_tokens: int = 32
+  pipeline_batches: int = 20
+
+
+@dataclasses.dataclass
+class Setup:
+  """One layer layout's compiled train steps and a state for them."""
+  task: trainer.Task
+  job: trainer.CompiledTask
+  state: Any
+
+
+def _setup(config: ml_collections.ConfigDict, model: VLM, mesh, rules, tokenizer_loader
+           ) -> Setup:
+  task = vlm_task(config, model, mesh, rules, tokenizer_loader)
+  job = trainer.compile_task(config, task, mesh, rules)
+  state = steps.random_state(task.init_params, job.optimizer.tx, jax.random.key(config.seed),
+                             job.state_shardings, mesh, rules)
+  return Setup(task, job, state)
+
+
+def _with_layout(config: ml_collections.ConfigDict, scan: bool) -> ml_collections.ConfigDict:
+  other = copy.deepcopy(config)
+  with other.unlocked():
+    other.model.scan_layers = scan
+  return other
+
+
+def pipeline_rate(task: trainer.Task, batch_size: int, batches: int) -> float:
+  """Examples/s of the input pipeline alone (host-local batches, after the first)."""
+  data = task.data_from(0)
+  next(data)
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(data)
+  return batches * batch_size / (time.perf_counter() - t0)
+
+
+def decode_rates(config: ml_collections.ConfigDict, model: VLM, params: Any, tokenizer,
+                 images: np.ndarray, num_tokens: int, new_tokens: int, calls: int
+                 ) -> dict[str, float]:
+  """New tokens/s of greedy decoding with the KV cache and recomputing, and whether both
+  decoded the same ids, on the eval suite's prompts for ``images`` [B, H, W, 3]."""
+  questions = [scenes.generate_example(config.eval.seed, i, image_size=config.data.image_size,
+                                       families=tuple(config.data.families))["question"]
+               for i in range(images.shape[0])]
+  prompts = encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
+                           config.data.image_first)
+  cached, recompute = generation.cached_and_recomputed(model, new_tokens)
+  out = {}
+  ids = {}
+  for name, fn in (("cache", cached), ("recompute", recompute)):
+    ids[name] = np.asarray(fn(params, images, prompts, num_tokens))  # compiles
+    seconds = timing.Timing.of(timing.time_calls(
+        lambda fn=fn: fn(params, images, prompts, num_tokens), calls)).median
+    out[f"{name}_tokens_per_s"] = images.shape[0] * new_tokens / seconds
+  out["speedup"] = out["cache_tokens_per_s"] / out["recompute_tokens_per_s"]
+  out["same_ids"] = bool(np.array_equal(ids["cache"], ids["recompute"]))
+  return out
+
+
+def benchmark(config: ml_collections.ConfigDict, workdir: str,
+              options: Options = Options()) -> dict[str, Any]:
+  """Runs every measurement; returns the report (`report.write` lays it out)."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh, rules = sharding.mesh_from_config(config)
+  tokenizer = run_tokenizer.prepare(config, workdir)
+  load_tokenizer = run_tokenizer.loader(config, workdir)
+  model = VLM(model_config.vlm_config(config, tokenizer))
+  counts = sorted(config.token_counts)
+  out: dict[str, Any] = {
+      "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+      "batch_size": config.batch_size, "scan_layers": bool(config.model.scan_layers),
+      "options": dataclasses.asdict(options)}
+
+  out["roofline_gflops"] = {d: timing.roofline_gflops(d) for d in ("float32", "bfloat16")}
+  logging.info("roofline: %s GFLOP/s", out["roofline_gflops"])
+
+  ours = _setup(config, model, mesh, rules, load_tokenizer)
+  out["frozen"] = list(ours.job.optimizer.frozen)
+  local = next(ours.task.data_from(0))
+  batch = pipeline.to_global_batch(local, compiled.shardings_of(dict(ours.task.abstract_batch)))
+  # The peer's start, copied: the state is donated, and on a CPU a fetched array may
+  # share the device buffer that the next step overwrites.
+  params0 = jax.tree.map(np.array, ours.state.params)
+  flops = trainer.flops_per_device(ours.task, ours.job)
+
+  peer = peer_batch = None
+  if options.peer:
+    from tokenflex_jax.benchmarking import torch_peer  # a bench-only dependency
+    torch_peer.use_threads(len(os.sched_getaffinity(0)))
+    peer = torch_peer.build(model.config, params0, config.loss_weighting)
+    peer_opt = torch_peer.optimizer(peer, config.optimizer)
+    peer_batch = torch_peer.torch_batch(local)
+    # Both models' first loss at every bucket, before either trains.
+    loss_fn = jax.jit(ours.task.loss_fn, static_argnums=2)
+    with sharding.mesh_rules(mesh, rules):
+      first = {n: (float(loss_fn(params0, batch, n)[0]),
+                   torch_peer.first_loss(peer, peer_batch, n)) for n in counts}
+
+  buckets: dict[str, dict[str, Any]] = {}
+  for n in counts:
+    step = ours.job.steps[n]
+    _, ours.state = timing.time_steps(step, ours.state, batch, options.warmup)
+    row: dict[str, Any] = {"compile_s": step.compile_seconds}
+    mine, theirs = [], []
+    if peer is not None:
+      row["loss"], row["peer_loss"] = first[n]
+      torch_peer.step_times(peer, peer_opt, peer_batch, n, config.optimizer.clip_norm,
+                            options.warmup, 0)
+    for _ in range(options.rounds):
+      times, ours.state = timing.time_steps(step, ours.state, batch, options.steps_per_round)
+      mine += times
+      if peer is not None:
+        theirs += torch_peer.step_times(peer, peer_opt, peer_batch, n,
+                                        config.optimizer.clip_norm, 0,
+                                        options.steps_per_round)
+    t = timing.Timing.of(mine)
+    row.update(step_s=t.median, step_spread_s=[t.low, t.high],
+               examples_per_s=config.batch_size / t.median,
+               gflop_per_step=flops[n] / 1e9, xla_gflop_per_step=step.flops / 1e9,
+               gflop_per_s_per_device=flops[n] / t.median / 1e9,
+               mfu=flops[n] * jax.device_count() / t.median / 1e9
+               / out["roofline_gflops"]["float32"])
+    if theirs:
+      p = timing.Timing.of(theirs)
+      row.update(peer_step_s=p.median, peer_step_spread_s=[p.low, p.high],
+                 speedup_vs_peer=p.median / t.median)
+    buckets[str(n)] = row
+    logging.info("bucket %d: %s", n, row)
+  out["buckets"] = buckets
+
+  probs = dict(zip(config.token_counts, config.token_probs))
+  largest = buckets[str(counts[-1])]["step_s"]
+  out["mix"] = {str(n): float(probs[n]) for n in counts}
+  out["mix_vs_fixed256" if counts[-1] == 256 else "mix_vs_largest"] = float(
+      sum(probs[n] * buckets[str(n)]["step_s"] for n in counts) / largest)
+
+  consumed = config.batch_size / min(r["step_s"] for r in buckets.values())
+  produced = pipeline_rate(ours.task, config.batch_size, options.pipeline_batches)
+  out["pipeline"] = {"examples_per_s": produced, "consumed_examples_per_s": consumed}
+  out["pipeline_vs_consumption"] = produced / consumed
+
+  with sharding.mesh_rules(mesh, rules):
+    out["generation"] = decode_rates(config, model, params0, tokenizer,
+                                     np.asarray(local["image"]), counts[-1],
+                                     options.new_tokens, options.rounds)
+  out["generation"].update(num_tokens=counts[-1], new_tokens=options.new_tokens,
+                           batch=int(local["image"].shape[0]))
+  out["kv_cache_speedup"] = out["generation"]["speedup"]
+
+  layout = "scanned" if config.model.scan_layers else "unrolled"
+  out["compile_s"] = {str(n): buckets[str(n)]["compile_s"] for n in counts}
+  out["layouts"] = {layout: {"compile_s": out["compile_s"],
+                             "step_s": {str(n): buckets[str(n)]["step_s"] for n in counts}}}
+  if options.layouts:
+    del ours  # one layout's executables and state at a time
+    other_name = "unrolled" if config.model.scan_layers else "scanned"
+    other_config = _with_layout(config, not config.model.scan_layers)
+    other = _setup(other_config, VLM(model_config.vlm_config(other_config, tokenizer)),
+                   mesh, rules, load_tokenizer)
+    other_steps = {}
+    for n in counts:
+      _, other.state = timing.time_steps(other.job.steps[n], other.state, batch, options.warmup)
+      times, other.state = timing.time_steps(other.job.steps[n], other.state, batch,
+                                             options.rounds * options.steps_per_round)
+      other_steps[str(n)] = timing.Timing.of(times).median
+    out["layouts"][other_name] = {
+        "compile_s": {str(n): other.job.steps[n].compile_seconds for n in counts},
+        "step_s": other_steps}
+  return out
