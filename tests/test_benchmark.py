@@ -16,7 +16,7 @@ def test_benchmark_reports_every_figure(tmp_path):
   # the two decoders at the largest) within the suite's budget.
   config = tiny_config(token_counts=(64, 256), token_probs=(0.4, 0.6), **PEER_MODEL)
   options = suite.Options(rounds=2, steps_per_round=1, warmup=1, new_tokens=4,
-                          pipeline_batches=2)
+                          pipeline_batches=2, profile=True)
   r = suite.benchmark(config, str(tmp_path), options)
   counts = [str(n) for n in sorted(config.token_counts)]
   assert list(r["buckets"]) == counts
@@ -39,6 +39,13 @@ def test_benchmark_reports_every_figure(tmp_path):
   for layout in r["layouts"].values():
     assert set(layout["compile_s"]) == set(counts) and min(layout["step_s"].values()) > 0
 
+  # The profile: the largest bucket's trace on disk, its time per op and group.
+  prof = r["profile"]
+  assert prof["bucket"] == 256 and list(tmp_path.glob("profile/**/*perfetto_trace.json.gz"))
+  assert prof["groups_ms"]["matmul"] > 0 and prof["top_ops"]
+  assert sum(prof["groups_ms"].values()) >= max(o["ms"] for o in prof["top_ops"]) > 0
+  assert any(o["group"] == "matmul" and o["source"] for o in prof["top_ops"])
+
   table = report.write(r, str(tmp_path))
   with open(os.path.join(tmp_path, "bench.json"), encoding="utf-8") as f:
     saved = json.load(f)
@@ -49,3 +56,4 @@ def test_benchmark_reports_every_figure(tmp_path):
   assert set(saved["compile_s"]) == set(counts)
   assert all(f"| {n} |" in table for n in counts)
   assert (tmp_path / "bench.md").read_text().startswith("train step, batch 8")
+  assert "profile of the 256-token step" in table

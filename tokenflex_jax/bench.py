@@ -2,7 +2,7 @@ r"""The benchmark: train step per bucket, MFU, the bucket mix, input pipeline, g
 compile time scanned vs unrolled, and the PyTorch peer, measured in one process.
 
   python -m tokenflex_jax.bench --config=configs/bench.py --workdir=/tmp/bench \
-      [--rounds=3] [--steps_per_round=4] [--nopeer] [--nolayouts]
+      [--rounds=3] [--steps_per_round=4] [--nopeer] [--nolayouts] [--profile]
 
 (or ``bash launch/bench.sh --out=DIR``). Prints one markdown table and writes
 WORKDIR/bench.json and WORKDIR/bench.md; `tokenflex_jax.benchmarking.suite` says what
@@ -25,6 +25,9 @@ _PEER = flags.DEFINE_bool("peer", suite.Options.peer, "Time the PyTorch peer.")
 _LAYOUTS = flags.DEFINE_bool("layouts", suite.Options.layouts,
                              "Also compile and time the other layer layout (scanned vs "
                              "unrolled).")
+_PROFILE = flags.DEFINE_bool("profile", suite.Options.profile,
+                             "Trace the largest bucket's step into WORKDIR/profile and "
+                             "report its time per XLA op.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", suite.Options.new_tokens,
                                    "Generated tokens per generation call.")
 
@@ -33,7 +36,7 @@ def run(config, workdir: str) -> dict:
   """The binary's job: `suite.benchmark` with the flags' options, then the report."""
   options = suite.Options(rounds=_ROUNDS.value, steps_per_round=_STEPS.value,
                           warmup=_WARMUP.value, peer=_PEER.value, layouts=_LAYOUTS.value,
-                          new_tokens=_NEW_TOKENS.value)
+                          new_tokens=_NEW_TOKENS.value, profile=_PROFILE.value)
   results = suite.benchmark(config, workdir, options)
   print(report.write(results, workdir))
   logging.info("wrote %s/bench.json and bench.md", workdir)

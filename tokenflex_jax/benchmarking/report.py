@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from tokenflex_jax.benchmarking import profile
+
 
 def _f(x: Any, fmt: str) -> str:
   return "-" if x is None else format(x, fmt)
@@ -54,6 +56,8 @@ def markdown(r: dict[str, Any]) -> str:
   if any("peer_loss" in b for b in r["buckets"].values()):
     worst = max(abs(b["peer_loss"] - b["loss"]) for b in r["buckets"].values())
     lines.append(f"- the peer's first loss equals ours to {worst:.1e} at every bucket")
+  if "profile" in r:
+    lines += ["", profile.markdown(r["profile"], r["profile"]["bucket"])]
   return "\n".join(lines)
 
 

@@ -10,7 +10,8 @@
 5. generation at the largest bucket: new tokens/s with the KV cache and recomputing;
 6. compile time per bucket, the layers scanned and unrolled (and the unrolled step time);
 7. the PyTorch peer (`torch_peer`), started from the same parameters, its step time per
-   bucket in rounds interleaved with ours.
+   bucket in rounds interleaved with ours;
+and, if asked, a profile of the largest bucket's step (`profile`: time per XLA op).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from tokenflex_jax import model_config, run_tokenizer, sharding
-from tokenflex_jax.benchmarking import generation, timing
+from tokenflex_jax.benchmarking import generation, profile, timing
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.evaluation.generate import encode_prompts
 from tokenflex_jax.models.vlm import VLM
@@ -41,7 +42,8 @@ class Options:
   peer's alternate round by round, so a drift of the host's speed hits both), after
   ``warmup`` untimed ones; ``peer``: run the PyTorch peer; ``layouts``: also compile
   (and time) the other layer layout, scanned vs unrolled; ``new_tokens``: generation
-  length; ``pipeline_batches``: batches the input pipeline is timed on."""
+  length; ``pipeline_batches``: batches the input pipeline is timed on; ``profile``:
+  trace the largest bucket's step (WORKDIR/profile) and sum its time per XLA op."""
   rounds: int = 3
   steps_per_round: int = 4
   warmup: int = 2
@@ -49,6 +51,7 @@ class Options:
   layouts: bool = True
   new_tokens: int = 32
   pipeline_batches: int = 20
+  profile: bool = False
 
 
 @dataclasses.dataclass
@@ -178,6 +181,11 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
     buckets[str(n)] = row
     logging.info("bucket %d: %s", n, row)
   out["buckets"] = buckets
+  if options.profile:
+    summary, ours.state = profile.profile_step(ours.job.steps[counts[-1]], ours.state, batch,
+                                               options.steps_per_round,
+                                               os.path.join(workdir, "profile"))
+    out["profile"] = {"bucket": counts[-1], **summary}
 
   probs = dict(zip(config.token_counts, config.token_probs))
   largest = buckets[str(counts[-1])]["step_s"]
