@@ -119,6 +119,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
   tokenizer = run_tokenizer.prepare(config, workdir)
   load_tokenizer = run_tokenizer.loader(config, workdir)
   model = VLM(model_config.vlm_config(config, tokenizer))
+  if options.peer:  # a bench-only dependency; its model check comes before any compile
+    from tokenflex_jax.benchmarking import torch_peer
+    torch_peer.check(model.config)
   counts = sorted(config.token_counts)
   out: dict[str, Any] = {
       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
@@ -139,7 +142,6 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
 
   peer = peer_batch = None
   if options.peer:
-    from tokenflex_jax.benchmarking import torch_peer  # a bench-only dependency
     torch_peer.use_threads(len(os.sched_getaffinity(0)))
     peer = torch_peer.build(model.config, params0, config.loss_weighting)
     peer_opt = torch_peer.optimizer(peer, config.optimizer)

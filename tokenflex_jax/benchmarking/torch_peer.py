@@ -91,15 +91,21 @@ class PeerVLM(torch.nn.Module):
     return (ce * w).sum() / w.sum().clamp(min=1e-9)
 
 
+def check(config: VLMConfig) -> None:
+  """Raises ValueError naming the config field if the peer cannot build this model."""
+  wanted = {"model.projector.mlp": (config.projector.mlp, "swiglu"),
+            "model.projector.pooling": (config.projector.pooling, "adaptive_avg"),
+            "model.projector.position_embedding": (config.projector.position_embedding, False),
+            "model.visual_position_span": (config.visual_position_span, 0)}
+  for field, (value, needed) in wanted.items():
+    if value != needed:
+      raise ValueError(f"config.{field}={value!r}: the PyTorch peer is built for "
+                       f"{needed!r} only (run the bench with --nopeer)")
+
+
 def build(config: VLMConfig, params: Mapping[str, Any], weighting: str) -> PeerVLM:
   """The peer with ``params`` (our parameter tree, float32) loaded into it."""
-  if config.projector.mlp != "swiglu" or config.projector.pooling != "adaptive_avg" or \
-     config.projector.position_embedding:
-    raise ValueError("the PyTorch peer has the paper's projector only (adaptive_avg "
-                     "pooling, SwiGLU, no position embedding)")
-  if config.visual_position_span:
-    raise ValueError("the PyTorch peer gives each visual token its own position "
-                     "(model.visual_position_span=0)")
+  check(config)
   params = {k: _numpy(v) for k, v in params.items()}
   with tempfile.TemporaryDirectory() as tmp:
     hf.export_vision(config.vit, params["vit"], os.path.join(tmp, "vision"))
