@@ -48,8 +48,9 @@ def base_config() -> ConfigDict:
   c.model.remat_policy = "none"
   c.model.scan_layers = True
   # Attention: "reference" (scores written out), "xla" or "cudnn" (jax.nn.
-  # dot_product_attention's implementations; cuDNN: NVIDIA GPUs, 16-bit), "auto": the
-  # fastest measured on the backend (models/layers.py `resolve_attention`).
+  # dot_product_attention's implementations; cuDNN: NVIDIA GPUs, 16-bit), "splash" (the
+  # Pallas TPU kernel, models/splash.py), "auto": chosen per backend (models/layers.py
+  # `resolve_attention`).
   c.model.attention = "auto"
   # Rotary positions of the visual tokens: 0 gives each token its own position (the
   # LLaVA convention); K > 0 spreads any count over K positions, so the text's positions

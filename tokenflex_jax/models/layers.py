@@ -127,17 +127,21 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
 
 # Attention implementations: "reference" (`reference_attention`), "xla" / "cudnn"
 # (`jax.nn.dot_product_attention` with that implementation; cuDNN's fused kernel runs on
-# NVIDIA GPUs in bfloat16/float16), "auto": the one measured fastest on the backend.
-ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn")
+# NVIDIA GPUs in bfloat16/float16), "splash" (the Pallas TPU kernel, `models/splash.py`;
+# off a TPU it runs interpreted, for tests), "auto": the one chosen per backend.
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "xla", "cudnn", "splash")
 
 
 def resolve_attention(name: str, dtype: jnp.dtype) -> str:
   """The implementation "auto" stands for on this backend (others are returned as
-  they are): cuDNN on a GPU in 16-bit, else the reference (docs/performance.md)."""
+  they are): splash on a TPU, cuDNN on a GPU in 16-bit, else the reference (measured
+  fastest on a CPU: docs/performance.md)."""
   if name not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
   if name != "auto":
     return name
+  if jax.default_backend() == "tpu":
+    return "splash"
   if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
     return "cudnn"
   return "reference"
@@ -145,16 +149,21 @@ def resolve_attention(name: str, dtype: jnp.dtype) -> str:
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
                       implementation: str = "reference") -> jax.Array:
-  """Softmax attention with grouped KV heads.
+  """Softmax attention with grouped KV heads and a dense mask.
 
   Args:
     q: [B, S, H, Dh]; k, v: [B, T, KV, Dh] with H a multiple of KV.
     mask: [B, S, T] bool, or None for full (unmasked) attention.
-    implementation: one of `ATTENTION_IMPLEMENTATIONS` ("auto" resolved here).
+    implementation: "reference", "xla" or "cudnn" (or "auto", resolved here). Splash
+      takes its mask as structure instead (causal + key validity), so the layers call
+      `splash.splash_attention` themselves.
   Returns:
     [B, S, H, Dh].
   """
   implementation = resolve_attention(implementation, q.dtype)
+  if implementation == "splash":
+    raise ValueError("splash attention takes a causal flag and key validity, not a dense "
+                     "mask: call models/splash.py `splash_attention`")
   if implementation == "reference":
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenflex_jax.models import layers
+from tokenflex_jax.models import layers, splash
 
 # Stacked over the layers: {"k": [depth, B, T_max, KV, Dh], "v": the same}.
 KVCache = dict[str, jax.Array]
@@ -127,9 +127,16 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
       new_cache = {"k": k, "v": v}
-    query_slots = cache_index + jnp.arange(x.shape[1])
-    out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
-                                   attention_mask(key_valid, query_slots), self.implementation)
+    implementation = layers.resolve_attention(self.implementation, dtype)
+    if implementation == "splash" and cache is None:
+      out = splash.splash_attention(q, k, v, key_valid, causal=True)
+    else:
+      # Decoding with a KV cache (queries at cache_index.., keys over the whole cache)
+      # takes the dense mask; splash's kernel is for self-attention, so the reference.
+      implementation = "reference" if implementation == "splash" else implementation
+      query_slots = cache_index + jnp.arange(x.shape[1])
+      out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
+                                     attention_mask(key_valid, query_slots), implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2,
                        dtype=dtype, name="o")(out)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenflex_jax.models import layers
+from tokenflex_jax.models import layers, splash
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,10 @@ class EncoderBlock(nn.Module):
     y = layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_attn")(x)
     q, k, v = (layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "head_dim"),
                             use_bias=True, dtype=dtype, name=n)(y) for n in ("q", "k", "v"))
-    y = layers.grouped_attention(q, k, v, mask=None, implementation=self.attention)
+    if layers.resolve_attention(self.attention, q.dtype) == "splash":
+      y = splash.splash_attention(q, k, v, key_valid=None, causal=False)
+    else:
+      y = layers.grouped_attention(q, k, v, mask=None, implementation=self.attention)
     y = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2, use_bias=True,
                      dtype=dtype, name="out")(y)
     x = x + y
