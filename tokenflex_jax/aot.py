@@ -75,7 +75,7 @@ def main() -> None:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)
 
-  app.run(run)
+  app.run(cli.handle_errors(run))
 
 
 if __name__ == "__main__":

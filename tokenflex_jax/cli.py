@@ -8,7 +8,9 @@ together by tests and notebooks.
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from typing import Any, Callable
 
 import jax
@@ -17,7 +19,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from tokenflex_jax import distributed
+from tokenflex_jax import distributed, errors
 
 
 class QuietLibraryInfo(logging.Filter):
@@ -69,12 +71,32 @@ def start_processes(address: flags.FlagHolder, count: flags.FlagHolder,
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """Wraps an ``absl.app.run`` main: a `errors.UserError` prints one line and exits with
+  `errors.USAGE_EXIT_CODE`; `errors.Preempted` exits with `errors.PREEMPTED_EXIT_CODE`
+  (the launch scripts restart on it); any other exception keeps its traceback."""
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> Any:
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(errors.USAGE_EXIT_CODE)
+    except errors.Preempted as e:
+      absl_logging.warning("%s", e)
+      sys.exit(errors.PREEMPTED_EXIT_CODE)
+
+  return wrapped
+
+
 def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
   """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` (and the
   multi-process flags) and calls ``job(config, workdir)`` under ``absl.app.run``."""
   config, workdir = define_flags()
   process_flags = define_distributed_flags()
 
+  @handle_errors
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")

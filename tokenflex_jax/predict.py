@@ -113,7 +113,7 @@ def main() -> None:
                  result.num_tokens, result.visual_tokens, result.confidence)
     print(result.text)
 
-  app.run(run)
+  app.run(cli.handle_errors(run))
 
 
 if __name__ == "__main__":

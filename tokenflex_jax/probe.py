@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tokenflex_jax import sharding, trained_model, workdir as workdir_lib
+from tokenflex_jax import cli, sharding, trained_model, workdir as workdir_lib
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation.position_probe import linear_probe_r2
@@ -59,7 +59,7 @@ def main() -> None:
   # Flags are defined when the binary starts, not at import (see `cli`).
   workdir = flags.DEFINE_string("workdir", None, "A trained VLM's workdir.", required=True)
   num_images = flags.DEFINE_integer("num_images", 256, "Scene images to probe on.")
-  app.run(lambda argv: write_probe(workdir.value, num_images.value))
+  app.run(cli.handle_errors(lambda argv: write_probe(workdir.value, num_images.value)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 
 from absl import app, flags, logging
 
+from tokenflex_jax import cli
 from tokenflex_jax.evaluation import experiment, experiment_report
 
 def write_report(workdir: str, out: str) -> dict:
@@ -35,7 +36,7 @@ def main() -> None:
   def run(argv) -> None:
     del argv
     write_report(workdir.value, out.value)
-  app.run(run)
+  app.run(cli.handle_errors(run))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
+from tokenflex_jax import cli
 from tokenflex_jax.convert import legacy_layers
 from tokenflex_jax.training import checkpointing
 
@@ -63,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["from", "to"])
-  app.run(main)
+  app.run(cli.handle_errors(main))

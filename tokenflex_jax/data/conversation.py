@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection, Sequence
 
+from tokenflex_jax.errors import InputError
+
 IMAGE_MARKER = "<image>"
 USER, ASSISTANT = "user", "assistant"
 ROLES: dict[str, str] = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT}
@@ -38,7 +40,7 @@ class Turn:
     return dataclasses.replace(self, before=self.before.strip())
 
 
-class ConversationError(ValueError):
+class ConversationError(InputError):
   """Turns that break the rules above; ``reason`` names the rule broken in a few words
   (what a reader of data rows counts skipped rows by), the message says where."""
 

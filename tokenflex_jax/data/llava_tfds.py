@@ -33,6 +33,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from PIL import Image
 
+from tokenflex_jax import cli
 from tokenflex_jax.data import llava, tfds_split
 from tokenflex_jax.data.rows import MalformedRowError, format_skipped
 
@@ -151,4 +152,4 @@ if __name__ == "__main__":
                       "JSON file's name.")
   flags.DEFINE_bool("skip_malformed", False,
                     "Leave malformed rows out (counted in the log) instead of failing.")
-  app.run(main)
+  app.run(cli.handle_errors(main))

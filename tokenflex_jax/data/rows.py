@@ -15,10 +15,12 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from tokenflex_jax.errors import InputError
+
 T = TypeVar("T")
 
 
-class MalformedRowError(ValueError):
+class MalformedRowError(InputError):
   """A data row that cannot be used; the message names the file and the row."""
 
   def __init__(self, path: str, row: int, reason: str, detail: str = ""):

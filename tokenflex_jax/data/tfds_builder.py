@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from PIL import Image
 
+from tokenflex_jax import cli
 from tokenflex_jax.data import scenes, tfds_split
 
 VALIDATION_INDEX_OFFSET = 1 << 40
@@ -145,4 +146,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_train", 10_000, "Train examples.")
   flags.DEFINE_integer("num_validation", 1_000, "Validation examples.")
   flags.DEFINE_integer("image_size", scenes.BASE_SIZE, "Image side in pixels.")
-  app.run(main)
+  app.run(cli.handle_errors(main))

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from tokenflex_jax.convert import legacy_layers
+from tokenflex_jax.errors import MissingInputError
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -111,12 +112,12 @@ def resolve_step(workdir: str, step: int | None = None) -> int:
   """``step`` if the workdir has it, its latest checkpoint for None or -1; raises
   FileNotFoundError naming the workdir and the steps it has otherwise."""
   if not os.path.isdir(checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"no checkpoints in workdir {workdir!r} "
+    raise MissingInputError(f"no checkpoints in workdir {workdir!r} "
                             f"(expected {checkpoint_dir(workdir)})")
   with make_manager(workdir, read_only=True, asynchronous=False) as manager:
     step = manager.latest_step() if step is None or step < 0 else step
     if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"checkpoint step {step} not found in {checkpoint_dir(workdir)}; "
+      raise MissingInputError(f"checkpoint step {step} not found in {checkpoint_dir(workdir)}; "
                               f"available: {sorted(manager.all_steps())}")
   return step
 
