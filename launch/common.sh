@@ -53,6 +53,15 @@ require() {
   done
 }
 
+# resuming CMD: the shell command line CMD in a loop that runs it again while it exits
+# with 75, the train binary's "saved on SIGTERM or a preemption notice: restart me"
+# (tokenflex_jax/errors.py); it ends with CMD's status otherwise (0 when done). POSIX sh,
+# safe under `set -e`, so it works in a batch script and over ssh alike.
+resuming() {
+  # shellcheck disable=SC2016  # $? and $rc belong to the shell that runs the loop
+  printf 'while :; do %s && exit 0 || rc=$?; [ "$rc" -eq 75 ] || exit "$rc"; echo "preempted (exit 75): restarting from the last checkpoint" >&2; done' "$1"
+}
+
 # The train binary's arguments, each shell-quoted with a leading space: --config,
 # --workdir, then the given extra flags (none is fine), then the user's TRAIN_FLAGS.
 # shellcheck disable=SC2120,SC2119

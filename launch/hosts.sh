@@ -38,7 +38,7 @@ COORDINATOR="${HOST_LIST[0]}:$PORT"
 pids=()
 for i in "${!HOST_LIST[@]}"; do
   host="${HOST_LIST[$i]}"
-  cmd="cd $(printf '%q' "$REPO") && PYTHONPATH=$(printf '%q' "$REPO") $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$(train_args --coordinator_address="$COORDINATOR" --num_processes="$N" --process_id="$i")"
+  cmd="cd $(printf '%q' "$REPO") && $(resuming "PYTHONPATH=$(printf '%q' "$REPO") $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$(train_args --coordinator_address="$COORDINATOR" --num_processes="$N" --process_id="$i")")"
   if [[ "$host" == localhost ]]; then launcher=(bash -c "$cmd"); else launcher=(ssh "$host" "$cmd"); fi
   if [[ "$DRY_RUN" == 1 ]]; then
     printf '+'; printf ' %q' "${launcher[@]}"; printf ' &\n'

@@ -66,7 +66,8 @@ $ACCOUNT_LINE
 set -euo pipefail
 cd $(printf '%q' "$REPO")
 export PYTHONPATH=$(printf '%q' "$REPO")
-srun --kill-on-bad-exit=1 $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$TRAIN_ARGS
+# Exit 75: saved on SIGTERM / a preemption notice; run again from that checkpoint.
+$(resuming "srun --kill-on-bad-exit=1 $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$TRAIN_ARGS")
 "
 
 if [[ "$DRY_RUN" == 1 ]]; then

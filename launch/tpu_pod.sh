@@ -101,7 +101,8 @@ setup() {
 }
 
 train() {
-  ssh_all "cd $REMOTE_DIR && nohup ../venv/bin/python -m tokenflex_jax.train$(train_args) > ../$LOG 2>&1 &"
+  # Restarted on exit 75 (saved on a preemption notice); stops on any other failure.
+  ssh_all "cd $REMOTE_DIR && nohup bash -c $(printf '%q' "$(resuming "../venv/bin/python -m tokenflex_jax.train$(train_args)")") > ../$LOG 2>&1 &"
   logs
 }
 

@@ -92,7 +92,7 @@ def test_slurm_two_node_dry_run():
   for expected in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
                    "#SBATCH --gpus-per-node=8", "#SBATCH --partition=gpu"):
     assert expected in lines
-  srun = [line for line in lines if line.startswith("srun ")]
+  srun = [line for line in lines if "srun " in line]
   assert len(srun) == 1 and "-m tokenflex_jax.train" in srun[0]
   assert "--workdir=/shared/run1" in srun[0] and "--config.mesh.shape=\\(-1\\,8\\,1\\)" in srun[0]
   per_gpu = _run("slurm.sh", "--partition=gpu", "--nodes=2", "--per-gpu",
@@ -169,3 +169,20 @@ def test_common_parser_sets_the_declared_variables():
   helped = subprocess.run(["bash", "-c", snippet.replace("cmd --alpha", "--help --alpha")],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
   assert helped.returncode == 0 and helped.stdout == "USAGE\n"
+
+
+def test_resuming_restarts_on_the_preemption_code_only(tmp_path):
+  """common.sh `resuming`: exit 75 (saved on SIGTERM) runs the command again; any other
+  status ends the loop with it."""
+  counter = tmp_path / "runs"
+  step = tmp_path / "step.sh"  # Exits 75 on its first two runs, then with status $1.
+  step.write_text(f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n'
+                  '[ "$n" -ge 2 ] && exit "$1"; exit 75\n')
+  for final in (0, 3):
+    counter.unlink(missing_ok=True)
+    snippet = f"""source launch/common.sh; sh -c "$(resuming 'sh {step} {final}')" """
+    result = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, cwd=REPO,
+                            timeout=60)
+    assert result.returncode == final, result.stderr
+    assert counter.read_text().strip() == "3"
+    assert result.stderr.count("preempted (exit 75): restarting") == 2

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.tiny import TINY_FLAGS, losses
+from tokenflex_jax import errors
 from tokenflex_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,9 +71,9 @@ def _start_two(workdir, binary="train"):
       for i in range(2)]
 
 
-def _finish(procs, timeout=600):
+def _finish(procs, timeout=600, returncode=0):
   logs = [p.communicate(timeout=timeout)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+  assert all(p.returncode == returncode for p in procs), "\n".join(log[-3000:] for log in logs)
   return logs
 
 
@@ -100,7 +101,7 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
     assert all(p.poll() is None for p in procs), procs[0].communicate()[0][-3000:]
     time.sleep(0.02)
   procs[1].send_signal(signal.SIGTERM)
-  logs = _finish(procs)
+  logs = _finish(procs, returncode=errors.PREEMPTED_EXIT_CODE)  # Saved; restart me.
   stopped = checkpointing.latest_step(two_dir)
   assert 4 <= stopped < TOTAL, f"stopped at {stopped}: the run ended before SIGTERM"
   assert all(f"every process saves step {stopped}" in log for log in logs)

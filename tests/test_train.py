@@ -15,7 +15,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tokenflex_jax import cli, run_tokenizer, trained_model
+from tokenflex_jax import cli, errors, run_tokenizer, trained_model
 from tokenflex_jax import eval as eval_binary
 from tokenflex_jax import predict
 from tokenflex_jax.data import scenes
@@ -127,7 +127,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 0, stderr[-3000:]
+  # Saved, then the exit code that tells a launcher to restart.
+  assert proc.returncode == errors.PREEMPTED_EXIT_CODE, stderr[-3000:]
+  assert "run the same command again to resume" in stderr.splitlines()[-1]
   assert "SIGTERM received" in stderr
   step = checkpointing.latest_step(workdir)
   assert step is not None and 0 < step < 100000

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from tokenflex_jax import cli, model_config, sharding
+from tokenflex_jax import cli, config_checks, model_config, sharding
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import trainer
 from tokenflex_jax.training.vlm_task import vlm_task
@@ -70,6 +70,8 @@ def main() -> None:
     if devices.value:
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", devices.value)
+    # On the simulated mesh, before anything compiles.
+    config_checks.check(config.value, devices.value or None)
     results = compile_buckets(config.value)
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:

@@ -73,7 +73,8 @@ def start_processes(address: flags.FlagHolder, count: flags.FlagHolder,
 
 def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   """Wraps an ``absl.app.run`` main: a `errors.UserError` prints one line and exits with
-  `errors.USAGE_EXIT_CODE`; `errors.Preempted` exits with `errors.PREEMPTED_EXIT_CODE`
+  `errors.USAGE_EXIT_CODE`; a non-finite loss prints one line and exits 1;
+  `errors.Preempted` exits with `errors.PREEMPTED_EXIT_CODE`
   (the launch scripts restart on it); any other exception keeps its traceback."""
 
   @functools.wraps(main)
@@ -83,6 +84,9 @@ def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
     except errors.UserError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
       sys.exit(errors.USAGE_EXIT_CODE)
+    except errors.NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
     except errors.Preempted as e:
       absl_logging.warning("%s", e)
       sys.exit(errors.PREEMPTED_EXIT_CODE)

@@ -75,6 +75,10 @@ def base_config() -> ConfigDict:
   c.data.image_first = False
   c.data.num_workers = 0            # grain worker processes (0: in the main process)
   c.data.truncate = False           # conversations longer than max_text_length: cut, or error
+  # A training record that cannot be used (unreadable image, broken conversation, too long
+  # without truncate; data/pipeline.py): "error" stops the run naming its file and row,
+  # "skip" logs it, counts it by reason and feeds the next good record in its place.
+  c.data.on_bad_record = "error"
 
   # "project": the demo's own sentencepiece model (path "" -> WORKDIR/tokenizer.model,
   # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json,

@@ -32,5 +32,10 @@ class Preempted(Exception):
   binaries exit with `PREEMPTED_EXIT_CODE` so that a launcher restarts them."""
 
 
+class NonFiniteLossError(RuntimeError):
+  """A step's loss or gradient norm was NaN or Inf; the message names the step, the
+  bucket and the last good checkpoint. The binaries print it as one line, exit 1."""
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A checkpoint whose parameters do not fit the configured model."""

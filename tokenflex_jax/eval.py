@@ -16,12 +16,13 @@ import jax
 import ml_collections
 from absl import logging
 
-from tokenflex_jax import cli, sharding, trained_model
+from tokenflex_jax import cli, config_checks, sharding, trained_model
 from tokenflex_jax.evaluation.evaluator import evaluate
 from tokenflex_jax.evaluation.report import markdown_table, write_results
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  config_checks.check(config, job="eval")  # Before any checkpoint is read or compile.
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules, config.eval.checkpoint_step)
   logging.info("evaluating %s at step %d, counts %s", workdir, trained.step,

@@ -23,12 +23,12 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from tokenflex_jax import cli, sharding, trained_model
+from tokenflex_jax import cli, config_checks, errors, sharding, trained_model
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation import auto_budget
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
-from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import buckets
 
 
 def load_image(path: str, size: int) -> np.ndarray:
@@ -75,15 +75,16 @@ def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
   """The model's answer to ``question`` about the image at ``image_path``, at
   ``num_tokens`` visual tokens or, with "auto", at the budget chosen for it."""
   config = trained_model.run_config(workdir, config)
+  config_checks.check(config, job="predict")  # Before any checkpoint is read or compile.
   if num_tokens == "auto":
     counts = list(auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts))
     threshold = config.eval.auto_threshold
   elif isinstance(num_tokens, int) or str(num_tokens).isdigit():
     counts, threshold = [int(num_tokens)], -float("inf")
-    token_side(counts[0])
+    buckets.check_counts(counts, "--num_tokens", *config_checks.grid_side(config))
   else:
-    raise ValueError(f"--num_tokens must be a square count (64, 144, ...) or 'auto', "
-                     f"got {num_tokens!r}")
+    raise errors.ConfigError(f"--num_tokens must be a square count (64, 144, ...) or 'auto', "
+                             f"got {num_tokens!r}")
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules, step)
   image = normalize_image(load_image(image_path, config.data.image_size))[None]

@@ -15,13 +15,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokenflex_jax import cli, flops, model_config, run_tokenizer, sharding, workdir as workdir_lib
+from tokenflex_jax import cli, config_checks, flops, model_config, run_tokenizer, sharding
+from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
 from tokenflex_jax.training import steps, trainer
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
+  config_checks.check(config, job="pretrain_vision")  # Before the workdir, data, compiles.
   workdir_lib.prepare(workdir, config)
   mesh, rules = sharding.mesh_from_config(config)
   run_tokenizer.prepare(config, workdir)  # Later stages inherit it from this workdir.
@@ -46,7 +48,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
       loss_fn=loss_fn, abstract_batch=abstract_batch,
       data_from=lambda start: pipeline.make_iterator(
           source, pipeline.PatchLabelPreprocess(vit.patch_size), config.batch_size,
-          config.data.seed, config.data.num_workers, start_batch=start),
+          config.data.seed, config.data.num_workers, start_batch=start,
+          on_bad_record=config.data.on_bad_record),
       counts=(g * g,), count_for_step=lambda step: g * g, tokens_per_example=lambda n: n,
       name="patch-labelling step",
       flops_per_step=lambda n: flops.patch_labeler_train_flops(

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from tokenflex_jax import errors
 from tokenflex_jax.data import chat
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.tokenizer import ensure_tokenizer
@@ -25,12 +26,17 @@ TOKENIZER_FILE = "tokenizer.model"
 
 
 def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The tokenizer file of ``config.tokenizer``; raises `errors.ConfigError` for an
+  unknown kind, or an LLM's tokenizer without a path."""
   t = config.tokenizer
+  if t.kind not in chat.KINDS:
+    raise errors.ConfigError(f"config.tokenizer.kind must be one of {chat.KINDS}, "
+                             f"got {t.kind!r}")
   if t.kind == "project":
     return t.path or os.path.join(workdir, TOKENIZER_FILE)
   if not t.path:
-    raise ValueError(f"config.tokenizer.kind={t.kind!r} needs "
-                     "config.tokenizer.path (the LLM's tokenizer.json or .model file)")
+    raise errors.ConfigError(f"config.tokenizer.kind={t.kind!r} needs "
+                             "config.tokenizer.path (the LLM's tokenizer.json or .model file)")
   return t.path
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -23,6 +23,8 @@ import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokenflex_jax import errors
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -60,26 +62,37 @@ FSDP_TP_RULES: Rules = (
 )
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """``config.mesh.shape`` with its -1 ("the rest") resolved for ``num_devices``; raises
+  `errors.ConfigError` naming the field unless it fits exactly that many devices."""
+  given = tuple(shape)
+  if len(given) != len(MESH_AXES):
+    raise errors.ConfigError(f"config.mesh.shape must have {len(MESH_AXES)} entries "
+                             f"{MESH_AXES}, got {given}")
+  if given.count(-1) > 1:
+    raise errors.ConfigError(f"config.mesh.shape may contain at most one -1, got {given}")
+  if any(s < 1 and s != -1 for s in given):
+    raise errors.ConfigError(f"config.mesh.shape={given}: every entry must be a positive "
+                             "size or -1 (the rest of the devices)")
+  resolved = list(given)
+  known = math.prod(s for s in given if s != -1)
+  if -1 in given:
+    if num_devices % known:
+      raise errors.ConfigError(f"config.mesh.shape={given}: {num_devices} devices are "
+                               f"not divisible by {known}")
+    resolved[given.index(-1)] = num_devices // known
+  if math.prod(resolved) != num_devices:
+    raise errors.ConfigError(f"config.mesh.shape={given} needs {math.prod(resolved)} "
+                             f"devices, but {num_devices} are available")
+  return tuple(resolved)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a (data, fsdp, tensor) mesh; one entry of ``shape`` may be -1 ("the rest")."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = list(shape)
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f"config.mesh.shape must have {len(MESH_AXES)} entries "
-                     f"{MESH_AXES}, got {tuple(shape)}")
-  if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh.shape may contain at most one -1, got {tuple(shape)}")
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"config.mesh.shape={tuple(shape)}: {len(devices)} devices are "
-                       f"not divisible by {known}")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"but {len(devices)} are available")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=auto, devices=devices)
+  return jax.make_mesh(resolve_mesh_shape(shape, len(devices)), MESH_AXES, axis_types=auto,
+                       devices=devices)
 
 
 def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
@@ -87,14 +100,15 @@ def rules_from_config(rules: Sequence[Sequence[Any]]) -> Rules:
   out = []
   for entry in rules:
     if len(entry) != 2:
-      raise ValueError(f"config.sharding.rules entry {entry!r} is not (logical_name, mesh_axes)")
+      raise errors.ConfigError(f"config.sharding.rules entry {entry!r} is not "
+                               "(logical_name, mesh_axes)")
     name, target = entry
     if isinstance(target, list):
       target = tuple(target)
     for axis in (target if isinstance(target, tuple) else (target,)):
       if axis is not None and axis not in MESH_AXES:
-        raise ValueError(f"config.sharding.rules: {name!r} maps to unknown mesh axis {axis!r}; "
-                         f"mesh axes are {MESH_AXES}")
+        raise errors.ConfigError(f"config.sharding.rules: {name!r} maps to unknown mesh "
+                                 f"axis {axis!r}; mesh axes are {MESH_AXES}")
     out.append((name, target))
   return tuple(out)
 
@@ -289,6 +303,29 @@ def mesh_from_config(config: ml_collections.ConfigDict) -> tuple[Mesh, Rules]:
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   return mesh, rules
+
+
+def data_parallel_size(mesh_shape: Mapping[str, int], rules: Rules) -> int:
+  """How many ways the rules split a batch over a mesh of ``mesh_shape`` ({axis: size}):
+  the product of the sizes of the mesh axes the logical axis "batch" maps onto (1 if
+  the rules do not name it)."""
+  axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+  return math.prod(int(mesh_shape[a]) for a in axes)
+
+
+def check_batch_divisible(field: str, batch_size: int, mesh_shape: Mapping[str, int],
+                          rules: Rules, num_processes: int = 1) -> None:
+  """Raises `errors.ConfigError` naming ``field`` (a global batch size) unless it is
+  positive and divisible by the `data_parallel_size` of the mesh and by the processes
+  (each feeds an equal share)."""
+  ways = data_parallel_size(mesh_shape, rules)
+  if batch_size < 1 or batch_size % ways or batch_size % num_processes:
+    axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    raise errors.ConfigError(
+        f"{field}={batch_size} must be a positive multiple of the {ways} data-parallel "
+        f"devices (the rules split \"batch\" over mesh axes {axes} of config.mesh.shape "
+        f"{dict(mesh_shape)}) and of the {num_processes} processes")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from tokenflex_jax import cli, model_config, run_tokenizer, sharding, workdir as workdir_lib
+from tokenflex_jax import cli, config_checks, model_config, run_tokenizer, sharding
+from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import steps, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
@@ -21,6 +22,7 @@ from tokenflex_jax.training.vlm_task import vlm_task
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   """Trains until ``config.total_steps``, resuming from ``workdir`` if it has checkpoints."""
+  config_checks.check(config)  # Before the workdir is written, data read or anything compiled.
   workdir_lib.prepare(workdir, config)
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)

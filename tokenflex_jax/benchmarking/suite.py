@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tokenflex_jax import model_config, run_tokenizer, sharding
+from tokenflex_jax import config_checks, model_config, run_tokenizer, sharding
 from tokenflex_jax.benchmarking import generation, profile, timing
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.evaluation.generate import encode_prompts
@@ -114,6 +114,7 @@ def decode_rates(config: ml_collections.ConfigDict, model: VLM, params: Any, tok
 def benchmark(config: ml_collections.ConfigDict, workdir: str,
               options: Options = Options()) -> dict[str, Any]:
   """Runs every measurement; returns the report (`report.write` lays it out)."""
+  config_checks.check(config)  # Before the workdir is written, data read or anything compiled.
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)

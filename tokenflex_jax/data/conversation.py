@@ -48,6 +48,9 @@ class ConversationError(InputError):
     self.reason = reason
     super().__init__(message)
 
+  def __reduce__(self):  # Picklable: grain's worker processes send errors back.
+    return type(self), (self.reason, str(self))
+
 
 def count_markers(texts: Sequence[str]) -> int:
   """The number of image markers in a conversation's texts (0 or 1); `ConversationError`
@@ -63,7 +66,7 @@ def count_markers(texts: Sequence[str]) -> int:
 def parse_turn(i: int, role: str, text: str) -> Turn:
   """Turn ``i`` of a conversation: checks its role (alternating user, assistant, ... from
   the user) and that an image marker in it sits in a user turn, and cuts the marker out."""
-  name = ROLES.get(role)
+  name = ROLES.get(role) if isinstance(role, str) else None
   if name is None:
     raise ConversationError("unknown role", f"turn {i} has the unknown role {role!r}; "
                             f"expected one of {sorted(ROLES)}")
@@ -101,14 +104,16 @@ def question_with_image(question: str, image_first: bool) -> str:
 
 
 def check_image_count(ids: Sequence[int], image_id: int, turns: Sequence[Turn]) -> None:
-  """Raises ValueError unless ``ids`` hold the image id once per marker: a text that
-  spells out the image token itself would make the spliced image land twice."""
+  """Raises `ConversationError` (a ValueError) unless ``ids`` hold the image id once per
+  marker: a text that spells out the image token itself would make the spliced image
+  land twice."""
   expected = sum(t.has_image for t in turns)
   found = sum(1 for i in ids if i == image_id)
   if found != expected:
-    raise ValueError(f"the conversation gives {found} image placeholder ids (id {image_id}) "
-                     f"for {expected} {IMAGE_MARKER!r} markers: does a text contain the "
-                     "image token itself?")
+    raise ConversationError("image token in a text",
+                            f"the conversation gives {found} image placeholder ids (id "
+                            f"{image_id}) for {expected} {IMAGE_MARKER!r} markers: does a "
+                            "text contain the image token itself?")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from tokenflex_jax.data import conversation
 from tokenflex_jax.data.conversation import ASSISTANT, IMAGE_MARKER, ConversationError
-from tokenflex_jax.data.rows import MalformedRowError, collect_rows, json_line
+from tokenflex_jax.data.rows import (MalformedRowError, check_text, collect_rows, data_lines,
+                                     json_line, read_text)
+from tokenflex_jax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +77,17 @@ def parse_row(raw: object, path: str, row: int, image_dir: str) -> Conversation:
   bad = lambda reason, detail="": MalformedRowError(path, row, reason, detail)
   if not isinstance(raw, dict):
     raise bad("not an object", type(raw).__name__)
-  row_id = str(raw.get("id", row))
+  check_text(raw, path, row)
+  row_id = raw.get("id", row)
+  if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+    raise bad("mistyped id", f"'id' is {type(row_id).__name__} {row_id!r:.80}")
+  row_id = str(row_id)
   image = raw.get("image")
   if "image" not in raw:
     raise bad("text-only row", f"id {row_id!r} has no 'image' field; this model needs one "
               "image per conversation")
   if not image or not isinstance(image, str):
-    raise bad("missing image", f"id {row_id!r}: 'image' is {image!r}")
+    raise bad("missing image", f"id {row_id!r}: 'image' is {image!r:.80}")
   image_path = os.path.join(image_dir, image)
   if not os.path.isfile(image_path):
     raise bad("missing image", f"id {row_id!r}: {image_path} does not exist")
@@ -96,21 +103,81 @@ def read_llava(path: str, image_dir: str, skip_malformed: bool = False
 
   Returns (the usable rows in file order, {reason: count} of the rows left out). Without
   ``skip_malformed`` the first malformed row raises `MalformedRowError`. Rows are
-  numbered from 0 in the list (in a JSON-lines file: among its non-empty lines).
+  numbered from 0 in the list (in a JSON-lines file: among its non-empty lines). Text is
+  decoded per row: bytes that are not UTF-8 make their row "invalid UTF-8". A JSON list
+  broken in its structure cannot be read past the break: `MalformedRowError` "invalid
+  JSON" naming the row where it breaks, even with ``skip_malformed``; in JSON lines a
+  line that is not JSON is one malformed row.
   """
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  text = read_text(path)
+  if text.lstrip().startswith("["):
+    rows = _json_list(text, path)
+  else:
+    lines = data_lines(text)
+    if not lines:
+      raise InputError(f"{path}: no rows (expected a JSON list or JSON lines of "
+                       "conversation rows)")
+
+    def parse_line(i: int, line: str) -> Conversation:
+      return parse_row(json_line(line, path, i), path, i, image_dir)
+
+    return collect_rows(lines, parse_line, skip_malformed)
+  return collect_rows(rows, lambda i, raw: parse_row(raw, path, i, image_dir), skip_malformed)
+
+
+def _json_list(text: str, path: str) -> list[Any]:
+  """A JSON list's items; where it does not parse, `MalformedRowError` "invalid JSON"
+  naming the first row it cannot read (then a line and column of the file)."""
   try:
     rows = json.loads(text)
-  except json.JSONDecodeError:
-    lines = [line for line in text.splitlines() if line.strip()]
-    rows = [json_line(line, path, i) for i, line in enumerate(lines)]
-  if not isinstance(rows, list):
-    raise ValueError(f"{path}: expected a JSON list of conversation rows, "
-                     f"got {type(rows).__name__}")
-  return collect_rows(rows, lambda i, raw: parse_row(raw, path, i, image_dir), skip_malformed)
+  except (ValueError, RecursionError) as e:
+    error = str(e)
+  else:
+    if isinstance(rows, list):
+      return rows
+    error = "not a list"
+  decoder = json.JSONDecoder()
+  ws = re.compile(r"[ \t\n\r]*")
+  pos, row = ws.match(text, text.index("[") + 1).end(), 0
+  if text.startswith("]", pos):
+    pos = ws.match(text, pos + 1).end()
+    rows_end = True
+  else:
+    rows_end = False
+  while not rows_end:
+    try:
+      _, pos = decoder.raw_decode(text, pos)
+    except (ValueError, RecursionError) as e:
+      raise _list_break(path, row, text, pos, str(e)) from None
+    row += 1
+    pos = ws.match(text, pos).end()
+    if text.startswith(",", pos):
+      pos = ws.match(text, pos + 1).end()
+    elif text.startswith("]", pos):
+      pos = ws.match(text, pos + 1).end()
+      rows_end = True
+    else:
+      raise _list_break(path, row, text, pos, "expected ',' or ']' after the row")
+  raise _list_break(path, row, text, pos,
+                    "extra data after the list" if pos < len(text) else error)
+
+
+def _list_break(path: str, row: int, text: str, pos: int, why: str) -> MalformedRowError:
+  line = text.count("\n", 0, pos) + 1
+  column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+  return MalformedRowError(path, row, "invalid JSON", f"line {line} column {column}: "
+                           f"{why[:200]} (the list cannot be read past this row)")
 
 
 def turns_from_json(text: str) -> Sequence[tuple[str, str]]:
   """The stored form of a conversation (JSON [[role, text], ...]) -> turns."""
   return [(role, value) for role, value in json.loads(text)]
+
+
+def check_turns(turns: Sequence[tuple[str, str]], row_id: str,
+                bad: Callable[[str, str], MalformedRowError]) -> tuple[tuple[str, str], ...]:
+  """Stored turns (`turns_from_json`) validated by the same rules as a JSON row's
+  (`parse_row`); raises ``bad(reason, detail)``."""
+  if not turns:
+    raise bad("no conversations", f"id {row_id!r}")
+  return _parse_turns([{"from": role, "value": text} for role, text in turns], row_id, bad)

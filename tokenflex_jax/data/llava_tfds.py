@@ -21,7 +21,6 @@ it when ``config.data.source = "llava"`` and ``config.data.tfds_dir`` names the 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import re
@@ -31,11 +30,10 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import app, flags, logging
-from PIL import Image
 
 from tokenflex_jax import cli
-from tokenflex_jax.data import llava, tfds_split
-from tokenflex_jax.data.rows import MalformedRowError, format_skipped
+from tokenflex_jax.data import images, llava, tfds_split
+from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError, bad_text, format_skipped
 
 NAME = "llava_conversations"
 
@@ -48,13 +46,16 @@ class LlavaConfig(tfds.core.BuilderConfig):
 
 
 def _checked_image_bytes(conversation: llava.Conversation, json_path: str) -> bytes:
-  """The image file's bytes, after checking that PIL can decode it."""
-  with open(conversation.image_path, "rb") as f:
-    data = f.read()
+  """The image file's bytes, after checking that they decode (`images.decode`: a corrupt,
+  truncated or too large image, or an unsupported mode, is a malformed row)."""
   try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.verify()
-  except Exception as e:  # PIL raises many types for corrupt files.
+    with open(conversation.image_path, "rb") as f:
+      data = f.read()
+    images.decode(data, None)
+  except images.ImageError as e:
+    raise MalformedRowError(json_path, conversation.row, e.reason,
+                            f"{conversation.image_path}: {e}") from None
+  except OSError as e:
     raise MalformedRowError(json_path, conversation.row, "unreadable image",
                             f"{conversation.image_path}: {e}") from None
   return data
@@ -121,19 +122,46 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
 
 
 class LlavaTfdsSource(tfds_split.TfdsSplit):
-  """Grain random-access source: {"image": encoded bytes, "turns": [(role, text)], "id"}.
+  """Grain random-access source: {"image": encoded bytes, "turns": ((role, text), ...),
+  "id": str, "row": its row in the JSON file, "source": this build and split, "record":
+  its index in the split} ("source" and "record" name it in the pipeline's errors).
 
-  Picklable: the array_record files are reopened lazily in each process.
+  Each record is checked by the JSON reader's rules (`llava.check_turns`: roles in
+  order, one <image> marker in a user turn, non-empty replies; texts valid UTF-8): a
+  record that breaks them raises `MalformedRowError` naming the build, split and record.
+  The image is decoded (and checked) by the pipeline. Picklable: the array_record files
+  are reopened lazily in each process.
   """
 
   def __init__(self, data_dir: str, split: str = "train"):
     super().__init__(tfds_split.find_build(data_dir, NAME), split)
 
-  def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
-    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)
-    return {"image": bytes(raw["image"]), "id": text(raw["id"]),
-            "turns": llava.turns_from_json(text(raw["conversations"])),
-            "row": int(raw["row"])}
+  def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
+    texts = {}
+    for key in ("id", "conversations"):
+      value = raw.get(key)
+      try:
+        texts[key] = value.decode("utf-8") if isinstance(value, bytes) else value
+      except UnicodeDecodeError as e:
+        raise self.bad(index, INVALID_UTF8, f"{key!r}: {e}") from None
+      if not isinstance(texts[key], str):
+        raise self.bad(index, "mistyped field", f"{key!r} is {type(value).__name__}")
+    row_id = texts["id"]
+    try:
+      turns = llava.turns_from_json(texts["conversations"])
+    except (ValueError, TypeError, RecursionError) as e:
+      raise self.bad(index, "invalid JSON", f"id {row_id!r:.80}: 'conversations': "
+                     f"{type(e).__name__}: {e}"[:300]) from None
+    found = bad_text(turns, "'conversations'")
+    if found:
+      raise self.bad(index, INVALID_UTF8, f"id {row_id!r:.80}: {found}")
+    turns = llava.check_turns(turns, row_id, lambda reason, detail: self.bad(index, reason,
+                                                                             detail))
+    image = raw.get("image")
+    if not isinstance(image, bytes) or not image:
+      raise self.bad(index, "missing image", f"id {row_id!r:.80}: no image bytes")
+    return {"image": image, "id": row_id, "turns": turns, "row": int(raw["row"]),
+            "source": self.name, "record": index}
 
 
 def main(argv: list[str]) -> None:

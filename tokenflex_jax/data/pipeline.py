@@ -8,18 +8,24 @@ batches into global arrays sharded over the mesh's batch axes.
 
 from __future__ import annotations
 
-import io
+import collections
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import jax
 import numpy as np
-from PIL import Image
+from absl import logging
 
 from tokenflex_jax import sharding
-from tokenflex_jax.data import scenes
+from tokenflex_jax.data import images, scenes
 from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.data.conversation import ConversationError
+from tokenflex_jax.data.rows import MalformedRowError
+from tokenflex_jax.errors import ConfigError, InputError
+
+TOO_LONG = "too long"
 
 
 def make_source(data_config: Any, split: str = "train") -> Any:
@@ -85,26 +91,25 @@ def encode_conversation(tokenizer: ChatTokenizer, turns: Sequence[tuple[str, str
   """A whole conversation in the tokenizer's chat template, right-padded.
 
   Returns (tokens int32 [T], loss_mask float32 [T]): the mask covers every assistant
-  reply and its end-of-turn token. A conversation longer than T raises an error naming
-  ``name``, or with ``truncate`` loses its tail (never the image placeholder).
+  reply and its end-of-turn token. A conversation longer than T raises `ConversationError`
+  "too long" naming ``name``, or with ``truncate`` loses its tail (never the image
+  placeholder).
   """
   ids, mask = tokenizer.conversation_ids(turns)
   if len(ids) > max_length:
     if not truncate or tokenizer.image_id not in ids[:max_length]:
-      raise ValueError(f"{name}: needs {len(ids)} tokens but config.data.max_text_length is "
-                       f"{max_length}" + ("" if not truncate else
-                                          " and truncation would cut the image placeholder"))
+      raise ConversationError(TOO_LONG, f"{name}: needs {len(ids)} tokens but "
+                              f"config.data.max_text_length is {max_length}" + (
+                                  "" if not truncate else
+                                  " and truncation would cut the image placeholder"))
     ids, mask = ids[:max_length], mask[:max_length]
   return pad_to_length(ids, mask, max_length, tokenizer.pad_id)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
-  """Encoded image bytes (any format PIL reads) -> uint8 [size, size, 3], bicubic resize."""
-  with Image.open(io.BytesIO(data)) as im:
-    im = im.convert("RGB")
-    if im.size != (size, size):
-      im = im.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im, np.uint8)
+  """Encoded image bytes -> uint8 [size, size, 3], bicubic resize (`images.decode`: any
+  mode converted to RGB; corrupt, truncated or too large images raise `ImageError`)."""
+  return images.decode(data, size)
 
 
 class TokenizingPreprocess(grain.transforms.Map):
@@ -153,10 +158,21 @@ class ConversationPreprocess(TokenizingPreprocess):
     self._image_size, self._max_length, self._truncate = image_size, max_text_length, truncate
 
   def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A bad conversation (too long, the image token in a text) or image (corrupt,
+    truncated, too large) raises `MalformedRowError` naming the element's "source" and
+    "record" (`llava_tfds.LlavaTfdsSource`'s)."""
     name = f"row {element.get('row', '?')} (id {element.get('id', '?')!r})"
-    tokens, mask = encode_conversation(self.tokenizer, element["turns"], self._max_length,
-                                       self._truncate, name)
-    image = decode_image(element["image"], self._image_size)
+    source, record = element.get("source", "LLaVA conversations"), element.get("record", "?")
+    try:
+      tokens, mask = encode_conversation(self.tokenizer, element["turns"], self._max_length,
+                                         self._truncate, name)
+      image = decode_image(element["image"], self._image_size)
+    except MalformedRowError:
+      raise
+    except (InputError, images.ImageError) as e:
+      raise MalformedRowError(source, record, getattr(e, "reason", "bad record"),
+                              f"{name}: {e}" if isinstance(e, images.ImageError) else str(e),
+                              unit="record") from None
     return {"image": normalize_image(image), "tokens": tokens, "loss_mask": mask}
 
 
@@ -202,22 +218,122 @@ class HostRows:
     return self.dataset[batch * self.global_batch + self.index * self.local_batch + row]
 
 
+# --- Bad records (config.data.on_bad_record) --------------------------------------------
+
+BAD_RECORD_POLICIES = ("error", "skip")
+MAX_BAD_IN_A_ROW = 100  # "skip" skips single bad records, not a broken source
+_REASON_KEY = "_bad_record_reason"  # uint8 [_REASON_BYTES] per example, only under "skip"
+_REASON_BYTES = 64
+_skipped: collections.Counter[str] = collections.Counter()
+_skipped_lock = threading.Lock()
+
+
+def check_bad_record_policy(value: Any) -> str:
+  """``config.data.on_bad_record``, validated: `ConfigError` naming it unless it is one of
+  `BAD_RECORD_POLICIES`."""
+  if value not in BAD_RECORD_POLICIES:
+    raise ConfigError(f"config.data.on_bad_record must be 'error' (stop at a bad record) or "
+                      f"'skip' (count and skip it), got {value!r}")
+  return value
+
+
+def skipped_records() -> dict[str, int]:
+  """{reason: records} that this process's training pipelines have skipped since it
+  started (``config.data.on_bad_record = "skip"``), e.g. {"unreadable image": 2}: the
+  bad records among the examples this host was fed (counted when its batch is taken
+  from the iterator, worker processes included). {} if none."""
+  with _skipped_lock:
+    return dict(_skipped)
+
+
+def _encode_reason(error: InputError | None) -> np.ndarray:
+  """uint8 [_REASON_BYTES]: the error's reason in UTF-8, zero-padded; zeros for None."""
+  out = np.zeros((_REASON_BYTES,), np.uint8)
+  if error is not None:
+    reason = str(getattr(error, "reason", "") or type(error).__name__)
+    data = reason.encode("utf-8")[:_REASON_BYTES]
+    out[:len(data)] = np.frombuffer(data, np.uint8)
+  return out
+
+
+class SkipBadRecords:
+  """Random access over ``dataset`` (shuffled records, preprocessed) that skips bad ones.
+
+  Position k holds the first good record at k, k+1, ... (cyclically): batches keep their
+  size, and a resumed run, or one on another number of processes, sees the same batches.
+  A record is bad when reading or preprocessing it raises `InputError` (the message names
+  its file or build and its row or record); any other error propagates. The record at
+  position k, if bad, is logged once there and its reason travels with the example
+  (uint8 [64] under a private key) to `CountSkipped` in the process that takes the batch;
+  `MAX_BAD_IN_A_ROW` bad records in a row raise `InputError`.
+  """
+
+  def __init__(self, dataset: Any):
+    self.dataset = dataset
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    n = len(self.dataset)
+    first: InputError | None = None
+    last: InputError | None = None
+    for step in range(min(n, MAX_BAD_IN_A_ROW)):
+      try:
+        example = self.dataset[(k + step) % n]
+      except InputError as e:
+        last = e
+        if step == 0:  # Counted here only: at k + 1, ... it is counted at its own position.
+          first = e
+          logging.warning("skipping a bad record (config.data.on_bad_record='skip'): %s", e)
+        continue
+      return {**example, _REASON_KEY: _encode_reason(first)}
+    raise InputError(f"{min(n, MAX_BAD_IN_A_ROW)} records in a row are bad, e.g. {last}; "
+                     "config.data.on_bad_record='skip' skips single bad records, not a "
+                     "broken source")
+
+
+class CountSkipped(grain.transforms.Map):
+  """Batch -> the batch without the skip reasons (`SkipBadRecords`), which it adds to
+  `skipped_records`; runs in the process that consumes the batches."""
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
+    batch = dict(element)
+    reasons = np.asarray(batch.pop(_REASON_KEY)).reshape(-1, _REASON_BYTES)
+    found = [bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in reasons if r.any()]
+    if found:
+      with _skipped_lock:
+        _skipped.update(found)
+    return batch
+
+
 def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: int, seed: int,
-                  num_workers: int = 0, start_batch: int = 0) -> grain.DatasetIterator:
+                  num_workers: int = 0, start_batch: int = 0, on_bad_record: str = "error"
+                  ) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of host-local batches, from global batch
-  ``start_batch`` on (the order does not depend on the number of processes)."""
+  ``start_batch`` on (the order does not depend on the number of processes).
+
+  ``on_bad_record`` ("error" | "skip", ``config.data.on_bad_record``): a record whose
+  reading or preprocessing raises `InputError` stops the run, or is skipped
+  (`SkipBadRecords`) and counted (`skipped_records`).
+  """
   if global_batch % jax.process_count():
     raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
                      f"{jax.process_count()} processes")
+  skip = check_bad_record_policy(on_bad_record) == "skip"
   local_batch = global_batch // jax.process_count()
-  ds = grain.MapDataset.source(source).seed(seed).shuffle()
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().map(transform)
+  if skip:
+    ds = grain.MapDataset.source(SkipBadRecords(ds))
   ds = grain.MapDataset.source(HostRows(ds, global_batch, jax.process_index(),
                                         jax.process_count()))
   ds = ds.repeat(None)[start_batch * local_batch:]
-  ds = ds.map(transform).batch(local_batch, drop_remainder=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  if skip:
+    it = it.map(CountSkipped())
   return iter(it)
 
 

@@ -24,7 +24,8 @@ from absl import app, flags
 from PIL import Image
 
 from tokenflex_jax import cli
-from tokenflex_jax.data import scenes, tfds_split
+from tokenflex_jax.data import images, scenes, tfds_split
+from tokenflex_jax.data.rows import INVALID_UTF8
 
 VALIDATION_INDEX_OFFSET = 1 << 40
 _TEXT_KEYS = ("question", "answer", "family")
@@ -109,17 +110,47 @@ class TfdsSceneSource(tfds_split.TfdsSplit):
 
   Items: {"image": uint8 [H, W, 3], "question"/"answer"/"family": str, "color_map",
   "object_map": int32 [H, W], "index": int}. Picklable: the files are reopened lazily.
+
+  Each record is checked (`convert`): a PNG that is not RGB of the build's size (the
+  labels are per pixel: nothing is converted or resized), label ids outside the suite's,
+  texts that are not UTF-8 or not the family's question and answers raise
+  `MalformedRowError` naming the build, split and record.
   """
+
+  decoders = {"image": tfds.decode.SkipDecoding()}  # decoded and checked in `convert`
 
   def __init__(self, data_dir: str, split: str):
     super().__init__(tfds_split.find_build(data_dir, TokenflexScenes.name), split)
 
-  def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
-    out = {k: raw[k].decode("utf-8") if isinstance(raw[k], bytes) else raw[k]
-           for k in _TEXT_KEYS}
-    out["image"] = np.asarray(raw["image"], np.uint8)
-    out["color_map"] = np.asarray(raw["color_map"], np.int32)
-    out["object_map"] = np.asarray(raw["object_map"], np.int32)
+  def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k in _TEXT_KEYS:
+      value = raw.get(k)
+      try:
+        out[k] = value.decode("utf-8") if isinstance(value, bytes) else value
+      except UnicodeDecodeError as e:
+        raise self.bad(index, INVALID_UTF8, f"{k!r}: {e}") from None
+      if not isinstance(out[k], str):
+        raise self.bad(index, "mistyped field", f"{k!r} is {type(value).__name__}")
+    if out["family"] not in scenes.FAMILY_NAMES:
+      raise self.bad(index, "unknown family", f"{out['family']!r:.80}")
+    family = scenes.get_family(out["family"])
+    if out["question"] not in family.questions or out["answer"] not in family.answers:
+      raise self.bad(index, "unknown question or answer",
+                     f"family {family.name}: {out['question']!r:.80} -> {out['answer']!r:.80}")
+    h, w, _ = self._features["image"].shape
+    for k, top in (("color_map", len(scenes.COLORS)), ("object_map", scenes.NUM_OBJECT_TYPES)):
+      labels = np.asarray(raw.get(k))
+      if labels.shape != (h, w) or labels.dtype != np.int32:
+        raise self.bad(index, "wrong labels", f"{k!r} is {labels.dtype} {labels.shape}, "
+                       f"expected int32 {(h, w)}")
+      if labels.size and (labels.min() < 0 or labels.max() >= top):
+        raise self.bad(index, "wrong labels", f"{k!r} holds ids outside [0, {top})")
+      out[k] = labels
+    try:
+      out["image"] = images.decode_exact(raw.get("image"), h, w)
+    except images.ImageError as e:
+      raise self.bad(index, e.reason, str(e)) from None
     out["index"] = int(raw["index"])
     return out
 

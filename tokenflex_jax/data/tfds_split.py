@@ -7,6 +7,9 @@ import os
 from typing import Any
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import decode as tfds_decode
+
+from tokenflex_jax.data.rows import MalformedRowError
 
 
 def find_build(data_dir: str, name: str) -> str:
@@ -25,30 +28,66 @@ def find_build(data_dir: str, name: str) -> str:
 class TfdsSplit:
   """A grain RandomAccessDataSource over ``split`` of a build; subclasses turn the raw
   records into examples in `convert`. Picklable: the files are reopened lazily in each
-  process."""
+  process.
+
+  A record that cannot be read, deserialized or converted raises `MalformedRowError`
+  naming the build, the split and the record (its index in the split), e.g.
+  "/data/tfds/x/1.0.0 (train split): record 17: undecodable record: ...".
+  """
+
+  # TFDS decoders for the features (e.g. {"image": tfds.decode.SkipDecoding()} for an
+  # image that `convert` decodes and checks itself); None: TFDS decodes every feature.
+  decoders: dict[str, Any] | None = None
 
   def __init__(self, dataset_dir: str, split: str):
     self.dataset_dir = dataset_dir
     self.split = split
-    self._source = None
+    self.name = f"{dataset_dir} ({split} split)"
+    self._source = self._features = None
     self._len = len(self._open())
 
   def _open(self):
     if self._source is None:
       builder = tfds.builder_from_directory(self.dataset_dir)
-      self._source = builder.as_data_source(split=self.split)
+      self._features = builder.info.features
+      self._source = builder.as_data_source(
+          split=self.split, deserialize_method=tfds_decode.DeserializeMethod.RAW_BYTES)
     return self._source
 
   def __getstate__(self):
-    return {**self.__dict__, "_source": None}
+    return {**self.__dict__, "_source": None, "_features": None}
 
   def __len__(self) -> int:
     return self._len
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    return self.convert(self._open()[int(index)])
+    index = int(index)
+    source = self._open()
+    if not 0 <= index < self._len:
+      raise IndexError(f"record {index} out of range for {self._len} records of {self.name}")
+    try:
+      record = source[index]
+    except Exception as e:  # pylint: disable=broad-except  # array_record's many types
+      raise self.bad(index, "unreadable record", f"{type(e).__name__}: {e}") from None
+    return self.decode(record, index)
 
-  def convert(self, raw: dict[str, Any]) -> dict[str, Any]:
+  def decode(self, record: bytes, index: int) -> dict[str, Any]:
+    """A stored record (its serialized bytes) -> the example (`convert`); a record that
+    does not deserialize is `MalformedRowError` "undecodable record"."""
+    self._open()
+    try:
+      raw = self._features.deserialize_example_np(record, decoders=self.decoders)
+    except Exception as e:  # pylint: disable=broad-except  # protobuf and numpy types
+      raise self.bad(index, "undecodable record", f"{type(e).__name__}: {e}"[:300]) from None
+    return self.convert(raw, index)
+
+  def bad(self, index: int, reason: str, detail: str = "") -> MalformedRowError:
+    """The error for record ``index``: names the build, the split and the record."""
+    return MalformedRowError(self.name, index, reason, detail, unit="record")
+
+  def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
+    """A deserialized record -> the example; raises `bad` for one that is not usable."""
+    del index
     return raw
 
   def __repr__(self) -> str:

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from tokenflex_jax import errors
+
 Score = Callable[[Sequence[str]], dict[str, float]]
 
 
@@ -70,8 +72,8 @@ def ladder_counts(configured: Sequence[int], trained: Sequence[int],
   available = sorted(set(trained) & set(evaluated)) if evaluated is not None else sorted(trained)
   counts = tuple(sorted(configured)) if configured else tuple(available)
   if configured and (len(counts) < 2 or not set(counts) <= set(available)):
-    raise ValueError(f"config.eval.auto_counts={tuple(configured)} must be two or more of the "
-                     f"trained (and evaluated) counts {tuple(available)}")
+    raise errors.ConfigError(f"config.eval.auto_counts={tuple(configured)} must be two or "
+                             f"more of the trained (and evaluated) counts {tuple(available)}")
   return counts
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from tokenflex_jax import sharding
+from tokenflex_jax import errors, sharding
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.data.chat import ChatTokenizer
@@ -78,8 +78,7 @@ def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) 
 def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
   """An MMBench TSV or VQA JSONL file (``config.eval.suite``, ``config.eval.data_path``)."""
   path, size, skip = config.eval.data_path, config.data.image_size, config.eval.skip_malformed
-  if not path:
-    raise ValueError(f"config.eval.suite={config.eval.suite!r} needs config.eval.data_path")
+  check_suite(config)
   if config.eval.suite == "mmbench":
     bench = eval_files.mmbench(path, size, skip)
   else:
@@ -97,13 +96,25 @@ def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -
                  bench.num_questions, bench.prompt_scores)
 
 
-def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+EVAL_SUITES = ("scenes", "mmbench", "vqa")
+
+
+def check_suite(config: ml_collections.ConfigDict) -> None:
+  """Raises `errors.ConfigError` unless ``config.eval.suite`` is one of `EVAL_SUITES`,
+  with ``config.eval.data_path`` set for an eval file."""
   suite = config.eval.suite
-  if suite == "scenes":
+  if suite not in EVAL_SUITES:
+    raise errors.ConfigError(f"config.eval.suite must be 'scenes', 'mmbench' or 'vqa', "
+                             f"got {suite!r}")
+  if suite != "scenes" and not config.eval.data_path:
+    raise errors.ConfigError(f"config.eval.suite={suite!r} needs config.eval.data_path")
+
+
+def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+  check_suite(config)
+  if config.eval.suite == "scenes":
     return scene_eval_set(config, tokenizer)
-  if suite in ("mmbench", "vqa"):
-    return eval_file_set(config, tokenizer)
-  raise ValueError(f"config.eval.suite must be 'scenes', 'mmbench' or 'vqa', got {suite!r}")
+  return eval_file_set(config, tokenizer)
 
 
 def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
@@ -145,10 +156,8 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
   """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
   data = eval_set(config, tokenizer)
   n_examples, bs = len(data.prompts), config.eval.batch_size
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if bs % data_parallel or bs % jax.process_count():
-    raise ValueError(f"config.eval.batch_size={bs} must be divisible by the {data_parallel} "
-                     f"data-parallel devices and the {jax.process_count()} processes")
+  sharding.check_batch_divisible("config.eval.batch_size", bs, mesh.shape, rules,
+                                 jax.process_count())
   generate = make_generate(model, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
   image_sh = sharding.batch_sharding(mesh, rules, 4)
   prompt_sh = sharding.batch_sharding(mesh, rules, 2)

@@ -16,6 +16,9 @@ import optax
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vit import ViT, ViTConfig
 
+# PatchLabeler's top-level parameter modules: one config.lr_multipliers entry each.
+MODULES = ("vit", "color_head", "object_head")
+
 
 class PatchLabeler(nn.Module):
   """Images [B, H, W, 3] -> (colour logits [B, L, num_colors], object logits [B, L, num_objects])."""

@@ -32,6 +32,8 @@ from tokenflex_jax.models.vit import ViT, ViTConfig
 
 
 VISUAL_POSITION_LAYOUTS = ("raster", "grid")
+# The VLM's top-level parameter modules (`VLM.setup`): one config.lr_multipliers entry each.
+MODULES = ("vit", "projector", "llm")
 
 
 @dataclasses.dataclass(frozen=True)

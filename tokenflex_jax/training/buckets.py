@@ -10,25 +10,44 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tokenflex_jax import errors
 from tokenflex_jax.models.projector import token_side
 
 
-def validate_buckets(counts: Sequence[int], probs: Sequence[float]) -> None:
-  """Raises ValueError naming the config field if counts/probs are unusable."""
+def check_counts(counts: Sequence[int], field: str = "config.token_counts",
+                 grid_side: int | None = None,
+                 grid_fields: str = "config.model.vit.image_size / patch_size") -> None:
+  """Raises `errors.ConfigError` naming ``field`` unless ``counts`` are distinct positive
+  squares, each pooled from at most the ViT's ``grid_side`` x ``grid_side`` patch grid
+  (more visual tokens than patches would only upsample; ``grid_fields`` says where the
+  grid comes from). ``grid_side`` None: the grid is not checked."""
   if not counts:
-    raise ValueError("config.token_counts is empty")
+    raise errors.ConfigError(f"{field} is empty")
   if len(set(counts)) != len(counts):
-    raise ValueError(f"config.token_counts has duplicates: {tuple(counts)}")
+    raise errors.ConfigError(f"{field} has duplicates: {tuple(counts)}")
   for n in counts:
     try:
-      token_side(n)
+      side = token_side(n)
     except ValueError as e:
-      raise ValueError(f"config.token_counts: {e}") from None
+      raise errors.ConfigError(f"{field}: {e}") from None
+    if grid_side is not None and side > grid_side:
+      raise errors.ConfigError(
+          f"{field}={tuple(counts)}: {n} visual tokens need a {side}x{side} pool, larger "
+          f"than the ViT's {grid_side}x{grid_side} patch grid ({grid_fields})")
+
+
+def validate_buckets(counts: Sequence[int], probs: Sequence[float],
+                     grid_side: int | None = None,
+                     grid_fields: str = "config.model.vit.image_size / patch_size") -> None:
+  """Raises `errors.ConfigError` (a ValueError) naming the config field if counts/probs
+  are unusable (`check_counts`, with the patch grid if ``grid_side`` is given)."""
+  check_counts(counts, "config.token_counts", grid_side, grid_fields)
   if len(probs) != len(counts):
-    raise ValueError(f"config.token_probs has {len(probs)} entries but config.token_counts "
-                     f"has {len(counts)}")
+    raise errors.ConfigError(f"config.token_probs has {len(probs)} entries but "
+                             f"config.token_counts has {len(counts)}")
   if any(p < 0 for p in probs) or not np.isclose(sum(probs), 1.0, atol=1e-6):
-    raise ValueError(f"config.token_probs must be non-negative and sum to 1, got {tuple(probs)}")
+    raise errors.ConfigError(f"config.token_probs must be non-negative and sum to 1, got "
+                             f"{tuple(probs)}")
 
 
 def token_count_for_step(seed: int, step: int, counts: Sequence[int],

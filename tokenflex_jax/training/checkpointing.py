@@ -2,7 +2,9 @@
 
 Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,data,meta}``. Orbax writes
 each step to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint as the latest.
+mid-save leaves the previous checkpoint as the latest (and a temporary directory, which
+`remove_temporary` deletes at the next start). Each committed step also gets checksums
+(`integrity`), and `restore_latest` falls back from a damaged step to the one before.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 from tokenflex_jax.convert import legacy_layers
-from tokenflex_jax.errors import MissingInputError
+from tokenflex_jax.errors import CheckpointMismatchError, MissingInputError, UserError
+from tokenflex_jax.training import integrity
 
 ITEMS = ("params", "opt_state", "data", "meta")
 
@@ -41,6 +45,7 @@ def save(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
            "meta": ocp.args.JsonSave(meta)}
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  finish(manager)  # Orbax would wait for the previous save here anyway.
   manager.save(step, args=ocp.args.Composite(**items), force=True)
   logging.info("saving checkpoint %s/%d (asynchronously)", manager.directory, step)
 
@@ -50,7 +55,24 @@ def save_params(manager: ocp.CheckpointManager, step: int, params: Any,
   """Saves params and metadata only (a starting point, e.g. converted towers) and waits."""
   manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
                                              meta=ocp.args.JsonSave(meta)), force=True)
+  finish(manager)
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight, then records the checksums of every committed step
+  that has none from this process yet."""
   manager.wait_until_finished()
+  for step in manager.all_steps():
+    step_dir = os.path.join(str(manager.directory), str(step))
+    if not integrity.has_checksums(step_dir, jax.process_index()):
+      integrity.write_checksums(step_dir, jax.process_index())
+
+
+def remove_temporary(workdir: str) -> list[str]:
+  """Deletes (process 0) and reports the temporary directories of unfinished saves."""
+  if jax.process_index() != 0:
+    return []
+  return integrity.remove_temporary(checkpoint_dir(workdir))
 
 
 def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
@@ -85,6 +107,102 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params: Any,
                     step, jax.process_count())
   out = manager.restore(step, args=ocp.args.Composite(**items))
   return out["params"], out["opt_state"], out["meta"], data_restored
+
+
+def mismatches(workdir: str, step: int, abstract_params: Any) -> list[str]:
+  """The parameters whose saved shape differs from the model's, or that only one side
+  has: one "name: saved S, model M" per parameter ([] when the checkpoint fits)."""
+  flat = lambda tree: {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
+                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  saved, model = flat(params_metadata(workdir, step)), flat(abstract_params)
+  out = []
+  for name in sorted(set(saved) | set(model)):
+    if saved.get(name) != model.get(name):
+      out.append(f"{name}: saved {saved.get(name, 'absent')}, model {model.get(name, 'absent')}")
+  return out
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any,
+                   abstract_opt_state: Any, data_iterator: grain.DatasetIterator | None
+                   ) -> tuple[int, Any, Any, dict[str, Any], bool] | None:
+  """`restore` of the newest good step: (step, params, opt_state, meta, data restored),
+  or None when the workdir has no committed step.
+
+  A step whose files fail their checksums (`integrity.problems`: truncated, missing,
+  changed), or (with one process) whose restore fails, is skipped with a warning naming
+  the file and the fault, and the step before it is tried. Raises
+  `CheckpointMismatchError` listing the parameters when a step holds another model's
+  shapes, and `UserError` when steps exist but none is usable: a workdir with
+  checkpoints never silently starts from scratch.
+  """
+  workdir = os.path.dirname(str(manager.directory))
+  steps = sorted(manager.all_steps(), reverse=True)
+  faults = []
+  for step in steps:
+    step_dir = os.path.join(str(manager.directory), str(step))
+    found = _agreed_problems(integrity.problems(step_dir, jax.process_index(), _saved_items()))
+    if not found:
+      try:
+        wrong = mismatches(workdir, step, abstract_params)
+        if wrong:
+          raise CheckpointMismatchError(
+              f"checkpoint {step_dir} holds another model: {len(wrong)} parameters differ "
+              f"from the config's ({'; '.join(wrong[:8])}"
+              f"{'; ...' if len(wrong) > 8 else ''}); use the config it was trained with "
+              f"(its config.json) or another --workdir")
+        return (step, *restore(manager, step, abstract_params, abstract_opt_state,
+                               data_iterator))
+      except UserError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  # Any read fault of the step.
+        if jax.process_count() > 1:
+          raise  # The restore is collective: the processes could not agree on a fallback.
+        found = [f"{step_dir}: restoring failed: {type(e).__name__}: "
+                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"]
+    faults.append(f"step {step}: {found[0]}")
+    moved = _set_aside(manager, step)
+    logging.warning("checkpoint %s is damaged: %s; moved to %s%s", step_dir, "; ".join(found),
+                    moved, "; trying the step before it" if step != steps[-1] else "")
+  if steps:
+    raise UserError(f"{manager.directory} has checkpoints {sorted(steps)} but none can be "
+                    f"restored ({'; '.join(faults)}); move the damaged steps away to resume "
+                    f"from an older one, or the whole folder to start from scratch")
+  return None
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a damaged step out of the manager's folder (so the run can save that step
+  again) into ``WORKDIR/damaged_checkpoints/<step>``; nothing is deleted."""
+  workdir = os.path.dirname(str(manager.directory))
+  target = os.path.join(workdir, "damaged_checkpoints", str(step))
+  if jax.process_index() == 0:
+    suffix = 0
+    while os.path.exists(target + (f".{suffix}" if suffix else "")):
+      suffix += 1
+    target += f".{suffix}" if suffix else ""
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(os.path.join(str(manager.directory), str(step)), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(f"set aside damaged checkpoint {step}")
+  manager.reload()
+  return target
+
+
+def _saved_items() -> tuple[str, ...]:
+  return ("params", "opt_state", "meta")
+
+
+def _agreed_problems(found: list[str]) -> list[str]:
+  """This process's problems with a step, plus a note when another process found one
+  (every process must pick the same step)."""
+  if jax.process_count() == 1:
+    return found
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  bad = multihost_utils.process_allgather(np.asarray(len(found) > 0))
+  if bad.any() and not found:
+    return [f"damaged on process(es) {np.flatnonzero(bad).tolist()}"]
+  return found
 
 
 def latest_step(workdir: str) -> int | None:

@@ -20,12 +20,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from tokenflex_jax.errors import NonFiniteLossError
 from tokenflex_jax.training import checkpointing
 from tokenflex_jax.training.metrics import MetricWriter, log_line
-
-
-class NonFiniteLossError(RuntimeError):
-  """Raised when a step's loss or gradient norm is NaN or Inf."""
 
 
 class _SigtermFlag:
@@ -171,5 +168,5 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
         break
     if pending is not None:
       reporter.report(*pending)
-  saver.manager.wait_until_finished()
+  checkpointing.finish(saver.manager)
   return state, done

@@ -9,17 +9,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tokenflex_jax import errors
+
 WEIGHTINGS = ("sqrt", "token_mean")
+
+
+def check_weighting(weighting: str) -> None:
+  """Raises `errors.ConfigError` unless ``config.loss_weighting`` is one of `WEIGHTINGS`."""
+  if weighting not in WEIGHTINGS:
+    raise errors.ConfigError(f"config.loss_weighting must be one of {WEIGHTINGS}, "
+                             f"got {weighting!r}")
 
 
 def token_weights(loss_mask: jax.Array, weighting: str) -> jax.Array:
   """[B, T] weights: the mask itself, or the mask / sqrt(answer tokens of the row)."""
+  check_weighting(weighting)
   if weighting == "token_mean":
     return loss_mask
-  if weighting == "sqrt":
-    per_row = jnp.sum(loss_mask, axis=1, keepdims=True)
-    return loss_mask * jax.lax.rsqrt(jnp.maximum(per_row, 1.0))
-  raise ValueError(f"config.loss_weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+  per_row = jnp.sum(loss_mask, axis=1, keepdims=True)
+  return loss_mask * jax.lax.rsqrt(jnp.maximum(per_row, 1.0))
 
 
 def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,

@@ -8,7 +8,7 @@ kept for it).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+
+from tokenflex_jax import errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +36,47 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
       decay_steps=max(total_steps, warmup_steps + 1), end_value=peak * end_fraction)
 
 
+def check_multipliers(modules: Iterable[str], multipliers: Mapping[str, float]) -> None:
+  """Raises `errors.ConfigError` unless ``config.lr_multipliers`` has one entry, >= 0,
+  for each of the model's top-level ``modules`` and no other."""
+  modules = set(modules)
+  unknown = set(multipliers) - modules
+  if unknown:
+    raise errors.ConfigError(f"config.lr_multipliers names {sorted(unknown)}, but the "
+                             f"model's modules are {sorted(modules)}")
+  missing = modules - set(multipliers)
+  if missing:
+    raise errors.ConfigError(f"config.lr_multipliers has no entry for modules "
+                             f"{sorted(missing)}")
+  for name, m in multipliers.items():
+    if not m >= 0:
+      raise errors.ConfigError(f"config.lr_multipliers.{name}={m} must be >= 0 (0 freezes "
+                               "the module)")
+
+
+def check_optimizer(opt_config: Any) -> None:
+  """Raises `errors.ConfigError` naming the ``config.optimizer`` field that cannot work:
+  a learning rate <= 0 (freeze a module with a multiplier of 0 instead), a negative
+  warmup, end fraction or weight decay, a clip norm <= 0, betas outside [0, 1), an
+  unknown ``mu_dtype``."""
+  o = opt_config
+  if not o.learning_rate > 0:
+    raise errors.ConfigError(f"config.optimizer.learning_rate={o.learning_rate} must be "
+                             "positive (config.lr_multipliers.MODULE=0 freezes a module)")
+  for name in ("warmup_steps", "end_lr_fraction", "weight_decay"):
+    if not o[name] >= 0:
+      raise errors.ConfigError(f"config.optimizer.{name}={o[name]} must be >= 0")
+  if not o.clip_norm > 0:
+    raise errors.ConfigError(f"config.optimizer.clip_norm={o.clip_norm} must be positive")
+  for name in ("b1", "b2"):
+    if not 0 <= o[name] < 1:
+      raise errors.ConfigError(f"config.optimizer.{name}={o[name]} must be in [0, 1)")
+  moment_dtype(o.mu_dtype)
+
+
 def group_labels(params: Mapping[str, Any], multipliers: Mapping[str, float]) -> Any:
   """Labels every leaf with its top-level module name, or "frozen"."""
-  unknown = set(multipliers) - set(params)
-  if unknown:
-    raise ValueError(f"config.lr_multipliers names {sorted(unknown)}, but the model's "
-                     f"modules are {sorted(params)}")
-  missing = set(params) - set(multipliers)
-  if missing:
-    raise ValueError(f"config.lr_multipliers has no entry for modules {sorted(missing)}")
+  check_multipliers(params, multipliers)
   return {name: jax.tree.map(lambda _, n=name: n if multipliers[n] > 0 else "frozen", sub)
           for name, sub in params.items()}
 
@@ -64,7 +98,8 @@ def moment_dtype(name: str) -> Any:
   """``config.optimizer.mu_dtype`` -> the dtype of Adam's first moment (the second
   moment and the parameters stay float32)."""
   if name not in MU_DTYPES:
-    raise ValueError(f"config.optimizer.mu_dtype must be one of {MU_DTYPES}, got {name!r}")
+    raise errors.ConfigError(f"config.optimizer.mu_dtype must be one of {MU_DTYPES}, "
+                             f"got {name!r}")
   return jnp.dtype(name)
 
 

@@ -9,7 +9,8 @@ the token-count buckets); `train` does the rest, in this order:
 2. `start_state`: resumed from the workdir's latest checkpoint (params, optimizer state
    and data-iterator position), else random, with the modules ``config.init`` names
    loaded from another workdir;
-3. `loop.train_loop` until ``config.total_steps``, with metrics and checkpoints.
+3. `loop.train_loop` until ``config.total_steps``, with metrics and checkpoints; a stop
+   on SIGTERM / a preemption notice raises `errors.Preempted` after its save.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from tokenflex_jax import sharding
+from tokenflex_jax import errors, sharding
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.training import checkpointing, compiled, loop, optimizer as optimizer_lib
 from tokenflex_jax.training import steps
@@ -101,11 +102,10 @@ def start_state(config: ml_collections.ConfigDict, task: Task, job: CompiledTask
   """
   data = task.data_from(0)
   abstract, optimizer, state_sh = job.abstract_state, job.optimizer, job.state_shardings
-  latest = manager.latest_step()
-  if latest is not None:
-    with sharding.mesh_rules(mesh, rules):
-      params, opt_state, _, data_restored = checkpointing.restore(
-          manager, latest, abstract.params, abstract.opt_state, data)
+  with sharding.mesh_rules(mesh, rules):
+    restored = checkpointing.restore_latest(manager, abstract.params, abstract.opt_state, data)
+  if restored is not None:
+    latest, params, opt_state, _, data_restored = restored
     logging.info("resumed from %s at step %d", manager.directory, latest)
     data = data if data_restored else task.data_from(latest)
     return steps.TrainState(jnp.asarray(latest, jnp.int32), params, opt_state), latest, data
@@ -132,6 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
   check_loop_config(config)
   job = compile_task(config, task, mesh, rules)
+  checkpointing.remove_temporary(workdir)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
   state, start, data = start_state(config, task, job, manager, mesh, rules)
   batch_sh = compiled.shardings_of(dict(task.abstract_batch))
@@ -143,10 +144,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
                tuple(task.counts))
   try:
-    state, _ = loop.train_loop(
+    state, done = loop.train_loop(
         state, start, config.total_steps, loop.BucketSteps(job.steps, task.count_for_step),
         loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter)
+  except errors.NonFiniteLossError as e:
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    where = (f"step {last} ({manager.directory}/{last}), where a restart resumes"
+             if last is not None else "none (a restart starts from scratch)")
+    raise errors.NonFiniteLossError(f"{e} Last good checkpoint: {where}.") from None
   finally:  # Also on a non-finite loss: finish the save in flight, flush the metrics.
     writer.close()
     manager.close()
+  if done < config.total_steps:
+    raise errors.Preempted(f"stopped at step {done} of {config.total_steps} on SIGTERM / a "
+                           f"preemption notice; step {done} is saved in {manager.directory}: "
+                           f"run the same command again to resume (exit code "
+                           f"{errors.PREEMPTED_EXIT_CODE})")
   return state

@@ -39,6 +39,7 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
   e.g. for an ahead-of-time compile)."""
   counts, probs = tuple(config.token_counts), tuple(config.token_probs)
   buckets.validate_buckets(counts, probs)
+  on_bad_record = pipeline.check_bad_record_policy(config.data.on_bad_record)
   abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
   image, tokens = abstract_batch["image"], abstract_batch["tokens"]
   init_params = lambda rng: model.init(rng, jnp.zeros(image.shape, image.dtype),
@@ -53,7 +54,8 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
 
   def data_from(start: int):
     return pipeline.make_iterator(*source_and_transform(), config.batch_size, config.data.seed,
-                                  config.data.num_workers, start_batch=start)
+                                  config.data.num_workers, start_batch=start,
+                                  on_bad_record=on_bad_record)
 
   return Task(init_params=init_params, loss_fn=vlm_loss(model, config.loss_weighting,
                                                        config.loss_vocab_chunk),

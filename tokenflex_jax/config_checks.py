@@ -1,0 +1,121 @@
+"""Every check of a run config that needs no data and no tokenizer, run by one call.
+
+Each binary (train, pretrain_vision, eval, predict, bench, aot) calls `check` first,
+before it writes to a workdir, reads data or compiles, so that a config that cannot
+work is one line naming the field (`errors.ConfigError`; the binaries print it and exit
+with `errors.USAGE_EXIT_CODE`) rather than a traceback from inside XLA or the model. The
+checks live next to the code that reads each field (`model_config`, `sharding`,
+`training.buckets`, `training.optimizer`, `training.loss`, `training.trainer`,
+`evaluation.evaluator`, `evaluation.auto_budget`); this module only calls them.
+
+The one check that needs the tokenizer, its vocabulary against
+``config.model.llm.vocab_size``, is `model_config.vlm_config`'s: every binary that
+builds the VLM from a tokenizer calls it before compiling.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+
+from tokenflex_jax import errors, model_config, run_tokenizer, sharding
+from tokenflex_jax.evaluation import auto_budget, evaluator
+from tokenflex_jax.models import patch_labeler, vlm
+from tokenflex_jax.training import buckets, loss, optimizer, trainer
+
+# What a binary does with the config: "train" (train, bench, aot: the VLM's train step),
+# "pretrain_vision" (the PatchLabeler's train step), "eval", "predict".
+JOBS = ("train", "pretrain_vision", "eval", "predict")
+
+
+def grid_side(config: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(side of the ViT's patch grid the projector pools, the fields it comes from)."""
+  side = config.data.image_size // config.model.vit.patch_size
+  if config.data.image_size == config.model.vit.image_size:
+    return side, "config.model.vit.image_size / patch_size"
+  return side, "config.data.image_size / config.model.vit.patch_size"
+
+
+def _check_loop(config: ml_collections.ConfigDict) -> None:
+  """`trainer.check_loop_config`, its ValueError as a `errors.ConfigError`."""
+  try:
+    trainer.check_loop_config(config)
+  except errors.ConfigError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
+def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
+          job: str = "train") -> None:
+  """Raises `errors.ConfigError`, its message starting with the field, at the first
+  config value that cannot work for ``job`` (one of `JOBS`) on ``num_devices`` devices
+  (default ``jax.device_count()``; aot passes the count it simulates).
+
+  Every job:
+  - the model's fields (`model_config`): positive sizes; ``config.model.vit.width``
+    divisible by its ``num_heads``; a patch no larger than the images;
+    ``config.model.llm.num_heads`` a multiple of ``num_kv_heads``; an even
+    ``head_dim``; known ``rope_type``, ``projector.pooling``, ``projector.mlp``,
+    ``visual_position_layout``, ``remat_policy`` and ``attention``; floating-point
+    dtypes; a ViT width divisible by 4 for ``projector.position_embedding``; a
+    ``visual_position_span`` >= 0 (pretrain_vision: the ViT's and the layer flags only);
+  - a known ``config.tokenizer.kind``, with a ``path`` for an LLM's tokenizer;
+  - ``config.mesh.shape`` fits exactly the devices (one -1 at most, for the rest);
+    ``config.sharding.rules`` map logical axes onto the mesh axes (data, fsdp, tensor).
+  "train" and "pretrain_vision":
+  - ``config.batch_size``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``
+    positive; the global batch divisible by the data-parallel size (the mesh axes the
+    rules map "batch" onto) and by the processes;
+  - ``config.optimizer``: learning_rate > 0 (a module is frozen by a multiplier of 0),
+    warmup_steps, end_lr_fraction, weight_decay >= 0, clip_norm > 0, b1 and b2 in
+    [0, 1), a known mu_dtype;
+  - ``config.lr_multipliers``: one entry >= 0 per top-level module of the model, no
+    other (the VLM's `vlm.MODULES`; pretrain_vision's `patch_labeler.MODULES`).
+  "train": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
+  ``config.token_probs`` one per count, >= 0, summing to 1, a known
+  ``config.loss_weighting``, and ``config.eval.token_counts`` as the token counts.
+  "eval": ``config.token_counts`` and ``config.eval.token_counts`` as above;
+  ``config.eval.batch_size`` as the global batch; a known ``config.eval.suite`` (with
+  ``config.eval.data_path`` for a file); ``config.eval.auto_counts`` among the trained
+  and evaluated counts.
+  "predict": ``config.token_counts`` as above.
+  """
+  if job not in JOBS:
+    raise ValueError(f"job must be one of {JOBS}, got {job!r}")
+  model_config.layer_flags(config)
+  if job == "pretrain_vision":
+    model_config.vit_config(config)
+  else:  # The vocabulary is checked against the tokenizer when there is one.
+    model_config.vlm_config(config, model_config.FixedTokenIds(config.model.llm.vocab_size))
+  run_tokenizer.tokenizer_path(config, "")
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  mesh_shape = dict(zip(sharding.MESH_AXES,
+                        sharding.resolve_mesh_shape(config.mesh.shape, num_devices)))
+  rules = sharding.rules_from_config(config.sharding.rules)
+  if job in ("train", "pretrain_vision"):
+    _check_loop(config)
+    sharding.check_batch_divisible("config.batch_size", config.batch_size, mesh_shape, rules,
+                                   jax.process_count())
+    optimizer.check_optimizer(config.optimizer)
+    modules = patch_labeler.MODULES if job == "pretrain_vision" else vlm.MODULES
+    optimizer.check_multipliers(modules, config.lr_multipliers.to_dict())
+  if job == "pretrain_vision":
+    return
+  side, fields = grid_side(config)
+  if job == "train":
+    buckets.validate_buckets(tuple(config.token_counts), tuple(config.token_probs), side,
+                             fields)
+    loss.check_weighting(config.loss_weighting)
+  else:
+    buckets.check_counts(tuple(config.token_counts), "config.token_counts", side, fields)
+  if job in ("train", "eval"):
+    buckets.check_counts(tuple(config.eval.token_counts), "config.eval.token_counts", side,
+                         fields)
+  if job == "eval":
+    sharding.check_batch_divisible("config.eval.batch_size", config.eval.batch_size,
+                                   mesh_shape, rules, jax.process_count())
+    evaluator.check_suite(config)
+    if len(set(config.token_counts) & set(config.eval.token_counts)) >= 2:
+      auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts,
+                                config.eval.token_counts)
