@@ -46,6 +46,9 @@ class FakeManager:
     self.events.append(("wait", None))
     self.waits += 1
 
+  def all_steps(self):  # Committed steps whose checksums `checkpointing.finish` records.
+    return []
+
 
 class FakeWriter:
   def __init__(self):
@@ -217,7 +220,10 @@ def test_checkpoint_cadence(start, total, every, expected):
     assert float(params["w"]) == step  # the state after `step` steps, not a later one
     assert meta == {"step": step}
     assert data is r.data
-  assert r.manager.waits == 1 and r.events[-1] == ("wait", None)
+  # Each save starts after the one before it finished (its checksums are then recorded),
+  # and the loop waits for the last.
+  assert r.manager.waits == len(expected) + 1 and r.events[-1] == ("wait", None)
+  assert all(r.events[i - 1] == ("wait", None) for i, e in enumerate(r.events) if e[0] == "save")
   assert done == total and int(state.step) == total and float(state.params["w"]) == total
   assert int(next(r.data)["index"]) == total - start  # exactly one batch per step taken
 
@@ -237,7 +243,7 @@ def test_sigterm_saves_the_current_step_and_returns():
     assert [s for s, *_ in r.calls] == [0, 1, 2, 3, 4]
     assert int(next(r.data)["index"]) == 5
     assert [step for step, _ in r.writer.records] == [1, 2, 3, 4, 5]
-    assert r.manager.waits == 1
+    assert r.manager.waits == 2  # before the save, and for it at the end
     assert seen == [], "the loop's handler should have caught the signal"
     assert signal.getsignal(signal.SIGTERM) is mine
   finally:

@@ -21,9 +21,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from PIL import Image
 
 from tokenflex_jax import cli, config_checks, errors, sharding, trained_model
+from tokenflex_jax.data import images
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation import auto_budget
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
@@ -32,14 +32,13 @@ from tokenflex_jax.training import buckets
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-  """Reads an image file as uint8 [size, size, 3] (RGB, bilinear resize if needed)."""
+  """Reads an image file as uint8 [size, size, 3]: `images.decode`, as in training (any
+  mode to RGB, bicubic resize if needed); an unreadable file is an `errors.InputError`."""
   try:
-    image = Image.open(path).convert("RGB")
-  except (FileNotFoundError, OSError) as e:
-    raise ValueError(f"--image={path!r}: cannot read image: {e}") from None
-  if image.size != (size, size):
-    image = image.resize((size, size), Image.BILINEAR)
-  return np.asarray(image, np.uint8)
+    with open(path, "rb") as f:
+      return images.decode(f.read(), size)
+  except (OSError, images.ImageError) as e:
+    raise errors.InputError(f"--image={path!r}: cannot read image: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import csv
 import dataclasses
+import io
 import os
 import re
 import string
@@ -30,8 +31,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from tokenflex_jax.data.rows import MalformedRowError, collect_rows, json_line
+from tokenflex_jax.data.images import ImageError
 from tokenflex_jax.data.pipeline import decode_image
+from tokenflex_jax.data.rows import (INVALID_UTF8, MalformedRowError, bad_text, collect_rows,
+                                     data_lines, json_line, read_text)
+from tokenflex_jax.errors import InputError
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 VQA_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -62,11 +66,12 @@ class EvalFile:
 
 
 def _decode(data: bytes, size: int, path: str, row: int, what: str) -> np.ndarray:
-  """`pipeline.decode_image`, with a corrupt image reported as a malformed row."""
+  """`pipeline.decode_image`, with a corrupt, truncated or too large image (or one of an
+  unsupported mode) reported as a malformed row."""
   try:
     return decode_image(data, size)
-  except Exception as e:  # PIL raises many types for corrupt data.
-    raise MalformedRowError(path, row, "unreadable image", f"{what}: {e}") from None
+  except ImageError as e:
+    raise MalformedRowError(path, row, e.reason, f"{what}: {e}") from None
 
 
 # --- MMBench ---------------------------------------------------------------------------
@@ -104,23 +109,68 @@ def parse_choice(text: str, options: Sequence[str]) -> int | None:
   return named[0] if len(named) == 1 else None
 
 
+_REQUIRED_COLUMNS = ("question", "answer", "image", "A", "B")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _tsv_rows(path: str) -> list[tuple[int, dict[str, str] | MalformedRowError]]:
+  """An MMBench TSV's data rows as (row number from 0, {column: value}), or the
+  `MalformedRowError` of a row that is not valid UTF-8 or not a TSV row (read per row,
+  so one bad row names itself). A header without the needed columns is an `InputError`."""
+  csv.field_size_limit(1 << 30)
+  reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t")
+  try:
+    header = next(reader, None)
+  except csv.Error as e:
+    raise InputError(f"{path}: line 1 (the header): not a TSV header: {e}") from None
+  found = bad_text(header or [], "the header")
+  if header is None or found or not set(_REQUIRED_COLUMNS) <= set(header):
+    raise InputError(f"{path}: line 1 (the header): an MMBench TSV needs the columns index, "
+                     f"question, A, B, [C, D, ...], answer, image; "
+                     f"{found or f'found {sorted(header or [])!r:.300}'}")
+  rows: list[tuple[int, dict[str, str] | MalformedRowError]] = []
+  while True:
+    i = len(rows)
+    try:
+      fields = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      rows.append((i, MalformedRowError(path, i, "not a TSV row",
+                                        f"line {reader.line_num}: {e}")))
+      continue
+    if not fields or not any(f.strip() for f in fields):
+      continue  # a blank line
+    broken = next((j for j, field in enumerate(fields) if bad_text(field)), None)
+    if broken is not None:
+      column = repr(header[broken]) if broken < len(header) else f"{broken + 1} (extra)"
+      rows.append((i, MalformedRowError(path, i, INVALID_UTF8, f"column {column}: "
+                                        f"{bad_text(fields[broken])}")))
+      continue
+    rows.append((i, dict(zip(header, fields))))
+  return rows
+
+
 def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
                  ) -> tuple[list[ChoiceQuestion], dict[str, int]]:
-  """Reads an MMBench TSV; returns (questions, {reason: rows skipped})."""
-  csv.field_size_limit(1 << 30)
-  with open(path, encoding="utf-8", newline="") as f:
-    rows = list(csv.DictReader(f, delimiter="\t"))
-  if rows and not {"question", "answer", "image", "A", "B"} <= set(rows[0]):
-    raise ValueError(f"{path}: an MMBench TSV needs the columns index, question, A, B, "
-                     f"[C, D, ...], answer, image; found {sorted(rows[0])}")
-  by_index = {r.get("index", str(i)): r for i, r in enumerate(rows)}
+  """Reads an MMBench TSV; returns (questions, {reason: rows skipped}).
+
+  Rows are numbered from 0 among the data rows of the file (blank lines left out);
+  each is decoded on its own: bytes that are not UTF-8 make their row "invalid UTF-8".
+  """
+  rows = _tsv_rows(path)
+  valid = [(i, r) for i, r in rows if isinstance(r, dict)]
+  by_index = {r.get("index") or str(i): r for i, r in valid}
   # Circular copies (index >= 1e6) repeat an original row with rotated options.
-  rows = [r for r in rows if not (r.get("index") or "0").isdigit()
+  rows = [(i, r) for i, r in rows if not isinstance(r, dict)
+          or not _DIGITS.fullmatch(r.get("index") or "")
           or int(r["index"]) < CIRCULAR_COPY_OFFSET]
 
-  def parse(i: int, row: dict[str, str]) -> ChoiceQuestion:
+  def parse(i: int, row: dict[str, str] | MalformedRowError) -> ChoiceQuestion:
+    if isinstance(row, MalformedRowError):
+      raise row
     bad = lambda reason, detail: MalformedRowError(path, i, reason, detail)
-    index = row.get("index") or str(i)
+    index = (row.get("index") or "").strip() or str(i)
     options = []
     for letter in LETTERS:
       value = (row.get(letter) or "").strip()
@@ -129,6 +179,11 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
       options.append(value)
     if len(options) < 2:
       raise bad("fewer than two options", f"index {index}")
+    after = [letter for letter in LETTERS[len(options) + 1:]
+             if (row.get(letter) or "").strip().lower() not in ("", "nan")]
+    if after:
+      raise bad("gap in the options", f"index {index}: option {LETTERS[len(options)]} is "
+                f"empty but {', '.join(after)} {'is' if len(after) == 1 else 'are'} not")
     answer = (row.get("answer") or "").strip()
     if answer not in LETTERS[:len(options)]:
       raise bad("unknown option letter",
@@ -136,7 +191,7 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
     if not (row.get("question") or "").strip():
       raise bad("empty question", f"index {index}")
     image = (row.get("image") or "").strip()
-    if image.isdigit() and len(image) < 32:  # a reference to another row's image
+    if _DIGITS.fullmatch(image) and len(image) < 32:  # a reference to another row's image
       image = (by_index.get(image) or {}).get("image", "").strip()
     if not image:
       raise bad("missing image", f"index {index}")
@@ -150,7 +205,7 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
                           (row.get("category") or "").strip() or "all",
                           _decode(data, image_size, path, i, f"index {index}"))
 
-  return collect_rows(rows, parse, skip_malformed)
+  return collect_rows(rows, lambda _, numbered: parse(*numbered), skip_malformed)
 
 
 def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> EvalFile:
@@ -237,8 +292,7 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
              ) -> tuple[list[tuple[np.ndarray, str, list[str], str]], dict[str, int]]:
   """Reads a VQA JSONL; returns ([(image, question, answers, category)], skipped)."""
   folder = image_dir or os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8") as f:
-    lines = [line for line in f if line.strip()]
+  lines = data_lines(read_text(path))  # rows: the non-empty lines, each decoded on its own
 
   def parse(i: int, line: str):
     bad = lambda reason, detail: MalformedRowError(path, i, reason, detail)
@@ -247,21 +301,30 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
       raise bad("not an object", type(row).__name__)
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
-      raise bad("empty question", repr(row.get("question_id", "")))
+      raise bad("empty question", f"{row.get('question_id', '')!r:.80}")
     answers = row.get("answers")
     if isinstance(answers, str):
       answers = [answers]
-    answers = [a if isinstance(a, str) else a.get("answer", "") if isinstance(a, dict) else ""
-               for a in (answers or [])]
-    if not answers or not all(a.strip() for a in answers):
-      raise bad("empty answer", f"question {question!r}")
+    if not isinstance(answers, list):
+      raise bad("empty answer", f"question {question!r:.80}: 'answers' is "
+                f"{type(answers).__name__}, not a list")
+    answers = [a.get("answer", "") if isinstance(a, dict) else a for a in answers]
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+      raise bad("empty answer", f"question {question!r:.80}: answers {answers!r:.80}")
+    category = row.get("category")
+    if category is not None and not isinstance(category, (str, int)):
+      raise bad("mistyped category", f"{type(category).__name__}")
     image = row.get("image")
     image_path = os.path.join(folder, image) if isinstance(image, str) and image else ""
     if not image_path or not os.path.isfile(image_path):
-      raise bad("missing image", f"{image_path or 'no image field'}")
-    with open(image_path, "rb") as f:
-      pixels = _decode(f.read(), image_size, path, i, image_path)
-    return pixels, question.strip(), answers, str(row.get("category") or "vqa")
+      raise bad("missing image", f"{image_path or 'no image field'}"[:300])
+    try:
+      with open(image_path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise bad("unreadable image", f"{image_path}: {e}") from None
+    pixels = _decode(data, image_size, path, i, image_path)
+    return pixels, question.strip(), answers, str(category or "vqa")
 
   return collect_rows(lines, parse, skip_malformed)
 

@@ -3,13 +3,14 @@
 A `Task` says what differs (the model's parameters, the loss, the batch and the data,
 the token-count buckets); `train` does the rest, in this order:
 
-1. `compile_task`: the optimizer from the config, every state sharding derived from
-   the params' logical axes, and one train step per bucket compiled ahead of time (the
-   loop never compiles);
-2. `start_state`: resumed from the workdir's latest checkpoint (params, optimizer state
-   and data-iterator position), else random, with the modules ``config.init`` names
-   loaded from another workdir;
-3. `loop.train_loop` until ``config.total_steps``, with metrics and checkpoints; a stop
+1. `plan_task`: the optimizer from the config and every state sharding derived from
+   the params' logical axes;
+2. `start_state`: resumed from the workdir's newest good checkpoint (params, optimizer
+   state and data-iterator position), else random, with the modules ``config.init``
+   names loaded from another workdir;
+3. `compile_steps`: one train step per bucket compiled ahead of time (the loop never
+   compiles);
+4. `loop.train_loop` until ``config.total_steps``, with metrics and checkpoints; a stop
    on SIGTERM / a preemption notice raises `errors.Preempted` after its save.
 """
 
@@ -67,17 +68,28 @@ class CompiledTask:
   steps: dict[int, compiled.CompiledStep]
 
 
-def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
-  """The optimizer from ``config``, the shardings derived from the params' logical axes,
-  and the train step lowered and compiled once per bucket (from shapes alone)."""
+def plan_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
+  """The optimizer from ``config`` and the state's shardings (derived from the params'
+  logical axes) and shapes, from shapes alone; ``steps`` still empty."""
   boxed = steps.boxed_params(task.init_params, mesh, rules)
   params = sharding.strip_boxes(boxed)
   optimizer = optimizer_lib.from_config(config, params)
   state_sh = steps.state_shardings(boxed, optimizer.tx, mesh, rules)
-  abstract = steps.abstract_state(params, optimizer.tx, state_sh)
-  by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, optimizer), abstract,
-                                      task.abstract_batch, task.counts, mesh, rules, task.name)
-  return CompiledTask(optimizer, state_sh, abstract, by_count)
+  return CompiledTask(optimizer, state_sh, steps.abstract_state(params, optimizer.tx, state_sh),
+                      {})
+
+
+def compile_steps(task: Task, plan: CompiledTask, mesh, rules) -> CompiledTask:
+  """``plan`` with the train step lowered and compiled once per bucket."""
+  by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer),
+                                      plan.abstract_state, task.abstract_batch, task.counts,
+                                      mesh, rules, task.name)
+  return dataclasses.replace(plan, steps=by_count)
+
+
+def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
+  """`plan_task` and `compile_steps`: everything a run needs before its first step."""
+  return compile_steps(task, plan_task(config, task, mesh, rules), mesh, rules)
 
 
 def flops_per_device(task: Task, job: CompiledTask) -> dict[int, float]:
@@ -131,10 +143,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
           ) -> steps.TrainState:
   """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
   check_loop_config(config)
-  job = compile_task(config, task, mesh, rules)
+  plan = plan_task(config, task, mesh, rules)
   checkpointing.remove_temporary(workdir)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
-  state, start, data = start_state(config, task, job, manager, mesh, rules)
+  # Restored before compiling, so that a damaged or mismatched checkpoint is reported
+  # at once, not after minutes of compilation.
+  state, start, data = start_state(config, task, plan, manager, mesh, rules)
+  job = compile_steps(task, plan, mesh, rules)
   batch_sh = compiled.shardings_of(dict(task.abstract_batch))
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,

@@ -1,0 +1,105 @@
+"""Resuming from damaged checkpoints (with a killed save's leftovers), another model's checkpoint and a non-finite loss: each ends in a named warning or a one-line error,
+never in a silent fresh start or lost steps."""
+
+import glob
+import logging as py_logging
+import os
+import re
+import shutil
+
+import pytest
+
+from tests.tiny import losses, tiny_config
+from tokenflex_jax import errors
+from tokenflex_jax.train import train
+from tokenflex_jax.training import checkpointing
+
+ONE_BUCKET = dict(token_counts=(64,), token_probs=(1.0,), eval__token_counts=(64,),
+                  checkpoint_every=2, keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A run to step 6 (checkpoints 2, 4, 6) and a copy as if killed after step 4."""
+  full = str(tmp_path_factory.mktemp("full"))
+  train(tiny_config(total_steps=6, **ONE_BUCKET), full)
+  stopped = str(tmp_path_factory.mktemp("stopped")) + "/run"
+  shutil.copytree(full, stopped)
+  shutil.rmtree(os.path.join(stopped, "checkpoints", "6"))
+  return full, stopped
+
+
+def _largest(pattern):
+  return max(glob.glob(pattern), key=os.path.getsize)
+
+
+DAMAGE = {
+    "truncated": lambda step: open(_largest(f"{step}/params/ocdbt.process_0/d/*"), "r+b"
+                                   ).truncate(100),
+    "deleted": lambda step: shutil.rmtree(f"{step}/params"),
+    "garbage": lambda step: open(_largest(f"{step}/opt_state/ocdbt.process_0/d/*"), "r+b"
+                                 ).write(os.urandom(64)),
+}
+WARNING = {"truncated": r"100 bytes, \d+ when it was saved \(truncated\)",
+           "deleted": "params: missing", "garbage": r"contents changed since it was saved"}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(saved_run, tmp_path, kind,
+                                                                caplog):
+  full, stopped = saved_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped, workdir)
+  DAMAGE[kind](os.path.join(workdir, "checkpoints", "4"))
+  # And the temporary folder of a save killed before it committed step 6.
+  leftover = os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1234")
+  shutil.copytree(os.path.join(workdir, "checkpoints", "2"), leftover)
+  with caplog.at_level(py_logging.WARNING):
+    train(tiny_config(total_steps=6, **ONE_BUCKET), workdir)
+  assert not os.path.exists(leftover)
+  assert any("6.orbax-checkpoint-tmp-1234: the temporary directory of a save that did not "
+             "finish" in r.getMessage() for r in caplog.records)
+  warning = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(warning) == 1 and "checkpoints/4 is damaged" in warning[0], warning
+  assert re.search(WARNING[kind], warning[0]), warning[0]
+  # The damaged step is kept aside, not deleted; the run redid steps 3-4 from step 2.
+  assert os.path.isdir(os.path.join(workdir, "damaged_checkpoints", "4"))
+  assert checkpointing.latest_step(workdir) == 6
+  got, want = losses(workdir), losses(full)
+  assert [got[s] for s in range(1, 7)] == [want[s] for s in range(1, 7)]  # bit-identical
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(saved_run, tmp_path):
+  _, stopped = saved_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped, workdir)
+  for step in ("2", "4"):
+    DAMAGE["deleted"](os.path.join(workdir, "checkpoints", step))
+  with pytest.raises(errors.UserError, match=r"has checkpoints \[2, 4\] but none can be "
+                                             r"restored \(step 4: .*params: missing"):
+    train(tiny_config(total_steps=6, **ONE_BUCKET), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "damaged_checkpoints"))) == ["2", "4"]
+
+
+def test_another_models_checkpoint_lists_the_mismatched_parameters(saved_run, tmp_path):
+  _, stopped = saved_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped, workdir)
+  with pytest.raises(errors.CheckpointMismatchError) as e:
+    train(tiny_config(total_steps=6, model__llm__mlp_dim=48, **ONE_BUCKET), workdir)
+  message = str(e.value)
+  assert "holds another model: 3 parameters differ" in message
+  assert "llm/layers/mlp/up/kernel: saved (1, 32, 64), model (1, 32, 48)" in message
+  assert "llm/layers/mlp/down/kernel: saved (1, 64, 32), model (1, 48, 32)" in message
+  assert checkpointing.latest_step(workdir) == 4  # nothing was set aside or overwritten
+
+
+def test_a_non_finite_loss_names_the_step_bucket_and_last_checkpoint(saved_run, tmp_path):
+  _, stopped = saved_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped, workdir)
+  with pytest.raises(errors.NonFiniteLossError,
+                     match=r"step [56]: non-finite loss=.* at 64 visual tokens.*Last good "
+                           r"checkpoint: step 4 \(.*checkpoints/4\)"):
+    # Resumed at step 4 with a learning rate so large that the first update overflows.
+    train(tiny_config(total_steps=6, optimizer__learning_rate=1e30, **ONE_BUCKET), workdir)
