@@ -1,5 +1,6 @@
-"""Resuming from damaged checkpoints (with a killed save's leftovers), another model's checkpoint and a non-finite loss: each ends in a named warning or a one-line error,
-never in a silent fresh start or lost steps."""
+"""Resuming from damaged checkpoints (with a killed save's leftovers), another model's
+checkpoint and a non-finite loss: each ends in a named warning or a one-line error, never
+in a silent fresh start or lost steps."""
 
 import glob
 import logging as py_logging

@@ -71,7 +71,7 @@ def main() -> None:
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", devices.value)
     # On the simulated mesh, before anything compiles.
-    config_checks.check(config.value, devices.value or None)
+    config_checks.check(config.value, devices.value or None, job="aot")
     results = compile_buckets(config.value)
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:

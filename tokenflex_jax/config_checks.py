@@ -23,9 +23,10 @@ from tokenflex_jax.evaluation import auto_budget, evaluator
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.training import buckets, loss, optimizer, trainer
 
-# What a binary does with the config: "train" (train, bench, aot: the VLM's train step),
-# "pretrain_vision" (the PatchLabeler's train step), "eval", "predict".
-JOBS = ("train", "pretrain_vision", "eval", "predict")
+# What a binary does with the config: "train" (train, bench: the VLM's train step),
+# "aot" (the same, compiled from shapes: no tokenizer is read), "pretrain_vision" (the
+# PatchLabeler's train step), "eval", "predict".
+JOBS = ("train", "aot", "pretrain_vision", "eval", "predict")
 
 
 def grid_side(config: ml_collections.ConfigDict) -> tuple[int, str]:
@@ -60,10 +61,11 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     ``visual_position_layout``, ``remat_policy`` and ``attention``; floating-point
     dtypes; a ViT width divisible by 4 for ``projector.position_embedding``; a
     ``visual_position_span`` >= 0 (pretrain_vision: the ViT's and the layer flags only);
-  - a known ``config.tokenizer.kind``, with a ``path`` for an LLM's tokenizer;
+  - a known ``config.tokenizer.kind``, with a ``path`` for an LLM's tokenizer (not
+    "aot", which reads no tokenizer);
   - ``config.mesh.shape`` fits exactly the devices (one -1 at most, for the rest);
     ``config.sharding.rules`` map logical axes onto the mesh axes (data, fsdp, tensor).
-  "train" and "pretrain_vision":
+  "train", "aot" and "pretrain_vision":
   - ``config.batch_size``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``
     positive; the global batch divisible by the data-parallel size (the mesh axes the
     rules map "batch" onto) and by the processes;
@@ -72,7 +74,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     [0, 1), a known mu_dtype;
   - ``config.lr_multipliers``: one entry >= 0 per top-level module of the model, no
     other (the VLM's `vlm.MODULES`; pretrain_vision's `patch_labeler.MODULES`).
-  "train": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
+  "train" and "aot": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
   ``config.token_probs`` one per count, >= 0, summing to 1, a known
   ``config.loss_weighting``, and ``config.eval.token_counts`` as the token counts.
   "eval": ``config.token_counts`` and ``config.eval.token_counts`` as above;
@@ -88,12 +90,14 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     model_config.vit_config(config)
   else:  # The vocabulary is checked against the tokenizer when there is one.
     model_config.vlm_config(config, model_config.FixedTokenIds(config.model.llm.vocab_size))
-  run_tokenizer.tokenizer_path(config, "")
+  if job != "aot":
+    run_tokenizer.tokenizer_path(config, "")
   num_devices = jax.device_count() if num_devices is None else num_devices
   mesh_shape = dict(zip(sharding.MESH_AXES,
                         sharding.resolve_mesh_shape(config.mesh.shape, num_devices)))
   rules = sharding.rules_from_config(config.sharding.rules)
-  if job in ("train", "pretrain_vision"):
+  training = job in ("train", "aot")
+  if training or job == "pretrain_vision":
     _check_loop(config)
     sharding.check_batch_divisible("config.batch_size", config.batch_size, mesh_shape, rules,
                                    jax.process_count())
@@ -103,13 +107,13 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
   if job == "pretrain_vision":
     return
   side, fields = grid_side(config)
-  if job == "train":
+  if training:
     buckets.validate_buckets(tuple(config.token_counts), tuple(config.token_probs), side,
                              fields)
     loss.check_weighting(config.loss_weighting)
   else:
     buckets.check_counts(tuple(config.token_counts), "config.token_counts", side, fields)
-  if job in ("train", "eval"):
+  if training or job == "eval":
     buckets.check_counts(tuple(config.eval.token_counts), "config.eval.token_counts", side,
                          fields)
   if job == "eval":

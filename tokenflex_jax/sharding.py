@@ -322,10 +322,11 @@ def check_batch_divisible(field: str, batch_size: int, mesh_shape: Mapping[str, 
   ways = data_parallel_size(mesh_shape, rules)
   if batch_size < 1 or batch_size % ways or batch_size % num_processes:
     axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+    processes = f", and of the {num_processes} processes" if num_processes > 1 else ""
     raise errors.ConfigError(
-        f"{field}={batch_size} must be a positive multiple of the {ways} data-parallel "
-        f"devices (the rules split \"batch\" over mesh axes {axes} of config.mesh.shape "
-        f"{dict(mesh_shape)}) and of the {num_processes} processes")
+        f"{field}={batch_size} must be a positive multiple of the data-parallel size "
+        f"{ways}: config.sharding.rules split \"batch\" over mesh axes {axes} of the mesh "
+        f"{dict(mesh_shape)} (config.mesh.shape){processes}")
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

@@ -51,8 +51,9 @@ def _open(data: bytes) -> Image.Image:
   Image.init()  # Registers every plugin (once), so that FORMATS are all known.
   try:
     im = Image.open(io.BytesIO(data), formats=FORMATS)
-  except Image.DecompressionBombError as e:
-    raise ImageError(TOO_LARGE, f"{e} (a decompression-bomb guard)") from None
+  except Image.DecompressionBombError as e:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS
+    raise ImageError(TOO_LARGE, f"{e} (over images.MAX_PIXELS = {MAX_PIXELS} too: a "
+                     "decompression-bomb guard)") from None
   except Exception as e:  # pylint: disable=broad-except  # PIL raises many types.
     raise ImageError(UNREADABLE, f"not a {'/'.join(FORMATS)} image "
                      f"({type(e).__name__}: {e})") from None

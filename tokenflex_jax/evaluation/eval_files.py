@@ -141,6 +141,10 @@ def _tsv_rows(path: str) -> list[tuple[int, dict[str, str] | MalformedRowError]]
       continue
     if not fields or not any(f.strip() for f in fields):
       continue  # a blank line
+    if len(fields) < len(header) or any(f.strip() for f in fields[len(header):]):
+      rows.append((i, MalformedRowError(path, i, "wrong number of columns",
+                                        f"{len(fields)} fields for {len(header)} columns")))
+      continue
     broken = next((j for j, field in enumerate(fields) if bad_text(field)), None)
     if broken is not None:
       column = repr(header[broken]) if broken < len(header) else f"{broken + 1} (extra)"
@@ -185,7 +189,7 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
       raise bad("gap in the options", f"index {index}: option {LETTERS[len(options)]} is "
                 f"empty but {', '.join(after)} {'is' if len(after) == 1 else 'are'} not")
     answer = (row.get("answer") or "").strip()
-    if answer not in LETTERS[:len(options)]:
+    if len(answer) != 1 or answer not in LETTERS[:len(options)]:
       raise bad("unknown option letter",
                 f"index {index}: answer {answer!r} is not one of {LETTERS[:len(options)]}")
     if not (row.get("question") or "").strip():
