@@ -177,6 +177,7 @@ def test_written_scalars(tmp_path):
     assert rec["train/examples_per_s"] == pytest.approx(BATCH / t)
     assert rec["train/tokens_per_s_per_device"] == pytest.approx(BATCH * (n + 23) / t / 8)
     assert rec["train/tflops_per_device"] == pytest.approx(1e9 * n / t / 1e12)
+    assert 10 < rec["train/host_rss_mib"] < 1e6  # this test process's resident memory
   assert os.listdir(tmp_path / "tensorboard")
 
 

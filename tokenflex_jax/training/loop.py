@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -95,6 +96,16 @@ class Saver:
                        self.meta(step))
 
 
+def resident_mib() -> float:
+  """This process's resident memory now (MiB; /proc, so 0.0 where there is none): logged
+  per step so that a leak shows as a rising curve (docs/failures.md, the soak)."""
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except (OSError, ValueError, IndexError):
+    return 0.0
+
+
 class Reporter:
   """Turns a step's device metrics into logged scalars: fetches them (the only wait on
   the device), stops on a non-finite loss, adds throughput, writes and logs them.
@@ -127,7 +138,7 @@ class Reporter:
           f"step {step + 1}: non-finite loss={host['loss']} grad_norm={host.get('grad_norm')} "
           f"at {num_tokens} visual tokens; stopping. Lower config.optimizer.learning_rate or "
           "check the data.")
-    host.update(num_tokens=num_tokens, step_time_s=step_time,
+    host.update(num_tokens=num_tokens, step_time_s=step_time, host_rss_mib=resident_mib(),
                 examples_per_s=self._batch / step_time,
                 tokens_per_s_per_device=self._batch * self._tokens(num_tokens) / step_time
                 / self._devices,
