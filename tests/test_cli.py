@@ -1,8 +1,16 @@
-"""The binaries' shared command line: Orbax's INFO chatter is filtered, warnings are not."""
+"""The binaries' shared command line: Orbax's INFO chatter is filtered, warnings are not;
+a user's mistake is one line and exit 2, a bug keeps its traceback."""
 
 import logging
+import os
+import subprocess
+import sys
+
+import pytest
 
 from tokenflex_jax.cli import QuietLibraryInfo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _record(level, path):
@@ -15,3 +23,46 @@ def test_orbax_info_is_dropped_but_warnings_and_our_lines_stay():
   assert not f.filter(_record(logging.INFO, orbax))
   assert f.filter(_record(logging.WARNING, orbax))
   assert f.filter(_record(logging.INFO, "/repo/tokenflex_jax/training/loop.py"))
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+  from tokenflex_jax import cli, errors  # pylint: disable=import-outside-toplevel
+
+  def wrong_input(argv):
+    raise errors.ConfigError("config.batch_size=7: not divisible by 8 devices")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.handle_errors(wrong_input)(["prog"])
+  assert exit_info.value.code == errors.USAGE_EXIT_CODE
+  assert capsys.readouterr().err == "error: config.batch_size=7: not divisible by 8 devices\n"
+
+  def preempted(argv):
+    raise errors.Preempted("stopped at step 5")
+
+  with pytest.raises(SystemExit) as exit_info:
+    cli.handle_errors(preempted)(["prog"])
+  assert exit_info.value.code == errors.PREEMPTED_EXIT_CODE
+
+  def bug(argv):
+    raise ZeroDivisionError("a bug")
+
+  with pytest.raises(ZeroDivisionError):  # Not turned into a one-liner.
+    cli.handle_errors(bug)(["prog"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--config=configs/demo.py", "--config.nonexistent=1"),
+     "error: --config.nonexistent=1: the config has no key 'nonexistent'"),
+    (("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
+    (("--config=configs/demo.py", "--config.batch_size=abc"),
+     "error: flag --config.batch_size=abc: invalid literal for int()"),
+    (("--config=configs/demo.py", "--bogus_flag=1"), "error: Unknown command line flag 'bogus_flag'"),
+])
+def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, args, message):
+  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.train", *args,
+                           f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert message in lines[-1], result.stderr[-2000:]

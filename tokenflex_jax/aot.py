@@ -77,7 +77,7 @@ def main() -> None:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)
 
-  app.run(cli.handle_errors(run))
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

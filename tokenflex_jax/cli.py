@@ -94,6 +94,27 @@ def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
   return wrapped
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag (unknown, malformed, a missing config file or
+  key) as one line and `errors.USAGE_EXIT_CODE` instead of absl's usage text."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError) as e:  # config_flags: an override of a key not there
+    key = str(e).strip("\"'")
+    named = [a for a in argv if a.startswith("--config.") and key and key in a.split("=")[0]]
+    message = (f"{named[0] if named else 'a --config override'}: the config has no key "
+               f"{key!r} (config_schema.py lists every key)")
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(errors.USAGE_EXIT_CODE)
+
+
+def run_main(main: Callable[[list[str]], Any]) -> None:
+  """``absl.app.run`` of a binary's main with `parse_flags` and `handle_errors`."""
+  app.run(handle_errors(main), flags_parser=parse_flags)
+
+
 def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
   """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` (and the
   multi-process flags) and calls ``job(config, workdir)`` under ``absl.app.run``."""
@@ -104,7 +125,12 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+      loaded = config.value
+      loaded.keys()  # config_flags reports a file it could not load only when read
+    except OSError as e:
+      raise errors.MissingInputError(" ".join(str(e).split())) from None
     start_processes(*process_flags)
-    job(config.value, workdir.value)
+    job(loaded, workdir.value)
 
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from tokenflex_jax import cli, crash_harness
 
@@ -41,4 +41,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(cli.handle_errors(main))
+  cli.run_main(main)

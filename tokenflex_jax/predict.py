@@ -113,7 +113,7 @@ def main() -> None:
                  result.num_tokens, result.visual_tokens, result.confidence)
     print(result.text)
 
-  app.run(cli.handle_errors(run))
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tokenflex_jax import cli, sharding, trained_model, workdir as workdir_lib
 from tokenflex_jax.data import scenes
@@ -59,7 +59,7 @@ def main() -> None:
   # Flags are defined when the binary starts, not at import (see `cli`).
   workdir = flags.DEFINE_string("workdir", None, "A trained VLM's workdir.", required=True)
   num_images = flags.DEFINE_integer("num_images", 256, "Scene images to probe on.")
-  app.run(cli.handle_errors(lambda argv: write_probe(workdir.value, num_images.value)))
+  cli.run_main(lambda argv: write_probe(workdir.value, num_images.value))
 
 
 if __name__ == "__main__":

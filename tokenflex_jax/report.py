@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tokenflex_jax import cli
 from tokenflex_jax.evaluation import experiment, experiment_report
@@ -36,7 +36,7 @@ def main() -> None:
   def run(argv) -> None:
     del argv
     write_report(workdir.value, out.value)
-  app.run(cli.handle_errors(run))
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

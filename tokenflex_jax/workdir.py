@@ -15,6 +15,7 @@ import jax
 import ml_collections
 
 from tokenflex_jax import config_schema
+from tokenflex_jax.errors import MissingInputError
 
 CONFIG_FILE = "config.json"
 
@@ -36,6 +37,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   written by an older version gets today's keys, with their defaults)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+    raise MissingInputError(f"{path} not found: is {workdir!r} a training workdir?")
   with open(path, encoding="utf-8") as f:
     return config_schema.read_saved(json.load(f))

@@ -139,7 +139,7 @@ def main() -> None:
     else:
       print("\n".join(import_towers(config.value, workdir.value, vision.value, llm.value)))
 
-  app.run(cli.handle_errors(run))
+  cli.run_main(run)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tokenflex_jax.errors import MissingInputError
 from tokenflex_jax.models.llm import ROPE_TYPES, LLMConfig
 from tokenflex_jax.models.vit import ViTConfig
 
@@ -50,7 +51,7 @@ INDEX = "model.safetensors.index.json"
 def read_config(hf_dir: str) -> dict[str, Any]:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: not a Hugging Face model directory")
+    raise MissingInputError(f"{path} not found: not a Hugging Face model directory")
   with open(path, encoding="utf-8") as f:
     return json.load(f)
 
@@ -67,7 +68,7 @@ class TensorReader:
     else:
       single = os.path.join(hf_dir, SAFETENSORS)
       if not os.path.exists(single):
-        raise FileNotFoundError(f"neither {SAFETENSORS} nor {INDEX} in {hf_dir}")
+        raise MissingInputError(f"neither {SAFETENSORS} nor {INDEX} in {hf_dir}")
       with safe_open(single, framework="numpy") as f:
         self.files = {name: single for name in f.keys()}
     self.hf_dir = hf_dir

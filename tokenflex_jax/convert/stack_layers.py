@@ -64,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["from", "to"])
-  app.run(cli.handle_errors(main))
+  cli.run_main(main)

@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import flags, logging
 
 from tokenflex_jax import cli
 from tokenflex_jax.data import images, llava, tfds_split
 from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError, bad_text, format_skipped
+from tokenflex_jax.errors import InputError
 
 NAME = "llava_conversations"
 
@@ -88,7 +89,7 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
     if skipped:
       logging.warning("%s: %s", cfg.json_path, format_skipped(skipped))
     if not rows:
-      raise ValueError(f"{cfg.json_path}: no usable rows")
+      raise InputError(f"{cfg.json_path}: no usable rows")
     return {"train": self._generate_examples(rows)}
 
   def _generate_examples(self, rows: list[llava.Conversation]
@@ -180,4 +181,4 @@ if __name__ == "__main__":
                       "JSON file's name.")
   flags.DEFINE_bool("skip_malformed", False,
                     "Leave malformed rows out (counted in the log) instead of failing.")
-  app.run(cli.handle_errors(main))
+  cli.run_main(main)

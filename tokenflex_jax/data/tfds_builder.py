@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
 from tokenflex_jax import cli
@@ -177,4 +177,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_train", 10_000, "Train examples.")
   flags.DEFINE_integer("num_validation", 1_000, "Validation examples.")
   flags.DEFINE_integer("image_size", scenes.BASE_SIZE, "Image side in pixels.")
-  app.run(cli.handle_errors(main))
+  cli.run_main(main)
