@@ -252,14 +252,3 @@ def test_binary_refuses_a_bad_config_in_one_line(tmp_path, module, flags, line):
   assert "Traceback" not in result.stderr
   assert "Compiling" not in result.stderr and "compiled" not in result.stderr
   assert not workdir.exists()
-
-
-def test_an_unknown_config_key_is_an_error_naming_it(tmp_path):
-  """ml_collections refuses an override of a field the (locked) config lacks while the
-  flags are parsed, before the binary's own code runs."""
-  workdir = tmp_path / "run"
-  result = _binary("tokenflex_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
-                   "--config.nonexistent=1")
-  assert result.returncode != 0
-  assert "'nonexistent'" in result.stderr.strip().splitlines()[-1]
-  assert not workdir.exists()

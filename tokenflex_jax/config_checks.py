@@ -37,15 +37,6 @@ def grid_side(config: ml_collections.ConfigDict) -> tuple[int, str]:
   return side, "config.data.image_size / config.model.vit.patch_size"
 
 
-def _check_loop(config: ml_collections.ConfigDict) -> None:
-  """`trainer.check_loop_config`, its ValueError as a `errors.ConfigError`."""
-  try:
-    trainer.check_loop_config(config)
-  except errors.ConfigError:
-    raise
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from None
-
 
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
           job: str = "train") -> None:
@@ -98,7 +89,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
   rules = sharding.rules_from_config(config.sharding.rules)
   training = job in ("train", "aot")
   if training or job == "pretrain_vision":
-    _check_loop(config)
+    trainer.check_loop_config(config)
     sharding.check_batch_divisible("config.batch_size", config.batch_size, mesh_shape, rules,
                                    jax.process_count())
     optimizer.check_optimizer(config.optimizer)

@@ -133,10 +133,10 @@ def start_state(config: ml_collections.ConfigDict, task: Task, job: CompiledTask
 
 
 def check_loop_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field if the loop's cadences or batch are unusable."""
+  """Raises `errors.ConfigError` naming the field if the loop's cadences or batch are unusable."""
   for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
     if config[name] <= 0:
-      raise ValueError(f"config.{name} must be positive, got {config[name]}")
+      raise errors.ConfigError(f"config.{name} must be positive, got {config[name]}")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
