@@ -54,10 +54,17 @@ def _kernel(length: int, block: int, group: int, causal: bool, interpret: bool):
 
 
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
-                     causal: bool) -> jax.Array:
+                     causal: bool, pad_head_dim: bool) -> jax.Array:
   """`splash_attention` on one shard (all arrays local)."""
   b, s, h, d = q.shape
   kv = k.shape[2]
+  if pad_head_dim and d % LANES:
+    # Zero dims change no score and give zero outputs (sliced off); the queries are
+    # rescaled so that the kernel's 1/sqrt(padded) is 1/sqrt(Dh).
+    padded = -(-d // LANES) * LANES
+    widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, padded - d),))
+    return _local_attention(widen(q * jnp.asarray((padded / d) ** 0.5, q.dtype)), widen(k),
+                            widen(v), key_valid, causal, False)[..., :d]
   block = block_size(s)
   pad = -(-s // block) * block - s
   length = s + pad
@@ -78,13 +85,15 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None,
-                     causal: bool) -> jax.Array:
+                     causal: bool, pad_head_dim: bool | None = None) -> jax.Array:
   """Softmax attention with grouped KV heads through the splash kernel.
 
   Args:
     q: [B, S, H, Dh]; k, v: [B, S, KV, Dh] (self-attention: keys are the queries' slots).
     key_valid: [B, S] bool, False for padding; None: every slot is valid.
     causal: slot s attends to slots <= s (else to every valid slot).
+    pad_head_dim: zero-pad Dh to a multiple of 128 for the kernel (SigLIP-so400m's ViT
+      has Dh = 72); None: on a TPU, where the kernel's tiles want whole lanes.
   Returns:
     [B, S, H, Dh], equal to `layers.reference_attention` with the matching mask at every
     valid query slot.
@@ -94,7 +103,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
                      f"and {k.shape[1]} keys")
   if key_valid is None:
     key_valid = jnp.ones(q.shape[:2], bool)
-  local = functools.partial(_local_attention, causal=causal)
+  if pad_head_dim is None:
+    pad_head_dim = jax.default_backend() == "tpu"
+  local = functools.partial(_local_attention, causal=causal, pad_head_dim=pad_head_dim)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v, key_valid)
