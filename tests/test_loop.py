@@ -259,3 +259,20 @@ def test_sigterm_on_a_checkpoint_step_saves_once():
   assert done == 6 and [s for s, *_ in r.manager.saves] == [3, 6]
   assert signal.getsignal(signal.SIGTERM) is previous
 
+
+
+def test_host_counters_reach_the_metrics():
+  """What `host_counters` returns at a report (e.g. skipped bad records) is logged with
+  that step's scalars."""
+  writer = FakeWriter()
+  counts = {"skipped_records": 0.0}
+  reporter = loop.Reporter(writer, 10, log_every=1000, global_batch=BATCH,
+                           tokens_per_example=lambda n: n, flops_per_step={},
+                           host_counters=lambda: dict(counts))
+  reporter.report(0, 64, {"loss": np.float32(1.0)})
+  counts.update(skipped_records=2.0, **{"skipped_records/unreadable_image": 2.0})
+  reporter.report(1, 64, {"loss": np.float32(1.0)})
+  (_, first), (_, second) = writer.records
+  assert first["train/skipped_records"] == 0
+  assert second["train/skipped_records"] == 2
+  assert second["train/skipped_records/unreadable_image"] == 2

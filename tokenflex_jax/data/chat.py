@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 from tokenflex_jax.data import conversation, tokenizer
 from tokenflex_jax.data.hf_tokenizer import HFTokenizer
 from tokenflex_jax.data.sp_chat_tokenizer import SentencePieceChatTokenizer
+from tokenflex_jax.errors import ConfigError
 
 IMAGE_MARKER = conversation.IMAGE_MARKER
 KINDS = ("project", "sentencepiece", "hf")
@@ -73,21 +74,21 @@ def load_tokenizer(kind: str, path: str, template: str = "", image_token: str = 
   """
   if kind == "project":
     if template not in ("", "project") or image_token not in ("", tokenizer.IMAGE_TOKEN):
-      raise ValueError(f"config.tokenizer.kind='project' has its own template and image "
+      raise ConfigError(f"config.tokenizer.kind='project' has its own template and image "
                        f"token {tokenizer.IMAGE_TOKEN!r}; got config.tokenizer.template="
                        f"{template!r}, config.tokenizer.image_token={image_token!r}")
     if system_prompt is not None:
-      raise ValueError("the project tokenizer has no system prompt; leave "
+      raise ConfigError("the project tokenizer has no system prompt; leave "
                        "config.tokenizer.system_prompt unset")
     return tokenizer.Tokenizer(path)
   if kind not in ("sentencepiece", "hf"):
-    raise ValueError(f"unknown config.tokenizer.kind {kind!r}; expected one of {KINDS}")
+    raise ConfigError(f"unknown config.tokenizer.kind {kind!r}; expected one of {KINDS}")
   if not image_token:
-    raise ValueError(f"config.tokenizer.kind={kind!r} needs config.tokenizer.image_token, "
+    raise ConfigError(f"config.tokenizer.kind={kind!r} needs config.tokenizer.image_token, "
                      "a single-id token of the tokenizer that marks the image")
   if kind == "sentencepiece":
     if system_prompt is not None:
-      raise ValueError("the sentencepiece templates (llama2, gemma) take no system prompt; "
+      raise ConfigError("the sentencepiece templates (llama2, gemma) take no system prompt; "
                        "leave config.tokenizer.system_prompt unset")
     return SentencePieceChatTokenizer(path, template, image_token)
   return HFTokenizer(path, template, image_token, system_prompt)

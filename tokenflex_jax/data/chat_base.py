@@ -19,6 +19,7 @@ from typing import Any
 
 import sentencepiece as spm
 
+from tokenflex_jax.errors import MissingInputError
 from tokenflex_jax.data import conversation
 from tokenflex_jax.data.conversation import IdTemplate
 
@@ -130,7 +131,7 @@ class IdTemplateTokenizer(ChatTokenizerBase):
   def _load(self, model_path: str, what: str) -> spm.SentencePieceProcessor:
     """Loads the model at ``model_path``; FileNotFoundError "no {what} at ..." if absent."""
     if not os.path.exists(model_path):
-      raise FileNotFoundError(f"no {what} at {model_path}")
+      raise MissingInputError(f"no {what} at {model_path}")
     self.model_path = model_path
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     return self._sp

@@ -25,6 +25,7 @@ import tokenizers
 from tokenflex_jax.data import conversation
 from tokenflex_jax.data.chat_base import ChatTokenizerBase, SpecialIds
 from tokenflex_jax.data.conversation import ASSISTANT, USER, Turn
+from tokenflex_jax.errors import ConfigError, InputError, MissingInputError
 
 QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TEMPLATES = ("chatml", "llama3")
@@ -65,7 +66,7 @@ def text_template(name: str) -> TextTemplate:
     return CHATML
   if name == "llama3":
     return LLAMA3
-  raise ValueError(f"unknown chat template {name!r} for a Hugging Face tokenizer "
+  raise ConfigError(f"unknown chat template {name!r} for a Hugging Face tokenizer "
                    f"(config.tokenizer.template); expected one of {TEMPLATES}")
 
 
@@ -149,25 +150,25 @@ class HFTokenizer(ChatTokenizerBase):
     self._template = text_template(template)
     self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"no tokenizer.json at {path}")
+      raise MissingInputError(f"no tokenizer.json at {path}")
     self._tok = tokenizers.Tokenizer.from_file(self.path)
     config = read_tokenizer_config(self.path)
     added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
     for token in self._template.special_tokens:
       if token not in added:
-        raise ValueError(f"{self.path} has no added token {token!r}, which the "
+        raise InputError(f"{self.path} has no added token {token!r}, which the "
                          f"{template!r} chat template needs")
     self._system = self._template.system_prompt if system_prompt is None else system_prompt
     self._bos = _config_token(config, "bos_token") or self._template.bos
     if self._template.begins_with_bos and self._bos not in added:
-      raise ValueError(f"{self.path} has no added token {self._bos!r} (bos), which the "
+      raise InputError(f"{self.path} has no added token {self._bos!r} (bos), which the "
                        f"{template!r} chat template needs")
     eos_id = added[self._template.end_of_turn]
     image_id = self._token_id(image_token, "the image placeholder", added)
     pad_id = self._token_id(_config_token(config, "pad_token") or self._template.pad,
                             "padding", added)
     if image_id in (eos_id, pad_id):
-      raise ValueError(f"image token {image_token!r} is also the end-of-turn or pad token")
+      raise InputError(f"image token {image_token!r} is also the end-of-turn or pad token")
     config_eos = self._tok.token_to_id(_config_token(config, "eos_token"))
     special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
     super().__init__(args, SpecialIds(
@@ -182,7 +183,7 @@ class HFTokenizer(ChatTokenizerBase):
     i = self._tok.token_to_id(token) if token else None
     if i is None:
       examples = ", ".join(repr(t) for t in list(added)[:12])
-      raise ValueError(f"{self.path} has no token {token!r} ({what}); it must be a single "
+      raise InputError(f"{self.path} has no token {token!r} ({what}); it must be a single "
                        f"id of the tokenizer, e.g. one of its added tokens: {examples}")
     return i
 

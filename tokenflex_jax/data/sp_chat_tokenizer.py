@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from tokenflex_jax.data.chat_base import IdTemplateTokenizer, SpecialIds
 from tokenflex_jax.data.conversation import IdTemplate
+from tokenflex_jax.errors import ConfigError, InputError
 
 TEMPLATES = ("llama2", "gemma")
 LLAMA2_OPEN, LLAMA2_CLOSE = "[INST]", "[/INST]"
@@ -34,12 +35,12 @@ class SentencePieceChatTokenizer(IdTemplateTokenizer):
 
   def __init__(self, model_path: str, template: str = "llama2", image_token: str = "<image>"):
     if template not in TEMPLATES:
-      raise ValueError(f"unknown chat template {template!r} for a sentencepiece tokenizer "
+      raise ConfigError(f"unknown chat template {template!r} for a sentencepiece tokenizer "
                        f"(config.tokenizer.template); expected one of {TEMPLATES}")
     sp = self._load(model_path, "sentencepiece model")
     self.template, self.image_token = template, image_token
     if sp.bos_id() < 0 or sp.eos_id() < 0:
-      raise ValueError(f"{model_path} has no bos or eos piece")
+      raise InputError(f"{model_path} has no bos or eos piece")
     image_id = self._piece_id(image_token, "the image placeholder")
     pad_id = sp.pad_id() if sp.pad_id() >= 0 else sp.unk_id()
     specials = {image_id}
@@ -68,6 +69,6 @@ class SentencePieceChatTokenizer(IdTemplateTokenizer):
     """The id of ``piece``; ValueError naming the file when it is not a single piece."""
     i = self._sp.piece_to_id(piece)
     if i == self._sp.unk_id() or self._sp.id_to_piece(i) != piece:
-      raise ValueError(f"{self.model_path} has no piece {piece!r} ({what}); it must be a "
+      raise InputError(f"{self.model_path} has no piece {piece!r} ({what}); it must be a "
                        "single piece of the model, e.g. a user-defined symbol")
     return i

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflex_jax.errors import InputError
 from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.models.llm import init_cache
 from tokenflex_jax.models.vlm import VLM
@@ -60,7 +61,7 @@ def encode_prompts(tokenizer: Tokenizer, questions: list[str], max_length: int,
   for i, question in enumerate(questions):
     ids = tokenizer.prompt_ids(question, image_first)
     if len(ids) > max_length:
-      raise ValueError(f"question needs {len(ids)} prompt tokens but "
+      raise InputError(f"question needs {len(ids)} prompt tokens but "
                        f"config.eval.max_prompt_length is {max_length}: {question!r}")
     out[i, max_length - len(ids):] = ids
   return out

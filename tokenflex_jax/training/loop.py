@@ -110,14 +110,17 @@ class Reporter:
   """Turns a step's device metrics into logged scalars: fetches them (the only wait on
   the device), stops on a non-finite loss, adds throughput, writes and logs them.
 
-  The step time is the time between two consecutive reports: the pipeline's
+  ``host_counters()`` adds host-side counts (e.g. skipped bad records) to each step's
+  scalars. The step time is the time between two consecutive reports: the pipeline's
   throughput, data included; `restart_clock` excludes what is not a step (a save).
   """
 
   def __init__(self, writer: MetricWriter, total_steps: int, log_every: int,
                global_batch: int, tokens_per_example: Callable[[int], int],
-               flops_per_step: Mapping[int, float]):
+               flops_per_step: Mapping[int, float],
+               host_counters: Callable[[], Mapping[str, float]] = dict):
     self._writer, self._total, self._log_every = writer, total_steps, log_every
+    self._counters = host_counters
     self._batch, self._tokens, self._flops = global_batch, tokens_per_example, flops_per_step
     self._devices = jax.device_count()
     self._first: int | None = None
@@ -143,6 +146,7 @@ class Reporter:
                 tokens_per_s_per_device=self._batch * self._tokens(num_tokens) / step_time
                 / self._devices,
                 tflops_per_device=self._flops.get(num_tokens, 0.0) / step_time / 1e12)
+    host.update(self._counters())
     scalars = {f"train/{k}": v for k, v in host.items()}
     scalars.update({f"train_{num_tokens}tokens/{k}": host[k] for k in
                     ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device")

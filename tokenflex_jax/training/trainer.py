@@ -139,6 +139,18 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.{name} must be positive, got {config[name]}")
 
 
+def skipped_record_counts() -> dict[str, float]:
+  """The bad records this process's pipelines skipped so far (``config.data.on_bad_record
+  = "skip"``): {"skipped_records": total, "skipped_records/<reason>": n}; {} if none."""
+  counts = pipeline.skipped_records()
+  if not counts:
+    return {}
+  out = {"skipped_records": float(sum(counts.values()))}
+  out.update({f"skipped_records/{reason.replace(' ', '_')}": float(n)
+              for reason, n in counts.items()})
+  return out
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
           ) -> steps.TrainState:
   """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
@@ -153,7 +165,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   batch_sh = compiled.shardings_of(dict(task.abstract_batch))
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
-                           task.tokens_per_example, flops_per_device(task, job))
+                           task.tokens_per_example, flops_per_device(task, job),
+                           host_counters=skipped_record_counts)
   saver = loop.Saver(manager, config.checkpoint_every,
                      lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()})
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
