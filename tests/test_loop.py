@@ -90,7 +90,7 @@ class Run:
     self.globalised.append(int(batch["index"]))
     return {**batch, "globalised": True}
 
-  def run(self, start, total, every, writer=None, data=None):
+  def run(self, start, total, every, writer=None, data=None, periodic=None):
     self.data = data if data is not None else iter(
         {"index": np.int32(i)} for i in range(10_000))
     writer = writer if writer is not None else FakeWriter()
@@ -103,7 +103,8 @@ class Run:
     return loop.train_loop(state, start, total,
                            loop.BucketSteps({n: self.step_fn(n) for n in COUNTS},
                                             count_for_step),
-                           loop.DataFeed(self.data, self.to_global), saver, reporter)
+                           loop.DataFeed(self.data, self.to_global), saver, reporter,
+                           periodic)
 
 
 def test_each_step_runs_its_buckets_step_on_the_next_batch():
@@ -276,3 +277,26 @@ def test_host_counters_reach_the_metrics():
   assert first["train/skipped_records"] == 0
   assert second["train/skipped_records"] == 2
   assert second["train/skipped_records/unreadable_image"] == 2
+
+
+def test_periodic_evaluation_runs_after_its_steps_on_their_parameters():
+  """``Periodic(every=4)`` over steps [2, 10): called after steps 4 and 8 with the
+  parameters those steps produced, after the step's own metrics, and its scalars written
+  at that step."""
+  r = Run()
+  seen = []
+
+  def evaluate(params, step):
+    seen.append((step, float(params["w"])))
+    r.events.append(("eval", step))
+    return {"eval/64tokens/average": step / 100}
+
+  r.run(2, 10, every=100, periodic=loop.Periodic(4, evaluate))
+  assert seen == [(4, 4.0), (8, 8.0)]
+  written = {step: s for step, s in r.writer.records if "eval/64tokens/average" in s}
+  assert written == {4: {"eval/64tokens/average": 0.04}, 8: {"eval/64tokens/average": 0.08}}
+  steps_logged = [step for step, s in r.writer.records if "train/loss" in s]
+  assert steps_logged == list(range(3, 11))  # every step's metrics still written once
+  # The evaluation of step 4 comes after step 4 ran and before step 5 (index 4) ran.
+  assert r.events.index(("eval", 4)) < r.events.index(("step", 4))
+  assert not loop.Periodic(0, evaluate).due(4)

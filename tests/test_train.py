@@ -40,7 +40,7 @@ class _CompileCounter(py_logging.Handler):
 def reference_run(tmp_path_factory):
   """An uninterrupted in-process run; records which programs were compiled."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  config = tiny_config(total_steps=TOTAL, checkpoint_every=4)
+  config = tiny_config(total_steps=TOTAL, checkpoint_every=4, eval_every=TOTAL // 2)
   counter = _CompileCounter()
   logger = py_logging.getLogger("jax")
   logger.addHandler(counter)
@@ -55,8 +55,10 @@ def reference_run(tmp_path_factory):
 
 def test_one_compile_per_bucket(reference_run):
   workdir, config, messages = reference_run
-  # Each bucket's step is compiled exactly once, ahead of time; the loop never compiles.
-  train_compiles = [m for m in messages if "Compiling" in m and "float32[8,32,32,3]" in m]
+  # Each bucket's step is compiled exactly once, ahead of time; the loop never compiles
+  # (the periodic evaluation's decoding has images too, but no float32 loss mask).
+  train_compiles = [m for m in messages if "Compiling" in m and "float32[8,32,32,3]" in m
+                    and "float32[8,24]" in m]
   assert len(train_compiles) == len(config.token_counts), "\n".join(train_compiles)
   seen = {n for _, n in losses(workdir).values()}
   assert seen == set(config.token_counts)
@@ -76,6 +78,23 @@ def test_metrics_and_checkpoints_written(reference_run):
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     assert json.load(f)["total_steps"] == TOTAL
   del config
+
+
+def test_periodic_evaluation_writes_per_step_results_and_scalars(reference_run):
+  """eval_every=20 of 40: the eval binary's evaluation at steps 20 and 40, its files per
+  step, and per-count accuracies among the metrics (TensorBoard's too)."""
+  workdir, config, _ = reference_run
+  for step in (20, 40):
+    with open(os.path.join(workdir, "eval", "scenes", f"step_{step}", "results.json"),
+              encoding="utf-8") as f:
+      results = json.load(f)
+    assert results["step"] == step
+    assert set(results["results"]) == {str(n) for n in config.eval.token_counts}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    evals = [r for r in map(json.loads, f) if "eval/64tokens/average" in r]
+  assert [r["step"] for r in evals] == [20, 40]
+  assert all(0 <= r["eval/100tokens/background"] <= 1 for r in evals)
+  assert not any(k.startswith("train/") for r in evals for k in r)
 
 
 def _train_command(workdir):

@@ -44,5 +44,6 @@ def losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       rec = json.loads(line)
-      out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
+      if "train/loss" in rec:  # Not a periodic evaluation's record.
+        out[rec["step"]] = (rec["train/loss"], int(rec["train/num_tokens"]))
   return out

@@ -68,6 +68,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
   "train" and "aot": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
   ``config.token_probs`` one per count, >= 0, summing to 1, a known
   ``config.loss_weighting``, and ``config.eval.token_counts`` as the token counts.
+  "train" and "aot": ``config.eval_every`` >= 0; "train" with ``eval_every`` > 0 also
+  the "eval" checks below.
   "eval": ``config.token_counts`` and ``config.eval.token_counts`` as above;
   ``config.eval.batch_size`` as the global batch; a known ``config.eval.suite`` (with
   ``config.eval.data_path`` for a file); ``config.eval.auto_counts`` among the trained
@@ -107,7 +109,10 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
   if training or job == "eval":
     buckets.check_counts(tuple(config.eval.token_counts), "config.eval.token_counts", side,
                          fields)
-  if job == "eval":
+  if training and config.eval_every < 0:
+    raise errors.ConfigError(f"config.eval_every={config.eval_every} must be >= 0 (0: no "
+                             "periodic evaluation)")
+  if job == "eval" or (job == "train" and config.eval_every > 0):
     sharding.check_batch_divisible("config.eval.batch_size", config.eval.batch_size,
                                    mesh_shape, rules, jax.process_count())
     evaluator.check_suite(config)

@@ -121,6 +121,11 @@ def base_config() -> ConfigDict:
   # Stage 0 (pretrain_vision): loss weight of the per-patch object labels.
   c.vision_pretrain = ConfigDict(dict(object_weight=5.0))
 
+  # Periodic evaluation while training, every this many steps (0: off): the eval
+  # binary's evaluation (config.eval) of the current parameters, its accuracies to
+  # TensorBoard (eval/<N>tokens/<family>) and its files to WORKDIR/eval/<suite or file
+  # stem>/step_<step>/.
+  c.eval_every = 0
   c.eval = ConfigDict()
   c.eval.suite = "scenes"           # or "mmbench" (TSV) / "vqa" (JSONL) at data_path
   c.eval.data_path = ""

@@ -85,7 +85,7 @@ def _steps_logged(workdir: str) -> int:
   if not os.path.exists(path):
     return 0
   with open(path, encoding="utf-8") as f:
-    steps = [json.loads(line)["step"] for line in f if line.endswith("\n")]
+    steps = [json.loads(line).get("step", 0) for line in f if line.endswith("\n")]
   return max(steps, default=0)
 
 
@@ -95,7 +95,8 @@ def loss_history(workdir: str) -> dict[int, float]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       record = json.loads(line)
-      out[record["step"]] = record["train/loss"]
+      if "train/loss" in record:  # Not a periodic evaluation's record.
+        out[record["step"]] = record["train/loss"]
   return out
 
 

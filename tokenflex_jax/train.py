@@ -11,6 +11,8 @@ the rest is the trainer core, `training.trainer`.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from tokenflex_jax import cli, config_checks, model_config, run_tokenizer, sharding
@@ -27,7 +29,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)
   model = VLM(model_config.vlm_config(config, tokenizer))
-  task = vlm_task(config, model, mesh, rules, run_tokenizer.loader(config, workdir))
+  task = vlm_task(config, model, mesh, rules, run_tokenizer.loader(config, workdir),
+                  eval_dir=os.path.join(workdir, "eval"))
   return trainer.train(config, workdir, task, mesh, rules)
 
 

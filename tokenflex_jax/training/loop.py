@@ -106,6 +106,17 @@ def resident_mib() -> float:
     return 0.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Periodic:
+  """``fn(params, step) -> {name: scalar}`` every ``every`` completed steps (0: never),
+  e.g. an evaluation; its scalars are written at that step."""
+  every: int
+  fn: Callable[[Any, int], Mapping[str, float]]
+
+  def due(self, done: int) -> bool:
+    return self.every > 0 and done % self.every == 0
+
+
 class Reporter:
   """Turns a step's device metrics into logged scalars: fetches them (the only wait on
   the device), stops on a non-finite loss, adds throughput, writes and logs them.
@@ -128,6 +139,10 @@ class Reporter:
 
   def restart_clock(self) -> None:
     self._ready = time.perf_counter()
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Writes scalars that are not a train step's (e.g. a periodic evaluation's)."""
+    self._writer.write(step, scalars)
 
   def report(self, step: int, num_tokens: int, metrics: Mapping[str, Any]) -> None:
     """Reports step ``step`` (0-based; logged as ``step + 1``, the steps completed)."""
@@ -157,11 +172,12 @@ class Reporter:
 
 
 def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps,
-               data: DataFeed, saver: Saver, reporter: Reporter) -> tuple[Any, int]:
+               data: DataFeed, saver: Saver, reporter: Reporter,
+               periodic: Periodic | None = None) -> tuple[Any, int]:
   """Runs steps [start_step, total_steps); returns (state, steps completed).
 
   Each step's metrics are reported while the next step runs, so the host never waits
-  for the device except to save.
+  for the device except to save and for ``periodic`` (after the save of its step).
   """
   pending = None  # (step, num_tokens, metrics still on device)
   done = start_step
@@ -181,6 +197,12 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
         reporter.restart_clock()  # Saving is not step time.
       if stop:
         break
+      if periodic is not None and periodic.due(done):
+        if pending is not None:
+          reporter.report(*pending)
+          pending = None
+        reporter.write(done, periodic.fn(state.params, done))
+        reporter.restart_clock()  # Nor is evaluating.
     if pending is not None:
       reporter.report(*pending)
   checkpointing.finish(saver.manager)

@@ -46,6 +46,9 @@ class Task:
   name: what the compiled step is called in the logs.
   flops_per_step: a bucket -> model FLOPs of one global step (`tokenflex_jax.flops`), for
     the logged FLOP rate; None: XLA's cost analysis, which counts a scanned loop once.
+  evaluate: (params, step) -> {name: scalar}, run every ``eval_every`` steps by the loop
+    (on every process: it may be collective); None: no periodic evaluation.
+  eval_every: the cadence of ``evaluate`` in steps (0: never).
   """
   init_params: steps.InitParams
   loss_fn: steps.LossFn
@@ -56,6 +59,8 @@ class Task:
   tokens_per_example: Callable[[int], int]
   name: str = "train step"
   flops_per_step: Callable[[int], float] | None = None
+  evaluate: Callable[[Any, int], Mapping[str, float]] | None = None
+  eval_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +179,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   try:
     state, done = loop.train_loop(
         state, start, config.total_steps, loop.BucketSteps(job.steps, task.count_for_step),
-        loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter)
+        loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter,
+        loop.Periodic(task.eval_every, task.evaluate) if task.evaluate else None)
   except errors.NonFiniteLossError as e:
     manager.wait_until_finished()
     last = manager.latest_step()

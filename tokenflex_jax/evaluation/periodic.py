@@ -1,0 +1,58 @@
+"""Evaluation during training: the eval binary's evaluation of the live parameters.
+
+`make_periodic_eval` returns the ``(params, step) -> scalars`` a training `Task` runs
+every ``config.eval_every`` steps: `evaluator.evaluate` at ``config.eval.token_counts``,
+its files (results.json / .md / accuracy.png) under
+``EVAL_DIR/<suite or data file stem>/step_<step>/``, and per count the average and each
+family's accuracy as scalars ``eval/<N>tokens/<family>`` for TensorBoard.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.evaluation import evaluator, report
+from tokenflex_jax.models.vlm import VLM
+
+
+def suite_name(config: ml_collections.ConfigDict) -> str:
+  """The folder an evaluation of ``config.eval`` writes into: the suite ("scenes"), or the
+  stem of its data file (an MMBench TSV, a VQA JSONL)."""
+  if config.eval.suite == "scenes" or not config.eval.data_path:
+    return config.eval.suite
+  return os.path.splitext(os.path.basename(config.eval.data_path.rstrip("/")))[0]
+
+
+def scalars(results: Mapping[str, Any]) -> dict[str, float]:
+  """{"eval/<N>tokens/average": a, "eval/<N>tokens/<family>": a, ...} of `evaluate`'s
+  results."""
+  out = {}
+  for count, result in results["results"].items():
+    out[f"eval/{count}tokens/average"] = float(result["average"])
+    out.update({f"eval/{count}tokens/{family}": float(value)
+                for family, value in result["families"].items()})
+  return out
+
+
+def make_periodic_eval(model: VLM, load_tokenizer: Callable[[], ChatTokenizer],
+                       config: ml_collections.ConfigDict, mesh, rules, eval_dir: str
+                       ) -> Callable[[Any, int], dict[str, float]]:
+  """The ``(params, step) -> scalars`` of the module docstring (every process calls it)."""
+
+  def evaluate(params: Any, step: int) -> dict[str, float]:
+    results = evaluator.evaluate(model, params, load_tokenizer(), config, mesh, rules, step)
+    out_dir = os.path.join(eval_dir, suite_name(config), f"step_{step}")
+    if jax.process_index() == 0:
+      report.write_results(results, out_dir)
+    logging.info("periodic evaluation at step %d -> %s\n%s", step, out_dir,
+                 report.markdown_table(results))
+    return scalars(results)
+
+  return evaluate
