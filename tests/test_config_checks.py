@@ -134,6 +134,12 @@ CASES = [
     case("visual_position_span", r"config\.model\.visual_position_span=-1 must be >= 0",
          model__visual_position_span=-1),
     # The loss, the loop's cadences.
+    case("eval_every_negative", r"config\.eval_every=-1 must be >= 0", eval_every=-1),
+    # Periodic evaluation needs what the eval binary needs: here an MMBench file.
+    case("eval_every_without_its_data", r"config\.eval\.suite='mmbench' needs "
+         r"config\.eval\.data_path", eval_every=10, eval__suite="mmbench"),
+    case("eval_every_batch", r"config\.eval\.batch_size=6", eval_every=10,
+         eval__batch_size=6),
     case("loss_weighting", r"config\.loss_weighting must be one of .*'mean'",
          loss_weighting="mean"),
     case("log_every", r"config\.log_every must be positive, got 0", log_every=0),
