@@ -3,8 +3,6 @@ hidden states in chunks of the sequence (so [B, T, V] logits never exist at once
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import optax
