@@ -50,15 +50,16 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     cli.handle_errors(bug)(["prog"])
 
 
-@pytest.mark.parametrize("args,message", [
-    (("--config=configs/demo.py", "--config.nonexistent=1"),
+@pytest.mark.parametrize("binary,args,message", [
+    ("train", ("--config=configs/demo.py", "--config.nonexistent=1"),
      "error: --config.nonexistent=1: the config has no key 'nonexistent'"),
-    (("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
-    (("--config=configs/demo.py", "--config.batch_size=abc", "--bogus_flag=1"),
+    ("train", ("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
+    ("train", ("--config=configs/demo.py", "--config.batch_size=abc", "--bogus_flag=1"),
      "error: flag --config.batch_size=abc: invalid literal for int()"),
+    ("eval", ("--config=configs/demo.py",), "error: no checkpoints in workdir '"),  # wrong dir
 ])
-def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, args, message):
-  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.train", *args,
+def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, binary, args, message):
+  result = subprocess.run([sys.executable, "-m", f"tokenflex_jax.{binary}", *args,
                            f"--workdir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tokenflex_jax import model_config, run_tokenizer, sharding, workdir as workdir_lib
+from tokenflex_jax import errors, model_config, run_tokenizer, sharding
+from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import checkpointing
@@ -45,14 +46,17 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str,
   trained = model_config.vlm_config(workdir_lib.read_config(workdir), tokenizer)
   differ = model_config.model_differences(model_config.vlm_config(config, tokenizer), trained)
   if differ:
-    raise ValueError(f"--config describes another model than {workdir} was trained with; "
-                     f"fields {', '.join(differ)} differ (pass the training run's overrides)")
+    raise errors.ConfigError(f"--config describes another model than {workdir} was trained "
+                             f"with; fields {', '.join(differ)} differ (pass the training "
+                             f"run's overrides)")
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, mesh, rules,
          step: int = -1) -> TrainedModel:
   """The model of ``config`` with the params of ``workdir``'s checkpoint ``step`` (-1:
-  the latest), laid out on ``mesh`` by the logical-axis ``rules``."""
+  the latest), laid out on ``mesh`` by the logical-axis ``rules``. Raises
+  `errors.MissingInputError` naming the workdir and its steps if it has no such step."""
+  step = checkpointing.resolve_step(workdir, step)  # First: a wrong --workdir says so.
   tokenizer = run_tokenizer.loader(config, workdir)()
   check_same_model(config, workdir, tokenizer)
   model = VLM(model_config.vlm_config(config, tokenizer))
