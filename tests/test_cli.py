@@ -56,7 +56,8 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     ("train", ("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
     ("train", ("--config=configs/demo.py", "--config.batch_size=abc", "--bogus_flag=1"),
      "error: flag --config.batch_size=abc: invalid literal for int()"),
-    ("eval", ("--config=configs/demo.py",), "error: no checkpoints in workdir '"),  # wrong dir
+    ("eval", ("--config=configs/demo.py", "--config.eval.batch_size=8"),  # a wrong --workdir
+     "error: no checkpoints in workdir '"),
 ])
 def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, binary, args, message):
   result = subprocess.run([sys.executable, "-m", f"tokenflex_jax.{binary}", *args,
