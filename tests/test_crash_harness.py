@@ -18,7 +18,7 @@ ONE_BUCKET = ("--config.token_counts=(64,)", "--config.token_probs=(1.0,)",
 def test_two_kills_leave_a_bit_identical_run(tmp_path):
   tiny = [f for f in TINY_FLAGS if "token_counts" not in f and "token_probs" not in f]
   command = [sys.executable, "-m", "tokenflex_jax.crash_test", f"--workdir={tmp_path}",
-             "--kills=2", "--total_steps=14", "--checkpoint_every=2", "--seed=3", "--",
+             "--kills=2", "--total_steps=10", "--checkpoint_every=2", "--seed=3", "--",
              *tiny, *ONE_BUCKET]
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")

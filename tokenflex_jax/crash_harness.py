@@ -170,7 +170,7 @@ def run(train_command: Sequence[str], workdir: str, kills: int, total_steps: int
     target = min(_steps_logged(killed) + rng.randint(1, 6), total_steps - 1)
     hit = _wait_for(proc, lambda t=target: _steps_logged(killed) >= t, timeout_s, 0.01)
     if hit and aim_at_save:
-      hit = _wait_for(proc, lambda: _saving(killed), timeout_s, 0.0005)
+      hit = _wait_for(proc, lambda: _saving(killed), timeout_s, 0.002)
     if not hit or proc.poll() is not None:
       proc.kill()
       proc.wait()
