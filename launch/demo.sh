@@ -25,6 +25,9 @@ log "stage 2: full TokenFLEX tuning -> $WORKDIR/stage2"
 python -m tokenflex_jax.train --config=configs/demo.py:stage=2 --workdir="$WORKDIR/stage2" \
   --config.init.checkpoint="$WORKDIR/stage1" "$@"
 log "evaluating at every visual-token budget"
-python -m tokenflex_jax.eval --config=configs/demo.py:stage=2 --workdir="$WORKDIR/stage2"
-log "done. Results: $WORKDIR/stage2/eval/results.md and accuracy.png"
-cat "$WORKDIR/stage2/eval/results.md"
+# A rerun evaluates again (the same checkpoint, the same results) instead of refusing.
+python -m tokenflex_jax.eval --config=configs/demo.py:stage=2 --workdir="$WORKDIR/stage2" \
+  --config.eval.overwrite=True
+results="$(ls -d "$WORKDIR"/stage2/eval/scenes/step_* | sort -V | tail -n 1)"
+log "done. Results: $results/results.md and accuracy.png"
+cat "$results/results.md"

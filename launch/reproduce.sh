@@ -79,7 +79,8 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
     run "$name" "$seed" stage2 python -m tokenflex_jax.train --config="$C,stage=2" \
       --workdir="$D/stage2" --config.init.checkpoint="$D/stage1" "${TRAIN_FLAGS[@]}"
     run "$name" "$seed" eval python -m tokenflex_jax.eval --config="$C,stage=2" \
-      --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" "${TRAIN_FLAGS[@]}"
+      --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" \
+      --config.eval.overwrite=True "${TRAIN_FLAGS[@]}"
   done
   log "seed $seed done: writing the report to $OUT"
   python -m tokenflex_jax.report --workdir="$W" --out="$OUT"

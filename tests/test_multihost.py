@@ -118,11 +118,11 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
   one = subprocess.run(_flags(two_dir, "(1,-1,1)", "eval"), cwd=REPO, env=_env(8),
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  with open(os.path.join(two_dir, "eval", "results.json"), encoding="utf-8") as f:
+  with open(os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json"), encoding="utf-8") as f:
     single = json.load(f)
-  os.remove(os.path.join(two_dir, "eval", "results.json"))
+  os.remove(os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json"))
   _finish(_start_two(two_dir, "eval"))
-  with open(os.path.join(two_dir, "eval", "results.json"), encoding="utf-8") as f:
+  with open(os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json"), encoding="utf-8") as f:
     gathered = json.load(f)
   assert gathered["step"] == single["step"] == TOTAL
   for count, result in single["results"].items():

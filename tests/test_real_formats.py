@@ -266,7 +266,8 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
     _run("tokenflex_jax.eval", "--config=configs/demo.py", f"--workdir={workdir}", *common,
          f"--config.eval.suite={suite}", f"--config.eval.data_path={files}/{path}",
          "--config.eval.max_prompt_length=160", "--config.eval.max_new_tokens=3")
-    with open(workdir / "eval" / "results.json", encoding="utf-8") as f:
+    stem = path.split(".")[0]  # Each suite in its own folder: both results stay.
+    with open(workdir / "eval" / stem / "step_3" / "results.json", encoding="utf-8") as f:
       results = json.load(f)
     assert results["suite"] == suite and set(results["families"]) == families
     assert results["examples_per_family"] == questions
@@ -275,3 +276,8 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
     for r in results["results"].values():
       assert set(r["families"]) == families
       assert all(0.0 <= a <= 1.0 for a in r["families"].values())
+  # Both evaluations are kept and listed.
+  with open(workdir / "eval" / "index.json", encoding="utf-8") as f:
+    index = json.load(f)["evaluations"]
+  assert [(e["suite"], e["step"], e["dir"]) for e in index] == [
+      ("mmbench", 3, "mmbench/step_3"), ("vqa", 3, "vqa/step_3")]

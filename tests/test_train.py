@@ -20,6 +20,7 @@ from tokenflex_jax import eval as eval_binary
 from tokenflex_jax import predict
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.tokenizer import Tokenizer
+from tokenflex_jax.evaluation import outputs
 from tokenflex_jax.train import train
 from tokenflex_jax.training import checkpointing
 
@@ -170,8 +171,17 @@ def test_bad_config_is_rejected_with_the_field_name(tmp_path):
 
 def test_eval_writes_results_with_the_schema(reference_run):
   workdir, config, _ = reference_run
+  # The periodic evaluation at step 40 is there already: kept unless asked.
+  with pytest.raises(errors.UserError, match="already holds an evaluation of 'scenes' at "
+                                             "step 40; pass --config.eval.overwrite=True"):
+    eval_binary.run_eval(config, workdir)
+  config = copy.deepcopy(config)
+  config.eval.overwrite = True
   results = eval_binary.run_eval(config, workdir)
-  out = os.path.join(workdir, "eval")
+  out = os.path.join(workdir, "eval", "scenes", f"step_{TOTAL}")
+  index = outputs.read_index(os.path.join(workdir, "eval"))
+  assert [(e["suite"], e["step"], e["source"]) for e in index] == [("scenes", TOTAL, "eval")]
+  assert index[0]["average"] == {c: r["average"] for c, r in results["results"].items()}
   for name in ("results.json", "results.md", "accuracy.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
@@ -198,6 +208,7 @@ def test_eval_reports_the_automatic_budget(reference_run):
   workdir, config, _ = reference_run
   config = copy.deepcopy(config)
   config.eval.token_counts = (64, 144)
+  config.eval.overwrite = True
   results = eval_binary.run_eval(config, workdir)
   auto = results["auto_budget"]
   assert auto["counts"] == [64, 144]
@@ -213,7 +224,7 @@ def test_eval_reports_the_automatic_budget(reference_run):
   oracle = auto["oracle"]
   assert oracle["accuracy"] >= max(fixed.values()) - 1e-9
   assert 64 <= oracle["mean_visual_tokens"] <= 144
-  out = os.path.join(workdir, "eval")
+  out = os.path.join(workdir, "eval", "scenes", f"step_{TOTAL}")
   assert os.path.getsize(os.path.join(out, "budget.png")) > 0
   assert "| oracle |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
 

@@ -138,6 +138,7 @@ def base_config() -> ConfigDict:
   c.eval.max_new_tokens = 4
   c.eval.seed = 12345
   c.eval.checkpoint_step = -1       # -1: the latest
+  c.eval.overwrite = False          # replace an existing evaluation of that suite and step
   # predict --num_tokens=auto: answer at the smallest trained count, escalate to the
   # next while the answer's mean token log-probability is under this.
   c.eval.auto_threshold = -0.1

@@ -4,8 +4,10 @@ r"""Evaluates a trained TokenFLEX checkpoint at every visual-token count.
       [--config.eval.checkpoint_step=800] [--config.eval.token_counts='(64,256)']
 
 ``--config`` must describe the model the workdir was trained with (see `trained_model`);
-it sets what to evaluate (``config.eval``) and the mesh. Writes WORKDIR/eval/results.json,
-results.md and accuracy.png.
+it sets what to evaluate (``config.eval``) and the mesh. Writes
+WORKDIR/eval/<suite or data file stem>/step_<N>/{results.json,results.md,accuracy.png}
+and lists it in WORKDIR/eval/index.json (`evaluation.outputs`); an existing evaluation
+of that suite and step is kept unless ``--config.eval.overwrite=True``.
 """
 
 from __future__ import annotations
@@ -17,23 +19,26 @@ import ml_collections
 from absl import logging
 
 from tokenflex_jax import cli, config_checks, sharding, trained_model
+from tokenflex_jax.evaluation import outputs
 from tokenflex_jax.evaluation.evaluator import evaluate
-from tokenflex_jax.evaluation.report import markdown_table, write_results
+from tokenflex_jax.evaluation.report import markdown_table
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.check(config, job="eval")  # Before any checkpoint is read or compile.
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules, config.eval.checkpoint_step)
+  eval_root, suite = os.path.join(workdir, "eval"), outputs.suite_name(config)
+  outputs.check_free(eval_root, suite, trained.step, config.eval.overwrite)  # Before the work.
   logging.info("evaluating %s at step %d, counts %s", workdir, trained.step,
                tuple(config.eval.token_counts))
   results = evaluate(trained.model, trained.params, trained.tokenizer, config, mesh, rules,
                      trained.step)
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = outputs.results_dir(eval_root, suite, trained.step)
   if jax.process_index() == 0:
-    write_results(results, out_dir)
-    logging.info("wrote %s/{results.json,results.md,accuracy.png}\n%s", out_dir,
-                 markdown_table(results))
+    outputs.save(eval_root, suite, results, "eval", overwrite=config.eval.overwrite)
+    logging.info("wrote %s/{results.json,results.md,accuracy.png} (listed in %s/%s)\n%s",
+                 out_dir, eval_root, outputs.INDEX, markdown_table(results))
   return results
 
 

@@ -2,7 +2,7 @@
 gathered over seeds into the paper-style tables, ``results.json`` and plots.
 
 A reproduction workdir holds ``stage0/`` (the shared ViT), ``NAME/seedK/stage{1,2}/``
-per variant and seed (the evaluation in ``stage2/eval/results.json``),
+per variant and seed (the newest evaluation of the scenes suite in ``stage2/eval/``),
 ``wall_times.tsv`` (name, seed, stage, seconds per finished stage) and
 ``command.txt``. Accuracies are averages over the suite's families, in [0, 1]; a
 spread is the standard deviation over seeds (0 with one seed).
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from tokenflex_jax.data import pooling_geometry
+from tokenflex_jax.evaluation import outputs
 
 FIXED_PREFIX = "fixed_"
 FLEX = "tokenflex"
@@ -34,7 +35,7 @@ class Run:
   name: str
   seed: int
   config: dict[str, Any]       # stage 2's config.json
-  eval: dict[str, Any]         # stage2/eval/results.json
+  eval: dict[str, Any]         # stage2/eval/scenes/step_<N>/results.json
   train_seconds: float         # stages 1 and 2: per count, median step time x its steps
   train_visual_tokens: float   # mean visual tokens per training example, stages 1 and 2
   wall_seconds: float          # wall time of stages 1 and 2 (start-up and compiles included)
@@ -82,9 +83,9 @@ def collect(workdir: str) -> list[Run]:
                            if os.path.isdir(os.path.join(workdir, name)) else ()):
       match = re.fullmatch(r"seed(\d+)", seed_dir)
       base = os.path.join(workdir, name, seed_dir)
-      results = os.path.join(base, "stage2", "eval", "results.json")
       if not match or not os.path.exists(os.path.join(base, "eval.done")):
         continue
+      results = outputs.latest_results_file(os.path.join(base, "stage2", "eval"), "scenes")
       seconds, tokens = 0.0, []
       for stage in ("stage1", "stage2"):
         s, t = _metrics(os.path.join(base, stage, "metrics.jsonl"))

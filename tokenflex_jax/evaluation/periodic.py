@@ -3,13 +3,13 @@
 `make_periodic_eval` returns the ``(params, step) -> scalars`` a training `Task` runs
 every ``config.eval_every`` steps: `evaluator.evaluate` at ``config.eval.token_counts``,
 its files (results.json / .md / accuracy.png) under
-``EVAL_DIR/<suite or data file stem>/step_<step>/``, and per count the average and each
+``EVAL_DIR/<suite or data file stem>/step_<step>/`` with an entry in the index
+(`outputs`), and per count the average and each
 family's accuracy as scalars ``eval/<N>tokens/<family>`` for TensorBoard.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,16 +18,8 @@ import ml_collections
 from absl import logging
 
 from tokenflex_jax.data.chat import ChatTokenizer
-from tokenflex_jax.evaluation import evaluator, report
+from tokenflex_jax.evaluation import evaluator, outputs, report
 from tokenflex_jax.models.vlm import VLM
-
-
-def suite_name(config: ml_collections.ConfigDict) -> str:
-  """The folder an evaluation of ``config.eval`` writes into: the suite ("scenes"), or the
-  stem of its data file (an MMBench TSV, a VQA JSONL)."""
-  if config.eval.suite == "scenes" or not config.eval.data_path:
-    return config.eval.suite
-  return os.path.splitext(os.path.basename(config.eval.data_path.rstrip("/")))[0]
 
 
 def scalars(results: Mapping[str, Any]) -> dict[str, float]:
@@ -48,9 +40,9 @@ def make_periodic_eval(model: VLM, load_tokenizer: Callable[[], ChatTokenizer],
 
   def evaluate(params: Any, step: int) -> dict[str, float]:
     results = evaluator.evaluate(model, params, load_tokenizer(), config, mesh, rules, step)
-    out_dir = os.path.join(eval_dir, suite_name(config), f"step_{step}")
-    if jax.process_index() == 0:
-      report.write_results(results, out_dir)
+    out_dir = outputs.results_dir(eval_dir, outputs.suite_name(config), step)
+    if jax.process_index() == 0:  # A step redone after a restart evaluates the same.
+      outputs.save(eval_dir, outputs.suite_name(config), results, "periodic", overwrite=True)
     logging.info("periodic evaluation at step %d -> %s\n%s", step, out_dir,
                  report.markdown_table(results))
     return scalars(results)

@@ -1,0 +1,87 @@
+"""Where evaluation results live in a workdir, and the index of all of them.
+
+Each evaluation of a workdir's checkpoint writes ``WORKDIR/eval/<suite>/step_<N>/``
+(results.json, results.md, accuracy.png, budget.png): ``<suite>`` is "scenes" for the
+procedural suite and the data file's stem for an MMBench TSV or VQA JSONL, so
+evaluations of different suites or checkpoints never land on each other.
+``WORKDIR/eval/index.json`` lists them all: suite, step, folder, who wrote it (the eval
+binary or a periodic evaluation during training) and the average accuracy per count.
+The eval binary refuses to overwrite an evaluation unless ``config.eval.overwrite``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from tokenflex_jax.errors import MissingInputError, UserError
+from tokenflex_jax.evaluation import report
+
+INDEX = "index.json"
+
+
+def suite_name(config: ml_collections.ConfigDict) -> str:
+  """The folder of ``config.eval``'s suite: "scenes", or its data file's stem."""
+  if config.eval.suite == "scenes" or not config.eval.data_path:
+    return config.eval.suite
+  return os.path.splitext(os.path.basename(config.eval.data_path.rstrip("/")))[0]
+
+
+def results_dir(eval_root: str, suite: str, step: int) -> str:
+  return os.path.join(eval_root, suite, f"step_{step}")
+
+
+def read_index(eval_root: str) -> list[dict[str, Any]]:
+  """The index's entries ([] when there is none yet), oldest first."""
+  path = os.path.join(eval_root, INDEX)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)["evaluations"]
+
+
+def check_free(eval_root: str, suite: str, step: int, overwrite: bool) -> None:
+  """Raises `UserError` if ``suite`` at ``step`` was evaluated already and not
+  ``overwrite`` (the eval binary asks before it evaluates)."""
+  out = results_dir(eval_root, suite, step)
+  if os.path.exists(os.path.join(out, "results.json")) and not overwrite:
+    raise UserError(f"{out} already holds an evaluation of {suite!r} at step {step}; pass "
+                    f"--config.eval.overwrite=True to replace it")
+
+
+def save(eval_root: str, suite: str, results: dict[str, Any], source: str,
+         overwrite: bool) -> str:
+  """Writes ``results`` (of `evaluator.evaluate`) into its folder and the index; returns
+  the folder (`check_free` first)."""
+  step = int(results["step"])
+  check_free(eval_root, suite, step, overwrite)
+  out = results_dir(eval_root, suite, step)
+  report.write_results(results, out)
+  entry = {"suite": suite, "step": step, "dir": os.path.relpath(out, eval_root),
+           "source": source,
+           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "average": {n: r["average"] for n, r in results["results"].items()}}
+  entries = [e for e in read_index(eval_root) if (e["suite"], e["step"]) != (suite, step)]
+  entries.append(entry)
+  path = os.path.join(eval_root, INDEX)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump({"evaluations": entries}, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return out
+
+
+def latest_results_file(eval_root: str, suite: str) -> str:
+  """The results.json of ``suite``'s newest evaluated step in ``eval_root`` (a workdir
+  from before this layout: its ``eval/results.json``)."""
+  steps = [e for e in read_index(eval_root) if e["suite"] == suite]
+  if steps:
+    newest = max(steps, key=lambda e: e["step"])
+    return os.path.join(eval_root, newest["dir"], "results.json")
+  old = os.path.join(eval_root, "results.json")
+  if os.path.exists(old):
+    return old
+  raise MissingInputError(f"no evaluation of {suite!r} in {eval_root} (no {INDEX})")
