@@ -28,6 +28,6 @@ log "evaluating at every visual-token budget"
 # A rerun evaluates again (the same checkpoint, the same results) instead of refusing.
 python -m tokenflex_jax.eval --config=configs/demo.py:stage=2 --workdir="$WORKDIR/stage2" \
   --config.eval.overwrite=True
-results="$(ls -d "$WORKDIR"/stage2/eval/scenes/step_* | sort -V | tail -n 1)"
+results="$(find "$WORKDIR/stage2/eval/scenes" -maxdepth 1 -name 'step_*' | sort -V | tail -n 1)"
 log "done. Results: $results/results.md and accuracy.png"
 cat "$results/results.md"
