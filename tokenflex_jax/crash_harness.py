@@ -15,7 +15,7 @@ still there after the process died. It then compares:
   committed step lost) and that no restart started from scratch after a save.
 
 The trainer runs as ``python -m tokenflex_jax.train`` subprocesses with this process's
-environment; nothing here imports JAX's runtime state.
+environment; this process only reads their files.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ import sys
 import time
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-_TEMPORARY = re.compile(r"\.orbax-checkpoint-tmp")
+from tokenflex_jax.training import checkpointing, integrity
+
 _RESUMED = re.compile(r"resumed from .* at step (\d+)")
 
 
@@ -75,8 +77,7 @@ def _committed_steps(workdir: str) -> list[int]:
 
 
 def _saving(workdir: str) -> bool:
-  folder = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(folder) and any(_TEMPORARY.search(n) for n in os.listdir(folder))
+  return bool(integrity.temporary_dirs(os.path.join(workdir, "checkpoints")))
 
 
 def _steps_logged(workdir: str) -> int:
@@ -104,13 +105,10 @@ def _final_arrays(workdir: str, item: str) -> dict[str, np.ndarray]:
   """{path: array} of one item of the workdir's newest checkpoint, read as numpy."""
   step = _committed_steps(workdir)[-1]
   path = os.path.join(workdir, "checkpoints", str(step), item)
-  checkpointer = ocp.PyTreeCheckpointer()
-  metadata = checkpointer.metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  tree = getattr(tree, "tree", tree)
-  import jax  # pylint: disable=import-outside-toplevel  # tree utilities only
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                              checkpointing.item_metadata(path))
+  restored = ocp.PyTreeCheckpointer().restore(
+      path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
   return {jax.tree_util.keystr(p): np.asarray(a)
           for p, a in jax.tree_util.tree_flatten_with_path(restored)[0]}
 

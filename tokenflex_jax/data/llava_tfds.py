@@ -138,15 +138,7 @@ class LlavaTfdsSource(tfds_split.TfdsSplit):
     super().__init__(tfds_split.find_build(data_dir, NAME), split)
 
   def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
-    texts = {}
-    for key in ("id", "conversations"):
-      value = raw.get(key)
-      try:
-        texts[key] = value.decode("utf-8") if isinstance(value, bytes) else value
-      except UnicodeDecodeError as e:
-        raise self.bad(index, INVALID_UTF8, f"{key!r}: {e}") from None
-      if not isinstance(texts[key], str):
-        raise self.bad(index, "mistyped field", f"{key!r} is {type(value).__name__}")
+    texts = self.texts(raw, ("id", "conversations"), index)
     row_id = texts["id"]
     try:
       turns = llava.turns_from_json(texts["conversations"])

@@ -25,7 +25,6 @@ from PIL import Image
 
 from tokenflex_jax import cli
 from tokenflex_jax.data import images, scenes, tfds_split
-from tokenflex_jax.data.rows import INVALID_UTF8
 
 VALIDATION_INDEX_OFFSET = 1 << 40
 _TEXT_KEYS = ("question", "answer", "family")
@@ -123,15 +122,7 @@ class TfdsSceneSource(tfds_split.TfdsSplit):
     super().__init__(tfds_split.find_build(data_dir, TokenflexScenes.name), split)
 
   def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k in _TEXT_KEYS:
-      value = raw.get(k)
-      try:
-        out[k] = value.decode("utf-8") if isinstance(value, bytes) else value
-      except UnicodeDecodeError as e:
-        raise self.bad(index, INVALID_UTF8, f"{k!r}: {e}") from None
-      if not isinstance(out[k], str):
-        raise self.bad(index, "mistyped field", f"{k!r} is {type(value).__name__}")
+    out: dict[str, Any] = self.texts(raw, _TEXT_KEYS, index)
     if out["family"] not in scenes.FAMILY_NAMES:
       raise self.bad(index, "unknown family", f"{out['family']!r:.80}")
     family = scenes.get_family(out["family"])

@@ -9,7 +9,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import decode as tfds_decode
 
-from tokenflex_jax.data.rows import MalformedRowError
+from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError
 
 
 def find_build(data_dir: str, name: str) -> str:
@@ -84,6 +84,20 @@ class TfdsSplit:
   def bad(self, index: int, reason: str, detail: str = "") -> MalformedRowError:
     """The error for record ``index``: names the build, the split and the record."""
     return MalformedRowError(self.name, index, reason, detail, unit="record")
+
+  def texts(self, raw: dict[str, Any], keys: tuple[str, ...], index: int) -> dict[str, str]:
+    """{key: str} of record ``index``'s text fields (bytes decoded as UTF-8); raises `bad`
+    for invalid UTF-8 or a field that is not text."""
+    out = {}
+    for key in keys:
+      value = raw.get(key)
+      try:
+        out[key] = value.decode("utf-8") if isinstance(value, bytes) else value
+      except UnicodeDecodeError as e:
+        raise self.bad(index, INVALID_UTF8, f"{key!r}: {e}") from None
+      if not isinstance(out[key], str):
+        raise self.bad(index, "mistyped field", f"{key!r} is {type(value).__name__}")
+    return out
 
   def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
     """A deserialized record -> the example; raises `bad` for one that is not usable."""

@@ -18,12 +18,14 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 from tokenflex_jax.convert import legacy_layers
 from tokenflex_jax.errors import CheckpointMismatchError, MissingInputError, UserError
 from tokenflex_jax.training import integrity
 
 ITEMS = ("params", "opt_state", "data", "meta")
+RESTORED_ITEMS = ("params", "opt_state", "meta")  # every resumable step has them
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -140,7 +142,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_params: Any,
   faults = []
   for step in steps:
     step_dir = os.path.join(str(manager.directory), str(step))
-    found = _agreed_problems(integrity.problems(step_dir, jax.process_index(), _saved_items()))
+    found = _agreed_problems(integrity.problems(step_dir, jax.process_index(), RESTORED_ITEMS))
     if not found:
       try:
         wrong = mismatches(workdir, step, abstract_params)
@@ -183,14 +185,9 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     os.rename(os.path.join(str(manager.directory), str(step)), target)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(f"set aside damaged checkpoint {step}")
   manager.reload()
   return target
-
-
-def _saved_items() -> tuple[str, ...]:
-  return ("params", "opt_state", "meta")
 
 
 def _agreed_problems(found: list[str]) -> list[str]:
@@ -198,7 +195,6 @@ def _agreed_problems(found: list[str]) -> list[str]:
   (every process must pick the same step)."""
   if jax.process_count() == 1:
     return found
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   bad = multihost_utils.process_allgather(np.asarray(len(found) > 0))
   if bad.any() and not found:
     return [f"damaged on process(es) {np.flatnonzero(bad).tolist()}"]
@@ -240,12 +236,17 @@ def resolve_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def params_metadata(workdir: str, step: int) -> dict[str, Any]:
-  """The nested tree of the params saved at ``step`` (array metadata at the leaves)."""
-  path = os.path.join(checkpoint_dir(workdir), str(step), "params")
+def item_metadata(path: str) -> Any:
+  """The tree of one saved PyTree item (a step's ``params`` or ``opt_state`` folder),
+  array metadata at the leaves."""
   metadata = ocp.PyTreeCheckpointer().metadata(path)
   tree = getattr(metadata, "item_metadata", metadata)
-  return dict(getattr(tree, "tree", tree))
+  return getattr(tree, "tree", tree)
+
+
+def params_metadata(workdir: str, step: int) -> dict[str, Any]:
+  """The nested tree of the params saved at ``step`` (array metadata at the leaves)."""
+  return dict(item_metadata(os.path.join(checkpoint_dir(workdir), str(step), "params")))
 
 
 def refuse_per_layer_layout(workdir: str, step: int) -> None:

@@ -94,18 +94,23 @@ def problems(step_dir: str, process_index: int, items: tuple[str, ...]) -> list[
   return found
 
 
+def temporary_dirs(checkpoint_dir: str) -> list[str]:
+  """The temporary directories of saves in progress or never committed (Orbax writes a
+  step into ``<step>.orbax-checkpoint-tmp...`` and renames it when complete)."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  paths = [os.path.join(checkpoint_dir, n) for n in sorted(os.listdir(checkpoint_dir))
+           if _TEMPORARY.search(n)]
+  return [p for p in paths if os.path.isdir(p)]
+
+
 def remove_temporary(checkpoint_dir: str) -> list[str]:
   """Deletes the temporary directories of saves that never committed (a process killed
   mid-save) and returns their paths; each is logged as a warning."""
-  if not os.path.isdir(checkpoint_dir):
-    return []
-  removed = []
-  for name in sorted(os.listdir(checkpoint_dir)):
-    path = os.path.join(checkpoint_dir, name)
-    if _TEMPORARY.search(name) and os.path.isdir(path):
-      shutil.rmtree(path, ignore_errors=True)
-      logging.warning("removed %s: the temporary directory of a save that did not finish "
-                      "(the process was killed while writing it); its step was never "
-                      "committed", path)
-      removed.append(path)
+  removed = temporary_dirs(checkpoint_dir)
+  for path in removed:
+    shutil.rmtree(path, ignore_errors=True)
+    logging.warning("removed %s: the temporary directory of a save that did not finish "
+                    "(the process was killed while writing it); its step was never "
+                    "committed", path)
   return removed
