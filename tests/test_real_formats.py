@@ -68,6 +68,10 @@ def files(tmp_path_factory):
         {"from": "gpt", "value": color},
         {"from": "human", "value": "Is it bright?"},
         {"from": "gpt", "value": "yes" if color == "yellow" else "no"}]})
+  for i, color in enumerate(COLORS):  # Text-only rows, trained beside the image rows.
+    rows.append({"id": f"t{i}", "conversations": [
+        {"from": "human", "value": f"It is {color}. Is it bright?"},
+        {"from": "gpt", "value": "yes" if color == "yellow" else "no"}]})
   (root / "train.json").write_text(json.dumps(rows))
   header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
   lines = [header]
@@ -228,7 +232,8 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
   _run("tokenflex_jax.data.llava_tfds", f"--json={files}/train.json",
        f"--image_dir={files}/images", f"--data_dir={data_dir}")
   build = llava_tfds.LlavaTfdsSource(str(data_dir))
-  assert len(build) == 16
+  assert len(build) == 20
+  assert sum(build[i]["image"] == b"" for i in range(20)) == 4  # the text-only rows, kept
   assert build[0]["turns"][0] == ("user", "<image>\nWhat colour is the picture?")
 
   # The pipeline: the chat template's tokens, loss on both assistant replies only.
@@ -256,7 +261,10 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
             "--config.token_counts=(64,)", "--config.token_probs=(1.0,)",
             "--config.eval.token_counts=(16,64)")
   _run("tokenflex_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
-       "--config.total_steps=3", *common)
+       "--config.total_steps=2", "--config.checkpoint_every=2", *common)
+  resumed = _run("tokenflex_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+                 "--config.total_steps=3", "--config.checkpoint_every=2", *common)
+  assert "at step 2" in resumed.stderr  # Image and text-only rows together, resumed.
   recorded = losses(str(workdir))
   assert sorted(recorded) == [1, 2, 3] and all(np.isfinite(l) for l, _ in recorded.values())
 

@@ -9,9 +9,11 @@ list of rows::
 
 ``image`` is relative to an image folder. The turns follow `conversation`'s rules
 (roles, human -> gpt alternation, the ``<image>`` marker at most once, in a human turn);
-on top of them a row needs its marker (the model takes one image per conversation, so
-text-only rows, such as the ShareGPT rows of LLaVA-1.5's mix, cannot be used), a
-non-empty reply to every question and a reply as its last turn. A row that breaks these
+on top of them a row with an image needs its marker, a row without one (no ``image``
+field, or null: a text-only row, such as the ShareGPT rows of LLaVA-1.5's mix) needs
+none, and every row needs a non-empty reply to every question and a reply as its last
+turn. A text-only row trains the LLM on its text alone (`models.vlm`: its visual slots
+are masked out). A row that breaks these
 rules is malformed: `read_llava` raises `rows.MalformedRowError` naming the file, the row
 and what is wrong, or, with ``skip_malformed``, leaves the row out and counts it by reason.
 """
@@ -34,18 +36,20 @@ from tokenflex_jax.errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-  """One usable row: its id, its image file and its turns as (role, text) pairs, the
-  roles "user" and "assistant"."""
+  """One usable row: its id, its image file (None: a text-only row) and its turns as
+  (role, text) pairs, the roles "user" and "assistant"."""
   id: str
-  image_path: str
+  image_path: str | None
   turns: tuple[tuple[str, str], ...]
   row: int
 
 
 def _parse_turns(conversations: list[Any], row_id: str,
-                 bad: Callable[[str, str], MalformedRowError]) -> tuple[tuple[str, str], ...]:
+                 bad: Callable[[str, str], MalformedRowError], has_image: bool
+                 ) -> tuple[tuple[str, str], ...]:
   """A row's "conversations" list -> (role, text) turns, validated by `conversation`'s
-  rules plus LLaVA's own; raises ``bad(reason, detail)``."""
+  rules plus LLaVA's own (one marker with an image, none without); raises
+  ``bad(reason, detail)``."""
   turns = []
   for i, turn in enumerate(conversations):
     if not isinstance(turn, dict):
@@ -66,9 +70,13 @@ def _parse_turns(conversations: list[Any], row_id: str,
     markers = conversation.count_markers([text for _, text in turns])
   except ConversationError as e:
     raise bad(e.reason, f"id {row_id!r}: {e}") from None
-  if not markers:
+  if has_image and not markers:
     raise bad(f"no {IMAGE_MARKER} marker",
               f"id {row_id!r} needs exactly one {IMAGE_MARKER} in a human turn, has 0")
+  if markers and not has_image:
+    raise bad(f"{IMAGE_MARKER} marker without an image",
+              f"id {row_id!r} has an {IMAGE_MARKER} marker but no 'image' (a text-only "
+              "row has no marker)")
   return tuple(turns)
 
 
@@ -83,18 +91,18 @@ def parse_row(raw: object, path: str, row: int, image_dir: str) -> Conversation:
     raise bad("mistyped id", f"'id' is {type(row_id).__name__} {row_id!r:.80}")
   row_id = str(row_id)
   image = raw.get("image")
-  if "image" not in raw:
-    raise bad("text-only row", f"id {row_id!r} has no 'image' field; this model needs one "
-              "image per conversation")
-  if not image or not isinstance(image, str):
-    raise bad("missing image", f"id {row_id!r}: 'image' is {image!r:.80}")
-  image_path = os.path.join(image_dir, image)
-  if not os.path.isfile(image_path):
-    raise bad("missing image", f"id {row_id!r}: {image_path} does not exist")
+  image_path = None
+  if image is not None:  # absent or null: a text-only row
+    if not image or not isinstance(image, str):
+      raise bad("missing image", f"id {row_id!r}: 'image' is {image!r:.80}")
+    image_path = os.path.join(image_dir, image)
+    if not os.path.isfile(image_path):
+      raise bad("missing image", f"id {row_id!r}: {image_path} does not exist")
   conversations = raw.get("conversations")
   if not isinstance(conversations, list) or not conversations:
     raise bad("no conversations", f"id {row_id!r}")
-  return Conversation(row_id, image_path, _parse_turns(conversations, row_id, bad), row)
+  return Conversation(row_id, image_path,
+                      _parse_turns(conversations, row_id, bad, image_path is not None), row)
 
 
 def read_llava(path: str, image_dir: str, skip_malformed: bool = False
@@ -175,9 +183,11 @@ def turns_from_json(text: str) -> Sequence[tuple[str, str]]:
 
 
 def check_turns(turns: Sequence[tuple[str, str]], row_id: str,
-                bad: Callable[[str, str], MalformedRowError]) -> tuple[tuple[str, str], ...]:
-  """Stored turns (`turns_from_json`) validated by the same rules as a JSON row's
-  (`parse_row`); raises ``bad(reason, detail)``."""
+                bad: Callable[[str, str], MalformedRowError], has_image: bool
+                ) -> tuple[tuple[str, str], ...]:
+  """Stored turns (`turns_from_json`) of a row with or without an image, validated by the
+  same rules as a JSON row's (`parse_row`); raises ``bad(reason, detail)``."""
   if not turns:
     raise bad("no conversations", f"id {row_id!r}")
-  return _parse_turns([{"from": role, "value": text} for role, text in turns], row_id, bad)
+  return _parse_turns([{"from": role, "value": text} for role, text in turns], row_id, bad,
+                      has_image)

@@ -8,9 +8,10 @@ Build (no TensorFlow needed):
 
 Every row is validated first (`llava.read_llava`, then each image is decoded once): a
 malformed row stops the build with an error naming the file and row, or, with
---skip_malformed, is left out and counted in the log (LLaVA-1.5's mix665k holds
-text-only rows, which this skips as "text-only row"). Each example stores the image
-file's bytes as they are (decoded and resized by the input pipeline), the conversation
+--skip_malformed, is left out and counted in the log. Text-only rows (no "image", such
+as the 41k ShareGPT rows of LLaVA-1.5's mix665k) are kept, with empty image bytes. Each
+example stores the image file's bytes as they are (decoded and resized by the input
+pipeline), the conversation
 as JSON text [[role, text], ...] and its row in the JSON file; TFDS stores the examples
 in its own shuffled order.
 
@@ -97,7 +98,8 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     for conversation in rows:
       try:
-        image = _checked_image_bytes(conversation, cfg.json_path)
+        image = (b"" if conversation.image_path is None else
+                 _checked_image_bytes(conversation, cfg.json_path))
       except MalformedRowError as e:
         if not cfg.skip_malformed:
           raise
@@ -123,12 +125,14 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
 
 
 class LlavaTfdsSource(tfds_split.TfdsSplit):
-  """Grain random-access source: {"image": encoded bytes, "turns": ((role, text), ...),
+  """Grain random-access source: {"image": encoded bytes (b"" for a text-only row),
+  "turns": ((role, text), ...),
   "id": str, "row": its row in the JSON file, "source": this build and split, "record":
   its index in the split} ("source" and "record" name it in the pipeline's errors).
 
   Each record is checked by the JSON reader's rules (`llava.check_turns`: roles in
-  order, one <image> marker in a user turn, non-empty replies; texts valid UTF-8): a
+  order, one <image> marker in a user turn with an image and none without, non-empty
+  replies; texts valid UTF-8): a
   record that breaks them raises `MalformedRowError` naming the build, split and record.
   The image is decoded (and checked) by the pipeline. Picklable: the array_record files
   are reopened lazily in each process.
@@ -148,11 +152,12 @@ class LlavaTfdsSource(tfds_split.TfdsSplit):
     found = bad_text(turns, "'conversations'")
     if found:
       raise self.bad(index, INVALID_UTF8, f"id {row_id!r:.80}: {found}")
-    turns = llava.check_turns(turns, row_id, lambda reason, detail: self.bad(index, reason,
-                                                                             detail))
     image = raw.get("image")
-    if not isinstance(image, bytes) or not image:
+    if not isinstance(image, bytes):
       raise self.bad(index, "missing image", f"id {row_id!r:.80}: no image bytes")
+    turns = llava.check_turns(turns, row_id, lambda reason, detail: self.bad(index, reason,
+                                                                             detail),
+                              has_image=bool(image))
     return {"image": image, "id": row_id, "turns": turns, "row": int(raw["row"]),
             "source": self.name, "record": index}
 

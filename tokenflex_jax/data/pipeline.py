@@ -91,18 +91,22 @@ def encode_conversation(tokenizer: ChatTokenizer, turns: Sequence[tuple[str, str
   """A whole conversation in the tokenizer's chat template, right-padded.
 
   Returns (tokens int32 [T], loss_mask float32 [T]): the mask covers every assistant
-  reply and its end-of-turn token. A conversation longer than T raises `ConversationError`
-  "too long" naming ``name``, or with ``truncate`` loses its tail (never the image
-  placeholder).
+  reply and its end-of-turn token. A text-only conversation (no image marker) gets at
+  most T - 1 ids: its last slot stays padding, where the model puts its masked-out visual
+  slots (`models.vlm`). A longer conversation raises `ConversationError` "too long"
+  naming ``name``, or with ``truncate`` loses its tail (never the image placeholder).
   """
   ids, mask = tokenizer.conversation_ids(turns)
-  if len(ids) > max_length:
-    if not truncate or tokenizer.image_id not in ids[:max_length]:
+  has_image = tokenizer.image_id in ids
+  limit = max_length if has_image else max_length - 1
+  if len(ids) > limit:
+    if not truncate or (has_image and tokenizer.image_id not in ids[:limit]):
       raise ConversationError(TOO_LONG, f"{name}: needs {len(ids)} tokens but "
                               f"config.data.max_text_length is {max_length}" + (
-                                  "" if not truncate else
-                                  " and truncation would cut the image placeholder"))
-    ids, mask = ids[:max_length], mask[:max_length]
+                                  "" if has_image else " (one slot less without an image)")
+                              + ("" if not truncate else
+                                 " and truncation would cut the image placeholder"))
+    ids, mask = ids[:limit], mask[:limit]
   return pad_to_length(ids, mask, max_length, tokenizer.pad_id)
 
 
@@ -150,7 +154,8 @@ class QAPreprocess(TokenizingPreprocess):
 
 class ConversationPreprocess(TokenizingPreprocess):
   """LLaVA source item -> {"image": f32 [S,S,3], "tokens": i32 [T], "loss_mask": f32 [T]};
-  the loss is on every assistant reply."""
+  the loss is on every assistant reply. A text-only item (image b"") gets a zero image,
+  which the model never reads (its tokens hold no image placeholder)."""
 
   def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], image_size: int,
                max_text_length: int, truncate: bool = False):
@@ -166,7 +171,8 @@ class ConversationPreprocess(TokenizingPreprocess):
     try:
       tokens, mask = encode_conversation(self.tokenizer, element["turns"], self._max_length,
                                          self._truncate, name)
-      image = decode_image(element["image"], self._image_size)
+      image = (decode_image(element["image"], self._image_size) if element["image"] else
+               np.zeros((self._image_size, self._image_size, 3), np.uint8))
     except MalformedRowError:
       raise
     except (InputError, images.ImageError) as e:

@@ -3,7 +3,11 @@
 The visual tokens replace the single image placeholder token of each text
 sequence; text before it stays before, text after it follows the N visual tokens.
 All shapes are static: text is padded to a fixed length T, N is a static int, so
-the merged sequence has length S = T - 1 + N.
+the merged sequence has length S = T - 1 + N. A row without a placeholder (a text-only
+row, at most T - 1 tokens long) takes its N visual slots after its text, in place of
+its last (padding) slot, and they are masked out: no text attends to them and they do
+not advance the rotary position, so the row is the LLM alone on its text. The ViT still
+runs on that row's (zero) image: static shapes make its work wasted, not skipped.
 
 Rotary positions: by default each merged slot advances the position by one, so the
 text after the image starts N positions later at every count. With
@@ -81,12 +85,23 @@ def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
   return positions, end
 
 
+def image_positions(tokens: jax.Array, image_token_id: int) -> tuple[jax.Array, jax.Array]:
+  """tokens [B, T] -> (image_pos [B] int32, has_image [B] bool): the placeholder's index,
+  or T - 1 for a row without one (module docstring)."""
+  is_image = tokens == image_token_id
+  has_image = jnp.any(is_image, axis=1)
+  image_pos = jnp.where(has_image, jnp.argmax(is_image, axis=1), tokens.shape[1] - 1)
+  return image_pos.astype(jnp.int32), has_image
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeIndex:
-  """Where each merged slot j in [0, S) reads from. All arrays are [B, S]."""
+  """Where each merged slot j in [0, S) reads from: is_visual, text_index, visual_index
+  [B, S]; image_pos [B], the slot of each row's first visual token."""
   is_visual: jax.Array
   text_index: jax.Array
   visual_index: jax.Array
+  image_pos: jax.Array
 
 
 def merge_index(image_pos: jax.Array, text_length: int, num_tokens: int) -> MergeIndex:
@@ -96,7 +111,7 @@ def merge_index(image_pos: jax.Array, text_length: int, num_tokens: int) -> Merg
   is_visual = (j >= p) & (j < p + num_tokens)
   text_index = jnp.clip(jnp.where(j < p, j, j - num_tokens + 1), 0, text_length - 1)
   visual_index = jnp.clip(j - p, 0, num_tokens - 1)
-  return MergeIndex(is_visual, text_index, visual_index)
+  return MergeIndex(is_visual, text_index, visual_index, image_pos)
 
 
 def merge(visual: jax.Array, text: jax.Array, index: MergeIndex) -> jax.Array:
@@ -127,12 +142,14 @@ class VLM(nn.Module):
     return self.projector(self.vit(images) if patches is None else patches, num_tokens)
 
   def _embed_inputs(self, images, tokens, num_tokens, patches=None):
-    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], end [B], index."""
-    image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)
+    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], end [B], index.
+    A text-only row's visual slots are not valid (module docstring)."""
+    image_pos, has_image = image_positions(tokens, self.config.image_token_id)
     index = merge_index(image_pos, tokens.shape[1], num_tokens)
     x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index)
     text_valid = tokens != self.config.pad_token_id
-    valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
+    valid = jnp.where(index.is_visual, has_image[:, None],
+                      jnp.take_along_axis(text_valid, index.text_index, axis=1))
     positions, end = merged_positions(valid, index.is_visual, num_tokens,
                                       self.config.visual_position_span,
                                       self.config.visual_position_layout)
@@ -143,11 +160,13 @@ class VLM(nn.Module):
 
     Args:
       images: [B, H, W, 3] float in [-1, 1].
-      tokens: [B, T] int, right-padded, one image placeholder per row.
+      tokens: [B, T] int, right-padded, one image placeholder per row (or none: a
+        text-only row, at most T - 1 tokens; its image is not read).
       num_tokens: visual token count N (a static square int).
     Returns:
       [B, T, V] float32, where [:, t] is the prediction of tokens[:, t] from
-      everything before it (row 0 and positions up to the placeholder are meaningless).
+      everything before it (row 0 and positions up to the placeholder are meaningless;
+      in a text-only row, the last position).
     """
     return self.llm.logits(self.text_hidden(images, tokens, num_tokens))
 
@@ -156,11 +175,10 @@ class VLM(nn.Module):
     """The final hidden states [B, T, D] behind `__call__`'s logits (the same alignment):
     the loss projects them onto the vocabulary a chunk at a time. With ``patches``
     [B, L, C] (`patches` of the images) the ViT is not run (``images`` may be None)."""
-    x, valid, positions, _, _ = self._embed_inputs(images, tokens, num_tokens, patches)
+    x, valid, positions, _, index = self._embed_inputs(images, tokens, num_tokens, patches)
     hidden, _ = self.llm.decode(x, positions, valid)
     t = jnp.arange(tokens.shape[1])[None, :]
-    image_pos = jnp.argmax(tokens == self.config.image_token_id, axis=1)[:, None]
-    merged_t = jnp.where(t < image_pos, t, t + num_tokens - 1)
+    merged_t = jnp.where(t < index.image_pos[:, None], t, t + num_tokens - 1)
     predictor = jnp.maximum(merged_t - 1, 0)
     return jnp.take_along_axis(hidden, predictor[..., None], axis=1)
 
@@ -176,7 +194,9 @@ class VLM(nn.Module):
     Args:
       images: [B, H, W, 3], or None when ``patches`` [B, L, C] (from `patches`) are
       given, so that several counts share one ViT pass; tokens: [B, P] left-padded
-      prompts ending where the answer starts; num_tokens: N; cache: a `KVCache` with
+      prompts ending where the answer starts, each holding the image placeholder (a
+      text-only prompt would lose its last token to the visual slots); num_tokens: N;
+      cache: a `KVCache` with
       T_max >= P - 1 + N slots.
     Returns:
       (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
