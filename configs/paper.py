@@ -58,9 +58,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       image_first=True, num_workers=8,
       truncate=True)                # LLaVA practice: cut conversations past the length
 
-  # Qwen2.5's own tokenizer.json and chat template; <|image_pad|> is one of its
-  # special tokens and marks where the visual tokens go. system_prompt None: Qwen2.5's.
-  c.tokenizer.update(kind="hf", template="chatml", image_token="<|image_pad|>")
+  # Qwen2.5's own tokenizer.json and the Jinja chat template of its tokenizer_config.json
+  # (template ""); <|image_pad|> is one of its special tokens and marks where the visual
+  # tokens go. system_prompt None: the template's own (Qwen2.5's default system turn).
+  c.tokenizer.update(kind="hf", template="", image_token="<|image_pad|>")
 
   c.batch_size = batch
   c.total_steps = steps

@@ -173,17 +173,21 @@ def _reference(hf, turns, image_token: str, system: str | None = None):
 
 @pytest.mark.parametrize("template,image_token", [("chatml", "<|image_pad|>"),
                                                   ("llama3", "<image>")])
-def test_hf_matches_apply_chat_template(hf_dirs, template, image_token):
-  ours = HFTokenizer(hf_dirs[template], template, image_token)
+@pytest.mark.parametrize("own", [False, True], ids=["hand-written", "file's jinja"])
+def test_hf_matches_apply_chat_template(hf_dirs, template, image_token, own):
+  """The hand-written template, and the file's own rendered by jinja_template."""
+  ours = HFTokenizer(hf_dirs[template], "" if own else template, image_token)
   hf = transformers.AutoTokenizer.from_pretrained(hf_dirs[template])
-  for name, turns in CONVERSATIONS.items():
+  system_turn = [("system", "You are terse.")] + CONVERSATIONS["llava_multi"]
+  for name, turns in {**CONVERSATIONS, "system_turn": system_turn}.items():
     ids, mask = ours.conversation_ids(turns)
     ref_ids, ref_mask = _reference(hf, turns, image_token)
     assert ids == ref_ids, name
     assert mask == ref_mask, name
     assert ids.count(ours.image_id) == (chat.IMAGE_MARKER in "".join(t for _, t in turns))
   system = "  Answer in one word.  "
-  with_system = HFTokenizer(hf_dirs[template], template, image_token, system_prompt=system)
+  with_system = HFTokenizer(hf_dirs[template], "" if own else template, image_token,
+                            system_prompt=system)
   turns = CONVERSATIONS["llava_multi"]
   assert with_system.conversation_ids(turns) == _reference(hf, turns, image_token, system)
   q = "What colour is the circle?"
@@ -253,11 +257,13 @@ def test_hf_errors_name_the_problem(hf_dirs, tmp_path):
     ([("user", "<image>\nOne?"), ("assistant", "Yes."), ("user", "<image>\nTwo?")],
      "at most once"),
     ([("user", "Hi"), ("assistant", "Look: <image>")], "in an assistant turn"),
-    ([("system", "Be brief."), ("user", "Hi")], "unknown role 'system'"),
+    ([("user", "Hi"), ("system", "Be brief.")], "can only be the first"),
+    ([("system", "Look: <image>"), ("user", "Hi")], "in a system turn"),
     ([("user", "Hi"), ("bot", "Hello")], "unknown role 'bot'"),
     ([("assistant", "Hello"), ("user", "Hi")], "must alternate"),
     ([("user", "Hi"), ("user", "Hi again")], "must alternate"),
-    ([], "at least one turn"),
+    ([], "at least one user turn"),
+    ([("system", "Be brief.")], "at least one user turn"),
 ])
 def test_bad_conversations_raise(hf_dirs, sp_models, project_tok, turns, message):
   tokenizers = [HFTokenizer(hf_dirs["chatml"], "chatml", "<|image_pad|>"), project_tok,
@@ -403,3 +409,10 @@ def test_load_tokenizer(hf_dirs, sp_models, project_tok):
     chat.load_tokenizer("hf", hf_dirs["chatml"], "chatml", "")
   with pytest.raises(ValueError, match="unknown chat template 'gemma'"):
     chat.load_tokenizer("hf", hf_dirs["chatml"], "gemma", "<|image_pad|>")
+
+
+def test_templates_without_a_system_role_refuse_a_system_turn(sp_models, project_tok):
+  turns = [("system", "Be brief."), ("user", "<image>\nHi")]
+  for tok in (project_tok, SentencePieceChatTokenizer(sp_models["gemma"], "gemma", "<image>")):
+    with pytest.raises(ValueError, match="takes no system turn"):
+      tok.conversation_ids(turns)

@@ -81,8 +81,9 @@ def base_config() -> ConfigDict:
   c.data.on_bad_record = "error"
 
   # "project": the demo's own sentencepiece model (path "" -> WORKDIR/tokenizer.model,
-  # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json,
-  # templates chatml | llama3) or "sentencepiece" (templates llama2 | gemma).
+  # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json; template
+  # "" renders its own Jinja chat_template, chatml | llama3 are hand-written for files
+  # without one) or "sentencepiece" (templates llama2 | gemma).
   c.tokenizer = ConfigDict(dict(
       kind="project", path="", template="", image_token="",
       system_prompt=ml_collections.config_dict.placeholder(str)))  # None: the template's

@@ -2,8 +2,9 @@
 
 Every chat tokenizer (`chat.ChatTokenizer`) formats the same parsed turns in its own
 template, so the rules live here once: roles are "user" and "assistant" (LLaVA's "human"
-and "gpt" too), turns alternate starting with the user, and the literal ``<image>`` marker
-sits at most once in the conversation, in a user turn. The marker and one newline right
+and "gpt" too), after an optional first "system" turn; turns alternate starting with the
+user, and the literal ``<image>`` marker sits at most once in the conversation, in a
+user turn. The marker and one newline right
 after it are cut out; the tokenizer puts its single image placeholder id there. The LLaVA
 reader (`llava`) validates data rows by the same rules (`parse_turn`, `count_markers`);
 a broken rule raises `ConversationError`, whose ``reason`` names it.
@@ -17,8 +18,9 @@ from collections.abc import Callable, Collection, Sequence
 from tokenflex_jax.errors import InputError
 
 IMAGE_MARKER = "<image>"
-USER, ASSISTANT = "user", "assistant"
-ROLES: dict[str, str] = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT}
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+ROLES: dict[str, str] = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT,
+                         "system": SYSTEM}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,24 +65,36 @@ def count_markers(texts: Sequence[str]) -> int:
   return markers
 
 
-def parse_turn(i: int, role: str, text: str) -> Turn:
-  """Turn ``i`` of a conversation: checks its role (alternating user, assistant, ... from
+def is_system(role: object) -> bool:
+  """Whether ``role`` names the system (a conversation's optional first turn)."""
+  return isinstance(role, str) and ROLES.get(role) == SYSTEM
+
+
+def parse_turn(i: int, role: str, text: str, system_first: bool = False) -> Turn:
+  """Turn ``i`` of a conversation whose turn 0 is a system turn or not (``system_first``):
+  checks its role (a system turn only first, then alternating user, assistant, ... from
   the user) and that an image marker in it sits in a user turn, and cuts the marker out."""
   name = ROLES.get(role) if isinstance(role, str) else None
   if name is None:
     raise ConversationError("unknown role", f"turn {i} has the unknown role {role!r}; "
                             f"expected one of {sorted(ROLES)}")
-  expected = USER if i % 2 == 0 else ASSISTANT
-  if name != expected:
-    raise ConversationError("turns out of order",
-                            f"turn {i} is {role!r} but turns must alternate user, "
-                            "assistant, ... starting with the user")
+  if name == SYSTEM and i > 0:
+    raise ConversationError("turns out of order", f"turn {i} is {role!r}; a system turn "
+                            "can only be the first")
+  if name != SYSTEM:
+    expected = USER if (i - system_first) % 2 == 0 else ASSISTANT
+    if name != expected:
+      raise ConversationError("turns out of order",
+                              f"turn {i} is {role!r} but turns must alternate user, "
+                              "assistant, ... starting with the user (after an optional "
+                              "system turn)")
   if IMAGE_MARKER not in text:
     return Turn(name, text)
-  if name == ASSISTANT:
-    raise ConversationError(f"{IMAGE_MARKER} marker in an assistant turn",
-                            f"turn {i}: the image marker {IMAGE_MARKER!r} is in an assistant "
-                            "turn; it belongs in a user turn")
+  if name != USER:
+    where = f"{'an' if name == ASSISTANT else 'a'} {name} turn"
+    raise ConversationError(f"{IMAGE_MARKER} marker in {where}",
+                            f"turn {i}: the image marker {IMAGE_MARKER!r} is in {where}; it "
+                            "belongs in a user turn")
   before, _, after = text.partition(IMAGE_MARKER)
   return Turn(name, before, after.removeprefix("\n"), has_image=True)
 
@@ -92,10 +106,11 @@ def parse_conversation(turns: Sequence[tuple[str, str]]) -> list[Turn]:
   marker, or a turn that `parse_turn` rejects (unknown role, out of order, the marker in
   an assistant turn).
   """
-  if not turns:
-    raise ConversationError("no turns", "a conversation needs at least one turn")
+  if not turns or (is_system(turns[0][0]) and len(turns) == 1):
+    raise ConversationError("no turns", "a conversation needs at least one user turn")
   count_markers([text for _, text in turns])
-  return [parse_turn(i, role, text) for i, (role, text) in enumerate(turns)]
+  system_first = is_system(turns[0][0])
+  return [parse_turn(i, role, text, system_first) for i, (role, text) in enumerate(turns)]
 
 
 def question_with_image(question: str, image_first: bool) -> str:
@@ -145,6 +160,9 @@ def format_ids(template: IdTemplate, turns: Sequence[Turn], encode: Callable[[st
     ids.extend(chunk)
     mask.extend([loss] * len(chunk))
 
+  if turns[0].role == SYSTEM:
+    raise ConversationError("system turn", "this tokenizer's chat template takes no system "
+                            "turn (the project's, llama2 and gemma templates)")
   add(template.begin)
   for turn in turns:
     if template.trim:

@@ -1,16 +1,20 @@
 """A Hugging Face ``tokenizer.json`` behind `chat.ChatTokenizer`, in its LLM's chat template.
 
-Two templates, chosen by name (texts shown as ``{...}``):
+By default (``template=""``) the tokenizer's own Jinja ``chat_template`` is rendered
+(`jinja_template`: what ``apply_chat_template`` renders, the replies found in the text),
+with the image token written where the marker was. For a file without one, two
+hand-written templates can be chosen by name (texts shown as ``{...}``):
 
 * "chatml" (Qwen2, Qwen2.5): ``<|im_start|>system\\n{system}<|im_end|>\\n`` then per turn
   ``<|im_start|>{role}\\n{text}<|im_end|>\\n``; the system prompt defaults to Qwen2.5's.
 * "llama3": ``<|begin_of_text|>`` then per turn
   ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{text}<|eot_id|>``, texts trimmed.
 
-A conversation is rendered to the text the model's Jinja chat template would render and
-encoded in one go, except that the image placeholder id is spliced in where the marker
-was, so the ids are ``apply_chat_template``'s. The loss mask comes from the tokens'
-character offsets: a token is the assistant's when it overlaps a reply or its end of turn.
+With these a conversation is rendered to the text the model's Jinja chat template would
+render and encoded in one go, except that the image placeholder id is spliced in where
+the marker was, so the ids are ``apply_chat_template``'s. Either way the loss mask comes
+from the tokens' character offsets: a token is the assistant's when it overlaps a reply
+or its end of turn.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from collections.abc import Sequence
 
 import tokenizers
 
-from tokenflex_jax.data import conversation
+from tokenflex_jax.data import conversation, jinja_template
 from tokenflex_jax.data.chat_base import ChatTokenizerBase, SpecialIds
-from tokenflex_jax.data.conversation import ASSISTANT, USER, Turn
+from tokenflex_jax.data.conversation import ASSISTANT, SYSTEM, USER, Turn
 from tokenflex_jax.errors import ConfigError, InputError, MissingInputError
 
 QWEN25_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TEMPLATES = ("chatml", "llama3")
+TEMPLATES = ("chatml", "llama3")  # hand-written; "" is the file's own chat_template
+# Padding for a tokenizer_config.json that names no pad token: the first of these it has.
+PAD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "<pad>", "<unk>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +73,8 @@ def text_template(name: str) -> TextTemplate:
   if name == "llama3":
     return LLAMA3
   raise ConfigError(f"unknown chat template {name!r} for a Hugging Face tokenizer "
-                   f"(config.tokenizer.template); expected one of {TEMPLATES}")
+                   f"(config.tokenizer.template); expected '' (the tokenizer's own "
+                   f"chat_template) or one of {TEMPLATES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +89,11 @@ class Rendered:
 def render(template: TextTemplate, turns: Sequence[Turn], system_prompt: str,
            bos: str) -> Rendered:
   """Parsed turns -> the text the model's chat template renders; a conversation that ends
-  with a user turn gets the assistant header (the generation prompt)."""
+  with a user turn gets the assistant header (the generation prompt). A first system turn
+  takes the place of ``system_prompt``."""
   t = template
+  if turns[0].role == SYSTEM:
+    system_prompt, turns = turns[0].before, turns[1:]
   text = bos if t.begins_with_bos else ""
   if system_prompt:
     system = system_prompt.strip() if t.trim else system_prompt
@@ -135,25 +145,34 @@ class HFTokenizer(ChatTokenizerBase):
   """A ``tokenizers`` tokenizer.json plus one LLM chat template and an image token.
 
   ``path`` is the tokenizer.json or its folder; a tokenizer_config.json beside it may name
-  the bos, eos and pad tokens. ``system_prompt`` None takes the template's default (chatml:
-  Qwen2.5's; llama3: none) and "" leaves the system turn out. ``image_token`` must be one
-  id of the tokenizer (e.g. "<|image_pad|>" in Qwen2-VL-style vocabularies).
+  the bos, eos and pad tokens and hold the chat template. ``template`` "" renders that
+  template (`jinja_template`); "chatml" or "llama3" a hand-written one. ``system_prompt``
+  None takes the template's default (chatml: Qwen2.5's; llama3: none; the file's own: its
+  own), "" leaves the system turn out of the hand-written ones, and a text is the system
+  turn of every conversation that has none. ``image_token`` must be one id of the
+  tokenizer (e.g. "<|image_pad|>" in Qwen2-VL-style vocabularies).
   ``vocab_size`` is one more than the largest id (added tokens included); ``bos_id`` is
   the config's bos token (llama3: <|begin_of_text|>) or None; ``eos_id`` is the
-  template's end of turn (<|im_end|>, <|eot_id|>); decoding also stops at the config's eos.
+  template's end of turn (<|im_end|>, <|eot_id|>, ...); decoding also stops at the
+  config's eos.
   """
 
-  def __init__(self, path: str, template: str = "chatml", image_token: str = "<|image_pad|>",
+  def __init__(self, path: str, template: str = "", image_token: str = "<|image_pad|>",
                system_prompt: str | None = None):
     args = dict(path=path, template=template, image_token=image_token,
                 system_prompt=system_prompt)
-    self._template = text_template(template)
     self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(self.path):
       raise MissingInputError(f"no tokenizer.json at {path}")
     self._tok = tokenizers.Tokenizer.from_file(self.path)
     config = read_tokenizer_config(self.path)
     added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+    self._image_token = image_token
+    if not template:
+      self._init_jinja(args, config, added, system_prompt)
+      return
+    self._jinja = None
+    self._template = text_template(template)
     for token in self._template.special_tokens:
       if token not in added:
         raise InputError(f"{self.path} has no added token {token!r}, which the "
@@ -178,6 +197,38 @@ class HFTokenizer(ChatTokenizerBase):
         stop=frozenset({eos_id} | ({config_eos} if config_eos is not None else set())),
         drop=frozenset(special | {pad_id, image_id})), self._template.trim)
 
+  def _init_jinja(self, args: dict, config: dict, added: dict[str, int],
+                  system_prompt: str | None) -> None:
+    """The tokenizer's own chat template (`jinja_template`) and the ids it implies."""
+    source = jinja_template.find_chat_template(self.path, config)
+    if source is None:
+      raise ConfigError(f"{self.path} has no chat_template (in tokenizer_config.json or "
+                        f"chat_template.jinja); set config.tokenizer.template to one of "
+                        f"{TEMPLATES}")
+    specials = {key: _config_token(config, key) for key in
+                ("bos_token", "eos_token", "unk_token", "pad_token")}
+    special_strings = [t.content for t in self._tok.get_added_tokens_decoder().values()
+                       if t.special]
+    self._jinja = jinja_template.JinjaChatTemplate(
+        source, {k: v for k, v in specials.items() if v}, special_strings, self.path)
+    self._system = system_prompt or None
+    self._bos = specials["bos_token"]
+    eos_id = added[self._jinja.end_of_turn]
+    image_id = self._token_id(self._image_token, "the image placeholder", added)
+    pad = specials["pad_token"] or next((t for t in PAD_CANDIDATES if t in added), "")
+    pad_id = self._token_id(pad, "padding: name a pad_token in tokenizer_config.json", added)
+    if len({image_id, eos_id, pad_id}) < 3:
+      raise InputError(f"{self.path}: the image token {self._image_token!r}, the end of turn "
+                       f"{self._jinja.end_of_turn!r} and the pad token {pad!r} must differ")
+    config_eos = self._tok.token_to_id(specials["eos_token"]) if specials["eos_token"] else None
+    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    ChatTokenizerBase.__init__(self, args, SpecialIds(
+        vocab_size=max(self._tok.get_vocab(with_added_tokens=True).values()) + 1,
+        pad=pad_id, bos=self._tok.token_to_id(self._bos) if self._bos else None,
+        eos=eos_id, image=image_id,
+        stop=frozenset({eos_id} | ({config_eos} if config_eos is not None else set())),
+        drop=frozenset(special | {pad_id, image_id})), self._jinja.trims)
+
   def _token_id(self, token: str, what: str, added: dict[str, int]) -> int:
     """The single id of ``token``; ValueError naming the file when it has none."""
     i = self._tok.token_to_id(token) if token else None
@@ -198,6 +249,8 @@ class HFTokenizer(ChatTokenizerBase):
     """(role, text) turns -> (ids [L], mask [L]) in the chat template; the mask is True on
     the assistant replies and their end-of-turn tokens. See `conversation` for the rules."""
     parsed = conversation.parse_conversation(turns)
+    if self._jinja is not None:
+      return self._jinja_ids(parsed)
     r = render(self._template, parsed, self._system, self._bos)
     at = r.image_at
     pieces = [(0, r.text)] if at is None else [(0, r.text[:at]), (at, r.text[at:])]
@@ -211,3 +264,16 @@ class HFTokenizer(ChatTokenizerBase):
       mask.extend(_in_replies(offset + s, offset + e, r.replies) for s, e in encoding.offsets)
     conversation.check_image_count(ids, self.image_id, parsed)
     return ids, mask
+
+  def _jinja_ids(self, parsed: Sequence[Turn]) -> tuple[list[int], list[bool]]:
+    """Parsed turns -> (ids, mask) through the file's own chat template."""
+    messages = [{"role": t.role,
+                 "content": t.before + (self._image_token + t.after if t.has_image else "")}
+                for t in parsed]
+    if self._system and parsed[0].role != SYSTEM:
+      messages.insert(0, {"role": SYSTEM, "content": self._system})
+    rendered = self._jinja.render(messages, add_generation_prompt=parsed[-1].role == USER)
+    encoding = self._tok.encode(rendered.text, add_special_tokens=False)
+    mask = [_in_replies(s, e, rendered.replies) for s, e in encoding.offsets]
+    conversation.check_image_count(encoding.ids, self.image_id, parsed)
+    return list(encoding.ids), mask

@@ -51,13 +51,15 @@ def _parse_turns(conversations: list[Any], row_id: str,
   rules plus LLaVA's own (one marker with an image, none without); raises
   ``bad(reason, detail)``."""
   turns = []
+  system_first = isinstance(conversations[0], dict) and conversation.is_system(
+      conversations[0].get("from"))
   for i, turn in enumerate(conversations):
     if not isinstance(turn, dict):
       raise bad("unknown role", f"id {row_id!r}, turn {i}: {turn!r}")
     text = turn.get("value")
     try:
       role = conversation.parse_turn(i, turn.get("from", ""),
-                                     text if isinstance(text, str) else "").role
+                                     text if isinstance(text, str) else "", system_first).role
     except ConversationError as e:
       raise bad(e.reason, f"id {row_id!r}, {e}") from None
     if not isinstance(text, str) or (role == ASSISTANT and not text.strip()):
