@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 from collections.abc import Callable
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 
-from tokenflex_jax import errors
+from tokenflex_jax import errors, paths
 from tokenflex_jax.data import chat
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.tokenizer import ensure_tokenizer
@@ -53,10 +53,9 @@ def _inherit(config: ml_collections.ConfigDict, path: str) -> None:
   """Copies the init workdir's project tokenizer to ``path`` (process 0 writes)."""
   for source in (config.init.checkpoint, config.init.vision_checkpoint):
     inherited = os.path.join(source, TOKENIZER_FILE) if source else ""
-    if inherited and os.path.exists(inherited):
+    if inherited and epath.Path(inherited).exists():
       if jax.process_index() == 0:
-        shutil.copyfile(inherited, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        paths.write_atomically(path, epath.Path(inherited).read_bytes())
       return
 
 
@@ -69,7 +68,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ChatTokenizer:
                  tokenizer.vocab_size)
     return tokenizer
   path = tokenizer_path(config, workdir)
-  if not os.path.exists(path) and not t.path:
+  if not epath.Path(path).exists() and not t.path:
     _inherit(config, path)
   tokenizer = ensure_tokenizer(path)
   logging.info("tokenizer %s: %d pieces", path, tokenizer.vocab_size)

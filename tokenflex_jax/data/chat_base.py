@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sentencepiece as spm
+from etils import epath
 
 from tokenflex_jax.errors import MissingInputError
 from tokenflex_jax.data import conversation
@@ -129,11 +130,13 @@ class IdTemplateTokenizer(ChatTokenizerBase):
     self._template = template
 
   def _load(self, model_path: str, what: str) -> spm.SentencePieceProcessor:
-    """Loads the model at ``model_path``; FileNotFoundError "no {what} at ..." if absent."""
-    if not os.path.exists(model_path):
+    """Loads the model at ``model_path`` (local or gs://); FileNotFoundError "no {what}
+    at ..." if absent."""
+    path = epath.Path(model_path)
+    if not path.exists():
       raise MissingInputError(f"no {what} at {model_path}")
     self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self._sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
     return self._sp
 
   def encode(self, text: str) -> list[int]:

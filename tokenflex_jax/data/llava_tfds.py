@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
 
-from tokenflex_jax import cli
+from tokenflex_jax import cli, paths
 from tokenflex_jax.data import images, llava, tfds_split
 from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError, bad_text, format_skipped
 from tokenflex_jax.errors import InputError
@@ -119,9 +119,11 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
   name = name or re.sub(r"[^A-Za-z0-9_]", "_", os.path.splitext(os.path.basename(json_path))[0])
   config = LlavaConfig(name=name, json_path=os.path.abspath(json_path),
                        image_dir=os.path.abspath(image_dir), skip_malformed=skip_malformed)
-  builder = LlavaConversations(config=config, data_dir=data_dir)
-  builder.download_and_prepare(file_format="array_record")
-  return builder.data_dir
+  def build_in(directory: str) -> str:
+    builder = LlavaConversations(config=config, data_dir=directory)
+    builder.download_and_prepare(file_format="array_record")
+    return str(builder.data_dir)
+  return paths.build_into(data_dir, build_in)  # gs://: built locally, then uploaded
 
 
 class LlavaTfdsSource(tfds_split.TfdsSplit):

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from tokenflex_jax import cli
+from tokenflex_jax import cli, paths
 from tokenflex_jax.data import images, scenes, tfds_split
 
 VALIDATION_INDEX_OFFSET = 1 << 40
@@ -97,11 +97,12 @@ class TokenflexScenes(tfds.core.GeneratorBasedBuilder):
 
 def build_tfds(data_dir: str, *, seed: int, num_train: int, num_validation: int,
                image_size: int = scenes.BASE_SIZE) -> None:
-  """Generates both splits under data_dir/tokenflex_scenes/<config>/1.0.0 (skips if built)."""
+  """Generates both splits under data_dir/tokenflex_scenes/<config>/1.0.0 (skips if built
+  locally; a gs:// data_dir gets a fresh build uploaded, `paths.build_into`)."""
   config = make_config(seed=seed, num_train=num_train, num_validation=num_validation,
                        image_size=image_size)
-  TokenflexScenes(config=config, data_dir=data_dir).download_and_prepare(
-      file_format="array_record")
+  paths.build_into(data_dir, lambda d: TokenflexScenes(config=config, data_dir=d)
+                   .download_and_prepare(file_format="array_record"))
 
 
 class TfdsSceneSource(tfds_split.TfdsSplit):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 from tensorflow_datasets.core import decode as tfds_decode
 
 from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError
@@ -14,11 +13,11 @@ from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError
 
 def find_build(data_dir: str, name: str) -> str:
   """The one build of dataset ``name`` under ``data_dir`` (or ``data_dir`` itself if it is
-  a build folder, i.e. holds dataset_info.json)."""
-  if os.path.exists(os.path.join(data_dir, "dataset_info.json")):
+  a build folder, i.e. holds dataset_info.json); local or gs://."""
+  if (epath.Path(data_dir) / "dataset_info.json").exists():
     return data_dir
-  found = sorted(os.path.dirname(p) for p in glob.glob(
-      os.path.join(data_dir, name, "*", "*", "dataset_info.json")))
+  found = sorted(str(p.parent) for p in
+                 (epath.Path(data_dir) / name).glob("*/*/dataset_info.json"))
   if len(found) != 1:
     raise ValueError(f"expected one {name} build under {data_dir}, found {found or 'none'}; "
                      f"pass that build's folder instead")

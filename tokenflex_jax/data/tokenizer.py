@@ -14,6 +14,9 @@ import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
+from etils import epath
+
+from tokenflex_jax import paths
 
 from tokenflex_jax.data import conversation, scenes
 from tokenflex_jax.data.chat_base import IdTemplateTokenizer, SpecialIds
@@ -39,6 +42,9 @@ def train_tokenizer(model_path: str, texts: Iterable[str], vocab_size: int = 256
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       user_defined_symbols=list(SPECIAL_TOKENS), num_threads=1,
       shuffle_input_sentence=False, minloglevel=2)
+  if paths.is_remote(model_path):  # one upload: all or nothing
+    epath.Path(model_path).write_bytes(writer.getvalue())
+    return
   directory = os.path.dirname(os.path.abspath(model_path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
@@ -87,6 +93,6 @@ class Tokenizer(IdTemplateTokenizer):
 
 def ensure_tokenizer(model_path: str) -> Tokenizer:
   """Loads ``model_path``, first training it on the scene suite's text if it is missing."""
-  if not os.path.exists(model_path):
+  if not epath.Path(model_path).exists():
     train_tokenizer(model_path, scenes.corpus_texts())
   return Tokenizer(model_path)

@@ -17,7 +17,9 @@ import os
 from typing import Any
 
 import ml_collections
+from etils import epath
 
+from tokenflex_jax import paths
 from tokenflex_jax.errors import MissingInputError, UserError
 from tokenflex_jax.evaluation import report
 
@@ -37,18 +39,17 @@ def results_dir(eval_root: str, suite: str, step: int) -> str:
 
 def read_index(eval_root: str) -> list[dict[str, Any]]:
   """The index's entries ([] when there is none yet), oldest first."""
-  path = os.path.join(eval_root, INDEX)
-  if not os.path.exists(path):
+  path = epath.Path(eval_root) / INDEX
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)["evaluations"]
+  return json.loads(path.read_text())["evaluations"]
 
 
 def check_free(eval_root: str, suite: str, step: int, overwrite: bool) -> None:
   """Raises `UserError` if ``suite`` at ``step`` was evaluated already and not
   ``overwrite`` (the eval binary asks before it evaluates)."""
   out = results_dir(eval_root, suite, step)
-  if os.path.exists(os.path.join(out, "results.json")) and not overwrite:
+  if (epath.Path(out) / "results.json").exists() and not overwrite:
     raise UserError(f"{out} already holds an evaluation of {suite!r} at step {step}; pass "
                     f"--config.eval.overwrite=True to replace it")
 
@@ -61,16 +62,14 @@ def save(eval_root: str, suite: str, results: dict[str, Any], source: str,
   check_free(eval_root, suite, step, overwrite)
   out = results_dir(eval_root, suite, step)
   report.write_results(results, out)
-  entry = {"suite": suite, "step": step, "dir": os.path.relpath(out, eval_root),
+  entry = {"suite": suite, "step": step, "dir": f"{suite}/step_{step}",
            "source": source,
            "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "average": {n: r["average"] for n, r in results["results"].items()}}
   entries = [e for e in read_index(eval_root) if (e["suite"], e["step"]) != (suite, step)]
   entries.append(entry)
-  path = os.path.join(eval_root, INDEX)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump({"evaluations": entries}, f, indent=1)
-  os.replace(path + ".tmp", path)
+  paths.write_atomically(os.path.join(eval_root, INDEX),
+                         json.dumps({"evaluations": entries}, indent=1).encode("utf-8"))
   return out
 
 
@@ -82,6 +81,6 @@ def latest_results_file(eval_root: str, suite: str) -> str:
     newest = max(steps, key=lambda e: e["step"])
     return os.path.join(eval_root, newest["dir"], "results.json")
   old = os.path.join(eval_root, "results.json")
-  if os.path.exists(old):
+  if epath.Path(old).exists():
     return old
   raise MissingInputError(f"no evaluation of {suite!r} in {eval_root} (no {INDEX})")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
 
 import matplotlib
+from etils import epath
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
@@ -62,7 +64,9 @@ def save_figure(fig, ax, path: str, xlabel: str, ylabel: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, dpi=110, format="png")
+  epath.Path(path).write_bytes(buffer.getvalue())  # local or gs://
   plt.close(fig)
 
 
@@ -97,13 +101,11 @@ def plot_accuracy(results: dict[str, Any], path: str) -> None:
 
 
 def write_results(results: dict[str, Any], out_dir: str) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown_table(results))
-    if "auto_budget" in results:
-      f.write("\n" + auto_budget_table(results))
+  out = epath.Path(out_dir)  # local or gs://
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  (out / "results.md").write_text(markdown_table(results) + (
+      "\n" + auto_budget_table(results) if "auto_budget" in results else ""))
   plot_accuracy(results, os.path.join(out_dir, "accuracy.png"))
   if "auto_budget" in results:
     plot_budget(results, os.path.join(out_dir, "budget.png"))

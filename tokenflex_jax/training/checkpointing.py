@@ -1,9 +1,10 @@
 """Orbax checkpoints of a workdir: params, optimizer state, data iterator, metadata.
 
 Layout: ``WORKDIR/checkpoints/<step>/{params,opt_state,data,meta}``. Orbax writes
-each step to a temporary directory and renames it when complete, so a run killed
-mid-save leaves the previous checkpoint as the latest (and a temporary directory, which
-`remove_temporary` deletes at the next start). Each committed step also gets checksums
+each step to a temporary directory and renames it when complete (on ``gs://``: in place,
+committed by a marker file it writes last), so a run killed mid-save leaves the previous
+checkpoint as the latest (and an unfinished directory, which `remove_temporary` deletes
+at the next start). Each committed step also gets checksums
 (`integrity`), and `restore_latest` falls back from a damaged step to the one before.
 """
 
@@ -18,8 +19,10 @@ import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
+from tokenflex_jax import paths
 from tokenflex_jax.convert import legacy_layers
 from tokenflex_jax.errors import CheckpointMismatchError, MissingInputError, UserError
 from tokenflex_jax.training import integrity
@@ -29,7 +32,7 @@ RESTORED_ITEMS = ("params", "opt_state", "meta")  # every resumable step has the
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(paths.absolute(workdir), "checkpoints")
 
 
 def make_manager(workdir: str, keep: int = 2, asynchronous: bool = True,
@@ -81,7 +84,7 @@ def has_data_state(manager: ocp.CheckpointManager, step: int) -> bool:
   """Whether ``step`` holds a data-iterator state for this process layout (a checkpoint
   written by a different number of processes has none for it)."""
   name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-  return os.path.exists(os.path.join(str(manager.directory), str(step), "data", name))
+  return (epath.Path(manager.directory) / str(step) / "data" / name).exists()
 
 
 def _restore_args(abstract: Any) -> Any:
@@ -179,11 +182,11 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   target = os.path.join(workdir, "damaged_checkpoints", str(step))
   if jax.process_index() == 0:
     suffix = 0
-    while os.path.exists(target + (f".{suffix}" if suffix else "")):
+    while epath.Path(target + (f".{suffix}" if suffix else "")).exists():
       suffix += 1
     target += f".{suffix}" if suffix else ""
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    os.rename(os.path.join(str(manager.directory), str(step)), target)
+    epath.Path(target).parent.mkdir(parents=True, exist_ok=True)
+    (epath.Path(manager.directory) / str(step)).rename(target)  # on GCS: copy + delete
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f"set aside damaged checkpoint {step}")
   manager.reload()
@@ -202,7 +205,7 @@ def _agreed_problems(found: list[str]) -> list[str]:
 
 
 def latest_step(workdir: str) -> int | None:
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not epath.Path(checkpoint_dir(workdir)).is_dir():
     return None
   with make_manager(workdir, read_only=True, asynchronous=False) as manager:
     return manager.latest_step()
@@ -225,7 +228,7 @@ def load_params(workdir: str, abstract_params: Any, step: int | None = None) -> 
 def resolve_step(workdir: str, step: int | None = None) -> int:
   """``step`` if the workdir has it, its latest checkpoint for None or -1; raises
   FileNotFoundError naming the workdir and the steps it has otherwise."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not epath.Path(checkpoint_dir(workdir)).is_dir():
     raise MissingInputError(f"no checkpoints in workdir {workdir!r} "
                             f"(expected {checkpoint_dir(workdir)})")
   with make_manager(workdir, read_only=True, asynchronous=False) as manager:

@@ -86,12 +86,15 @@ class DataFeed:
 @dataclasses.dataclass(frozen=True)
 class Saver:
   """Checkpoints every ``every`` steps (and at the end or on SIGTERM) into ``manager``;
-  ``meta(step)`` is the JSON metadata saved with each."""
+  ``meta(step)`` is the JSON metadata saved with each; ``flush()`` runs first (the
+  metrics: every step a checkpoint holds has its metrics stored)."""
   manager: Any
   every: int
   meta: Callable[[int], dict]
+  flush: Callable[[], None] = lambda: None
 
   def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    self.flush()
     checkpointing.save(self.manager, step, state.params, state.opt_state, data_iterator,
                        self.meta(step))
 

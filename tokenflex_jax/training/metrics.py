@@ -1,6 +1,9 @@
 """Metric sinks: TensorBoard event files, a JSON-lines file, and the console log.
 
-Only process 0 writes. Scalars arrive as Python floats (already fetched).
+Only process 0 writes. Scalars arrive as Python floats (already fetched). In a ``gs://``
+workdir tensorboardX uploads its event file itself; the JSON-lines file cannot be
+appended to there, so it is rewritten whole (what it held before, plus this run's lines)
+at most every `REMOTE_FLUSH_SECONDS` and when the writer closes.
 """
 
 from __future__ import annotations
@@ -8,10 +11,16 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Mapping
 
 import jax
 from absl import logging
+from etils import epath
+
+from tokenflex_jax import paths
+
+REMOTE_FLUSH_SECONDS = 30.0
 
 
 def _summary_writer_class() -> type:
@@ -29,6 +38,26 @@ def _summary_writer_class() -> type:
   return SummaryWriter
 
 
+class _RemoteLines:
+  """A JSON-lines file on a store without appends: kept in memory, rewritten whole."""
+
+  def __init__(self, path: epath.Path):
+    self._path = path
+    self._lines = [path.read_text()] if path.exists() else []
+    self._flushed = time.monotonic()
+
+  def write(self, line: str) -> None:
+    self._lines.append(line)
+
+  def flush(self, force: bool = False) -> None:
+    if force or time.monotonic() - self._flushed >= REMOTE_FLUSH_SECONDS:
+      self._path.write_text("".join(self._lines))
+      self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    self.flush(force=True)
+
+
 class MetricWriter:
   """Writes ``{name: float}`` per step under ``WORKDIR/{tensorboard,metrics.jsonl}``."""
 
@@ -38,7 +67,9 @@ class MetricWriter:
     self._jsonl = None
     if self._enabled:
       self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = epath.Path(workdir) / "metrics.jsonl"
+      self._jsonl = (_RemoteLines(path) if paths.is_remote(workdir) else
+                     open(path, "a", encoding="utf-8"))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -48,6 +79,13 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
                       + "\n")
     self._jsonl.flush()
+
+  def flush(self) -> None:
+    """Stores everything written so far (on GCS: uploads it now)."""
+    if self._enabled:
+      self._tb.flush()
+      if isinstance(self._jsonl, _RemoteLines):
+        self._jsonl.flush(force=True)
 
   def close(self) -> None:
     if self._enabled:

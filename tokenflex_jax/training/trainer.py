@@ -173,7 +173,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
                            task.tokens_per_example, flops_per_device(task, job),
                            host_counters=skipped_record_counts)
   saver = loop.Saver(manager, config.checkpoint_every,
-                     lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()})
+                     lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()},
+                     writer.flush)
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
                tuple(task.counts))
   try:

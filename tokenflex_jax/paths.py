@@ -1,0 +1,87 @@
+"""Paths of workdirs, data and checkpoints: local, or ``gs://`` (any `etils.epath` path).
+
+Everything the binaries read or write outside Orbax goes through `etils.epath`, the path
+library Orbax uses (``gs://`` through gcsfs; Orbax's arrays through tensorstore's GCS
+driver). On GCS there are no directories, renames copy object by object (not atomic)
+and files cannot be appended to; what that changes is said where it matters
+(`training.integrity`, `training.metrics`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from etils import epath
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether ``path`` names a remote store (``gs://...``, any ``scheme://``)."""
+  return "://" in os.fspath(path)
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a remote one as it is."""
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def write_atomically(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` so that a reader never sees half of it: locally through
+  a temporary file renamed over it; on GCS a single upload is already all or nothing."""
+  target = epath.Path(path)
+  if is_remote(path):
+    target.write_bytes(data)
+    return
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = epath.Path(os.fspath(path) + ".tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, target)
+
+
+def upload_tree(local_dir: str, remote_dir: str) -> None:
+  """Copies every file under ``local_dir`` to the same relative path under
+  ``remote_dir`` (e.g. a TFDS build made locally, since array_record cannot write GCS)."""
+  for root, _, names in os.walk(local_dir):
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), local_dir)
+      target = epath.Path(remote_dir) / rel
+      with open(os.path.join(root, name), "rb") as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+
+
+def build_into(data_dir: str, build: Callable[[str], Any]) -> Any:
+  """``build(data_dir)`` for a local ``data_dir``; for a remote one, ``build`` runs in a
+  local temporary folder (array_record writes only local files), whose files are then
+  uploaded to ``data_dir``. Returns what ``build`` returns, with the temporary folder
+  replaced by ``data_dir`` if it is a path in it."""
+  if not is_remote(data_dir):
+    return build(data_dir)
+  with tempfile.TemporaryDirectory() as local:
+    out = build(local)
+    upload_tree(local, data_dir)
+  if isinstance(out, str) and out.startswith(local):
+    out = data_dir.rstrip("/") + out[len(local):]
+  return out
+
+
+class LocalCopy:
+  """``with LocalCopy(path) as local:`` a local file with ``path``'s bytes (``path``
+  itself when it is local), for libraries that only open local files."""
+
+  def __init__(self, path: str):
+    self._path, self._tmp = path, None
+
+  def __enter__(self) -> str:
+    if not is_remote(self._path):
+      return self._path
+    self._tmp = tempfile.NamedTemporaryFile(suffix=os.path.basename(self._path), delete=False)
+    with self._tmp as f:
+      f.write(epath.Path(self._path).read_bytes())
+    return self._tmp.name
+
+  def __exit__(self, *exc) -> None:
+    if self._tmp is not None:
+      os.remove(self._tmp.name)
