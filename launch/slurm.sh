@@ -10,7 +10,8 @@ Usage: bash launch/slurm.sh --partition=P --nodes=N --workdir=DIR [options] [-- 
 Every process runs `python -m tokenflex_jax.train`; jax.distributed finds the
 coordinator, the process count and each process's index from SLURM itself.
 
-Required: --partition, --nodes, --workdir (a directory every node sees, e.g. NFS/Lustre).
+Required: --partition, --nodes, --workdir (a directory every node sees, e.g. NFS/Lustre,
+or a gs:// path).
 Options:
   --gpus-per-node=G    GPUs per node                                      [8]
   --per-gpu            one process per GPU (default: one process per node, all its GPUs)

@@ -24,15 +24,15 @@ Options:
   --queued             create through a queued resource (waits for capacity)
   --spot               spot capacity
   --config=FILE[:ARG]  config for the train binary                         [configs/demo.py]
-  --workdir=DIR        run directory on a filesystem every worker sees (a gcsfuse mount
-                       of a bucket, or NFS); required by `train`
+  --workdir=DIR        run directory every worker sees: a gs:// bucket path (or NFS);
+                       required by `train`
   --dry-run            print the commands instead of running them
   -h, --help           this help
 Everything after `--` goes to the train binary, e.g. -- --config.batch_size=1024
 
 Example (prints what it would do):
   bash launch/tpu_pod.sh all --project=my-proj --zone=us-east5-a --name=tokenflex \
-    --accelerator=v5p-64 --queued --workdir=/gcs/my-bucket/run1 --dry-run
+    --accelerator=v5p-64 --queued --workdir=gs://my-bucket/run1 --dry-run
 EOF
 }
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from tests.tiny import TINY_FLAGS
@@ -98,3 +99,55 @@ def test_gs_workdir_and_data_train_resume_and_evaluate_like_local(emulator, tmp_
     assert (epath.Path(gs_work) / name).exists(), name
   assert list((epath.Path(gs_work) / "tensorboard").glob("events.out.tfevents.*"))
   assert not (tmp_path / "runs").exists() and not os.path.exists("gs:")  # no local stray
+
+  # An init checkpoint in a bucket: what config.init.checkpoint reads of it.
+  from tokenflex_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  assert checkpointing.saved_modules(gs_work) == ("llm", "projector", "vit")
+  assert checkpointing.resolve_step(gs_work) == TOTAL
+
+
+def test_tokenizer_llava_and_eval_files_read_from_a_bucket(emulator, tmp_path):
+  """The other inputs a run reads: an LLM's tokenizer.json (and its config and chat
+  template), LLaVA JSON with its images (built into a TFDS build in the bucket) and an
+  eval JSONL with its images, each from gs:// and each as from local disk."""
+  from tests.test_real_formats import _png, make_hf_tokenizer  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax import paths  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.data import chat, llava, llava_tfds  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.evaluation import eval_files  # pylint: disable=import-outside-toplevel
+  local = tmp_path / "files"
+  make_hf_tokenizer(str(local / "tokenizer"))
+  (local / "images").mkdir()
+  (local / "images" / "0.png").write_bytes(_png("red"))
+  rows = [{"id": "a", "image": "0.png", "conversations": [
+              {"from": "human", "value": "<image>\nWhat colour is the picture?"},
+              {"from": "gpt", "value": "red"}]},
+          {"id": "t", "conversations": [{"from": "human", "value": "Is it bright?"},
+                                        {"from": "gpt", "value": "no"}]}]
+  (local / "train.json").write_text(json.dumps(rows))
+  (local / "vqa.jsonl").write_text(json.dumps({"image": "images/0.png", "question": "Colour?",
+                                               "answers": ["red"] * 10}) + "\n")
+  remote = f"gs://{BUCKET}/files"
+  paths.upload_tree(str(local), remote)
+
+  kwargs = dict(kind="hf", template="chatml", image_token="<|image_pad|>")
+  here = chat.load_tokenizer(path=str(local / "tokenizer"), **kwargs)
+  there = chat.load_tokenizer(path=f"{remote}/tokenizer", **kwargs)
+  turns = rows[0]["conversations"]
+  turns = [("user", turns[0]["value"]), ("assistant", turns[1]["value"])]
+  assert there.conversation_ids(turns) == here.conversation_ids(turns)
+  assert there.pad_id == here.pad_id  # its tokenizer_config.json was read
+
+  read = lambda where: [(r.id, r.turns, r.image_path and os.path.basename(r.image_path))
+                        for r in llava.read_llava(f"{where}/train.json", f"{where}/images")[0]]
+  assert read(remote) == read(str(local))
+  build = llava_tfds.build(f"gs://{BUCKET}/tfds", f"{remote}/train.json", f"{remote}/images")
+  assert build.startswith(f"gs://{BUCKET}/tfds/llava_conversations/")
+  source = llava_tfds.LlavaTfdsSource(build)
+  items = sorted((source[i]["id"], source[i]["image"]) for i in range(len(source)))
+  assert items == [("a", (local / "images" / "0.png").read_bytes()), ("t", b"")]
+
+  vqa_here = eval_files.read_vqa(str(local / "vqa.jsonl"), 16)[0]
+  vqa_there = eval_files.read_vqa(f"{remote}/vqa.jsonl", 16)[0]
+  assert len(vqa_there) == 1 and vqa_there[0][1:] == vqa_here[0][1:] == (
+      "Colour?", ["red"] * 10, "vqa")
+  np.testing.assert_array_equal(vqa_there[0][0], vqa_here[0][0])  # its image, from the bucket

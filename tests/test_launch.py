@@ -64,7 +64,7 @@ def test_tpu_pod_refuses_without_each_required_field():
 
 def test_tpu_pod_v5p_64_dry_run():
   result = _run("tpu_pod.sh", "all", "--project=my-proj", "--zone=us-east5-a", "--name=tf",
-                "--accelerator=v5p-64", "--queued", "--workdir=/gcs/bucket/run1", "--dry-run",
+                "--accelerator=v5p-64", "--queued", "--workdir=gs://bucket/run1", "--dry-run",
                 "--", "--config.batch_size=1024")
   assert result.returncode == 0, result.stderr
   commands = [line for line in result.stdout.splitlines() if line.startswith("+ ")]
@@ -77,7 +77,7 @@ def test_tpu_pod_v5p_64_dry_run():
   ssh_all = [c for c in commands if " tpu-vm ssh " in c and "--worker=all" in c]
   assert len(ssh_all) == 2  # install, then start training on every worker at once
   assert "requirements.txt" in ssh_all[0] and "jax\\[tpu\\]" in ssh_all[0]
-  assert "tokenflex_jax.train" in ssh_all[1] and "--workdir=/gcs/bucket/run1" in ssh_all[1]
+  assert "tokenflex_jax.train" in ssh_all[1] and "--workdir=gs://bucket/run1" in ssh_all[1]
   assert "--config.batch_size=1024" in ssh_all[1]
   assert any("--worker=0" in c and "tail" in c for c in commands)  # streams the log
   assert commands[-1].startswith("+ gcloud compute tpus queued-resources delete tf ")

@@ -28,6 +28,15 @@ def absolute(path: str) -> str:
   return path if is_remote(path) else os.path.abspath(path)
 
 
+def is_file(path: str) -> bool:
+  """Whether ``path`` (local or remote) is a file; False for a name no store can hold
+  (e.g. one with a NUL byte, as a malformed data row may give)."""
+  try:
+    return epath.Path(path).is_file()
+  except (OSError, ValueError):
+    return False
+
+
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` so that a reader never sees half of it: locally through
   a temporary file renamed over it; on GCS a single upload is already all or nothing."""

@@ -13,7 +13,6 @@ what differs: how it loads its file and finds its ids, and its template.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 

@@ -25,6 +25,7 @@ import os
 from collections.abc import Sequence
 
 import tokenizers
+from etils import epath
 
 from tokenflex_jax.data import conversation, jinja_template
 from tokenflex_jax.data.chat_base import ChatTokenizerBase, SpecialIds
@@ -126,11 +127,10 @@ def _in_replies(start: int, end: int, replies: Sequence[tuple[int, int]]) -> boo
 
 def read_tokenizer_config(tokenizer_json: str) -> dict:
   """The tokenizer_config.json beside ``tokenizer_json``, or {} when there is none."""
-  path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
-  if not os.path.exists(path):
+  path = epath.Path(tokenizer_json).parent / "tokenizer_config.json"
+  if not path.exists():
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def _config_token(config: dict, key: str) -> str:
@@ -161,10 +161,10 @@ class HFTokenizer(ChatTokenizerBase):
                system_prompt: str | None = None):
     args = dict(path=path, template=template, image_token=image_token,
                 system_prompt=system_prompt)
-    self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(self.path):
+    self.path = os.path.join(path, "tokenizer.json") if epath.Path(path).is_dir() else path
+    if not epath.Path(self.path).is_file():
       raise MissingInputError(f"no tokenizer.json at {path}")
-    self._tok = tokenizers.Tokenizer.from_file(self.path)
+    self._tok = tokenizers.Tokenizer.from_str(epath.Path(self.path).read_text())  # or gs://
     config = read_tokenizer_config(self.path)
     added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
     self._image_token = image_token

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.sandbox
+from etils import epath
 
 from tokenflex_jax.data.conversation import ASSISTANT, ConversationError
 from tokenflex_jax.errors import InputError
@@ -78,10 +78,9 @@ def find_chat_template(tokenizer_json: str, config: Mapping[str, Any]) -> str | 
   """The chat template shipped with ``tokenizer_json``: ``chat_template.jinja`` beside
   it, else ``config["chat_template"]`` (tokenizer_config.json: a string, or a list of
   {"name", "template"} of which "default" is taken); None when there is none."""
-  path = os.path.join(os.path.dirname(tokenizer_json), "chat_template.jinja")
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      return f.read()
+  path = epath.Path(tokenizer_json).parent / "chat_template.jinja"
+  if path.is_file():
+    return path.read_text()
   template = config.get("chat_template")
   if isinstance(template, list):
     named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -27,6 +27,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tokenflex_jax import paths
 from tokenflex_jax.data import conversation
 from tokenflex_jax.data.conversation import ASSISTANT, IMAGE_MARKER, ConversationError
 from tokenflex_jax.data.rows import (MalformedRowError, check_text, collect_rows, data_lines,
@@ -98,7 +99,7 @@ def parse_row(raw: object, path: str, row: int, image_dir: str) -> Conversation:
     if not image or not isinstance(image, str):
       raise bad("missing image", f"id {row_id!r}: 'image' is {image!r:.80}")
     image_path = os.path.join(image_dir, image)
-    if not os.path.isfile(image_path):
+    if not paths.is_file(image_path):
       raise bad("missing image", f"id {row_id!r}: {image_path} does not exist")
   conversations = raw.get("conversations")
   if not isinstance(conversations, list) or not conversations:

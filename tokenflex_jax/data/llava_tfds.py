@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags, logging
+from etils import epath
 
 from tokenflex_jax import cli, paths
 from tokenflex_jax.data import images, llava, tfds_split
@@ -51,8 +52,7 @@ def _checked_image_bytes(conversation: llava.Conversation, json_path: str) -> by
   """The image file's bytes, after checking that they decode (`images.decode`: a corrupt,
   truncated or too large image, or an unsupported mode, is a malformed row)."""
   try:
-    with open(conversation.image_path, "rb") as f:
-      data = f.read()
+    data = epath.Path(conversation.image_path).read_bytes()
     images.decode(data, None)
   except images.ImageError as e:
     raise MalformedRowError(json_path, conversation.row, e.reason,
@@ -117,8 +117,8 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
   NAME defaults to the JSON file's name without its extension.
   """
   name = name or re.sub(r"[^A-Za-z0-9_]", "_", os.path.splitext(os.path.basename(json_path))[0])
-  config = LlavaConfig(name=name, json_path=os.path.abspath(json_path),
-                       image_dir=os.path.abspath(image_dir), skip_malformed=skip_malformed)
+  config = LlavaConfig(name=name, json_path=paths.absolute(json_path),
+                       image_dir=paths.absolute(image_dir), skip_malformed=skip_malformed)
   def build_in(directory: str) -> str:
     builder = LlavaConversations(config=config, data_dir=directory)
     builder.download_and_prepare(file_format="array_record")

@@ -16,6 +16,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from etils import epath
+
 from tokenflex_jax.errors import InputError
 
 T = TypeVar("T")
@@ -40,9 +42,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def read_text(path: str) -> str:
   """A text file's contents. Bytes that are not UTF-8 become lone surrogates (Python's
   "surrogateescape"), which `check_text` then finds in the one row that holds them; a
-  leading byte-order mark is dropped."""
-  with open(path, "rb") as f:
-    data = f.read()
+  leading byte-order mark is dropped. ``path`` may be gs:// (`etils.epath`)."""
+  data = epath.Path(path).read_bytes()
   return data.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 

@@ -30,6 +30,9 @@ import string
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from etils import epath
+
+from tokenflex_jax import paths
 
 from tokenflex_jax.data.images import ImageError
 from tokenflex_jax.data.pipeline import decode_image
@@ -295,7 +298,7 @@ def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
 def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir: str = ""
              ) -> tuple[list[tuple[np.ndarray, str, list[str], str]], dict[str, int]]:
   """Reads a VQA JSONL; returns ([(image, question, answers, category)], skipped)."""
-  folder = image_dir or os.path.dirname(os.path.abspath(path))
+  folder = image_dir or os.path.dirname(paths.absolute(path))
   lines = data_lines(read_text(path))  # rows: the non-empty lines, each decoded on its own
 
   def parse(i: int, line: str):
@@ -320,11 +323,10 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
       raise bad("mistyped category", f"{type(category).__name__}")
     image = row.get("image")
     image_path = os.path.join(folder, image) if isinstance(image, str) and image else ""
-    if not image_path or not os.path.isfile(image_path):
+    if not image_path or not paths.is_file(image_path):
       raise bad("missing image", f"{image_path or 'no image field'}"[:300])
     try:
-      with open(image_path, "rb") as f:
-        data = f.read()
+      data = epath.Path(image_path).read_bytes()
     except OSError as e:
       raise bad("unreadable image", f"{image_path}: {e}") from None
     pixels = _decode(data, image_size, path, i, image_path)
