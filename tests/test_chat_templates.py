@@ -11,12 +11,11 @@ import json
 import os
 
 import pytest
+import transformers
 
 from tokenflex_jax.data import chat, conversation
 from tokenflex_jax.data.conversation import ConversationError
 from tokenflex_jax.errors import ConfigError
-
-transformers = pytest.importorskip("transformers")
 
 IMAGE_TOKEN = "<|image_pad|>"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<|begin_of_text|>",

@@ -12,9 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import gcs_emulator
 from tests.tiny import TINY_FLAGS
-
-gcs_emulator = pytest.importorskip("tests.gcs_emulator")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "tokenflex-test"
