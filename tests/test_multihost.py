@@ -83,9 +83,10 @@ def _assert_same(got, ref, steps, rel):
     assert got[step][0] == pytest.approx(ref[step][0], rel=rel, abs=1e-6), f"step {step}"
 
 
-def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
+def _train_two_like_one(tmp_path):
   """FSDP over 8 devices: 2 processes x 4 == 1 process x 8, through a SIGTERM and a
-  restart; then the 2-process checkpoint resumes in 1 process on a (2,2,2) mesh."""
+  restart. Returns (the 1-process losses, the 2-process workdir, a copy of it as it was
+  at the SIGTERM, the step saved then)."""
   ref_dir, two_dir, other_dir = (str(tmp_path / d) for d in ("one", "two", "other_mesh"))
   ref = subprocess.run(_flags(ref_dir, "(1,-1,1)"), cwd=REPO, env=_env(8), capture_output=True,
                        text=True, timeout=600)
@@ -112,6 +113,18 @@ def test_two_processes_train_resume_and_reshard_like_one(tmp_path):
   logs = _finish(_start_two(two_dir))
   assert f"at step {stopped}" in logs[0]
   _assert_same(losses(two_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-5)
+  return reference, two_dir, other_dir, stopped
+
+
+def test_two_processes_train_and_resume_like_one(tmp_path):
+  _train_two_like_one(tmp_path)
+
+
+@pytest.mark.slow  # The CI suite runs the part above (test_two_processes_train_and_resume_like_one).
+def test_two_processes_train_resume_evaluate_and_reshard_like_one(tmp_path):
+  """The above; then evaluation split over 2 processes equals 1 process's, and the
+  2-process checkpoint resumes in 1 process on a (2,2,2) mesh."""
+  reference, two_dir, other_dir, stopped = _train_two_like_one(tmp_path)
 
   # Evaluation: each process decodes its rows of every batch; the gathered predictions
   # score exactly as one process decoding everything.

@@ -8,19 +8,24 @@ import subprocess
 import pytest
 
 from configs import reproduce
+from tests.tiny import TINY_FLAGS
 from tokenflex_jax.config_schema import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One CPU device, as a user's run on a laptop (not the suite's 8 simulated ones).
+ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+# The tiny model of tests/tiny.py (its widths, the same code paths), a few steps.
 SMALL = ("--config.total_steps=3", "--config.batch_size=8", "--config.log_every=1",
          "--config.checkpoint_every=3", "--config.eval.token_counts=(64,256)",
-         "--config.eval.batch_size=16")
+         "--config.eval.batch_size=16",
+         *(f for f in TINY_FLAGS if f.startswith(("--config.model.", "--config.optimizer."))))
 
 
 def _reproduce(workdir, out):
   return subprocess.run(
       ["bash", os.path.join(REPO, "launch", "reproduce.sh"), workdir, "--seeds=1",
        "--models=fixed_64,tokenflex", "--examples_per_family=4", f"--out={out}", "--", *SMALL],
-      capture_output=True, text=True, timeout=900, cwd=REPO)
+      capture_output=True, text=True, timeout=900, cwd=REPO, env=ONE_DEVICE)
 
 
 def test_variants_change_only_what_they_name():
