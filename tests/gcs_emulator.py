@@ -11,9 +11,11 @@ header of downloads (tensorstore reads an object's generation from it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from http import HTTPStatus
 
 from gcp_storage_emulator import server as _server
@@ -114,8 +116,17 @@ class Emulator:
     self._server.stop()
 
 
-def apply_env_here(url: str) -> None:
-  """`client_env` for this process too (fsspec's config is read at import: patched)."""
-  os.environ.update(client_env(url))
+@contextlib.contextmanager
+def env_here(url: str) -> Iterator[None]:
+  """`client_env` for this process too, for the ``with`` block only (fsspec's config,
+  read at its import, patched likewise): other tests' processes never see it."""
   import fsspec.config  # pylint: disable=import-outside-toplevel
+  saved_env, saved_conf = dict(os.environ), dict(fsspec.config.conf.get("gcs", {}))
+  os.environ.update(client_env(url))
   fsspec.config.conf.setdefault("gcs", {}).update(token="anon", use_listings_cache=False)
+  try:
+    yield
+  finally:
+    os.environ.clear()
+    os.environ.update(saved_env)
+    fsspec.config.conf["gcs"] = saved_conf

@@ -22,8 +22,7 @@ TOTAL = 10
 
 @pytest.fixture(scope="module")
 def emulator():
-  with gcs_emulator.Emulator(BUCKET) as url:
-    gcs_emulator.apply_env_here(url)
+  with gcs_emulator.Emulator(BUCKET) as url, gcs_emulator.env_here(url):
     yield url
 
 

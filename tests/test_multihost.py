@@ -25,9 +25,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def _no_cache() -> dict[str, str]:
+  """The environment without the suite's shared compilation cache (conftest.py): it
+  buys nothing here, and processes of one multi-process run would share its entries."""
+  return {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+          and k != "JAX_COMPILATION_CACHE_DIR"}
+
+
 def test_bucket_choice_identical_across_processes(tmp_path):
   out, port, n = str(tmp_path / "draws.json"), free_port(), 2
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = {k: v for k, v in _no_cache().items() if k != "XLA_FLAGS"}
   env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_buckets_worker", str(i),
                              str(n), str(port), out], cwd=REPO, env=env,
@@ -58,7 +65,7 @@ def _flags(workdir, mesh, binary="train"):
 
 
 def _env(devices):
-  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+  return dict(_no_cache(), PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 

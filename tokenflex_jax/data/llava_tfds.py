@@ -160,7 +160,10 @@ class LlavaTfdsSource(tfds_split.TfdsSplit):
     turns = llava.check_turns(turns, row_id, lambda reason, detail: self.bad(index, reason,
                                                                              detail),
                               has_image=bool(image))
-    return {"image": image, "id": row_id, "turns": turns, "row": int(raw["row"]),
+    row = raw.get("row")
+    if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
+      raise self.bad(index, "mistyped row", f"id {row_id!r:.80}: 'row' is {row!r:.80}")
+    return {"image": image, "id": row_id, "turns": turns, "row": int(row),
             "source": self.name, "record": index}
 
 
