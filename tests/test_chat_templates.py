@@ -13,6 +13,7 @@ import os
 import pytest
 import transformers
 
+from tests.test_chat_tokenizers import _bpe
 from tokenflex_jax.data import chat, conversation
 from tokenflex_jax.data.conversation import ConversationError
 from tokenflex_jax.errors import ConfigError
@@ -107,25 +108,12 @@ CONVERSATIONS = {
 }
 
 
-def _corpus():
-  return ["What is in the picture? A red square. Describe it. And the border? Thin, and blue.",
-          "You are terse. What colour? Red. Sure? Yes. Answer in one word. Colour?",
-          "Hello there! Hi! How can I help? You are Qwen, created by Alibaba Cloud. user model",
-          "system assistant [INST] [/INST] You are a helpful assistant."]
-
-
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-  """One byte-level BPE tokenizer.json with every family's special tokens."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(_corpus() * 4, trainer)
-  tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
+  """One byte-level BPE tokenizer.json (test_chat_tokenizers' Qwen2-style BPE) with every
+  family's special tokens."""
   path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-  tok.save(str(path))
+  _bpe(SPECIALS).save(str(path))
   return path
 
 

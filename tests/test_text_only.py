@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.test_models import IMAGE_ID, PAD, small_vlm
-from tests.test_real_formats import make_hf_tokenizer
+from tests.test_real_formats import _png, make_hf_tokenizer
 from tokenflex_jax.data import chat, llava, llava_tfds, pipeline
 from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.models.llm import LLM
@@ -79,13 +79,8 @@ def test_a_text_only_conversation_keeps_its_last_slot_for_the_visual_tokens(tmp_
   assert list(tokens[:-1]) == ids[:-1] and tokens[-1] == tok.pad_id
 
 
-def _png(path):
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  Image.new("RGB", (8, 8), "red").save(path)
-
-
 def test_llava_rows_with_and_without_an_image_build_and_preprocess(tmp_path):
-  _png(tmp_path / "a.png")
+  (tmp_path / "a.png").write_bytes(_png("red"))
   rows = [{"id": "img", "image": "a.png", "conversations": [
               {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]},
           {"id": "text", "conversations": [

@@ -40,14 +40,20 @@ def is_file(path: str) -> bool:
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` so that a reader never sees half of it: locally through
   a temporary file renamed over it; on GCS a single upload is already all or nothing."""
-  target = epath.Path(path)
   if is_remote(path):
-    target.write_bytes(data)
+    epath.Path(path).write_bytes(data)
     return
-  target.parent.mkdir(parents=True, exist_ok=True)
-  tmp = epath.Path(os.fspath(path) + ".tmp")
-  tmp.write_bytes(data)
-  os.replace(tmp, target)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")  # one per writer
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def upload_tree(local_dir: str, remote_dir: str) -> None:
@@ -74,23 +80,3 @@ def build_into(data_dir: str, build: Callable[[str], Any]) -> Any:
   if isinstance(out, str) and out.startswith(local):
     out = data_dir.rstrip("/") + out[len(local):]
   return out
-
-
-class LocalCopy:
-  """``with LocalCopy(path) as local:`` a local file with ``path``'s bytes (``path``
-  itself when it is local), for libraries that only open local files."""
-
-  def __init__(self, path: str):
-    self._path, self._tmp = path, None
-
-  def __enter__(self) -> str:
-    if not is_remote(self._path):
-      return self._path
-    self._tmp = tempfile.NamedTemporaryFile(suffix=os.path.basename(self._path), delete=False)
-    with self._tmp as f:
-      f.write(epath.Path(self._path).read_bytes())
-    return self._tmp.name
-
-  def __exit__(self, *exc) -> None:
-    if self._tmp is not None:
-      os.remove(self._tmp.name)

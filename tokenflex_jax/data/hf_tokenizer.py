@@ -168,26 +168,19 @@ class HFTokenizer(ChatTokenizerBase):
     config = read_tokenizer_config(self.path)
     added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
     self._image_token = image_token
-    if not template:
-      self._init_jinja(args, config, added, system_prompt)
-      return
-    self._jinja = None
-    self._template = text_template(template)
-    for token in self._template.special_tokens:
-      if token not in added:
-        raise InputError(f"{self.path} has no added token {token!r}, which the "
-                         f"{template!r} chat template needs")
-    self._system = self._template.system_prompt if system_prompt is None else system_prompt
-    self._bos = _config_token(config, "bos_token") or self._template.bos
-    if self._template.begins_with_bos and self._bos not in added:
-      raise InputError(f"{self.path} has no added token {self._bos!r} (bos), which the "
-                       f"{template!r} chat template needs")
-    eos_id = added[self._template.end_of_turn]
+    if template:
+      self._jinja, self._template = None, text_template(template)
+      end_of_turn, pad, trim = self._hand_written(config, added, system_prompt)
+    else:
+      self._template = None
+      end_of_turn, pad, trim = self._own_template(config, added, system_prompt)
+    eos_id = added[end_of_turn]
     image_id = self._token_id(image_token, "the image placeholder", added)
-    pad_id = self._token_id(_config_token(config, "pad_token") or self._template.pad,
-                            "padding", added)
+    pad_id = self._token_id(pad, "padding: name a pad_token in tokenizer_config.json", added)
     if image_id in (eos_id, pad_id):
       raise InputError(f"image token {image_token!r} is also the end-of-turn or pad token")
+    if eos_id == pad_id:
+      raise InputError(f"{self.path}: the end of turn {end_of_turn!r} is also the pad token")
     config_eos = self._tok.token_to_id(_config_token(config, "eos_token"))
     special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
     super().__init__(args, SpecialIds(
@@ -195,11 +188,28 @@ class HFTokenizer(ChatTokenizerBase):
         pad=pad_id, bos=self._tok.token_to_id(self._bos) if self._bos else None,
         eos=eos_id, image=image_id,
         stop=frozenset({eos_id} | ({config_eos} if config_eos is not None else set())),
-        drop=frozenset(special | {pad_id, image_id})), self._template.trim)
+        drop=frozenset(special | {pad_id, image_id})), trim)
 
-  def _init_jinja(self, args: dict, config: dict, added: dict[str, int],
-                  system_prompt: str | None) -> None:
-    """The tokenizer's own chat template (`jinja_template`) and the ids it implies."""
+  def _hand_written(self, config: dict, added: dict[str, int], system_prompt: str | None
+                    ) -> tuple[str, str, bool]:
+    """Checks the named template's tokens; sets its system prompt and bos. Returns (end
+    of turn, pad token, whether texts are trimmed)."""
+    t = self._template
+    for token in t.special_tokens:
+      if token not in added:
+        raise InputError(f"{self.path} has no added token {token!r}, which the "
+                         f"{t.name!r} chat template needs")
+    self._system = t.system_prompt if system_prompt is None else system_prompt
+    self._bos = _config_token(config, "bos_token") or t.bos
+    if t.begins_with_bos and self._bos not in added:
+      raise InputError(f"{self.path} has no added token {self._bos!r} (bos), which the "
+                       f"{t.name!r} chat template needs")
+    return t.end_of_turn, _config_token(config, "pad_token") or t.pad, t.trim
+
+  def _own_template(self, config: dict, added: dict[str, int], system_prompt: str | None
+                    ) -> tuple[str, str, bool]:
+    """Compiles the file's own chat template (`jinja_template`); sets the system turn
+    added to conversations and bos. Returns (end of turn, pad token, trimmed)."""
     source = jinja_template.find_chat_template(self.path, config)
     if source is None:
       raise ConfigError(f"{self.path} has no chat_template (in tokenizer_config.json or "
@@ -213,21 +223,8 @@ class HFTokenizer(ChatTokenizerBase):
         source, {k: v for k, v in specials.items() if v}, special_strings, self.path)
     self._system = system_prompt or None
     self._bos = specials["bos_token"]
-    eos_id = added[self._jinja.end_of_turn]
-    image_id = self._token_id(self._image_token, "the image placeholder", added)
     pad = specials["pad_token"] or next((t for t in PAD_CANDIDATES if t in added), "")
-    pad_id = self._token_id(pad, "padding: name a pad_token in tokenizer_config.json", added)
-    if len({image_id, eos_id, pad_id}) < 3:
-      raise InputError(f"{self.path}: the image token {self._image_token!r}, the end of turn "
-                       f"{self._jinja.end_of_turn!r} and the pad token {pad!r} must differ")
-    config_eos = self._tok.token_to_id(specials["eos_token"]) if specials["eos_token"] else None
-    special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
-    ChatTokenizerBase.__init__(self, args, SpecialIds(
-        vocab_size=max(self._tok.get_vocab(with_added_tokens=True).values()) + 1,
-        pad=pad_id, bos=self._tok.token_to_id(self._bos) if self._bos else None,
-        eos=eos_id, image=image_id,
-        stop=frozenset({eos_id} | ({config_eos} if config_eos is not None else set())),
-        drop=frozenset(special | {pad_id, image_id})), self._jinja.trims)
+    return self._jinja.end_of_turn, pad, self._jinja.trims
 
   def _token_id(self, token: str, what: str, added: dict[str, int]) -> int:
     """The single id of ``token``; ValueError naming the file when it has none."""

@@ -160,11 +160,8 @@ class LlavaTfdsSource(tfds_split.TfdsSplit):
     turns = llava.check_turns(turns, row_id, lambda reason, detail: self.bad(index, reason,
                                                                              detail),
                               has_image=bool(image))
-    row = raw.get("row")
-    if isinstance(row, (bool, np.bool_)) or not isinstance(row, (int, np.integer)):
-      raise self.bad(index, "mistyped row", f"id {row_id!r:.80}: 'row' is {row!r:.80}")
-    return {"image": image, "id": row_id, "turns": turns, "row": int(row),
-            "source": self.name, "record": index}
+    return {"image": image, "id": row_id, "turns": turns,
+            "row": self.integer(raw, "row", index), "source": self.name, "record": index}
 
 
 def main(argv: list[str]) -> None:

@@ -143,7 +143,7 @@ class TfdsSceneSource(tfds_split.TfdsSplit):
       out["image"] = images.decode_exact(raw.get("image"), h, w)
     except images.ImageError as e:
       raise self.bad(index, e.reason, str(e)) from None
-    out["index"] = int(raw["index"])
+    out["index"] = self.integer(raw, "index", index)
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core import decode as tfds_decode
@@ -97,6 +98,14 @@ class TfdsSplit:
       if not isinstance(out[key], str):
         raise self.bad(index, "mistyped field", f"{key!r} is {type(value).__name__}")
     return out
+
+  def integer(self, raw: dict[str, Any], key: str, index: int) -> int:
+    """Record ``index``'s integer field ``key``; raises `bad` ("mistyped field") for a
+    value that is not an integer."""
+    value = raw.get(key)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+      raise self.bad(index, "mistyped field", f"{key!r} is {value!r:.80}")
+    return int(value)
 
   def convert(self, raw: dict[str, Any], index: int) -> dict[str, Any]:
     """A deserialized record -> the example; raises `bad` for one that is not usable."""

@@ -9,8 +9,6 @@ A conversation repeats ``<user> text <assistant> answer <eos>`` after one ``<bos
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Iterable
 
 import sentencepiece as spm
@@ -42,20 +40,7 @@ def train_tokenizer(model_path: str, texts: Iterable[str], vocab_size: int = 256
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
       user_defined_symbols=list(SPECIAL_TOKENS), num_threads=1,
       shuffle_input_sentence=False, minloglevel=2)
-  if paths.is_remote(model_path):  # one upload: all or nothing
-    epath.Path(model_path).write_bytes(writer.getvalue())
-    return
-  directory = os.path.dirname(os.path.abspath(model_path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(writer.getvalue())
-    os.replace(tmp, model_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  paths.write_atomically(model_path, writer.getvalue())
 
 
 class Tokenizer(IdTemplateTokenizer):

@@ -39,7 +39,8 @@ def _summary_writer_class() -> type:
 
 
 class _RemoteLines:
-  """A JSON-lines file on a store without appends: kept in memory, rewritten whole."""
+  """A JSON-lines file on a store without appends: kept in memory, rewritten whole by
+  `write` at most every `REMOTE_FLUSH_SECONDS`, and by `flush` / `close` at once."""
 
   def __init__(self, path: epath.Path):
     self._path = path
@@ -48,14 +49,15 @@ class _RemoteLines:
 
   def write(self, line: str) -> None:
     self._lines.append(line)
+    if time.monotonic() - self._flushed >= REMOTE_FLUSH_SECONDS:
+      self.flush()
 
-  def flush(self, force: bool = False) -> None:
-    if force or time.monotonic() - self._flushed >= REMOTE_FLUSH_SECONDS:
-      self._path.write_text("".join(self._lines))
-      self._flushed = time.monotonic()
+  def flush(self) -> None:
+    self._path.write_text("".join(self._lines))
+    self._flushed = time.monotonic()
 
   def close(self) -> None:
-    self.flush(force=True)
+    self.flush()
 
 
 class MetricWriter:
@@ -68,8 +70,8 @@ class MetricWriter:
     if self._enabled:
       self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"), flush_secs=10)
       path = epath.Path(workdir) / "metrics.jsonl"
-      self._jsonl = (_RemoteLines(path) if paths.is_remote(workdir) else
-                     open(path, "a", encoding="utf-8"))
+      self._jsonl = (_RemoteLines(path) if paths.is_remote(workdir) else  # line-buffered:
+                     open(path, "a", encoding="utf-8", buffering=1))  # each line on disk
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
@@ -78,14 +80,12 @@ class MetricWriter:
       self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
                       + "\n")
-    self._jsonl.flush()
 
   def flush(self) -> None:
     """Stores everything written so far (on GCS: uploads it now)."""
     if self._enabled:
       self._tb.flush()
-      if isinstance(self._jsonl, _RemoteLines):
-        self._jsonl.flush(force=True)
+      self._jsonl.flush()
 
   def close(self) -> None:
     if self._enabled:
