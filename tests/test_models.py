@@ -222,7 +222,7 @@ def _attention_inputs(dtype=jnp.float32):
   k = jnp.asarray(rng.normal(size=(2, 7, 2, 8)), dtype)
   v = jnp.asarray(rng.normal(size=(2, 7, 2, 8)), dtype)
   key_valid = jnp.array([[True] * 7, [False, False] + [True] * 5])  # left padding
-  mask = llm_lib.attention_mask(key_valid, jnp.arange(5) + 2)
+  mask = layers.causal_mask(key_valid, jnp.arange(5) + 2)
   return q, k, v, mask
 
 
@@ -242,6 +242,51 @@ def test_xla_attention_equals_the_reference(masked):
       np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="attention must be one of"):
     layers.grouped_attention(q, k, v, mask, implementation="flash")
+
+
+def test_causal_blocks_cover_the_sequence():
+  assert layers.causal_blocks(100) == [(0, 100)]  # short: one block, the reference
+  assert layers.causal_blocks(279) == [(0, 70), (70, 140), (140, 209), (209, 279)]
+  assert layers.causal_blocks(5000)[-1] == (3750, 5000)  # at most 4 blocks
+
+
+@pytest.mark.parametrize("length", [300, 100])
+def test_causal_block_attention_equals_the_reference(length):
+  """Causal query blocks (4 at 300 slots, 1 at 100): the masked reference's values and
+  gradients, with grouped KV heads, right and left padding. Queries without any valid key
+  (the left padding's) are left out: their output is arbitrary in both (a uniform average
+  over what each could see), and nothing reads it."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32)
+  slots = np.arange(length)
+  key_valid = jnp.asarray(np.stack([slots < length - 37, slots >= 11]))
+  blocked = lambda *a: layers.causal_block_attention(*a, key_valid)
+  ref = lambda *a: layers.reference_attention(*a, layers.causal_mask(key_valid,
+                                                                      jnp.arange(length)))
+  seen = np.asarray(jnp.cumsum(key_valid, axis=1) > 0)  # [B, S]: has a valid key
+  np.testing.assert_allclose(np.asarray(blocked(q, k, v))[seen], np.asarray(ref(q, k, v))[seen],
+                             rtol=1e-5, atol=1e-6)
+  weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * seen[:, :, None, None]
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * weights)
+  for g, r in zip(jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v),
+                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_decoder_logits_with_causal_blocks_equal_the_reference():
+  """The decoder on 200 tokens (3 query blocks) with "blocked" attention equals the
+  reference decoder; on a CPU "auto" is "blocked"."""
+  cfg = LLMConfig(vocab_size=32, width=32, depth=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64)
+  tokens = jax.random.randint(jax.random.key(1), (2, 200), 0, 32)
+  ref = LLM(cfg, attention="reference")
+  params = ref.init(jax.random.key(0), tokens)
+  np.testing.assert_allclose(LLM(cfg, attention="blocked").apply(params, tokens),
+                             ref.apply(params, tokens), rtol=1e-4, atol=1e-5)
+  if jax.default_backend() == "cpu":
+    assert layers.resolve_attention("auto", jnp.float32) == "blocked"
 
 
 def test_vlm_logits_do_not_depend_on_the_attention_implementation():

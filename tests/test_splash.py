@@ -27,7 +27,7 @@ def _inputs(batch=2, length=140, heads=4, kv_heads=2, head_dim=16):
 
 
 def _check_against_reference(q, k, v, key_valid, causal, fn):
-  mask = (llm_lib.attention_mask(key_valid, jnp.arange(q.shape[1])) if causal
+  mask = (layers.causal_mask(key_valid, jnp.arange(q.shape[1])) if causal
           else jnp.broadcast_to(key_valid[:, None, :], key_valid.shape[:1] + key_valid.shape[1:] * 2))
   ref = lambda *a: layers.reference_attention(*a, mask)
   valid = np.asarray(key_valid)

@@ -97,13 +97,6 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Arra
   return out.astype(x.dtype)
 
 
-def attention_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
-  """Causal + padding mask. key_valid [B, T], query_slots [S] -> [B, S, T] bool."""
-  key_slots = jnp.arange(key_valid.shape[1])
-  causal = key_slots[None, :] <= query_slots[:, None]
-  return causal[None] & key_valid[:, None, :]
-
-
 class Attention(nn.Module):
   config: LLMConfig
   implementation: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
@@ -130,13 +123,16 @@ class Attention(nn.Module):
     implementation = layers.resolve_attention(self.implementation, dtype)
     if implementation == "splash" and cache is None:
       out = splash.splash_attention(q, k, v, key_valid, causal=True)
+    elif implementation == "blocked" and cache is None:
+      out = layers.causal_block_attention(q, k, v, key_valid)
     else:
       # Decoding with a KV cache (queries at cache_index.., keys over the whole cache)
       # takes the dense mask; splash's kernel is for self-attention, so the reference.
       implementation = "reference" if implementation == "splash" else implementation
       query_slots = cache_index + jnp.arange(x.shape[1])
       out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
-                                     attention_mask(key_valid, query_slots), implementation)
+                                     layers.causal_mask(key_valid, query_slots),
+                                     implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2,
                        dtype=dtype, name="o")(out)
