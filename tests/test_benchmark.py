@@ -45,6 +45,11 @@ def test_benchmark_reports_every_figure(tmp_path):
   assert prof["groups_ms"]["matmul"] > 0 and prof["top_ops"]
   assert sum(prof["groups_ms"].values()) >= max(o["ms"] for o in prof["top_ops"]) > 0
   assert any(o["group"] == "matmul" and o["source"] for o in prof["top_ops"])
+  # How the threads spent it: every thread's op time within its busy time, within the wall.
+  t = prof["threads"]
+  assert t["per_thread"] and t["op_parallelism"] > 0
+  for thread in t["per_thread"]:
+    assert 0 < thread["ops_ms"] <= thread["busy_ms"] * 1.001 <= t["wall_ms"] * 1.001
 
   table = report.write(r, str(tmp_path))
   with open(os.path.join(tmp_path, "bench.json"), encoding="utf-8") as f:
@@ -56,4 +61,4 @@ def test_benchmark_reports_every_figure(tmp_path):
   assert set(saved["compile_s"]) == set(counts)
   assert all(f"| {n} |" in table for n in counts)
   assert (tmp_path / "bench.md").read_text().startswith("train step, batch 8")
-  assert "profile of the 256-token step" in table
+  assert "profile of the 256-token step" in table and "thread-pool tasks" in table

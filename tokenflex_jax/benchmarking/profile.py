@@ -5,6 +5,12 @@ ui.perfetto.dev or TensorBoard); the summary adds up the self time of every XLA 
 event per call, and groups the ops by what XLA's CPU backend named them: matmuls
 (YNNPACK fusions and Eigen dots), copies and transposes, and every other fusion. Names
 are the backend's: on a GPU or TPU the groups are mostly "other".
+
+It also says how the host's threads spent the step (`threads`): per thread that ran
+ops, the time inside op events and the time inside thread-pool tasks (XLA's CPU runtime
+marks each task it runs with a pair of ``ThreadpoolListener`` start/stop events; a task
+is an op, or a share of another thread's op such as a YNNPACK matmul's parallel loop),
+against the wall time of the traced calls.
 """
 
 from __future__ import annotations
@@ -57,6 +63,49 @@ def summarize(events: list[dict[str, Any]], calls: int, sources: dict[str, str],
                       for op, ms in per_op.most_common(top)]}
 
 
+_TASK_START, _TASK_STOP = "ThreadpoolListener::StartRegion", "ThreadpoolListener::StopRegion"
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+  total, end = 0.0, float("-inf")
+  for a, b in sorted(intervals):
+    if b > end:
+      total += b - max(a, end)
+      end = b
+  return total
+
+
+def threads(events: list[dict[str, Any]], calls: int) -> dict[str, Any]:
+  """{"wall_ms": wall time per call from the first op to the last, "per_thread": [{"ops_ms",
+  "busy_ms"} per call, for each worker thread, busiest first], "op_parallelism": op
+  time summed over threads / wall}: ``busy`` is the union of the thread's op events and
+  of its thread-pool tasks."""
+  ops = [e for e in events if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS)
+         and e.get("dur", 0) > 0]
+  if not ops:
+    return {"wall_ms": 0.0, "per_thread": [], "op_parallelism": 0.0}
+  start = min(e["ts"] for e in ops)
+  wall = max(e["ts"] + e["dur"] for e in ops) - start
+  spans: dict[Any, list[tuple[float, float]]] = collections.defaultdict(list)
+  op_us: collections.Counter[Any] = collections.Counter()
+  for e in ops:
+    spans[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
+    op_us[e["tid"]] += e["dur"]
+  opened: dict[Any, float] = {}
+  for e in sorted((e for e in events if e.get("name") in (_TASK_START, _TASK_STOP)),
+                  key=lambda e: e["ts"]):
+    if e["name"] == _TASK_START:
+      opened[e["tid"]] = e["ts"]
+    elif e["tid"] in opened and e["tid"] in op_us:
+      spans[e["tid"]].append((opened.pop(e["tid"]), e["ts"]))
+  # The threads that ran ops for at least 1% of the wall time (the pool's workers; not the
+  # client threads that only start the executable).
+  per_thread = [{"ops_ms": us / 1e3 / calls, "busy_ms": _union_us(spans[t]) / 1e3 / calls}
+                for t, us in op_us.most_common() if us >= 0.01 * wall]
+  return {"wall_ms": wall / 1e3 / calls, "per_thread": per_thread,
+          "op_parallelism": sum(op_us.values()) / wall}
+
+
 def profile_step(step: Any, state: Any, batch: Any, calls: int, trace_dir: str
                  ) -> tuple[dict[str, Any], Any]:
   """Traces ``calls`` calls of a compiled step (`training.compiled.CompiledStep`) into
@@ -69,7 +118,8 @@ def profile_step(step: Any, state: Any, batch: Any, calls: int, trace_dir: str
   with gzip.open(max(files, key=os.path.getmtime), "rt", encoding="utf-8") as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  return summarize(events, calls, op_names(step.executable.as_text())), state
+  summary = summarize(events, calls, op_names(step.executable.as_text()))
+  return {**summary, "threads": threads(events, calls)}, state
 
 
 def markdown(summary: dict[str, Any], bucket: int) -> str:
@@ -79,6 +129,13 @@ def markdown(summary: dict[str, Any], bucket: int) -> str:
            f"{total:.0f} ms per call):", ""]
   lines += [f"- {g}: {ms:.0f} ms ({100 * ms / total:.0f}%)"
             for g, ms in summary["groups_ms"].items()]
+  if summary.get("threads", {}).get("per_thread"):
+    t = summary["threads"]
+    lines += ["", f"threads: {t['wall_ms']:.0f} ms of wall time per call; op time summed over "
+              f"threads / wall = {t['op_parallelism']:.2f}; per thread, in op events / in "
+              "thread-pool tasks (ops and shares of other threads' ops): "
+              + ", ".join(f"{p['ops_ms']:.0f} / {p['busy_ms']:.0f} ms"
+                          for p in t["per_thread"])]
   lines += ["", "| op | group | ms per call | from |", "|---|---|---|---|"]
   lines += [f"| {o['op']} | {o['group']} | {o['ms']:.1f} | {o['source'][-80:]} |"
             for o in summary["top_ops"]]
