@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tokenflex_jax.models import layers
-from tokenflex_jax.models import llm as llm_lib
 from tokenflex_jax.models.llm import LLM, LLMConfig, init_cache
 from tokenflex_jax.models.projector import ProjectorConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig, interpolate_posemb
