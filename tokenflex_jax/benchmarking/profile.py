@@ -85,19 +85,22 @@ def threads(events: list[dict[str, Any]], calls: int) -> dict[str, Any]:
   if not ops:
     return {"wall_ms": 0.0, "per_thread": [], "op_parallelism": 0.0}
   start = min(e["ts"] for e in ops)
-  wall = max(e["ts"] + e["dur"] for e in ops) - start
+  stop = max(e["ts"] + e["dur"] for e in ops)
+  wall = stop - start
   spans: dict[Any, list[tuple[float, float]]] = collections.defaultdict(list)
-  op_us: collections.Counter[Any] = collections.Counter()
   for e in ops:
     spans[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
-    op_us[e["tid"]] += e["dur"]
+  # Time inside op events (a union: an op's events may nest) per thread.
+  op_us = collections.Counter({t: _union_us(s) for t, s in spans.items()})
   opened: dict[Any, float] = {}
   for e in sorted((e for e in events if e.get("name") in (_TASK_START, _TASK_STOP)),
                   key=lambda e: e["ts"]):
     if e["name"] == _TASK_START:
       opened[e["tid"]] = e["ts"]
-    elif e["tid"] in opened and e["tid"] in op_us:
-      spans[e["tid"]].append((opened.pop(e["tid"]), e["ts"]))
+    elif e["tid"] in opened and e["tid"] in op_us:  # the task, within the traced calls
+      a, b = max(opened.pop(e["tid"]), start), min(e["ts"], stop)
+      if b > a:
+        spans[e["tid"]].append((a, b))
   # The threads that ran ops for at least 1% of the wall time (the pool's workers; not the
   # client threads that only start the executable).
   per_thread = [{"ops_ms": us / 1e3 / calls, "busy_ms": _union_us(spans[t]) / 1e3 / calls}
