@@ -62,3 +62,17 @@ def test_benchmark_reports_every_figure(tmp_path):
   assert all(f"| {n} |" in table for n in counts)
   assert (tmp_path / "bench.md").read_text().startswith("train step, batch 8")
   assert "profile of the 256-token step" in table and "thread-pool tasks" in table
+
+
+def test_isolated_measurements(tmp_path):
+  """The microbench (tokenflex_jax.microbench) on the tiny model: every line of its report,
+  the two attentions' steps both timed."""
+  from tokenflex_jax.benchmarking import micro
+  config = tiny_config(token_counts=(64,), token_probs=(1.0,))
+  text = micro.main_report(config, str(tmp_path), 64)
+  assert "1 independent in one call" in text and "2 independent in one call" in text
+  assert "- reference:" in text and "- blocked:" in text
+  assert "train step at 64 tokens, alternating rounds: reference" in text
+  times = micro.step_ab(config, str(tmp_path), 64, ("reference", "blocked"), rounds=1,
+                        steps_per_round=1, warmup=1)
+  assert set(times) == {"reference", "blocked"} and min(times.values()) > 0

@@ -132,8 +132,8 @@ def markdown(summary: dict[str, Any], bucket: int) -> str:
            f"{total:.0f} ms per call):", ""]
   lines += [f"- {g}: {ms:.0f} ms ({100 * ms / total:.0f}%)"
             for g, ms in summary["groups_ms"].items()]
-  if summary.get("threads", {}).get("per_thread"):
-    t = summary["threads"]
+  t = summary["threads"]
+  if t["per_thread"]:
     lines += ["", f"threads: {t['wall_ms']:.0f} ms of wall time per call; op time summed over "
               f"threads / wall = {t['op_parallelism']:.2f}; per thread, in op events / in "
               "thread-pool tasks (ops and shares of other threads' ops): "

@@ -62,7 +62,7 @@ class Setup:
   state: Any
 
 
-def _setup(config: ml_collections.ConfigDict, model: VLM, mesh, rules, tokenizer_loader
+def setup(config: ml_collections.ConfigDict, model: VLM, mesh, rules, tokenizer_loader
            ) -> Setup:
   task = vlm_task(config, model, mesh, rules, tokenizer_loader)
   job = trainer.compile_task(config, task, mesh, rules)
@@ -132,7 +132,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
   out["roofline_gflops"] = {d: timing.roofline_gflops(d) for d in ("float32", "bfloat16")}
   logging.info("roofline: %s GFLOP/s", out["roofline_gflops"])
 
-  ours = _setup(config, model, mesh, rules, load_tokenizer)
+  ours = setup(config, model, mesh, rules, load_tokenizer)
   out["frozen"] = list(ours.job.optimizer.frozen)
   local = next(ours.task.data_from(0))
   batch = pipeline.to_global_batch(local, compiled.shardings_of(dict(ours.task.abstract_batch)))
@@ -217,7 +217,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
     del ours  # one layout's executables and state at a time
     other_name = "unrolled" if config.model.scan_layers else "scanned"
     other_config = _with_layout(config, not config.model.scan_layers)
-    other = _setup(other_config, VLM(model_config.vlm_config(other_config, tokenizer)),
+    other = setup(other_config, VLM(model_config.vlm_config(other_config, tokenizer)),
                    mesh, rules, load_tokenizer)
     other_steps = {}
     for n in counts:

@@ -225,14 +225,10 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Returns:
     [B, S, H, Dh].
   """
-  s = q.shape[1]
-  blocks = causal_blocks(s)
-  if len(blocks) == 1:
-    return reference_attention(q, k, v, causal_mask(key_valid, jnp.arange(s)))
   return jnp.concatenate([
       reference_attention(q[:, a:b], k[:, :b], v[:, :b],
                           causal_mask(key_valid[:, :b], jnp.arange(a, b)))
-      for a, b in blocks], axis=1)
+      for a, b in causal_blocks(q.shape[1])], axis=1)
 
 
 # --- Layer stacks ---------------------------------------------------------------------

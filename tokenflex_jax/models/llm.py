@@ -127,7 +127,8 @@ class Attention(nn.Module):
       out = layers.causal_block_attention(q, k, v, key_valid)
     else:
       # Decoding with a KV cache (queries at cache_index.., keys over the whole cache)
-      # takes the dense mask; splash's kernel is for self-attention, so the reference.
+      # takes the dense mask; splash and causal blocks are for self-attention, so the
+      # reference ("blocked" is the reference on a dense mask).
       implementation = "reference" if implementation == "splash" else implementation
       query_slots = cache_index + jnp.arange(x.shape[1])
       out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),

@@ -1,0 +1,33 @@
+r"""The profile's isolated measurements: the decoder's SwiGLU matmul alone and two side by
+side, causal attention alone (reference and causal blocks), and the train step with each
+attention in alternating rounds (`tokenflex_jax.benchmarking.micro`).
+
+  python -m tokenflex_jax.microbench --config=configs/bench.py --workdir=/tmp/micro \
+      [--num_tokens=256]
+
+Prints markdown lines; docs/performance.md quotes them.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from tokenflex_jax import cli
+from tokenflex_jax.benchmarking import micro
+
+_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 256, "The bucket (visual tokens) measured.")
+
+
+def run(config, workdir: str) -> str:
+  """The binary's job: `micro.main_report`, printed."""
+  text = micro.main_report(config, workdir, _NUM_TOKENS.value)
+  print(text)
+  return text
+
+
+def main() -> None:
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  main()
