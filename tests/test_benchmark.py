@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from tests.tiny import tiny_config
 from tokenflex_jax.benchmarking import report, suite
 
@@ -67,8 +69,11 @@ def test_benchmark_reports_every_figure(tmp_path):
 def test_isolated_measurements(tmp_path):
   """The microbench (tokenflex_jax.microbench) on the tiny model: every line of its report,
   the two attentions' steps both timed."""
+  from tokenflex_jax import errors
   from tokenflex_jax.benchmarking import micro
   config = tiny_config(token_counts=(64,), token_probs=(1.0,))
+  with pytest.raises(errors.ConfigError, match=r"--num_tokens=100 is not one of"):
+    micro.main_report(config, str(tmp_path), 100)
   text = micro.main_report(config, str(tmp_path), 64)
   assert "1 independent in one call" in text and "2 independent in one call" in text
   assert "- reference:" in text and "- blocked:" in text
