@@ -78,8 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
 
-  # Evaluate every 1000 steps while training (needs config.eval.data_path; 0: off).
-  c.eval_every = 1000
+  # No evaluation while training unless asked for: --config.eval_every=1000
+  # --config.eval.data_path=/data/MMBench_DEV_EN.tsv (the eval binary reads the same keys).
+  c.eval_every = 0
   c.eval.update(suite="mmbench",    # or "vqa"; data_path: the TSV / JSONL file
                 examples_per_family=0, batch_size=64, max_prompt_length=512,
                 max_new_tokens=32)

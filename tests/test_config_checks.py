@@ -49,7 +49,7 @@ CASES = [
     case("eval_counts_larger_than_the_grid", r"config\.eval\.token_counts=\(64, 324\): 324 "
          r"visual tokens need a 18x18 pool", job="eval", eval__token_counts=(64, 324)),
     case("eval_counts_checked_when_training", r"config\.eval\.token_counts=\(64, 324\)",
-         eval__token_counts=(64, 324)),
+         eval_every=10, eval__token_counts=(64, 324)),
     # Token probabilities.
     case("probs_do_not_sum_to_1", r"config\.token_probs must be non-negative and sum to 1, "
          r"got \(0\.5, 0\.5, 0\.5\)", token_probs=(0.5, 0.5, 0.5)),
@@ -153,8 +153,11 @@ CASES = [
          job="eval", tokenizer__kind="hf"),
     case("eval_suite", r"config\.eval\.suite must be 'scenes', 'mmbench' or 'vqa', got 'coco'",
          job="eval", eval__suite="coco"),
-    case("eval_data_path", r"config\.eval\.suite='vqa' needs config\.eval\.data_path",
-         job="eval", eval__suite="vqa"),
+    case("eval_data_path", r"config\.eval\.suite='vqa' needs config\.eval\.data_path, the "
+         r"JSONL file$", job="eval", eval__suite="vqa"),
+    case("periodic_eval_data_path", r"config\.eval\.suite='mmbench' needs config\.eval\."
+         r"data_path, the TSV file \(periodic evaluation while training, config\.eval_every="
+         r"10; 0 turns it off\)$", eval_every=10, eval__suite="mmbench"),
     case("eval_auto_counts", r"config\.eval\.auto_counts=\(64, 100\) must be two or more of "
          r"the trained \(and evaluated\) counts \(64, 144\)", job="eval",
          eval__token_counts=(64, 100, 144), eval__auto_counts=(64, 100)),
@@ -167,6 +170,27 @@ def test_bad_config_is_a_config_error_naming_the_field(stage, overrides, job, nu
   config = tiny_config(stage=stage, **overrides)
   with pytest.raises(errors.ConfigError, match="^" + pattern):
     config_checks.check(config, num_devices, job=job)
+
+
+def test_every_problem_of_a_config_is_reported_at_once():
+  """Three independent mistakes, three lines, in one check; the eval counts are not
+  checked while training without periodic evaluation."""
+  config = tiny_config(token_counts=(64, 120), token_probs=(0.5, 0.5),
+                       optimizer__learning_rate=-1.0, eval__token_counts=(64, 324))
+  config_checks.check(tiny_config(eval__token_counts=(64, 324)), 8)  # eval_every=0
+  with pytest.raises(errors.ConfigError) as raised:
+    config_checks.check(config, 8)
+  lines = str(raised.value).splitlines()
+  assert len(lines) == 2 and lines[0].startswith("config.optimizer.learning_rate=-1.0")
+  assert lines[1].startswith("config.token_counts"), lines
+  config.eval_every = 10
+  config.eval.suite = "vqa"
+  with pytest.raises(errors.ConfigError) as raised:
+    config_checks.check(config, 8)
+  lines = str(raised.value).splitlines()
+  assert [re.match(r"[\w.]+", l).group() for l in lines] == [
+      "config.optimizer.learning_rate", "config.token_counts", "config.eval.token_counts",
+      "config.eval.suite"], lines
 
 
 def test_a_config_error_is_a_one_line_user_error_and_a_value_error():
@@ -257,4 +281,19 @@ def test_binary_refuses_a_bad_config_in_one_line(tmp_path, module, flags, line):
   assert re.fullmatch(line, result.stderr.strip().splitlines()[-1]), result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert "Compiling" not in result.stderr and "compiled" not in result.stderr
+  assert not workdir.exists()
+
+
+def test_binary_reports_three_mistakes_in_three_lines(tmp_path):
+  """Exit 2, one `error:` line per mistake, in one run, nothing written."""
+  workdir = tmp_path / "run"
+  result = _binary("tokenflex_jax.train", "--config=configs/demo.py",
+                   "--config.optimizer.learning_rate=-1", "--config.token_counts=(64,120)",
+                   "--config.token_probs=(0.5,0.5)", "--config.eval_every=10",
+                   "--config.eval.token_counts=(64,324)", f"--workdir={workdir}")
+  assert result.returncode == errors.USAGE_EXIT_CODE, result.stderr[-3000:]
+  errors_printed = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
+  assert [re.match(r"error: ([\w.]+)", l).group(1) for l in errors_printed] == [
+      "config.optimizer.learning_rate", "config.token_counts", "config.eval.token_counts"
+  ], result.stderr[-3000:]
   assert not workdir.exists()

@@ -1,6 +1,11 @@
 """The command line shared by the config-driven binaries (train, pretrain_vision, eval,
 predict, bench, aot, convert).
 
+One rule for ``--config`` in every binary: given, it is the config (a binary that reads
+a trained workdir refuses one that describes another model, `trained_model`); not
+given, the config is the workdir's own config.json, and ``--config.a.b=V`` overrides
+apply to it (`with_workdir_config`).
+
 Flags are defined when a binary starts, not when its module is imported, so the library
 functions behind the binaries (``train.train``, ``eval.run_eval``, ...) can be imported
 together by tests and notebooks.
@@ -10,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -19,30 +25,73 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from tokenflex_jax import distributed, errors
+from tokenflex_jax import distributed, errors, workdir as workdir_lib
+
+SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
 
 
 class QuietLibraryInfo(logging.Filter):
-  """Drops INFO lines logged from inside Orbax (dozens per checkpoint); keeps warnings."""
+  """Drops the library lines that need no action: INFO from inside Orbax (dozens per
+  checkpoint), JAX's INFO that a backend it probes for (a TPU on a GPU or CPU host) is
+  absent, and Orbax's warning that a manager opened to read is read-only. Keeps every
+  other warning."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno > logging.INFO or "/orbax/" not in record.pathname
+    if record.levelno <= logging.INFO:
+      return not ("/orbax/" in record.pathname or (
+          record.name.startswith("jax") and str(record.msg).startswith("Unable to initialize "
+                                                                        "backend")))
+    return not ("/orbax/" in record.pathname and
+                str(record.msg).startswith("Given directory is read only"))
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of ``--name=V`` or ``--name V`` in argv (the last one), else None."""
+  value = None
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      value = arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def with_workdir_config(argv: list[str]) -> list[str]:
+  """``argv`` with ``--config=<saved_config.py>:<workdir>`` inserted first when it names
+  a ``--workdir`` but no ``--config``. A workdir without config.json (a new run, converted
+  towers) is then one line and `errors.USAGE_EXIT_CODE`: pass ``--config``."""
+  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    return argv
+  workdir = _flag_value(argv[1:], "workdir")
+  if not workdir:
+    return argv  # absl says that --config is required.
+  if not workdir_lib.has_config(workdir):
+    print(f"error: --workdir={workdir} has no {workdir_lib.CONFIG_FILE} (no run was trained "
+          "there): pass --config=FILE", file=sys.stderr, flush=True)
+    sys.exit(errors.USAGE_EXIT_CODE)
+  return [argv[0], f"--config={SAVED_CONFIG_FILE}:{workdir}", *argv[1:]]
+
+
+def command_line() -> list[str]:
+  """``sys.argv`` under the rule of `with_workdir_config`; what the binaries parse."""
+  return with_workdir_config(sys.argv)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 sys_argv: list[str] | None = None, config_required: bool = True,
+                 sys_argv: list[str] | None = None,
                  workdir_required: bool = True) -> tuple[flags.FlagHolder, flags.FlagHolder]:
   """Defines ``--config`` (with its ``--config.a.b=V`` overrides) and ``--workdir``.
 
-  ``sys_argv`` is the command line the overrides are read from (default ``sys.argv``).
+  ``sys_argv`` is the command line the overrides are read from (default `command_line`,
+  which `run_main` parses).
   """
   config = config_flags.DEFINE_config_file(
-      "config", None, "ml_collections config file, e.g. configs/demo.py:stage=1.",
-      flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+      "config", None, "ml_collections config file, e.g. configs/demo.py:stage=1 (default: "
+      "the --workdir's own config.json).", flag_values=flag_values, lock_config=True,
+      sys_argv=command_line() if sys_argv is None else sys_argv)
   workdir = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tokenizer.",
                                 flag_values=flag_values)
-  required = [name for name, needed in (("config", config_required),
-                                         ("workdir", workdir_required)) if needed]
+  required = ["config", "workdir"] if workdir_required else ["config"]
   flags.mark_flags_as_required(required, flag_values=flag_values)
   return config, workdir
 
@@ -66,13 +115,12 @@ def start_processes(address: flags.FlagHolder, count: flags.FlagHolder,
   """Joins the multi-process runtime if the run has several processes; quietens the
   logs of every process but 0 to warnings."""
   distributed.initialize(address.value, count.value, index.value)
-  absl_logging.get_absl_handler().addFilter(QuietLibraryInfo())
   if jax.process_index() != 0:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-  """Wraps an ``absl.app.run`` main: a `errors.UserError` prints one line and exits with
+  """Wraps an ``absl.app.run`` main: a `errors.UserError` prints one line per problem and exits with
   `errors.USAGE_EXIT_CODE`; a non-finite loss prints one line and exits 1;
   `errors.Preempted` exits with `errors.PREEMPTED_EXIT_CODE`
   (the launch scripts restart on it); any other exception keeps its traceback."""
@@ -82,7 +130,8 @@ def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
     try:
       return main(argv)
     except errors.UserError as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
+      for line in str(e).splitlines() or [""]:  # A config's several problems: a line each.
+        print(f"error: {line}", file=sys.stderr, flush=True)
       sys.exit(errors.USAGE_EXIT_CODE)
     except errors.NonFiniteLossError as e:
       print(f"error: {e}", file=sys.stderr, flush=True)
@@ -110,9 +159,17 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(errors.USAGE_EXIT_CODE)
 
 
+def _quiet_library_logs() -> None:
+  """`QuietLibraryInfo` on absl's handler, before any backend starts."""
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, QuietLibraryInfo) for f in handler.filters):
+    handler.addFilter(QuietLibraryInfo())
+
+
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """``absl.app.run`` of a binary's main with `parse_flags` and `handle_errors`."""
-  app.run(handle_errors(main), flags_parser=parse_flags)
+  _quiet_library_logs()
+  app.run(handle_errors(main), argv=command_line(), flags_parser=parse_flags)
 
 
 def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
@@ -133,4 +190,5 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
     start_processes(*process_flags)
     job(loaded, workdir.value)
 
-  app.run(main, flags_parser=parse_flags)
+  _quiet_library_logs()
+  app.run(main, argv=command_line(), flags_parser=parse_flags)

@@ -40,9 +40,9 @@ def grid_side(config: ml_collections.ConfigDict) -> tuple[int, str]:
 
 def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
           job: str = "train") -> None:
-  """Raises `errors.ConfigError`, its message starting with the field, at the first
-  config value that cannot work for ``job`` (one of `JOBS`) on ``num_devices`` devices
-  (default ``jax.device_count()``; aot passes the count it simulates).
+  """Raises `errors.ConfigError` naming every config value that cannot work for ``job``
+  (one of `JOBS`) on ``num_devices`` devices (default ``jax.device_count()``; aot passes
+  the count it simulates): one line per problem, each starting with its field.
 
   Every job:
   - the model's fields (`model_config`): positive sizes; ``config.model.vit.width``
@@ -67,9 +67,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     other (the VLM's `vlm.MODULES`; pretrain_vision's `patch_labeler.MODULES`).
   "train" and "aot": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
   ``config.token_probs`` one per count, >= 0, summing to 1, a known
-  ``config.loss_weighting``, and ``config.eval.token_counts`` as the token counts.
-  "train" and "aot": ``config.eval_every`` >= 0; "train" with ``eval_every`` > 0 also
-  the "eval" checks below.
+  ``config.loss_weighting``; ``config.eval_every`` >= 0, and with ``eval_every`` > 0
+  also the "eval" checks below.
   "eval": ``config.token_counts`` and ``config.eval.token_counts`` as above;
   ``config.eval.batch_size`` as the global batch; a known ``config.eval.suite`` (with
   ``config.eval.data_path`` for a file); ``config.eval.auto_counts`` among the trained
@@ -78,44 +77,85 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
   """
   if job not in JOBS:
     raise ValueError(f"job must be one of {JOBS}, got {job!r}")
-  model_config.layer_flags(config)
+  problems = Problems()
+  problems.check(model_config.layer_flags, config)
   if job == "pretrain_vision":
-    model_config.vit_config(config)
+    problems.check(model_config.vit_config, config)
   else:  # The vocabulary is checked against the tokenizer when there is one.
-    model_config.vlm_config(config, model_config.FixedTokenIds(config.model.llm.vocab_size))
+    problems.check(model_config.vlm_config, config,
+                   model_config.FixedTokenIds(config.model.llm.vocab_size))
   if job != "aot":
-    run_tokenizer.tokenizer_path(config, "")
+    problems.check(run_tokenizer.tokenizer_path, config, "")
   num_devices = jax.device_count() if num_devices is None else num_devices
-  mesh_shape = dict(zip(sharding.MESH_AXES,
-                        sharding.resolve_mesh_shape(config.mesh.shape, num_devices)))
-  rules = sharding.rules_from_config(config.sharding.rules)
+  mesh_shape = problems.check(lambda: dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(
+      config.mesh.shape, num_devices))))
+  rules = problems.check(sharding.rules_from_config, config.sharding.rules)
+  mesh_known = mesh_shape is not None and rules is not None
+
+  def batch_divisible(field: str, value: int) -> None:
+    if mesh_known:
+      problems.check(sharding.check_batch_divisible, field, value, mesh_shape, rules,
+                     jax.process_count())
+
   training = job in ("train", "aot")
   if training or job == "pretrain_vision":
-    trainer.check_loop_config(config)
-    sharding.check_batch_divisible("config.batch_size", config.batch_size, mesh_shape, rules,
-                                   jax.process_count())
-    optimizer.check_optimizer(config.optimizer)
+    problems.check(trainer.check_loop_config, config)
+    batch_divisible("config.batch_size", config.batch_size)
+    problems.check(optimizer.check_optimizer, config.optimizer)
     modules = patch_labeler.MODULES if job == "pretrain_vision" else vlm.MODULES
-    optimizer.check_multipliers(modules, config.lr_multipliers.to_dict())
-  if job == "pretrain_vision":
-    return
-  side, fields = grid_side(config)
-  if training:
-    buckets.validate_buckets(tuple(config.token_counts), tuple(config.token_probs), side,
-                             fields)
-    loss.check_weighting(config.loss_weighting)
-  else:
-    buckets.check_counts(tuple(config.token_counts), "config.token_counts", side, fields)
-  if training or job == "eval":
-    buckets.check_counts(tuple(config.eval.token_counts), "config.eval.token_counts", side,
-                         fields)
-  if training and config.eval_every < 0:
-    raise errors.ConfigError(f"config.eval_every={config.eval_every} must be >= 0 (0: no "
-                             "periodic evaluation)")
-  if job == "eval" or (job == "train" and config.eval_every > 0):
-    sharding.check_batch_divisible("config.eval.batch_size", config.eval.batch_size,
-                                   mesh_shape, rules, jax.process_count())
-    evaluator.check_suite(config)
-    if len(set(config.token_counts) & set(config.eval.token_counts)) >= 2:
-      auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts,
-                                config.eval.token_counts)
+    problems.check(optimizer.check_multipliers, modules, config.lr_multipliers.to_dict())
+  if job != "pretrain_vision":
+    side_fields = problems.check(grid_side, config)
+    grid_known = side_fields is not None and side_fields[0] > 0
+    if training:
+      if grid_known:
+        problems.check(buckets.validate_buckets, tuple(config.token_counts),
+                       tuple(config.token_probs), *side_fields)
+      problems.check(loss.check_weighting, config.loss_weighting)
+    elif grid_known:
+      problems.check(buckets.check_counts, tuple(config.token_counts), "config.token_counts",
+                     *side_fields)
+    if training and config.eval_every < 0:
+      problems.add(f"config.eval_every={config.eval_every} must be >= 0 (0: no periodic "
+                   "evaluation)")
+    evaluates = job == "eval" or (training and config.eval_every > 0)
+    if evaluates:
+      if grid_known:
+        problems.check(buckets.check_counts, tuple(config.eval.token_counts),
+                       "config.eval.token_counts", *side_fields)
+      batch_divisible("config.eval.batch_size", config.eval.batch_size)
+      during = (f" (periodic evaluation while training, config.eval_every="
+                f"{config.eval_every}; 0 turns it off)" if training else "")
+      problems.check(evaluator.check_suite, config, context=during)
+      if len(set(config.token_counts) & set(config.eval.token_counts)) >= 2:
+        problems.check(auto_budget.ladder_counts, config.eval.auto_counts, config.token_counts,
+                       config.eval.token_counts)
+  problems.raise_all()
+
+
+class Problems:
+  """The config problems found so far: each check runs, whatever the others found, so one
+  run reports them all (one line each)."""
+
+  def __init__(self):
+    self.lines: list[str] = []
+
+  def add(self, line: str) -> None:
+    self.lines.append(line)
+
+  def check(self, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None when it raised `errors.ConfigError` (recorded).
+    Another exception after a recorded problem is taken as that problem's consequence
+    (e.g. a zero patch size dividing) and not reported again."""
+    try:
+      return fn(*args, **kwargs)
+    except errors.ConfigError as e:
+      self.lines.extend(str(e).splitlines())
+    except Exception:  # pylint: disable=broad-except
+      if not self.lines:
+        raise
+    return None
+
+  def raise_all(self) -> None:
+    if self.lines:
+      raise errors.ConfigError("\n".join(self.lines))

@@ -1,10 +1,11 @@
 r"""Evaluates a trained TokenFLEX checkpoint at every visual-token count.
 
-  python -m tokenflex_jax.eval --config=configs/demo.py --workdir=/tmp/run \
+  python -m tokenflex_jax.eval --workdir=/tmp/run \
       [--config.eval.checkpoint_step=800] [--config.eval.token_counts='(64,256)']
 
-``--config`` must describe the model the workdir was trained with (see `trained_model`);
-it sets what to evaluate (``config.eval``) and the mesh. Writes
+Without ``--config`` the workdir's own config is used, overrides applied to it; a
+``--config`` must describe the model the workdir was trained with (`cli`,
+`trained_model`). ``config.eval`` sets what to evaluate, ``config.mesh`` the mesh. Writes
 WORKDIR/eval/<suite or data file stem>/step_<N>/{results.json,results.md,accuracy.png}
 and lists it in WORKDIR/eval/index.json (`evaluation.outputs`); an existing evaluation
 of that suite and step is kept unless ``--config.eval.overwrite=True``.

@@ -8,8 +8,8 @@ answers at the smallest trained count (``config.token_counts``, or the ladder
 ``config.eval.auto_counts``) and again at the next while the answer's mean token
 log-probability is under ``config.eval.auto_threshold`` (see `evaluation.auto_budget`).
 
-Without ``--config`` the workdir's own config is used; with it, it must describe the
-same model (the rule of every binary that reads a workdir, see `trained_model`).
+Without ``--config`` the workdir's own config is used (``--config.a.b=V`` overrides apply
+to it); with it, it must describe the same model (the rule of every binary, `cli`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
 
 
 def main() -> None:
-  config, workdir = cli.define_flags(config_required=False)
+  config, workdir = cli.define_flags()
   image = flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...).")
   question = flags.DEFINE_string("question", None, "The question.")
   num_tokens = flags.DEFINE_string("num_tokens", "144", "Visual tokens (a square: 64, 144, "

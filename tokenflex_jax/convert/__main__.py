@@ -9,7 +9,9 @@ writes an Orbax checkpoint WORKDIR/checkpoints/0 with params {"vit", "llm"} (eac
 read, converted and placed on the mesh of --config with its sharding one at a time (a
 per-layer weight with all its layers stacked), so
 no host holds the whole model) and WORKDIR/model_overrides.txt, the
-``--config.model.*`` flags that make the config's model match the converted one. Then:
+``--config.model.*`` flags that make the config's model shape match the converted one
+(not its compute dtype: a checkpoint's storage dtype is not the run's, so
+``config.model.*.dtype`` stays the config's). Then:
 
   python -m tokenflex_jax.train --config=... $(cat /ckpt/start/model_overrides.txt) \
       --config.init.checkpoint=/ckpt/start --workdir=/runs/stage1
@@ -17,7 +19,9 @@ no host holds the whole model) and WORKDIR/model_overrides.txt, the
 Export (a trained workdir's ViT and LLM to Hugging Face directories /out/vision and
 /out/llm, and every weight of the VLM, projector included, in our layout to /out/vlm):
 
-  python -m tokenflex_jax.convert --config=... --workdir=/runs/stage3 --export_to=/out
+  python -m tokenflex_jax.convert --workdir=/runs/stage3 --export_to=/out
+
+(the workdir's own config, as every binary without ``--config``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from tokenflex_jax.training import checkpointing
 OVERRIDES_FILE = "model_overrides.txt"
 OPTIONAL_LLM_FIELDS = ("rope_type", "rope_factor", "rope_low_freq_factor",
                        "rope_high_freq_factor", "rope_original_max_positions")
+# How the run computes, not what the checkpoint holds: never written as an override.
+COMPUTE_FIELDS = ("dtype",)
 
 
 def _shardings(module: nn.Module, example_inputs: tuple, mesh, rules):
@@ -59,7 +65,8 @@ def _placer(shardings):
 
 
 def overrides(vit: ViTConfig | None, llm: LLMConfig | None) -> list[str]:
-  """``--config.model.{vit,llm}.FIELD=VALUE`` flags for the converted configs.
+  """``--config.model.{vit,llm}.FIELD=VALUE`` flags for the converted configs' shapes
+  (every field but `COMPUTE_FIELDS`).
 
   The LLM's ``rope_*`` scaling fields are written only when they differ from their
   defaults: a config file that does not list them then still accepts the flags (a
@@ -71,6 +78,8 @@ def overrides(vit: ViTConfig | None, llm: LLMConfig | None) -> list[str]:
     if cfg is None:
       continue
     for k, v in dataclasses.asdict(cfg).items():
+      if k in COMPUTE_FIELDS:
+        continue
       if name == "llm" and k in OPTIONAL_LLM_FIELDS and v == llm_defaults[k]:
         continue
       flags_out.append(f"--config.model.{name}.{k}={v}")

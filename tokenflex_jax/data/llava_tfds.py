@@ -6,6 +6,12 @@ Build (no TensorFlow needed):
       --image_dir=/data/llava/images --data_dir=/data/tfds [--name=NAME] \
       [--skip_malformed]
 
+A build records a fingerprint of its sources (`SOURCE_FILE`: the JSON file's SHA-256,
+the size and modification time of every image its rows name, the image folder and
+--skip_malformed). Building again with the sources unchanged reuses the build; with any
+of them changed it rebuilds, with a warning naming what changed (a build without a
+fingerprint, from before this rule, is rebuilt too).
+
 Every row is validated first (`llava.read_llava`, then each image is decoded once): a
 malformed row stops the build with an error naming the file and row, or, with
 --skip_malformed, is left out and counted in the log. Text-only rows (no "image", such
@@ -22,6 +28,7 @@ it when ``config.data.source = "llava"`` and ``config.data.tfds_dir`` names the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -39,6 +46,7 @@ from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError, bad_text, f
 from tokenflex_jax.errors import InputError
 
 NAME = "llava_conversations"
+SOURCE_FILE = "source_fingerprint.json"  # in the build's version folder
 
 
 @dataclasses.dataclass(eq=False)  # tfds.core.BuilderConfig is neither frozen nor eq
@@ -110,18 +118,60 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
           "conversations": json.dumps([list(t) for t in conversation.turns])}
 
 
+def source_fingerprint(config: LlavaConfig) -> dict[str, Any]:
+  """What the build is made from: {"json", "json_sha256", "image_dir", "skip_malformed",
+  "images": number of image files named, "images_sha256": over each one's name, size and
+  modification time (local files; a gs:// image enters by its name only)}."""
+  rows, _ = llava.read_llava(config.json_path, config.image_dir, skip_malformed=True)
+  digest = hashlib.sha256()
+  named = sorted({r.image_path for r in rows if r.image_path is not None})
+  for path in named:
+    stat = None if paths.is_remote(path) else os.stat(path)
+    digest.update(json.dumps([path, stat and stat.st_size, stat and stat.st_mtime_ns]).encode())
+  return {"json": config.json_path,
+          "json_sha256": hashlib.sha256(epath.Path(config.json_path).read_bytes()).hexdigest(),
+          "image_dir": config.image_dir, "skip_malformed": config.skip_malformed,
+          "images": len(named), "images_sha256": digest.hexdigest()}
+
+
+def source_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+  """What differs between two `source_fingerprint`s, in words (empty: the same)."""
+  if old is None:
+    return ["the build has no source fingerprint"]
+  words = {"json": "the JSON path", "json_sha256": "the JSON file's contents",
+           "image_dir": "--image_dir", "skip_malformed": "--skip_malformed",
+           "images": "the number of images named", "images_sha256": "an image file"}
+  return [f"{what} changed" for key, what in words.items() if old.get(key) != new[key]]
+
+
 def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
           skip_malformed: bool = False) -> str:
-  """Builds (or reuses) data_dir/llava_conversations/NAME/1.0.0; returns that folder.
+  """Builds data_dir/llava_conversations/NAME/1.0.0, or reuses it if its sources have not
+  changed since it was built (see `source_fingerprint`); returns that folder.
 
   NAME defaults to the JSON file's name without its extension.
   """
   name = name or re.sub(r"[^A-Za-z0-9_]", "_", os.path.splitext(os.path.basename(json_path))[0])
   config = LlavaConfig(name=name, json_path=paths.absolute(json_path),
                        image_dir=paths.absolute(image_dir), skip_malformed=skip_malformed)
+  fingerprint = source_fingerprint(config)
+
   def build_in(directory: str) -> str:
     builder = LlavaConversations(config=config, data_dir=directory)
-    builder.download_and_prepare(file_format="array_record")
+    folder = epath.Path(builder.data_dir)
+    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+    if (folder / "dataset_info.json").exists():
+      recorded = folder / SOURCE_FILE
+      changes = source_changes(
+          json.loads(recorded.read_text()) if recorded.exists() else None, fingerprint)
+      if changes:
+        logging.warning("rebuilding %s: %s since it was built", folder, "; ".join(changes))
+        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # deletes, then builds
+      else:
+        logging.info("reusing %s: its sources have not changed", folder)
+    builder.download_and_prepare(file_format="array_record", download_config=
+                                 tfds.download.DownloadConfig(download_mode=mode))
+    paths.write_atomically(str(folder / SOURCE_FILE), json.dumps(fingerprint, indent=2).encode())
     return str(builder.data_dir)
   return paths.build_into(data_dir, build_in)  # gs://: built locally, then uploaded
 
@@ -164,20 +214,24 @@ class LlavaTfdsSource(tfds_split.TfdsSplit):
             "row": self.integer(raw, "row", index), "source": self.name, "record": index}
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  f = flags.FLAGS
-  folder = build(f.data_dir, f.json, f.image_dir, f.name, f.skip_malformed)
-  print(folder, LlavaTfdsSource(folder))
+def main() -> None:
+  json_path = flags.DEFINE_string("json", None, "LLaVA conversation JSON (or JSON lines).",
+                                  required=True)
+  image_dir = flags.DEFINE_string("image_dir", None, "Folder the rows' 'image' paths are "
+                                  "relative to.", required=True)
+  data_dir = flags.DEFINE_string("data_dir", None, "Where TFDS writes the build.", required=True)
+  name = flags.DEFINE_string("name", "", "Build config name (one folder per name); default: "
+                             "the JSON file's name.")
+  skip = flags.DEFINE_bool("skip_malformed", False,
+                           "Leave malformed rows out (counted in the log) instead of failing.")
+
+  def run(argv: list[str]) -> None:
+    del argv
+    folder = build(data_dir.value, json_path.value, image_dir.value, name.value, skip.value)
+    print(folder, LlavaTfdsSource(folder))
+
+  cli.run_main(run)
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("json", None, "LLaVA conversation JSON (or JSON lines).", required=True)
-  flags.DEFINE_string("image_dir", None, "Folder the rows' 'image' paths are relative to.",
-                      required=True)
-  flags.DEFINE_string("data_dir", None, "Where TFDS writes the build.", required=True)
-  flags.DEFINE_string("name", "", "Build config name (one folder per name); default: the "
-                      "JSON file's name.")
-  flags.DEFINE_bool("skip_malformed", False,
-                    "Leave malformed rows out (counted in the log) instead of failing.")
-  cli.run_main(main)
+  main()

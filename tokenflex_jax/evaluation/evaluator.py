@@ -99,15 +99,17 @@ def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -
 EVAL_SUITES = ("scenes", "mmbench", "vqa")
 
 
-def check_suite(config: ml_collections.ConfigDict) -> None:
+def check_suite(config: ml_collections.ConfigDict, context: str = "") -> None:
   """Raises `errors.ConfigError` unless ``config.eval.suite`` is one of `EVAL_SUITES`,
-  with ``config.eval.data_path`` set for an eval file."""
+  with ``config.eval.data_path`` set for an eval file. ``context`` ends the message (why
+  the run evaluates)."""
   suite = config.eval.suite
   if suite not in EVAL_SUITES:
     raise errors.ConfigError(f"config.eval.suite must be 'scenes', 'mmbench' or 'vqa', "
-                             f"got {suite!r}")
+                             f"got {suite!r}{context}")
   if suite != "scenes" and not config.eval.data_path:
-    raise errors.ConfigError(f"config.eval.suite={suite!r} needs config.eval.data_path")
+    raise errors.ConfigError(f"config.eval.suite={suite!r} needs config.eval.data_path, the "
+                             f"{'TSV' if suite == 'mmbench' else 'JSONL'} file{context}")
 
 
 def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:

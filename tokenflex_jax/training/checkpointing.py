@@ -37,9 +37,11 @@ def checkpoint_dir(workdir: str) -> str:
 
 def make_manager(workdir: str, keep: int = 2, asynchronous: bool = True,
                  read_only: bool = False) -> ocp.CheckpointManager:
+  # A read-only manager keeps and saves nothing: say so, rather than have Orbax warn
+  # that it changed the options.
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=asynchronous, read_only=read_only,
-      create=not read_only)
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      enable_async_checkpointing=asynchronous, read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS, options=options)
 
 
@@ -242,9 +244,8 @@ def resolve_step(workdir: str, step: int | None = None) -> int:
 def item_metadata(path: str) -> Any:
   """The tree of one saved PyTree item (a step's ``params`` or ``opt_state`` folder),
   array metadata at the leaves."""
-  metadata = ocp.PyTreeCheckpointer().metadata(path)
-  tree = getattr(metadata, "item_metadata", metadata)
-  return getattr(tree, "tree", tree)
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))  # the item's own
+  return getattr(metadata, "tree", metadata)
 
 
 def params_metadata(workdir: str, step: int) -> dict[str, Any]:

@@ -36,6 +36,19 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
       decay_steps=max(total_steps, warmup_steps + 1), end_value=peak * end_fraction)
 
 
+def warmup_warning(opt_config: Any, total_steps: int) -> str | None:
+  """A warning when the run ends inside its warmup, so the learning rate never reaches
+  ``config.optimizer.learning_rate``; None otherwise."""
+  if total_steps >= opt_config.warmup_steps:
+    return None
+  schedule = learning_rate_schedule(opt_config.learning_rate, opt_config.warmup_steps,
+                                    total_steps, opt_config.end_lr_fraction)
+  last = float(schedule(max(total_steps - 1, 0)))
+  return (f"config.total_steps={total_steps} ends inside the warmup (config.optimizer."
+          f"warmup_steps={opt_config.warmup_steps}): the learning rate peaks at {last:.3g}, "
+          f"not {opt_config.learning_rate:.3g}; lower the warmup to train at the peak")
+
+
 def check_multipliers(modules: Iterable[str], multipliers: Mapping[str, float]) -> None:
   """Raises `errors.ConfigError` unless ``config.lr_multipliers`` has one entry, >= 0,
   for each of the model's top-level ``modules`` and no other."""

@@ -160,6 +160,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
           ) -> steps.TrainState:
   """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
   check_loop_config(config)
+  warning = optimizer_lib.warmup_warning(config.optimizer, config.total_steps)
+  if warning:
+    logging.warning("%s", warning)
   plan = plan_task(config, task, mesh, rules)
   checkpointing.remove_temporary(workdir)
   manager = checkpointing.make_manager(workdir, keep=config.keep_checkpoints)
