@@ -56,6 +56,9 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     ("train", ("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
     ("eval", ("--config=configs/demo.py", "--config.eval.batch_size=8"),  # a wrong --workdir
      "error: no checkpoints in workdir '"),
+    # No --config: the workdir's own config.json, which a new workdir does not have.
+    ("train", (), "has no config.json (no run was trained there): pass --config=FILE"),
+    ("eval", ("--config.eval.suite=vqa",), "has no config.json (no run was trained there)"),
 ])
 def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, binary, args, message):
   result = subprocess.run([sys.executable, "-m", f"tokenflex_jax.{binary}", *args,
@@ -65,3 +68,24 @@ def test_a_bad_command_line_is_one_line_and_exit_2(tmp_path, binary, args, messa
   assert "Traceback" not in result.stderr
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert message in lines[-1], result.stderr[-2000:]
+
+
+def test_without_config_the_workdirs_own_config_is_read_with_overrides(tmp_path):
+  """`with_workdir_config` puts the saved-config loader first (overrides must follow
+  --config); the loader returns the workdir's config.json through the schema."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from tests.tiny import tiny_config  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax import cli, workdir  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  config.eval.batch_size = 24
+  workdir.prepare(str(tmp_path), config)
+  argv = ["eval", f"--workdir={tmp_path}", "--config.eval.suite=vqa"]
+  given = cli.with_workdir_config(argv)
+  assert given == ["eval", f"--config={cli.SAVED_CONFIG_FILE}:{tmp_path}", *argv[1:]]
+  assert cli.with_workdir_config(["eval", "--config=configs/demo.py", *argv[1:]])[1] == (
+      "--config=configs/demo.py")  # a --config given is the config
+  values = flags.FlagValues()
+  loaded, _ = cli.define_flags(flag_values=values, sys_argv=given)
+  values(given)
+  assert loaded.value.eval.suite == "vqa" and loaded.value.eval.batch_size == 24
+  assert loaded.value.model.to_dict() == config.model.to_dict()

@@ -305,3 +305,41 @@ def test_unsupported_configs_name_the_field(tmp_path):
 
 # The convert binary (towers -> workdir -> training -> HF again) is tested by running
 # docs/huggingface.md's whole path: tests/test_docs_whole_path.py.
+
+
+# --- The overrides of a converted paper-size checkpoint --------------------------------
+
+QWEN25_7B = {  # Qwen2.5-7B-Instruct's config.json
+    "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 3584,
+    "intermediate_size": 18944, "max_position_embeddings": 32768, "model_type": "qwen2",
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "vocab_size": 152064}
+SIGLIP_SO400M_384 = {  # siglip-so400m-patch14-384's config.json (its vision part)
+    "model_type": "siglip", "vision_config": {
+        "hidden_size": 1152, "image_size": 384, "intermediate_size": 4304,
+        "model_type": "siglip_vision_model", "num_attention_heads": 16,
+        "num_hidden_layers": 27, "patch_size": 14}}
+
+
+def test_paper_towers_overrides_keep_the_paper_config_and_its_bfloat16():
+  """The overrides of the paper's two towers, laid over configs/paper.py as the docs do,
+  change nothing: the shapes already match and the compute dtype stays bfloat16."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax import cli  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.convert.__main__ import overrides  # pylint: disable=import-outside-toplevel
+  written = overrides(hf.vision_config_from_hf(SIGLIP_SO400M_384),
+                      hf.llm_config_from_hf(QWEN25_7B))
+  assert "--config.model.llm.width=3584" in written and "--config.model.vit.depth=27" in written
+  assert not [f for f in written if ".dtype=" in f], written
+
+  def parsed(*extra):
+    values = flags.FlagValues()
+    argv = ["convert", "--config=configs/paper.py:stage=3", *extra, "--workdir=/tmp/x"]
+    config, _ = cli.define_flags(flag_values=values, sys_argv=argv)
+    values(argv)
+    return config.value.model.to_dict()
+
+  plain, converted = parsed(), parsed(*written)
+  assert converted == plain
+  assert converted["llm"]["dtype"] == converted["vit"]["dtype"] == "bfloat16"

@@ -260,3 +260,14 @@ def test_from_config_rejects_multipliers_of_another_model():
   with the config field named."""
   with pytest.raises(ValueError, match="config.lr_multipliers"):
     optimizer_lib.from_config(tiny_config(stage=0), _abstract("vit", "projector", "llm"))
+
+
+def test_a_run_shorter_than_its_warmup_is_warned_with_the_rate_it_ends_at():
+  """Stage 1 of the paper config (lr 1e-3, warmup 200) for 6 steps ends at 2.5e-5."""
+  from configs import paper  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.training.optimizer import warmup_warning  # pylint: disable=import-outside-toplevel
+  opt = paper.get_config("stage=1").optimizer
+  assert warmup_warning(opt, 200) is None and warmup_warning(opt, 2000) is None
+  assert warmup_warning(opt, 6) == (
+      "config.total_steps=6 ends inside the warmup (config.optimizer.warmup_steps=200): the "
+      "learning rate peaks at 2.5e-05, not 0.001; lower the warmup to train at the peak")

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -289,3 +290,53 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
     index = json.load(f)["evaluations"]
   assert [(e["suite"], e["step"], e["dir"]) for e in index] == [
       ("mmbench", 3, "mmbench/step_3"), ("vqa", 3, "vqa/step_3")]
+
+
+def test_a_llava_build_rebuilds_when_its_sources_change(files, tmp_path, caplog):
+  """Built once; built again unchanged: reused; after a row is added to the JSON, or an
+  image file is replaced, or with --skip_malformed: rebuilt, a warning naming the change."""
+  source = tmp_path / "rows.json"
+  rows = json.loads((files / "train.json").read_text())
+  source.write_text(json.dumps(rows[:6]))
+  data_dir = str(tmp_path / "tfds")
+
+  def build(**kw):
+    caplog.clear()
+    with caplog.at_level("INFO"):
+      folder = llava_tfds.build(data_dir, str(source), str(files / "images"), **kw)
+    return len(llava_tfds.LlavaTfdsSource(folder)), [
+        r.getMessage() for r in caplog.records
+        if r.levelname == "WARNING" and r.filename == "llava_tfds.py"]
+
+  assert build() == (6, [])
+  assert build() == (6, [])  # unchanged: reused
+  assert any("its sources have not changed" in r.getMessage() for r in caplog.records)
+  rows[0]["conversations"][1]["value"] = "crimson"  # a fixed row
+  source.write_text(json.dumps(rows[:6]))
+  count, warned = build()
+  assert count == 6 and len(warned) == 1, warned
+  assert re.fullmatch(r"rebuilding .*/llava_conversations/rows/1\.0\.0: the JSON file's "
+                      r"contents changed since it was built", warned[0]), warned
+  folder = str(tmp_path / "tfds" / "llava_conversations" / "rows" / "1.0.0")
+  answers = {r["id"]: r["turns"][1][1] for r in llava_tfds.LlavaTfdsSource(folder)}
+  assert answers["q0"] == "crimson"
+  source.write_text(json.dumps(rows[:7]))  # a row added, with its image
+  count, warned = build()
+  assert count == 7 and warned[0].endswith("the JSON file's contents changed; the image files "
+                                           "its rows name changed since it was built"), warned
+  image = files / "images" / "3.png"
+  original = image.read_bytes()
+  try:
+    image.write_bytes(_png("blue"))
+    os.utime(image, ns=(1, 1))  # a replaced file: another modification time
+    count, warned = build()
+    assert count == 7 and warned[0].endswith(": the image files its rows name changed since "
+                                             "it was built"), warned
+  finally:
+    image.write_bytes(original)
+  count, warned = build(skip_malformed=True)
+  assert "--skip_malformed changed" in warned[0], warned
+  os.remove(os.path.join(folder, llava_tfds.SOURCE_FILE))  # a build from before fingerprints
+  count, warned = build(skip_malformed=True)
+  assert warned[0].endswith(": it records no source fingerprint (built before builds "
+                            "recorded one)"), warned

@@ -33,16 +33,19 @@ SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sa
 class QuietLibraryInfo(logging.Filter):
   """Drops the library lines that need no action: INFO from inside Orbax (dozens per
   checkpoint), JAX's INFO that a backend it probes for (a TPU on a GPU or CPU host) is
-  absent, and Orbax's warning that a manager opened to read is read-only. Keeps every
-  other warning."""
+  absent, Orbax's warning that a manager opened to read is read-only and TFDS's that a
+  builder has a config. Keeps every other warning."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno <= logging.INFO:
       return not ("/orbax/" in record.pathname or (
           record.name.startswith("jax") and str(record.msg).startswith("Unable to initialize "
                                                                         "backend")))
-    return not ("/orbax/" in record.pathname and
-                str(record.msg).startswith("Given directory is read only"))
+    message = str(record.msg)
+    return not (("/orbax/" in record.pathname and message.startswith("Given directory is read "
+                                                                      "only")) or
+                ("/tensorflow_datasets/" in record.pathname and
+                 message.startswith("Using custom data configuration")))
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -137,11 +137,12 @@ def source_fingerprint(config: LlavaConfig) -> dict[str, Any]:
 def source_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
   """What differs between two `source_fingerprint`s, in words (empty: the same)."""
   if old is None:
-    return ["the build has no source fingerprint"]
-  words = {"json": "the JSON path", "json_sha256": "the JSON file's contents",
-           "image_dir": "--image_dir", "skip_malformed": "--skip_malformed",
-           "images": "the number of images named", "images_sha256": "an image file"}
-  return [f"{what} changed" for key, what in words.items() if old.get(key) != new[key]]
+    return ["it records no source fingerprint (built before builds recorded one)"]
+  words = {("json",): "the JSON path", ("json_sha256",): "the JSON file's contents",
+           ("image_dir",): "--image_dir", ("skip_malformed",): "--skip_malformed",
+           ("images", "images_sha256"): "the image files its rows name"}
+  return [f"{what} changed" for keys, what in words.items()
+          if any(old.get(k) != new[k] for k in keys)]
 
 
 def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
@@ -159,18 +160,18 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
   def build_in(directory: str) -> str:
     builder = LlavaConversations(config=config, data_dir=directory)
     folder = epath.Path(builder.data_dir)
-    mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-    if (folder / "dataset_info.json").exists():
+    if folder.exists():
       recorded = folder / SOURCE_FILE
       changes = source_changes(
           json.loads(recorded.read_text()) if recorded.exists() else None, fingerprint)
       if changes:
-        logging.warning("rebuilding %s: %s since it was built", folder, "; ".join(changes))
-        mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # deletes, then builds
+        logging.warning("rebuilding %s: %s%s", folder, "; ".join(changes),
+                        " since it was built" if recorded.exists() else "")
+        folder.rmtree()
+        builder = LlavaConversations(config=config, data_dir=directory)  # on no old build
       else:
         logging.info("reusing %s: its sources have not changed", folder)
-    builder.download_and_prepare(file_format="array_record", download_config=
-                                 tfds.download.DownloadConfig(download_mode=mode))
+    builder.download_and_prepare(file_format="array_record")
     paths.write_atomically(str(folder / SOURCE_FILE), json.dumps(fingerprint, indent=2).encode())
     return str(builder.data_dir)
   return paths.build_into(data_dir, build_in)  # gs://: built locally, then uploaded
