@@ -170,9 +170,14 @@ def _quiet_library_logs() -> None:
 
 
 def run_main(main: Callable[[list[str]], Any]) -> None:
-  """``absl.app.run`` of a binary's main with `parse_flags` and `handle_errors`."""
+  """``absl.app.run`` of a binary's main with `parse_flags` and `handle_errors`; the
+  command line is `command_line` for a binary that `define_flags` gave ``--config``."""
   _quiet_library_logs()
-  app.run(handle_errors(main), argv=command_line(), flags_parser=parse_flags)
+  takes_config = ("config" in flags.FLAGS and
+                  flags.FLAGS["config"].flag_type() == "config object")  # config_flags'
+
+  app.run(handle_errors(main), argv=command_line() if takes_config else sys.argv,
+          flags_parser=parse_flags)
 
 
 def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
