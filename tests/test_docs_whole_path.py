@@ -182,11 +182,23 @@ def test_every_documented_command_runs(whole_path):
   assert f"initialised llm, vit from {root}/ckpt/start (step 0); projector" in run.stderr
   if last == "stage3":
     assert f"initialised llm, projector, vit from {root}/runs/stage2" in run.stderr
-  for suite in ("MMBench_DEV_EN", "textvqa_val"):
-    with open(os.path.join(root, "runs", last, "eval", suite, "step_2", "results.json"),
-              encoding="utf-8") as f:
+  evals = os.path.join(root, "runs", last, "eval")
+  for stem, suite, families, chance, questions in (
+      ("MMBench_DEV_EN", "mmbench", {"warm", "cold"}, 0.25 ** 4, 4),
+      ("textvqa_val", "vqa", {"vqa"}, 0.0, 4)):
+    with open(os.path.join(evals, stem, "step_2", "results.json"), encoding="utf-8") as f:
       results = json.load(f)
-    assert results["step"] == 2, results.keys()
+    assert results["suite"] == suite and set(results["families"]) == families
+    assert results["examples_per_family"] == questions
+    assert all(f["chance"] == pytest.approx(chance) for f in results["families"].values())
+    assert set(results["results"]) == {"64", "100", "144", "196", "256"}  # every budget
+    for r in results["results"].values():
+      assert set(r["families"]) == families
+      assert all(0.0 <= a <= 1.0 for a in r["families"].values())
+  with open(os.path.join(evals, "index.json"), encoding="utf-8") as f:
+    index = json.load(f)["evaluations"]  # Both evaluations kept and listed.
+  assert [(e["suite"], e["step"], e["dir"]) for e in index] == [
+      ("MMBench_DEV_EN", 2, "MMBench_DEV_EN/step_2"), ("textvqa_val", 2, "textvqa_val/step_2")]
   assert "answered at" in run.stderr  # predict --num_tokens=auto
   # Quiet logs: nothing that reads like a fault when nothing is wrong.
   for noise in ("Unable to initialize backend", "_CHECKPOINT_METADATA", "read only="):

@@ -1,6 +1,7 @@
-"""Real data formats end to end: LLaVA JSON -> TFDS build -> pipeline -> training steps
-with a Hugging Face tokenizer.json, then the eval binary on an MMBench TSV and a VQA
-JSONL; malformed rows name their file and row, or are counted and skipped."""
+"""Real data formats: LLaVA JSON -> TFDS build (rebuilt when its sources change) ->
+pipeline -> training steps with a Hugging Face tokenizer.json, resumed; MMBench TSV and
+VQA JSONL reading and scoring; malformed rows name their file and row, or are counted and
+skipped. (The eval binary on both files: tests/test_docs_whole_path.py.)"""
 
 import base64
 import io
@@ -228,7 +229,7 @@ def test_choice_parsing_and_circular_copies_in_the_file(tmp_path):
 
 # --- End to end ------------------------------------------------------------------------
 
-def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
+def test_llava_to_tfds_to_training_and_resuming(files, tmp_path):
   data_dir = tmp_path / "tfds"
   _run("tokenflex_jax.data.llava_tfds", f"--json={files}/train.json",
        f"--image_dir={files}/images", f"--data_dir={data_dir}")
@@ -269,27 +270,7 @@ def test_llava_to_tfds_to_training_to_eval_binary(files, tmp_path):
   recorded = losses(str(workdir))
   assert sorted(recorded) == [1, 2, 3] and all(np.isfinite(l) for l, _ in recorded.values())
 
-  for suite, path, families, chance, questions in (
-      ("mmbench", "mmbench.tsv", {"warm", "cold"}, 0.25 ** 4, 8),
-      ("vqa", "vqa.jsonl", {"vqa"}, 0.0, 4)):
-    _run("tokenflex_jax.eval", "--config=configs/demo.py", f"--workdir={workdir}", *common,
-         f"--config.eval.suite={suite}", f"--config.eval.data_path={files}/{path}",
-         "--config.eval.max_prompt_length=160", "--config.eval.max_new_tokens=3")
-    stem = path.split(".")[0]  # Each suite in its own folder: both results stay.
-    with open(workdir / "eval" / stem / "step_3" / "results.json", encoding="utf-8") as f:
-      results = json.load(f)
-    assert results["suite"] == suite and set(results["families"]) == families
-    assert results["examples_per_family"] == questions
-    assert all(f["chance"] == pytest.approx(chance) for f in results["families"].values())
-    assert set(results["results"]) == {"16", "64"}
-    for r in results["results"].values():
-      assert set(r["families"]) == families
-      assert all(0.0 <= a <= 1.0 for a in r["families"].values())
-  # Both evaluations are kept and listed.
-  with open(workdir / "eval" / "index.json", encoding="utf-8") as f:
-    index = json.load(f)["evaluations"]
-  assert [(e["suite"], e["step"], e["dir"]) for e in index] == [
-      ("mmbench", 3, "mmbench/step_3"), ("vqa", 3, "vqa/step_3")]
+  # The eval binary on an MMBench TSV and a VQA JSONL: tests/test_docs_whole_path.py.
 
 
 def test_a_llava_build_rebuilds_when_its_sources_change(files, tmp_path, caplog):
