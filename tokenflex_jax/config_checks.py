@@ -2,8 +2,9 @@
 
 Each binary (train, pretrain_vision, eval, predict, bench, aot) calls `check` first,
 before it writes to a workdir, reads data or compiles, so that a config that cannot
-work is one line naming the field (`errors.ConfigError`; the binaries print it and exit
-with `errors.USAGE_EXIT_CODE`) rather than a traceback from inside XLA or the model. The
+work is one line per problem, each naming its field, all in one run (`errors.ConfigError`;
+the binaries print them and exit with `errors.USAGE_EXIT_CODE`) rather than a traceback
+from inside XLA or the model. The
 checks live next to the code that reads each field (`model_config`, `sharding`,
 `training.buckets`, `training.optimizer`, `training.loss`, `training.trainer`,
 `evaluation.evaluator`, `evaluation.auto_budget`); this module only calls them.
