@@ -1,6 +1,7 @@
 """The ViT, the decoder (cache vs. no cache) and the VLM's placement of visual tokens."""
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,9 @@ def test_vocabulary_chunked_vlm_loss_equals_the_whole_logits_loss(tie_embeddings
                chunked[1], whole[1])
 
 
+REAL_DOT_PRODUCT_ATTENTION = jax.nn.dot_product_attention
+
+
 def _attention_inputs(dtype=jnp.float32):
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), dtype)
@@ -295,6 +299,69 @@ def test_vlm_logits_do_not_depend_on_the_attention_implementation():
   params = ref.init(jax.random.key(0), images, tokens, 16)
   np.testing.assert_allclose(xla.apply(params, images, tokens, 16),
                              ref.apply(params, images, tokens, 16), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_causal_self_attention_gives_the_mask_as_structure_where_it_is_one(dtype):
+  """`causal_self_attention` ("xla" here; "cudnn" on a GPU): right padding (every row's
+  valid keys a prefix) runs ``is_causal`` + per-row key counts, left padding the dense
+  mask; both equal the reference (values and gradients, grouped KV heads; queries with no
+  valid key left out, as in the causal-block test)."""
+  rng = np.random.default_rng(2)
+  length = 24
+  q, k, v = (jnp.asarray(rng.normal(size=(2, length, h, 8)), dtype) for h in (4, 2, 2))
+  slots = np.arange(length)
+  tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  for padding, key_valid in (("right", np.stack([slots < 17, slots < 24])),
+                             ("left", np.stack([slots >= 5, slots < 24]))):
+    key_valid = jnp.asarray(key_valid)
+    ran = []
+
+    def recording(*args, **kwargs):
+      kind = "structure" if kwargs.get("is_causal") else "dense mask"
+      jax.debug.callback(lambda kind=kind: ran.append(kind))
+      return REAL_DOT_PRODUCT_ATTENTION(*args, **kwargs)
+
+    flex = lambda *a: layers.causal_self_attention(*a, key_valid, "xla")
+    ref = lambda *a: layers.reference_attention(*a, layers.causal_mask(key_valid, slots))
+    seen = np.asarray(jnp.cumsum(key_valid, axis=1) > 0)
+    with mock.patch.object(jax.nn, "dot_product_attention", recording):
+      got = jax.jit(flex)(q, k, v)
+      weights = jnp.asarray(rng.normal(size=q.shape), dtype) * seen[:, :, None, None]
+      loss = lambda fn: lambda *a: jnp.sum((fn(*a) * weights).astype(jnp.float32))
+      grads = jax.jit(jax.grad(loss(flex), argnums=(0, 1, 2)))(q, k, v)
+    assert set(ran) == {"structure" if padding == "right" else "dense mask"}, (padding, ran)
+    as32 = lambda x: np.asarray(x, np.float32)
+    np.testing.assert_allclose(as32(got)[seen], as32(ref(q, k, v))[seen], **tol)
+    for g, r in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+      np.testing.assert_allclose(as32(g), as32(r), **tol)
+
+
+def test_auto_attention_for_a_gpu_target_in_16_bit_is_cudnn_with_the_structure():
+  """The target platform chooses: "auto" is cuDNN for a GPU in 16-bit (xla-like in 32),
+  splash for a TPU; the decoder then hands cuDNN is_causal and the key counts, no dense
+  mask, where every key is valid (its arguments recorded; run here by the XLA path)."""
+  assert layers.resolve_attention("auto", jnp.bfloat16, "gpu") == "cudnn"
+  assert layers.resolve_attention("auto", jnp.float32, "gpu") == "blocked"
+  assert layers.resolve_attention("auto", jnp.bfloat16, "tpu") == "splash"
+  calls = []
+
+  def recording(*args, **kwargs):
+    calls.append(kwargs)
+    return REAL_DOT_PRODUCT_ATTENTION(*args, **{**kwargs, "implementation": "xla"})
+
+  cfg = LLMConfig(vocab_size=32, width=32, depth=1, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, dtype="bfloat16")
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 32)  # every key valid
+  params = LLM(cfg, attention="reference").init(jax.random.key(0), tokens)
+  with mock.patch.object(jax.nn, "dot_product_attention", recording):
+    got = LLM(cfg, attention="cudnn").apply(params, tokens)
+  structured = [c for c in calls if c.get("is_causal")]
+  assert structured and all(c["implementation"] == "cudnn" and c.get("mask") is None and
+                            c["key_value_seq_lengths"] is not None for c in structured)
+  want = LLM(cfg, attention="reference").apply(params, tokens)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU")

@@ -134,17 +134,18 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
 ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blocked", "xla", "cudnn", "splash")
 
 
-def resolve_attention(name: str, dtype: jnp.dtype) -> str:
-  """The implementation "auto" stands for on this backend (others are returned as
-  they are): splash on a TPU, cuDNN on a GPU in 16-bit, else the blocked reference
-  (measured fastest on a CPU: docs/performance.md)."""
+def resolve_attention(name: str, dtype: jnp.dtype, platform: str | None = None) -> str:
+  """The implementation "auto" stands for on ``platform`` (default: this process's
+  backend; others are returned as they are): splash on a TPU, cuDNN on a GPU in 16-bit,
+  else the blocked reference (measured fastest on a CPU: docs/performance.md)."""
   if name not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
   if name != "auto":
     return name
-  if jax.default_backend() == "tpu":
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
     return "splash"
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype).itemsize == 2:
+  if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
     return "cudnn"
   return "blocked"
 
@@ -171,6 +172,31 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     return reference_attention(q, k, v, mask)
   return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
                                       implementation=implementation)
+
+
+def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
+                          implementation: str) -> jax.Array:
+  """Causal self-attention through ``jax.nn.dot_product_attention`` ("xla" or "cudnn")
+  with the mask given as structure where it is one: when every row's valid keys are a
+  prefix (right padding, the training layout) the kernel gets ``is_causal=True`` and the
+  rows' key counts (``key_value_seq_lengths``), so cuDNN skips the masked tiles; otherwise
+  (e.g. left padding) the dense `causal_mask`. Chosen on the device per call.
+
+  Args:
+    q: [B, S, H, Dh]; k, v: [B, S, KV, Dh], the same slots as the queries.
+    key_valid: [B, S] bool, which slots hold real tokens.
+  Returns:
+    [B, S, H, Dh], `reference_attention` with `causal_mask` up to rounding (queries
+    with no valid key aside: their output is arbitrary in every implementation).
+  """
+  slots = jnp.arange(q.shape[1])
+  lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
+  is_prefix = jnp.all(key_valid == (slots[None, :] < lengths[:, None]))
+  structured = lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=implementation)
+  dense = lambda q, k, v: grouped_attention(q, k, v, causal_mask(key_valid, slots),
+                                            implementation)
+  return jax.lax.cond(is_prefix, structured, dense, q, k, v)
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,

@@ -125,6 +125,8 @@ class Attention(nn.Module):
       out = splash.splash_attention(q, k, v, key_valid, causal=True)
     elif implementation == "blocked" and cache is None:
       out = layers.causal_block_attention(q, k, v, key_valid)
+    elif implementation in ("xla", "cudnn") and cache is None:
+      out = layers.causal_self_attention(q, k, v, key_valid, implementation)
     else:
       # Decoding with a KV cache (queries at cache_index.., keys over the whole cache)
       # takes the dense mask; splash and causal blocks are for self-attention, so the
