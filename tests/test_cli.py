@@ -82,8 +82,15 @@ def test_without_config_the_workdirs_own_config_is_read_with_overrides(tmp_path)
   argv = ["eval", f"--workdir={tmp_path}", "--config.eval.suite=vqa"]
   given = cli.with_workdir_config(argv)
   assert given == ["eval", f"--config={cli.SAVED_CONFIG_FILE}:{tmp_path}", *argv[1:]]
-  assert cli.with_workdir_config(["eval", "--config=configs/demo.py", *argv[1:]])[1] == (
-      "--config=configs/demo.py")  # a --config given is the config
+  for given_config in (["--config=configs/demo.py"], ["-config", "configs/demo.py"]):
+    given_argv = ["eval", *given_config, *argv[1:]]  # a --config given is the config
+    assert cli.with_workdir_config(given_argv) == given_argv
+  flagfile = tmp_path / "flags"
+  flagfile.write_text("--config=configs/demo.py\n")  # ... also from a flag file
+  assert cli.with_workdir_config(["eval", f"--flagfile={flagfile}", *argv[1:]])[1] == (
+      f"--flagfile={flagfile}")
+  assert cli.with_workdir_config(["eval", "-workdir", str(tmp_path)])[1].endswith(
+      f"saved_config.py:{tmp_path}")
   values = flags.FlagValues()
   loaded, _ = cli.define_flags(flag_values=values, sys_argv=given)
   values(given)

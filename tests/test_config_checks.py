@@ -297,3 +297,23 @@ def test_binary_reports_three_mistakes_in_three_lines(tmp_path):
       "config.optimizer.learning_rate", "config.token_counts", "config.eval.token_counts"
   ], result.stderr[-3000:]
   assert not workdir.exists()
+
+
+def test_problems_record_user_errors_and_let_bugs_through():
+  """A user error of any kind is a line; a knock-on ValueError after one is dropped; a bug
+  (any other exception) is never swallowed."""
+  def raising(error):
+    def fn():
+      raise error
+    return fn
+
+  problems = config_checks.Problems()
+  with pytest.raises(ZeroDivisionError):  # nothing recorded yet: not a consequence
+    problems.check(raising(ZeroDivisionError("patch 0")))
+  problems.check(raising(errors.MissingInputError("config.tokenizer.path: no such file")))
+  problems.check(raising(ZeroDivisionError("patch 0")))  # a consequence: dropped
+  with pytest.raises(RuntimeError, match="a bug"):
+    problems.check(raising(RuntimeError("a bug")))
+  assert problems.lines == ["config.tokenizer.path: no such file"]
+  with pytest.raises(errors.ConfigError, match="^config.tokenizer.path: no such file$"):
+    problems.raise_all()

@@ -317,6 +317,14 @@ def test_a_llava_build_rebuilds_when_its_sources_change(files, tmp_path, caplog)
     image.write_bytes(original)
   count, warned = build(skip_malformed=True)
   assert "--skip_malformed changed" in warned[0], warned
+  broken = rows[:7] + [{"id": "bad", "image": "0.png", "conversations": [
+      {"from": "human", "value": "<image> Q"}, {"from": "gpt", "value": " "}]}]
+  source.write_text(json.dumps(broken))  # a rebuild that fails keeps the old build
+  with pytest.raises(MalformedRowError, match="empty answer"):
+    build()
+  assert len(llava_tfds.LlavaTfdsSource(folder)) == 7
+  assert [p for p in os.listdir(tmp_path / "tfds") if p.startswith(".rebuild-")] == []
+  source.write_text(json.dumps(rows[:7]))
   os.remove(os.path.join(folder, llava_tfds.SOURCE_FILE))  # a build from before fingerprints
   count, warned = build(skip_malformed=True)
   assert warned[0].endswith(": it records no source fingerprint (built before builds "

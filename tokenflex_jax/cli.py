@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -49,23 +50,30 @@ class QuietLibraryInfo(logging.Filter):
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
-  """The value of ``--name=V`` or ``--name V`` in argv (the last one), else None."""
+  """The value of ``--name=V``, ``--name V`` (or with one dash) in argv, the last one;
+  None if absent."""
   value = None
   for i, arg in enumerate(argv):
-    if arg.startswith(f"--{name}="):
-      value = arg.split("=", 1)[1]
-    elif arg == f"--{name}" and i + 1 < len(argv):
+    match = re.fullmatch(rf"--?{name}(=(.*))?", arg)
+    if match and match.group(1):
+      value = match.group(2)
+    elif match and i + 1 < len(argv):
       value = argv[i + 1]
   return value
 
 
 def with_workdir_config(argv: list[str]) -> list[str]:
   """``argv`` with ``--config=<saved_config.py>:<workdir>`` inserted first when it names
-  a ``--workdir`` but no ``--config``. A workdir without config.json (a new run, converted
-  towers) is then one line and `errors.USAGE_EXIT_CODE`: pass ``--config``."""
-  if any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+  a ``--workdir`` but no ``--config`` (flag files read, as absl and config_flags read
+  them). A workdir without config.json (a new run, converted towers) is then one line and
+  `errors.USAGE_EXIT_CODE`: pass ``--config``."""
+  try:
+    given = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False)
+  except flags.Error:
+    return argv  # absl reports the unreadable flag file.
+  if any(re.match(r"--?config(=|$)", a) for a in given):
     return argv
-  workdir = _flag_value(argv[1:], "workdir")
+  workdir = _flag_value(given, "workdir")
   if not workdir:
     return argv  # absl says that --config is required.
   if not workdir_lib.has_config(workdir):

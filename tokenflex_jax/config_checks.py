@@ -68,7 +68,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     other (the VLM's `vlm.MODULES`; pretrain_vision's `patch_labeler.MODULES`).
   "train" and "aot": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
   ``config.token_probs`` one per count, >= 0, summing to 1, a known
-  ``config.loss_weighting``; ``config.eval_every`` >= 0, and with ``eval_every`` > 0
+  ``config.loss_weighting``; ``config.eval_every`` >= 0; "train" with ``eval_every`` > 0
   also the "eval" checks below.
   "eval": ``config.token_counts`` and ``config.eval.token_counts`` as above;
   ``config.eval.batch_size`` as the global batch; a known ``config.eval.suite`` (with
@@ -119,7 +119,7 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     if training and config.eval_every < 0:
       problems.add(f"config.eval_every={config.eval_every} must be >= 0 (0: no periodic "
                    "evaluation)")
-    evaluates = job == "eval" or (training and config.eval_every > 0)
+    evaluates = job == "eval" or (job == "train" and config.eval_every > 0)
     if evaluates:
       if grid_known:
         problems.check(buckets.check_counts, tuple(config.eval.token_counts),
@@ -145,14 +145,15 @@ class Problems:
     self.lines.append(line)
 
   def check(self, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, or None when it raised `errors.ConfigError` (recorded).
-    Another exception after a recorded problem is taken as that problem's consequence
-    (e.g. a zero patch size dividing) and not reported again."""
+    """``fn(*args, **kwargs)``, or None when it raised a `errors.UserError` (recorded).
+    An arithmetic, type, value or lookup error after a recorded problem is taken as that
+    problem's consequence (e.g. a zero patch size dividing) and not reported again; any
+    other exception propagates."""
     try:
       return fn(*args, **kwargs)
-    except errors.ConfigError as e:
+    except errors.UserError as e:
       self.lines.extend(str(e).splitlines())
-    except Exception:  # pylint: disable=broad-except
+    except (ArithmeticError, TypeError, ValueError, LookupError):
       if not self.lines:
         raise
     return None

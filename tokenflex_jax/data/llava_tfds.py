@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,23 +158,31 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
                        image_dir=paths.absolute(image_dir), skip_malformed=skip_malformed)
   fingerprint = source_fingerprint(config)
 
-  def build_in(directory: str) -> str:
+  def prepared(directory: str) -> epath.Path:
     builder = LlavaConversations(config=config, data_dir=directory)
-    folder = epath.Path(builder.data_dir)
-    if folder.exists():
-      recorded = folder / SOURCE_FILE
-      changes = source_changes(
-          json.loads(recorded.read_text()) if recorded.exists() else None, fingerprint)
-      if changes:
-        logging.warning("rebuilding %s: %s%s", folder, "; ".join(changes),
-                        " since it was built" if recorded.exists() else "")
-        folder.rmtree()
-        builder = LlavaConversations(config=config, data_dir=directory)  # on no old build
-      else:
-        logging.info("reusing %s: its sources have not changed", folder)
     builder.download_and_prepare(file_format="array_record")
+    folder = epath.Path(builder.data_dir)
     paths.write_atomically(str(folder / SOURCE_FILE), json.dumps(fingerprint, indent=2).encode())
-    return str(builder.data_dir)
+    return folder
+
+  def build_in(directory: str) -> str:  # a local folder (`paths.build_into`)
+    folder = epath.Path(LlavaConversations(config=config, data_dir=directory).data_dir)
+    if not folder.exists():
+      return str(prepared(directory))
+    recorded = folder / SOURCE_FILE
+    changes = source_changes(
+        json.loads(recorded.read_text()) if recorded.exists() else None, fingerprint)
+    if not changes:
+      logging.info("reusing %s: its sources have not changed", folder)
+      return str(folder)
+    logging.warning("rebuilding %s: %s%s", folder, "; ".join(changes),
+                    " since it was built" if recorded.exists() else "")
+    # Built aside and swapped in: a rebuild that fails leaves the old build in place.
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".rebuild-") as aside:
+      fresh = prepared(aside)
+      folder.rmtree()
+      os.replace(fresh, folder)
+    return str(folder)
   return paths.build_into(data_dir, build_in)  # gs://: built locally, then uploaded
 
 
