@@ -5,7 +5,7 @@
 #   bash launch/test.sh -k sharding  extra arguments go to pytest
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-REQUIREMENTS="requirements.txt requirements-test.txt"
+REQUIREMENTS="requirements.txt requirements-test.txt requirements-tpu.txt"
 # shellcheck source=launch/setup_env.sh
 source "$REPO/launch/setup_env.sh"
 cd "$REPO"

@@ -20,6 +20,7 @@ def test_pyproject_pins_match_requirements():
   test = set(project["optional-dependencies"]["test"])
   assert runtime == _requirements()
   assert test == _requirements("requirements-test.txt")
+  assert set(project["optional-dependencies"]["tpu"]) == _requirements("requirements-tpu.txt")
   assert all("==" in d for d in runtime | test)
 
 

@@ -1,59 +1,122 @@
 r"""Compiles a config's train step for every bucket from shapes alone; prints memory.
 
+  python -m tokenflex_jax.aot --config=configs/paper.py:stage=3 --topology=v5e:8x8 \
+      [--json_out=F]                                # the TPU compiler, on this host
   python -m tokenflex_jax.aot --config=configs/paper.py:stage=3 --num_cpu_devices=64
 
 No parameter is allocated: the state and batch are `jax.ShapeDtypeStruct`s with their
-shardings, so a 7B model's step can be lowered and compiled for a 64-device mesh on a
-laptop's CPU, to read XLA's per-device memory analysis before renting the pod. (On a
-CPU the figures are the CPU compiler's; on TPU/GPU run it there for theirs.)
+shardings, so a 7B model's step can be lowered and compiled for a 64-chip mesh on a
+laptop, to read the compiler's per-device memory analysis before renting the pod.
+``--topology`` compiles for a Cloud TPU slice with the TPU compiler (libtpu,
+requirements-tpu.txt) running on this host: the target's devices make the mesh, so
+"auto" attention is splash, lowered by Mosaic for real; per bucket it also gives the
+compiled FLOPs and bytes and a roofline bound on the step time from the chip's
+published peak (`CHIPS`). ``--num_cpu_devices`` uses the CPU compiler instead (its
+figures are a CPU's, not a TPU's).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
-from tokenflex_jax import cli, config_checks, model_config, sharding
+from tokenflex_jax import cli, config_checks, errors, model_config, sharding
+from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import trainer
+from tokenflex_jax.training import compiled, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
 
+# Per chip: (peak dense bfloat16 FLOP/s, HBM bytes/s, HBM GiB), from Google Cloud's TPU
+# pages (docs/performance.md cites them), by JAX's device_kind.
+CHIPS = {
+    "TPU v5 lite": (197e12, 819e9, 16),    # v5e
+    "TPU v5": (459e12, 2765e9, 95),        # v5p
+    "TPU v6 lite": (918e12, 1640e9, 32),   # v6e (Trillium)
+}
 
-def compile_buckets(config: ml_collections.ConfigDict) -> dict[int, dict[str, float]]:
-  """{num_tokens: {"compile_s", "gflop", "xla_gflop", "argument_gib", "output_gib",
-  "temp_gib", "total_gib"}} per device, for the train step of each of
-  ``config.token_counts``. ``gflop``: the model FLOPs (`tokenflex_jax.flops`);
-  ``xla_gflop``: XLA's cost analysis, which counts a scanned loop's body once."""
-  mesh, rules = sharding.mesh_from_config(config)
+
+def compile_only_environment(topology: str) -> dict[str, str]:
+  """The libtpu settings of a host that compiles for ``topology`` but runs nothing on it
+  (no TPU, no metadata server, other compiles may run beside it): without them libtpu
+  warns that it cannot find its accelerator and hosts, and holds a lock per machine."""
+  env = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1",
+         "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+  name, _, dims = topology.partition(":")
+  chips = math.prod(int(d) for d in dims.split("x")) if re.fullmatch(r"\d+(x\d+)*", dims) else 0
+  accelerator = {"v5e": f"v5litepod-{chips}", "v6e": f"v6e-{chips}",
+                 "v5p": f"v5p-{2 * chips}", "v4": f"v4-{2 * chips}"}.get(name)
+  if accelerator and chips:
+    env["TPU_ACCELERATOR_TYPE"] = accelerator
+  return env
+
+
+def tpu_devices(topology: str) -> list[jax.Device]:
+  """The devices of a Cloud TPU topology (e.g. "v5e:8x8"), to compile for from any host
+  (libtpu installed: requirements-tpu.txt); a name libtpu does not know is a
+  `errors.ConfigError` naming the flag."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+  except Exception as e:  # pylint: disable=broad-except  # libtpu's errors vary
+    raise errors.ConfigError(f"--topology={topology}: {' '.join(str(e).split())[:300]} "
+                             "(needs libtpu: pip install -r requirements-tpu.txt)") from None
+
+
+def compile_buckets(config: ml_collections.ConfigDict,
+                    devices: list[jax.Device] | None = None) -> dict[int, dict[str, float]]:
+  """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
+  "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s"]}} per
+  device, for the train step of each of ``config.token_counts`` compiled for ``devices``
+  (default: this run's). ``gflop``/``flops``: the model FLOPs (`tokenflex_jax.flops`);
+  ``xla_gflop`` and ``bytes_accessed``: the compiler's cost analysis, which counts a
+  scanned loop's body once. ``roofline_step_s`` (chips in `CHIPS`): max(FLOPs / peak,
+  bytes / bandwidth), a lower bound on the step time (the bytes of the layer loop counted
+  once make it lower still). ``tpu_kernels`` (a TPU target): the Mosaic kernel calls in
+  the compiled program (splash attention's)."""
+  mesh, rules = sharding.mesh_from_config(config, devices)
   model = VLM(model_config.vlm_config(config,
                                       model_config.FixedTokenIds(config.model.llm.vocab_size)))
   task = vlm_task(config, model, mesh, rules)
   job = trainer.compile_task(config, task, mesh, rules)
+  chip = CHIPS.get(mesh.devices.flat[0].device_kind)
   gib = lambda b: b / 2**30
   out = {}
   for n, step in job.steps.items():
     mem = step.memory
-    out[n] = {"compile_s": step.compile_seconds,
-              "gflop": task.flops_per_step(n) / jax.device_count() / 1e9,
+    flops = task.flops_per_step(n) / mesh.size
+    out[n] = {"compile_s": step.compile_seconds, "gflop": flops / 1e9, "flops": flops,
               "xla_gflop": step.flops / 1e9,
+              "bytes_accessed": compiled.cost_of(step.executable, "bytes accessed"),
               "argument_gib": gib(mem.argument_size_in_bytes),
               "output_gib": gib(mem.output_size_in_bytes),
               "temp_gib": gib(mem.temp_size_in_bytes)}
     # Arguments are donated into the outputs, so they are not counted twice.
     out[n]["total_gib"] = max(out[n]["argument_gib"], out[n]["output_gib"]) + out[n]["temp_gib"]
+    if chip:
+      out[n]["roofline_step_s"] = max(flops / chip[0], out[n]["bytes_accessed"] / chip[1])
+    if mesh.devices.flat[0].platform == "tpu":  # Mosaic kernels (splash) in the program
+      out[n]["tpu_kernels"] = step.executable.as_text().count("tpu_custom_call")
   n_params = sum(x.size for x in jax.tree.leaves(job.abstract_state.params))
-  print(f"{n_params / 1e9:.2f}B parameters; mesh {dict(mesh.shape)}; global batch "
+  attention = layers.resolve_attention(config.model.attention, jnp.dtype(config.model.llm.dtype),
+                                       mesh.devices.flat[0].platform)
+  print(f"{n_params / 1e9:.2f}B parameters; mesh {dict(mesh.shape)} of "
+        f"{mesh.devices.flat[0].device_kind}; attention {attention}; global batch "
         f"{config.batch_size}; frozen: {job.optimizer.frozen or 'none'}")
   print("| visual tokens | compile (s) | model GFLOP/step/device | XLA's count (a scanned "
-        "loop once) | arguments GiB | temporaries GiB | total GiB/device |")
-  print("|---|---|---|---|---|---|---|")
+        "loop once) | arguments GiB | temporaries GiB | total GiB/device | roofline step (s) |")
+  print("|---|---|---|---|---|---|---|---|")
   for n, r in out.items():
+    roof = f"{r['roofline_step_s']:.2f}" if "roofline_step_s" in r else "-"
     print(f"| {n} | {r['compile_s']:.0f} | {r['gflop']:.0f} | {r['xla_gflop']:.0f} | "
-          f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} |")
+          f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {roof} |")
   sys.stdout.flush()
   return out
 
@@ -62,17 +125,27 @@ def main() -> None:
   config, _ = cli.define_flags(workdir_required=False)
   devices = flags.DEFINE_integer("num_cpu_devices", 0,
                                  "Simulate this many host CPU devices (0: the real devices).")
+  topology = flags.DEFINE_string("topology", None, "Compile for this Cloud TPU topology with "
+                                 "the TPU compiler on this host, e.g. v5e:8x8, v5p:4x4x4, "
+                                 "v6e:8x8 (needs requirements-tpu.txt).")
   out = flags.DEFINE_string("json_out", None, "Also write the figures here.")
 
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if devices.value and topology.value:
+      raise app.UsageError("give --num_cpu_devices or --topology, not both")
     if devices.value:
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", devices.value)
-    # On the simulated mesh, before anything compiles.
-    config_checks.check(config.value, devices.value or None, job="aot")
-    results = compile_buckets(config.value)
+    if topology.value:  # Before libtpu loads.
+      for key, value in compile_only_environment(topology.value).items():
+        os.environ.setdefault(key, value)
+    targets = tpu_devices(topology.value) if topology.value else None
+    # On the target mesh, before anything compiles.
+    config_checks.check(config.value, len(targets) if targets else devices.value or None,
+                        job="aot")
+    results = compile_buckets(config.value, targets)
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)

@@ -295,13 +295,14 @@ def assert_params_sufficiently_sharded(boxed_params: Any, shardings: Any, mesh: 
       "dimensions, or config.sharding.rules to shard other logical axes.")
 
 
-def mesh_from_config(config: ml_collections.ConfigDict) -> tuple[Mesh, Rules]:
-  """The (data, fsdp, tensor) mesh of ``config.mesh.shape`` over all devices and the
-  normalised ``config.sharding.rules``."""
-  mesh = make_mesh(tuple(config.mesh.shape))
+def mesh_from_config(config: ml_collections.ConfigDict,
+                     devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Rules]:
+  """The (data, fsdp, tensor) mesh of ``config.mesh.shape`` over ``devices`` (default:
+  all of this run's) and the normalised ``config.sharding.rules``."""
+  mesh = make_mesh(tuple(config.mesh.shape), devices)
   rules = rules_from_config(config.sharding.rules)
-  logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  logging.info("mesh %s over %d %s devices (%d processes)", dict(mesh.shape), mesh.size,
+               mesh.devices.flat[0].device_kind, jax.process_count())
   return mesh, rules
 
 

@@ -134,15 +134,23 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
 ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blocked", "xla", "cudnn", "splash")
 
 
+def target_platform() -> str:
+  """The platform the code being traced is compiled for: that of the devices of the mesh
+  set with ``jax.set_mesh`` (e.g. a TPU topology compiled for from a CPU host, `aot`),
+  else this process's default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_attention(name: str, dtype: jnp.dtype, platform: str | None = None) -> str:
-  """The implementation "auto" stands for on ``platform`` (default: this process's
-  backend; others are returned as they are): splash on a TPU, cuDNN on a GPU in 16-bit,
-  else the blocked reference (measured fastest on a CPU: docs/performance.md)."""
+  """The implementation "auto" stands for on ``platform`` (default: `target_platform`;
+  others are returned as they are): splash on a TPU, cuDNN on a GPU in 16-bit, else the
+  blocked reference (measured fastest on a CPU: docs/performance.md)."""
   if name not in ATTENTION_IMPLEMENTATIONS:
     raise ValueError(f"attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {name!r}")
   if name != "auto":
     return name
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   if platform == "tpu":
     return "splash"
   if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:

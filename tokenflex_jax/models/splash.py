@@ -27,6 +27,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec
 
 from tokenflex_jax import sharding
+from tokenflex_jax.models import layers
 
 LANES = 128  # the kernel's tiles are multiples of the TPU lane width
 MAX_BLOCK = 512
@@ -74,7 +75,7 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
   qh = jnp.pad(qh.transpose(0, 2, 3, 1, 4), ((0, 0),) * 3 + ((0, pad), (0, 0)))  # [B,KV,G,L,Dh]
   kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))     # [B,KV,L,Dh]
   vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
-  kernel = _kernel(length, block, h // kv, causal, jax.default_backend() != "tpu")
+  kernel = _kernel(length, block, h // kv, causal, layers.target_platform() != "tpu")
 
   def per_head(qg, kg, vg, seg):
     return kernel(qg, kg, vg, segment_ids=splash.SegmentIds(seg, seg))
@@ -93,7 +94,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     key_valid: [B, S] bool, False for padding; None: every slot is valid.
     causal: slot s attends to slots <= s (else to every valid slot).
     pad_head_dim: zero-pad Dh to a multiple of 128 for the kernel (SigLIP-so400m's ViT
-      has Dh = 72); None: on a TPU, where the kernel's tiles want whole lanes.
+      has Dh = 72); None: for a TPU target (`layers.target_platform`), where the
+      kernel's tiles want whole lanes. Off a TPU the kernel runs interpreted (tests).
   Returns:
     [B, S, H, Dh], equal to `layers.reference_attention` with the matching mask at every
     valid query slot.
@@ -104,7 +106,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
   if key_valid is None:
     key_valid = jnp.ones(q.shape[:2], bool)
   if pad_head_dim is None:
-    pad_head_dim = jax.default_backend() == "tpu"
+    pad_head_dim = layers.target_platform() == "tpu"
   local = functools.partial(_local_attention, causal=causal, pad_head_dim=pad_head_dim)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:

@@ -54,15 +54,21 @@ def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstra
   return out
 
 
-def flops_of(executable: Any) -> float:
-  """FLOPs of one call per XLA's cost analysis (0 if unavailable)."""
+def cost_of(executable: Any, key: str) -> float:
+  """One figure of XLA's cost analysis of one call, e.g. "flops" or "bytes accessed" (0
+  if unavailable)."""
   try:
     cost = executable.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # Some backends do not implement it.
     return 0.0
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  return float((cost or {}).get("flops", 0.0))
+  return float((cost or {}).get(key, 0.0))
+
+
+def flops_of(executable: Any) -> float:
+  """FLOPs of one call per XLA's cost analysis (0 if unavailable)."""
+  return cost_of(executable, "flops")
 
 
 def log_compiled(what: str, step: CompiledStep) -> None:

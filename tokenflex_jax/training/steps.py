@@ -58,8 +58,9 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer
 def boxed_params(init_params: InitParams, mesh, rules) -> Any:
   """The parameter shapes ``init_params`` makes, still boxed with their logical axes
   (`jax.ShapeDtypeStruct`s; nothing is allocated)."""
-  with sharding.mesh_rules(mesh, rules):
-    return jax.eval_shape(init_params, jax.random.key(0))
+  key = jax.random.key(0)  # Outside the mesh: a mesh of devices compiled for (a TPU
+  with sharding.mesh_rules(mesh, rules):  # topology from a CPU host) cannot hold it.
+    return jax.eval_shape(init_params, key)
 
 
 def _boxed_state(init_params: InitParams, tx: optax.GradientTransformation,
