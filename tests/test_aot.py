@@ -20,14 +20,15 @@ def _aot(*flags, target="--num_cpu_devices=64"):
 
 def _rows(stdout):
   rows = [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ")]
-  return {int(r[0]): [float(x) for x in r[1:]] for r in rows[1:]}
+  return {int(r[0]): [float(x) for x in r[1:7]] for r in rows[1:]}  # no roofline off a TPU
 
 
 def test_paper_model_fits_a_16_gib_chip_at_every_bucket():
   """Every bucket of stage 3 of the full paper model (27 + 28 scanned layers) on 64
   devices: at most 16 GiB per device (a TPU v5e chip's HBM)."""
   out = _aot("--config=configs/paper.py:stage=3")
-  assert "mesh {'data': 1, 'fsdp': 64, 'tensor': 1}" in out
+  assert "mesh {'data': 1, 'fsdp': 64, 'tensor': 1} of cpu; attention blocked" in out
+  assert all(line.endswith("| - |") for line in out.splitlines() if line.startswith("| 64 "))
   rows = _rows(out)
   assert sorted(rows) == [64, 144, 256]
   for n, (_, gflop, xla_gflop, args, temps, total) in rows.items():
