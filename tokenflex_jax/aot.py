@@ -98,8 +98,7 @@ def compile_buckets(config: ml_collections.ConfigDict,
               "argument_gib": gib(mem.argument_size_in_bytes),
               "output_gib": gib(mem.output_size_in_bytes),
               "temp_gib": gib(mem.temp_size_in_bytes)}
-    # Arguments are donated into the outputs, so they are not counted twice.
-    out[n]["total_gib"] = max(out[n]["argument_gib"], out[n]["output_gib"]) + out[n]["temp_gib"]
+    out[n]["total_gib"] = gib(compiled.total_bytes(mem))
     if chip:
       out[n]["roofline_step_s"] = max(flops / chip[0], out[n]["bytes_accessed"] / chip[1])
     if mesh.devices.flat[0].platform == "tpu":  # Mosaic kernels (splash) in the program

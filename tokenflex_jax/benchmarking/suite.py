@@ -3,14 +3,15 @@
 1. this host's matmul roofline, float32 and bfloat16;
 2. per bucket: the trainer's own compiled step (random init, one real batch), median
    step time over rounds after a warm-up, model FLOPs (`tokenflex_jax.flops`) beside
-   XLA's count, MFU against the float32 roofline;
+   XLA's count, MFU against the roofline of the model's compute dtype, the step's
+   memory per device (the compiler's analysis, and the device's peak where it keeps one);
 3. the config's bucket mix (the paper's 2:3:5) as the mean step time it implies,
    against the largest bucket's;
 4. the input pipeline alone (examples/s) against what the fastest step consumes;
 5. generation at the largest bucket: new tokens/s with the KV cache and recomputing;
 6. compile time per bucket, the layers scanned and unrolled (and the unrolled step time);
-7. the PyTorch peer (`torch_peer`), started from the same parameters, its step time per
-   bucket in rounds interleaved with ours;
+7. the PyTorch peer (`torch_peer`) on the torch device beside JAX's, started from the
+   same parameters, its step time per bucket in rounds interleaved with ours;
 and, if asked, a profile of the largest bucket's step (`profile`: time per XLA op).
 """
 
@@ -20,6 +21,7 @@ import copy
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -43,7 +45,10 @@ class Options:
   ``warmup`` untimed ones; ``peer``: run the PyTorch peer; ``layouts``: also compile
   (and time) the other layer layout, scanned vs unrolled; ``new_tokens``: generation
   length; ``pipeline_batches``: batches the input pipeline is timed on; ``profile``:
-  trace the largest bucket's step (WORKDIR/profile) and sum its time per XLA op."""
+  trace the largest bucket's step (WORKDIR/profile) and sum its time per XLA op;
+  ``roofline_size``: the side of the roofline's square matmuls; ``peer_failure_ok``: a
+  failure of the peer (another framework's stack) is recorded as ``peer_error`` and the
+  rest measured without it, instead of stopping the benchmark."""
   rounds: int = 3
   steps_per_round: int = 4
   warmup: int = 2
@@ -52,6 +57,8 @@ class Options:
   new_tokens: int = 32
   pipeline_batches: int = 20
   profile: bool = False
+  roofline_size: int = 2048
+  peer_failure_ok: bool = False
 
 
 @dataclasses.dataclass
@@ -111,26 +118,69 @@ def decode_rates(config: ml_collections.ConfigDict, model: VLM, params: Any, tok
   return out
 
 
+@dataclasses.dataclass
+class Peer:
+  """The PyTorch peer, its optimizer and our batch on its device."""
+  model: Any
+  opt: Any
+  batch: Any
+  clip_norm: float
+
+  def times(self, num_tokens: int, warmup: int, calls: int) -> list[float]:
+    return torch_peer().step_times(self.model, self.opt, self.batch, num_tokens,
+                                   self.clip_norm, warmup, calls)
+
+
+def torch_peer():
+  """`tokenflex_jax.benchmarking.torch_peer`, imported when first used: a bench-only
+  dependency (torch, transformers)."""
+  from tokenflex_jax.benchmarking import torch_peer as module
+  return module
+
+
+def _peer_attempt(out: dict[str, Any], options: Options, what: str, fn: Callable[[], Any]
+                  ) -> Any:
+  """``fn()``, or None once the peer has failed; with ``options.peer_failure_ok`` a
+  failure is recorded as out["peer_error"] (naming ``what``) instead of raised."""
+  if "peer_error" in out:
+    return None
+  if not options.peer_failure_ok:
+    return fn()
+  try:
+    return fn()
+  except Exception as e:  # pylint: disable=broad-except  (another stack's failure, recorded)
+    out["peer_error"] = f"{what}: {type(e).__name__}: {e}"
+    logging.warning("the PyTorch peer failed, measuring without it: %s", out["peer_error"])
+    return None
+
+
 def benchmark(config: ml_collections.ConfigDict, workdir: str,
-              options: Options = Options()) -> dict[str, Any]:
-  """Runs every measurement; returns the report (`report.write` lays it out)."""
+              options: Options = Options(), out: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+  """Runs every measurement; returns the report (`report.write` lays it out). ``out``, if
+  given, is filled as figures arrive, so a caller keeps those measured before a failure."""
   config_checks.check(config)  # Before the workdir is written, data read or anything compiled.
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)
   load_tokenizer = run_tokenizer.loader(config, workdir)
   model = VLM(model_config.vlm_config(config, tokenizer))
-  if options.peer:  # a bench-only dependency; its model check comes before any compile
-    from tokenflex_jax.benchmarking import torch_peer
-    torch_peer.check(model.config)
+  if options.peer:  # its model check comes before any compile
+    torch_peer().check(model.config)
   counts = sorted(config.token_counts)
-  out: dict[str, Any] = {
+  out = {} if out is None else out
+  compute_dtype = str(config.model.llm.dtype)
+  out.update({
       "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-      "batch_size": config.batch_size, "scan_layers": bool(config.model.scan_layers),
-      "options": dataclasses.asdict(options)}
+      "backend": jax.default_backend(), "batch_size": config.batch_size,
+      "text_length": config.data.max_text_length, "compute_dtype": compute_dtype,
+      "scan_layers": bool(config.model.scan_layers),
+      "remat_policy": config.model.remat_policy, "options": dataclasses.asdict(options)})
 
-  out["roofline_gflops"] = {d: timing.roofline_gflops(d) for d in ("float32", "bfloat16")}
+  out["roofline_gflops"] = {d: timing.roofline_gflops(d, options.roofline_size)
+                            for d in ("float32", "bfloat16")}
   logging.info("roofline: %s GFLOP/s", out["roofline_gflops"])
+  roofline = out["roofline_gflops"].get(compute_dtype, out["roofline_gflops"]["float32"])
 
   ours = setup(config, model, mesh, rules, load_tokenizer)
   out["frozen"] = list(ours.job.optimizer.frozen)
@@ -141,49 +191,58 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
   params0 = jax.tree.map(np.array, ours.state.params)
   flops = trainer.flops_per_device(ours.task, ours.job)
 
-  peer = peer_batch = None
+  peer = None
   if options.peer:
-    torch_peer.use_threads(len(os.sched_getaffinity(0)))
-    peer = torch_peer.build(model.config, params0, config.loss_weighting)
-    peer_opt = torch_peer.optimizer(peer, config.optimizer)
-    peer_batch = torch_peer.torch_batch(local)
-    # Both models' first loss at every bucket, before either trains.
-    loss_fn = jax.jit(ours.task.loss_fn, static_argnums=2)
-    with sharding.mesh_rules(mesh, rules):
-      first = {n: (float(loss_fn(params0, batch, n)[0]),
-                   torch_peer.first_loss(peer, peer_batch, n)) for n in counts}
+    def start_peer() -> tuple[Peer, dict[int, tuple[float, float]]]:
+      tp = torch_peer()
+      device = tp.device_for(jax.default_backend())
+      if device == "cpu":
+        tp.use_threads(len(os.sched_getaffinity(0)))
+      peer_model = tp.build(model.config, params0, config.loss_weighting, device)
+      started = Peer(peer_model, tp.optimizer(peer_model, config.optimizer),
+                     tp.torch_batch(local, device), config.optimizer.clip_norm)
+      # Both models' first loss at every bucket, before either trains.
+      loss_fn = jax.jit(ours.task.loss_fn, static_argnums=2)
+      with sharding.mesh_rules(mesh, rules):
+        first = {n: (float(loss_fn(params0, batch, n)[0]),
+                     tp.first_loss(peer_model, started.batch, n)) for n in counts}
+      out["peer_device"] = device
+      return started, first
+    peer, first = _peer_attempt(out, options, "building it", start_peer) or (None, None)
 
   buckets: dict[str, dict[str, Any]] = {}
   for n in counts:
     step = ours.job.steps[n]
     _, ours.state = timing.time_steps(step, ours.state, batch, options.warmup)
-    row: dict[str, Any] = {"compile_s": step.compile_seconds}
+    total = compiled.total_bytes(step.memory)
+    row: dict[str, Any] = {"compile_s": step.compile_seconds,
+                           "compiled_gib": None if total is None else total / 2**30}
     mine, theirs = [], []
-    if peer is not None:
+    peer_ok = lambda: peer is not None and "peer_error" not in out
+    if peer_ok():
       row["loss"], row["peer_loss"] = first[n]
-      torch_peer.step_times(peer, peer_opt, peer_batch, n, config.optimizer.clip_norm,
-                            options.warmup, 0)
+      _peer_attempt(out, options, f"warming up at {n} tokens",
+                    lambda: peer.times(n, options.warmup, 0))
     for _ in range(options.rounds):
       times, ours.state = timing.time_steps(step, ours.state, batch, options.steps_per_round)
       mine += times
-      if peer is not None:
-        theirs += torch_peer.step_times(peer, peer_opt, peer_batch, n,
-                                        config.optimizer.clip_norm, 0,
-                                        options.steps_per_round)
+      if peer_ok():
+        theirs += _peer_attempt(out, options, f"timing {n} tokens",
+                                lambda: peer.times(n, 0, options.steps_per_round)) or []
     t = timing.Timing.of(mine)
     row.update(step_s=t.median, step_spread_s=[t.low, t.high],
                examples_per_s=config.batch_size / t.median,
                gflop_per_step=flops[n] / 1e9, xla_gflop_per_step=step.flops / 1e9,
                gflop_per_s_per_device=flops[n] / t.median / 1e9,
-               mfu=flops[n] * jax.device_count() / t.median / 1e9
-               / out["roofline_gflops"]["float32"])
-    if theirs:
+               mfu=flops[n] * jax.device_count() / t.median / 1e9 / roofline,
+               peak_gib=timing.peak_gib())
+    if theirs and peer_ok():
       p = timing.Timing.of(theirs)
       row.update(peer_step_s=p.median, peer_step_spread_s=[p.low, p.high],
                  speedup_vs_peer=p.median / t.median)
     buckets[str(n)] = row
+    out["buckets"] = buckets
     logging.info("bucket %d: %s", n, row)
-  out["buckets"] = buckets
   if options.profile:
     summary, ours.state = profile.profile_step(ours.job.steps[counts[-1]], ours.state, batch,
                                                options.steps_per_round,

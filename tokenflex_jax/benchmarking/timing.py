@@ -61,3 +61,11 @@ def roofline_gflops(dtype: str, size: int = 2048, calls: int = 10) -> float:
   jax.block_until_ready(matmul(x))
   seconds = float(np.median(time_calls(lambda: matmul(x), calls)))
   return 2 * size ** 3 / seconds / 1e9
+
+
+def peak_gib() -> float | None:
+  """The most memory the first device has held since the process started, in GiB, where
+  its runtime keeps the figure (GPUs and TPUs do; a CPU does not: None)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get("peak_bytes_in_use")
+  return None if peak is None else peak / 2**30

@@ -4,7 +4,9 @@ What a user who rewrote this model in PyTorch would write: transformers'
 `SiglipVisionModel` and `Qwen2ForCausalLM` (built from config, ``sdpa`` attention), an
 adaptive-average-pool + LayerNorm + SwiGLU projector, the visual tokens gathered into
 the text at each row's placeholder, the answer loss with the same per-sample weighting,
-and torch's AdamW with global-norm clipping. It starts from OUR parameters (exported with
+and torch's AdamW with global-norm clipping; float32 weights, and where our model
+computes in bfloat16 the forward pass runs under ``torch.autocast`` in bfloat16 (mixed
+precision as PyTorch users write it). On a CPU or a CUDA GPU (`build`'s ``device``). It starts from OUR parameters (exported with
 `tokenflex_jax.convert.hf`), so its first loss equals ours on the same batch: the two
 step times are of one model. A bench-only dependency (torch, transformers).
 """
@@ -24,6 +26,11 @@ import transformers
 
 from tokenflex_jax.convert import hf
 from tokenflex_jax.models.vlm import VLMConfig
+
+
+def device_for(jax_backend: str) -> str:
+  """The torch device beside JAX's: "cuda" when JAX runs on a GPU, else "cpu"."""
+  return "cuda" if jax_backend == "gpu" else "cpu"
 
 
 def use_threads(count: int) -> None:
@@ -55,22 +62,32 @@ class PeerVLM(torch.nn.Module):
   (weighting "sqrt" or "token_mean")."""
 
   def __init__(self, vision: torch.nn.Module, projector: Projector, llm: torch.nn.Module,
-               image_token_id: int, pad_token_id: int, weighting: str):
+               image_token_id: int, pad_token_id: int, weighting: str,
+               compute_dtype: torch.dtype | None = None):
     super().__init__()
     self.vision, self.projector, self.llm = vision, projector, llm
     self.image_token_id, self.pad_token_id, self.weighting = (image_token_id, pad_token_id,
                                                               weighting)
+    self.compute_dtype = compute_dtype  # None: float32 throughout; else autocast to it
 
   def loss(self, images: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
            num_tokens: int) -> torch.Tensor:
     """images [B, 3, H, W]; tokens [B, T] long, right-padded, one placeholder per row;
-    loss_mask [B, T] float -> the scalar answer loss."""
+    loss_mask [B, T] float -> the scalar answer loss (float32)."""
+    if self.compute_dtype is None:
+      return self._loss(images, tokens, loss_mask, num_tokens)
+    with torch.autocast(tokens.device.type, dtype=self.compute_dtype):
+      return self._loss(images, tokens, loss_mask, num_tokens)
+
+  def _loss(self, images: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
+            num_tokens: int) -> torch.Tensor:
     b, t = tokens.shape
+    arange = lambda n: torch.arange(n, device=tokens.device)
     side = int(round(num_tokens ** 0.5))
     visual = self.projector(self.vision(pixel_values=images).last_hidden_state, side)
     text = self.llm.get_input_embeddings()(tokens)
     image_pos = (tokens == self.image_token_id).int().argmax(dim=1)[:, None]      # [B, 1]
-    j = torch.arange(t - 1 + num_tokens)[None, :]
+    j = arange(t - 1 + num_tokens)[None, :]
     is_visual = (j >= image_pos) & (j < image_pos + num_tokens)                  # [B, S]
     text_index = torch.where(j < image_pos, j, j - num_tokens + 1).clamp(0, t - 1)
     visual_index = (j - image_pos).clamp(0, num_tokens - 1)
@@ -80,8 +97,8 @@ class PeerVLM(torch.nn.Module):
     positions = valid.long().cumsum(1) - valid.long()
     hidden = self.llm.model(inputs_embeds=x, attention_mask=valid.long(),
                             position_ids=positions, use_cache=False).last_hidden_state
-    merged_t = torch.where(torch.arange(t)[None] < image_pos, torch.arange(t)[None],
-                           torch.arange(t)[None] + num_tokens - 1)
+    merged_t = torch.where(arange(t)[None] < image_pos, arange(t)[None],
+                           arange(t)[None] + num_tokens - 1)
     hidden = take(hidden, (merged_t - 1).clamp(min=0))                          # [B, T, D]
     logits = self.llm.lm_head(hidden).float()
     ce = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
@@ -103,8 +120,10 @@ def check(config: VLMConfig) -> None:
                        f"{needed!r} only (run the bench with --nopeer)")
 
 
-def build(config: VLMConfig, params: Mapping[str, Any], weighting: str) -> PeerVLM:
-  """The peer with ``params`` (our parameter tree, float32) loaded into it."""
+def build(config: VLMConfig, params: Mapping[str, Any], weighting: str,
+          device: str = "cpu") -> PeerVLM:
+  """The peer with ``params`` (our parameter tree, float32) loaded into it, on
+  ``device``; it computes in bfloat16 (autocast) where ``config``'s LLM does."""
   check(config)
   params = {k: _numpy(v) for k, v in params.items()}
   with tempfile.TemporaryDirectory() as tmp:
@@ -125,8 +144,9 @@ def build(config: VLMConfig, params: Mapping[str, Any], weighting: str) -> PeerV
     projector.norm.bias.copy_(torch.from_numpy(params["projector"]["norm"]["bias"]))
     for name in ("gate", "up", "down"):
       getattr(projector, name).weight.copy_(torch.from_numpy(mlp[name]["kernel"].T.copy()))
+  compute = torch.bfloat16 if config.llm.dtype == "bfloat16" else None
   return PeerVLM(vision, projector, llm, config.image_token_id, config.pad_token_id,
-                 weighting)
+                 weighting, compute).to(device)
 
 
 def _numpy(tree: Any) -> Any:
@@ -135,12 +155,14 @@ def _numpy(tree: Any) -> Any:
   return np.array(tree, np.float32)  # a writable copy
 
 
-def torch_batch(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-  """Our batch (image [B, H, W, 3], tokens, loss_mask) as the peer's tensors."""
+def torch_batch(batch: Mapping[str, Any], device: str = "cpu") -> dict[str, torch.Tensor]:
+  """Our batch (image [B, H, W, 3], tokens, loss_mask) as the peer's tensors on
+  ``device``."""
   return {"images": torch.from_numpy(np.asarray(batch["image"], np.float32)
-                                     ).permute(0, 3, 1, 2).contiguous(),
-          "tokens": torch.from_numpy(np.asarray(batch["tokens"]).astype(np.int64)),
-          "loss_mask": torch.from_numpy(np.asarray(batch["loss_mask"], np.float32))}
+                                     ).permute(0, 3, 1, 2).contiguous().to(device),
+          "tokens": torch.from_numpy(np.asarray(batch["tokens"]).astype(np.int64)).to(device),
+          "loss_mask": torch.from_numpy(np.asarray(batch["loss_mask"], np.float32)
+                                        ).to(device)}
 
 
 def optimizer(model: PeerVLM, opt_config: Any) -> torch.optim.Optimizer:
@@ -163,7 +185,8 @@ def first_loss(model: PeerVLM, batch: Mapping[str, torch.Tensor], num_tokens: in
 def step_times(model: PeerVLM, opt: torch.optim.Optimizer, batch: Mapping[str, torch.Tensor],
                num_tokens: int, clip_norm: float, warmup: int, calls: int) -> list[float]:
   """Seconds per training step (forward, backward, clipping, AdamW) of ``calls`` steps
-  after ``warmup`` untimed ones."""
+  after ``warmup`` untimed ones (each ends in reading the loss, which waits for the
+  device)."""
   def step():
     opt.zero_grad(set_to_none=True)
     loss = model.loss(batch["images"], batch["tokens"], batch["loss_mask"], num_tokens)

@@ -71,6 +71,16 @@ def flops_of(executable: Any) -> float:
   return cost_of(executable, "flops")
 
 
+def total_bytes(memory: Any) -> float | None:
+  """Per-device bytes a compiled step holds at its peak, from its ``memory_analysis()``:
+  the arguments (donated into the outputs, so not counted twice) plus the temporaries;
+  None if the compiler gave no analysis."""
+  if memory is None:
+    return None
+  return (max(memory.argument_size_in_bytes, memory.output_size_in_bytes)
+          + memory.temp_size_in_bytes)
+
+
 def log_compiled(what: str, step: CompiledStep) -> None:
   mem, mib = step.memory, lambda b: b / 2**20
   if mem is None:

@@ -1,0 +1,75 @@
+r"""The prepared GPU check: versions, the bf16 matmul rate, attention per implementation,
+and the benchmark with the PyTorch peer, in one process (`tokenflex_jax.benchmarking.gpu`).
+
+  python -m tokenflex_jax.gpu_check --config=configs/gpu_bench.py:size=1b --workdir=DIR
+  python -m tokenflex_jax.gpu_check --config=configs/gpu_bench.py:size=tiny \
+      --workdir=DIR --dry        # the same path on a CPU at tiny shapes (CI)
+
+(``bash launch/gpu_check.sh [--dry] [--out=DIR]`` sets up and runs it). Writes
+DIR/gpu.json after each section and DIR/gpu.md at the end, and prints the
+markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from absl import flags, logging
+
+from tokenflex_jax import cli
+from tokenflex_jax.benchmarking import gpu, suite, timing
+
+_DRY = flags.DEFINE_bool("dry", False, "Tiny shapes and one timed step each: the check's "
+                         "code path on a CPU, in seconds.")
+
+
+def options(dry: bool) -> tuple[suite.Options, gpu.AttentionShape, int, int]:
+  """(bench options, attention shape, matmul size, timed calls) for a real or dry run."""
+  if dry:
+    return (suite.Options(rounds=1, steps_per_round=1, warmup=1, layouts=False, new_tokens=2,
+                          pipeline_batches=1, roofline_size=256, peer_failure_ok=True),
+            gpu.DRY_ATTENTION, 256, 2)
+  return (suite.Options(rounds=3, steps_per_round=4, warmup=2, layouts=False, new_tokens=32,
+                        pipeline_batches=10, roofline_size=8192, peer_failure_ok=True),
+          gpu.FULL_ATTENTION, 8192, 10)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """The binary's job: every section of `gpu` into WORKDIR/gpu.json, then gpu.md."""
+  bench_options, shape, size, calls = options(_DRY.value)
+  os.makedirs(workdir, exist_ok=True)
+  results: dict[str, Any] = {"dry": _DRY.value}
+
+  def save() -> None:
+    with open(os.path.join(workdir, "gpu.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, default=str)
+
+  def matmul(into: dict[str, Any]) -> None:
+    into.update(size=size, bf16_tflops=timing.roofline_gflops("bfloat16", size, calls) / 1e3)
+
+  gpu.run_sections({
+      "versions": lambda into: into.update(gpu.versions()),
+      "matmul": matmul,
+      "attention": lambda into: into.update(gpu.attention_check(shape, calls)),
+      # The bench's own files (its tokenizer) go to a scratch folder: WORKDIR holds the
+      # report alone (a lent machine hands back a few files only).
+      "bench": lambda into: suite.benchmark(config, tempfile.mkdtemp(prefix="gpu_check_"),
+                                            bench_options, out=into),
+  }, results, save)
+  text = gpu.markdown(results)
+  with open(os.path.join(workdir, "gpu.md"), "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+  print(text)
+  logging.info("wrote %s/gpu.json and gpu.md", workdir)
+  return results
+
+
+def main() -> None:
+  cli.run(run)
+
+
+if __name__ == "__main__":
+  main()
