@@ -47,9 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.llm.update(vocab_size=152_064, width=3584, depth=28, num_heads=28, num_kv_heads=4,
                      head_dim=128, mlp_dim=18_944, rope_theta=1_000_000.0, qkv_bias=True,
                      tie_embeddings=False, dtype="bfloat16")
-  # Each layer keeps only its input for the backward pass: the step then fits a 16 GiB
-  # chip (a TPU v5e) at every bucket (docs/scaling.md).
-  c.model.remat_policy = "full"
+  # Each layer keeps its matmul outputs for the backward pass and recomputes the rest: the
+  # least recomputation with which the step fits a 16 GiB chip (a TPU v5e 8x8 slice) at
+  # every bucket, by the TPU compiler (docs/performance.md, tests/test_aot.py).
+  c.model.remat_policy = "dots"
 
   c.data.update(
       source="llava",               # python -m tokenflex_jax.data.llava_tfds (docs/data.md)

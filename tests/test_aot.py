@@ -1,10 +1,13 @@
-"""The paper config compiles from shapes alone on a 64-device host mesh (no weights), and
-a small VLM for a TPU topology with the TPU compiler (libtpu) on this host."""
+"""The paper config compiled from shapes alone (no weights) by the TPU compiler (libtpu,
+on this host) for a v5e 8x8 slice and by the CPU compiler on 64 host devices, and a
+small VLM for a TPU topology."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +26,52 @@ def _rows(stdout):
   return {int(r[0]): [float(x) for x in r[1:7]] for r in rows[1:]}  # no roofline off a TPU
 
 
-def test_paper_model_fits_a_16_gib_chip_at_every_bucket():
-  """Every bucket of stage 3 of the full paper model (27 + 28 scanned layers) on 64
-  devices: at most 16 GiB per device (a TPU v5e chip's HBM)."""
+def _tpu_figures(tmp_path, *flags):
+  out = tmp_path / "aot.json"
+  stdout = _aot("--config=configs/paper.py:stage=3", f"--json_out={out}", *flags,
+                target="--topology=v5e:8x8")
+  assert "mesh {'data': 1, 'fsdp': 64, 'tensor': 1} of TPU v5 lite; attention splash" in stdout
+  with open(out, encoding="utf-8") as f:
+    return {int(n): r for n, r in json.load(f).items()}
+
+
+def test_paper_model_fits_a_16_gib_v5e_chip_by_the_tpu_compiler(tmp_path):
+  """Stage 3 of the full paper model as configured (remat "dots") at its largest bucket,
+  compiled by the TPU compiler for a v5e 8x8 slice: at most 16 GiB per chip (its HBM)."""
+  r = _tpu_figures(tmp_path, "--config.token_counts=(256,)", "--config.token_probs=(1.0,)")[256]
+  assert r["tpu_kernels"] > 0 and r["flops"] > 0 and r["roofline_step_s"] > 0
+  assert r["argument_gib"] > 0 and r["temp_gib"] > 0
+  assert r["total_gib"] <= 16.0, r
+
+
+@pytest.mark.slow
+def test_paper_remat_is_the_least_recomputation_that_fits_a_v5e_chip(tmp_path):
+  """Every bucket fits 16 GiB with "dots"; keeping everything ("none") does not fit even
+  the smallest bucket."""
+  dots = _tpu_figures(tmp_path)
+  assert sorted(dots) == [64, 144, 256]
+  assert all(r["total_gib"] <= 16.0 for r in dots.values()), dots
+  assert dots[64]["flops"] < dots[144]["flops"] < dots[256]["flops"]
+  # The TPU compiler refuses a step that does not fit the chip: one line naming the
+  # bucket, the compiler's figures and the fields to change.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "tokenflex_jax.aot", "--topology=v5e:8x8",
+       "--config=configs/paper.py:stage=3", "--config.model.remat_policy=none",
+       "--config.token_counts=(64,)", "--config.token_probs=(1.0,)"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 2, result.stderr[-3000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith("error: the VLM train step at bucket 64 does not fit a device's "
+                         "memory (RESOURCE_EXHAUSTED: "), line
+  assert "exceeds available HBM" in line and "config.model.remat_policy=dots" in line
+
+
+@pytest.mark.slow
+def test_paper_model_compiles_on_64_host_devices():
+  """The CPU compiler's figures for the same step (a comparison only: a CPU's, not a
+  TPU's; docs/performance.md): every bucket compiles from shapes alone."""
   out = _aot("--config=configs/paper.py:stage=3")
   assert "mesh {'data': 1, 'fsdp': 64, 'tensor': 1} of cpu; attention blocked" in out
   assert all(line.endswith("| - |") for line in out.splitlines() if line.startswith("| 64 "))
@@ -33,7 +79,6 @@ def test_paper_model_fits_a_16_gib_chip_at_every_bucket():
   assert sorted(rows) == [64, 144, 256]
   for n, (_, gflop, xla_gflop, args, temps, total) in rows.items():
     assert gflop > 0 and xla_gflop > 0 and args > 0 and temps > 0 and total >= args, n
-    assert total <= 16.0, (n, total)
   # More visual tokens, more work per step.
   assert rows[64][1] < rows[144][1] < rows[256][1]
 

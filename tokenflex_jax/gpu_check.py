@@ -15,12 +15,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from typing import Any
 
 from absl import flags, logging
 
 from tokenflex_jax import cli
 from tokenflex_jax.benchmarking import gpu, suite, timing
+
+SAVE_EVERY_S = 10.0
 
 _DRY = flags.DEFINE_bool("dry", False, "Tiny shapes and one timed step each: the check's "
                          "code path on a CPU, in seconds.")
@@ -43,9 +46,29 @@ def run(config, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   results: dict[str, Any] = {"dry": _DRY.value}
 
+  lock = threading.Lock()
+
   def save() -> None:
-    with open(os.path.join(workdir, "gpu.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, default=str)
+    """Writes gpu.json (whole: a new file renamed over the old)."""
+    with lock:
+      try:
+        text = json.dumps(results, indent=2, default=str)
+      except RuntimeError:  # a section grew the results meanwhile: the next save has them
+        return
+      path = os.path.join(workdir, "gpu.json")
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(path + ".tmp", path)
+
+  # Also every few seconds during a section, so a run stopped at its time limit keeps
+  # the buckets measured so far.
+  done = threading.Event()
+
+  def autosave() -> None:
+    while not done.wait(SAVE_EVERY_S):
+      save()
+
+  threading.Thread(target=autosave, daemon=True).start()
 
   def matmul(into: dict[str, Any]) -> None:
     into.update(size=size, bf16_tflops=timing.roofline_gflops("bfloat16", size, calls) / 1e3)
@@ -59,6 +82,7 @@ def run(config, workdir: str) -> dict[str, Any]:
       "bench": lambda into: suite.benchmark(config, tempfile.mkdtemp(prefix="gpu_check_"),
                                             bench_options, out=into),
   }, results, save)
+  done.set()
   text = gpu.markdown(results)
   with open(os.path.join(workdir, "gpu.md"), "w", encoding="utf-8") as f:
     f.write(text + "\n")

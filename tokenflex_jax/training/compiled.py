@@ -10,7 +10,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from tokenflex_jax import sharding
+from tokenflex_jax import errors, sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +47,27 @@ def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstra
     jitted = jax.jit(lambda s, b, n=n: step_fn(s, b, n), in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
     with sharding.mesh_rules(mesh, rules):
-      executable = jitted.lower(abstract_state, dict(abstract_batch)).compile()
+      lowered = jitted.lower(abstract_state, dict(abstract_batch))
+    try:
+      executable = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      raise errors.ConfigError(
+          f"the {name} at bucket {n} does not fit a device's memory "
+          f"({_first_line(e)}): keep less for the backward pass "
+          "(config.model.remat_policy=dots or full), shard over more devices or lower "
+          "config.batch_size") from None
     out[n] = CompiledStep(executable, time.perf_counter() - t0, flops_of(executable),
                           executable.memory_analysis())
     log_compiled(f"{name} at bucket {n}", out[n])
   return out
+
+
+def _first_line(e: Exception) -> str:
+  """The compiler's message on one line, from its RESOURCE_EXHAUSTED on."""
+  text = " ".join(str(e).split())
+  return text[text.find("RESOURCE_EXHAUSTED"):][:300]
 
 
 def cost_of(executable: Any, key: str) -> float:
