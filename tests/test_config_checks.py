@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from configs import bench, demo, paper, reproduce
+from configs import bench, demo, gpu_bench, paper, reproduce
 from tests.tiny import tiny_config
 from tokenflex_jax import config_checks, errors, model_config, predict, sharding
 from tokenflex_jax.models import patch_labeler, vlm
@@ -158,6 +158,23 @@ CASES = [
     case("periodic_eval_data_path", r"config\.eval\.suite='mmbench' needs config\.eval\."
          r"data_path, the TSV file \(periodic evaluation while training, config\.eval_every="
          r"10; 0 turns it off\)$", eval_every=10, eval__suite="mmbench"),
+    # config.data, for every job (the build folder only where data is read).
+    case("data_source", r"config\.data\.source must be one of \('procedural', 'tfds', "
+         r"'llava'\), got 'coco'$", job="eval", data__source="coco"),
+    case("data_tfds_dir", r"config\.data\.tfds_dir is empty: config\.data\.source='llava' "
+         r"reads a build of python -m tokenflex_jax\.data\.llava_tfds from it$",
+         data__source="llava"),
+    case("data_workers", r"config\.data\.num_workers=-1 must be an integer >= 0$",
+         job="aot", data__num_workers=-1),
+    case("data_text_length", r"config\.data\.max_text_length=1 must be an integer >= 2$",
+         job="predict", data__max_text_length=1),
+    case("data_scene_size", r"config\.data\.image_size=16: the procedural scenes are drawn "
+         r"at 32 px or more$", job="pretrain_vision", stage=0, data__image_size=16,
+         model__vit__image_size=16),
+    case("data_families", r"config\.data\.families / family_weights: unknown question "
+         r"family 'colour'", data__families=("colour",), data__family_weights=(1.0,)),
+    case("data_family_weights", r"config\.data\.families / family_weights: 1 family_weights "
+         r"for 2 families", data__families=("shape", "count"), data__family_weights=(1.0,)),
     case("eval_auto_counts", r"config\.eval\.auto_counts=\(64, 100\) must be two or more of "
          r"the trained \(and evaluated\) counts \(64, 144\)", job="eval",
          eval__token_counts=(64, 100, 144), eval__auto_counts=(64, 100)),
@@ -217,9 +234,15 @@ def test_shipped_configs_pass():
     config_checks.check(config, 64, job="aot")
     config.tokenizer.path = "/models/qwen/tokenizer.json"
     config.eval.data_path = "/data/mmbench.tsv"
-    for job in ("train", "eval", "predict"):
+    for job in ("eval", "predict"):
       config_checks.check(config, 64, job=job)
+    with pytest.raises(errors.ConfigError, match=r"^config\.data\.tfds_dir is empty"):
+      config_checks.check(config, 64, job="train")  # training reads the LLaVA build
+    config.data.tfds_dir = "/data/llava_tfds"
+    config_checks.check(config, 64, job="train")
   config_checks.check(bench.get_config(), 1)
+  for size in gpu_bench.SIZES:
+    config_checks.check(gpu_bench.get_config(f"size={size}"), 1)
   for variant in reproduce.VARIANTS:
     for stage in ("1", "2"):
       config_checks.check(reproduce.get_config(f"model={variant},stage={stage}"), 1)
@@ -317,3 +340,29 @@ def test_problems_record_user_errors_and_let_bugs_through():
   assert problems.lines == ["config.tokenizer.path: no such file"]
   with pytest.raises(errors.ConfigError, match="^config.tokenizer.path: no such file$"):
     problems.raise_all()
+
+
+BAD_DATA = "--config.data.on_bad_record=sometimes"
+BAD_DATA_LINE = ("error: config.data.on_bad_record must be 'error' (stop at a bad record) or "
+                 "'skip' (count and skip it), got 'sometimes'")
+
+
+@pytest.mark.parametrize("module,flags", [
+    ("tokenflex_jax.train", ("--config=configs/demo.py",)),
+    ("tokenflex_jax.pretrain_vision", ("--config=configs/demo.py:stage=0",)),
+    ("tokenflex_jax.eval", ("--config=configs/demo.py",)),
+    ("tokenflex_jax.predict", ("--config=configs/demo.py", "--image=x.png", "--question=q",
+                               "--num_tokens=64")),
+    ("tokenflex_jax.bench", ("--config=configs/bench.py",)),
+    ("tokenflex_jax.microbench", ("--config=configs/bench.py",)),
+    ("tokenflex_jax.aot", ("--config=configs/demo.py", "--num_cpu_devices=8")),
+    ("tokenflex_jax.gpu_check", ("--config=configs/gpu_bench.py:size=tiny", "--dry")),
+], ids=lambda v: v.rsplit(".", 1)[-1] if isinstance(v, str) else "")
+def test_every_binary_refuses_a_bad_data_value_at_the_door(tmp_path, module, flags):
+  """A bad ``config.data.*`` value: exit 2, one line naming the field, nothing written."""
+  workdir = tmp_path / "run"
+  result = _binary(module, *flags, BAD_DATA, f"--workdir={workdir}")
+  assert result.returncode == errors.USAGE_EXIT_CODE, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == BAD_DATA_LINE, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()

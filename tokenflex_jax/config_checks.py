@@ -6,7 +6,7 @@ work is one line per problem, each naming its field, all in one run (`errors.Con
 the binaries print them and exit with `errors.USAGE_EXIT_CODE`) rather than a traceback
 from inside XLA or the model. The
 checks live next to the code that reads each field (`model_config`, `sharding`,
-`training.buckets`, `training.optimizer`, `training.loss`, `training.trainer`,
+`data.pipeline`, `training.buckets`, `training.optimizer`, `training.loss`, `training.trainer`,
 `evaluation.evaluator`, `evaluation.auto_budget`); this module only calls them.
 
 The one check that needs the tokenizer, its vocabulary against
@@ -20,6 +20,7 @@ import jax
 import ml_collections
 
 from tokenflex_jax import errors, model_config, run_tokenizer, sharding
+from tokenflex_jax.data import pipeline
 from tokenflex_jax.evaluation import auto_budget, evaluator
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.training import buckets, loss, optimizer, trainer
@@ -55,6 +56,9 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
     ``visual_position_span`` >= 0 (pretrain_vision: the ViT's and the layer flags only);
   - a known ``config.tokenizer.kind``, with a ``path`` for an LLM's tokenizer (not
     "aot", which reads no tokenizer);
+  - ``config.data`` (`pipeline.check_data_config`): a known source (with its
+    ``tfds_dir`` for "train" and "pretrain_vision", which read it), bad-record policy,
+    worker count, text length, image size and, for the procedural scenes, their families;
   - ``config.mesh.shape`` fits exactly the devices (one -1 at most, for the rest);
     ``config.sharding.rules`` map logical axes onto the mesh axes (data, fsdp, tensor).
   "train", "aot" and "pretrain_vision":
@@ -87,6 +91,8 @@ def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
                    model_config.FixedTokenIds(config.model.llm.vocab_size))
   if job != "aot":
     problems.check(run_tokenizer.tokenizer_path, config, "")
+  problems.check(pipeline.check_data_config, config.data,
+                 reads_data=job in ("train", "pretrain_vision"))
   num_devices = jax.device_count() if num_devices is None else num_devices
   mesh_shape = problems.check(lambda: dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(
       config.mesh.shape, num_devices))))

@@ -20,7 +20,7 @@ from typing import Any
 
 from absl import flags, logging
 
-from tokenflex_jax import cli
+from tokenflex_jax import cli, config_checks
 from tokenflex_jax.benchmarking import gpu, suite, timing
 
 SAVE_EVERY_S = 10.0
@@ -42,6 +42,7 @@ def options(dry: bool) -> tuple[suite.Options, gpu.AttentionShape, int, int]:
 
 def run(config, workdir: str) -> dict[str, Any]:
   """The binary's job: every section of `gpu` into WORKDIR/gpu.json, then gpu.md."""
+  config_checks.check(config)  # Before the workdir is written or anything measured.
   bench_options, shape, size, calls = options(_DRY.value)
   os.makedirs(workdir, exist_ok=True)
   results: dict[str, Any] = {"dry": _DRY.value}

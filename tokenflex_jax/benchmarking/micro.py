@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from tokenflex_jax import errors, model_config, run_tokenizer, sharding
+from tokenflex_jax import config_checks, errors, model_config, run_tokenizer, sharding
 from tokenflex_jax.benchmarking import suite, timing
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models import layers
@@ -86,6 +86,7 @@ def step_ab(config: ml_collections.ConfigDict, workdir: str, num_tokens: int,
 def main_report(config: ml_collections.ConfigDict, workdir: str, num_tokens: int) -> str:
   """Every measurement at the bench config's shapes (the decoder's sequence at
   ``num_tokens``), as markdown lines."""
+  config_checks.check(config)  # Before the workdir is written or anything compiled.
   if num_tokens not in config.token_counts:
     raise errors.ConfigError(f"--num_tokens={num_tokens} is not one of config.token_counts "
                              f"{tuple(config.token_counts)}")

@@ -28,26 +28,60 @@ from tokenflex_jax.errors import ConfigError, InputError
 TOO_LONG = "too long"
 
 
+SOURCES = ("procedural", "tfds", "llava")
+
+
+def check_data_config(data_config: Any, reads_data: bool = True) -> None:
+  """``config.data``, validated before anything is written: `ConfigError` naming the
+  first field that cannot work. ``reads_data``: the job reads training records, so a
+  "tfds" or "llava" source needs its ``tfds_dir`` (aot and eval read none).
+
+  A known ``source``; ``on_bad_record`` one of `BAD_RECORD_POLICIES`; ``num_workers``
+  >= 0; ``max_text_length`` >= 2 (the placeholder and one answer token); an
+  ``image_size`` of at least 1 (procedural: at least `scenes.BASE_SIZE`); procedural: a
+  positive ``num_examples`` and known ``families`` with one weight >= 0 each, summing
+  to more than 0."""
+  d = data_config
+  if d.source not in SOURCES:
+    raise ConfigError(f"config.data.source must be one of {SOURCES}, got {d.source!r}")
+  if reads_data and d.source != "procedural" and not d.tfds_dir:
+    build = ("python -m tokenflex_jax.data.llava_tfds" if d.source == "llava"
+             else "a TFDS array_record build")
+    raise ConfigError(f"config.data.tfds_dir is empty: config.data.source={d.source!r} "
+                      f"reads a build of {build} from it")
+  check_bad_record_policy(d.on_bad_record)
+  for field, value, least in (("num_workers", d.num_workers, 0),
+                              ("max_text_length", d.max_text_length, 2),
+                              ("image_size", d.image_size, 1)):
+    if not isinstance(value, int) or value < least:
+      raise ConfigError(f"config.data.{field}={value!r} must be an integer >= {least}")
+  if d.source == "procedural":
+    if d.image_size < scenes.BASE_SIZE:
+      raise ConfigError(f"config.data.image_size={d.image_size}: the procedural scenes "
+                        f"are drawn at {scenes.BASE_SIZE} px or more")
+    if d.num_examples <= 0:
+      raise ConfigError(f"config.data.num_examples={d.num_examples} must be positive "
+                        "(the size of the procedural train split)")
+    try:
+      scenes.family_probs(tuple(d.families), tuple(d.family_weights))
+    except ValueError as e:
+      raise ConfigError(f"config.data.families / family_weights: {e}") from None
+
+
 def make_source(data_config: Any, split: str = "train") -> Any:
-  """The random-access source named by ``config.data.source``."""
+  """The random-access source named by ``config.data.source`` (`check_data_config` has
+  checked it)."""
+  check_data_config(data_config)
   if data_config.source == "procedural":
     return scenes.SceneSource(seed=data_config.seed, num_examples=data_config.num_examples,
                               image_size=data_config.image_size,
                               families=tuple(data_config.families),
                               family_weights=tuple(data_config.family_weights))
   if data_config.source == "llava":
-    if not data_config.tfds_dir:
-      raise ValueError("config.data.source='llava' needs config.data.tfds_dir (a build of "
-                       "python -m tokenflex_jax.data.llava_tfds)")
     from tokenflex_jax.data import llava_tfds  # pylint: disable=import-outside-toplevel
     return llava_tfds.LlavaTfdsSource(data_config.tfds_dir, split)
-  if data_config.source == "tfds":
-    if not data_config.tfds_dir:
-      raise ValueError("config.data.source='tfds' needs config.data.tfds_dir")
-    from tokenflex_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
-    return tfds_builder.tfds_source(data_config.tfds_dir, split)
-  raise ValueError(f"config.data.source must be 'procedural', 'tfds' or 'llava', "
-                   f"got {data_config.source!r}")
+  from tokenflex_jax.data import tfds_builder  # pylint: disable=import-outside-toplevel
+  return tfds_builder.tfds_source(data_config.tfds_dir, split)
 
 
 def normalize_image(image: np.ndarray) -> np.ndarray:
@@ -324,8 +358,8 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
   (`SkipBadRecords`) and counted (`skipped_records`).
   """
   if global_batch % jax.process_count():
-    raise ValueError(f"config.batch_size={global_batch} is not divisible by the "
-                     f"{jax.process_count()} processes")
+    raise ConfigError(f"config.batch_size={global_batch} is not divisible by the "
+                      f"{jax.process_count()} processes")
   skip = check_bad_record_policy(on_bad_record) == "skip"
   local_batch = global_batch // jax.process_count()
   ds = grain.MapDataset.source(source).seed(seed).shuffle().map(transform)

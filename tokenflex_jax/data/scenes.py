@@ -249,8 +249,8 @@ def get_family(name: str) -> Family:
   raise ValueError(f"unknown question family {name!r}; known: {', '.join(FAMILY_NAMES)}")
 
 
-def _family_probs(families: tuple[str, ...],
-                  family_weights: tuple[float, ...] | None) -> np.ndarray:
+def family_probs(families: tuple[str, ...],
+                 family_weights: tuple[float, ...] | None) -> np.ndarray:
   """Validated sampling probabilities over ``families``: float64 [F]."""
   if not families:
     raise ValueError("families must name at least one family")
@@ -278,7 +278,7 @@ def generate_example(seed: int, index: int, *, image_size: int = BASE_SIZE,
   """
   if image_size < BASE_SIZE:
     raise ValueError(f"image_size must be >= {BASE_SIZE}, got {image_size}")
-  probs = _family_probs(tuple(families), family_weights)
+  probs = family_probs(tuple(families), family_weights)
   rng = np.random.default_rng([seed, index])
   family = get_family(families[int(rng.choice(len(families), p=probs))])
   background = int(rng.integers(len(COLORS)))
@@ -329,7 +329,7 @@ class SceneSource:
   def __init__(self, seed: int, num_examples: int, image_size: int = BASE_SIZE,
                families: tuple[str, ...] = FAMILY_NAMES,
                family_weights: tuple[float, ...] | None = None):
-    _family_probs(tuple(families), family_weights)  # fail here, not inside a worker
+    family_probs(tuple(families), family_weights)  # fail here, not inside a worker
     self.seed = seed
     self.num_examples = num_examples
     self.image_size = image_size

@@ -42,7 +42,7 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
   evaluates every that many steps (`evaluation.periodic`)."""
   counts, probs = tuple(config.token_counts), tuple(config.token_probs)
   buckets.validate_buckets(counts, probs)
-  on_bad_record = pipeline.check_bad_record_policy(config.data.on_bad_record)
+  on_bad_record = config.data.on_bad_record  # checked at the door (config_checks)
   abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
   image, tokens = abstract_batch["image"], abstract_batch["tokens"]
   init_params = lambda rng: model.init(rng, jnp.zeros(image.shape, image.dtype),
