@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tokenflex_jax.data import pooling_geometry, scenes
+from tokenflex_jax.data import scenes
+from tokenflex_jax.evaluation import pooling_geometry
 
 COUNTS = (64, 100, 144, 196, 256)
 

@@ -17,6 +17,7 @@ import ml_collections
 
 from tokenflex_jax import cli, config_checks, model_config, run_tokenizer, sharding
 from tokenflex_jax import workdir as workdir_lib
+from tokenflex_jax.evaluation import periodic
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import steps, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
@@ -29,8 +30,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)
   model = VLM(model_config.vlm_config(config, tokenizer))
-  task = vlm_task(config, model, mesh, rules, run_tokenizer.loader(config, workdir),
-                  eval_dir=os.path.join(workdir, "eval"))
+  load_tokenizer = run_tokenizer.loader(config, workdir)
+  evaluate = (periodic.make_periodic_eval(model, load_tokenizer, config, mesh, rules,
+                                          os.path.join(workdir, "eval"))
+              if config.eval_every > 0 else None)
+  task = vlm_task(config, model, mesh, rules, load_tokenizer, evaluate)
   return trainer.train(config, workdir, task, mesh, rules)
 
 

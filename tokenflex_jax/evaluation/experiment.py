@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenflex_jax.data import pooling_geometry
+from tokenflex_jax.evaluation import pooling_geometry
 from tokenflex_jax.evaluation import outputs
 
 FIXED_PREFIX = "fixed_"

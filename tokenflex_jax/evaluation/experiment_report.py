@@ -106,7 +106,7 @@ def _family_section(s: Mapping[str, Any]) -> list[str]:
   graded = s.get("graded_solvable", {})
   if graded:
     lines += ["", "Share of the budget-graded families' questions whose answer survives the "
-              "pooling (geometry alone, `data/pooling_geometry.py`, adaptive_avg):", "",
+              "pooling (geometry alone, `evaluation/pooling_geometry.py`, adaptive_avg):", "",
               "| family | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
     for fam, shares in graded.items():
       lines.append(f"| {fam} | " + " | ".join(_pct(shares[c]) for c in counts) + " |")

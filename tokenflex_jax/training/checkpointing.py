@@ -11,6 +11,7 @@ at the next start). Each committed step also gets checksums
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import grain
@@ -23,7 +24,6 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from tokenflex_jax import paths
-from tokenflex_jax.convert import legacy_layers
 from tokenflex_jax.errors import CheckpointMismatchError, MissingInputError, UserError
 from tokenflex_jax.training import integrity
 
@@ -253,17 +253,26 @@ def params_metadata(workdir: str, step: int) -> dict[str, Any]:
   return dict(item_metadata(os.path.join(checkpoint_dir(workdir), str(step), "params")))
 
 
+# The pre-release layout, before the layers were stacked: one subtree per ViT block and
+# LLM layer (``vit/block_0``, ``llm/layer_0``, ...).
+_PER_LAYER_KEY = re.compile(r"(block|layer)_\d+")
+LAST_COMMIT_WITH_STACK_LAYERS = "3ac68c4"
+
+
 def refuse_per_layer_layout(workdir: str, step: int) -> None:
-  """Raises ValueError, with the command that converts it, for a checkpoint written
-  before the layers were stacked (``vit/block_0``, ``llm/layer_0``, ...)."""
-  old = legacy_layers.per_layer_subtrees(params_metadata(workdir, step))
+  """Raises `CheckpointMismatchError` (one line) for a checkpoint in the pre-release
+  per-layer layout, which this version does not read."""
+  tree = params_metadata(workdir, step)
+  old = sorted(f"{module}/{key}" for module in ("vit", "llm")
+               if isinstance(tree.get(module), dict)
+               for key in tree[module] if _PER_LAYER_KEY.fullmatch(key))
   if old:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"checkpoint {checkpoint_dir(workdir)}/{step} stores one subtree per layer "
-        f"({old[0]}, ...), the layout before the layers were stacked; convert it with "
-        f"`python -m tokenflex_jax.convert.stack_layers --from={workdir} --to=NEW_WORKDIR` "
-        f"and use NEW_WORKDIR (evaluate it, or start a run from it with "
-        f"--config.init.checkpoint=NEW_WORKDIR)")
+        f"({old[0]}, ...), the pre-release layout from before the layers were stacked, "
+        "which this version does not read; stack it with `python -m "
+        "tokenflex_jax.convert.stack_layers` of tokenflex_jax at commit "
+        f"{LAST_COMMIT_WITH_STACK_LAYERS} or earlier")
 
 
 def saved_modules(workdir: str, step: int | None = None) -> tuple[str, ...]:
@@ -288,8 +297,8 @@ def load_init_modules(init: ml_collections.ConfigDict, abstract_params: dict[str
   if init.checkpoint:
     saved = set(saved_modules(init.checkpoint)) & set(abstract_params)
     if not saved:
-      raise ValueError(f"config.init.checkpoint={init.checkpoint!r} holds none of "
-                       f"the modules {sorted(abstract_params)}")
+      raise CheckpointMismatchError(f"config.init.checkpoint={init.checkpoint!r} holds none "
+                                    f"of the modules {sorted(abstract_params)}")
     params, step = load_params(init.checkpoint, {k: abstract_params[k] for k in sorted(saved)})
     fresh = sorted(set(abstract_params) - saved)
     logging.info("initialised %s from %s (step %d)%s", ", ".join(sorted(saved)),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
@@ -11,7 +12,6 @@ import ml_collections
 from tokenflex_jax import flops
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.data.chat import ChatTokenizer
-from tokenflex_jax.evaluation import periodic
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import buckets
 from tokenflex_jax.training.loss import chunked_answer_loss
@@ -35,13 +35,13 @@ def vlm_loss(model: VLM, weighting: str, vocab_chunk: int = 0) -> LossFn:
 
 def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
              load_tokenizer: Callable[[], ChatTokenizer] | None = None,
-             eval_dir: str | None = None) -> Task:
-  """The VLM's `Task` for ``config`` (its buckets: ``config.token_counts`` drawn with
-  ``config.token_probs``). Without ``load_tokenizer`` the task has no data (shapes only,
-  e.g. for an ahead-of-time compile). With it and ``eval_dir``, ``config.eval_every`` > 0
-  evaluates every that many steps (`evaluation.periodic`)."""
+             evaluate: Callable[[Any, int], Mapping[str, float]] | None = None) -> Task:
+  """The VLM's `Task` for ``config`` (checked by `config_checks`; its buckets:
+  ``config.token_counts`` drawn with ``config.token_probs``). Without ``load_tokenizer``
+  the task has no data (shapes only, e.g. for an ahead-of-time compile). ``evaluate``:
+  the ``(params, step) -> scalars`` the trainer runs every ``config.eval_every`` steps
+  (the train binary's, from `evaluation.periodic`); None: no periodic evaluation."""
   counts, probs = tuple(config.token_counts), tuple(config.token_probs)
-  buckets.validate_buckets(counts, probs)
   on_bad_record = config.data.on_bad_record  # checked at the door (config_checks)
   abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
   image, tokens = abstract_batch["image"], abstract_batch["tokens"]
@@ -60,11 +60,9 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
                                   config.data.num_workers, start_batch=start,
                                   on_bad_record=on_bad_record)
 
-  evaluate = None
-  if config.eval_every > 0 and load_tokenizer is not None and eval_dir is not None:
-    evaluate = periodic.make_periodic_eval(model, load_tokenizer, config, mesh, rules, eval_dir)
-  return Task(evaluate=evaluate, eval_every=config.eval_every, init_params=init_params, loss_fn=vlm_loss(model, config.loss_weighting,
-                                                       config.loss_vocab_chunk),
+  return Task(evaluate=evaluate, eval_every=config.eval_every if evaluate else 0,
+              init_params=init_params,
+              loss_fn=vlm_loss(model, config.loss_weighting, config.loss_vocab_chunk),
               abstract_batch=abstract_batch, data_from=data_from, counts=counts,
               count_for_step=functools.partial(buckets.token_count_for_step, config.seed,
                                                counts=counts, probs=probs),
