@@ -9,6 +9,7 @@ from tokenflex_jax import flops
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
+from tokenflex_jax.models import vlm
 from tokenflex_jax.models.vlm import VLM, VLMConfig
 from tokenflex_jax.training.vlm_task import vlm_loss
 
@@ -43,7 +44,7 @@ def _xla_flops(model, num_tokens, frozen=()):
 @pytest.mark.parametrize("num_tokens,frozen", [(64, ()), (16, ("vit", "llm"))])
 def test_formula_is_the_matmul_share_of_xlas_count(num_tokens, frozen):
   model = _model()
-  trainable = {k: k not in frozen for k in flops.MODULES}
+  trainable = {k: k not in frozen for k in vlm.MODULES}
   formula = flops.vlm_train_flops(model.config, num_tokens, T, B, trainable)
   xla = _xla_flops(model, num_tokens, frozen)
   # XLA also counts the elementwise work (norms, softmax, activations) the formula leaves

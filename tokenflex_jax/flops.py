@@ -25,7 +25,6 @@ from tokenflex_jax.models.projector import ProjectorConfig, token_side
 from tokenflex_jax.models.vit import ViTConfig
 from tokenflex_jax.models.vlm import VLMConfig
 
-MODULES = ("vit", "projector", "llm")  # in the order the gradient flows back through
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +69,8 @@ def llm_forward(cfg: LLMConfig, positions: int, text_positions: int) -> Forward:
 
 
 def train_flops(forwards: Mapping[str, Forward], trainable: Mapping[str, bool]) -> float:
-  """Forward + backward FLOPs from per-module forwards, listed in `MODULES` order (the
-  input first), and which modules train (see the module docstring)."""
+  """Forward + backward FLOPs from per-module forwards, listed from the input on (as
+  `vlm.MODULES`), and which modules train (see the module docstring)."""
   total, before = 0.0, False
   for name, fwd in forwards.items():
     trains = trainable[name]

@@ -11,15 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tokenflex_jax import errors, model_config, run_tokenizer, sharding
+from tokenflex_jax import errors, model_config, run_tokenizer
 from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import checkpointing
+from tokenflex_jax.training import checkpointing, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +60,8 @@ def load(config: ml_collections.ConfigDict, workdir: str, mesh, rules,
   check_same_model(config, workdir, tokenizer)
   model = VLM(model_config.vlm_config(config, tokenizer))
   size, n = config.data.image_size, config.token_counts[0]
-  with sharding.mesh_rules(mesh, rules):
-    boxed = jax.eval_shape(lambda r: model.init(
-        r, jnp.zeros((1, size, size, 3)), jnp.zeros((1, config.data.max_text_length), jnp.int32),
-        n)["params"], jax.random.key(0))
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          sharding.strip_boxes(boxed), shardings)
+  abstract = steps.abstract_params(lambda r: model.init(
+      r, jnp.zeros((1, size, size, 3)), jnp.zeros((1, config.data.max_text_length), jnp.int32),
+      n)["params"], mesh, rules)
   params, step = checkpointing.load_params(workdir, abstract, step)
   return TrainedModel(model, params, tokenizer, step)

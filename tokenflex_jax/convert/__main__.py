@@ -39,7 +39,7 @@ from tokenflex_jax import cli, sharding, trained_model
 from tokenflex_jax.convert import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig
-from tokenflex_jax.training import checkpointing
+from tokenflex_jax.training import checkpointing, compiled, steps
 
 OVERRIDES_FILE = "model_overrides.txt"
 OPTIONAL_LLM_FIELDS = ("rope_type", "rope_factor", "rope_low_freq_factor",
@@ -49,9 +49,8 @@ COMPUTE_FIELDS = ("dtype",)
 
 
 def _shardings(module: nn.Module, example_inputs: tuple, mesh, rules):
-  with sharding.mesh_rules(mesh, rules):
-    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs)["params"])
-  return sharding.logical_shardings(boxed, mesh, rules)
+  return compiled.shardings_of(steps.abstract_params(
+      lambda r: module.init(r, *example_inputs)["params"], mesh, rules))
 
 
 def _placer(shardings):

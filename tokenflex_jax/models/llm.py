@@ -198,18 +198,19 @@ class LLM(nn.Module):
 
   def output_head(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype: the embedding's transpose
-    (tied) or the ``lm_head`` kernel."""
+    (tied) or the ``lm_head`` kernel. The one head of training (the chunked loss) and
+    decoding (`logits`)."""
     dtype = jnp.dtype(self.config.dtype)
     if self.config.tie_embeddings:
       return jnp.asarray(self.embedding, dtype).T
+    if self.is_initializing():  # creates lm_head/kernel
+      self.lm_head(jnp.zeros((1, self.config.width), dtype))
     return jnp.asarray(nn.unbox(self.lm_head.variables["params"]["kernel"]), dtype)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """Final hidden states [B, S, D] (already normalised) -> logits [B, S, V] in float32."""
-    if self.config.tie_embeddings:
-      out = jnp.einsum("bsd,vd->bsv", hidden, jnp.asarray(self.embedding, hidden.dtype))
-    else:
-      out = self.lm_head(hidden)
+    head = self.output_head()
+    out = jnp.einsum("bsd,dv->bsv", hidden.astype(head.dtype), head)
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def decode(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array,

@@ -36,7 +36,8 @@ from tokenflex_jax.models.vit import ViT, ViTConfig
 
 
 VISUAL_POSITION_LAYOUTS = ("raster", "grid")
-# The VLM's top-level parameter modules (`VLM.setup`): one config.lr_multipliers entry each.
+# The VLM's top-level parameter modules (`VLM.setup`), from the input on: one
+# config.lr_multipliers entry each.
 MODULES = ("vit", "projector", "llm")
 
 

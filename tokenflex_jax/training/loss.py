@@ -41,9 +41,16 @@ def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
     (scalar loss, {"token_accuracy", "answer_tokens"}).
   """
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return _weighted(ce, jnp.argmax(logits, axis=-1), targets, loss_mask, weighting)
+
+
+def _weighted(ce: jax.Array, predicted: jax.Array, targets: jax.Array, loss_mask: jax.Array,
+              weighting: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Both losses' tail: per-token cross-entropy ce [B, T] and argmax ids predicted [B, T]
+  -> (the weighted mean over answer tokens, {"token_accuracy", "answer_tokens"})."""
   w = token_weights(loss_mask, weighting)
   loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-9)
-  correct = (jnp.argmax(logits, axis=-1) == targets) * loss_mask
+  correct = (predicted == targets) * loss_mask
   n = jnp.sum(loss_mask)
   return loss, {"token_accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0), "answer_tokens": n}
 
@@ -99,9 +106,5 @@ def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,
   start = (jnp.full(shape, -jnp.inf), jnp.zeros(shape), jnp.zeros(shape),
            jnp.zeros(shape, jnp.int32))
   (top, total, target_logit, best_index), _ = jax.lax.scan(body, start, (heads, offsets))
-  ce = top + jnp.log(total) - target_logit
-  w = token_weights(loss_mask, weighting)
-  loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-9)
-  correct = (best_index == targets) * loss_mask
-  n = jnp.sum(loss_mask)
-  return loss, {"token_accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0), "answer_tokens": n}
+  return _weighted(top + jnp.log(total) - target_logit, best_index, targets, loss_mask,
+                   weighting)

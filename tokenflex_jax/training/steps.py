@@ -63,6 +63,16 @@ def boxed_params(init_params: InitParams, mesh, rules) -> Any:
     return jax.eval_shape(init_params, key)
 
 
+def abstract_params(init_params: InitParams, mesh, rules) -> Any:
+  """The parameters ``init_params`` makes as `jax.ShapeDtypeStruct`s carrying the
+  shardings their logical axes get from ``rules`` on ``mesh`` (nothing is allocated):
+  what a checkpoint is restored onto, or converted weights are laid out by."""
+  boxed = boxed_params(init_params, mesh, rules)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      sharding.strip_boxes(boxed), shardings)
+
+
 def _boxed_state(init_params: InitParams, tx: optax.GradientTransformation,
                  rng: jax.Array) -> TrainState:
   params = init_params(rng)
