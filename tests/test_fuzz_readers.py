@@ -953,14 +953,15 @@ def test_make_iterator_skips_or_stops_at_a_bad_record(llava_build):
                      rf"long: row 2 \(id 'q2'\): needs \d+ tokens but config\.data\."
                      rf"max_text_length is {LLAVA_LENGTH}"):
     next(it)
-  before = pipeline.skipped_records().get("too long", 0)
-  it = pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="skip")
+  skipped = pipeline.SkippedRecords()
+  it = pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="skip",
+                              skipped=skipped)
   for _ in range(2):
     batch = next(it)
     assert set(batch) == {"image", "tokens", "loss_mask"}
     assert batch["tokens"].shape == (3, LLAVA_LENGTH)
     assert ((batch["tokens"] == tok.image_id).sum(axis=1) == 1).all()
-  assert pipeline.skipped_records()["too long"] == before + 2  # once per epoch
+  assert skipped.counts() == {"too long": 2}  # once per epoch
   with pytest.raises(ConfigError, match="config.data.on_bad_record"):
     pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="ignore")
 

@@ -16,27 +16,9 @@ from absl import flags, logging
 from tokenflex_jax import cli
 from tokenflex_jax.benchmarking import report, suite
 
-_ROUNDS = flags.DEFINE_integer("rounds", suite.Options.rounds,
-                               "Timed rounds per bucket (ours and the peer's alternate).")
-_STEPS = flags.DEFINE_integer("steps_per_round", suite.Options.steps_per_round,
-                              "Timed steps per round.")
-_WARMUP = flags.DEFINE_integer("warmup", suite.Options.warmup, "Untimed steps per bucket.")
-_PEER = flags.DEFINE_bool("peer", suite.Options.peer, "Time the PyTorch peer.")
-_LAYOUTS = flags.DEFINE_bool("layouts", suite.Options.layouts,
-                             "Also compile and time the other layer layout (scanned vs "
-                             "unrolled).")
-_PROFILE = flags.DEFINE_bool("profile", suite.Options.profile,
-                             "Trace the largest bucket's step into WORKDIR/profile and "
-                             "report its time per XLA op.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", suite.Options.new_tokens,
-                                   "Generated tokens per generation call.")
 
-
-def run(config, workdir: str) -> dict:
-  """The binary's job: `suite.benchmark` with the flags' options, then the report."""
-  options = suite.Options(rounds=_ROUNDS.value, steps_per_round=_STEPS.value,
-                          warmup=_WARMUP.value, peer=_PEER.value, layouts=_LAYOUTS.value,
-                          new_tokens=_NEW_TOKENS.value, profile=_PROFILE.value)
+def run(config, workdir: str, options: suite.Options) -> dict:
+  """The binary's job: `suite.benchmark`, then the report."""
   results = suite.benchmark(config, workdir, options)
   print(report.write(results, workdir))
   logging.info("wrote %s/bench.json and bench.md", workdir)
@@ -44,7 +26,21 @@ def run(config, workdir: str) -> dict:
 
 
 def main() -> None:
-  cli.run(run)
+  d = suite.Options
+  rounds = flags.DEFINE_integer("rounds", d.rounds,
+                                "Timed rounds per bucket (ours and the peer's alternate).")
+  steps = flags.DEFINE_integer("steps_per_round", d.steps_per_round, "Timed steps per round.")
+  warmup = flags.DEFINE_integer("warmup", d.warmup, "Untimed steps per bucket.")
+  peer = flags.DEFINE_bool("peer", d.peer, "Time the PyTorch peer.")
+  layouts = flags.DEFINE_bool("layouts", d.layouts, "Also compile and time the other layer "
+                              "layout (scanned vs unrolled).")
+  profile = flags.DEFINE_bool("profile", d.profile, "Trace the largest bucket's step into "
+                              "WORKDIR/profile and report its time per XLA op.")
+  new_tokens = flags.DEFINE_integer("new_tokens", d.new_tokens,
+                                    "Generated tokens per generation call.")
+  cli.run(lambda config, workdir: run(config, workdir, suite.Options(
+      rounds=rounds.value, steps_per_round=steps.value, warmup=warmup.value, peer=peer.value,
+      layouts=layouts.value, new_tokens=new_tokens.value, profile=profile.value)))
 
 
 if __name__ == "__main__":

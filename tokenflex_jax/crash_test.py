@@ -18,27 +18,29 @@ from absl import flags
 
 from tokenflex_jax import cli, crash_harness
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "An empty folder for both runs and the log.")
-_KILLS = flags.DEFINE_integer("kills", 10, "SIGKILLs of the killed run (every other one "
-                              "aimed at an asynchronous save).")
-_CONFIG = flags.DEFINE_string("config", "configs/demo.py", "The train binary's --config.")
-_TOTAL = flags.DEFINE_integer("total_steps", 40, "Steps of both runs.")
-_EVERY = flags.DEFINE_integer("checkpoint_every", 4, "Checkpoint cadence of both runs.")
-_SEED = flags.DEFINE_integer("seed", 0, "Draws the kill moments.")
-flags.mark_flag_as_required("workdir")
+def main() -> None:
+  workdir = flags.DEFINE_string("workdir", None, "An empty folder for both runs and the log.",
+                                required=True)
+  kills = flags.DEFINE_integer("kills", 10, "SIGKILLs of the killed run (every other one "
+                               "aimed at an asynchronous save).")
+  config = flags.DEFINE_string("config", "configs/demo.py", "The train binary's --config.")
+  total = flags.DEFINE_integer("total_steps", 40, "Steps of both runs.")
+  every = flags.DEFINE_integer("checkpoint_every", 4, "Checkpoint cadence of both runs.")
+  seed = flags.DEFINE_integer("seed", 0, "Draws the kill moments.")
 
+  def run(argv: list[str]) -> None:
+    train_flags = [f"--config.total_steps={total.value}",
+                   f"--config.checkpoint_every={every.value}", "--config.log_every=1",
+                   f"--config.keep_checkpoints={kills.value + 2}", *argv[1:]]
+    if kills.value < 1:
+      raise flags.ValidationError("--kills must be at least 1")
+    result = crash_harness.run(crash_harness.default_command(config.value, train_flags),
+                               workdir.value, kills.value, total.value, seed=seed.value)
+    print(result.summary(), flush=True)
+    sys.exit(0 if result.bit_identical else 1)
 
-def main(argv: list[str]) -> None:
-  train_flags = [f"--config.total_steps={_TOTAL.value}",
-                 f"--config.checkpoint_every={_EVERY.value}", "--config.log_every=1",
-                 f"--config.keep_checkpoints={_KILLS.value + 2}", *argv[1:]]
-  if _KILLS.value < 1:
-    raise flags.ValidationError("--kills must be at least 1")
-  result = crash_harness.run(crash_harness.default_command(_CONFIG.value, train_flags),
-                             _WORKDIR.value, _KILLS.value, _TOTAL.value, seed=_SEED.value)
-  print(result.summary(), flush=True)
-  sys.exit(0 if result.bit_identical else 1)
+  cli.run_main(run)
 
 
 if __name__ == "__main__":
-  cli.run_main(main)
+  main()

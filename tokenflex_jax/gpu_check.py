@@ -25,8 +25,6 @@ from tokenflex_jax.benchmarking import gpu, suite, timing
 
 SAVE_EVERY_S = 10.0
 
-_DRY = flags.DEFINE_bool("dry", False, "Tiny shapes and one timed step each: the check's "
-                         "code path on a CPU, in seconds.")
 
 
 def options(dry: bool) -> tuple[suite.Options, gpu.AttentionShape, int, int]:
@@ -40,12 +38,12 @@ def options(dry: bool) -> tuple[suite.Options, gpu.AttentionShape, int, int]:
           gpu.FULL_ATTENTION, 8192, 10)
 
 
-def run(config, workdir: str) -> dict[str, Any]:
+def run(config, workdir: str, dry: bool) -> dict[str, Any]:
   """The binary's job: every section of `gpu` into WORKDIR/gpu.json, then gpu.md."""
   config_checks.check(config)  # Before the workdir is written or anything measured.
-  bench_options, shape, size, calls = options(_DRY.value)
+  bench_options, shape, size, calls = options(dry)
   os.makedirs(workdir, exist_ok=True)
-  results: dict[str, Any] = {"dry": _DRY.value}
+  results: dict[str, Any] = {"dry": dry}
 
   lock = threading.Lock()
 
@@ -93,7 +91,9 @@ def run(config, workdir: str) -> dict[str, Any]:
 
 
 def main() -> None:
-  cli.run(run)
+  dry = flags.DEFINE_bool("dry", False, "Tiny shapes and one timed step each: the check's "
+                          "code path on a CPU, in seconds.")
+  cli.run(lambda config, workdir: run(config, workdir, dry.value))
 
 
 if __name__ == "__main__":

@@ -15,18 +15,16 @@ from absl import flags
 from tokenflex_jax import cli
 from tokenflex_jax.benchmarking import micro
 
-_NUM_TOKENS = flags.DEFINE_integer("num_tokens", 256, "The bucket (visual tokens) measured.")
-
-
-def run(config, workdir: str) -> str:
+def run(config, workdir: str, num_tokens: int) -> str:
   """The binary's job: `micro.main_report`, printed."""
-  text = micro.main_report(config, workdir, _NUM_TOKENS.value)
+  text = micro.main_report(config, workdir, num_tokens)
   print(text)
   return text
 
 
 def main() -> None:
-  cli.run(run)
+  num_tokens = flags.DEFINE_integer("num_tokens", 256, "The bucket (visual tokens) measured.")
+  cli.run(lambda config, workdir: run(config, workdir, num_tokens.value))
 
 
 if __name__ == "__main__":

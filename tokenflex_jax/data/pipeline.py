@@ -264,8 +264,6 @@ BAD_RECORD_POLICIES = ("error", "skip")
 MAX_BAD_IN_A_ROW = 100  # "skip" skips single bad records, not a broken source
 _REASON_KEY = "_bad_record_reason"  # uint8 [_REASON_BYTES] per example, only under "skip"
 _REASON_BYTES = 64
-_skipped: collections.Counter[str] = collections.Counter()
-_skipped_lock = threading.Lock()
 
 
 def check_bad_record_policy(value: Any) -> str:
@@ -277,13 +275,23 @@ def check_bad_record_policy(value: Any) -> str:
   return value
 
 
-def skipped_records() -> dict[str, int]:
-  """{reason: records} that this process's training pipelines have skipped since it
-  started (``config.data.on_bad_record = "skip"``), e.g. {"unreadable image": 2}: the
-  bad records among the examples this host was fed (counted when its batch is taken
-  from the iterator, worker processes included). {} if none."""
-  with _skipped_lock:
-    return dict(_skipped)
+class SkippedRecords:
+  """{reason: records} a training pipeline has skipped so far (``config.data.on_bad_record
+  = "skip"``), e.g. {"unreadable image": 2}: the bad records among the examples this
+  host was fed, counted when its batch is taken from the iterator (worker processes
+  included). One per run's data (`make_iterator`'s ``skipped``); thread-safe."""
+
+  def __init__(self):
+    self._counts: collections.Counter[str] = collections.Counter()
+    self._lock = threading.Lock()
+
+  def add(self, reasons: Sequence[str]) -> None:
+    with self._lock:
+      self._counts.update(reasons)
+
+  def counts(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._counts)
 
 
 def _encode_reason(error: InputError | None) -> np.ndarray:
@@ -335,27 +343,29 @@ class SkipBadRecords:
 
 class CountSkipped(grain.transforms.Map):
   """Batch -> the batch without the skip reasons (`SkipBadRecords`), which it adds to
-  `skipped_records`; runs in the process that consumes the batches."""
+  ``skipped``; runs in the process that consumes the batches."""
+
+  def __init__(self, skipped: SkippedRecords):
+    self.skipped = skipped
 
   def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
     batch = dict(element)
     reasons = np.asarray(batch.pop(_REASON_KEY)).reshape(-1, _REASON_BYTES)
     found = [bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in reasons if r.any()]
     if found:
-      with _skipped_lock:
-        _skipped.update(found)
+      self.skipped.add(found)
     return batch
 
 
 def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: int, seed: int,
-                  num_workers: int = 0, start_batch: int = 0, on_bad_record: str = "error"
-                  ) -> grain.DatasetIterator:
+                  num_workers: int = 0, start_batch: int = 0, on_bad_record: str = "error",
+                  skipped: SkippedRecords | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of host-local batches, from global batch
   ``start_batch`` on (the order does not depend on the number of processes).
 
   ``on_bad_record`` ("error" | "skip", ``config.data.on_bad_record``): a record whose
   reading or preprocessing raises `InputError` stops the run, or is skipped
-  (`SkipBadRecords`) and counted (`skipped_records`).
+  (`SkipBadRecords`) and counted into ``skipped`` (a new `SkippedRecords` if None).
   """
   if global_batch % jax.process_count():
     raise ConfigError(f"config.batch_size={global_batch} is not divisible by the "
@@ -373,7 +383,7 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   if skip:
-    it = it.map(CountSkipped())
+    it = it.map(CountSkipped(SkippedRecords() if skipped is None else skipped))
   return iter(it)
 
 

@@ -8,14 +8,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
-
-from tokenflex_jax.evaluation import experiment  # pylint: disable=wrong-import-position
-from tokenflex_jax.evaluation.report import (  # pylint: disable=wrong-import-position
-    BUDGET_XLABEL, save_figure)
+from tokenflex_jax.evaluation import experiment
+from tokenflex_jax.evaluation.report import BUDGET_XLABEL, new_axes, save_figure
 
 MAIN = ("fixed_64", "fixed_144", "fixed_256", "tokenflex")
 
@@ -250,7 +244,7 @@ def markdown(s: Mapping[str, Any]) -> str:
 
 def plot_accuracy(s: Mapping[str, Any], path: str) -> None:
   counts = s["eval_counts"]
-  fig, ax = plt.subplots(figsize=(7.5, 4.8))
+  fig, ax = new_axes((7.5, 4.8))
   for name, info in s["models"].items():
     mean = [100 * info["accuracy"][str(c)]["mean"] for c in counts]
     std = [100 * info["accuracy"][str(c)]["std"] for c in counts]
@@ -264,7 +258,7 @@ def plot_accuracy(s: Mapping[str, Any], path: str) -> None:
 
 
 def plot_budget(s: Mapping[str, Any], path: str) -> None:
-  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  fig, ax = new_axes((6.5, 4.5))
   flex = s["models"][experiment.FLEX]
   counts = s["eval_counts"]
   ax.plot(counts, [100 * flex["accuracy"][str(c)]["mean"] for c in counts], "ks-",

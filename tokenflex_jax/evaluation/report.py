@@ -7,11 +7,8 @@ import json
 import os
 from typing import Any
 
-import matplotlib
 from etils import epath
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
+from matplotlib.figure import Figure
 
 BUDGET_XLABEL = "mean visual tokens per question (every attempt counted)"
 
@@ -58,7 +55,7 @@ def auto_budget_table(results: dict[str, Any]) -> str:
 
 def save_figure(fig, ax, path: str, xlabel: str, ylabel: str) -> None:
   """The project's plot finish: axis labels, a light grid, the legend at the lower right,
-  saved at 110 dpi and closed."""
+  saved at 110 dpi."""
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(alpha=0.3)
@@ -67,13 +64,19 @@ def save_figure(fig, ax, path: str, xlabel: str, ylabel: str) -> None:
   buffer = io.BytesIO()
   fig.savefig(buffer, dpi=110, format="png")
   epath.Path(path).write_bytes(buffer.getvalue())  # local or gs://
-  plt.close(fig)
+
+
+def new_axes(figsize: tuple[float, float]) -> tuple[Figure, Any]:
+  """A figure with one set of axes, drawn off-screen (matplotlib's object API: no
+  pyplot, no process-wide backend)."""
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots()
 
 
 def plot_budget(results: dict[str, Any], path: str) -> None:
   """Accuracy against mean visual tokens: fixed budgets, the automatic curve, the oracle."""
   auto = results["auto_budget"]
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig, ax = new_axes((6, 4.5))
   fixed = [int(c) for c in results["results"]]
   ax.plot(fixed, [100 * results["results"][str(c)]["average"] for c in fixed], "ks-",
           label="fixed budget")
@@ -86,7 +89,7 @@ def plot_budget(results: dict[str, Any], path: str) -> None:
 
 def plot_accuracy(results: dict[str, Any], path: str) -> None:
   counts = [int(c) for c in results["results"]]
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = new_axes((7, 4.5))
   styles = {"coarse": "-", "medium": "--", "fine": ":"}
   for name, info in results["families"].items():
     acc = [100 * results["results"][str(c)]["families"][name] for c in counts]

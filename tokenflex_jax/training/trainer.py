@@ -49,6 +49,8 @@ class Task:
   evaluate: (params, step) -> {name: scalar}, run every ``eval_every`` steps by the loop
     (on every process: it may be collective); None: no periodic evaluation.
   eval_every: the cadence of ``evaluate`` in steps (0: never).
+  skipped_records: () -> {reason: records} the data has skipped so far
+    (``config.data.on_bad_record = "skip"``, `pipeline.SkippedRecords.counts`); None: none.
   """
   init_params: steps.InitParams
   loss_fn: steps.LossFn
@@ -61,6 +63,7 @@ class Task:
   flops_per_step: Callable[[int], float] | None = None
   evaluate: Callable[[Any, int], Mapping[str, float]] | None = None
   eval_every: int = 0
+  skipped_records: Callable[[], Mapping[str, int]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +147,11 @@ def check_loop_config(config: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(f"config.{name} must be positive, got {config[name]}")
 
 
-def skipped_record_counts() -> dict[str, float]:
-  """The bad records this process's pipelines skipped so far (``config.data.on_bad_record
-  = "skip"``): {"skipped_records": total, "skipped_records/<reason>": n}; {} if none."""
-  counts = pipeline.skipped_records()
+def skipped_record_counts(task: Task) -> dict[str, float]:
+  """The bad records the task's data skipped so far on this host (``config.data.
+  on_bad_record = "skip"``): {"skipped_records": total, "skipped_records/<reason>": n};
+  {} if none."""
+  counts = task.skipped_records() if task.skipped_records else {}
   if not counts:
     return {}
   out = {"skipped_records": float(sum(counts.values()))}
@@ -174,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
                            task.tokens_per_example, flops_per_device(task, job),
-                           host_counters=skipped_record_counts)
+                           host_counters=lambda: skipped_record_counts(task))
   saver = loop.Saver(manager, config.checkpoint_every,
                      lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()},
                      writer.flush)

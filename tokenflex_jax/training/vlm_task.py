@@ -55,12 +55,15 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
     return (pipeline.make_source(config.data),
             pipeline.make_transform(config.data, load_tokenizer))
 
+  skipped = pipeline.SkippedRecords()  # over every iterator of the run (restarts too)
+
   def data_from(start: int):
     return pipeline.make_iterator(*source_and_transform(), config.batch_size, config.data.seed,
                                   config.data.num_workers, start_batch=start,
-                                  on_bad_record=on_bad_record)
+                                  on_bad_record=on_bad_record, skipped=skipped)
 
   return Task(evaluate=evaluate, eval_every=config.eval_every if evaluate else 0,
+              skipped_records=skipped.counts,
               init_params=init_params,
               loss_fn=vlm_loss(model, config.loss_weighting, config.loss_vocab_chunk),
               abstract_batch=abstract_batch, data_from=data_from, counts=counts,
