@@ -147,3 +147,16 @@ def test_report_files(workdir, tmp_path):
       "at 256 tokens at 100.0 mean visual tokens (39% of 256" in md
   assert "| tokenflex | 64/144/256 at 3:3:3 | swiglu, adaptive_avg | 2 |" in md
   assert experiment_report.verdict(summary)[0].startswith("- **At each fixed model's own count")
+
+
+def test_the_report_says_what_its_figures_do_not_show(workdir):
+  s = experiment.summarize(experiment.collect(workdir))
+  lines = experiment_report.caveats(s)
+  assert lines[0].startswith("- ± is the population standard deviation over seeds (ddof=0); "
+                             "with 2 seeds the sample SD is 1.41x larger.")
+  assert not any("a spread over" in line for line in lines)  # spreads of 1 point here
+  shaky = json.loads(json.dumps(s))
+  shaky["models"]["fixed_256"]["accuracy"]["144"]["std"] = 0.15
+  assert experiment_report.caveats(shaky)[1].startswith(
+      "- fixed_256: a spread over 10 points at some count")
+  assert "## What these figures do not show" in experiment_report.markdown(s)

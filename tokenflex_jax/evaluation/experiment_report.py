@@ -215,6 +215,34 @@ def verdict(s: Mapping[str, Any]) -> list[str]:
   return lines
 
 
+# Models whose accuracy varies more than this over seeds (an SD, at any count) are flagged.
+UNSTABLE_SD = 0.10
+
+
+def caveats(s: Mapping[str, Any]) -> list[str]:
+  """What the report's figures cannot support, read from the summary ``s``."""
+  seeds = min(info["seeds"] for info in s["models"].values())
+  unstable = [name for name, info in s["models"].items()
+              if max(a["std"] for a in info["accuracy"].values()) > UNSTABLE_SD]
+  lines = [
+      f"- ± is the population standard deviation over seeds (ddof=0); with {seeds} seeds the "
+      f"sample SD is {((seeds / (seeds - 1)) ** 0.5 if seeds > 1 else float('nan')):.2f}x "
+      "larger. \"Within the spread\" compares a mean difference with the spread; it is not "
+      "a test. The summary keeps no per-seed values, so no paired test over seeds is made.",
+      "- The design choices of the demo recipe (the projector's position embedding, the "
+      "visual tokens' rotary layout) were made on these same evaluation questions: there "
+      "was no separate development split.",
+      "- The router rows of the automatic budget are a supervised router, cross-fitted on "
+      "this evaluation set; `predict --num_tokens=auto` escalates on the answer's "
+      "log-probability (the log-prob rows).",
+      "- The code revision of the runs is not recorded in the summary."]
+  if unstable:
+    lines.insert(1, f"- {', '.join(unstable)}: a spread over {100 * UNSTABLE_SD:.0f} points "
+                 "at some count (a seed far from the others, a sign of a collapsed run); "
+                 "every seed is averaged in, none set apart.")
+  return lines
+
+
 def markdown(s: Mapping[str, Any]) -> str:
   hours = s["wall_time_s"] / 3600
   seeds = sorted({info["seeds"] for info in s["models"].values()})
@@ -230,6 +258,7 @@ def markdown(s: Mapping[str, Any]) -> str:
          f"seed{'s' * (seeds != [1])}; bold: a count "
          "the model trained on.", "",
          "## Verdict", "", *verdict(s), "",
+         "## What these figures do not show", "", *caveats(s), "",
          "## Average accuracy at each visual-token count", "", *_accuracy_table(s), "",
          "![accuracy](results_accuracy.png)", "",
          "## TokenFLEX against each fixed model at that model's own count", "",
