@@ -40,3 +40,16 @@ def test_fixed_baseline_is_a_single_bucket():
 def test_validation_names_the_field(counts, probs, match):
   with pytest.raises(ValueError, match=match):
     validate_buckets(counts, probs)
+
+
+def test_buckets_object_validates_when_made_and_draws_as_the_function():
+  from tokenflex_jax import errors
+  from tokenflex_jax.training.buckets import Buckets
+  b = Buckets((64, 144, 256), (0.2, 0.3, 0.5), seed=3)
+  assert [b.for_step(s) for s in range(100)] == [
+      token_count_for_step(3, s, (64, 144, 256), (0.2, 0.3, 0.5)) for s in range(100)]
+  assert {Buckets.single(144).for_step(s) for s in range(20)} == {144}
+  with pytest.raises(errors.ConfigError, match="config.token_probs must be non-negative"):
+    Buckets((64, 144), (0.5, 0.6))
+  with pytest.raises(errors.ConfigError, match="num_visual_tokens=150 is not a positive square"):
+    Buckets((64, 150), (0.5, 0.5))

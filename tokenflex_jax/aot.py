@@ -70,8 +70,8 @@ def tpu_devices(topology: str) -> list[jax.Device]:
                              "(needs libtpu: pip install -r requirements-tpu.txt)") from None
 
 
-def compile_buckets(config: ml_collections.ConfigDict,
-                    devices: list[jax.Device] | None = None) -> dict[int, dict[str, float]]:
+def bucket_figures(config: ml_collections.ConfigDict,
+                   devices: list[jax.Device] | None = None) -> dict[int, dict[str, float]]:
   """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
   "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s"]}} per
   device, for the train step of each of ``config.token_counts`` compiled for ``devices``
@@ -144,7 +144,7 @@ def main() -> None:
     # On the target mesh, before anything compiles.
     config_checks.check(config.value, len(targets) if targets else devices.value or None,
                         job="aot")
-    results = compile_buckets(config.value, targets)
+    results = bucket_figures(config.value, targets)
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)

@@ -20,6 +20,7 @@ from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
 from tokenflex_jax.training import steps, trainer
+from tokenflex_jax.training.buckets import Buckets
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
@@ -50,7 +51,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainStat
           source, pipeline.PatchLabelPreprocess(vit.patch_size), config.batch_size,
           config.data.seed, config.data.num_workers, start_batch=start,
           on_bad_record=config.data.on_bad_record),
-      counts=(g * g,), count_for_step=lambda step: g * g, tokens_per_example=lambda n: n,
+      buckets=Buckets.single(g * g), tokens_per_example=lambda n: n,
       name="patch-labelling step",
       flops_per_step=lambda n: flops.patch_labeler_train_flops(
           vit, len(scenes.COLORS) + scenes.NUM_OBJECT_TYPES, config.batch_size))

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from tokenflex_jax import config_checks, model_config, run_tokenizer, sharding
-from tokenflex_jax.benchmarking import generation, profile, timing
+from tokenflex_jax.benchmarking import decode_speed, profile, timing
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.evaluation.generate import encode_prompts
 from tokenflex_jax.models.vlm import VLM
@@ -105,7 +105,7 @@ def decode_rates(config: ml_collections.ConfigDict, model: VLM, params: Any, tok
                for i in range(images.shape[0])]
   prompts = encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
                            config.data.image_first)
-  cached, recompute = generation.cached_and_recomputed(model, new_tokens)
+  cached, recompute = decode_speed.cached_and_recomputed(model, new_tokens)
   out = {}
   ids = {}
   for name, fn in (("cache", cached), ("recompute", recompute)):

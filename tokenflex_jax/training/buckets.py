@@ -6,6 +6,7 @@ the same step without communicating, and a resumed run continues the same sequen
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -58,3 +59,32 @@ def token_count_for_step(seed: int, step: int, counts: Sequence[int],
   u = np.random.default_rng([seed, 0x70CE, step]).random()
   index = int(np.searchsorted(np.cumsum(probs), u, side="right"))
   return int(counts[min(index, len(counts) - 1)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+  """The visual-token budgets a training run draws from: ``counts`` with ``probs``, one
+  per step by a pure function of (``seed``, step) (`token_count_for_step`). Validated
+  when made (`validate_buckets`; the patch grid is `config_checks`' to check, since it
+  depends on the model)."""
+  counts: tuple[int, ...]
+  probs: tuple[float, ...]
+  seed: int = 0
+
+  def __post_init__(self):
+    validate_buckets(self.counts, self.probs)
+
+  @classmethod
+  def from_config(cls, config) -> "Buckets":
+    """``config.token_counts`` / ``token_probs`` / ``seed``."""
+    return cls(tuple(int(n) for n in config.token_counts),
+               tuple(float(p) for p in config.token_probs), int(config.seed))
+
+  @classmethod
+  def single(cls, count: int) -> "Buckets":
+    """Every step at ``count``."""
+    return cls((count,), (1.0,))
+
+  def for_step(self, step: int) -> int:
+    """The count of training step ``step`` (every host draws the same)."""
+    return token_count_for_step(self.seed, step, self.counts, self.probs)

@@ -17,7 +17,7 @@ the token-count buckets); `train` does the rest, in this order:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -28,7 +28,7 @@ from absl import logging
 from tokenflex_jax import errors, sharding
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.training import checkpointing, compiled, loop, optimizer as optimizer_lib
-from tokenflex_jax.training import steps
+from tokenflex_jax.training import buckets as buckets_lib, steps
 from tokenflex_jax.training.metrics import MetricWriter
 
 
@@ -40,8 +40,7 @@ class Task:
   loss_fn: (params, batch, num_tokens) -> (scalar loss, {name: scalar metric}).
   abstract_batch: the global batch's `jax.ShapeDtypeStruct`s, with their shardings.
   data_from: a global batch index -> the host's data iterator starting there.
-  counts: the buckets (visual-token counts), each compiled once.
-  count_for_step: a step -> its bucket (a pure function: every host agrees).
+  buckets: the visual-token counts (each compiled once) and the draw of one per step.
   tokens_per_example: a bucket -> sequence positions per example (for throughput).
   name: what the compiled step is called in the logs.
   flops_per_step: a bucket -> model FLOPs of one global step (`tokenflex_jax.flops`), for
@@ -56,8 +55,7 @@ class Task:
   loss_fn: steps.LossFn
   abstract_batch: Mapping[str, jax.ShapeDtypeStruct]
   data_from: Callable[[int], Iterator[Mapping[str, Any]]]
-  counts: Sequence[int]
-  count_for_step: Callable[[int], int]
+  buckets: buckets_lib.Buckets
   tokens_per_example: Callable[[int], int]
   name: str = "train step"
   flops_per_step: Callable[[int], float] | None = None
@@ -90,7 +88,7 @@ def plan_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> Com
 def compile_steps(task: Task, plan: CompiledTask, mesh, rules) -> CompiledTask:
   """``plan`` with the train step lowered and compiled once per bucket."""
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer),
-                                      plan.abstract_state, task.abstract_batch, task.counts,
+                                      plan.abstract_state, task.abstract_batch, task.buckets.counts,
                                       mesh, rules, task.name)
   return dataclasses.replace(plan, steps=by_count)
 
@@ -183,10 +181,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
                      lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()},
                      writer.flush)
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
-               tuple(task.counts))
+               task.buckets.counts)
   try:
     state, done = loop.train_loop(
-        state, start, config.total_steps, loop.BucketSteps(job.steps, task.count_for_step),
+        state, start, config.total_steps, loop.BucketSteps(job.steps, task.buckets.for_step),
         loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter,
         loop.Periodic(task.eval_every, task.evaluate) if task.evaluate else None)
   except errors.NonFiniteLossError as e:

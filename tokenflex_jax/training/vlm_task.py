@@ -13,7 +13,7 @@ from tokenflex_jax import flops
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import buckets
+from tokenflex_jax.training.buckets import Buckets
 from tokenflex_jax.training.loss import chunked_answer_loss
 from tokenflex_jax.training.steps import LossFn
 from tokenflex_jax.training.trainer import Task
@@ -41,12 +41,13 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
   the task has no data (shapes only, e.g. for an ahead-of-time compile). ``evaluate``:
   the ``(params, step) -> scalars`` the trainer runs every ``config.eval_every`` steps
   (the train binary's, from `evaluation.periodic`); None: no periodic evaluation."""
-  counts, probs = tuple(config.token_counts), tuple(config.token_probs)
+  buckets = Buckets.from_config(config)
   on_bad_record = config.data.on_bad_record  # checked at the door (config_checks)
   abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
   image, tokens = abstract_batch["image"], abstract_batch["tokens"]
   init_params = lambda rng: model.init(rng, jnp.zeros(image.shape, image.dtype),
-                                       jnp.zeros(tokens.shape, tokens.dtype), counts[0])["params"]
+                                       jnp.zeros(tokens.shape, tokens.dtype),
+                                       buckets.counts[0])["params"]
 
   @functools.cache
   def source_and_transform():
@@ -66,9 +67,7 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
               skipped_records=skipped.counts,
               init_params=init_params,
               loss_fn=vlm_loss(model, config.loss_weighting, config.loss_vocab_chunk),
-              abstract_batch=abstract_batch, data_from=data_from, counts=counts,
-              count_for_step=functools.partial(buckets.token_count_for_step, config.seed,
-                                               counts=counts, probs=probs),
+              abstract_batch=abstract_batch, data_from=data_from, buckets=buckets,
               tokens_per_example=lambda n: config.data.max_text_length - 1 + n,
               name="VLM train step",
               flops_per_step=lambda n: flops.vlm_train_flops(
