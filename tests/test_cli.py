@@ -1,6 +1,7 @@
 """The binaries' shared command line: Orbax's INFO chatter is filtered, warnings are not;
 a user's mistake is one line and exit 2, a bug keeps its traceback."""
 
+import fnmatch
 import logging
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 
 import pytest
 
+from tokenflex_jax import cli
 from tokenflex_jax.cli import QuietLibraryInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,3 +98,22 @@ def test_without_config_the_workdirs_own_config_is_read_with_overrides(tmp_path)
   values(given)
   assert loaded.value.eval.suite == "vqa" and loaded.value.eval.batch_size == 24
   assert loaded.value.model.to_dict() == config.model.to_dict()
+
+
+def test_a_host_without_a_tpu_does_not_start_libtpu():
+  files = lambda present: (lambda pattern: fnmatch.filter(present, pattern))  # as glob.glob
+  assert cli.host_platforms({}, files([])) == "cpu"
+  assert cli.host_platforms({}, files(["/dev/nvidia0"])) == "cuda,cpu"
+  assert cli.host_platforms({}, files(["/dev/accel0"])) is None       # TPU v4 / v5e
+  assert cli.host_platforms({}, files(["/dev/vfio/0"])) is None       # TPU v5p / v6e
+  assert cli.host_platforms({"JAX_PLATFORMS": "tpu"}, files([])) is None
+  # A binary on this host (libtpu installed by the test requirements), JAX_PLATFORMS unset:
+  # no line from libtpu's probe for chips and cloud metadata.
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+  env["PYTHONPATH"] = REPO
+  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.train",
+                           "--config=configs/demo.py", "--config.optimizer.learning_rate=-1",
+                           "--workdir=/nonexistent/run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "host bounds" not in result.stderr and "TPU_WORKER" not in result.stderr, result.stderr

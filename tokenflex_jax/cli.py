@@ -14,10 +14,12 @@ together by tests and notebooks.
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -170,6 +172,26 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(errors.USAGE_EXIT_CODE)
 
 
+def host_platforms(environ: Mapping[str, str], device_files: Callable[[str], list[str]]
+                   ) -> str | None:
+  """The JAX platforms for this host when it has no TPU: "cpu", or "cuda,cpu" with an
+  NVIDIA GPU (``device_files`` is `glob.glob`). None (JAX's own choice) when
+  ``JAX_PLATFORMS`` is set or TPU chips are present (/dev/accel*, /dev/vfio/N). Why:
+  with libtpu installed (requirements-tpu.txt, for the TPU compiler) JAX otherwise starts
+  the TPU backend on any host, and libtpu prints errors about the chips and the cloud
+  metadata it cannot find."""
+  if environ.get("JAX_PLATFORMS") or device_files("/dev/accel*") or device_files(
+      "/dev/vfio/[0-9]*"):
+    return None
+  return "cuda,cpu" if device_files("/dev/nvidia[0-9]*") else "cpu"
+
+
+def _no_tpu_probe_without_a_tpu() -> None:
+  platforms = host_platforms(os.environ, glob.glob)
+  if platforms:
+    jax.config.update("jax_platforms", platforms)
+
+
 def _quiet_library_logs() -> None:
   """`QuietLibraryInfo` on absl's handler, before any backend starts."""
   handler = absl_logging.get_absl_handler()
@@ -207,4 +229,5 @@ def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
     job(loaded, workdir.value)
 
   _quiet_library_logs()
+  _no_tpu_probe_without_a_tpu()
   app.run(main, argv=command_line(), flags_parser=parse_flags)
