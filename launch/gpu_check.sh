@@ -42,8 +42,9 @@ else
   export PYTHONPATH="$REPO"
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-# JAX takes half the GPU's memory; the PyTorch peer, in the same process, the rest.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
+# The GPU or nothing (a run that found no GPU must fail, not measure the CPU); JAX takes
+# half the GPU's memory, the PyTorch peer in the same process the rest.
+export JAX_PLATFORMS=cuda,cpu XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
 set -o pipefail
 timeout 480 python3 -m tokenflex_jax.gpu_check --config=configs/gpu_bench.py:size=1b \
   --workdir="$DEST" 2>&1 | tee "$DEST/gpu_check.log"

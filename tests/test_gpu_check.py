@@ -82,14 +82,22 @@ def test_the_report_of_a_gpu_run_gives_mfu_against_both_rates():
        "bench": {"batch_size": 4, "text_length": 1024, "compute_dtype": "bfloat16",
                  "remat_policy": "dots", "scan_layers": True,
                  "roofline_gflops": {"float32": 50e3, "bfloat16": 750e3},
-                 "buckets": {"256": bucket}, "mix": {"256": 1.0}, "mix_vs_fixed256": 1.0,
+                 "buckets": {"64": {**bucket, "loss": None, "peer_loss": None},
+                             "256": bucket}, "mix": {"256": 1.0}, "mix_vs_fixed256": 1.0,
                  "peer_device": "cuda"}}
+  for key in ("loss", "peer_loss"):  # the first losses compared at the largest bucket only
+    del r["bench"]["buckets"]["64"][key]
   text = gpu.markdown(r)
   # 300 TFLOP in 0.5 s: 600 TFLOP/s, 0.80 of the measured 750 and 0.61 of the 989.4
   # published for an H200.
   assert "| 256 | 500.0 | 300.00 | 600 | 0.80 | 0.61 | 40.0 | 60.0 | 50 | 750.0 | 1.50 |" in text
   assert "750 TFLOP/s measured, 989 published" in text
   assert "first losses differ by at most 1.0e-02" in text
+  # The bench section failed (cuDNN, say) and its XLA-attention rerun measured: its table.
+  r["bench_xla"], r["bench"] = r["bench"], {"error": "XlaRuntimeError: cuDNN"}
+  text = gpu.markdown(r)
+  assert "- section bench FAILED: XlaRuntimeError: cuDNN" in text
+  assert "bench_xla: train step, batch 4, text 1024" in text and "| 256 | 500.0 |" in text
   assert gpu.spec_of("NVIDIA H100 80GB HBM3") == gpu.GPU_SPECS["H100"]
   assert gpu.spec_of("cpu") is None
 

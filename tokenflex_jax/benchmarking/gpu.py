@@ -13,7 +13,8 @@ each recorded as it finishes (a failure is recorded and the next one runs):
 4. ``bench``: `suite.benchmark` on the config (configs/gpu_bench.py): per bucket the
    median step, MFU against the measured rate and the chip's published peak, memory,
    compile time; the mix against the largest bucket; KV-cache decoding; the PyTorch
-   peer on the same device.
+   peer on the same device (the binary reruns it with XLA's attention, ``bench_xla``,
+   if it fails).
 """
 
 from __future__ import annotations
@@ -218,10 +219,19 @@ def markdown(r: dict[str, Any]) -> str:
       ok = all(row.get(p, {}).get("ok") for p in ("right", "left"))
       lines.append(f"| {name} | {cells[0]} | {cells[1]} | {_f(row.get('fwd_bwd_ms'), '.2f')} "
                    f"| {row.get('calls_cudnn', '-')} | {ok} |")
-  bench = r.get("bench", {})
+  for name in ("bench", "bench_xla"):
+    lines += _bench_lines(name, r.get(name, {}), spec)
+  return "\n".join(lines)
+
+
+def _bench_lines(name: str, bench: dict[str, Any], spec: tuple[float, float] | None
+                 ) -> list[str]:
+  """The bench section's table and lines (none if it measured no bucket)."""
+  lines: list[str] = []
   if bench.get("buckets"):
     measured = 1e9 * bench["roofline_gflops"]["bfloat16"]
-    lines += ["", f"train step, batch {bench['batch_size']}, text {bench['text_length']}, "
+    lines += ["", f"{name}: train step, batch {bench['batch_size']}, "
+              f"text {bench['text_length']}, "
               f"{bench['compute_dtype']} compute, remat {bench['remat_policy']}, layers "
               f"{'scanned' if bench['scan_layers'] else 'unrolled'}", "",
               "| visual tokens | step (ms) | model TFLOP/step | TFLOP/s | MFU (measured "
@@ -249,7 +259,8 @@ def markdown(r: dict[str, Any]) -> str:
     if "peer_error" in bench:
       lines.append(f"- the PyTorch peer failed: {bench['peer_error'][:300]}")
     elif any("peer_loss" in b for b in bench["buckets"].values()):
-      worst = max(abs(b["peer_loss"] - b["loss"]) for b in bench["buckets"].values())
+      worst = max(abs(b["peer_loss"] - b["loss"]) for b in bench["buckets"].values()
+                  if "peer_loss" in b)
       lines.append(f"- the peer ({bench.get('peer_device')}) starts from our parameters: "
                    f"first losses differ by at most {worst:.1e}")
-  return "\n".join(lines)
+  return lines

@@ -54,7 +54,8 @@ def markdown(r: dict[str, Any]) -> str:
       f"{g['recompute_tokens_per_s']:.0f} recomputing, {r['kv_cache_speedup']:.1f}x"
       f" (same ids: {g['same_ids']})"]
   if any("peer_loss" in b for b in r["buckets"].values()):
-    worst = max(abs(b["peer_loss"] - b["loss"]) for b in r["buckets"].values())
+    worst = max(abs(b["peer_loss"] - b["loss"]) for b in r["buckets"].values()
+                if "peer_loss" in b)
     lines.append(f"- the peer's first loss equals ours to {worst:.1e} at every bucket")
   if "profile" in r:
     lines += ["", profile.markdown(r["profile"], r["profile"]["bucket"])]

@@ -48,7 +48,9 @@ class Options:
   trace the largest bucket's step (WORKDIR/profile) and sum its time per XLA op;
   ``roofline_size``: the side of the roofline's square matmuls; ``peer_failure_ok``: a
   failure of the peer (another framework's stack) is recorded as ``peer_error`` and the
-  rest measured without it, instead of stopping the benchmark."""
+  rest measured without it, instead of stopping the benchmark;
+  ``first_loss_every_bucket``: compare both models' first loss at every bucket (each a
+  compile of the loss), else at the largest only."""
   rounds: int = 3
   steps_per_round: int = 4
   warmup: int = 2
@@ -59,6 +61,7 @@ class Options:
   profile: bool = False
   roofline_size: int = 2048
   peer_failure_ok: bool = False
+  first_loss_every_bucket: bool = True
 
 
 @dataclasses.dataclass
@@ -201,11 +204,12 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
       peer_model = tp.build(model.config, params0, config.loss_weighting, device)
       started = Peer(peer_model, tp.optimizer(peer_model, config.optimizer),
                      tp.torch_batch(local, device), config.optimizer.clip_norm)
-      # Both models' first loss at every bucket, before either trains.
+      # Both models' first loss before either trains, at every bucket (or the largest).
       loss_fn = jax.jit(ours.task.loss_fn, static_argnums=2)
       with sharding.mesh_rules(mesh, rules):
         first = {n: (float(loss_fn(params0, batch, n)[0]),
-                     tp.first_loss(peer_model, started.batch, n)) for n in counts}
+                     tp.first_loss(peer_model, started.batch, n))
+                 for n in (counts if options.first_loss_every_bucket else counts[-1:])}
       out["peer_device"] = device
       return started, first
     peer, first = _peer_attempt(out, options, "building it", start_peer) or (None, None)
@@ -219,8 +223,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
                            "compiled_gib": None if total is None else total / 2**30}
     mine, theirs = [], []
     peer_ok = lambda: peer is not None and "peer_error" not in out
-    if peer_ok():
+    if peer_ok() and n in first:
       row["loss"], row["peer_loss"] = first[n]
+    if peer_ok():
       _peer_attempt(out, options, f"warming up at {n} tokens",
                     lambda: peer.times(n, options.warmup, 0))
     for _ in range(options.rounds):
