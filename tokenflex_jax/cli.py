@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib.util
 import logging
 import os
 import re
@@ -172,22 +173,24 @@ def parse_flags(argv: list[str]) -> list[str]:
   sys.exit(errors.USAGE_EXIT_CODE)
 
 
-def host_platforms(environ: Mapping[str, str], device_files: Callable[[str], list[str]]
-                   ) -> str | None:
-  """The JAX platforms for this host when it has no TPU: "cpu", or "cuda,cpu" with an
-  NVIDIA GPU (``device_files`` is `glob.glob`). None (JAX's own choice) when
-  ``JAX_PLATFORMS`` is set or TPU chips are present (/dev/accel*, /dev/vfio/N). Why:
-  with libtpu installed (requirements-tpu.txt, for the TPU compiler) JAX otherwise starts
-  the TPU backend on any host, and libtpu prints errors about the chips and the cloud
-  metadata it cannot find."""
-  if environ.get("JAX_PLATFORMS") or device_files("/dev/accel*") or device_files(
-      "/dev/vfio/[0-9]*"):
+def host_platforms(environ: Mapping[str, str], device_files: Callable[[str], list[str]],
+                   installed: Callable[[str], bool]) -> str | None:
+  """The JAX platforms for a host with libtpu installed (requirements-tpu.txt, for the
+  TPU compiler) but no TPU chips: "cpu", or "cuda,cpu" with an NVIDIA GPU and JAX's CUDA
+  plugin (``device_files`` is `glob.glob`, ``installed`` whether a module can be
+  imported). Otherwise None, JAX's own choice: ``JAX_PLATFORMS`` set, TPU chips present
+  (/dev/accel*, /dev/vfio/N) or no libtpu. Why: JAX would start libtpu's backend on any
+  host, and libtpu prints errors about the chips and cloud metadata it cannot find."""
+  if (environ.get("JAX_PLATFORMS") or not installed("libtpu")
+      or device_files("/dev/accel*") or device_files("/dev/vfio/[0-9]*")):
     return None
-  return "cuda,cpu" if device_files("/dev/nvidia[0-9]*") else "cpu"
+  cuda = installed("jax_cuda12_plugin") or installed("jax_cuda13_plugin")
+  return "cuda,cpu" if cuda and device_files("/dev/nvidia[0-9]*") else "cpu"
 
 
 def _no_tpu_probe_without_a_tpu() -> None:
-  platforms = host_platforms(os.environ, glob.glob)
+  platforms = host_platforms(os.environ, glob.glob,
+                             lambda name: importlib.util.find_spec(name) is not None)
   if platforms:
     jax.config.update("jax_platforms", platforms)
 
