@@ -25,39 +25,37 @@ import ml_collections
 
 from tokenflex_jax.config_schema import base_config, parse_arg
 
-SIZES = ("1b", "cpu", "tiny")
+# Per size: the ViT's and the LLM's fields, text length, global batch, remat policy.
+# Every size has SigLIP's patch 14, a Qwen2-style decoder (q/k/v biases, tied embeddings)
+# and bfloat16 compute.
+SIZES = {
+    "1b": (dict(image_size=384, width=1152, depth=6, mlp_dim=4304, num_heads=16),
+           dict(vocab_size=151_936, width=1536, depth=28, num_heads=12, num_kv_heads=2,
+                head_dim=128, mlp_dim=8960, rope_theta=1_000_000.0),
+           1024, 4, "dots"),
+    "cpu": (dict(image_size=224, width=192, depth=4, mlp_dim=720, num_heads=3),
+            dict(vocab_size=8192, width=384, depth=6, num_heads=6, num_kv_heads=1,
+                 head_dim=64, mlp_dim=2240),
+            512, 4, "none"),
+    "tiny": (dict(image_size=224, width=64, depth=1, mlp_dim=256, num_heads=1),
+             dict(vocab_size=512, width=64, depth=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                  mlp_dim=256),
+             64, 2, "none"),
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The GPU benchmark config for ``arg`` = ``"size=1b|cpu|tiny"`` (default 1b)."""
-  size = parse_arg(arg, "configs/gpu_bench.py", size=SIZES)["size"]
+  size = parse_arg(arg, "configs/gpu_bench.py", size=tuple(SIZES))["size"]
+  vit, llm, text_length, batch, remat = SIZES[size]
   c = base_config()
   c.stage = 3
-  bf16 = dict(dtype="bfloat16")
-  if size == "1b":
-    c.model.vit.update(image_size=384, patch_size=14, width=1152, depth=6, mlp_dim=4304,
-                       num_heads=16, **bf16)
-    c.model.llm.update(vocab_size=151_936, width=1536, depth=28, num_heads=12,
-                       num_kv_heads=2, head_dim=128, mlp_dim=8960, rope_theta=1_000_000.0,
-                       qkv_bias=True, tie_embeddings=True, **bf16)
-    c.data.max_text_length = 1024
-    c.batch_size = 4
-    c.model.remat_policy = "dots"
-  elif size == "cpu":
-    c.model.vit.update(image_size=224, patch_size=14, width=192, depth=4, mlp_dim=720,
-                       num_heads=3, **bf16)
-    c.model.llm.update(vocab_size=8192, width=384, depth=6, num_heads=6, num_kv_heads=1,
-                       head_dim=64, mlp_dim=2240, qkv_bias=True, tie_embeddings=True, **bf16)
-    c.data.max_text_length = 512
-    c.batch_size = 4
-  else:
-    c.model.vit.update(image_size=224, patch_size=14, width=64, depth=1, mlp_dim=256,
-                       num_heads=1, **bf16)
-    c.model.llm.update(vocab_size=512, width=64, depth=2, num_heads=2, num_kv_heads=1,
-                       head_dim=32, mlp_dim=256, qkv_bias=True, tie_embeddings=True, **bf16)
-    c.data.max_text_length = 64
-    c.batch_size = 2
-  c.model.projector.update(**bf16)
+  c.model.vit.update(patch_size=14, dtype="bfloat16", **vit)
+  c.model.llm.update(qkv_bias=True, tie_embeddings=True, dtype="bfloat16", **llm)
+  c.model.projector.dtype = "bfloat16"
+  c.model.remat_policy = remat
+  c.data.max_text_length = text_length
+  c.batch_size = batch
   c.lr_multipliers = ml_collections.ConfigDict(dict(vit=0.1, projector=1.0, llm=1.0))
   c.log_every = 1
   return c

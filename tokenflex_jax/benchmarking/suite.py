@@ -215,6 +215,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
     peer, first = _peer_attempt(out, options, "building it", start_peer) or (None, None)
 
   buckets: dict[str, dict[str, Any]] = {}
+  peer_ok = lambda: peer is not None and "peer_error" not in out
   for n in counts:
     step = ours.job.steps[n]
     _, ours.state = timing.time_steps(step, ours.state, batch, options.warmup)
@@ -222,7 +223,6 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str,
     row: dict[str, Any] = {"compile_s": step.compile_seconds,
                            "compiled_gib": None if total is None else total / 2**30}
     mine, theirs = [], []
-    peer_ok = lambda: peer is not None and "peer_error" not in out
     if peer_ok() and n in first:
       row["loss"], row["peer_loss"] = first[n]
     if peer_ok():
