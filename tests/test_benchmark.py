@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from tests.tiny import tiny_config
+from tests.tiny import tiny_spec
 from tokenflex_jax.benchmarking import report, suite
 
 # The PyTorch peer has the paper's projector and one position per visual token.
@@ -16,7 +16,7 @@ PEER_MODEL = dict(model__projector__position_embedding=False, model__visual_posi
 def test_benchmark_reports_every_figure(tmp_path):
   # Two buckets keep the compiles (each bucket: ours in both layer layouts, the loss, and
   # the two decoders at the largest) within the suite's budget.
-  config = tiny_config(token_counts=(64, 256), token_probs=(0.4, 0.6), **PEER_MODEL)
+  config = tiny_spec(token_counts=(64, 256), token_probs=(0.4, 0.6), **PEER_MODEL)
   options = suite.Options(rounds=2, steps_per_round=1, warmup=1, new_tokens=4,
                           pipeline_batches=2, profile=True)
   r = suite.benchmark(config, str(tmp_path), options)
@@ -71,7 +71,7 @@ def test_isolated_measurements(tmp_path):
   the two attentions' steps both timed."""
   from tokenflex_jax import errors
   from tokenflex_jax.benchmarking import micro
-  config = tiny_config(token_counts=(64,), token_probs=(1.0,))
+  config = tiny_spec(token_counts=(64,), token_probs=(1.0,))
   with pytest.raises(errors.ConfigError, match=r"--num_tokens=100 is not one of"):
     micro.main_report(config, str(tmp_path), 100)
   text = micro.main_report(config, str(tmp_path), 64)

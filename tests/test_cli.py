@@ -77,10 +77,10 @@ def test_without_config_the_workdirs_own_config_is_read_with_overrides(tmp_path)
   --config); the loader returns the workdir's config.json through the schema."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from tests.tiny import tiny_config  # pylint: disable=import-outside-toplevel
-  from tokenflex_jax import cli, workdir  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax import cli, config_schema, workdir  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   config.eval.batch_size = 24
-  workdir.prepare(str(tmp_path), config)
+  workdir.prepare(str(tmp_path), config_schema.to_spec(config))
   argv = ["eval", f"--workdir={tmp_path}", "--config.eval.suite=vqa"]
   given = cli.with_workdir_config(argv)
   assert given == ["eval", f"--config={cli.SAVED_CONFIG_FILE}:{tmp_path}", *argv[1:]]

@@ -13,13 +13,25 @@ import pytest
 
 from configs import bench, demo, gpu_bench, paper, reproduce
 from tests.tiny import tiny_config
-from tokenflex_jax import config_checks, errors, model_config, predict, sharding
+from tokenflex_jax import config_checks, config_schema, errors, model_config, predict, sharding
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.models.patch_labeler import PatchLabeler
 from tokenflex_jax.models.vlm import VLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Multipliers = ml_collections.ConfigDict
+
+
+# The checks each binary runs, by the name the cases below use.
+JOBS = {"train": config_checks.TRAIN, "aot": config_checks.AOT,
+        "pretrain_vision": config_checks.PRETRAIN_VISION, "eval": config_checks.EVAL,
+        "predict": config_checks.PREDICT}
+
+
+def check(config, num_devices=None, job="train"):
+  """The config as a binary checks it: typed once (`config_schema.to_spec`), then
+  ``job``'s checks."""
+  config_checks.check(config_schema.to_spec(config), JOBS[job], num_devices)
 
 
 def case(id_, pattern, job="train", num_devices=8, stage=2, **overrides):
@@ -108,7 +120,7 @@ CASES = [
          model__llm__num_heads=3, model__llm__num_kv_heads=2),
     case("llm_head_dim_odd", r"config\.model\.llm\.head_dim=15 must be even",
          model__llm__head_dim=15),
-    case("llm_rope_type", r"config\.model\.llm\.rope_type must be one of",
+    case("llm_rope_type", r"config\.model\.llm: LLMConfig\.rope_type='yarn' is not one of",
          model__llm__rope_type="yarn"),
     case("llm_size", r"config\.model\.llm\.depth=0 must be a positive integer",
          model__llm__depth=0),
@@ -186,7 +198,7 @@ def test_bad_config_is_a_config_error_naming_the_field(stage, overrides, job, nu
                                                         pattern):
   config = tiny_config(stage=stage, **overrides)
   with pytest.raises(errors.ConfigError, match="^" + pattern):
-    config_checks.check(config, num_devices, job=job)
+    check(config, num_devices, job=job)
 
 
 def test_every_problem_of_a_config_is_reported_at_once():
@@ -194,16 +206,16 @@ def test_every_problem_of_a_config_is_reported_at_once():
   checked while training without periodic evaluation."""
   config = tiny_config(token_counts=(64, 120), token_probs=(0.5, 0.5),
                        optimizer__learning_rate=-1.0, eval__token_counts=(64, 324))
-  config_checks.check(tiny_config(eval__token_counts=(64, 324)), 8)  # eval_every=0
+  check(tiny_config(eval__token_counts=(64, 324)), 8)  # eval_every=0
   with pytest.raises(errors.ConfigError) as raised:
-    config_checks.check(config, 8)
+    check(config, 8)
   lines = str(raised.value).splitlines()
   assert len(lines) == 2 and lines[0].startswith("config.optimizer.learning_rate=-1.0")
   assert lines[1].startswith("config.token_counts"), lines
   config.eval_every = 10
   config.eval.suite = "vqa"
   with pytest.raises(errors.ConfigError) as raised:
-    config_checks.check(config, 8)
+    check(config, 8)
   lines = str(raised.value).splitlines()
   assert [re.match(r"[\w.]+", l).group() for l in lines] == [
       "config.optimizer.learning_rate", "config.token_counts", "config.eval.token_counts",
@@ -220,32 +232,32 @@ def test_a_config_error_is_a_one_line_user_error_and_a_value_error():
 def test_tiny_configs_pass(stage, job):
   """Including stage 1's frozen ViT: a multiplier of 0 is valid."""
   config = tiny_config(stage=stage)
-  config_checks.check(config, 8, job=job)
-  config_checks.check(config, job=job)  # The default: jax.device_count(), 8 here.
+  check(config, 8, job=job)
+  check(config, job=job)  # The default: jax.device_count(), 8 here.
 
 
 def test_shipped_configs_pass():
   for stage in ("0", "1", "2"):
     config = demo.get_config(f"stage={stage}")
     for job in ("pretrain_vision",) if stage == "0" else ("train", "eval", "predict"):
-      config_checks.check(config, 1, job=job)
+      check(config, 1, job=job)
   for stage in ("1", "2", "3"):
     config = paper.get_config(stage)
-    config_checks.check(config, 64, job="aot")
+    check(config, 64, job="aot")
     config.tokenizer.path = "/models/qwen/tokenizer.json"
     config.eval.data_path = "/data/mmbench.tsv"
     for job in ("eval", "predict"):
-      config_checks.check(config, 64, job=job)
+      check(config, 64, job=job)
     with pytest.raises(errors.ConfigError, match=r"^config\.data\.tfds_dir is empty"):
-      config_checks.check(config, 64, job="train")  # training reads the LLaVA build
+      check(config, 64, job="train")  # training reads the LLaVA build
     config.data.tfds_dir = "/data/llava_tfds"
-    config_checks.check(config, 64, job="train")
-  config_checks.check(bench.get_config(), 1)
+    check(config, 64, job="train")
+  check(bench.get_config(), 1)
   for size in gpu_bench.SIZES:
-    config_checks.check(gpu_bench.get_config(f"size={size}"), 1)
+    check(gpu_bench.get_config(f"size={size}"), 1)
   for variant in reproduce.VARIANTS:
     for stage in ("1", "2"):
-      config_checks.check(reproduce.get_config(f"model={variant},stage={stage}"), 1)
+      check(reproduce.get_config(f"model={variant},stage={stage}"), 1)
 
 
 def test_the_vocabulary_check_names_the_field_and_the_tokenizer():
@@ -253,7 +265,7 @@ def test_the_vocabulary_check_names_the_field_and_the_tokenizer():
   with pytest.raises(errors.ConfigError, match=r"^config\.model\.llm\.vocab_size=256 is "
                      r"smaller than the tokenizer's 300 pieces \(config\.tokenizer\.kind="
                      r"'project', path='WORKDIR/tokenizer\.model'\)"):
-    model_config.vlm_config(config, model_config.FixedTokenIds(300))
+    model_config.vlm_config(config_schema.to_spec(config), model_config.FixedTokenIds(300))
 
 
 def test_predict_checks_num_tokens_against_the_patch_grid():
@@ -266,7 +278,7 @@ def test_predict_checks_num_tokens_against_the_patch_grid():
 def test_module_names_are_the_models_top_level_modules():
   """`vlm.MODULES` and `patch_labeler.MODULES`, which config.lr_multipliers is checked
   against, are the top-level modules of the models' parameters."""
-  config = tiny_config()
+  config = config_schema.to_spec(tiny_config())
   size, length = config.data.image_size, config.data.max_text_length
   images = jnp.zeros((1, size, size, 3))
   model = VLM(model_config.vlm_config(config, model_config.FixedTokenIds(256)))

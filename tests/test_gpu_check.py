@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from configs import gpu_bench, paper
-from tokenflex_jax import flops, model_config
+from tokenflex_jax import config_schema, flops, model_config
 from tokenflex_jax.benchmarking import gpu, suite
 from tokenflex_jax.models.vlm import VLM
 
@@ -129,6 +129,7 @@ def test_wheel_list_pins_what_the_suite_runs():
 
 
 def _vit_shares(config):
+  config = config_schema.to_spec(config)
   cfg = model_config.vlm_config(config, model_config.FixedTokenIds(config.model.llm.vocab_size))
   shares = []
   for n in config.token_counts:
@@ -152,7 +153,8 @@ def test_gpu_bench_configs_have_the_paper_models_flop_shares_and_size():
   assert config.model.llm.dtype == config.model.vit.dtype == "bfloat16"
   assert config.data.max_text_length == 1024 and tuple(config.token_counts) == (64, 144, 256)
   # ~1.6B float32 master weights (the shapes alone: nothing is allocated).
-  model = VLM(model_config.vlm_config(config, model_config.FixedTokenIds(151_936)))
+  model = VLM(model_config.vlm_config(config_schema.to_spec(config),
+                                      model_config.FixedTokenIds(151_936)))
   shapes = jax.eval_shape(lambda image, tokens: model.init(jax.random.key(0), image, tokens, 64),
                           jax.ShapeDtypeStruct((1, 384, 384, 3), "float32"),
                           jax.ShapeDtypeStruct((1, 16), "int32"))

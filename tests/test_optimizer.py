@@ -4,13 +4,12 @@ updates per group (frozen, scaled by the multiplier) against a NumPy reference."
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from tests.tiny import tiny_config
-from tokenflex_jax import model_config
+from tests.tiny import tiny_spec
+from tokenflex_jax import model_config, specs
 from tokenflex_jax.models.patch_labeler import PatchLabeler
 from tokenflex_jax.training import optimizer as optimizer_lib
 
@@ -19,7 +18,7 @@ OPT = dict(learning_rate=0.1, warmup_steps=2, end_lr_fraction=0.1, b1=0.9, b2=0.
 
 
 def _opt_config(**overrides):
-  return ml_collections.ConfigDict({**OPT, **overrides})
+  return specs.OptimizerSpec(**{**OPT, **overrides})
 
 
 def _tree():
@@ -72,7 +71,7 @@ def test_decay_mask_on_kernels_only():
 
 
 def _patch_labeler_params():
-  config = tiny_config(stage=0)
+  config = tiny_spec(stage=0)
   model = PatchLabeler(model_config.vit_config(config), num_colors=5, num_objects=4)
   size = config.data.image_size
   return jax.eval_shape(lambda r: nn.unbox(model.init(r, jnp.zeros((1, size, size, 3)))["params"]),
@@ -245,7 +244,7 @@ def _abstract(*modules):
 def test_from_config_reports_the_frozen_groups(stage, modules, frozen):
   """`from_config` on each demo stage: stage 1 freezes the ViT; the schedule peaks at
   the configured rate after the warmup and ends at end_lr_fraction of it."""
-  config = tiny_config(stage=stage)
+  config = tiny_spec(stage=stage)
   opt = optimizer_lib.from_config(config, _abstract(*modules))
   assert opt.frozen == frozen
   o = config.optimizer
@@ -259,7 +258,7 @@ def test_from_config_rejects_multipliers_of_another_model():
   """Stage 0's multipliers (vit, color_head, object_head) on the VLM's modules fail
   with the config field named."""
   with pytest.raises(ValueError, match="config.lr_multipliers"):
-    optimizer_lib.from_config(tiny_config(stage=0), _abstract("vit", "projector", "llm"))
+    optimizer_lib.from_config(tiny_spec(stage=0), _abstract("vit", "projector", "llm"))
 
 
 def test_a_run_shorter_than_its_warmup_is_warned_with_the_rate_it_ends_at():

@@ -6,27 +6,21 @@ import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from configs import demo, paper
-from tests.tiny import tiny_config
-from tokenflex_jax import model_config, sharding
-from tokenflex_jax.models.llm import LLMConfig
-from tokenflex_jax.models.projector import ProjectorConfig
-from tokenflex_jax.models.vit import ViTConfig
+from tests.tiny import tiny_spec
+from tokenflex_jax import config_schema, model_config, sharding, specs
 from tokenflex_jax.models.vlm import VLM, VLMConfig
 from tokenflex_jax.training.optimizer import make_optimizer
 
 
 def demo_model() -> VLM:
-  c = demo.get_config()
-  return VLM(VLMConfig(ViTConfig(**c.model.vit.to_dict()),
-                       ProjectorConfig(**c.model.projector.to_dict()),
-                       LLMConfig(**c.model.llm.to_dict()), image_token_id=4))
+  c = config_schema.to_spec(demo.get_config())
+  return VLM(VLMConfig(c.model.vit, c.model.projector, c.model.llm, image_token_id=4))
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +175,10 @@ def test_large_parameter_passes_where_it_is_sharded_or_need_not_be():
 @pytest.mark.parametrize("preset", sorted(demo.RULES))
 def test_demo_and_paper_configs_are_sufficiently_sharded(preset):
   rules = sharding.rules_from_config(demo.RULES[preset])
-  meshes = [((-1, 1, 1), demo.get_config()), ((2, 2, 2), demo.get_config()),
-            ((1, 8, 1), demo.get_config())]
+  demo_spec = config_schema.to_spec(demo.get_config())
+  meshes = [((-1, 1, 1), demo_spec), ((2, 2, 2), demo_spec), ((1, 8, 1), demo_spec)]
   if preset == "fsdp":
-    meshes.append(((1, 8, 1), paper.get_config()))
+    meshes.append(((1, 8, 1), config_schema.to_spec(paper.get_config())))
   for mesh_shape, config in meshes:
     mesh = sharding.make_mesh(mesh_shape)
     boxed = _abstract_params(config, mesh, rules)
@@ -197,7 +191,7 @@ def test_demo_and_paper_configs_are_sufficiently_sharded(preset):
     assert shardings["llm"]["embedding"].spec == P(None, "fsdp")
 
 
-def _abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def _abstract_params(config: specs.RunSpec, mesh: jax.sharding.Mesh,
                      rules: sharding.Rules) -> dict:
   """The config's boxed abstract parameters (shapes only), built under ``mesh``."""
   model = model_config.vlm_config(config, model_config.FixedTokenIds(256, image_id=4))
@@ -209,7 +203,7 @@ def _abstract_params(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 
 
 def test_opt_state_shardings_follow_the_parameters_with_a_frozen_group():
-  config = tiny_config()
+  config = tiny_spec()
   mesh = sharding.make_mesh((2, 2, 2))
   rules = sharding.rules_from_config(sharding.FSDP_TP_RULES)
   boxed = _abstract_params(config, mesh, rules)
@@ -258,8 +252,7 @@ def test_opt_state_shardings_refuse_a_state_of_other_shapes():
 
 
 def test_mesh_from_config():
-  config = ml_collections.ConfigDict(dict(mesh=dict(shape=(1, -1, 2)),
-                                          sharding=dict(rules=[["embed", ["fsdp"]]])))
+  config = tiny_spec(mesh__shape=(1, -1, 2), sharding__rules=(("embed", ("fsdp",)),))
   mesh, rules = sharding.mesh_from_config(config)
   assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
   assert rules == (("embed", ("fsdp",)),)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import demo, paper
-from tokenflex_jax import model_config, sharding
+from tokenflex_jax import config_schema, model_config, sharding
 from tokenflex_jax.models.vlm import VLM
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
@@ -40,7 +40,7 @@ def render(config, rules) -> str:
 
 
 def golden_text(name: str) -> str:
-  config = {"demo": demo, "paper": paper}[name].get_config()
+  config = config_schema.to_spec({"demo": demo, "paper": paper}[name].get_config())
   blocks = [f"# {name} config, mesh (data, fsdp, tensor) = {MESH_SHAPE}, 8 devices.\n"
             f"# A mesh axis that does not divide a dimension is dropped for that dimension."]
   for preset, rules in demo.RULES.items():

@@ -15,7 +15,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tokenflex_jax import cli, errors, run_tokenizer, trained_model
+from tokenflex_jax import cli, config_schema, errors, run_tokenizer, trained_model
 from tokenflex_jax import eval as eval_binary
 from tokenflex_jax import predict
 from tokenflex_jax.data import scenes
@@ -238,6 +238,7 @@ def test_eval_refuses_a_config_describing_another_model(reference_run):
   other = copy.deepcopy(config)
   other.model.remat_policy = "full"  # performance flags: the same model
   other.model.scan_layers = not config.model.scan_layers
+  other = config_schema.to_spec(other)
   trained_model.check_same_model(other, workdir, run_tokenizer.loader(other, workdir)())
 
 

@@ -6,6 +6,7 @@ import os
 import ml_collections
 
 from configs import demo
+from tokenflex_jax import config_schema, specs
 
 # The same settings as command-line overrides, for tests that run the binaries.
 TINY_FLAGS = (
@@ -28,6 +29,11 @@ def tiny_config(stage: int = 2, **overrides) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
     _set(c, key.replace("__", "."), value)
   return c
+
+
+def tiny_spec(stage: int = 2, **overrides) -> specs.RunSpec:
+  """`tiny_config` as the library takes it: a frozen `specs.RunSpec`."""
+  return config_schema.to_spec(tiny_config(stage, **overrides))
 
 
 def _set(c, dotted, value):

@@ -25,12 +25,12 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 
-from tokenflex_jax import cli, config_checks, errors, model_config, sharding
+from tokenflex_jax import cli, config_checks, config_schema, errors, model_config, sharding
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import compiled, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
 
@@ -70,7 +70,7 @@ def tpu_devices(topology: str) -> list[jax.Device]:
                              "(needs libtpu: pip install -r requirements-tpu.txt)") from None
 
 
-def bucket_figures(config: ml_collections.ConfigDict,
+def bucket_figures(config: config_schema.ConfigDict | RunSpec,
                    devices: list[jax.Device] | None = None) -> dict[int, dict[str, float]]:
   """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
   "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s"]}} per
@@ -81,6 +81,7 @@ def bucket_figures(config: ml_collections.ConfigDict,
   bytes / bandwidth), a lower bound on the step time (the bytes of the layer loop counted
   once make it lower still). ``tpu_kernels`` (a TPU target): the Mosaic kernel calls in
   the compiled program (splash attention's)."""
+  config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config, devices)
   model = VLM(model_config.vlm_config(config,
                                       model_config.FixedTokenIds(config.model.llm.vocab_size)))
@@ -142,9 +143,10 @@ def main() -> None:
         os.environ.setdefault(key, value)
     targets = tpu_devices(topology.value) if topology.value else None
     # On the target mesh, before anything compiles.
-    config_checks.check(config.value, len(targets) if targets else devices.value or None,
-                        job="aot")
-    results = bucket_figures(config.value, targets)
+    spec = config_schema.to_spec(config.value)
+    config_checks.check(spec, config_checks.AOT,
+                        len(targets) if targets else devices.value or None)
+    results = bucket_figures(spec, targets)
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)

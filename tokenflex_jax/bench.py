@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from tokenflex_jax import cli
+from tokenflex_jax import cli, config_checks, config_schema
 from tokenflex_jax.benchmarking import report, suite
 
 
-def run(config, workdir: str, options: suite.Options) -> dict:
+def run(config: config_schema.ConfigDict, workdir: str, options: suite.Options) -> dict:
   """The binary's job: `suite.benchmark`, then the report."""
-  results = suite.benchmark(config, workdir, options)
+  spec = config_schema.to_spec(config)
+  # Before the workdir is written, data read or anything compiled.
+  config_checks.check(spec, config_checks.TRAIN)
+  results = suite.benchmark(spec, workdir, options)
   print(report.write(results, workdir))
   logging.info("wrote %s/bench.json and bench.md", workdir)
   return results

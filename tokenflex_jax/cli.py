@@ -24,12 +24,10 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
-import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from tokenflex_jax import distributed, errors, workdir as workdir_lib
+from tokenflex_jax import config_schema, distributed, errors, workdir as workdir_lib
 
 SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
 
@@ -99,10 +97,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   ``sys_argv`` is the command line the overrides are read from (default `command_line`,
   which `run_main` parses).
   """
-  config = config_flags.DEFINE_config_file(
-      "config", None, "ml_collections config file, e.g. configs/demo.py:stage=1 (default: "
-      "the --workdir's own config.json).", flag_values=flag_values, lock_config=True,
-      sys_argv=command_line() if sys_argv is None else sys_argv)
+  config = config_schema.define_config_flag(
+      flag_values, command_line() if sys_argv is None else sys_argv)
   workdir = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, tokenizer.",
                                 flag_values=flag_values)
   required = ["config", "workdir"] if workdir_required else ["config"]
@@ -213,7 +209,7 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
           flags_parser=parse_flags)
 
 
-def run(job: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
+def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
   """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` (and the
   multi-process flags) and calls ``job(config, workdir)`` under ``absl.app.run``."""
   config, workdir = define_flags()

@@ -16,22 +16,20 @@ builds the VLM from a tokenizer calls it before compiling.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
-import ml_collections
 
 from tokenflex_jax import errors, model_config, run_tokenizer, sharding
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.evaluation import auto_budget, evaluator
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.training import buckets, loss, optimizer, trainer
+from tokenflex_jax.specs import RunSpec
 
-# What a binary does with the config: "train" (train, bench: the VLM's train step),
-# "aot" (the same, compiled from shapes: no tokenizer is read), "pretrain_vision" (the
-# PatchLabeler's train step), "eval", "predict".
-JOBS = ("train", "aot", "pretrain_vision", "eval", "predict")
-
-
-def grid_side(config: ml_collections.ConfigDict) -> tuple[int, str]:
+def grid_side(config: RunSpec) -> tuple[int, str]:
   """(side of the ViT's patch grid the projector pools, the fields it comes from)."""
   side = config.data.image_size // config.model.vit.patch_size
   if config.data.image_size == config.model.vit.image_size:
@@ -39,105 +37,152 @@ def grid_side(config: ml_collections.ConfigDict) -> tuple[int, str]:
   return side, "config.data.image_size / config.model.vit.patch_size"
 
 
+@dataclasses.dataclass(frozen=True)
+class Facts:
+  """What several checks need, worked out once: the mesh's axis sizes and the rules
+  (None where the config's are unusable, already reported), the patch grid's side and
+  the fields it comes from (None likewise), and the processes of the run."""
+  mesh_shape: dict[str, int] | None
+  rules: Any
+  grid: tuple[int, str] | None
+  processes: int
 
-def check(config: ml_collections.ConfigDict, num_devices: int | None = None, *,
-          job: str = "train") -> None:
-  """Raises `errors.ConfigError` naming every config value that cannot work for ``job``
-  (one of `JOBS`) on ``num_devices`` devices (default ``jax.device_count()``; aot passes
-  the count it simulates): one line per problem, each starting with its field.
+  def batch_divisible(self, problems: "Problems", field: str, value: int) -> None:
+    if self.mesh_shape is not None and self.rules is not None:
+      problems.check(sharding.check_batch_divisible, field, value, self.mesh_shape, self.rules,
+                     self.processes)
 
-  Every job:
-  - the model's fields (`model_config`): positive sizes; ``config.model.vit.width``
-    divisible by its ``num_heads``; a patch no larger than the images;
-    ``config.model.llm.num_heads`` a multiple of ``num_kv_heads``; an even
-    ``head_dim``; known ``rope_type``, ``projector.pooling``, ``projector.mlp``,
-    ``visual_position_layout``, ``remat_policy`` and ``attention``; floating-point
-    dtypes; a ViT width divisible by 4 for ``projector.position_embedding``; a
-    ``visual_position_span`` >= 0 (pretrain_vision: the ViT's and the layer flags only);
-  - a known ``config.tokenizer.kind``, with a ``path`` for an LLM's tokenizer (not
-    "aot", which reads no tokenizer);
-  - ``config.data`` (`pipeline.check_data_config`): a known source (with its
-    ``tfds_dir`` for "train" and "pretrain_vision", which read it), bad-record policy,
-    worker count, text length, image size and, for the procedural scenes, their families;
-  - ``config.mesh.shape`` fits exactly the devices (one -1 at most, for the rest);
-    ``config.sharding.rules`` map logical axes onto the mesh axes (data, fsdp, tensor).
-  "train", "aot" and "pretrain_vision":
-  - ``config.batch_size``, ``log_every``, ``checkpoint_every``, ``keep_checkpoints``
-    positive; the global batch divisible by the data-parallel size (the mesh axes the
-    rules map "batch" onto) and by the processes;
-  - ``config.optimizer``: learning_rate > 0 (a module is frozen by a multiplier of 0),
-    warmup_steps, end_lr_fraction, weight_decay >= 0, clip_norm > 0, b1 and b2 in
-    [0, 1), a known mu_dtype;
-  - ``config.lr_multipliers``: one entry >= 0 per top-level module of the model, no
-    other (the VLM's `vlm.MODULES`; pretrain_vision's `patch_labeler.MODULES`).
-  "train" and "aot": ``config.token_counts`` distinct squares of at most the ViT's patch grid,
-  ``config.token_probs`` one per count, >= 0, summing to 1, a known
-  ``config.loss_weighting``; ``config.eval_every`` >= 0; "train" with ``eval_every`` > 0
-  also the "eval" checks below.
-  "eval": ``config.token_counts`` and ``config.eval.token_counts`` as above;
-  ``config.eval.batch_size`` as the global batch; a known ``config.eval.suite`` (with
-  ``config.eval.data_path`` for a file); ``config.eval.auto_counts`` among the trained
-  and evaluated counts.
-  "predict": ``config.token_counts`` as above.
-  """
-  if job not in JOBS:
-    raise ValueError(f"job must be one of {JOBS}, got {job!r}")
+  def counts(self, problems: "Problems", field: str, counts: tuple[int, ...]) -> None:
+    if self.grid is not None:
+      problems.check(buckets.check_counts, counts, field, *self.grid)
+
+
+# A check: (problems, config, facts) -> None, adding a line per problem it finds.
+Check = Callable[["Problems", RunSpec, Facts], None]
+
+
+def check(config: RunSpec, checks: Sequence[Check], num_devices: int | None = None) -> None:
+  """Runs ``checks`` (one of the tuples below, the binary's) and the mesh's, then raises
+  `errors.ConfigError` naming every config value that cannot work on ``num_devices``
+  devices (default ``jax.device_count()``; aot passes the count it simulates): one line
+  per problem, each starting with its field. The mesh's: ``config.mesh.shape`` fits
+  exactly the devices (one -1 at most, for the rest); ``config.sharding.rules`` map
+  logical axes onto the mesh axes (data, fsdp, tensor)."""
   problems = Problems()
-  problems.check(model_config.layer_flags, config)
-  if job == "pretrain_vision":
-    problems.check(model_config.vit_config, config)
-  else:  # The vocabulary is checked against the tokenizer when there is one.
-    problems.check(model_config.vlm_config, config,
-                   model_config.FixedTokenIds(config.model.llm.vocab_size))
-  if job != "aot":
-    problems.check(run_tokenizer.tokenizer_path, config, "")
-  problems.check(pipeline.check_data_config, config.data,
-                 reads_data=job in ("train", "pretrain_vision"))
   num_devices = jax.device_count() if num_devices is None else num_devices
   mesh_shape = problems.check(lambda: dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(
       config.mesh.shape, num_devices))))
   rules = problems.check(sharding.rules_from_config, config.sharding.rules)
-  mesh_known = mesh_shape is not None and rules is not None
-
-  def batch_divisible(field: str, value: int) -> None:
-    if mesh_known:
-      problems.check(sharding.check_batch_divisible, field, value, mesh_shape, rules,
-                     jax.process_count())
-
-  training = job in ("train", "aot")
-  if training or job == "pretrain_vision":
-    problems.check(trainer.check_loop_config, config)
-    batch_divisible("config.batch_size", config.batch_size)
-    problems.check(optimizer.check_optimizer, config.optimizer)
-    modules = patch_labeler.MODULES if job == "pretrain_vision" else vlm.MODULES
-    problems.check(optimizer.check_multipliers, modules, config.lr_multipliers.to_dict())
-  if job != "pretrain_vision":
-    side_fields = problems.check(grid_side, config)
-    grid_known = side_fields is not None and side_fields[0] > 0
-    if training:
-      if grid_known:
-        problems.check(buckets.validate_buckets, tuple(config.token_counts),
-                       tuple(config.token_probs), *side_fields)
-      problems.check(loss.check_weighting, config.loss_weighting)
-    elif grid_known:
-      problems.check(buckets.check_counts, tuple(config.token_counts), "config.token_counts",
-                     *side_fields)
-    if training and config.eval_every < 0:
-      problems.add(f"config.eval_every={config.eval_every} must be >= 0 (0: no periodic "
-                   "evaluation)")
-    evaluates = job == "eval" or (job == "train" and config.eval_every > 0)
-    if evaluates:
-      if grid_known:
-        problems.check(buckets.check_counts, tuple(config.eval.token_counts),
-                       "config.eval.token_counts", *side_fields)
-      batch_divisible("config.eval.batch_size", config.eval.batch_size)
-      during = (f" (periodic evaluation while training, config.eval_every="
-                f"{config.eval_every}; 0 turns it off)" if training else "")
-      problems.check(evaluator.check_suite, config, context=during)
-      if len(set(config.token_counts) & set(config.eval.token_counts)) >= 2:
-        problems.check(auto_budget.ladder_counts, config.eval.auto_counts, config.token_counts,
-                       config.eval.token_counts)
+  grid = problems.check(grid_side, config)
+  facts = Facts(mesh_shape, rules, grid if grid is not None and grid[0] > 0 else None,
+                jax.process_count())
+  for one in checks:
+    one(problems, config, facts)
   problems.raise_all()
+
+
+def vlm_model(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """Every ``config.model`` field of the VLM (`model_config.vlm_config`): positive sizes;
+  a ViT width its heads divide; a patch no larger than the images; LLM query heads a
+  multiple of the KV heads; an even head_dim; known rope_type, projector pooling and
+  MLP, visual_position_layout, remat_policy and attention; floating-point dtypes; a ViT
+  width divisible by 4 for the projector's position embedding; a visual_position_span
+  >= 0. The vocabulary is checked against the tokenizer when there is one."""
+  del facts
+  problems.check(model_config.layer_flags, config)
+  problems.check(model_config.vlm_config, config,
+                 model_config.FixedTokenIds(config.model.llm.vocab_size))
+
+
+def vision_model(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """``config.model.vit`` and the layer flags alone (the PatchLabeler's)."""
+  del facts
+  problems.check(model_config.layer_flags, config)
+  problems.check(model_config.vit_config, config)
+
+
+def tokenizer(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """A known ``config.tokenizer.kind``, with a ``path`` for an LLM's tokenizer."""
+  del facts
+  problems.check(run_tokenizer.tokenizer_path, config, "")
+
+
+def data_read(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """``config.data`` for a binary that reads it (`pipeline.check_data_config`): a known
+  source with its ``tfds_dir``, bad-record policy, worker count, text length, image size
+  and, for the procedural scenes, their families."""
+  del facts
+  problems.check(pipeline.check_data_config, config.data, reads_data=True)
+
+
+def data_described(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """``config.data`` as `data_read`, for a binary that only takes its shapes (the
+  ``tfds_dir`` not needed)."""
+  del facts
+  problems.check(pipeline.check_data_config, config.data, reads_data=False)
+
+
+def _training(problems: "Problems", config: RunSpec, facts: Facts,
+              modules: tuple[str, ...]) -> None:
+  problems.check(trainer.check_loop_config, config)
+  facts.batch_divisible(problems, "config.batch_size", config.batch_size)
+  problems.check(optimizer.check_optimizer, config.optimizer)
+  problems.check(optimizer.check_multipliers, modules, dict(config.lr_multipliers))
+
+
+def vlm_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """The VLM's train step and loop: ``config.batch_size``, ``log_every``,
+  ``checkpoint_every``, ``keep_checkpoints`` positive; the global batch divisible by the
+  data-parallel size and the processes; ``config.optimizer`` usable; one
+  ``config.lr_multipliers`` entry >= 0 per module of `vlm.MODULES`, no other; the token
+  buckets (`buckets.Buckets.checked`); a known ``config.loss_weighting``;
+  ``config.eval_every`` >= 0."""
+  _training(problems, config, facts, vlm.MODULES)
+  if facts.grid is not None:
+    problems.check(buckets.Buckets.checked, config, *facts.grid)
+  problems.check(loss.check_weighting, config.loss_weighting)
+  if config.eval_every < 0:
+    problems.add(f"config.eval_every={config.eval_every} must be >= 0 (0: no periodic "
+                 "evaluation)")
+
+
+def vision_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """`vlm_training`'s loop, optimizer and batch checks for the PatchLabeler
+  (`patch_labeler.MODULES`)."""
+  _training(problems, config, facts, patch_labeler.MODULES)
+
+
+def trained_counts(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """``config.token_counts``: distinct squares of at most the ViT's patch grid."""
+  facts.counts(problems, "config.token_counts", tuple(config.token_counts))
+
+
+def evaluation(problems: "Problems", config: RunSpec, facts: Facts, context: str = "") -> None:
+  """``config.eval``: its token counts as `trained_counts`; its batch as the global
+  batch; a known suite (with ``data_path`` for a file); ``auto_counts`` among the
+  trained and evaluated counts. ``context`` ends each suite line."""
+  facts.counts(problems, "config.eval.token_counts", tuple(config.eval.token_counts))
+  facts.batch_divisible(problems, "config.eval.batch_size", config.eval.batch_size)
+  problems.check(evaluator.check_suite, config, context=context)
+  if len(set(config.token_counts) & set(config.eval.token_counts)) >= 2:
+    problems.check(auto_budget.ladder_counts, config.eval.auto_counts, config.token_counts,
+                   config.eval.token_counts)
+
+
+def periodic_evaluation(problems: "Problems", config: RunSpec, facts: Facts) -> None:
+  """`evaluation` when the run evaluates while training (``config.eval_every`` > 0)."""
+  if config.eval_every > 0:
+    evaluation(problems, config, facts, context=(
+        f" (periodic evaluation while training, config.eval_every={config.eval_every}; 0 "
+        "turns it off)"))
+
+
+# What each binary checks.
+TRAIN: tuple[Check, ...] = (vlm_model, tokenizer, data_read, vlm_training, periodic_evaluation)
+AOT: tuple[Check, ...] = (vlm_model, data_described, vlm_training)  # no tokenizer is read
+PRETRAIN_VISION: tuple[Check, ...] = (vision_model, tokenizer, data_read, vision_training)
+EVAL: tuple[Check, ...] = (vlm_model, tokenizer, data_described, trained_counts, evaluation)
+PREDICT: tuple[Check, ...] = (vlm_model, tokenizer, data_described, trained_counts)
 
 
 class Problems:

@@ -1,19 +1,25 @@
-"""The one config schema: every key, its default, the config-file argument parser and the
-reading of a workdir's saved ``config.json``.
+"""The one config schema: every key, its default, the config-file argument parser, the
+reading of a workdir's saved ``config.json``, and the one conversion of a config into the
+frozen, typed `specs.RunSpec` the library takes (`to_spec`).
 
 ``configs/*.py`` start from `base_config()` and override values only; they add no keys.
+This module, the binaries and ``configs/`` are the only ones that see ``ml_collections``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import types
+import typing
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
-from absl import logging
+from absl import flags, logging
+from ml_collections import config_flags
 
-from tokenflex_jax import sharding
+from tokenflex_jax import errors, sharding, specs
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -150,6 +156,16 @@ def base_config() -> ConfigDict:
   return c
 
 
+def define_config_flag(flag_values: flags.FlagValues, sys_argv: list[str]
+                       ) -> flags.FlagHolder:
+  """``--config=FILE[:ARG]`` with its ``--config.a.b=V`` overrides (read from
+  ``sys_argv``); the config is locked: an override of a key not in the schema fails."""
+  return config_flags.DEFINE_config_file(
+      "config", None, "ml_collections config file, e.g. configs/demo.py:stage=1 (default: "
+      "the --workdir's own config.json).", flag_values=flag_values, lock_config=True,
+      sys_argv=sys_argv)
+
+
 def parse_arg(arg: str | None, file: str, **choices: tuple[str, ...]) -> dict[str, str]:
   """Parses a config file's argument, e.g. ``"stage=1,rules=fsdp"``, into {key: value}.
 
@@ -220,3 +236,80 @@ def _overlay(target: ConfigDict, saved: Mapping[str, Any], path: str) -> None:
 def _tuples(value: Any) -> Any:
   """JSON lists back to (nested) tuples, e.g. sharding rules [["batch", ["data"]]]."""
   return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def to_spec(config: ConfigDict | Mapping[str, Any] | specs.RunSpec) -> specs.RunSpec:
+  """``config`` as a frozen `specs.RunSpec`, each field's type checked: an integer where
+  the schema has one (a bool is not), a number for a float, a string, a bool, a tuple of
+  such (from a tuple or list). Raises `errors.ConfigError`, one line per wrong field,
+  naming it (``config.model.vit.width='64' must be an integer``). Keys the schema does
+  not know (kept by `read_saved`) are left out. A `specs.RunSpec` is returned as is."""
+  if isinstance(config, specs.RunSpec):
+    return config
+  tree = config.to_dict() if isinstance(config, ConfigDict) else dict(config)
+  problems: list[str] = []
+  spec = _build(specs.RunSpec, tree, "config", problems)
+  if problems:
+    raise errors.ConfigError("\n".join(problems))
+  return spec
+
+
+def read_saved_spec(saved: Mapping[str, Any]) -> specs.RunSpec:
+  """A workdir's saved config (`read_saved`) as a `specs.RunSpec`."""
+  return to_spec(read_saved(saved))
+
+
+def _build(cls: type, tree: Any, path: str, problems: list[str]) -> Any:
+  if not isinstance(tree, Mapping):
+    problems.append(f"{path}={tree!r} must be a section (a dict of fields)")
+    return None
+  hints = typing.get_type_hints(cls)
+  values = {}
+  for field in dataclasses.fields(cls):
+    name = f"{path}.{field.name}"
+    if field.name not in tree:
+      problems.append(f"{name} is missing (config_schema.py lists every key)")
+      continue
+    values[field.name] = _typed(hints[field.name], tree[field.name], name, problems)
+  if len(values) < len(dataclasses.fields(cls)):
+    return None
+  try:
+    return cls(**values)
+  except ValueError as e:  # a class that checks its own fields (e.g. LLMConfig.rope_type)
+    problems.append(f"{path}: {e}")
+    return None
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _typed(kind: Any, value: Any, name: str, problems: list[str]) -> Any:
+  """``value`` as ``kind`` (a spec class, a scalar type, ``X | None``, ``tuple[X, ...]``,
+  ``Mapping[str, float]`` or ``Any``), or None with a line in ``problems``."""
+  origin, args = typing.get_origin(kind), typing.get_args(kind)
+  if dataclasses.is_dataclass(kind):
+    return _build(kind, value, name, problems)
+  if origin in (types.UnionType, typing.Union):
+    if value is None and type(None) in args:
+      return None
+    return _typed(next(a for a in args if a is not type(None)), value, name, problems)
+  if origin is tuple:
+    if not isinstance(value, (tuple, list)):
+      problems.append(f"{name}={value!r} must be a tuple")
+      return None
+    return tuple(_typed(args[0], v, f"{name}[{i}]", problems) for i, v in enumerate(value))
+  if origin is Mapping or kind is Mapping:
+    if not isinstance(value, Mapping):
+      problems.append(f"{name}={value!r} must be a dict")
+      return None
+    return {str(k): _typed(args[1] if args else Any, v, f"{name}.{k}", problems)
+            for k, v in value.items()}
+  if kind is Any:
+    return _tuples(value)
+  ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+  if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if not ok:
+    problems.append(f"{name}={value!r} must be {_KINDS.get(kind, kind.__name__)}")
+    return None
+  return value

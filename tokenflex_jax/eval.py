@@ -16,17 +16,18 @@ from __future__ import annotations
 import os
 
 import jax
-import ml_collections
 from absl import logging
 
-from tokenflex_jax import cli, config_checks, sharding, trained_model
+from tokenflex_jax import cli, config_checks, config_schema, sharding, trained_model
 from tokenflex_jax.evaluation import outputs
 from tokenflex_jax.evaluation.evaluator import evaluate
 from tokenflex_jax.evaluation.report import markdown_table
+from tokenflex_jax.specs import RunSpec
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  config_checks.check(config, job="eval")  # Before any checkpoint is read or compile.
+def run_eval(config: config_schema.ConfigDict | RunSpec, workdir: str) -> dict:
+  config = config_schema.to_spec(config)
+  config_checks.check(config, config_checks.EVAL)  # Before any checkpoint is read or compile.
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules, config.eval.checkpoint_step)
   eval_root, suite = os.path.join(workdir, "eval"), outputs.suite_name(config)

@@ -12,7 +12,6 @@ markdown.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 
 from absl import flags, logging
 
-from tokenflex_jax import cli, config_checks
+from tokenflex_jax import cli, config_checks, config_schema, specs
 from tokenflex_jax.benchmarking import gpu, suite, timing
 
 SAVE_EVERY_S = 10.0
@@ -40,9 +39,11 @@ def options(dry: bool) -> tuple[suite.Options, gpu.AttentionShape, int, int]:
           gpu.FULL_ATTENTION, 8192, 10)
 
 
-def run(config, workdir: str, dry: bool) -> dict[str, Any]:
+def run(config: config_schema.ConfigDict, workdir: str, dry: bool) -> dict[str, Any]:
   """The binary's job: every section of `gpu` into WORKDIR/gpu.json, then gpu.md."""
-  config_checks.check(config)  # Before the workdir is written or anything measured.
+  config = config_schema.to_spec(config)
+  # Before the workdir is written or anything measured.
+  config_checks.check(config, config_checks.TRAIN)
   bench_options, shape, size, calls = options(dry)
   os.makedirs(workdir, exist_ok=True)
   results: dict[str, Any] = {"dry": dry}
@@ -86,8 +87,7 @@ def run(config, workdir: str, dry: bool) -> dict[str, Any]:
   if "error" in results["bench"] and config.model.attention != "xla":
     # One more chance for the step's figures: XLA's attention instead of the one "auto"
     # chose (cuDNN on a GPU), whose failure the bench section recorded.
-    fallback = copy.deepcopy(config)
-    fallback.model.attention = "xla"
+    fallback = specs.replace(config, model__attention="xla")
     gpu.run_sections({"bench_xla": lambda into: suite.benchmark(
         fallback, tempfile.mkdtemp(prefix="gpu_check_"), bench_options, out=into)},
                      results, save)

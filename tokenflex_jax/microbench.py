@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from absl import flags
 
-from tokenflex_jax import cli
+from tokenflex_jax import cli, config_checks, config_schema
 from tokenflex_jax.benchmarking import micro
 
-def run(config, workdir: str, num_tokens: int) -> str:
+
+def run(config: config_schema.ConfigDict, workdir: str, num_tokens: int) -> str:
   """The binary's job: `micro.main_report`, printed."""
-  text = micro.main_report(config, workdir, num_tokens)
+  spec = config_schema.to_spec(config)
+  config_checks.check(spec, config_checks.TRAIN)  # Before the workdir is written or compiles.
+  text = micro.main_report(spec, workdir, num_tokens)
   print(text)
   return text
 

@@ -7,14 +7,14 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from tokenflex_jax import errors
 from tokenflex_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
-from tokenflex_jax.models.llm import ROPE_TYPES, LLMConfig
+from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import MLP_KINDS, POOLING_MODES, ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
 from tokenflex_jax.models.vlm import VISUAL_POSITION_LAYOUTS, VLMConfig
+from tokenflex_jax.specs import RunSpec
 
 
 class TokenIds(Protocol):
@@ -32,15 +32,17 @@ class FixedTokenIds:
   pad_id: int = 0
 
 
-def _check_sizes(section: str, values: ml_collections.ConfigDict, names: tuple[str, ...]
-                 ) -> None:
-  """Raises `errors.ConfigError` unless ``section``'s ``names`` are positive integers."""
+def _check_sizes(section: str, values: ViTConfig | LLMConfig | ProjectorConfig,
+                 names: tuple[str, ...]) -> None:
+  """Raises `errors.ConfigError` unless ``section``'s ``names`` are positive (integers:
+  `config_schema.to_spec` checked the types)."""
   for name in names:
-    if not isinstance(values[name], int) or values[name] < 1:
-      raise errors.ConfigError(f"{section}.{name}={values[name]!r} must be a positive integer")
+    if getattr(values, name) < 1:
+      raise errors.ConfigError(f"{section}.{name}={getattr(values, name)!r} must be a "
+                               "positive integer")
 
 
-def _check_dtype(section: str, values: ml_collections.ConfigDict) -> None:
+def _check_dtype(section: str, values: ViTConfig | LLMConfig | ProjectorConfig) -> None:
   try:
     floating = jnp.issubdtype(jnp.dtype(values.dtype), jnp.floating)
   except TypeError:
@@ -50,7 +52,7 @@ def _check_dtype(section: str, values: ml_collections.ConfigDict) -> None:
                              "dtype (e.g. 'float32', 'bfloat16')")
 
 
-def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
+def vit_config(config: RunSpec) -> ViTConfig:
   """``config.model.vit``, checked: positive sizes, a width the heads divide, a patch no
   larger than the images (``config.data.image_size``), a floating-point dtype."""
   vit = config.model.vit
@@ -64,13 +66,13 @@ def vit_config(config: ml_collections.ConfigDict) -> ViTConfig:
                              f"the images (config.model.vit.image_size={vit.image_size}, "
                              f"config.data.image_size={config.data.image_size})")
   _check_dtype("config.model.vit", vit)
-  return ViTConfig(**vit.to_dict())
+  return vit
 
 
-def llm_config(config: ml_collections.ConfigDict) -> LLMConfig:
+def llm_config(config: RunSpec) -> LLMConfig:
   """``config.model.llm``, checked: positive sizes, query heads a multiple of the KV
   heads (grouped-query attention), an even head_dim (rotary embeddings rotate pairs),
-  a known rope_type, a floating-point dtype."""
+  a floating-point dtype (`LLMConfig` itself refuses an unknown rope_type)."""
   llm = config.model.llm
   _check_sizes("config.model.llm", llm, ("vocab_size", "width", "depth", "num_heads",
                                          "num_kv_heads", "head_dim", "mlp_dim"))
@@ -81,16 +83,13 @@ def llm_config(config: ml_collections.ConfigDict) -> LLMConfig:
   if llm.head_dim % 2:
     raise errors.ConfigError(f"config.model.llm.head_dim={llm.head_dim} must be even (rotary "
                              "embeddings rotate pairs of channels)")
-  if llm.rope_type not in ROPE_TYPES:
-    raise errors.ConfigError(f"config.model.llm.rope_type must be one of {ROPE_TYPES}, "
-                             f"got {llm.rope_type!r}")
   _check_dtype("config.model.llm", llm)
-  return LLMConfig(**llm.to_dict())
+  return llm
 
 
-def projector_config(config: ml_collections.ConfigDict) -> ProjectorConfig:
+def projector_config(config: RunSpec) -> ProjectorConfig:
   """``config.model.projector``, checked (its pooling, MLP, position embedding, dtype)."""
-  projector = ProjectorConfig(**config.model.projector.to_dict())
+  projector = config.model.projector
   if projector.pooling not in POOLING_MODES:
     raise errors.ConfigError(f"config.model.projector.pooling must be one of "
                              f"{POOLING_MODES}, got {projector.pooling!r}")
@@ -106,7 +105,7 @@ def projector_config(config: ml_collections.ConfigDict) -> ProjectorConfig:
   return projector
 
 
-def layer_flags(config: ml_collections.ConfigDict) -> dict[str, object]:
+def layer_flags(config: RunSpec) -> dict[str, object]:
   """The layer stacks' performance flags (``remat_policy``, ``scan_layers``,
   ``attention``) from ``config.model``, checked; they never change the parameters."""
   if config.model.remat_policy not in REMAT_POLICIES:
@@ -119,12 +118,12 @@ def layer_flags(config: ml_collections.ConfigDict) -> dict[str, object]:
               attention=config.model.attention)
 
 
-def _tokenizer_name(config: ml_collections.ConfigDict) -> str:
+def _tokenizer_name(config: RunSpec) -> str:
   t = config.tokenizer
   return f"config.tokenizer.kind={t.kind!r}, path={t.path or 'WORKDIR/tokenizer.model'!r}"
 
 
-def vlm_config(config: ml_collections.ConfigDict, tokenizer: TokenIds) -> VLMConfig:
+def vlm_config(config: RunSpec, tokenizer: TokenIds) -> VLMConfig:
   """The VLM's static configuration, every ``config.model`` field checked (raises
   `errors.ConfigError` naming the field); checks it against the tokenizer."""
   llm = llm_config(config)

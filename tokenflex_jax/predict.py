@@ -18,16 +18,16 @@ import dataclasses
 from collections.abc import Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from tokenflex_jax import cli, config_checks, errors, sharding, trained_model
+from tokenflex_jax import cli, config_checks, config_schema, errors, sharding, trained_model
 from tokenflex_jax.data import images
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation import auto_budget
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import buckets
 
 
@@ -70,11 +70,12 @@ def answer(trained: trained_model.TrainedModel, image: np.ndarray, prompts: np.n
 
 def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
             step: int = -1, max_new_tokens: int = 8,
-            config: ml_collections.ConfigDict | None = None) -> Answer:
+            config: config_schema.ConfigDict | RunSpec | None = None) -> Answer:
   """The model's answer to ``question`` about the image at ``image_path``, at
   ``num_tokens`` visual tokens or, with "auto", at the budget chosen for it."""
-  config = trained_model.run_config(workdir, config)
-  config_checks.check(config, job="predict")  # Before any checkpoint is read or compile.
+  config = trained_model.run_config(workdir, None if config is None else
+                                    config_schema.to_spec(config))
+  config_checks.check(config, config_checks.PREDICT)  # Before any checkpoint is read or compile.
   if num_tokens == "auto":
     counts = list(auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts))
     threshold = config.eval.auto_threshold

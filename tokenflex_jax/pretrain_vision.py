@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from tokenflex_jax import cli, config_checks, flops, model_config, run_tokenizer, sharding
+from tokenflex_jax import cli, config_checks, config_schema, flops, model_config, run_tokenizer
+from tokenflex_jax import sharding
 from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import steps, trainer
 from tokenflex_jax.training.buckets import Buckets
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
-  config_checks.check(config, job="pretrain_vision")  # Before the workdir, data, compiles.
+def pretrain(config: config_schema.ConfigDict | RunSpec, workdir: str) -> steps.TrainState:
+  config = config_schema.to_spec(config)
+  config_checks.check(config, config_checks.PRETRAIN_VISION)  # Before the workdir, data, compiles.
   workdir_lib.prepare(workdir, config)
   mesh, rules = sharding.mesh_from_config(config)
   run_tokenizer.prepare(config, workdir)  # Later stages inherit it from this workdir.

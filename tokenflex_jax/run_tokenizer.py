@@ -13,7 +13,6 @@ import os
 from collections.abc import Callable
 
 import jax
-import ml_collections
 from absl import logging
 from etils import epath
 
@@ -21,11 +20,12 @@ from tokenflex_jax import errors, paths
 from tokenflex_jax.data import chat
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.tokenizer import ensure_tokenizer
+from tokenflex_jax.specs import RunSpec
 
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+def tokenizer_path(config: RunSpec, workdir: str) -> str:
   """The tokenizer file of ``config.tokenizer``; raises `errors.ConfigError` for an
   unknown kind, or an LLM's tokenizer without a path."""
   t = config.tokenizer
@@ -40,7 +40,7 @@ def tokenizer_path(config: ml_collections.ConfigDict, workdir: str) -> str:
   return t.path
 
 
-def loader(config: ml_collections.ConfigDict, workdir: str) -> Callable[[], ChatTokenizer]:
+def loader(config: RunSpec, workdir: str) -> Callable[[], ChatTokenizer]:
   """A picklable zero-argument function that loads the run's tokenizer (grain workers
   call it on their side)."""
   t = config.tokenizer
@@ -49,7 +49,7 @@ def loader(config: ml_collections.ConfigDict, workdir: str) -> Callable[[], Chat
                            system_prompt=t.system_prompt)
 
 
-def _inherit(config: ml_collections.ConfigDict, path: str) -> None:
+def _inherit(config: RunSpec, path: str) -> None:
   """Copies the init workdir's project tokenizer to ``path`` (process 0 writes)."""
   for source in (config.init.checkpoint, config.init.vision_checkpoint):
     inherited = os.path.join(source, TOKENIZER_FILE) if source else ""
@@ -59,7 +59,7 @@ def _inherit(config: ml_collections.ConfigDict, path: str) -> None:
       return
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> ChatTokenizer:
+def prepare(config: RunSpec, workdir: str) -> ChatTokenizer:
   """The run's tokenizer, creating the workdir's project tokenizer if it has none."""
   t = config.tokenizer
   if t.kind != "project":

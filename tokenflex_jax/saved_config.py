@@ -10,10 +10,8 @@ config.
 
 from __future__ import annotations
 
-import ml_collections
-
-from tokenflex_jax import workdir
+from tokenflex_jax import config_schema, workdir
 
 
-def get_config(directory: str) -> ml_collections.ConfigDict:
-  return workdir.read_config(directory)
+def get_config(directory: str) -> config_schema.ConfigDict:
+  return config_schema.read_saved(workdir.saved_json(directory))

@@ -14,17 +14,19 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokenflex_jax import errors
+
+if TYPE_CHECKING:  # specs imports the models, which import this module
+  from tokenflex_jax.specs import RunSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -295,7 +297,7 @@ def assert_params_sufficiently_sharded(boxed_params: Any, shardings: Any, mesh: 
       "dimensions, or config.sharding.rules to shard other logical axes.")
 
 
-def mesh_from_config(config: ml_collections.ConfigDict,
+def mesh_from_config(config: RunSpec,
                      devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Rules]:
   """The (data, fsdp, tensor) mesh of ``config.mesh.shape`` over ``devices`` (default:
   all of this run's) and the normalised ``config.sharding.rules``."""

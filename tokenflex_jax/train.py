@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
-
-from tokenflex_jax import cli, config_checks, model_config, run_tokenizer, sharding
+from tokenflex_jax import cli, config_checks, config_schema, model_config, run_tokenizer
+from tokenflex_jax import sharding
 from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.evaluation import periodic
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import steps, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> steps.TrainState:
+def train(config: config_schema.ConfigDict | RunSpec, workdir: str) -> steps.TrainState:
   """Trains until ``config.total_steps``, resuming from ``workdir`` if it has checkpoints."""
-  config_checks.check(config)  # Before the workdir is written, data read or anything compiled.
+  config = config_schema.to_spec(config)
+  # Before the workdir is written, data read or anything compiled.
+  config_checks.check(config, config_checks.TRAIN)
   workdir_lib.prepare(workdir, config)
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)

@@ -12,13 +12,13 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 
 from tokenflex_jax import errors, model_config, run_tokenizer
 from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import checkpointing, steps
+from tokenflex_jax.specs import RunSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +29,13 @@ class TrainedModel:
   step: int
 
 
-def run_config(workdir: str, given: ml_collections.ConfigDict | None
-               ) -> ml_collections.ConfigDict:
+def run_config(workdir: str, given: RunSpec | None
+               ) -> RunSpec:
   """``given`` (a ``--config``), or the workdir's own config when none is given."""
   return workdir_lib.read_config(workdir) if given is None else given
 
 
-def check_same_model(config: ml_collections.ConfigDict, workdir: str,
+def check_same_model(config: RunSpec, workdir: str,
                      tokenizer: ChatTokenizer) -> None:
   """Refuses a ``config`` whose model differs from the one ``workdir`` was trained with
   (e.g. other visual positions, which would load but answer wrongly). A workdir without
@@ -50,7 +50,7 @@ def check_same_model(config: ml_collections.ConfigDict, workdir: str,
                              f"run's overrides)")
 
 
-def load(config: ml_collections.ConfigDict, workdir: str, mesh, rules,
+def load(config: RunSpec, workdir: str, mesh, rules,
          step: int = -1) -> TrainedModel:
   """The model of ``config`` with the params of ``workdir``'s checkpoint ``step`` (-1:
   the latest), laid out on ``mesh`` by the logical-axis ``rules``. Raises

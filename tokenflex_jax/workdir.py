@@ -10,31 +10,37 @@ from __future__ import annotations
 
 import json
 
+from typing import Any
+
 import jax
-import ml_collections
 from etils import epath
 
-from tokenflex_jax import config_schema
+from tokenflex_jax import config_schema, specs
 from tokenflex_jax.errors import MissingInputError
 
 CONFIG_FILE = "config.json"
 
 
-def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
+def prepare(workdir: str, config: specs.RunSpec) -> None:
   """Creates the workdir and records the config the run uses (process 0 writes)."""
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    (epath.Path(workdir) / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / CONFIG_FILE).write_text(json.dumps(specs.as_dict(config), indent=2))
 
 
 def has_config(workdir: str) -> bool:
   return (epath.Path(workdir) / CONFIG_FILE).exists()
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with, read through the schema (so a workdir
-  written by an older version gets today's keys, with their defaults)."""
+def saved_json(workdir: str) -> dict[str, Any]:
+  """The workdir's config.json as saved; raises `MissingInputError` if there is none."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise MissingInputError(f"{path} not found: is {workdir!r} a training workdir?")
-  return config_schema.read_saved(json.loads(path.read_text()))
+  return json.loads(path.read_text())
+
+
+def read_config(workdir: str) -> specs.RunSpec:
+  """The config a workdir was trained with, read through the schema (so a workdir
+  written by an older version gets today's keys, with their defaults)."""
+  return config_schema.read_saved_spec(saved_json(workdir))

@@ -10,21 +10,20 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from tokenflex_jax import config_checks, errors, model_config, run_tokenizer, sharding
+from tokenflex_jax import errors, model_config, run_tokenizer, sharding, specs
 from tokenflex_jax.benchmarking import suite, timing
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import compiled
+from tokenflex_jax.specs import RunSpec
 
 
 def matmul_seconds(m: int, k: int, n: int, count: int = 1, calls: int = 10) -> float:
@@ -57,7 +56,7 @@ def attention_seconds(implementation: str, batch: int, length: int, heads: int,
   return timing.Timing.of(timing.time_calls(lambda: grad(q, k, v), calls)).median
 
 
-def step_ab(config: ml_collections.ConfigDict, workdir: str, num_tokens: int,
+def step_ab(config: RunSpec, workdir: str, num_tokens: int,
             implementations: tuple[str, str], rounds: int = 4, steps_per_round: int = 3,
             warmup: int = 2) -> dict[str, float]:
   """{implementation: median seconds per train step} at bucket ``num_tokens``: both steps
@@ -66,9 +65,7 @@ def step_ab(config: ml_collections.ConfigDict, workdir: str, num_tokens: int,
   tokenizer = run_tokenizer.prepare(config, workdir)
   runs: dict[str, list[Any]] = {}
   for name in implementations:
-    variant = copy.deepcopy(config)
-    with variant.unlocked():
-      variant.model.attention = name
+    variant = specs.replace(config, model__attention=name)
     setup = suite.setup(variant, VLM(model_config.vlm_config(variant, tokenizer)), mesh,
                         rules, run_tokenizer.loader(variant, workdir))
     batch = pipeline.to_global_batch(next(setup.task.data_from(0)), compiled.shardings_of(
@@ -83,10 +80,9 @@ def step_ab(config: ml_collections.ConfigDict, workdir: str, num_tokens: int,
   return {name: float(np.median(run[3])) for name, run in runs.items()}
 
 
-def main_report(config: ml_collections.ConfigDict, workdir: str, num_tokens: int) -> str:
+def main_report(config: RunSpec, workdir: str, num_tokens: int) -> str:
   """Every measurement at the bench config's shapes (the decoder's sequence at
   ``num_tokens``), as markdown lines."""
-  config_checks.check(config)  # Before the workdir is written or anything compiled.
   if num_tokens not in config.token_counts:
     raise errors.ConfigError(f"--num_tokens={num_tokens} is not one of config.token_counts "
                              f"{tuple(config.token_counts)}")

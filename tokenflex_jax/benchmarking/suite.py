@@ -17,7 +17,6 @@ and, if asked, a profile of the largest bucket's step (`profile`: time per XLA o
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -25,17 +24,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from tokenflex_jax import config_checks, model_config, run_tokenizer, sharding
+from tokenflex_jax import model_config, run_tokenizer, sharding, specs
 from tokenflex_jax.benchmarking import decode_speed, profile, timing
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.evaluation.generate import encode_prompts
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import compiled, steps, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
+from tokenflex_jax.specs import RunSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ class Setup:
   state: Any
 
 
-def setup(config: ml_collections.ConfigDict, model: VLM, mesh, rules, tokenizer_loader
+def setup(config: RunSpec, model: VLM, mesh, rules, tokenizer_loader
            ) -> Setup:
   task = vlm_task(config, model, mesh, rules, tokenizer_loader)
   job = trainer.compile_task(config, task, mesh, rules)
@@ -81,11 +80,8 @@ def setup(config: ml_collections.ConfigDict, model: VLM, mesh, rules, tokenizer_
   return Setup(task, job, state)
 
 
-def _with_layout(config: ml_collections.ConfigDict, scan: bool) -> ml_collections.ConfigDict:
-  other = copy.deepcopy(config)
-  with other.unlocked():
-    other.model.scan_layers = scan
-  return other
+def _with_layout(config: RunSpec, scan: bool) -> RunSpec:
+  return specs.replace(config, model__scan_layers=scan)
 
 
 def pipeline_rate(task: trainer.Task, batch_size: int, batches: int) -> float:
@@ -98,7 +94,7 @@ def pipeline_rate(task: trainer.Task, batch_size: int, batches: int) -> float:
   return batches * batch_size / (time.perf_counter() - t0)
 
 
-def decode_rates(config: ml_collections.ConfigDict, model: VLM, params: Any, tokenizer,
+def decode_rates(config: RunSpec, model: VLM, params: Any, tokenizer,
                  images: np.ndarray, num_tokens: int, new_tokens: int, calls: int
                  ) -> dict[str, float]:
   """New tokens/s of greedy decoding with the KV cache and recomputing, and whether both
@@ -157,12 +153,11 @@ def _peer_attempt(out: dict[str, Any], options: Options, what: str, fn: Callable
     return None
 
 
-def benchmark(config: ml_collections.ConfigDict, workdir: str,
+def benchmark(config: RunSpec, workdir: str,
               options: Options = Options(), out: dict[str, Any] | None = None
               ) -> dict[str, Any]:
   """Runs every measurement; returns the report (`report.write` lays it out). ``out``, if
   given, is filled as figures arrive, so a caller keeps those measured before a failure."""
-  config_checks.check(config)  # Before the workdir is written, data read or anything compiled.
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = sharding.mesh_from_config(config)
   tokenizer = run_tokenizer.prepare(config, workdir)

@@ -32,13 +32,13 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags, logging
 
-from tokenflex_jax import cli, sharding, trained_model
+from tokenflex_jax import cli, config_schema, sharding, specs, trained_model
 from tokenflex_jax.convert import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import checkpointing, compiled, steps
 
 OVERRIDES_FILE = "model_overrides.txt"
@@ -85,11 +85,12 @@ def overrides(vit: ViTConfig | None, llm: LLMConfig | None) -> list[str]:
   return flags_out
 
 
-def import_towers(config: ml_collections.ConfigDict, workdir: str, vision_dir: str | None,
-                  llm_dir: str | None) -> list[str]:
+def import_towers(config: config_schema.ConfigDict | RunSpec, workdir: str,
+                  vision_dir: str | None, llm_dir: str | None) -> list[str]:
   """Writes the converted towers as checkpoint 0 of ``workdir``; returns the overrides."""
   if not vision_dir and not llm_dir:
     raise app.UsageError("give --vision and/or --llm (Hugging Face model directories)")
+  config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config)
   params, vit_cfg, llm_cfg = {}, None, None
   if vision_dir:
@@ -116,16 +117,17 @@ def import_towers(config: ml_collections.ConfigDict, workdir: str, vision_dir: s
   return flags_out
 
 
-def export_towers(config: ml_collections.ConfigDict, workdir: str, out_dir: str,
+def export_towers(config: config_schema.ConfigDict | RunSpec, workdir: str, out_dir: str,
                   llm_type: str) -> None:
   """Writes the workdir's latest ViT and LLM as Hugging Face directories under out_dir,
   and every weight of the VLM (projector included) in our layout under out_dir/vlm."""
+  config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules)
   host = jax.tree.map(jax.device_get, trained.params)
   hf.export_vision(trained.model.config.vit, host["vit"], os.path.join(out_dir, "vision"))
   hf.export_llm(trained.model.config.llm, host["llm"], os.path.join(out_dir, "llm"), llm_type)
-  hf.export_vlm(host, config.model.to_dict(), os.path.join(out_dir, "vlm"))
+  hf.export_vlm(host, specs.as_dict(config.model), os.path.join(out_dir, "vlm"))
   logging.info("exported step %d of %s to %s/{vision,llm,vlm}", trained.step, workdir, out_dir)
 
 

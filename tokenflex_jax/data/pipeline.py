@@ -24,6 +24,7 @@ from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.conversation import ConversationError
 from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.errors import ConfigError, InputError
+from tokenflex_jax.specs import DataSpec
 
 TOO_LONG = "too long"
 
@@ -31,7 +32,7 @@ TOO_LONG = "too long"
 SOURCES = ("procedural", "tfds", "llava")
 
 
-def check_data_config(data_config: Any, reads_data: bool = True) -> None:
+def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
   """``config.data``, validated before anything is written: `ConfigError` naming the
   first field that cannot work. ``reads_data``: the job reads training records, so a
   "tfds" or "llava" source needs its ``tfds_dir`` (aot and eval read none).
@@ -68,7 +69,7 @@ def check_data_config(data_config: Any, reads_data: bool = True) -> None:
       raise ConfigError(f"config.data.families / family_weights: {e}") from None
 
 
-def make_source(data_config: Any, split: str = "train") -> Any:
+def make_source(data_config: DataSpec, split: str = "train") -> Any:
   """The random-access source named by ``config.data.source`` (`check_data_config` has
   checked it)."""
   check_data_config(data_config)

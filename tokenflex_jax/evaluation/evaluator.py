@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -27,6 +26,7 @@ from tokenflex_jax.evaluation import auto_budget, eval_files
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 
 
 @dataclasses.dataclass
@@ -45,7 +45,7 @@ class EvalSet:
   prompt_scores: Callable[[Sequence[str]], np.ndarray]
 
 
-def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+def scene_eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
   """The fixed scene-suite examples: ``examples_per_family`` of each configured family,
   scored by exact match. Seeds differ from training (``config.eval.seed``)."""
   images, questions, answers, families = [], [], [], []
@@ -75,7 +75,7 @@ def scene_eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) 
                  int(config.eval.examples_per_family), prompt_scores)
 
 
-def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+def eval_file_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
   """An MMBench TSV or VQA JSONL file (``config.eval.suite``, ``config.eval.data_path``)."""
   path, size, skip = config.eval.data_path, config.data.image_size, config.eval.skip_malformed
   check_suite(config)
@@ -99,7 +99,7 @@ def eval_file_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -
 EVAL_SUITES = ("scenes", "mmbench", "vqa")
 
 
-def check_suite(config: ml_collections.ConfigDict, context: str = "") -> None:
+def check_suite(config: RunSpec, context: str = "") -> None:
   """Raises `errors.ConfigError` unless ``config.eval.suite`` is one of `EVAL_SUITES`,
   with ``config.eval.data_path`` set for an eval file. ``context`` ends the message (why
   the run evaluates)."""
@@ -112,7 +112,7 @@ def check_suite(config: ml_collections.ConfigDict, context: str = "") -> None:
                              f"{'TSV' if suite == 'mmbench' else 'JSONL'} file{context}")
 
 
-def eval_set(config: ml_collections.ConfigDict, tokenizer: ChatTokenizer) -> EvalSet:
+def eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
   check_suite(config)
   if config.eval.suite == "scenes":
     return scene_eval_set(config, tokenizer)
@@ -154,7 +154,7 @@ def _predict_all(compiled: Any, params: Any, data: EvalSet, bs: int, image_sh, p
 
 
 def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
-             config: ml_collections.ConfigDict, mesh, rules, step: int) -> dict[str, Any]:
+             config: RunSpec, mesh, rules, step: int) -> dict[str, Any]:
   """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
   data = eval_set(config, tokenizer)
   n_examples, bs = len(data.prompts), config.eval.batch_size

@@ -16,17 +16,17 @@ import json
 import os
 from typing import Any
 
-import ml_collections
 from etils import epath
 
 from tokenflex_jax import paths
 from tokenflex_jax.errors import MissingInputError, UserError
 from tokenflex_jax.evaluation import report
+from tokenflex_jax.specs import RunSpec
 
 INDEX = "index.json"
 
 
-def suite_name(config: ml_collections.ConfigDict) -> str:
+def suite_name(config: RunSpec) -> str:
   """The folder of ``config.eval``'s suite: "scenes", or its data file's stem."""
   if config.eval.suite == "scenes" or not config.eval.data_path:
     return config.eval.suite

@@ -14,12 +14,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import ml_collections
 from absl import logging
 
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.evaluation import evaluator, outputs, report
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 
 
 def scalars(results: Mapping[str, Any]) -> dict[str, float]:
@@ -34,7 +34,7 @@ def scalars(results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def make_periodic_eval(model: VLM, load_tokenizer: Callable[[], ChatTokenizer],
-                       config: ml_collections.ConfigDict, mesh, rules, eval_dir: str
+                       config: RunSpec, mesh, rules, eval_dir: str
                        ) -> Callable[[Any, int], dict[str, float]]:
   """The ``(params, step) -> scalars`` of the module docstring (every process calls it)."""
 

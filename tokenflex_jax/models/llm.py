@@ -40,7 +40,7 @@ class LLMConfig:
   # "linear" (every frequency / rope_factor) or "llama3" (Llama 3.1: wavelengths above
   # rope_original_max_positions / rope_low_freq_factor are stretched by rope_factor,
   # those below rope_original_max_positions / rope_high_freq_factor kept, a smooth
-  # blend between). Plain scalars, so ml_collections configs and flags can carry them.
+  # blend between). Plain scalars, so configs and flags can carry them.
   rope_type: str = "default"
   rope_factor: float = 1.0
   rope_low_freq_factor: float = 1.0

@@ -13,6 +13,7 @@ import numpy as np
 
 from tokenflex_jax import errors
 from tokenflex_jax.models.projector import token_side
+from tokenflex_jax.specs import RunSpec
 
 
 def check_counts(counts: Sequence[int], field: str = "config.token_counts",
@@ -65,8 +66,7 @@ def token_count_for_step(seed: int, step: int, counts: Sequence[int],
 class Buckets:
   """The visual-token budgets a training run draws from: ``counts`` with ``probs``, one
   per step by a pure function of (``seed``, step) (`token_count_for_step`). Validated
-  when made (`validate_buckets`; the patch grid is `config_checks`' to check, since it
-  depends on the model)."""
+  when made (`validate_buckets`); `checked` also against the ViT's patch grid."""
   counts: tuple[int, ...]
   probs: tuple[float, ...]
   seed: int = 0
@@ -75,10 +75,16 @@ class Buckets:
     validate_buckets(self.counts, self.probs)
 
   @classmethod
-  def from_config(cls, config) -> "Buckets":
+  def of(cls, config: RunSpec) -> "Buckets":
     """``config.token_counts`` / ``token_probs`` / ``seed``."""
-    return cls(tuple(int(n) for n in config.token_counts),
-               tuple(float(p) for p in config.token_probs), int(config.seed))
+    return cls(tuple(config.token_counts), tuple(config.token_probs), config.seed)
+
+  @classmethod
+  def checked(cls, config: RunSpec, grid_side: int, grid_fields: str) -> "Buckets":
+    """`of`, every count also pooled from at most the ``grid_side`` patch grid (which
+    comes from ``grid_fields``); `config_checks` calls it before anything runs."""
+    validate_buckets(config.token_counts, config.token_probs, grid_side, grid_fields)
+    return cls.of(config)
 
   @classmethod
   def single(cls, count: int) -> "Buckets":

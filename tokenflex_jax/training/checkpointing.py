@@ -17,7 +17,6 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -26,6 +25,7 @@ from jax.experimental import multihost_utils
 from tokenflex_jax import paths
 from tokenflex_jax.errors import CheckpointMismatchError, MissingInputError, UserError
 from tokenflex_jax.training import integrity
+from tokenflex_jax.specs import InitSpec
 
 ITEMS = ("params", "opt_state", "data", "meta")
 RESTORED_ITEMS = ("params", "opt_state", "meta")  # every resumable step has them
@@ -285,7 +285,7 @@ def load_meta(workdir: str, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
-def load_init_modules(init: ml_collections.ConfigDict, abstract_params: dict[str, Any]
+def load_init_modules(init: InitSpec, abstract_params: dict[str, Any]
                    ) -> dict[str, Any] | None:
   """The params a fresh run starts from, per ``config.init``: None for a random start.
 

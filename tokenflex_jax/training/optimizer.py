@@ -13,11 +13,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from absl import logging
 
 from tokenflex_jax import errors
+from tokenflex_jax.specs import OptimizerSpec, RunSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def check_multipliers(modules: Iterable[str], multipliers: Mapping[str, float]) 
                                "the module)")
 
 
-def check_optimizer(opt_config: Any) -> None:
+def check_optimizer(opt_config: OptimizerSpec) -> None:
   """Raises `errors.ConfigError` naming the ``config.optimizer`` field that cannot work:
   a learning rate <= 0 (freeze a module with a multiplier of 0 instead), a negative
   warmup, end fraction or weight decay, a clip norm <= 0, betas outside [0, 1), an
@@ -77,13 +77,13 @@ def check_optimizer(opt_config: Any) -> None:
     raise errors.ConfigError(f"config.optimizer.learning_rate={o.learning_rate} must be "
                              "positive (config.lr_multipliers.MODULE=0 freezes a module)")
   for name in ("warmup_steps", "end_lr_fraction", "weight_decay"):
-    if not o[name] >= 0:
-      raise errors.ConfigError(f"config.optimizer.{name}={o[name]} must be >= 0")
+    if not getattr(o, name) >= 0:
+      raise errors.ConfigError(f"config.optimizer.{name}={getattr(o, name)} must be >= 0")
   if not o.clip_norm > 0:
     raise errors.ConfigError(f"config.optimizer.clip_norm={o.clip_norm} must be positive")
   for name in ("b1", "b2"):
-    if not 0 <= o[name] < 1:
-      raise errors.ConfigError(f"config.optimizer.{name}={o[name]} must be in [0, 1)")
+    if not 0 <= getattr(o, name) < 1:
+      raise errors.ConfigError(f"config.optimizer.{name}={getattr(o, name)} must be in [0, 1)")
   moment_dtype(o.mu_dtype)
 
 
@@ -133,11 +133,11 @@ def make_optimizer(opt_config: Any, multipliers: Mapping[str, float], total_step
   return tx, schedule
 
 
-def from_config(config: ml_collections.ConfigDict, abstract_params: Mapping[str, Any]
+def from_config(config: RunSpec, abstract_params: Mapping[str, Any]
                 ) -> Optimizer:
   """``config.optimizer`` with ``config.lr_multipliers`` (one per top-level module of
   ``abstract_params``, 0 freezing it) over ``config.total_steps``."""
-  multipliers = {k: float(v) for k, v in config.lr_multipliers.to_dict().items()}
+  multipliers = {k: float(v) for k, v in config.lr_multipliers.items()}
   tx, schedule = make_optimizer(config.optimizer, multipliers, config.total_steps,
                                 abstract_params)
   frozen = tuple(k for k, m in multipliers.items() if m == 0)

@@ -22,14 +22,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import logging
 
-from tokenflex_jax import errors, sharding
+from tokenflex_jax import errors, sharding, specs
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.training import checkpointing, compiled, loop, optimizer as optimizer_lib
 from tokenflex_jax.training import buckets as buckets_lib, steps
 from tokenflex_jax.training.metrics import MetricWriter
+from tokenflex_jax.specs import RunSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +74,7 @@ class CompiledTask:
   steps: dict[int, compiled.CompiledStep]
 
 
-def plan_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
+def plan_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
   """The optimizer from ``config`` and the state's shardings (derived from the params'
   logical axes) and shapes, from shapes alone; ``steps`` still empty."""
   boxed = steps.boxed_params(task.init_params, mesh, rules)
@@ -93,7 +93,7 @@ def compile_steps(task: Task, plan: CompiledTask, mesh, rules) -> CompiledTask:
   return dataclasses.replace(plan, steps=by_count)
 
 
-def compile_task(config: ml_collections.ConfigDict, task: Task, mesh, rules) -> CompiledTask:
+def compile_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
   """`plan_task` and `compile_steps`: everything a run needs before its first step."""
   return compile_steps(task, plan_task(config, task, mesh, rules), mesh, rules)
 
@@ -109,7 +109,7 @@ def flops_per_device(task: Task, job: CompiledTask) -> dict[int, float]:
   return out
 
 
-def start_state(config: ml_collections.ConfigDict, task: Task, job: CompiledTask,
+def start_state(config: RunSpec, task: Task, job: CompiledTask,
                 manager: Any, mesh, rules
                 ) -> tuple[steps.TrainState, int, Iterator[Mapping[str, Any]]]:
   """(state, first step, data iterator positioned for it): resumed from ``manager``'s
@@ -138,11 +138,11 @@ def start_state(config: ml_collections.ConfigDict, task: Task, job: CompiledTask
   return state, 0, data
 
 
-def check_loop_config(config: ml_collections.ConfigDict) -> None:
+def check_loop_config(config: RunSpec) -> None:
   """Raises `errors.ConfigError` naming the field if the loop's cadences or batch are unusable."""
   for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
-    if config[name] <= 0:
-      raise errors.ConfigError(f"config.{name} must be positive, got {config[name]}")
+    if getattr(config, name) <= 0:
+      raise errors.ConfigError(f"config.{name} must be positive, got {getattr(config, name)}")
 
 
 def skipped_record_counts(task: Task) -> dict[str, float]:
@@ -158,7 +158,7 @@ def skipped_record_counts(task: Task) -> dict[str, float]:
   return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rules
+def train(config: RunSpec, workdir: str, task: Task, mesh, rules
           ) -> steps.TrainState:
   """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
   check_loop_config(config)
@@ -178,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task, mesh, rul
                            task.tokens_per_example, flops_per_device(task, job),
                            host_counters=lambda: skipped_record_counts(task))
   saver = loop.Saver(manager, config.checkpoint_every,
-                     lambda step: {"step": step, "stage": config.stage, "config": config.to_dict()},
+                     lambda step: {"step": step, "stage": config.stage, "config": specs.as_dict(config)},
                      writer.flush)
   logging.info("training steps %d -> %d, buckets %s", start, config.total_steps,
                task.buckets.counts)

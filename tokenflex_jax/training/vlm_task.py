@@ -7,7 +7,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import ml_collections
 
 from tokenflex_jax import flops
 from tokenflex_jax.data import pipeline
@@ -17,6 +16,7 @@ from tokenflex_jax.training.buckets import Buckets
 from tokenflex_jax.training.loss import chunked_answer_loss
 from tokenflex_jax.training.steps import LossFn
 from tokenflex_jax.training.trainer import Task
+from tokenflex_jax.specs import RunSpec
 
 
 def vlm_loss(model: VLM, weighting: str, vocab_chunk: int = 0) -> LossFn:
@@ -33,7 +33,7 @@ def vlm_loss(model: VLM, weighting: str, vocab_chunk: int = 0) -> LossFn:
   return loss_fn
 
 
-def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
+def vlm_task(config: RunSpec, model: VLM, mesh, rules,
              load_tokenizer: Callable[[], ChatTokenizer] | None = None,
              evaluate: Callable[[Any, int], Mapping[str, float]] | None = None) -> Task:
   """The VLM's `Task` for ``config`` (checked by `config_checks`; its buckets:
@@ -41,7 +41,7 @@ def vlm_task(config: ml_collections.ConfigDict, model: VLM, mesh, rules,
   the task has no data (shapes only, e.g. for an ahead-of-time compile). ``evaluate``:
   the ``(params, step) -> scalars`` the trainer runs every ``config.eval_every`` steps
   (the train binary's, from `evaluation.periodic`); None: no periodic evaluation."""
-  buckets = Buckets.from_config(config)
+  buckets = Buckets.of(config)
   on_bad_record = config.data.on_bad_record  # checked at the door (config_checks)
   abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
   image, tokens = abstract_batch["image"], abstract_batch["tokens"]
