@@ -369,6 +369,8 @@ BAD_DATA_LINE = ("error: config.data.on_bad_record must be 'error' (stop at a ba
     ("tokenflex_jax.microbench", ("--config=configs/bench.py",)),
     ("tokenflex_jax.aot", ("--config=configs/demo.py", "--num_cpu_devices=8")),
     ("tokenflex_jax.gpu_check", ("--config=configs/gpu_bench.py:size=tiny", "--dry")),
+    ("tokenflex_jax.convert", ("--config=configs/demo.py", "--vision=/nonexistent")),
+    ("tokenflex_jax.convert", ("--config=configs/demo.py", "--export_to=/nonexistent")),
 ], ids=lambda v: v.rsplit(".", 1)[-1] if isinstance(v, str) else "")
 def test_every_binary_refuses_a_bad_data_value_at_the_door(tmp_path, module, flags):
   """A bad ``config.data.*`` value: exit 2, one line naming the field, nothing written."""

@@ -1,13 +1,15 @@
-"""Every check of a run config that needs no data and no tokenizer, run by one call.
+"""Every check of a run's typed config that needs no data and no tokenizer.
 
-Each binary (train, pretrain_vision, eval, predict, bench, aot) calls `check` first,
-before it writes to a workdir, reads data or compiles, so that a config that cannot
-work is one line per problem, each naming its field, all in one run (`errors.ConfigError`;
-the binaries print them and exit with `errors.USAGE_EXIT_CODE`) rather than a traceback
-from inside XLA or the model. The
-checks live next to the code that reads each field (`model_config`, `sharding`,
-`data.pipeline`, `training.buckets`, `training.optimizer`, `training.loss`, `training.trainer`,
-`evaluation.evaluator`, `evaluation.auto_budget`); this module only calls them.
+Each binary turns its config into a `specs.RunSpec` (`config_schema.to_spec`, which
+checks the types) and calls `check` with its own tuple of checks (`TRAIN`, `AOT`,
+`PRETRAIN_VISION`, `EVAL`, `PREDICT`, `IMPORT_TOWERS`), before it writes to a workdir, reads
+data or compiles. A config that cannot work is one line per problem, each naming its
+field, all in one run (`errors.ConfigError`; the binaries print them and exit with
+`errors.USAGE_EXIT_CODE`) rather than a traceback from inside XLA or the model. Each rule
+lives next to the code that reads its field (`model_config`, `sharding`,
+`data.pipeline`, `training.buckets`, `training.optimizer`, `training.loss`,
+`training.trainer`, `evaluation.evaluator`, `evaluation.auto_budget`); this module only
+calls them.
 
 The one check that needs the tokenizer, its vocabulary against
 ``config.model.llm.vocab_size``, is `model_config.vlm_config`'s: every binary that
@@ -26,8 +28,9 @@ from tokenflex_jax import errors, model_config, run_tokenizer, sharding
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.evaluation import auto_budget, evaluator
 from tokenflex_jax.models import patch_labeler, vlm
-from tokenflex_jax.training import buckets, loss, optimizer, trainer
 from tokenflex_jax.specs import RunSpec
+from tokenflex_jax.training import buckets, loss, optimizer, trainer
+
 
 def grid_side(config: RunSpec) -> tuple[int, str]:
   """(side of the ViT's patch grid the projector pools, the fields it comes from)."""
@@ -183,6 +186,7 @@ AOT: tuple[Check, ...] = (vlm_model, data_described, vlm_training)  # no tokeniz
 PRETRAIN_VISION: tuple[Check, ...] = (vision_model, tokenizer, data_read, vision_training)
 EVAL: tuple[Check, ...] = (vlm_model, tokenizer, data_described, trained_counts, evaluation)
 PREDICT: tuple[Check, ...] = (vlm_model, tokenizer, data_described, trained_counts)
+IMPORT_TOWERS: tuple[Check, ...] = (data_described,)  # convert: the towers bring their shapes
 
 
 class Problems:

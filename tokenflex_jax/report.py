@@ -1,41 +1,100 @@
-r"""Writes the reproduction's report from a `launch/reproduce.sh` workdir.
+r"""Writes the reproduction's report from a `launch/reproduce.sh` workdir, or renders it
+again from a results.json it wrote.
 
-  python -m tokenflex_jax.report --workdir=workdirs/reproduce --out=docs
+  python -m tokenflex_jax.report --workdir=workdirs/reproduce --out=docs \
+      [--runs_revision=SHA]
+  python -m tokenflex_jax.report --from_json=docs/results.json --out=docs
 
 Reads every evaluated variant and seed (see `evaluation.experiment`) and writes
-OUT/results.md, results.json, results_accuracy.png and results_budget.png.
+OUT/results.md, results.json, results_accuracy.png and results_budget.png. The summary
+records this checkout's git revision (``revision.report``) and, given
+``--runs_revision``, the one the runs trained at (``revision.runs``). ``--from_json``
+recomputes every figure from the file's per-seed values (`experiment.restat`) with this
+code, keeping what it says of the runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+from typing import Any
 
 from absl import flags, logging
 
-from tokenflex_jax import cli
+from tokenflex_jax import cli, errors
 from tokenflex_jax.evaluation import experiment, experiment_report
 
-def write_report(workdir: str, out: str) -> dict:
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args: str) -> str | None:
+  try:
+    return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def code_revision() -> dict[str, Any]:
+  """{"report": this checkout's HEAD (None outside git), "report_modified": whether
+  tracked files differ from it}."""
+  head = _git("rev-parse", "HEAD")
+  status = _git("status", "--porcelain", "--untracked-files=no") if head else None
+  return {"report": head or None, "report_modified": bool(status)}
+
+
+def _publish(summary: dict, out: str, what: str) -> dict:
+  experiment_report.write(summary, out)
+  logging.info("%s -> %s/results.md\n%s", what, out,
+               "\n".join(experiment_report.verdict(summary)))
+  return summary
+
+
+def write_report(workdir: str, out: str, runs_revision: str | None = None) -> dict:
   """Summarizes ``workdir``'s runs into ``out``; returns the summary (results.json)."""
   runs = experiment.collect(workdir)
   command_file = os.path.join(workdir, "command.txt")
   command = open(command_file, encoding="utf-8").read() if os.path.exists(command_file) else ""
   wall = sum(experiment.wall_times(workdir).values())
-  summary = experiment.summarize(runs, command, wall)
-  experiment_report.write(summary, out)
-  logging.info("%d runs of %d variants -> %s/results.md\n%s", len(runs),
-               len(summary["models"]), out, "\n".join(experiment_report.verdict(summary)))
-  return summary
+  summary = experiment.summarize(runs, command, wall,
+                                 {**code_revision(), "runs": runs_revision or None})
+  return _publish(summary, out, f"{len(runs)} runs of {len(summary['models'])} variants")
+
+
+def render_json(path: str, out: str, runs_revision: str | None = None) -> dict:
+  """Renders the results.json at ``path`` again into ``out`` (every figure recomputed
+  from its per-seed values); returns the summary written."""
+  if not os.path.exists(path):
+    raise errors.MissingInputError(f"--from_json={path}: no such file")
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  try:
+    summary = experiment.restat(saved)
+  except ValueError as e:
+    raise errors.InputError(f"--from_json={path}: {e}") from None
+  revision = {**saved.get("revision", {}), **code_revision()}
+  if runs_revision:
+    revision["runs"] = runs_revision
+  return _publish({**summary, "revision": revision}, out, path)
 
 
 def main() -> None:
   # Flags are defined when the binary starts, not at import (see `cli`).
-  workdir = flags.DEFINE_string("workdir", None, "A launch/reproduce.sh workdir.",
-                                required=True)
+  workdir = flags.DEFINE_string("workdir", None, "A launch/reproduce.sh workdir.")
+  from_json = flags.DEFINE_string("from_json", None,
+                                  "A results.json this binary wrote: render it again.")
   out = flags.DEFINE_string("out", "docs", "Directory for results.md, results.json, plots.")
+  runs_revision = flags.DEFINE_string(
+      "runs_revision", None, "The git revision the runs trained at (recorded as such).")
+  flags.mark_flags_as_mutual_exclusive(["workdir", "from_json"], required=True)
+
   def run(argv) -> None:
     del argv
-    write_report(workdir.value, out.value)
+    if from_json.value:
+      render_json(from_json.value, out.value, runs_revision.value)
+    else:
+      write_report(workdir.value, out.value, runs_revision.value)
   cli.run_main(run)
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from tokenflex_jax import cli, config_schema, sharding, specs, trained_model
+from tokenflex_jax import cli, config_checks, config_schema, sharding, specs, trained_model
 from tokenflex_jax.convert import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig
@@ -143,11 +143,15 @@ def main() -> None:
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    spec = config_schema.to_spec(config.value)
     cli.start_processes(*process_flags)
+    # Before anything is read or written.
+    config_checks.check(spec, config_checks.PREDICT if export_to.value
+                        else config_checks.IMPORT_TOWERS)
     if export_to.value:
-      export_towers(config.value, workdir.value, export_to.value, llm_type.value)
+      export_towers(spec, workdir.value, export_to.value, llm_type.value)
     else:
-      print("\n".join(import_towers(config.value, workdir.value, vision.value, llm.value)))
+      print("\n".join(import_towers(spec, workdir.value, vision.value, llm.value)))
 
   cli.run_main(run)
 

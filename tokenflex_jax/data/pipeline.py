@@ -71,8 +71,7 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
 
 def make_source(data_config: DataSpec, split: str = "train") -> Any:
   """The random-access source named by ``config.data.source`` (`check_data_config` has
-  checked it)."""
-  check_data_config(data_config)
+  checked it, at start-up)."""
   if data_config.source == "procedural":
     return scenes.SceneSource(seed=data_config.seed, num_examples=data_config.num_examples,
                               image_size=data_config.image_size,

@@ -24,7 +24,6 @@ from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.rows import format_skipped
 from tokenflex_jax.evaluation import auto_budget, eval_files
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
-from tokenflex_jax.models.projector import token_side
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
 
@@ -78,7 +77,6 @@ def scene_eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
 def eval_file_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
   """An MMBench TSV or VQA JSONL file (``config.eval.suite``, ``config.eval.data_path``)."""
   path, size, skip = config.eval.data_path, config.data.image_size, config.eval.skip_malformed
-  check_suite(config)
   if config.eval.suite == "mmbench":
     bench = eval_files.mmbench(path, size, skip)
   else:
@@ -113,7 +111,7 @@ def check_suite(config: RunSpec, context: str = "") -> None:
 
 
 def eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
-  check_suite(config)
+  """``config.eval.suite``'s questions (`check_suite` has checked it at start-up)."""
   if config.eval.suite == "scenes":
     return scene_eval_set(config, tokenizer)
   return eval_file_set(config, tokenizer)
@@ -158,15 +156,12 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
   """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
   data = eval_set(config, tokenizer)
   n_examples, bs = len(data.prompts), config.eval.batch_size
-  sharding.check_batch_divisible("config.eval.batch_size", bs, mesh.shape, rules,
-                                 jax.process_count())
   generate = make_generate(model, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
   image_sh = sharding.batch_sharding(mesh, rules, 4)
   prompt_sh = sharding.batch_sharding(mesh, rules, 2)
   conf_sh = sharding.batch_sharding(mesh, rules, 1)
   results, texts, confidence = {}, {}, {}
   for n in config.eval.token_counts:
-    token_side(n)
     fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n), out_shardings=(prompt_sh, conf_sh))
     with sharding.mesh_rules(mesh, rules):
       t0 = time.perf_counter()

@@ -1,20 +1,55 @@
 """The reproduction's report (``launch/reproduce.sh``): every variant's evaluations
-gathered over seeds into the paper-style tables, ``results.json`` and plots.
+gathered over seeds into results.json (the summary), compared seed by seed, for the
+tables and plots of `experiment_report`.
 
 A reproduction workdir holds ``stage0/`` (the shared ViT), ``NAME/seedK/stage{1,2}/``
 per variant and seed (the newest evaluation of the scenes suite in ``stage2/eval/``),
 ``wall_times.tsv`` (name, seed, stage, seconds per finished stage) and
-``command.txt``. Accuracies are averages over the suite's families, in [0, 1]; a
-spread is the standard deviation over seeds (0 with one seed).
+``command.txt``. Accuracies are averages over the suite's families, in [0, 1].
+
+Seeds are paired: seed K of every variant starts from the workdir's one stage-0 ViT
+with ``config.seed = K`` and ``config.data.seed = K + 1`` (configs/reproduce.py: the
+same init seed, token-count draws and data order), and every run answers the same
+evaluation questions (``config.eval.seed``). So variants are compared seed by seed: the
+mean of the per-seed differences, their sample SD, a 95% Student-t interval and a
+two-sided paired t-test (`paired`).
+
+The summary (results.json)::
+
+  command: str; wall_time_s: float; eval_counts: [int]; examples_per_family: int
+  families: {family: {"granularity": str, "chance": float}}
+  spread: str                        what "std" is (`SPREAD`)
+  evaluation_split: str              where the design choices were made (`EVALUATION_SPLIT`)
+  revision: {"report": sha | None, "report_modified": bool, "runs": sha | None, ...}
+  models: {name: {
+      train_counts: [int]; train_probs: [float]; projector: {pooling, mlp, position_embedding}
+      seeds: int; seed_ids: [int]    ascending; every per-seed list follows this order
+      per_seed: {"accuracy": {count: [float]}, "families": {count: {family: [float]}}}
+      accuracy: {count: {"mean", "std"}}; families: {count: {family: {"mean", "std"}}}
+          (std: the sample standard deviation over seeds, ddof=1; 0.0 with one seed)
+      train: {"step_seconds", "wall_seconds": medians over seeds, "mean_visual_tokens"}}}
+  collapsed: [{"model", "seed", "family", "chance", "accuracy", "others"}]   (`collapsed_runs`)
+  auto_budget_ladders, auto_budget_router_ladders: {order "64-144-256": ladder}
+      ladder: {"counts": [int], "seeds": int, "seed_ids": [int],
+               "per_seed": [{"curve": [point], "oracle": {"accuracy", "mean_visual_tokens"}}],
+               "curve": [point], "oracle": {...}}   (curve, oracle: means over seeds; the
+               k-th point of every seed is the same quantile of its smallest count's signal)
+      point: {"threshold": float | None (always escalate), "accuracy", "mean_visual_tokens"}
+  auto_budget, oracle, auto_budget_counts: the primary ladder's mean curve, oracle, counts
+  graded_solvable: {family: {count: share}}
+
+Everything but ``train`` and ``graded_solvable`` follows from the per-seed values
+(`restat`), so a results.json can be rendered again by newer code.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +62,19 @@ FLEX = "tokenflex"
 # Order of the variants in tables (others follow alphabetically).
 ORDER = ("fixed_64", "fixed_144", "fixed_256", "tokenflex", "ratio_111", "ratio_532",
          "gelu_mlp", "resize_pool", "tokenflex_nope")
+SPREAD = "std: the sample standard deviation over seeds (ddof=1); 0.0 with one seed"
+EVALUATION_SPLIT = ("no development split: the demo recipe's design choices (the projector's "
+                    "position embedding, the visual tokens' rotary layout) were made on these "
+                    "same evaluation questions")
+# "At least as accurate": the paired 95% interval's lower bound above -MARGIN points.
+MARGIN = 1.0
+CONFIDENCE = 0.95
+# A collapsed run: within COLLAPSE_BAND of the family's chance at every count while the
+# model's other seeds average at least COLLAPSE_GAP above it.
+COLLAPSE_BAND = 0.02
+COLLAPSE_GAP = 0.10
+POINT_KEYS = ("threshold", "accuracy", "mean_visual_tokens")
+ORACLE_KEYS = ("accuracy", "mean_visual_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +146,100 @@ def collect(workdir: str) -> list[Run]:
   return sorted(runs, key=lambda r: (rank.get(r.name, len(ORDER)), r.name, r.seed))
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-  return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+# --- Student's t distribution (no scipy in the environment). ---
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+  """The continued fraction of the incomplete beta function (modified Lentz)."""
+  tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+  d = 1.0 / (d if abs(d) > tiny else tiny)
+  h = d
+  for m in range(1, 300):
+    for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                      -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+      d = 1.0 + numerator * d
+      d = 1.0 / (d if abs(d) > tiny else tiny)
+      c = 1.0 + numerator / c
+      c = c if abs(c) > tiny else tiny
+      h *= d * c
+    if abs(d * c - 1.0) < 1e-15:
+      break
+  return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+  """The regularized incomplete beta function I_x(a, b), for a, b > 0 and x in [0, 1]."""
+  if x <= 0.0 or x >= 1.0:
+    return 0.0 if x <= 0.0 else 1.0
+  log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+               + a * math.log(x) + b * math.log1p(-x))
+  if x < (a + 1.0) / (a + b + 2.0):
+    return math.exp(log_front) * _beta_fraction(a, b, x) / a
+  return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+  """P(T <= t) for Student's t with ``df`` degrees of freedom."""
+  if math.isinf(t):
+    return 1.0 if t > 0 else 0.0
+  tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+  return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(q: float, df: float) -> float:
+  """The t with t_cdf(t, df) = q, for q in (0, 1) (bisection to 1e-12)."""
+  if q < 0.5:
+    return -t_quantile(1.0 - q, df)
+  lo, hi = 0.0, 1.0
+  while t_cdf(hi, df) < q:
+    lo, hi = hi, 2.0 * hi
+  while hi - lo > 1e-12 * max(1.0, hi):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if t_cdf(mid, df) < q else (lo, mid)
+  return 0.5 * (lo + hi)
+
+
+def paired(a: Mapping[int, float], b: Mapping[int, float]) -> dict[str, Any]:
+  """``a - b`` seed by seed, in points, over the seeds both have ({seed: accuracy in [0, 1]}).
+
+  Returns {"seeds": [int], "diffs": [float], "delta": the mean difference, "sd": their
+  sample SD, "ci": [low, high], the 95% Student-t interval of the mean, "p": the
+  two-sided paired t-test's p-value}; sd, ci and p are None with fewer than two seeds.
+  """
+  seeds = sorted(set(a) & set(b))
+  diffs = [100 * (a[k] - b[k]) for k in seeds]
+  out = {"seeds": seeds, "diffs": diffs, "delta": float(np.mean(diffs)) if diffs else math.nan,
+         "sd": None, "ci": None, "p": None}
+  n = len(diffs)
+  if n < 2:
+    return out
+  sd = float(np.std(diffs, ddof=1))
+  se = sd / math.sqrt(n)
+  half = t_quantile(0.5 + CONFIDENCE / 2, n - 1) * se
+  if se > 1e-9:
+    p = 2.0 * (1.0 - t_cdf(abs(out["delta"]) / se, n - 1))
+  else:  # every seed the same difference
+    p = 1.0 if abs(out["delta"]) <= 1e-9 else 0.0
+  return {**out, "sd": sd, "ci": [out["delta"] - half, out["delta"] + half], "p": p}
+
+
+def lower(stat: Mapping[str, Any]) -> float | None:
+  """The lower bound of a `paired` interval (None with fewer than two seeds)."""
+  return stat["ci"][0] if stat["ci"] else None
+
+
+def _verdicts(stat: Mapping[str, Any]) -> dict[str, bool]:
+  """{"holds": at least as accurate (lower bound > -MARGIN), "clearly_better": lower > 0}."""
+  low = lower(stat)
+  return {"holds": low is not None and low > -MARGIN,
+          "clearly_better": low is not None and low > 0}
+
+
+# --- The summary. ---
+
+def mean_sd(values: Sequence[float]) -> dict[str, float]:
+  """{"mean", "std": the sample SD (ddof=1), 0.0 with one value}."""
+  return {"mean": float(np.mean(values)),
+          "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
 def _mean_threshold(values: Sequence[float | None]) -> float | None:
@@ -107,44 +247,53 @@ def _mean_threshold(values: Sequence[float | None]) -> float | None:
   return None if any(v is None for v in values) else float(np.mean(values))
 
 
-def _curve_mean(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """The automatic-budget curve and oracle of several seeds, averaged point by point (the
-  k-th threshold of every seed is the same quantile of its smallest count's confidence)."""
-  length = min(len(r["curve"]) for r in results)
-  curve = [{"threshold": _mean_threshold([r["curve"][i]["threshold"] for r in results]),
-            **{key: float(np.mean([r["curve"][i][key] for r in results]))
+def _ladder_means(ladder: Mapping[str, Any]) -> dict[str, Any]:
+  """``ladder`` (its counts, seed_ids and per_seed) with its mean curve and oracle:
+  averaged point by point over the seeds, up to the shortest seed's curve."""
+  per_seed = ladder["per_seed"]
+  length = min(len(r["curve"]) for r in per_seed)
+  curve = [{"threshold": _mean_threshold([r["curve"][i]["threshold"] for r in per_seed]),
+            **{key: float(np.mean([r["curve"][i][key] for r in per_seed]))
                for key in ("accuracy", "mean_visual_tokens")}} for i in range(length)]
-  oracle = {key: float(np.mean([r["oracle"][key] for r in results]))
-            for key in ("accuracy", "mean_visual_tokens")}
-  return {"counts": list(results[0]["counts"]), "curve": curve, "oracle": oracle}
+  oracle = {key: float(np.mean([r["oracle"][key] for r in per_seed])) for key in ORACLE_KEYS}
+  return {"counts": list(ladder["counts"]), "seeds": len(per_seed),
+          "seed_ids": list(ladder["seed_ids"]), "per_seed": per_seed, "curve": curve,
+          "oracle": oracle}
 
 
-def _ladders_mean(evals: Sequence[Mapping[str, Any]], key: str) -> dict[str, dict[str, Any]]:
-  """{ladder name: mean curve} of results[key] over the evals that have it, with the
-  number of seeds behind each."""
-  having = [e[key] for e in evals if key in e]
-  if not having:
-    return {}
-  names = set.intersection(*(set(h) for h in having))
-  return {n: {**_curve_mean([h[n] for h in having]), "seeds": len(having)}
-          for n in sorted(names, key=lambda n: (-n.count("-"), n))}
+def _seed_ladders(runs: Sequence[Run], key: str) -> dict[str, dict[str, Any]]:
+  """{order: ladder without its means} of results[key] over the runs that have it (an
+  eval with only the primary ``auto_budget``: that one, under its order)."""
+  out: dict[str, dict[str, Any]] = {}
+  for r in runs:
+    ladders = r.eval.get(key)
+    if ladders is None and key == "auto_budget_ladders" and "auto_budget" in r.eval:
+      primary = r.eval["auto_budget"]
+      ladders = {"-".join(map(str, primary["counts"])): primary}
+    for order, result in (ladders or {}).items():
+      ladder = out.setdefault(order, {"counts": list(result["counts"]), "seed_ids": [],
+                                      "per_seed": []})
+      ladder["seed_ids"].append(r.seed)
+      ladder["per_seed"].append({
+          "curve": [{k: p[k] for k in POINT_KEYS} for p in result["curve"]],
+          "oracle": {k: result["oracle"][k] for k in ORACLE_KEYS}})
+  return out
 
 
-def _auto_budget(runs: Sequence[Run]) -> tuple[dict[str, Any], dict[str, dict[str, Any]],
-                                              dict[str, dict[str, Any]]]:
-  """(the primary escalation's mean curve or {}, {ladder: mean curve} of the confidence,
-  the same of the router)."""
-  evals = [r.eval for r in runs if "auto_budget" in r.eval]
-  if not evals:
-    return {}, {}, {}
-  return (_curve_mean([e["auto_budget"] for e in evals]),
-          _ladders_mean(evals, "auto_budget_ladders"),
-          _ladders_mean(evals, "auto_budget_router_ladders"))
+def _model_seeds(group: Sequence[Run], counts: Sequence[str], families: Iterable[str]
+                 ) -> dict[str, Any]:
+  """{"seed_ids", "per_seed"} of one variant's runs (ascending seeds)."""
+  group = sorted(group, key=lambda r: r.seed)
+  return {"seed_ids": [r.seed for r in group], "per_seed": {
+      "accuracy": {c: [r.eval["results"][c]["average"] for r in group] for c in counts},
+      "families": {c: {f: [r.eval["results"][c]["families"][f] for r in group]
+                       for f in families} for c in counts}}}
 
 
-def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
-              ) -> dict[str, Any]:
-  """The results.json of ``runs`` (see the module docstring and docs/results.md)."""
+def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0,
+              revision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The results.json of ``runs`` (the module docstring's schema). ``revision``:
+  {"report": the code's git revision now, "runs": the one the runs trained at, ...}."""
   if not runs:
     raise ValueError("no evaluated runs: nothing to summarize (did stage 2's eval finish?)")
   by_name: dict[str, list[Run]] = {}
@@ -160,32 +309,104 @@ def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0
         "projector": {k: cfg["model"]["projector"][k] for k in ("pooling", "mlp",
                                                                 "position_embedding")
                       if k in cfg["model"]["projector"]},
-        "seeds": len(group),
-        "accuracy": {c: _mean_std([r.eval["results"][c]["average"] for r in group])
-                     for c in counts},
-        "families": {c: {f: _mean_std([r.eval["results"][c]["families"][f] for r in group])
-                         for f in families} for c in counts},
+        **_model_seeds(group, counts, families),
         # Medians over seeds: a seed whose stages shared the CPU with other work does
         # not move them.
         "train": {"step_seconds": float(np.median([r.train_seconds for r in group])),
                   "wall_seconds": float(np.median([r.wall_seconds for r in group])),
                   "mean_visual_tokens": float(np.mean([r.train_visual_tokens for r in group]))},
     }
-  primary, ladders, routed = _auto_budget(by_name.get(FLEX, []))
-  return {"command": command, "wall_time_s": wall_time_s, "eval_counts": [int(c) for c in counts],
-          "examples_per_family": runs[0].eval["examples_per_family"],
-          "families": runs[0].eval["families"], "models": models,
-          "auto_budget": primary.get("curve", []), "oracle": primary.get("oracle", {}),
-          "auto_budget_counts": primary.get("counts", []), "auto_budget_ladders": ladders,
-          "auto_budget_router_ladders": routed,
-          "graded_solvable": {f: {c: pooling_geometry.solvable_share(f, int(c))
-                                  for c in counts}
-                              for f in pooling_geometry.GRADED_SIDES if f in families}}
+  flex = by_name.get(FLEX, [])
+  primary = next((r.eval["auto_budget"]["counts"] for r in flex if "auto_budget" in r.eval), [])
+  return restat({
+      "command": command, "wall_time_s": wall_time_s, "eval_counts": [int(c) for c in counts],
+      "examples_per_family": runs[0].eval["examples_per_family"],
+      "families": runs[0].eval["families"], "spread": SPREAD,
+      "evaluation_split": EVALUATION_SPLIT,
+      "revision": {"report": None, "report_modified": False, "runs": None, **(revision or {})},
+      "models": models, "auto_budget_counts": list(primary),
+      "auto_budget_ladders": _seed_ladders(flex, "auto_budget_ladders"),
+      "auto_budget_router_ladders": _seed_ladders(flex, "auto_budget_router_ladders"),
+      "graded_solvable": {f: {c: pooling_geometry.solvable_share(f, int(c)) for c in counts}
+                          for f in pooling_geometry.GRADED_SIDES if f in families}})
 
 
-def _delta(a: Mapping[str, float], b: Mapping[str, float]) -> tuple[float, float]:
-  """(a - b, their combined spread) in points."""
-  return 100 * (a["mean"] - b["mean"]), 100 * float(np.hypot(a["std"], b["std"]))
+def restat(summary: Mapping[str, Any]) -> dict[str, Any]:
+  """``summary`` with every figure that follows from its per-seed values computed again
+  (means, sample SDs, ladder means, the primary curve, the collapsed runs): how a
+  results.json is rendered by newer code. Raises ValueError on a summary without
+  per-seed values (written before they were kept)."""
+  if any("per_seed" not in info for info in summary["models"].values()):
+    raise ValueError("this results.json keeps no per-seed values (written before they were "
+                     "kept): rebuild it from the reproduction's workdir")
+  models = {}
+  for name, info in summary["models"].items():
+    seeds = info["per_seed"]
+    models[name] = {**info, "seeds": len(info["seed_ids"]),
+                    "accuracy": {c: mean_sd(v) for c, v in seeds["accuracy"].items()},
+                    "families": {c: {f: mean_sd(v) for f, v in fams.items()}
+                                 for c, fams in seeds["families"].items()}}
+  ladders = {key: {order: _ladder_means(ladder) for order, ladder in
+                   sorted(summary.get(key, {}).items(), key=lambda kv: (-kv[0].count("-"),
+                                                                        kv[0]))}
+             for key in ("auto_budget_ladders", "auto_budget_router_ladders")}
+  primary = ladders["auto_budget_ladders"].get(
+      "-".join(map(str, summary.get("auto_budget_counts", []))), {})
+  out = {**summary, "models": models, **ladders, "auto_budget": primary.get("curve", []),
+         "oracle": primary.get("oracle", {})}
+  return {**out, "collapsed": collapsed_runs(out)}
+
+
+def seed_values(info: Mapping[str, Any], count: int | str, family: str | None = None
+                ) -> dict[int, float]:
+  """{seed: accuracy} of a model's summary at ``count`` (the average, or ``family``'s)."""
+  values = (info["per_seed"]["accuracy"][str(count)] if family is None
+            else info["per_seed"]["families"][str(count)][family])
+  return dict(zip(info["seed_ids"], values))
+
+
+def collapsed_runs(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """[{"model", "seed", "family", "chance", "accuracy": that seed's mean over the counts,
+  "others": the model's other seeds' mean}] for every seed within `COLLAPSE_BAND` of a
+  family's chance at every evaluated count while each of the model's seeds not at chance
+  averages at least `COLLAPSE_GAP` above it (at least one such seed)."""
+  out = []
+  for name, info in summary["models"].items():
+    for family, fam in summary["families"].items():
+      chance = fam["chance"]
+      per_count = np.array([info["per_seed"]["families"][str(c)][family]
+                            for c in summary["eval_counts"]])  # [counts, seeds]
+      at_chance = np.all(np.abs(per_count - chance) <= COLLAPSE_BAND, axis=0)
+      others = per_count[:, ~at_chance].mean(axis=0)
+      if not at_chance.any() or not len(others) or others.min() < chance + COLLAPSE_GAP:
+        continue
+      for i in np.flatnonzero(at_chance):
+        out.append({"model": name, "seed": info["seed_ids"][i], "family": family,
+                    "chance": chance, "accuracy": float(per_count[:, i].mean()),
+                    "others": float(others.mean())})
+  return out
+
+
+def collapsed_seeds(summary: Mapping[str, Any]) -> dict[str, set[int]]:
+  """{model: its seeds collapsed on some family}."""
+  out: dict[str, set[int]] = {}
+  for c in summary.get("collapsed", []):
+    out.setdefault(c["model"], set()).add(c["seed"])
+  return out
+
+
+def _without(values: Mapping[int, float], seeds: Iterable[int]) -> dict[int, float]:
+  return {k: v for k, v in values.items() if k not in set(seeds)}
+
+
+def compare(summary: Mapping[str, Any], name: str, other: str, count: int,
+            exclude: Mapping[str, Iterable[int]] | None = None) -> dict[str, Any]:
+  """`paired` ``name`` - ``other`` at ``count`` with its verdicts (`_verdicts`); the
+  seeds in ``exclude`` ({model: seeds}) left out of both."""
+  left = set((exclude or {}).get(name, ())) | set((exclude or {}).get(other, ()))
+  stat = paired(_without(seed_values(summary["models"][name], count), left),
+                _without(seed_values(summary["models"][other], count), left))
+  return {**stat, **_verdicts(stat)}
 
 
 def _fixed_models(summary: Mapping[str, Any], name: str):
@@ -197,28 +418,27 @@ def _fixed_models(summary: Mapping[str, Any], name: str):
       yield fixed, info
 
 
-def own_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[str, Any]]:
-  """``name`` minus each fixed model at that model's own count, per count (points)."""
-  mine, out = summary["models"].get(name, {}).get("accuracy", {}), []
+def own_count_deltas(summary: Mapping[str, Any], name: str = FLEX,
+                     exclude: Mapping[str, Iterable[int]] | None = None
+                     ) -> list[dict[str, Any]]:
+  """``name`` minus each fixed model at that model's own count: [{"fixed", "count",
+  **`compare`}] (points)."""
+  out = []
   for fixed, info in _fixed_models(summary, name):
-    c = str(info["train_counts"][0])
-    if c in mine:
-      delta, spread = _delta(mine[c], info["accuracy"][c])
-      out.append({"fixed": fixed, "count": int(c), "delta": delta, "spread": spread,
-                  "holds": delta >= -spread})
+    c = info["train_counts"][0]
+    if str(c) in summary["models"][name]["accuracy"]:
+      out.append({"fixed": fixed, "count": c,
+                  **compare(summary, name, fixed, c, exclude)})
   return out
 
 
-def off_count_deltas(summary: Mapping[str, Any], name: str = FLEX) -> list[dict[str, Any]]:
+def off_count_deltas(summary: Mapping[str, Any], name: str = FLEX,
+                     exclude: Mapping[str, Iterable[int]] | None = None
+                     ) -> list[dict[str, Any]]:
   """``name`` minus each fixed model at every count that model did not train on."""
-  mine, out = summary["models"].get(name, {}).get("accuracy", {}), []
-  for fixed, info in _fixed_models(summary, name):
-    for c in summary["eval_counts"]:
-      if c not in info["train_counts"]:
-        delta, spread = _delta(mine[str(c)], info["accuracy"][str(c)])
-        out.append({"fixed": fixed, "count": c, "delta": delta, "spread": spread,
-                    "clearly_better": delta > max(spread, 1.0)})
-  return out
+  return [{"fixed": fixed, "count": c, **compare(summary, name, fixed, c, exclude)}
+          for fixed, info in _fixed_models(summary, name)
+          for c in summary["eval_counts"] if c not in info["train_counts"]]
 
 
 def _rises(info: Mapping[str, Any], family: str, counts: Sequence[int]) -> bool:
@@ -241,14 +461,24 @@ def rising_families(summary: Mapping[str, Any], counts: Sequence[int] = (64, 144
   return [f for f in summary["families"] if all(f in fams for fams in per_model.values())]
 
 
-def budget_reach(summary: Mapping[str, Any], curve: Sequence[Mapping[str, Any]] | None = None,
-                 tolerance: float = 0.01) -> dict[str, Any] | None:
-  """The cheapest point of ``curve`` (default: the primary automatic budget) within
-  ``tolerance`` of TokenFLEX at its largest count, or None when no point gets there."""
-  curve = summary["auto_budget"] if curve is None else curve
-  if not curve or FLEX not in summary["models"]:
+def budget_reach(summary: Mapping[str, Any], ladder: Mapping[str, Any] | None = None
+                 ) -> dict[str, Any] | None:
+  """The cheapest point of ``ladder``'s mean curve (default: the primary ladder) that is at
+  least as accurate as TokenFLEX at its largest count, seed by seed (`paired`: the
+  interval's lower bound above -MARGIN), as {**point, "index", **paired}; None when no
+  point is."""
+  if ladder is None:
+    ladder = summary["auto_budget_ladders"].get(
+        "-".join(map(str, summary["auto_budget_counts"])))
+  if not ladder or FLEX not in summary["models"]:
     return None
-  top = str(max(summary["models"][FLEX]["train_counts"]))
-  target = summary["models"][FLEX]["accuracy"][top]["mean"] - tolerance
-  hits = [p for p in curve if p["accuracy"] >= target]
-  return min(hits, key=lambda p: p["mean_visual_tokens"]) if hits else None
+  flex = summary["models"][FLEX]
+  top = seed_values(flex, max(flex["train_counts"]))
+  for i in sorted(range(len(ladder["curve"])),
+                  key=lambda i: ladder["curve"][i]["mean_visual_tokens"]):
+    point = dict(zip(ladder["seed_ids"],
+                     (r["curve"][i]["accuracy"] for r in ladder["per_seed"])))
+    stat = paired(point, top)
+    if _verdicts(stat)["holds"]:
+      return {**ladder["curve"][i], "index": i, **stat}
+  return None

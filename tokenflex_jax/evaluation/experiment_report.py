@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenflex_jax.evaluation import experiment
 from tokenflex_jax.evaluation.report import BUDGET_XLABEL, new_axes, save_figure
 
 MAIN = ("fixed_64", "fixed_144", "fixed_256", "tokenflex")
+ROUTER = "supervised router (cross-fitted on the evaluation set)"
 
 
 def _pct(x: float) -> str:
@@ -20,6 +21,17 @@ def _pct(x: float) -> str:
 
 def _pm(stat: Mapping[str, float]) -> str:
   return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def _seeds(ids: Sequence[int]) -> str:
+  return ", ".join(map(str, ids))
+
+
+def _paired(d: Mapping[str, Any]) -> str:
+  """"+4.3 [-1.7, +10.3], p = 0.09" (points; the interval and p need two seeds)."""
+  if d["ci"] is None:
+    return f"{d['delta']:+.1f} (one seed: no interval)"
+  return f"{d['delta']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}], p = {d['p']:.2g}"
 
 
 def _trained(info: Mapping[str, Any]) -> str:
@@ -32,6 +44,7 @@ def _trained(info: Mapping[str, Any]) -> str:
 
 def _accuracy_table(s: Mapping[str, Any]) -> list[str]:
   counts = [str(c) for c in s["eval_counts"]]
+  collapsed = experiment.collapsed_seeds(s)
   lines = ["| model | trained at | projector | seeds | " + " | ".join(counts) + " |",
            "|---|---|---|---|" + "---|" * len(counts)]
   for name, info in s["models"].items():
@@ -40,62 +53,75 @@ def _accuracy_table(s: Mapping[str, Any]) -> list[str]:
               + ("" if proj.get("position_embedding", False) else ", no pos. emb."))
     cells = [(f"**{_pm(info['accuracy'][c])}**" if int(c) in info["train_counts"]
               else _pm(info["accuracy"][c])) for c in counts]
-    lines.append(f"| {name} | {_trained(info)} | {proj_s} | {info['seeds']} | "
+    mark = " †" if name in collapsed else ""
+    lines.append(f"| {name}{mark} | {_trained(info)} | {proj_s} | {info['seeds']} | "
                  + " | ".join(cells) + " |")
   return lines
 
 
-def _delta_row(first: str, second: str, d: Mapping[str, Any], models: Mapping[str, Any],
-               verdict: bool) -> str:
-  """One row of a TokenFLEX-against-a-fixed-model table: the two leading cells, both
-  accuracies at ``d``'s count, the difference with its spread, and the verdict."""
-  c = str(d["count"])
-  return (f"| {first} | {second} | {_pm(models[d['fixed']]['accuracy'][c])} | "
-          f"{_pm(models['tokenflex']['accuracy'][c])} | {d['delta']:+.1f} "
-          f"(spread {d['spread']:.1f}) | {'yes' if verdict else 'no'} |")
+def _collapsed_section(s: Mapping[str, Any]) -> list[str]:
+  """† rows: each collapsed (model, seed), its families, and the model without it."""
+  runs = s.get("collapsed", [])
+  if not runs:
+    return ["No collapsed run (a seed at a family's chance while the model's other seeds "
+            "are well above it)."]
+  lines = [f"† Collapsed runs: a seed within {100 * experiment.COLLAPSE_BAND:.0f} points of a "
+           "family's chance at every count, the model's other seeds at least "
+           f"{100 * experiment.COLLAPSE_GAP:.0f} above; kept in every mean and SD above.", "",
+           "| model | seed | at chance on: that seed / the others (mean over counts, %) "
+           "| the model with / without the seed |", "|---|---|---|---|"]
+  for (name, seed), fams in _by_run(runs).items():
+    info = s["models"][name]
+    top = max(info["train_counts"])
+    values = experiment.seed_values(info, top)
+    rest = [v for k, v in values.items() if k != seed]
+    without = experiment.mean_sd(rest)
+    lines.append(f"| {name} | {seed} | " + ", ".join(
+        f"{c['family']} {_pct(c['accuracy'])} / {_pct(c['others'])}" for c in fams)
+        + f" | at {top}: {_pm(info['accuracy'][str(top)])} / {_pm(without)} |")
+  return lines
 
 
-def _own_count_section(s: Mapping[str, Any]) -> list[str]:
-  deltas = experiment.own_count_deltas(s)
-  if not deltas:
-    return ["(needs `tokenflex` and at least one fixed model)"]
-  models = s["models"]
-  lines = ["| count | fixed model | fixed | TokenFLEX | TokenFLEX − fixed (points) | "
-           "within the spread or better |", "|---|---|---|---|---|---|"]
-  lines += [_delta_row(str(d["count"]), d["fixed"], d, models, d["holds"]) for d in deltas]
-  lines += ["", "Per family at each fixed model's own count (mean over seeds, %; "
-            "TokenFLEX − fixed in brackets):", ""]
-  fams = list(s["families"])
-  lines += ["| count | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+def _by_run(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], list[Mapping[str, Any]]]:
+  out: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+  for c in runs:
+    out.setdefault((c["model"], c["seed"]), []).append(c)
+  return out
+
+
+def _delta_table(deltas: Sequence[Mapping[str, Any]], key: str, header: str) -> list[str]:
+  """TokenFLEX against fixed models, one row per (fixed model, count): the per-seed
+  differences, their mean with its 95% interval and p, and the verdict ``key``."""
+  lines = ["| fixed model | count | TokenFLEX − fixed per seed (points) | mean [95% CI], "
+           f"paired t-test | {header} |", "|---|---|---|---|---|"]
   for d in deltas:
-    c = str(d["count"])
-    fixed, flex = models[d["fixed"]]["families"][c], models["tokenflex"]["families"][c]
-    lines.append(f"| {c} | " + " | ".join(
-        f"{_pct(flex[f]['mean'])} ({100 * (flex[f]['mean'] - fixed[f]['mean']):+.1f})"
-        for f in fams) + " |")
+    lines.append(f"| {d['fixed']} | {d['count']} | "
+                 + ", ".join(f"{x:+.1f}" for x in d["diffs"])
+                 + f" | {_paired(d)} | {'yes' if d[key] else 'no'} |")
   return lines
 
 
-def _off_count_section(s: Mapping[str, Any]) -> list[str]:
-  deltas = experiment.off_count_deltas(s)
-  if not deltas:
+def _comparison_section(s: Mapping[str, Any]) -> list[str]:
+  own, off = experiment.own_count_deltas(s), experiment.off_count_deltas(s)
+  if not own:
     return ["(needs `tokenflex` and at least one fixed model)"]
-  models = s["models"]
-  lines = ["| fixed model | count | fixed | TokenFLEX | TokenFLEX − fixed (points) | "
-           "clearly better (> spread and > 1) |", "|---|---|---|---|---|---|"]
-  lines += [_delta_row(d["fixed"], str(d["count"]), d, models, d["clearly_better"])
-            for d in deltas]
-  return lines
+  return ["At each fixed model's own count (seed k against seed k; 95% Student-t "
+          "interval, two-sided paired t-test):", "",
+          *_delta_table(own, "holds", f"at least as accurate (CI above −{experiment.MARGIN:g})"),
+          "", "Off the fixed models' own counts:", "",
+          *_delta_table(off, "clearly_better", "clearly better (CI above 0)")]
 
 
 def _family_section(s: Mapping[str, Any]) -> list[str]:
   counts = [str(c) for c in s["eval_counts"]]
-  lines = ["| family | granularity | chance | model | " + " | ".join(counts) + " |",
-           "|---|---|---|---|" + "---|" * len(counts)]
+  lines = ["Mean over seeds, %; the family's granularity and chance on its first row.", "",
+           "| family | model | " + " | ".join(counts) + " |", "|---|---|" + "---|" * len(counts)]
   for fam, info in s["families"].items():
-    for name in (n for n in MAIN if n in s["models"]):
+    names = [n for n in MAIN if n in s["models"]]
+    for i, name in enumerate(names):
       stats = s["models"][name]["families"]
-      lines.append(f"| {fam} | {info['granularity']} | {_pct(info['chance'])} | {name} | "
+      head = f"{fam} ({info['granularity']}, {_pct(info['chance'])})" if i == 0 else ""
+      lines.append(f"| {head} | {name} | "
                    + " | ".join(_pct(stats[c][fam]["mean"]) for c in counts) + " |")
   graded = s.get("graded_solvable", {})
   if graded:
@@ -110,12 +136,11 @@ def _family_section(s: Mapping[str, Any]) -> list[str]:
 def _cost_section(s: Mapping[str, Any]) -> list[str]:
   models = s["models"]
   base = models.get("fixed_256")
-  lines = ["Step time: per count, the median step time times that count's steps, stages 1 "
-           "and 2 (compiles excluded; robust to the machine being shared for a while). Wall "
-           "time: the two stages' processes, start-up and compiles included, as measured. "
-           "Both are medians over the seeds.",
-           "", "| model | mean visual tokens per training example | step time, stages 1+2 (s) | "
-           "wall time, stages 1+2 (s) | step time / fixed_256's |", "|---|---|---|---|---|"]
+  lines = ["Stages 1 and 2, medians over seeds. Step time: per count, the median step time "
+           "times that count's steps (compiles excluded); wall time: the stages' processes "
+           "as measured.", "",
+           "| model | visual tokens per example | step time (s) | wall time (s) | "
+           "step time / fixed_256's |", "|---|---|---|---|---|"]
   for name, info in models.items():
     t = info["train"]
     ratio = (f"{t['step_seconds'] / base['train']['step_seconds']:.2f}" if base else "-")
@@ -125,145 +150,176 @@ def _cost_section(s: Mapping[str, Any]) -> list[str]:
 
 
 def _ladders(s: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  """{"signal, order": mean curve} for the confidence and the router, every escalation
-  order; the primary one alone for evals without them."""
+  """{"signal, order": ladder} for the log-probability and the router, every order."""
   out = {}
-  for name, ladder in s.get("auto_budget_ladders", {}).items():
-    out[f"log-prob, {name.replace('-', ' → ')}"] = ladder
-  for name, ladder in s.get("auto_budget_router_ladders", {}).items():
-    seeds = ladder["seeds"]
-    out[f"router, {name.replace('-', ' → ')} ({seeds} seed{'s' * (seeds != 1)})"] = ladder
-  if not out and s["auto_budget"]:
-    name = "-".join(map(str, s.get("auto_budget_counts", []))) or "primary"
-    out[f"log-prob, {name.replace('-', ' → ')}"] = {"curve": s["auto_budget"],
-                                                     "oracle": s["oracle"]}
+  for key, signal in (("auto_budget_ladders", "log-prob"),
+                      ("auto_budget_router_ladders", ROUTER)):
+    for name, ladder in s.get(key, {}).items():
+      out[f"{signal}, {name.replace('-', ' → ')}"] = ladder
   return out
 
 
-def _threshold(t: float | None) -> str:
-  return "always escalate" if t is None else f"{t:.3g}"
+def _budget_rows(s: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], dict | None]]:
+  """(signal and order, ladder, `experiment.budget_reach` of it) per ladder."""
+  return [(name, ladder, experiment.budget_reach(s, ladder))
+          for name, ladder in _ladders(s).items()]
 
 
 def _budget_section(s: Mapping[str, Any]) -> list[str]:
-  ladders = _ladders(s)
-  if not ladders:
+  rows = _budget_rows(s)
+  if not rows or experiment.FLEX not in s["models"]:
     return ["(needs an evaluated `tokenflex`)"]
-  flex = s["models"]["tokenflex"]
+  flex = s["models"][experiment.FLEX]
   top = max(flex["train_counts"])
   lines = ["The model answers at the smallest count of an escalation order and again at the "
            "next while the signal is under the threshold; every attempt counts. Signals: "
-           "`log-prob`, the answer's mean token log-probability; `router`, a logistic "
-           "regression of whether the answer is right from the question's tokens and that "
-           "log-probability, cross-fitted on the evaluation set (2 folds; "
-           "`evaluation/auto_budget.py`). Mean over seeds, threshold by threshold (the k-th "
-           "threshold is the same decile of each seed's smallest-count signal).", ""]
-  lines += ["| budget | threshold | accuracy (%) | mean visual tokens | % of "
-            f"{top} |", "|---|---|---|---|---|"]
-  for c in s["eval_counts"]:
-    lines.append(f"| fixed {c} | | {_pct(flex['accuracy'][str(c)]['mean'])} | {c} | "
-                 f"{100 * c / top:.0f} |")
-  for name, ladder in ladders.items():
-    for p in ladder["curve"]:
-      lines.append(f"| auto, {name} | {_threshold(p['threshold'])} | "
-                   f"{_pct(p['accuracy'])} | {p['mean_visual_tokens']:.1f} | "
-                   f"{100 * p['mean_visual_tokens'] / top:.0f} |")
-  o = s["oracle"]
-  lines.append(f"| oracle (the smallest count that answers best) | | {_pct(o['accuracy'])} | "
-               f"{o['mean_visual_tokens']:.1f} | {100 * o['mean_visual_tokens'] / top:.0f} |")
+           "`log-prob`, the answer's mean token log-probability (what `predict "
+           "--num_tokens=auto` uses), and the " + ROUTER + " (`evaluation/auto_budget.py`). "
+           "A curve is the mean over seeds threshold by threshold (every point: results.json "
+           "and the plot); a point counts when it is within 1 point of TokenFLEX at "
+           f"{top} seed by seed. The oracle answers each question at the smallest count of "
+           "that order that answers it best.", "",
+           f"| signal, order | cheapest point within 1 point of TokenFLEX at {top} "
+           f"({_pct(flex['accuracy'][str(top)]['mean'])}%): accuracy, tokens, point − "
+           "TokenFLEX | that order's oracle |", "|---|---|---|"]
+  for name, ladder, reach in rows:
+    o = ladder["oracle"]
+    point = ("none" if reach is None else
+             f"{_pct(reach['accuracy'])}%, {reach['mean_visual_tokens']:.1f} "
+             f"({100 * reach['mean_visual_tokens'] / top:.0f}% of {top}), {_paired(reach)}")
+    seeds = "" if ladder["seeds"] == flex["seeds"] else f" ({ladder['seeds']} seeds)"
+    lines.append(f"| {name}{seeds} | {point} | {_pct(o['accuracy'])}% at "
+                 f"{o['mean_visual_tokens']:.1f} tokens |")
   return lines
+
+
+def _list(deltas: Sequence[Mapping[str, Any]]) -> str:
+  """"64: -0.9 [...], p = ...; 144: ..." of own-count deltas."""
+  return "; ".join(f"{d['count']}: {_paired(d)}" for d in deltas)
+
+
+def _comparison_verdicts(s: Mapping[str, Any], exclude: Mapping[str, Any] | None = None
+                         ) -> list[str]:
+  """The own- and off-count verdict lines (without the seeds in ``exclude``)."""
+  lines = []
+  own = experiment.own_count_deltas(s, exclude=exclude)
+  if own:
+    shown = [d for d in own if d["holds"]]
+    lines.append(
+        "- **At each fixed model's own count**, TokenFLEX at least as accurate (paired 95% "
+        f"interval above −{experiment.MARGIN:g} point): "
+        + ("shown at every count" if len(shown) == len(own) else
+           f"shown at {len(shown)} of {len(own)} counts")
+        + " (TokenFLEX − fixed, " + _list(own) + ").")
+  off = experiment.off_count_deltas(s, exclude=exclude)
+  if off:
+    won = sum(d["clearly_better"] for d in off)
+    lines.append(
+        f"- **Off the fixed models' own counts**, TokenFLEX clearly better (interval above 0) "
+        f"in {won} of {len(off)} (model, count) pairs (table below); mean difference "
+        f"{sum(d['delta'] for d in off) / len(off):+.1f} points.")
+  return lines
+
+
+def _collapsed_verdict(s: Mapping[str, Any]) -> list[str]:
+  """Whether the comparison verdicts change without the collapsed runs."""
+  collapsed = experiment.collapsed_seeds(s)
+  involved = {n: k for n, k in collapsed.items()
+              if n == experiment.FLEX or n.startswith(experiment.FIXED_PREFIX)}
+  runs = ", ".join(f"{n} seed {k}" for n, seeds in collapsed.items() for k in sorted(seeds))
+  if not collapsed:
+    return []
+  if not involved:
+    return [f"- **Collapsed runs** ({runs}; †): none in TokenFLEX or the fixed models, so "
+            "the verdicts above do not depend on them."]
+  same = all([d[key] for d in f(s)] == [d[key] for d in f(s, exclude=involved)]
+             for f, key in ((experiment.own_count_deltas, "holds"),
+                            (experiment.off_count_deltas, "clearly_better")))
+  line = (f"- **Collapsed runs** ({runs}; †): kept in the verdicts above; without them the "
+          + ("verdicts are the same." if same else "verdicts change:"))
+  return [line] + ([] if same else ["  " + v for v in _comparison_verdicts(s, involved)])
+
+
+def _budget_verdicts(s: Mapping[str, Any]) -> list[str]:
+  """One line: which escalation orders meet the target (within 1 point of TokenFLEX at
+  its largest count, paired, at 60% of that count or less), and the cheapest."""
+  if experiment.FLEX not in s["models"] or not _ladders(s):
+    return []
+  rows = [(name, reach) for name, _, reach in _budget_rows(s) if reach]
+  top = max(s["models"][experiment.FLEX]["train_counts"])
+  met = [name for name, reach in rows if reach["mean_visual_tokens"] <= 0.6 * top]
+  line = (f"- **Automatic budget** (target: within 1 point of TokenFLEX at {top}, paired, "
+          f"at ≤ 60% of {top} tokens): " + (f"met by {', '.join(met)}" if met else
+                                            "met by no escalation order"))
+  if rows:
+    cheapest = min(r["mean_visual_tokens"] for _, r in rows)
+    names = [name for name, r in rows if r["mean_visual_tokens"] == cheapest]
+    line += (f"; the cheapest within 1 point: {' and '.join(names)} at {cheapest:.1f} "
+             f"tokens ({100 * cheapest / top:.0f}%)")
+  return [line + "."]
 
 
 def verdict(s: Mapping[str, Any]) -> list[str]:
-  """The issue's criteria, each stated as met or not from the numbers above."""
-  lines = []
-  own = experiment.own_count_deltas(s)
-  if own:
-    bad = [d for d in own if not d["holds"]]
-    lines.append(
-        "- **At each fixed model's own count**: TokenFLEX is "
-        + ("at least as accurate within the seeds' spread at every count"
-           if not bad else "below the fixed model beyond the spread at "
-           + ", ".join(f"{d['count']} ({d['delta']:+.1f} points, spread {d['spread']:.1f})"
-                       for d in bad))
-        + " (" + ", ".join(f"{d['count']}: {d['delta']:+.1f}" for d in own) + ").")
-  off = experiment.off_count_deltas(s)
-  if off:
-    won = sum(d["clearly_better"] for d in off)
-    lines.append(f"- **Off the fixed models' own counts**: TokenFLEX is clearly better in "
-                 f"{won} of {len(off)} (model, count) pairs; the mean difference is "
-                 f"{sum(d['delta'] for d in off) / len(off):+.1f} points.")
+  """The issue's criteria, each stated as met or not from the per-seed numbers."""
   rising = experiment.rising_families(s)
   per_model = experiment.rising_by_model(s)
-  lines.append("- **Accuracy rising with the count (64 < 144 < 196 < 256) for every model**: "
-               + (", ".join(rising) if rising else "no family") + "; per model: "
-               + "; ".join(f"{m} {', '.join(f) or 'none'}" for m, f in per_model.items()) + ".")
-  if s["auto_budget"]:
-    top = max(s["models"]["tokenflex"]["train_counts"])
-    for name, ladder in _ladders(s).items():
-      reach = experiment.budget_reach(s, ladder["curve"])
-      order = name
-      if reach:
-        lines.append(f"- **Automatic budget, {order}**: within 1 point of TokenFLEX at {top} "
-                     f"tokens at {reach['mean_visual_tokens']:.1f} mean visual tokens "
-                     f"({100 * reach['mean_visual_tokens'] / top:.0f}% of {top}; the target is "
-                     f"at most 60%); the oracle needs {s['oracle']['mean_visual_tokens']:.1f}.")
-      else:
-        best = max(ladder["curve"], key=lambda p: p["accuracy"])
-        lines.append(f"- **Automatic budget, {order}**: never within 1 point of TokenFLEX at "
-                     f"{top} tokens; its best is {_pct(best['accuracy'])}% at "
-                     f"{best['mean_visual_tokens']:.1f} tokens.")
-  return lines
+  return [*_comparison_verdicts(s), *_collapsed_verdict(s),
+          "- **Mean accuracy rising with the count (64 < 144 < 196 < 256) for every model**: "
+          + (", ".join(rising) if rising else "no family") + "; per model: "
+          + "; ".join(f"{m} {', '.join(f) or 'none'}" for m, f in per_model.items()) + ".",
+          *_budget_verdicts(s)]
 
 
-# Models whose accuracy varies more than this over seeds (an SD, at any count) are flagged.
-UNSTABLE_SD = 0.10
+def _revision(s: Mapping[str, Any]) -> str:
+  r = s.get("revision", {})
+  runs = (f"The runs trained at `{r['runs'][:7]}`" if r.get("runs")
+          else "The runs' code revision is not recorded")
+  note = f" ({r['runs_note']})" if r.get("runs_note") else ""
+  report = (f"`{r['report'][:7]}`" + (" with uncommitted changes" if r.get("report_modified")
+                                      else "") if r.get("report") else "an unrecorded revision")
+  return f"{runs}{note}; this report was rendered at {report}."
 
 
 def caveats(s: Mapping[str, Any]) -> list[str]:
   """What the report's figures cannot support, read from the summary ``s``."""
   seeds = min(info["seeds"] for info in s["models"].values())
-  unstable = [name for name, info in s["models"].items()
-              if max(a["std"] for a in info["accuracy"].values()) > UNSTABLE_SD]
+  split = s.get("evaluation_split", experiment.EVALUATION_SPLIT)
   lines = [
-      f"- ± is the population standard deviation over seeds (ddof=0); with {seeds} seeds the "
-      f"sample SD is {((seeds / (seeds - 1)) ** 0.5 if seeds > 1 else float('nan')):.2f}x "
-      "larger. \"Within the spread\" compares a mean difference with the spread; it is not "
-      "a test. The summary keeps no per-seed values, so no paired test over seeds is made.",
-      "- The design choices of the demo recipe (the projector's position embedding, the "
-      "visual tokens' rotary layout) were made on these same evaluation questions: there "
-      "was no separate development split.",
-      "- The router rows of the automatic budget are a supervised router, cross-fitted on "
-      "this evaluation set; `predict --num_tokens=auto` escalates on the answer's "
-      "log-probability (the log-prob rows).",
-      "- The code revision of the runs is not recorded in the summary."]
-  if unstable:
-    lines.insert(1, f"- {', '.join(unstable)}: a spread over {100 * UNSTABLE_SD:.0f} points "
-                 "at some count (a seed far from the others, a sign of a collapsed run); "
-                 "every seed is averaged in, none set apart.")
+      f"- {seeds} seeds: a paired 95% interval is the mean difference ± "
+      f"{experiment.t_quantile(0.5 + experiment.CONFIDENCE / 2, seeds - 1):.2f} standard "
+      "errors, so differences of a few points are shown neither way (not shown is not "
+      "worse). The t-test assumes roughly normal per-seed differences." if seeds > 1 else
+      "- 1 seed: no spread, interval or test; every verdict needs two seeds or more.",
+      f"- {split[0].upper()}{split[1:]}.",
+      f"- The {ROUTER} is fitted and scored on these questions (2 folds): not an estimate "
+      "for new questions; `predict --num_tokens=auto` escalates on the log-probability."]
+  if s.get("collapsed"):
+    lines.append("- Collapsed runs (†) are kept in every mean, SD and test.")
+  if s.get("per_seed_source"):
+    lines.append(f"- Per-seed values: {s['per_seed_source']}.")
   return lines
 
 
 def markdown(s: Mapping[str, Any]) -> str:
   hours = s["wall_time_s"] / 3600
-  seeds = sorted({info["seeds"] for info in s["models"].values()})
+  ids = sorted({k for info in s["models"].values() for k in info["seed_ids"]})
   out = ["# Results: the paper's experiment in miniature", "",
          "[README](../README.md) · [measurements](measurements.md) (how these were diagnosed "
          "and what was tried)", "",
          f"Written by `python -m tokenflex_jax.report`, called by `{s['command'].strip()}` "
-         f"after each seed; the stages finished so far took {s['wall_time_s']:.0f} s "
-         f"({hours:.1f} h) of wall time in all, on the machine of docs/measurements.md. "
-         f"Every number is what that command printed. {s['examples_per_family']} questions "
-         f"per family, {len(s['families'])} families; accuracy is the family average in %, "
-         f"mean ± standard deviation over {'/'.join(map(str, seeds))} "
-         f"seed{'s' * (seeds != [1])}; bold: a count "
-         "the model trained on.", "",
+         f"after each seed; the stages took {s['wall_time_s']:.0f} s ({hours:.1f} h) of wall "
+         f"time in all, on the machine of docs/measurements.md. {s['examples_per_family']} "
+         f"questions per family, {len(s['families'])} families; accuracy is the family "
+         f"average in %, mean ± sample SD (ddof=1) over seeds {_seeds(ids)}; bold: a count "
+         "the model trained on. Seed k of every model shares the stage-0 ViT, the init seed, "
+         "the token-count draws and the data order, and every run answers the same "
+         "questions: models are compared seed by seed. " + _revision(s), "",
          "## Verdict", "", *verdict(s), "",
          "## What these figures do not show", "", *caveats(s), "",
          "## Average accuracy at each visual-token count", "", *_accuracy_table(s), "",
+         *_collapsed_section(s), "",
          "![accuracy](results_accuracy.png)", "",
-         "## TokenFLEX against each fixed model at that model's own count", "",
-         *_own_count_section(s), "",
-         "## The fixed models off their own count", "", *_off_count_section(s), "",
+         "## TokenFLEX against the fixed models", "", *_comparison_section(s), "",
          "## Per family", "", *_family_section(s), "",
          "## Training cost: dynamic against fixed-256", "", *_cost_section(s), "",
          "## Automatic budget (TokenFLEX, `--num_tokens=auto`)", "", *_budget_section(s), "",
@@ -282,22 +338,29 @@ def plot_accuracy(s: Mapping[str, Any], path: str) -> None:
     ax.errorbar(counts, mean, yerr=std, fmt=style, marker="o", capsize=3, linewidth=width,
                 label=name)
   ax.set_xticks(counts)
-  ax.set_title("Fixed-token models against TokenFLEX (mean ± std over seeds)")
+  ax.set_title("Fixed-token models against TokenFLEX (mean ± sample SD over seeds)")
   save_figure(fig, ax, path, "visual tokens at evaluation", "average accuracy (%)")
 
 
 def plot_budget(s: Mapping[str, Any], path: str) -> None:
+  """TokenFLEX's fixed budgets, every ladder's mean curve, and each escalation order's own
+  oracle (a star of the colour of that order's first curve; both signals share it)."""
   fig, ax = new_axes((6.5, 4.5))
   flex = s["models"][experiment.FLEX]
   counts = s["eval_counts"]
   ax.plot(counts, [100 * flex["accuracy"][str(c)]["mean"] for c in counts], "ks-",
           label="TokenFLEX, fixed budget")
+  oracles: dict[str, tuple[Mapping[str, float], str]] = {}
   for name, ladder in _ladders(s).items():
-    ax.plot([p["mean_visual_tokens"] for p in ladder["curve"]],
-            [100 * p["accuracy"] for p in ladder["curve"]], "o-",
-            label=f"automatic, {name}")
-  ax.plot([s["oracle"]["mean_visual_tokens"]], [100 * s["oracle"]["accuracy"]], "r*",
-          markersize=14, label="oracle")
+    label = name.replace(ROUTER, "supervised router (cross-fitted on eval)")
+    (line,) = ax.plot([p["mean_visual_tokens"] for p in ladder["curve"]],
+                      [100 * p["accuracy"] for p in ladder["curve"]], "o-", markersize=3,
+                      label=f"automatic, {label}")
+    order = " → ".join(map(str, ladder["counts"]))
+    oracles.setdefault(order, (ladder["oracle"], line.get_color()))
+  for order, (oracle, color) in oracles.items():
+    ax.plot([oracle["mean_visual_tokens"]], [100 * oracle["accuracy"]], "*", color=color,
+            markersize=12, label=f"oracle, {order}")
   top = max(flex["train_counts"])
   ax.axvline(0.6 * top, color="gray", linestyle=":", label=f"60% of {top}")
   save_figure(fig, ax, path, BUDGET_XLABEL, "average accuracy (%)")
