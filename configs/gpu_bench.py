@@ -12,7 +12,7 @@
   tiny: the smallest model on the same code path (``gpu_check --dry`` in CI).
 Six ViT blocks, not so400m's 27, so that the ViT's share of the step's model FLOPs is
 the paper model's (SigLIP-so400m + Qwen2.5-7B: 4.1 / 3.9 / 3.5% at 64 / 144 / 256
-tokens; 1b: 4.2 / 3.9 / 3.6%; cpu: 4.3 / 3.8 / 3.3%; `tokenflex_jax.flops`, tested):
+tokens; 1b: 4.2 / 3.9 / 3.6%; cpu: 4.3 / 3.8 / 3.3%; `models.flops`, tested):
 an MFU measured on it is the paper model's MFU in miniature, which the demo-shaped
 configs/bench.py (ViT 35-65% of its FLOPs) is not. Every module trains (stage 3), the
 paper's buckets and mix; data and tokenizer are the demo's (procedural scenes, padded

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tokenflex_jax import cli
-from tokenflex_jax.cli import QuietLibraryInfo
+from tokenflex_jax import cli, entry
+from tokenflex_jax.entry import QuietLibraryInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,13 +28,13 @@ def test_orbax_info_is_dropped_but_warnings_and_our_lines_stay():
 
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
-  from tokenflex_jax import cli, errors  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax import errors  # pylint: disable=import-outside-toplevel
 
   def wrong_input(argv):
     raise errors.ConfigError("config.batch_size=7: not divisible by 8 devices")
 
   with pytest.raises(SystemExit) as exit_info:
-    cli.handle_errors(wrong_input)(["prog"])
+    entry.handle_errors(wrong_input)(["prog"])
   assert exit_info.value.code == errors.USAGE_EXIT_CODE
   assert capsys.readouterr().err == "error: config.batch_size=7: not divisible by 8 devices\n"
 
@@ -42,14 +42,14 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     raise errors.Preempted("stopped at step 5")
 
   with pytest.raises(SystemExit) as exit_info:
-    cli.handle_errors(preempted)(["prog"])
+    entry.handle_errors(preempted)(["prog"])
   assert exit_info.value.code == errors.PREEMPTED_EXIT_CODE
 
   def bug(argv):
     raise ZeroDivisionError("a bug")
 
   with pytest.raises(ZeroDivisionError):  # Not turned into a one-liner.
-    cli.handle_errors(bug)(["prog"])
+    entry.handle_errors(bug)(["prog"])
 
 
 @pytest.mark.parametrize("binary,args,message", [

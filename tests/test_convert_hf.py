@@ -16,7 +16,7 @@ import torch  # pylint: disable=wrong-import-position
 import transformers  # pylint: disable=wrong-import-position
 from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 
-from tokenflex_jax.convert import hf  # pylint: disable=wrong-import-position
+from tokenflex_jax.models import hf  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.llm import LLM, LLMConfig  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.vit import ViT  # pylint: disable=wrong-import-position
 

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 from tests.test_chat_templates import QWEN25  # pylint: disable=wrong-import-position
 from tests.test_chat_tokenizers import _bpe  # pylint: disable=wrong-import-position
 from tests.test_convert_hf import RTOL, relative_error  # pylint: disable=wrong-import-position
-from tokenflex_jax.convert import hf  # pylint: disable=wrong-import-position
+from tokenflex_jax.models import hf  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.llm import LLM  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

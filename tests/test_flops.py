@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tokenflex_jax import flops
+from tokenflex_jax.models import flops
 from tokenflex_jax.models.llm import LLMConfig
 from tokenflex_jax.models.projector import ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig

@@ -11,7 +11,8 @@ import jax
 import pytest
 
 from configs import gpu_bench, paper
-from tokenflex_jax import config_schema, flops, model_config
+from tokenflex_jax import config_schema, model_config
+from tokenflex_jax.models import flops
 from tokenflex_jax.benchmarking import gpu, suite
 from tokenflex_jax.models.vlm import VLM
 

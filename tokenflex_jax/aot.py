@@ -75,7 +75,7 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
   """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
   "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s"]}} per
   device, for the train step of each of ``config.token_counts`` compiled for ``devices``
-  (default: this run's). ``gflop``/``flops``: the model FLOPs (`tokenflex_jax.flops`);
+  (default: this run's). ``gflop``/``flops``: the model FLOPs (`models.flops`);
   ``xla_gflop`` and ``bytes_accessed``: the compiler's cost analysis, which counts a
   scanned loop's body once. ``roofline_step_s`` (chips in `CHIPS`): max(FLOPs / peak,
   bytes / bandwidth), a lower bound on the step time (the bytes of the layer loop counted

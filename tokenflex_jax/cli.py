@@ -13,10 +13,8 @@ together by tests and notebooks.
 
 from __future__ import annotations
 
-import functools
 import glob
 import importlib.util
-import logging
 import os
 import re
 import sys
@@ -27,27 +25,9 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
-from tokenflex_jax import config_schema, distributed, errors, workdir as workdir_lib
+from tokenflex_jax import config_schema, distributed, entry, errors, workdir as workdir_lib
 
 SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
-
-
-class QuietLibraryInfo(logging.Filter):
-  """Drops the library lines that need no action: INFO from inside Orbax (dozens per
-  checkpoint), JAX's INFO that a backend it probes for (a TPU on a GPU or CPU host) is
-  absent, Orbax's warning that a manager opened to read is read-only and TFDS's that a
-  builder has a config. Keeps every other warning."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if record.levelno <= logging.INFO:
-      return not ("/orbax/" in record.pathname or (
-          record.name.startswith("jax") and str(record.msg).startswith("Unable to initialize "
-                                                                        "backend")))
-    message = str(record.msg)
-    return not (("/orbax/" in record.pathname and message.startswith("Given directory is read "
-                                                                      "only")) or
-                ("/tensorflow_datasets/" in record.pathname and
-                 message.startswith("Using custom data configuration")))
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
@@ -129,46 +109,6 @@ def start_processes(address: flags.FlagHolder, count: flags.FlagHolder,
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-  """Wraps an ``absl.app.run`` main: a `errors.UserError` prints one line per problem and exits with
-  `errors.USAGE_EXIT_CODE`; a non-finite loss prints one line and exits 1;
-  `errors.Preempted` exits with `errors.PREEMPTED_EXIT_CODE`
-  (the launch scripts restart on it); any other exception keeps its traceback."""
-
-  @functools.wraps(main)
-  def wrapped(argv: list[str]) -> Any:
-    try:
-      return main(argv)
-    except errors.UserError as e:
-      for line in str(e).splitlines() or [""]:  # A config's several problems: a line each.
-        print(f"error: {line}", file=sys.stderr, flush=True)
-      sys.exit(errors.USAGE_EXIT_CODE)
-    except errors.NonFiniteLossError as e:
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      sys.exit(1)
-    except errors.Preempted as e:
-      absl_logging.warning("%s", e)
-      sys.exit(errors.PREEMPTED_EXIT_CODE)
-
-  return wrapped
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a bad flag (unknown, malformed, a missing config file or
-  key) as one line and `errors.USAGE_EXIT_CODE` instead of absl's usage text."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = str(e)
-  except (AttributeError, KeyError) as e:  # config_flags: an override of a key not there
-    key = str(e).strip("\"'")
-    named = [a for a in argv if a.startswith("--config.") and key and key in a.split("=")[0]]
-    message = (f"{named[0] if named else 'a --config override'}: the config has no key "
-               f"{key!r} (config_schema.py lists every key)")
-  print(f"error: {message}", file=sys.stderr, flush=True)
-  sys.exit(errors.USAGE_EXIT_CODE)
-
-
 def host_platforms(environ: Mapping[str, str], device_files: Callable[[str], list[str]],
                    installed: Callable[[str], bool]) -> str | None:
   """The JAX platforms for a host with libtpu installed (requirements-tpu.txt, for the
@@ -191,31 +131,20 @@ def _no_tpu_probe_without_a_tpu() -> None:
     jax.config.update("jax_platforms", platforms)
 
 
-def _quiet_library_logs() -> None:
-  """`QuietLibraryInfo` on absl's handler, before any backend starts."""
-  handler = absl_logging.get_absl_handler()
-  if not any(isinstance(f, QuietLibraryInfo) for f in handler.filters):
-    handler.addFilter(QuietLibraryInfo())
-
-
 def run_main(main: Callable[[list[str]], Any]) -> None:
-  """``absl.app.run`` of a binary's main with `parse_flags` and `handle_errors`; the
-  command line is `command_line` for a binary that `define_flags` gave ``--config``."""
-  _quiet_library_logs()
+  """`entry.run` of a binary's main; the command line is `command_line` for a binary
+  that `define_flags` gave ``--config``."""
   takes_config = ("config" in flags.FLAGS and
                   flags.FLAGS["config"].flag_type() == "config object")  # config_flags'
-
-  app.run(handle_errors(main), argv=command_line() if takes_config else sys.argv,
-          flags_parser=parse_flags)
+  entry.run(main, command_line() if takes_config else sys.argv)
 
 
 def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
   """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` (and the
-  multi-process flags) and calls ``job(config, workdir)`` under ``absl.app.run``."""
+  multi-process flags) and calls ``job(config, workdir)`` under `entry.run`."""
   config, workdir = define_flags()
   process_flags = define_distributed_flags()
 
-  @handle_errors
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -227,6 +156,5 @@ def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
     start_processes(*process_flags)
     job(loaded, workdir.value)
 
-  _quiet_library_logs()
   _no_tpu_probe_without_a_tpu()
-  app.run(main, argv=command_line(), flags_parser=parse_flags)
+  entry.run(main, command_line())

@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenflex_jax import cli, config_checks, config_schema, flops, model_config, run_tokenizer
+from tokenflex_jax import cli, config_checks, config_schema, model_config, run_tokenizer
 from tokenflex_jax import sharding
 from tokenflex_jax import workdir as workdir_lib
 from tokenflex_jax.data import pipeline, scenes
+from tokenflex_jax.models import flops
 from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
 from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import steps, trainer

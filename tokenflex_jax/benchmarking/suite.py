@@ -2,7 +2,7 @@
 
 1. this host's matmul roofline, float32 and bfloat16;
 2. per bucket: the trainer's own compiled step (random init, one real batch), median
-   step time over rounds after a warm-up, model FLOPs (`tokenflex_jax.flops`) beside
+   step time over rounds after a warm-up, model FLOPs (`models.flops`) beside
    XLA's count, MFU against the roofline of the model's compute dtype, the step's
    memory per device (the compiler's analysis, and the device's peak where it keeps one);
 3. the config's bucket mix (the paper's 2:3:5) as the mean step time it implies,

@@ -7,7 +7,7 @@ the text at each row's placeholder, the answer loss with the same per-sample wei
 and torch's AdamW with global-norm clipping; float32 weights, and where our model
 computes in bfloat16 the forward pass runs under ``torch.autocast`` in bfloat16 (mixed
 precision as PyTorch users write it). On a CPU or a CUDA GPU (`build`'s ``device``). It starts from OUR parameters (exported with
-`tokenflex_jax.convert.hf`), so its first loss equals ours on the same batch: the two
+`tokenflex_jax.models.hf`), so its first loss equals ours on the same batch: the two
 step times are of one model. A bench-only dependency (torch, transformers).
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from tokenflex_jax.convert import hf
+from tokenflex_jax.models import hf
 from tokenflex_jax.models.vlm import VLMConfig
 
 

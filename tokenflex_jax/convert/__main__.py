@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from tokenflex_jax import cli, config_checks, config_schema, sharding, specs, trained_model
-from tokenflex_jax.convert import hf
+from tokenflex_jax.models import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig
 from tokenflex_jax.specs import RunSpec

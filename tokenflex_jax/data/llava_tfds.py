@@ -41,7 +41,7 @@ import tensorflow_datasets as tfds
 from absl import flags, logging
 from etils import epath
 
-from tokenflex_jax import cli, paths
+from tokenflex_jax import entry, paths
 from tokenflex_jax.data import images, llava, tfds_split
 from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError, bad_text, format_skipped
 from tokenflex_jax.errors import InputError
@@ -240,7 +240,7 @@ def main() -> None:
     folder = build(data_dir.value, json_path.value, image_dir.value, name.value, skip.value)
     print(folder, LlavaTfdsSource(folder))
 
-  cli.run_main(run)
+  entry.run(run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from tokenflex_jax import cli, paths
+from tokenflex_jax import entry, paths
 from tokenflex_jax.data import images, scenes, tfds_split
 
 VALIDATION_INDEX_OFFSET = 1 << 40
@@ -169,4 +169,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_train", 10_000, "Train examples.")
   flags.DEFINE_integer("num_validation", 1_000, "Validation examples.")
   flags.DEFINE_integer("image_size", scenes.BASE_SIZE, "Image side in pixels.")
-  cli.run_main(main)
+  entry.run(main)

@@ -43,7 +43,7 @@ class Task:
   buckets: the visual-token counts (each compiled once) and the draw of one per step.
   tokens_per_example: a bucket -> sequence positions per example (for throughput).
   name: what the compiled step is called in the logs.
-  flops_per_step: a bucket -> model FLOPs of one global step (`tokenflex_jax.flops`), for
+  flops_per_step: a bucket -> model FLOPs of one global step (`models.flops`), for
     the logged FLOP rate; None: XLA's cost analysis, which counts a scanned loop once.
   evaluate: (params, step) -> {name: scalar}, run every ``eval_every`` steps by the loop
     (on every process: it may be collective); None: no periodic evaluation.

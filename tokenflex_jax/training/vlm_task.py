@@ -8,7 +8,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tokenflex_jax import flops
+from tokenflex_jax.models import flops
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
