@@ -50,6 +50,10 @@ fi
 mkdir -p "$W"
 printf '%q ' bash launch/reproduce.sh "$@" > "$W/command.txt"
 echo >> "$W/command.txt"
+# The code revision of every invocation that trained here (a resumed run may add one).
+rev="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if ! git -C "$REPO" diff --quiet HEAD 2>/dev/null; then rev="$rev+uncommitted"; fi
+grep -qxF "$rev" "$W/revisions.txt" 2>/dev/null || echo "$rev" >> "$W/revisions.txt"
 start=$(date +%s)
 log() { echo "[reproduce $(( $(date +%s) - start ))s] $*"; }
 
@@ -83,6 +87,7 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
       --config.eval.overwrite=True "${TRAIN_FLAGS[@]}"
   done
   log "seed $seed done: writing the report to $OUT"
-  python -m tokenflex_jax.report --workdir="$W" --out="$OUT"
+  python -m tokenflex_jax.report --workdir="$W" --out="$OUT" \
+    --runs_revision="$(paste -sd, "$W/revisions.txt")"
 done
 log "done: $OUT/results.md"
