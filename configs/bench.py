@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from tokenflex_jax.config_schema import base_config
+from tokenflex_jax.app.config_schema import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -7,7 +7,7 @@ preset (dp, fsdp, fsdp_tp; default fsdp_tp, see `tokenflex_jax.sharding`). Stage
   1: alignment with the ViT frozen: projector and LLM train (the paper trains only the
      projector here, but its LLM is pretrained; the demo's starts from scratch);
   2: full tuning (the default): everything trains, the ViT at a reduced learning rate.
-The model, data and eval values are the schema's defaults (`tokenflex_jax.config_schema`);
+The model, data and eval values are the schema's defaults (`tokenflex_jax.app.config_schema`);
 the ViT has one attention head, cheaper than two at width 64 on CPU (docs/measurements.md).
 ``launch/demo.sh`` runs 0 -> 1 -> 2 -> eval, chaining them through ``config.init``.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 
 from tokenflex_jax import sharding
-from tokenflex_jax.config_schema import base_config, parse_arg
+from tokenflex_jax.app.config_schema import base_config, parse_arg
 
 RULES = {"dp": sharding.DATA_PARALLEL_RULES, "fsdp": sharding.FSDP_RULES,
          "fsdp_tp": sharding.FSDP_TP_RULES}

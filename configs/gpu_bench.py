@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from tokenflex_jax.config_schema import base_config, parse_arg
+from tokenflex_jax.app.config_schema import base_config, parse_arg
 
 # Per size: the ViT's and the LLM's fields, text length, global batch, remat policy.
 # Every size has SigLIP's patch 14, a Qwen2-style decoder (q/k/v biases, tied embeddings)

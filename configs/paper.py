@@ -13,7 +13,7 @@ Start from converted Hugging Face towers (docs/huggingface.md):
   python -m tokenflex_jax.train --config=configs/paper.py:stage=1 \
       --config.init.checkpoint=/ckpt/start --workdir=/runs/stage1 ...
 The model fields below already match those two checkpoints. Keys not set here keep the
-defaults of `tokenflex_jax.config_schema.base_config`.
+defaults of `tokenflex_jax.app.config_schema.base_config`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import ml_collections
 
 from tokenflex_jax import sharding
-from tokenflex_jax.config_schema import base_config, parse_arg
+from tokenflex_jax.app.config_schema import base_config, parse_arg
 
 # (steps, global batch, peak learning rate, {module: lr multiplier}); all ours.
 STAGES = {

@@ -17,7 +17,7 @@ from typing import Any
 import ml_collections
 
 from configs import demo
-from tokenflex_jax.config_schema import parse_arg
+from tokenflex_jax.app.config_schema import parse_arg
 
 # name -> (token_counts, token_probs, projector overrides). ``tokenflex_nope`` drops the
 # projector's position embedding: the recipe the paper-effect issue measured first.

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tokenflex_jax import cli, entry
+from tokenflex_jax import entry
+from tokenflex_jax.app import cli
 from tokenflex_jax.entry import QuietLibraryInfo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def test_without_config_the_workdirs_own_config_is_read_with_overrides(tmp_path)
   --config); the loader returns the workdir's config.json through the schema."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from tests.tiny import tiny_config  # pylint: disable=import-outside-toplevel
-  from tokenflex_jax import cli, config_schema, workdir  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.app import cli, config_schema, workdir  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   config.eval.batch_size = 24
   workdir.prepare(str(tmp_path), config_schema.to_spec(config))

@@ -13,7 +13,8 @@ import pytest
 
 from configs import bench, demo, gpu_bench, paper, reproduce
 from tests.tiny import tiny_config
-from tokenflex_jax import config_checks, config_schema, errors, model_config, predict, sharding
+from tokenflex_jax import errors, model_config, predict, sharding
+from tokenflex_jax.app import config_checks, config_schema
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.models.patch_labeler import PatchLabeler
 from tokenflex_jax.models.vlm import VLM

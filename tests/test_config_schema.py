@@ -13,7 +13,7 @@ from ml_collections import config_flags
 
 from configs import demo, paper
 from tokenflex_jax import sharding
-from tokenflex_jax.config_schema import base_config, parse_arg, read_saved
+from tokenflex_jax.app.config_schema import base_config, parse_arg, read_saved
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [(demo, f"stage={s},rules={r}") for s in "012" for r in demo.RULES] + [

@@ -326,7 +326,7 @@ def test_paper_towers_overrides_keep_the_paper_config_and_its_bfloat16():
   """The overrides of the paper's two towers, laid over configs/paper.py as the docs do,
   change nothing: the shapes already match and the compute dtype stays bfloat16."""
   from absl import flags  # pylint: disable=import-outside-toplevel
-  from tokenflex_jax import cli  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.app import cli  # pylint: disable=import-outside-toplevel
   from tokenflex_jax.convert.__main__ import overrides  # pylint: disable=import-outside-toplevel
   written = overrides(hf.vision_config_from_hf(SIGLIP_SO400M_384),
                       hf.llm_config_from_hf(QWEN25_7B))

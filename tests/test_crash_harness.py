@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from tests.tiny import TINY_FLAGS
-from tokenflex_jax import crash_harness
+from tokenflex_jax.studies import crash_harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_BUCKET = ("--config.token_counts=(64,)", "--config.token_probs=(1.0,)",

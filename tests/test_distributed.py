@@ -2,7 +2,7 @@
 
 import pytest
 
-from tokenflex_jax import distributed
+from tokenflex_jax.app import distributed
 
 
 @pytest.mark.parametrize("environ, expected", [

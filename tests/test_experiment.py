@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tokenflex_jax import errors, report
-from tokenflex_jax.evaluation import experiment, experiment_report
+from tokenflex_jax.studies import experiment, experiment_report
 
 COUNTS = ("64", "100", "144", "196", "256")
 FAMILIES = {"background": {"granularity": "coarse", "chance": 0.125},

@@ -967,7 +967,7 @@ def test_make_iterator_skips_or_stops_at_a_bad_record(llava_build):
 
 
 def test_skip_policy_in_the_config():
-  from tokenflex_jax import config_schema  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.app import config_schema  # pylint: disable=import-outside-toplevel
   assert config_schema.base_config().data.on_bad_record == "error"
   assert pipeline.check_bad_record_policy("skip") == "skip"
 

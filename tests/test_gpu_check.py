@@ -11,9 +11,10 @@ import jax
 import pytest
 
 from configs import gpu_bench, paper
-from tokenflex_jax import config_schema, model_config
-from tokenflex_jax.models import flops
+from tokenflex_jax import model_config
+from tokenflex_jax.app import config_schema
 from tokenflex_jax.benchmarking import gpu, suite
+from tokenflex_jax.models import flops
 from tokenflex_jax.models.vlm import VLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

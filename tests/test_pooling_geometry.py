@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tokenflex_jax.data import scenes
-from tokenflex_jax.evaluation import pooling_geometry
+from tokenflex_jax.studies import pooling_geometry
 
 COUNTS = (64, 100, 144, 196, 256)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tokenflex_jax.evaluation.position_probe import linear_probe_r2
+from tokenflex_jax.studies.position_probe import linear_probe_r2
 
 
 def test_probe_reads_a_linear_position_code_and_not_noise():

@@ -9,7 +9,7 @@ import pytest
 
 from configs import reproduce
 from tests.tiny import TINY_FLAGS
-from tokenflex_jax.config_schema import base_config
+from tokenflex_jax.app.config_schema import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device, as a user's run on a laptop (not the suite's 8 simulated ones).

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from configs import demo, paper
 from tests.tiny import tiny_spec
-from tokenflex_jax import config_schema, model_config, sharding, specs
+from tokenflex_jax import model_config, sharding, specs
+from tokenflex_jax.app import config_schema
 from tokenflex_jax.models.vlm import VLM, VLMConfig
 from tokenflex_jax.training.optimizer import make_optimizer
 

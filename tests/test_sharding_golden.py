@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from configs import demo, paper
-from tokenflex_jax import config_schema, model_config, sharding
+from tokenflex_jax import model_config, sharding
+from tokenflex_jax.app import config_schema
 from tokenflex_jax.models.vlm import VLM
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

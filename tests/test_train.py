@@ -15,9 +15,8 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tokenflex_jax import cli, config_schema, errors, run_tokenizer, trained_model
-from tokenflex_jax import eval as eval_binary
-from tokenflex_jax import predict
+from tokenflex_jax import errors, eval as eval_binary, predict
+from tokenflex_jax.app import cli, config_schema, run_tokenizer, trained_model
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.evaluation import outputs

@@ -6,7 +6,8 @@ import os
 import ml_collections
 
 from configs import demo
-from tokenflex_jax import config_schema, specs
+from tokenflex_jax import specs
+from tokenflex_jax.app import config_schema
 
 # The same settings as command-line overrides, for tests that run the binaries.
 TINY_FLAGS = (

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from tokenflex_jax import cli, config_checks, config_schema, errors, model_config, sharding
+from tokenflex_jax import errors, model_config, sharding
+from tokenflex_jax.app import cli, config_checks, config_schema
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from absl import flags, logging
 
-from tokenflex_jax import cli, config_checks, config_schema
+from tokenflex_jax.app import cli, config_checks, config_schema
 from tokenflex_jax.benchmarking import report, suite
 
 

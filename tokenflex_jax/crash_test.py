@@ -7,7 +7,7 @@ save), restart it each time, and compare with an uninterrupted run.
 (or ``bash launch/crash_test.sh``). The last line reads
 ``N kills (M during a save): bit-identical=true|false``; the exit status is 0 only when
 the final parameters, the optimizer state and the loss history are bit-identical and
-no restart lost a committed step. `tokenflex_jax.crash_harness` says how.
+no restart lost a committed step. `tokenflex_jax.studies.crash_harness` says how.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import sys
 
 from absl import flags
 
-from tokenflex_jax import cli, crash_harness
+from tokenflex_jax.app import cli
+from tokenflex_jax.studies import crash_harness
 
 def main() -> None:
   workdir = flags.DEFINE_string("workdir", None, "An empty folder for both runs and the log.",

@@ -71,7 +71,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     key = str(e).strip("\"'")
     named = [a for a in argv if a.startswith("--config.") and key and key in a.split("=")[0]]
     message = (f"{named[0] if named else 'a --config override'}: the config has no key "
-               f"{key!r} (config_schema.py lists every key)")
+               f"{key!r} (tokenflex_jax/app/config_schema.py lists every key)")
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(errors.USAGE_EXIT_CODE)
 

@@ -18,7 +18,8 @@ import os
 import jax
 from absl import logging
 
-from tokenflex_jax import cli, config_checks, config_schema, sharding, trained_model
+from tokenflex_jax import sharding
+from tokenflex_jax.app import cli, config_checks, config_schema, trained_model
 from tokenflex_jax.evaluation import outputs
 from tokenflex_jax.evaluation.evaluator import evaluate
 from tokenflex_jax.evaluation.report import markdown_table

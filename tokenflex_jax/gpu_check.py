@@ -20,7 +20,8 @@ from typing import Any
 
 from absl import flags, logging
 
-from tokenflex_jax import cli, config_checks, config_schema, specs
+from tokenflex_jax import specs
+from tokenflex_jax.app import cli, config_checks, config_schema
 from tokenflex_jax.benchmarking import gpu, suite, timing
 
 SAVE_EVERY_S = 10.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tokenflex_jax import cli, config_checks, config_schema
+from tokenflex_jax.app import cli, config_checks, config_schema
 from tokenflex_jax.benchmarking import micro
 
 

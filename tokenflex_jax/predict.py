@@ -21,7 +21,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from tokenflex_jax import cli, config_checks, config_schema, errors, sharding, trained_model
+from tokenflex_jax import errors, sharding
+from tokenflex_jax.app import cli, config_checks, config_schema, trained_model
 from tokenflex_jax.data import images
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation import auto_budget

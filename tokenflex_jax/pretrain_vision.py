@@ -14,12 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenflex_jax import cli, config_checks, config_schema, model_config, run_tokenizer
-from tokenflex_jax import sharding
-from tokenflex_jax import workdir as workdir_lib
+from tokenflex_jax import model_config, sharding
+from tokenflex_jax.app import cli, config_checks, config_schema, run_tokenizer
+from tokenflex_jax.app import workdir as workdir_lib
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.models import flops
-from tokenflex_jax.models.patch_labeler import PatchLabeler, patch_label_loss
+from tokenflex_jax.models.patch_labeler import patch_label_loss, PatchLabeler
 from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import steps, trainer
 from tokenflex_jax.training.buckets import Buckets

@@ -3,7 +3,7 @@ tokens the projector hands the decoder at each count, tell where in the image th
 
   python -m tokenflex_jax.probe --workdir=/tmp/run/stage2 [--num_images=256]
 
-Prints R^2 of the row and column (`evaluation.position_probe`) and writes
+Prints R^2 of the row and column (`studies.position_probe`) and writes
 WORKDIR/eval/position_probe.json. The scene images come from the suite's generator.
 """
 
@@ -16,11 +16,12 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from tokenflex_jax import cli, sharding, trained_model, workdir as workdir_lib
+from tokenflex_jax import sharding
+from tokenflex_jax.app import cli, trained_model, workdir as workdir_lib
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
-from tokenflex_jax.evaluation.position_probe import linear_probe_r2
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.studies.position_probe import linear_probe_r2
 
 def probe(workdir: str, num_images: int = 256) -> dict[str, dict[str, float]]:
   """{"vit patches": {"row", "col"}, "tokens at N": {...} per evaluated count N}."""

@@ -5,7 +5,7 @@ again from a results.json it wrote.
       [--runs_revision=SHA]
   python -m tokenflex_jax.report --from_json=docs/results.json --out=docs
 
-Reads every evaluated variant and seed (see `evaluation.experiment`) and writes
+Reads every evaluated variant and seed (see `studies.experiment`) and writes
 OUT/results.md, results.json, results_accuracy.png and results_budget.png. The summary
 records this checkout's git revision (``revision.report``) and, given
 ``--runs_revision``, the one the runs trained at (``revision.runs``). ``--from_json``
@@ -22,8 +22,9 @@ from typing import Any
 
 from absl import flags, logging
 
-from tokenflex_jax import cli, errors
-from tokenflex_jax.evaluation import experiment, experiment_report
+from tokenflex_jax import errors
+from tokenflex_jax.app import cli
+from tokenflex_jax.studies import experiment, experiment_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

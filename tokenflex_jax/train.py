@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
-from tokenflex_jax import cli, config_checks, config_schema, model_config, run_tokenizer
-from tokenflex_jax import sharding
-from tokenflex_jax import workdir as workdir_lib
+from tokenflex_jax import model_config, sharding
+from tokenflex_jax.app import cli, config_checks, config_schema, run_tokenizer
+from tokenflex_jax.app import workdir as workdir_lib
 from tokenflex_jax.evaluation import periodic
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenflex_jax import errors, model_config, run_tokenizer, sharding, specs
+from tokenflex_jax import errors, model_config, sharding, specs
+from tokenflex_jax.app import run_tokenizer
 from tokenflex_jax.benchmarking import suite, timing
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import compiled
 from tokenflex_jax.specs import RunSpec
+from tokenflex_jax.training import compiled
 
 
 def matmul_seconds(m: int, k: int, n: int, count: int = 1, calls: int = 10) -> float:

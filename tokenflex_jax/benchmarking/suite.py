@@ -27,14 +27,15 @@ import jax
 import numpy as np
 from absl import logging
 
-from tokenflex_jax import model_config, run_tokenizer, sharding, specs
+from tokenflex_jax import model_config, sharding, specs
+from tokenflex_jax.app import run_tokenizer
 from tokenflex_jax.benchmarking import decode_speed, profile, timing
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.evaluation.generate import encode_prompts
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import compiled, steps, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
-from tokenflex_jax.specs import RunSpec
 
 
 @dataclasses.dataclass(frozen=True)

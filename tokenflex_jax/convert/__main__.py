@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from tokenflex_jax import cli, config_checks, config_schema, sharding, specs, trained_model
+from tokenflex_jax import sharding, specs
+from tokenflex_jax.app import cli, config_checks, config_schema, trained_model
 from tokenflex_jax.models import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig

@@ -14,7 +14,7 @@ n x n visual tokens (each token averages a window of about 32/n pixels):
   mark of a 2x2 block of marks of distinct colours, each mark m x m pixels (tiles: m in
   4..6, marks: 2..4) at a random place. A mark's colour survives pooling when some visual
   token is mostly (> 50%) that mark, which needs windows no wider than about the mark:
-  the share of solvable questions grows with the count (`evaluation/pooling_geometry.py` computes
+  the share of solvable questions grows with the count (`studies/pooling_geometry.py` computes
   it exactly; docs/data.md has the table).
 """
 

@@ -65,32 +65,36 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
-class CompiledTask:
-  """A task's optimizer, its state's shardings and shapes, and its train step compiled
-  per bucket."""
+class TaskPlan:
+  """A task's optimizer and its state's shardings and shapes, worked out from shapes
+  alone (nothing compiled, nothing allocated)."""
   optimizer: optimizer_lib.Optimizer
   state_shardings: steps.TrainState
   abstract_state: steps.TrainState   # `jax.ShapeDtypeStruct`s with their shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledTask(TaskPlan):
+  """A `TaskPlan` with its train step compiled per bucket: {count: step}."""
   steps: dict[int, compiled.CompiledStep]
 
 
-def plan_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
+def plan_task(config: RunSpec, task: Task, mesh, rules) -> TaskPlan:
   """The optimizer from ``config`` and the state's shardings (derived from the params'
-  logical axes) and shapes, from shapes alone; ``steps`` still empty."""
+  logical axes) and shapes, from shapes alone."""
   boxed = steps.boxed_params(task.init_params, mesh, rules)
   params = sharding.strip_boxes(boxed)
   optimizer = optimizer_lib.from_config(config, params)
   state_sh = steps.state_shardings(boxed, optimizer.tx, mesh, rules)
-  return CompiledTask(optimizer, state_sh, steps.abstract_state(params, optimizer.tx, state_sh),
-                      {})
+  return TaskPlan(optimizer, state_sh, steps.abstract_state(params, optimizer.tx, state_sh))
 
 
-def compile_steps(task: Task, plan: CompiledTask, mesh, rules) -> CompiledTask:
+def compile_steps(task: Task, plan: TaskPlan, mesh, rules) -> CompiledTask:
   """``plan`` with the train step lowered and compiled once per bucket."""
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer),
                                       plan.abstract_state, task.abstract_batch, task.buckets.counts,
                                       mesh, rules, task.name)
-  return dataclasses.replace(plan, steps=by_count)
+  return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count)
 
 
 def compile_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
@@ -109,7 +113,7 @@ def flops_per_device(task: Task, job: CompiledTask) -> dict[int, float]:
   return out
 
 
-def start_state(config: RunSpec, task: Task, job: CompiledTask,
+def start_state(config: RunSpec, task: Task, plan: TaskPlan,
                 manager: Any, mesh, rules
                 ) -> tuple[steps.TrainState, int, Iterator[Mapping[str, Any]]]:
   """(state, first step, data iterator positioned for it): resumed from ``manager``'s
@@ -119,7 +123,7 @@ def start_state(config: RunSpec, task: Task, job: CompiledTask,
   process layout, else (written by another number of processes) from the step.
   """
   data = task.data_from(0)
-  abstract, optimizer, state_sh = job.abstract_state, job.optimizer, job.state_shardings
+  abstract, optimizer, state_sh = plan.abstract_state, plan.optimizer, plan.state_shardings
   with sharding.mesh_rules(mesh, rules):
     restored = checkpointing.restore_latest(manager, abstract.params, abstract.opt_state, data)
   if restored is not None:
@@ -160,8 +164,8 @@ def skipped_record_counts(task: Task) -> dict[str, float]:
 
 def train(config: RunSpec, workdir: str, task: Task, mesh, rules
           ) -> steps.TrainState:
-  """Trains ``task`` until ``config.total_steps``, resuming from ``workdir``."""
-  check_loop_config(config)
+  """Trains ``task`` until ``config.total_steps``, resuming from ``workdir`` (the binary
+  has checked ``config``: `app.config_checks`)."""
   warning = optimizer_lib.warmup_warning(config.optimizer, config.total_steps)
   if warning:
     logging.warning("%s", warning)

@@ -24,7 +24,8 @@ from typing import Any
 
 import jax
 
-from tokenflex_jax import errors, model_config, run_tokenizer, sharding
+from tokenflex_jax import errors, model_config, sharding
+from tokenflex_jax.app import run_tokenizer
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.evaluation import auto_budget, evaluator
 from tokenflex_jax.models import patch_labeler, vlm

@@ -1,6 +1,6 @@
 """A config file for ``--config`` that returns a workdir's own config:
 
-  --config=tokenflex_jax/saved_config.py:/runs/stage3
+  --config=tokenflex_jax/app/saved_config.py:/runs/stage3
 
 is the config /runs/stage3 was trained with (its config.json, read through the schema).
 Every binary that takes ``--workdir`` uses it when ``--config`` is not given (see
@@ -10,7 +10,7 @@ config.
 
 from __future__ import annotations
 
-from tokenflex_jax import config_schema, workdir
+from tokenflex_jax.app import config_schema, workdir
 
 
 def get_config(directory: str) -> config_schema.ConfigDict:

@@ -8,8 +8,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tokenflex_jax.evaluation import experiment
-from tokenflex_jax.evaluation.report import BUDGET_XLABEL, new_axes, save_figure
+from tokenflex_jax.evaluation.report import new_axes, save_figure, BUDGET_XLABEL
+from tokenflex_jax.studies import experiment
 
 MAIN = ("fixed_64", "fixed_144", "fixed_256", "tokenflex")
 ROUTER = "supervised router (cross-fitted on the evaluation set)"
@@ -126,7 +126,7 @@ def _family_section(s: Mapping[str, Any]) -> list[str]:
   graded = s.get("graded_solvable", {})
   if graded:
     lines += ["", "Share of the budget-graded families' questions whose answer survives the "
-              "pooling (geometry alone, `evaluation/pooling_geometry.py`, adaptive_avg):", "",
+              "pooling (geometry alone, `studies/pooling_geometry.py`, adaptive_avg):", "",
               "| family | " + " | ".join(counts) + " |", "|---|" + "---|" * len(counts)]
     for fam, shares in graded.items():
       lines.append(f"| {fam} | " + " | ".join(_pct(shares[c]) for c in counts) + " |")

@@ -15,7 +15,8 @@ from typing import Any
 import jax
 from etils import epath
 
-from tokenflex_jax import config_schema, specs
+from tokenflex_jax import specs
+from tokenflex_jax.app import config_schema
 from tokenflex_jax.errors import MissingInputError
 
 CONFIG_FILE = "config.json"

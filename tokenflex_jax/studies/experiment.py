@@ -54,8 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from tokenflex_jax.evaluation import pooling_geometry
 from tokenflex_jax.evaluation import outputs
+from tokenflex_jax.studies import pooling_geometry
 
 FIXED_PREFIX = "fixed_"
 FLEX = "tokenflex"

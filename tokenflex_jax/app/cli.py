@@ -25,7 +25,8 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
-from tokenflex_jax import config_schema, distributed, entry, errors, workdir as workdir_lib
+from tokenflex_jax import entry, errors
+from tokenflex_jax.app import config_schema, distributed, workdir as workdir_lib
 
 SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
 

@@ -217,7 +217,7 @@ def _overlay(target: ConfigDict, saved: Mapping[str, Any], path: str) -> None:
   for key, value in saved.items():
     name = f"{path}.{key}"
     if key not in target:
-      logging.warning("%s is not in the config schema (tokenflex_jax/config_schema.py); "
+      logging.warning("%s is not in the config schema (tokenflex_jax/app/config_schema.py); "
                       "kept as saved", name)
       target[key] = ConfigDict(value) if isinstance(value, dict) else value
     elif name == "config.lr_multipliers":
@@ -268,7 +268,7 @@ def _build(cls: type, tree: Any, path: str, problems: list[str]) -> Any:
   for field in dataclasses.fields(cls):
     name = f"{path}.{field.name}"
     if field.name not in tree:
-      problems.append(f"{name} is missing (config_schema.py lists every key)")
+      problems.append(f"{name} is missing (tokenflex_jax/app/config_schema.py lists every key)")
       continue
     values[field.name] = _typed(hints[field.name], tree[field.name], name, problems)
   if len(values) < len(dataclasses.fields(cls)):

@@ -13,12 +13,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tokenflex_jax import errors, model_config, run_tokenizer
-from tokenflex_jax import workdir as workdir_lib
+from tokenflex_jax import errors, model_config
+from tokenflex_jax.app import run_tokenizer, workdir as workdir_lib
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.training import checkpointing, steps
 from tokenflex_jax.specs import RunSpec
+from tokenflex_jax.training import checkpointing, steps
 
 
 @dataclasses.dataclass(frozen=True)
