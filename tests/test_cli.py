@@ -78,7 +78,7 @@ def test_without_config_the_workdirs_own_config_is_read_with_overrides(tmp_path)
   --config); the loader returns the workdir's config.json through the schema."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from tests.tiny import tiny_config  # pylint: disable=import-outside-toplevel
-  from tokenflex_jax.app import cli, config_schema, workdir  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.app import config_schema, workdir  # pylint: disable=import-outside-toplevel
   config = tiny_config()
   config.eval.batch_size = 24
   workdir.prepare(str(tmp_path), config_schema.to_spec(config))
@@ -105,14 +105,14 @@ def test_a_host_without_a_tpu_does_not_start_libtpu():
   files = lambda present: (lambda pattern: fnmatch.filter(present, pattern))  # as glob.glob
   modules = lambda *names: (lambda name: name in names)
   tpu_kit = modules("libtpu")
-  assert cli.host_platforms({}, files([]), tpu_kit) == "cpu"
-  assert cli.host_platforms({}, files(["/dev/nvidia0"]), tpu_kit) == "cpu"  # no CUDA plugin
-  assert cli.host_platforms({}, files(["/dev/nvidia0"]),
+  assert entry.host_platforms({}, files([]), tpu_kit) == "cpu"
+  assert entry.host_platforms({}, files(["/dev/nvidia0"]), tpu_kit) == "cpu"  # no CUDA plugin
+  assert entry.host_platforms({}, files(["/dev/nvidia0"]),
                             modules("libtpu", "jax_cuda12_plugin")) == "cuda,cpu"
-  assert cli.host_platforms({}, files(["/dev/accel0"]), tpu_kit) is None   # TPU v4 / v5e
-  assert cli.host_platforms({}, files(["/dev/vfio/0"]), tpu_kit) is None   # TPU v5p / v6e
-  assert cli.host_platforms({"JAX_PLATFORMS": "tpu"}, files([]), tpu_kit) is None
-  assert cli.host_platforms({}, files([]), modules()) is None  # no libtpu: JAX's choice
+  assert entry.host_platforms({}, files(["/dev/accel0"]), tpu_kit) is None   # TPU v4 / v5e
+  assert entry.host_platforms({}, files(["/dev/vfio/0"]), tpu_kit) is None   # TPU v5p / v6e
+  assert entry.host_platforms({"JAX_PLATFORMS": "tpu"}, files([]), tpu_kit) is None
+  assert entry.host_platforms({}, files([]), modules()) is None  # no libtpu: JAX's choice
   # A binary on this host (libtpu installed by the test requirements), JAX_PLATFORMS unset:
   # no line from libtpu's probe for chips and cloud metadata.
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}

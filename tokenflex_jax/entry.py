@@ -7,11 +7,15 @@ rule on top (`cli`); the dataset builders in `data` use this alone.
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
@@ -83,9 +87,33 @@ def quiet_library_logs() -> None:
     handler.addFilter(QuietLibraryInfo())
 
 
+def host_platforms(environ: Mapping[str, str], device_files: Callable[[str], list[str]],
+                   installed: Callable[[str], bool]) -> str | None:
+  """The JAX platforms for a host with libtpu installed (requirements-tpu.txt, for the
+  TPU compiler) but no TPU chips: "cpu", or "cuda,cpu" with an NVIDIA GPU and JAX's CUDA
+  plugin (``device_files`` is `glob.glob`, ``installed`` whether a module can be
+  imported). Otherwise None, JAX's own choice: ``JAX_PLATFORMS`` set, TPU chips present
+  (/dev/accel*, /dev/vfio/N) or no libtpu. Why: JAX would start libtpu's backend on any
+  host, and libtpu prints errors about the chips and cloud metadata it cannot find."""
+  if (environ.get("JAX_PLATFORMS") or not installed("libtpu")
+      or device_files("/dev/accel*") or device_files("/dev/vfio/[0-9]*")):
+    return None
+  cuda = installed("jax_cuda12_plugin") or installed("jax_cuda13_plugin")
+  return "cuda,cpu" if cuda and device_files("/dev/nvidia[0-9]*") else "cpu"
+
+
+def no_tpu_probe_without_a_tpu() -> None:
+  """`host_platforms`, applied before any backend starts."""
+  platforms = host_platforms(os.environ, glob.glob,
+                             lambda name: importlib.util.find_spec(name) is not None)
+  if platforms:
+    jax.config.update("jax_platforms", platforms)
+
+
 def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
   """``absl.app.run`` of a binary's ``main`` on ``argv`` (default ``sys.argv``) with
-  `parse_flags`, `handle_errors` and `quiet_library_logs`."""
+  `parse_flags`, `handle_errors`, `quiet_library_logs` and `no_tpu_probe_without_a_tpu`."""
   quiet_library_logs()
+  no_tpu_probe_without_a_tpu()
   app.run(handle_errors(main), argv=sys.argv if argv is None else argv,
           flags_parser=parse_flags)

@@ -13,12 +13,9 @@ together by tests and notebooks.
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 import os
 import re
 import sys
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import jax
@@ -110,28 +107,6 @@ def start_processes(address: flags.FlagHolder, count: flags.FlagHolder,
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def host_platforms(environ: Mapping[str, str], device_files: Callable[[str], list[str]],
-                   installed: Callable[[str], bool]) -> str | None:
-  """The JAX platforms for a host with libtpu installed (requirements-tpu.txt, for the
-  TPU compiler) but no TPU chips: "cpu", or "cuda,cpu" with an NVIDIA GPU and JAX's CUDA
-  plugin (``device_files`` is `glob.glob`, ``installed`` whether a module can be
-  imported). Otherwise None, JAX's own choice: ``JAX_PLATFORMS`` set, TPU chips present
-  (/dev/accel*, /dev/vfio/N) or no libtpu. Why: JAX would start libtpu's backend on any
-  host, and libtpu prints errors about the chips and cloud metadata it cannot find."""
-  if (environ.get("JAX_PLATFORMS") or not installed("libtpu")
-      or device_files("/dev/accel*") or device_files("/dev/vfio/[0-9]*")):
-    return None
-  cuda = installed("jax_cuda12_plugin") or installed("jax_cuda13_plugin")
-  return "cuda,cpu" if cuda and device_files("/dev/nvidia[0-9]*") else "cpu"
-
-
-def _no_tpu_probe_without_a_tpu() -> None:
-  platforms = host_platforms(os.environ, glob.glob,
-                             lambda name: importlib.util.find_spec(name) is not None)
-  if platforms:
-    jax.config.update("jax_platforms", platforms)
-
-
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """`entry.run` of a binary's main; the command line is `command_line` for a binary
   that `define_flags` gave ``--config``."""
@@ -157,5 +132,4 @@ def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
     start_processes(*process_flags)
     job(loaded, workdir.value)
 
-  _no_tpu_probe_without_a_tpu()
   entry.run(main, command_line())

@@ -1,0 +1,96 @@
+"""Synthetic conversation lengths shaped like LLaVA-1.5's mix665k, for planning and tests.
+
+The mixture's composition is LLaVA-1.5's (Liu et al., "Improved Baselines with Visual
+Instruction Tuning", 2023, Table 7), grouped by image source: 364k COCO conversations
+(LLaVA-Instruct, VQAv2, OKVQA, A-OKVQA, RefCOCO; many with several questions), 86k
+Visual Genome, 72k GQA, 80k OCR-VQA, 22k TextCaps/TextVQA, and 41k text-only ShareGPT
+conversations. The text lengths per source are an assumption, not measured on the
+file: log-normal, with medians and spreads (`SOURCES`) chosen so that the mean over the
+mixture is about 280 tokens, inside the 150-360 tokens a LLaVA-style tokenizer gives
+mix665k, with ShareGPT's long tail. ``multi_image_share`` of the image rows get 2 to
+``max_images`` images instead of one (LLaVA-OneVision-style mixes).
+
+Each line of a lengths file is ``{"text_tokens": int, "images": int}`` (image markers not
+counted in the text), what ``python -m tokenflex_jax.data.packing --lengths`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import numpy as np
+from etils import epath
+
+from tokenflex_jax.data.pack import Lengths
+from tokenflex_jax.errors import InputError
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  name: str
+  rows: int              # in mix665k
+  median_tokens: float   # of the text, an assumption (see the module docstring)
+  sigma: float           # of log(tokens)
+  images: int            # 1, or 0 for text-only rows
+
+
+SOURCES = (
+    Source("coco", 364_000, 220.0, 0.7, 1),
+    Source("visual_genome", 86_000, 180.0, 0.6, 1),
+    Source("gqa", 72_000, 150.0, 0.6, 1),
+    Source("ocr_vqa", 80_000, 140.0, 0.5, 1),
+    Source("textvqa", 22_000, 90.0, 0.5, 1),
+    Source("sharegpt", 41_000, 600.0, 0.9, 0),
+)
+MIN_TOKENS = 8
+
+
+def mix665k_lengths(num: int, seed: int = 0, multi_image_share: float = 0.0,
+                    max_images: int = 4, sources: Sequence[Source] = SOURCES
+                    ) -> list[Lengths]:
+  """``num`` conversations drawn from ``sources`` by their row counts (deterministic in
+  ``seed``)."""
+  rng = np.random.default_rng(seed)
+  weights = np.array([s.rows for s in sources], np.float64)
+  which = rng.choice(len(sources), size=num, p=weights / weights.sum())
+  normal = rng.standard_normal(num)
+  multi = rng.random(num) < multi_image_share
+  extra = rng.integers(2, max_images + 1, size=num) if max_images >= 2 else np.ones(num, int)
+  out = []
+  for i in range(num):
+    s = sources[which[i]]
+    tokens = max(MIN_TOKENS, int(round(s.median_tokens * np.exp(s.sigma * normal[i]))))
+    images = int(extra[i]) if s.images and multi[i] else s.images
+    out.append(Lengths(tokens, images))
+  return out
+
+
+def write_lengths(path: str, lengths: Sequence[Lengths]) -> None:
+  epath.Path(path).write_text("".join(json.dumps(dataclasses.asdict(c)) + "\n"
+                                      for c in lengths))
+
+
+def read_lengths(path: str) -> list[Lengths]:
+  """A lengths file; a missing file or a bad line is an `InputError` naming the file
+  and line."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise InputError(f"{path}: no such file")
+  out = []
+  for i, line in enumerate(p.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+      text, images = row["text_tokens"], row["images"]
+      if not (isinstance(text, int) and isinstance(images, int) and text >= 0 and images >= 0):
+        raise ValueError("text_tokens and images must be integers >= 0")
+    except (ValueError, KeyError, TypeError) as e:
+      raise InputError(f"{path}:{i}: want {{\"text_tokens\": int, \"images\": int}}: "
+                       f"{type(e).__name__}: {e}") from None
+    out.append(Lengths(text, images))
+  if not out:
+    raise InputError(f"{path}: no rows")
+  return out
