@@ -55,6 +55,7 @@ def pretrain(config: config_schema.ConfigDict | RunSpec, workdir: str) -> steps.
           config.data.seed, config.data.num_workers, start_batch=start,
           on_bad_record=config.data.on_bad_record),
       buckets=Buckets.single(g * g), tokens_per_example=lambda n: n,
+      microbatches=config.microbatches,
       name="patch-labelling step",
       flops_per_step=lambda n: flops.patch_labeler_train_flops(
           vit, len(scenes.COLORS) + scenes.NUM_OBJECT_TYPES, config.batch_size))

@@ -136,6 +136,7 @@ class RunSpec:
   loss_weighting: str
   loss_vocab_chunk: int
   batch_size: int
+  microbatches: int
   total_steps: int
   optimizer: OptimizerSpec
   lr_multipliers: Mapping[str, float]

@@ -130,6 +130,9 @@ def _training(problems: "Problems", config: RunSpec, facts: Facts,
               modules: tuple[str, ...]) -> None:
   problems.check(trainer.check_loop_config, config)
   facts.batch_divisible(problems, "config.batch_size", config.batch_size)
+  if config.microbatches > 1 and config.batch_size % config.microbatches == 0:
+    facts.batch_divisible(problems, "config.batch_size / config.microbatches",
+                          config.batch_size // config.microbatches)
   problems.check(optimizer.check_optimizer, config.optimizer)
   problems.check(optimizer.check_multipliers, modules, dict(config.lr_multipliers))
 

@@ -105,6 +105,10 @@ def base_config() -> ConfigDict:
   c.loss_vocab_chunk = 16384
 
   c.batch_size = 32                 # global
+  # Gradient accumulation: each step's global batch runs as this many microbatches, one
+  # after another, their gradients summed into the one update of the whole batch
+  # (training/steps.py); activations of one microbatch at a time.
+  c.microbatches = 1
   c.total_steps = 300
   c.optimizer = ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, end_lr_fraction=0.05, b1=0.9, b2=0.98,

@@ -59,5 +59,6 @@ def patch_label_loss(color_logits: jax.Array, object_logits: jax.Array, patch_co
   has_obj = (obj > 0).astype(jnp.float32)
   obj_correct = (jnp.argmax(object_logits, -1) == obj).astype(jnp.float32)
   return loss, {
+      "loss_weight": jnp.sum(w),  # the normaliser, for gradient accumulation
       "color_accuracy": jnp.mean(jnp.argmax(color_logits, -1) == color),
       "object_recall": jnp.sum(obj_correct * has_obj) / jnp.maximum(jnp.sum(has_obj), 1.0)}

@@ -47,12 +47,15 @@ def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
 def _weighted(ce: jax.Array, predicted: jax.Array, targets: jax.Array, loss_mask: jax.Array,
               weighting: str) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Both losses' tail: per-token cross-entropy ce [B, T] and argmax ids predicted [B, T]
-  -> (the weighted mean over answer tokens, {"token_accuracy", "answer_tokens"})."""
+  -> (the weighted mean over answer tokens, {"token_accuracy", "answer_tokens",
+  "loss_weight": the mean's normaliser, for gradient accumulation (`steps.LOSS_WEIGHT`)})."""
   w = token_weights(loss_mask, weighting)
-  loss = jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1e-9)
+  total = jnp.maximum(jnp.sum(w), 1e-9)
+  loss = jnp.sum(ce * w) / total
   correct = (predicted == targets) * loss_mask
   n = jnp.sum(loss_mask)
-  return loss, {"token_accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0), "answer_tokens": n}
+  return loss, {"token_accuracy": jnp.sum(correct) / jnp.maximum(n, 1.0), "answer_tokens": n,
+                "loss_weight": total}
 
 
 def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,

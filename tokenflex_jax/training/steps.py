@@ -21,6 +21,10 @@ from tokenflex_jax.training.optimizer import Optimizer
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[[Any, Batch, int], tuple[jax.Array, dict[str, jax.Array]]]
+# The aux entry a loss function reports its normaliser in (the loss is a weighted sum
+# over the batch divided by it), so that microbatches' gradients add up to the whole
+# batch's; without it every microbatch weighs the same.
+LOSS_WEIGHT = "loss_weight"
 InitParams = Callable[[jax.Array], Any]  # rng -> params boxed with their logical axes
 
 
@@ -36,16 +40,50 @@ def freeze(params: Mapping[str, Any], frozen: Sequence[str]) -> dict[str, Any]:
   return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
 
 
-def make_train_step(loss_fn: LossFn, optimizer: Optimizer
+def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
                     ) -> Callable[[TrainState, Batch, int], tuple[TrainState, dict]]:
   """(state, batch, num_tokens) -> (state, metrics): one optimizer step on ``loss_fn``.
 
+  With ``microbatches`` k > 1 the global batch [B, ...] is split into k microbatches of
+  B / k rows (microbatch j: rows j, j + k, ..., so each spans every data-parallel
+  device), run one after another (`jax.lax.scan`: one microbatch's activations at a
+  time) and their gradients accumulated, each weighted by its loss normaliser (aux
+  `LOSS_WEIGHT`) over the batch's: the step equals the whole batch's, the per-sample
+  sqrt weighting included (normalising each microbatch on its own would not).
+
   Metrics: the loss, the gradient's global norm, the base learning rate and the loss
-  function's own metrics.
+  function's own metrics (over microbatches: weighted like the loss).
   """
-  def train_step(state: TrainState, batch: Batch, num_tokens: int):
+  def value_and_grad(params, batch, num_tokens):
     frozen_loss = lambda p: loss_fn(freeze(p, optimizer.frozen), batch, num_tokens)
-    (loss, aux), grads = jax.value_and_grad(frozen_loss, has_aux=True)(state.params)
+    (loss, aux), grads = jax.value_and_grad(frozen_loss, has_aux=True)(params)
+    aux = dict(aux)
+    weight = aux.pop(LOSS_WEIGHT, jnp.ones((), jnp.float32))
+    return loss, aux, grads, weight
+
+  def accumulated(params, batch, num_tokens):
+    k = microbatches
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]),
+                                                0, 1), dict(batch))
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         jax.eval_shape(lambda: value_and_grad(params, first, num_tokens)))
+
+    def body(carry, one):
+      loss, aux, grads, weight = value_and_grad(params, one, num_tokens)
+      add = lambda total, x: total + weight * x
+      return (add(carry[0], loss), jax.tree.map(add, carry[1], aux),
+              jax.tree.map(add, carry[2], grads), carry[3] + weight), None
+
+    (loss, aux, grads, total), _ = jax.lax.scan(body, zeros, micro)
+    return loss / total, jax.tree.map(lambda x: x / total, aux), jax.tree.map(
+        lambda g: g / total, grads)
+
+  def train_step(state: TrainState, batch: Batch, num_tokens: int):
+    if microbatches == 1:
+      loss, aux, grads, _ = value_and_grad(state.params, batch, num_tokens)
+    else:
+      loss, aux, grads = accumulated(state.params, batch, num_tokens)
     updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),

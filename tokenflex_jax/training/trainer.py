@@ -50,6 +50,8 @@ class Task:
   eval_every: the cadence of ``evaluate`` in steps (0: never).
   skipped_records: () -> {reason: records} the data has skipped so far
     (``config.data.on_bad_record = "skip"``, `pipeline.SkippedRecords.counts`); None: none.
+  microbatches: gradient accumulation, the global batch in this many microbatches per
+    step (`steps.make_train_step`).
   """
   init_params: steps.InitParams
   loss_fn: steps.LossFn
@@ -62,6 +64,7 @@ class Task:
   evaluate: Callable[[Any, int], Mapping[str, float]] | None = None
   eval_every: int = 0
   skipped_records: Callable[[], Mapping[str, int]] | None = None
+  microbatches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +94,8 @@ def plan_task(config: RunSpec, task: Task, mesh, rules) -> TaskPlan:
 
 def compile_steps(task: Task, plan: TaskPlan, mesh, rules) -> CompiledTask:
   """``plan`` with the train step lowered and compiled once per bucket."""
-  by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer),
+  by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer,
+                                                          task.microbatches),
                                       plan.abstract_state, task.abstract_batch, task.buckets.counts,
                                       mesh, rules, task.name)
   return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count)
@@ -144,9 +148,13 @@ def start_state(config: RunSpec, task: Task, plan: TaskPlan,
 
 def check_loop_config(config: RunSpec) -> None:
   """Raises `errors.ConfigError` naming the field if the loop's cadences or batch are unusable."""
-  for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+  for name in ("batch_size", "microbatches", "log_every", "checkpoint_every",
+               "keep_checkpoints"):
     if getattr(config, name) <= 0:
       raise errors.ConfigError(f"config.{name} must be positive, got {getattr(config, name)}")
+  if config.batch_size % config.microbatches:
+    raise errors.ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
+                             f"config.microbatches={config.microbatches}")
 
 
 def skipped_record_counts(task: Task) -> dict[str, float]:

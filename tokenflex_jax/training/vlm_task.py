@@ -64,6 +64,7 @@ def vlm_task(config: RunSpec, model: VLM, mesh, rules,
                                   on_bad_record=on_bad_record, skipped=skipped)
 
   return Task(evaluate=evaluate, eval_every=config.eval_every if evaluate else 0,
+              microbatches=config.microbatches,
               skipped_records=skipped.counts,
               init_params=init_params,
               loss_fn=vlm_loss(model, config.loss_weighting, config.loss_vocab_chunk),

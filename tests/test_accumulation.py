@@ -1,0 +1,84 @@
+"""Gradient accumulation: k microbatches make the step of the whole batch (loss,
+gradients and the update, the per-sample sqrt weighting included), on the suite's mesh."""
+
+import jax
+import numpy as np
+import pytest
+
+from tests.tiny import tiny_spec
+from tokenflex_jax import errors, model_config, sharding, specs
+from tokenflex_jax.app import config_checks
+from tokenflex_jax.data import pipeline
+from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.training import compiled, steps, trainer
+from tokenflex_jax.training.vlm_task import vlm_task
+
+BATCH = 16
+
+
+def _batch(config: specs.RunSpec, seed: int = 0) -> dict:
+  """A global batch whose rows answer 1 to 12 tokens (so the sqrt weighting differs per
+  row), the image placeholder at position 0."""
+  rng = np.random.default_rng(seed)
+  size, length = config.data.image_size, config.data.max_text_length
+  tokens = rng.integers(5, config.model.llm.vocab_size, (BATCH, length)).astype(np.int32)
+  tokens[:, 0] = model_config.FixedTokenIds(config.model.llm.vocab_size).image_id
+  answers = rng.permutation(np.arange(1, BATCH + 1) % 12 + 1)
+  mask = (np.arange(length)[None] >= length - answers[:, None]).astype(np.float32)
+  return {"image": rng.uniform(-1, 1, (BATCH, size, size, 3)).astype(np.float32),
+          "tokens": tokens, "loss_mask": mask}
+
+
+def _step(config: specs.RunSpec, num_tokens: int = 64):
+  """(metrics, params after one step) from the same random state and batch."""
+  mesh, rules = sharding.mesh_from_config(config)
+  model = VLM(model_config.vlm_config(config, model_config.FixedTokenIds(
+      config.model.llm.vocab_size)))
+  task = vlm_task(config, model, mesh, rules)
+  job = trainer.compile_task(config, task, mesh, rules)
+  state = steps.random_state(task.init_params, job.optimizer.tx, jax.random.key(0),
+                             job.state_shardings, mesh, rules)
+  batch = pipeline.to_global_batch(_batch(config),
+                                   compiled.shardings_of(dict(task.abstract_batch)))
+  state, metrics = job.steps[num_tokens](state, batch)
+  return jax.device_get(metrics), jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def whole_batch():
+  return _step(tiny_spec(batch_size=BATCH, token_counts=(64,), token_probs=(1.0,)))
+
+
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_microbatches_make_the_whole_batchs_step(whole_batch, microbatches):
+  config = tiny_spec(batch_size=BATCH, microbatches=microbatches, token_counts=(64,),
+                     token_probs=(1.0,))
+  config_checks.check(config, config_checks.AOT)
+  metrics, params = _step(config)
+  want_metrics, want_params = whole_batch
+  assert metrics["loss"] == pytest.approx(want_metrics["loss"], rel=1e-5)
+  assert metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=1e-5)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_normalising_each_microbatch_alone_would_differ():
+  """The trap the loss weight avoids: the mean of per-microbatch sqrt-weighted means is
+  not the batch's (so the test above can fail)."""
+  config = tiny_spec(batch_size=BATCH)
+  mask = _batch(config)["loss_mask"]
+  per_row = mask.sum(1)
+  w = mask / np.sqrt(per_row)[:, None]
+  ce = np.random.default_rng(1).uniform(0, 5, mask.shape) * mask
+  whole = (ce * w).sum() / w.sum()
+  halves = np.mean([(ce[j::2] * w[j::2]).sum() / w[j::2].sum() for j in range(2)])
+  assert abs(halves - whole) > 1e-3 * whole
+
+
+def test_a_batch_the_microbatches_do_not_divide_is_refused():
+  with pytest.raises(errors.ConfigError, match=r"^config\.batch_size=16 is not divisible by "
+                     r"config\.microbatches=3"):
+    config_checks.check(tiny_spec(batch_size=BATCH, microbatches=3), config_checks.AOT)
+  with pytest.raises(errors.ConfigError, match=r"^config\.batch_size / config\.microbatches=2 "
+                     r"must be a positive multiple of the data-parallel size 4"):
+    config_checks.check(tiny_spec(batch_size=BATCH, microbatches=8), config_checks.AOT)
