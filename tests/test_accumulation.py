@@ -2,6 +2,7 @@
 gradients and the update, the per-sample sqrt weighting included), on the suite's mesh."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from tokenflex_jax.app import config_checks
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.training import compiled, steps, trainer
+from tokenflex_jax.training import vlm_task as vlm_task_lib
 from tokenflex_jax.training.vlm_task import vlm_task
 
 BATCH = 16
@@ -56,10 +58,24 @@ def test_microbatches_make_the_whole_batchs_step(whole_batch, microbatches):
   config_checks.check(config, config_checks.AOT)
   metrics, params = _step(config)
   want_metrics, want_params = whole_batch
+  assert metrics["useful_positions"] == want_metrics["useful_positions"]  # a count: summed
   assert metrics["loss"] == pytest.approx(want_metrics["loss"], rel=1e-5)
   assert metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=1e-5)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_useful_positions_count_text_and_visual_tokens_not_padding(whole_batch):
+  config = tiny_spec(batch_size=BATCH)
+  tokens = _batch(config)["tokens"]
+  tokens[:, 1:4] = 0  # three padding tokens per row (pad id 0)
+  n, t = 64, tokens.shape[1]
+  got = vlm_task_lib.useful_positions(jnp.asarray(tokens), n, image_id=1, pad_id=0)
+  assert float(got) == BATCH * (t - 3 - 1 + n)
+  tokens[::2, 0] = 7  # half the rows text-only: their visual slots are padding too
+  got = vlm_task_lib.useful_positions(jnp.asarray(tokens), n, image_id=1, pad_id=0)
+  assert float(got) == BATCH * (t - 3) - BATCH // 2 + BATCH // 2 * n
+  assert whole_batch[0]["useful_positions"] == BATCH * (t - 1 + n)  # the step's own count
 
 
 def test_normalising_each_microbatch_alone_would_differ():

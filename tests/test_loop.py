@@ -80,7 +80,8 @@ class Run:
       if self.on_step is not None:
         self.on_step(step)
       metrics = {"loss": Value(loss_of(step), step, self.events),
-                 "grad_norm": np.float32(0.5), "learning_rate": np.float32(1e-3)}
+                 "grad_norm": np.float32(0.5), "learning_rate": np.float32(1e-3),
+                 "useful_positions": np.float32(BATCH * count)}  # the visual tokens only
       metrics.update(self.bad.get(step, {}))
       new = steps.TrainState(np.int32(step + 1), {"w": np.float32(step + 1)}, {"mu": ()})
       return new, metrics
@@ -178,6 +179,9 @@ def test_written_scalars(tmp_path):
     assert rec["train/examples_per_s"] == pytest.approx(BATCH / t)
     assert rec["train/tokens_per_s_per_device"] == pytest.approx(BATCH * (n + 23) / t / 8)
     assert rec["train/tflops_per_device"] == pytest.approx(1e9 * n / t / 1e12)
+    assert rec["train/useful_share"] == pytest.approx(n / (n + 23))  # of the paid positions
+    assert rec["train/useful_tokens_per_s_per_device"] == pytest.approx(BATCH * n / t / 8)
+    assert "train/useful_positions" not in rec
     assert 10 < rec["train/host_rss_mib"] < 1e6  # this test process's resident memory
   assert os.listdir(tmp_path / "tensorboard")
 

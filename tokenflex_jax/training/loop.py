@@ -164,6 +164,11 @@ class Reporter:
                 tokens_per_s_per_device=self._batch * self._tokens(num_tokens) / step_time
                 / self._devices,
                 tflops_per_device=self._flops.get(num_tokens, 0.0) / step_time / 1e12)
+    if "useful_positions" in host:  # real text and visual tokens among the paid positions
+      paid = self._batch * self._tokens(num_tokens)
+      host.update(useful_share=host["useful_positions"] / paid,
+                  useful_tokens_per_s_per_device=host.pop("useful_positions") / step_time
+                  / self._devices)
     host.update(self._counters())
     scalars = {f"train/{k}": v for k, v in host.items()}
     scalars.update({f"train_{num_tokens}tokens/{k}": host[k] for k in

@@ -25,6 +25,9 @@ LossFn = Callable[[Any, Batch, int], tuple[jax.Array, dict[str, jax.Array]]]
 # over the batch divided by it), so that microbatches' gradients add up to the whole
 # batch's; without it every microbatch weighs the same.
 LOSS_WEIGHT = "loss_weight"
+# Aux metrics that are counts over the batch: summed over microbatches (the others are
+# averaged, weighted like the loss).
+COUNTS = frozenset({"answer_tokens", "useful_positions"})
 InitParams = Callable[[jax.Array], Any]  # rng -> params boxed with their logical axes
 
 
@@ -52,7 +55,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
   sqrt weighting included (normalising each microbatch on its own would not).
 
   Metrics: the loss, the gradient's global norm, the base learning rate and the loss
-  function's own metrics (over microbatches: weighted like the loss).
+  function's own metrics (over microbatches: `COUNTS` summed, the rest weighted like the
+  loss).
   """
   def value_and_grad(params, batch, num_tokens):
     frozen_loss = lambda p: loss_fn(freeze(p, optimizer.frozen), batch, num_tokens)
@@ -72,12 +76,14 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
     def body(carry, one):
       loss, aux, grads, weight = value_and_grad(params, one, num_tokens)
       add = lambda total, x: total + weight * x
-      return (add(carry[0], loss), jax.tree.map(add, carry[1], aux),
-              jax.tree.map(add, carry[2], grads), carry[3] + weight), None
+      aux = {k: carry[1][k] + v if k in COUNTS else add(carry[1][k], v)
+             for k, v in aux.items()}
+      return (add(carry[0], loss), aux, jax.tree.map(add, carry[2], grads),
+              carry[3] + weight), None
 
     (loss, aux, grads, total), _ = jax.lax.scan(body, zeros, micro)
-    return loss / total, jax.tree.map(lambda x: x / total, aux), jax.tree.map(
-        lambda g: g / total, grads)
+    aux = {k: v if k in COUNTS else v / total for k, v in aux.items()}
+    return loss / total, aux, jax.tree.map(lambda g: g / total, grads)
 
   def train_step(state: TrainState, batch: Batch, num_tokens: int):
     if microbatches == 1:

@@ -6,30 +6,46 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from tokenflex_jax.models import flops
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.data.chat import ChatTokenizer
+from tokenflex_jax.models import flops
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training.buckets import Buckets
 from tokenflex_jax.training.loss import chunked_answer_loss
 from tokenflex_jax.training.steps import LossFn
 from tokenflex_jax.training.trainer import Task
-from tokenflex_jax.specs import RunSpec
+
+
+def useful_positions(tokens: jax.Array, num_tokens: int, image_id: int, pad_id: int
+                     ) -> jax.Array:
+  """The positions of a batch (tokens [B, T]) that hold real text or visual tokens at
+  ``num_tokens`` per image: the non-padding text, each image placeholder replaced by its
+  ``num_tokens`` (a row pays for T - 1 + num_tokens positions whatever it holds)."""
+  placeholders = jnp.sum(tokens == image_id)
+  return (jnp.sum(tokens != pad_id) - placeholders + placeholders * num_tokens
+          ).astype(jnp.float32)
 
 
 def vlm_loss(model: VLM, weighting: str, vocab_chunk: int = 0) -> LossFn:
   """(params, batch, num_tokens) -> answer loss; batch: image [B, H, W, 3] f32,
   tokens [B, T] i32, loss_mask [B, T] f32. The logits are computed ``vocab_chunk``
-  vocabulary entries at a time (0: all at once; `chunked_answer_loss`)."""
+  vocabulary entries at a time (0: all at once; `chunked_answer_loss`). Its metrics add
+  the batch's `useful_positions`."""
   def loss_fn(params, batch, num_tokens):
     variables = {"params": params}
     hidden = model.apply(variables, batch["image"], batch["tokens"], num_tokens,
                          method=VLM.text_hidden)
     head = model.apply(variables, method=VLM.output_head)
-    return chunked_answer_loss(hidden, head, batch["tokens"], batch["loss_mask"],
-                               weighting, vocab_chunk)
+    loss, aux = chunked_answer_loss(hidden, head, batch["tokens"], batch["loss_mask"],
+                                    weighting, vocab_chunk)
+    aux["useful_positions"] = useful_positions(batch["tokens"], num_tokens,
+                                               model.config.image_token_id,
+                                               model.config.pad_token_id)
+    return loss, aux
   return loss_fn
 
 
