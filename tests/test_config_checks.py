@@ -381,3 +381,13 @@ def test_every_binary_refuses_a_bad_data_value_at_the_door(tmp_path, module, fla
   assert result.stderr.strip().splitlines()[-1] == BAD_DATA_LINE, result.stderr[-3000:]
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+def test_the_row_planner_refuses_a_bad_data_value_before_reading_rows(tmp_path):
+  """The planner (no workdir): exit 2, the same one line, the lengths file not read."""
+  rows = tmp_path / "rows.jsonl"
+  result = _binary("tokenflex_jax.data.packing", "--config=configs/demo.py", BAD_DATA,
+                   f"--lengths={rows}", "--synthetic=10")
+  assert result.returncode == errors.USAGE_EXIT_CODE, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == BAD_DATA_LINE, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr and not rows.exists()
