@@ -53,6 +53,7 @@ class DataSpec:
   num_workers: int
   truncate: bool
   on_bad_record: str
+  mixture: tuple[tuple[Any, ...], ...]   # ((source, tfds_dir, weight), ...) or ()
 
 
 @_frozen

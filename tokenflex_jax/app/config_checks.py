@@ -157,6 +157,9 @@ def vision_training(problems: "Problems", config: RunSpec, facts: Facts) -> None
   """`vlm_training`'s loop, optimizer and batch checks for the PatchLabeler
   (`patch_labeler.MODULES`)."""
   _training(problems, config, facts, patch_labeler.MODULES)
+  if config.data.mixture:
+    problems.add("config.data.mixture: stage 0 trains on the procedural scenes alone; set "
+                 "config.data.mixture=()")
 
 
 def trained_counts(problems: "Problems", config: RunSpec, facts: Facts) -> None:

@@ -86,6 +86,10 @@ def base_config() -> ConfigDict:
   # without truncate; data/pipeline.py): "error" stops the run naming its file and row,
   # "skip" logs it, counts it by reason and feeds the next good record in its place.
   c.data.on_bad_record = "error"
+  # A weighted mixture of sources instead of the one above: ((source, tfds_dir, weight),
+  # ...), e.g. (("llava", "/data/llava_tfds", 0.8), ("procedural", "", 0.2)); each example
+  # is drawn from a source with probability weight / sum (data/pipeline.py `MixedSource`).
+  c.data.mixture = ()
 
   # "project": the demo's own sentencepiece model (path "" -> WORKDIR/tokenizer.model,
   # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json; template

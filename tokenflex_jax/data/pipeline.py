@@ -9,6 +9,7 @@ batches into global arrays sharded over the mesh's batch axes.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,9 +44,11 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
   positive ``num_examples`` and known ``families`` with one weight >= 0 each, summing
   to more than 0."""
   d = data_config
-  if d.source not in SOURCES:
+  if d.mixture:
+    _check_mixture(d, reads_data)
+  elif d.source not in SOURCES:
     raise ConfigError(f"config.data.source must be one of {SOURCES}, got {d.source!r}")
-  if reads_data and d.source != "procedural" and not d.tfds_dir:
+  if reads_data and not d.mixture and d.source != "procedural" and not d.tfds_dir:
     build = ("python -m tokenflex_jax.data.llava_tfds" if d.source == "llava"
              else "a TFDS array_record build")
     raise ConfigError(f"config.data.tfds_dir is empty: config.data.source={d.source!r} "
@@ -56,7 +59,7 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
                               ("image_size", d.image_size, 1)):
     if not isinstance(value, int) or value < least:
       raise ConfigError(f"config.data.{field}={value!r} must be an integer >= {least}")
-  if d.source == "procedural":
+  if d.source == "procedural" or any(m[0] == "procedural" for m in d.mixture):
     if d.image_size < scenes.BASE_SIZE:
       raise ConfigError(f"config.data.image_size={d.image_size}: the procedural scenes "
                         f"are drawn at {scenes.BASE_SIZE} px or more")
@@ -67,6 +70,43 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
       scenes.family_probs(tuple(d.families), tuple(d.family_weights))
     except ValueError as e:
       raise ConfigError(f"config.data.families / family_weights: {e}") from None
+
+
+def _check_mixture(d: DataSpec, reads_data: bool) -> None:
+  for i, entry in enumerate(d.mixture):
+    field = f"config.data.mixture[{i}]"
+    if (len(entry) != 3 or not isinstance(entry[1], str)
+        or not isinstance(entry[2], (int, float)) or isinstance(entry[2], bool)):
+      raise ConfigError(f"{field}={entry!r} must be (source, tfds_dir, weight)")
+    if entry[0] not in SOURCES:
+      raise ConfigError(f"{field}: the source must be one of {SOURCES}, got {entry[0]!r}")
+    if reads_data and entry[0] != "procedural" and not entry[1]:
+      raise ConfigError(f"{field}: source {entry[0]!r} needs its tfds_dir")
+    if entry[2] < 0:
+      raise ConfigError(f"{field}: the weight must be >= 0, got {entry[2]}")
+  if sum(entry[2] for entry in d.mixture) <= 0:
+    raise ConfigError("config.data.mixture: the weights must sum to more than 0")
+
+
+def components(data_config: DataSpec) -> list[tuple[str, DataSpec, float]]:
+  """(name, the config.data of one source, weight) per source of ``config.data.mixture``
+  ("<i>_<source>"), or the one of ``config.data.source`` (weight 1)."""
+  if not data_config.mixture:
+    return [(data_config.source, data_config, 1.0)]
+  return [(f"{i}_{source}", dataclasses.replace(data_config, source=source, tfds_dir=tfds_dir,
+                                                mixture=()), float(weight))
+          for i, (source, tfds_dir, weight) in enumerate(data_config.mixture)]
+
+
+def training_source(data_config: DataSpec, load_tokenizer: Callable[[], ChatTokenizer]
+                    ) -> tuple[Any, grain.transforms.Map]:
+  """(source, transform) of the training examples: ``config.data.source``'s, or a
+  `MixedSource` of ``config.data.mixture`` with `IDENTITY`."""
+  if not data_config.mixture:
+    return make_source(data_config), make_transform(data_config, load_tokenizer)
+  return MixedSource([(name, make_source(d), make_transform(d, load_tokenizer), weight)
+                      for name, d, weight in components(data_config)],
+                     data_config.seed), IDENTITY
 
 
 def make_source(data_config: DataSpec, split: str = "train") -> Any:
@@ -239,6 +279,79 @@ class PatchLabelPreprocess(grain.transforms.Map):
             "patch_color": color.astype(np.int32), "patch_object": obj.astype(np.int32)}
 
 
+_SOURCE_KEY = "_source"  # int32 per example of a `MixedSource`: which source it came from
+
+
+class _Tag(grain.transforms.Map):
+  def __init__(self, index: int):
+    self._index = index
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
+    return {**element, _SOURCE_KEY: np.int32(self._index)}
+
+
+class _Identity(grain.transforms.Map):
+  def map(self, element: Mapping[str, Any]) -> Mapping[str, Any]:
+    return element
+
+
+IDENTITY = _Identity()  # the transform of a `MixedSource`, whose examples are made already
+
+
+class MixedSource:
+  """Random access over a weighted mixture of sources (``config.data.mixture``): parts
+  are (name, source, transform, weight); each source is shuffled (with ``seed`` + its
+  index), transformed, tagged with its index and repeated, then drawn by weight
+  (`grain.MapDataset.mix`: position k is a pure function of k, so a resumed run or one
+  on another number of processes sees the same examples). Its length, one "epoch", is
+  the parts' records together; `make_iterator` shuffles and repeats it as any source,
+  with `IDENTITY` as the transform, and counts each batch's examples per source."""
+
+  def __init__(self, parts: Sequence[tuple[str, Any, grain.transforms.Map, float]], seed: int):
+    self.names = tuple(name for name, *_ in parts)
+    self._length = sum(len(source) for _, source, _, _ in parts)
+    datasets = [grain.MapDataset.source(source).seed(seed + i).shuffle().map(transform)
+                .map(_Tag(i)).repeat(None) for i, (_, source, transform, _) in enumerate(parts)]
+    self._mixed = grain.MapDataset.mix(datasets, [float(w) for *_, w in parts])
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, k: int) -> dict[str, Any]:
+    return self._mixed[k]
+
+
+class SourceCounts:
+  """{source name: examples} this host was fed from each source of a `MixedSource`,
+  counted when its batch is taken; thread-safe."""
+
+  def __init__(self, names: Sequence[str] = ()):
+    self.names = tuple(names)
+    self._counts = collections.Counter({name: 0 for name in self.names})
+    self._lock = threading.Lock()
+
+  def add(self, indices: np.ndarray) -> None:
+    with self._lock:
+      for i, n in zip(*np.unique(np.asarray(indices), return_counts=True)):
+        self._counts[self.names[int(i)]] += int(n)
+
+  def counts(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._counts)
+
+
+class CountSources(grain.transforms.Map):
+  """Batch -> the batch without its `MixedSource` tags, which it counts."""
+
+  def __init__(self, counts: SourceCounts):
+    self.counts = counts
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
+    batch = dict(element)
+    self.counts.add(batch.pop(_SOURCE_KEY))
+    return batch
+
+
 class HostRows:
   """Index map: the k-th example of host ``index`` -> its position in the global order.
 
@@ -359,13 +472,15 @@ class CountSkipped(grain.transforms.Map):
 
 def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: int, seed: int,
                   num_workers: int = 0, start_batch: int = 0, on_bad_record: str = "error",
-                  skipped: SkippedRecords | None = None) -> grain.DatasetIterator:
+                  skipped: SkippedRecords | None = None,
+                  sources: SourceCounts | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of host-local batches, from global batch
   ``start_batch`` on (the order does not depend on the number of processes).
 
   ``on_bad_record`` ("error" | "skip", ``config.data.on_bad_record``): a record whose
   reading or preprocessing raises `InputError` stops the run, or is skipped
   (`SkipBadRecords`) and counted into ``skipped`` (a new `SkippedRecords` if None).
+  A `MixedSource`'s examples are counted per source into ``sources``.
   """
   if global_batch % jax.process_count():
     raise ConfigError(f"config.batch_size={global_batch} is not divisible by the "
@@ -384,6 +499,8 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   if skip:
     it = it.map(CountSkipped(SkippedRecords() if skipped is None else skipped))
+  if isinstance(source, MixedSource):
+    it = it.map(CountSources(SourceCounts(source.names) if sources is None else sources))
   return iter(it)
 
 

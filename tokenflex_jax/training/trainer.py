@@ -52,6 +52,8 @@ class Task:
     (``config.data.on_bad_record = "skip"``, `pipeline.SkippedRecords.counts`); None: none.
   microbatches: gradient accumulation, the global batch in this many microbatches per
     step (`steps.make_train_step`).
+  source_counts: () -> {source: examples} this host was fed from each source of a
+    mixture (``config.data.mixture``, `pipeline.SourceCounts.counts`); None: one source.
   """
   init_params: steps.InitParams
   loss_fn: steps.LossFn
@@ -65,6 +67,7 @@ class Task:
   eval_every: int = 0
   skipped_records: Callable[[], Mapping[str, int]] | None = None
   microbatches: int = 1
+  source_counts: Callable[[], Mapping[str, int]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,16 +160,19 @@ def check_loop_config(config: RunSpec) -> None:
                              f"config.microbatches={config.microbatches}")
 
 
-def skipped_record_counts(task: Task) -> dict[str, float]:
-  """The bad records the task's data skipped so far on this host (``config.data.
-  on_bad_record = "skip"``): {"skipped_records": total, "skipped_records/<reason>": n};
-  {} if none."""
+def data_counts(task: Task) -> dict[str, float]:
+  """What the task's data did so far on this host: the bad records it skipped
+  (``config.data.on_bad_record = "skip"``: {"skipped_records": total,
+  "skipped_records/<reason>": n}) and, from a mixture, the examples of each source
+  ({"examples_from/<source>": n}); {} if neither."""
   counts = task.skipped_records() if task.skipped_records else {}
-  if not counts:
-    return {}
-  out = {"skipped_records": float(sum(counts.values()))}
-  out.update({f"skipped_records/{reason.replace(' ', '_')}": float(n)
-              for reason, n in counts.items()})
+  out = {}
+  if counts:
+    out["skipped_records"] = float(sum(counts.values()))
+    out.update({f"skipped_records/{reason.replace(' ', '_')}": float(n)
+                for reason, n in counts.items()})
+  if task.source_counts is not None:  # examples fed so far from each source of a mixture
+    out.update({f"examples_from/{name}": float(n) for name, n in task.source_counts().items()})
   return out
 
 
@@ -188,7 +194,7 @@ def train(config: RunSpec, workdir: str, task: Task, mesh, rules
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
                            task.tokens_per_example, flops_per_device(task, job),
-                           host_counters=lambda: skipped_record_counts(task))
+                           host_counters=lambda: data_counts(task))
   saver = loop.Saver(manager, config.checkpoint_every,
                      lambda step: {"step": step, "stage": config.stage, "config": specs.as_dict(config)},
                      writer.flush)

@@ -69,19 +69,22 @@ def vlm_task(config: RunSpec, model: VLM, mesh, rules,
   def source_and_transform():
     if load_tokenizer is None:
       raise ValueError("this VLM task was built without a tokenizer: it has no data")
-    return (pipeline.make_source(config.data),
-            pipeline.make_transform(config.data, load_tokenizer))
+    return pipeline.training_source(config.data, load_tokenizer)
 
   skipped = pipeline.SkippedRecords()  # over every iterator of the run (restarts too)
+  sources = pipeline.SourceCounts(
+      [name for name, _, _ in pipeline.components(config.data)] if config.data.mixture else ())
 
   def data_from(start: int):
     return pipeline.make_iterator(*source_and_transform(), config.batch_size, config.data.seed,
                                   config.data.num_workers, start_batch=start,
-                                  on_bad_record=on_bad_record, skipped=skipped)
+                                  on_bad_record=on_bad_record, skipped=skipped,
+                                  sources=sources)
 
   return Task(evaluate=evaluate, eval_every=config.eval_every if evaluate else 0,
               microbatches=config.microbatches,
               skipped_records=skipped.counts,
+              source_counts=sources.counts if config.data.mixture else None,
               init_params=init_params,
               loss_fn=vlm_loss(model, config.loss_weighting, config.loss_vocab_chunk),
               abstract_batch=abstract_batch, data_from=data_from, buckets=buckets,
