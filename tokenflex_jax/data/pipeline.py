@@ -321,23 +321,26 @@ class MixedSource:
     return self._mixed[k]
 
 
-class SourceCounts:
-  """{source name: examples} this host was fed from each source of a `MixedSource`,
-  counted when its batch is taken; thread-safe."""
+class Tally:
+  """A thread-safe {name: count}, counted in the process that takes the batches (grain's
+  worker processes included): ``names`` start at 0."""
 
   def __init__(self, names: Sequence[str] = ()):
     self.names = tuple(names)
     self._counts = collections.Counter({name: 0 for name in self.names})
     self._lock = threading.Lock()
 
-  def add(self, indices: np.ndarray) -> None:
+  def add(self, names: Sequence[str]) -> None:
     with self._lock:
-      for i, n in zip(*np.unique(np.asarray(indices), return_counts=True)):
-        self._counts[self.names[int(i)]] += int(n)
+      self._counts.update(names)
 
   def counts(self) -> dict[str, int]:
     with self._lock:
       return dict(self._counts)
+
+
+class SourceCounts(Tally):
+  """{source name: examples} this host was fed from each source of a `MixedSource`."""
 
 
 class CountSources(grain.transforms.Map):
@@ -348,7 +351,7 @@ class CountSources(grain.transforms.Map):
 
   def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
     batch = dict(element)
-    self.counts.add(batch.pop(_SOURCE_KEY))
+    self.counts.add([self.counts.names[int(i)] for i in np.asarray(batch.pop(_SOURCE_KEY))])
     return batch
 
 
@@ -388,23 +391,10 @@ def check_bad_record_policy(value: Any) -> str:
   return value
 
 
-class SkippedRecords:
+class SkippedRecords(Tally):
   """{reason: records} a training pipeline has skipped so far (``config.data.on_bad_record
   = "skip"``), e.g. {"unreadable image": 2}: the bad records among the examples this
-  host was fed, counted when its batch is taken from the iterator (worker processes
-  included). One per run's data (`make_iterator`'s ``skipped``); thread-safe."""
-
-  def __init__(self):
-    self._counts: collections.Counter[str] = collections.Counter()
-    self._lock = threading.Lock()
-
-  def add(self, reasons: Sequence[str]) -> None:
-    with self._lock:
-      self._counts.update(reasons)
-
-  def counts(self) -> dict[str, int]:
-    with self._lock:
-      return dict(self._counts)
+  host was fed. One per run's data (`make_iterator`'s ``skipped``)."""
 
 
 def _encode_reason(error: InputError | None) -> np.ndarray:
