@@ -120,3 +120,18 @@ def test_the_planning_command_on_the_paper_config(tmp_path):
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == errors.USAGE_EXIT_CODE
   assert bad.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'none.jsonl'}: no such file"
+
+
+@pytest.mark.parametrize("flag,line", [
+    ("--open_rows=0", "error: --open_rows=0 must be >= 1"),
+    ("--images_per_row=-2", "error: --images_per_row=-2 must be >= 0"),
+])
+def test_the_planning_command_refuses_a_bad_flag_in_one_line(tmp_path, flag, line):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.data.packing",
+                           "--config=configs/paper.py", f"--lengths={tmp_path / 'r.jsonl'}",
+                           "--synthetic=10", flag], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == errors.USAGE_EXIT_CODE, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == line
+  assert not (tmp_path / "r.jsonl").exists()

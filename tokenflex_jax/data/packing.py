@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from tokenflex_jax import entry
+from tokenflex_jax import entry, errors
 from tokenflex_jax.app import config_checks, config_schema
 from tokenflex_jax.data import pack, synthetic_llava
 
@@ -77,6 +77,12 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    for flag, value, least in (("--text_capacity", capacity.value, 0),
+                               ("--images_per_row", images.value, 0),
+                               ("--open_rows", open_rows.value, 1),
+                               ("--synthetic", synthetic.value, 0)):
+      if value < least:
+        raise errors.ConfigError(f"{flag}={value} must be >= {least}")
     spec = config_schema.to_spec(config.value)
     config_checks.check(spec, (config_checks.data_described, config_checks.trained_counts))
     if synthetic.value:
