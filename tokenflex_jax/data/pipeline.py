@@ -57,7 +57,7 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
   for field, value, least in (("num_workers", d.num_workers, 0),
                               ("max_text_length", d.max_text_length, 2),
                               ("image_size", d.image_size, 1)):
-    if not isinstance(value, int) or value < least:
+    if value < least:  # an int: `config_schema.to_spec` checked the type
       raise ConfigError(f"config.data.{field}={value!r} must be an integer >= {least}")
   if d.source == "procedural" or any(m[0] == "procedural" for m in d.mixture):
     if d.image_size < scenes.BASE_SIZE:
