@@ -57,6 +57,11 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     ("train", ("--config=configs/demo.py", "--config.nonexistent=1"),
      "error: --config.nonexistent=1: the config has no key 'nonexistent'"),
     ("train", ("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
+    ("aot", ("--config=configs/nope.py",), "No such file or directory: 'configs/nope.py'"),
+    ("predict", ("--config=configs/nope.py", "--image=x.png", "--question=q"),
+     "No such file or directory: 'configs/nope.py'"),
+    ("convert", ("--config=configs/nope.py", "--vision=/x"),
+     "No such file or directory: 'configs/nope.py'"),
     ("eval", ("--config=configs/demo.py", "--config.eval.batch_size=8"),  # a wrong --workdir
      "error: no checkpoints in workdir '"),
     # No --config: the workdir's own config.json, which a new workdir does not have.

@@ -144,7 +144,7 @@ def main() -> None:
         os.environ.setdefault(key, value)
     targets = tpu_devices(topology.value) if topology.value else None
     # On the target mesh, before anything compiles.
-    spec = config_schema.to_spec(config.value)
+    spec = config_schema.to_spec(config_schema.loaded(config))
     config_checks.check(spec, config_checks.AOT,
                         len(targets) if targets else devices.value or None)
     results = bucket_figures(spec, targets)

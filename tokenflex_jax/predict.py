@@ -110,7 +110,7 @@ def main() -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     result = predict(workdir.value, image.value, question.value, num_tokens.value, step.value,
-                     max_new.value, config.value)
+                     max_new.value, config_schema.loaded(config))
     logging.info("answered at %d visual tokens (%d spent), confidence %.3f",
                  result.num_tokens, result.visual_tokens, result.confidence)
     print(result.text)

@@ -124,11 +124,7 @@ def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
   def main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-      loaded = config.value
-      loaded.keys()  # config_flags reports a file it could not load only when read
-    except OSError as e:
-      raise errors.MissingInputError(" ".join(str(e).split())) from None
+    loaded = config_schema.loaded(config)
     start_processes(*process_flags)
     job(loaded, workdir.value)
 

@@ -174,6 +174,17 @@ def define_config_flag(flag_values: flags.FlagValues, sys_argv: list[str]
       sys_argv=sys_argv)
 
 
+def loaded(config_flag: flags.FlagHolder) -> ConfigDict:
+  """The config of a `define_config_flag` flag. A file that cannot be loaded is an
+  `errors.MissingInputError` (one line; config_flags reports it only when read)."""
+  try:
+    value = config_flag.value
+    value.keys()
+  except OSError as e:
+    raise errors.MissingInputError(" ".join(str(e).split())) from None
+  return value
+
+
 def parse_arg(arg: str | None, file: str, **choices: tuple[str, ...]) -> dict[str, str]:
   """Parses a config file's argument, e.g. ``"stage=1,rules=fsdp"``, into {key: value}.
 

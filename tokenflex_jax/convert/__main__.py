@@ -144,7 +144,7 @@ def main() -> None:
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    spec = config_schema.to_spec(config.value)
+    spec = config_schema.to_spec(config_schema.loaded(config))
     cli.start_processes(*process_flags)
     # Before anything is read or written.
     config_checks.check(spec, config_checks.PREDICT if export_to.value

@@ -83,7 +83,7 @@ def main() -> None:
                                ("--synthetic", synthetic.value, 0)):
       if value < least:
         raise errors.ConfigError(f"{flag}={value} must be >= {least}")
-    spec = config_schema.to_spec(config.value)
+    spec = config_schema.to_spec(config_schema.loaded(config))
     config_checks.check(spec, (config_checks.data_described, config_checks.trained_counts))
     if synthetic.value:
       synthetic_llava.write_lengths(lengths.value,
