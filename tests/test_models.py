@@ -39,7 +39,8 @@ def test_vit_shapes_and_posemb_interpolation():
 def test_merge_places_visual_tokens_at_the_placeholder():
   text = jnp.arange(2 * 5).reshape(2, 5, 1).astype(jnp.float32) + 100
   visual = -jnp.arange(2 * 3).reshape(2, 3, 1).astype(jnp.float32) - 1
-  index = merge_index(jnp.array([1, 3]), text_length=5, num_tokens=3)
+  is_image = jnp.arange(5)[None, :] == jnp.array([[1], [3]])
+  index = merge_index(is_image, num_tokens=3)
   out = np.asarray(merge(visual, text, index))[..., 0]
   np.testing.assert_array_equal(out[0], [100, -1, -2, -3, 102, 103, 104])
   np.testing.assert_array_equal(out[1], [105, 106, 107, -4, -5, -6, 109])
@@ -82,7 +83,7 @@ def test_visual_position_span_makes_text_positions_count_independent():
   tokens = jnp.array([[2, 5, 7, IMAGE_ID, 6, 10, 3, 0]])
   text_positions = {}
   for n in (4, 16, 36, 64):
-    index = merge_index(jnp.array([3]), tokens.shape[1], n)
+    index = merge_index(tokens == IMAGE_ID, n)
     text_valid = tokens != PAD
     valid = index.is_visual | jnp.take_along_axis(text_valid, index.text_index, axis=1)
     positions, end = merged_positions(valid, index.is_visual, n, span=64)
@@ -100,7 +101,7 @@ def test_visual_position_span_makes_text_positions_count_independent():
 def test_grid_layout_puts_each_place_of_the_image_at_one_position_at_every_count():
   tokens = jnp.array([[2, 5, 7, IMAGE_ID, 6, 10, 3, 0]])
   for n in (4, 16, 64, 256):
-    index = merge_index(jnp.array([3]), tokens.shape[1], n)
+    index = merge_index(tokens == IMAGE_ID, n)
     valid = index.is_visual | jnp.take_along_axis(tokens != PAD, index.text_index, axis=1)
     positions, end = merged_positions(valid, index.is_visual, n, span=256, layout="grid")
     positions = np.asarray(positions[0])

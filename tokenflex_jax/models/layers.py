@@ -183,22 +183,28 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
 
 
 def causal_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
-                          implementation: str) -> jax.Array:
+                          implementation: str, segment_ids: jax.Array | None = None
+                          ) -> jax.Array:
   """Causal self-attention through ``jax.nn.dot_product_attention`` ("xla" or "cudnn")
   with the mask given as structure where it is one: when every row's valid keys are a
   prefix (right padding, the training layout) the kernel gets ``is_causal=True`` and the
   rows' key counts (``key_value_seq_lengths``), so cuDNN skips the masked tiles; otherwise
-  (e.g. left padding) the dense `causal_mask`. Chosen on the device per call.
+  (e.g. left padding, or a packed row's ``segment_ids``) the dense `causal_mask`.
+  Chosen on the device per call.
 
   Args:
     q: [B, S, H, Dh]; k, v: [B, S, KV, Dh], the same slots as the queries.
     key_valid: [B, S] bool, which slots hold real tokens.
+    segment_ids: [B, S] int or None, as `causal_mask`'s.
   Returns:
     [B, S, H, Dh], `reference_attention` with `causal_mask` up to rounding (queries
     with no valid key aside: their output is arbitrary in every implementation).
   """
   slots = jnp.arange(q.shape[1])
   lengths = jnp.sum(key_valid, axis=1, dtype=jnp.int32)
+  if segment_ids is not None:
+    return grouped_attention(q, k, v, causal_mask(key_valid, slots, segment_ids),
+                             implementation)
   is_prefix = jnp.all(key_valid == (slots[None, :] < lengths[:, None]))
   structured = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, is_causal=True, key_value_seq_lengths=lengths, implementation=implementation)
@@ -223,12 +229,19 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-def causal_mask(key_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+def causal_mask(key_valid: jax.Array, query_slots: jax.Array,
+                segment_ids: jax.Array | None = None) -> jax.Array:
   """Causal + padding mask: key_valid [B, T], query_slots [S] -> [B, S, T] bool, True
-  where the query at slot s may attend to key t (t <= s and the key is valid)."""
+  where the query at slot s may attend to key t (t <= s and the key is valid). With
+  ``segment_ids`` [B, T] (self-attention: the keys' and so the queries' conversation in
+  a packed row) only keys of the query's own conversation."""
   key_slots = jnp.arange(key_valid.shape[1])
   causal = key_slots[None, :] <= query_slots[:, None]
-  return causal[None] & key_valid[:, None, :]
+  mask = causal[None] & key_valid[:, None, :]
+  if segment_ids is None:
+    return mask
+  query_segments = jnp.take(segment_ids, query_slots, axis=1)
+  return mask & (query_segments[:, :, None] == segment_ids[:, None, :])
 
 
 # Query rows per block of `causal_block_attention`, at least: shorter sequences take one
@@ -245,7 +258,8 @@ def causal_blocks(length: int) -> list[tuple[int, int]]:
 
 
 def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                           key_valid: jax.Array) -> jax.Array:
+                           key_valid: jax.Array, segment_ids: jax.Array | None = None
+                           ) -> jax.Array:
   """Causal self-attention, `reference_attention`'s math on query blocks.
 
   Block [a, b) of the queries attends to keys [0, b) only: the tiles above the diagonal
@@ -256,12 +270,14 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Args:
     q: [B, S, H, Dh]; k, v: [B, S, KV, Dh], the same slots as the queries.
     key_valid: [B, S] bool, which slots hold real tokens.
+    segment_ids: [B, S] int or None, as `causal_mask`'s.
   Returns:
     [B, S, H, Dh].
   """
+  segments = lambda b: None if segment_ids is None else segment_ids[:, :b]
   return jnp.concatenate([
       reference_attention(q[:, a:b], k[:, :b], v[:, :b],
-                          causal_mask(key_valid[:, :b], jnp.arange(a, b)))
+                          causal_mask(key_valid[:, :b], jnp.arange(a, b), segments(b)))
       for a, b in causal_blocks(q.shape[1])], axis=1)
 
 

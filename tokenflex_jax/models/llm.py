@@ -102,7 +102,7 @@ class Attention(nn.Module):
   implementation: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, cache, cache_index):
+  def __call__(self, x, positions, key_valid, cache, cache_index, segment_ids=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
@@ -122,11 +122,11 @@ class Attention(nn.Module):
       new_cache = {"k": k, "v": v}
     implementation = layers.resolve_attention(self.implementation, dtype)
     if implementation == "splash" and cache is None:
-      out = splash.splash_attention(q, k, v, key_valid, causal=True)
+      out = splash.splash_attention(q, k, v, key_valid, causal=True, segment_ids=segment_ids)
     elif implementation == "blocked" and cache is None:
-      out = layers.causal_block_attention(q, k, v, key_valid)
+      out = layers.causal_block_attention(q, k, v, key_valid, segment_ids)
     elif implementation in ("xla", "cudnn") and cache is None:
-      out = layers.causal_self_attention(q, k, v, key_valid, implementation)
+      out = layers.causal_self_attention(q, k, v, key_valid, implementation, segment_ids)
     else:
       # Decoding with a KV cache (queries at cache_index.., keys over the whole cache)
       # takes the dense mask; splash and causal blocks are for self-attention, so the
@@ -134,7 +134,7 @@ class Attention(nn.Module):
       implementation = "reference" if implementation == "splash" else implementation
       query_slots = cache_index + jnp.arange(x.shape[1])
       out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
-                                     layers.causal_mask(key_valid, query_slots),
+                                     layers.causal_mask(key_valid, query_slots, segment_ids),
                                      implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2,
@@ -152,12 +152,12 @@ class DecoderLayer(nn.Module):
   attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, cache, cache_index):
+  def __call__(self, x, positions, key_valid, cache, cache_index, segment_ids=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="attn_norm")(x)
     y, new_cache = Attention(cfg, self.attention, name="attn")(y, positions, key_valid, cache,
-                                                              cache_index)
+                                                              cache_index, segment_ids)
     x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
     y = layers.SwiGLU(cfg.mlp_dim, cfg.width, dtype=dtype, name="mlp")(y)
@@ -181,10 +181,12 @@ class LLM(nn.Module):
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.width))
-    # Per layer: positions, key_valid and cache_index are shared, the cache is sliced.
+    # Per layer: positions, key_valid, cache_index and segment ids are shared, the cache
+    # is sliced.
     stack = layers.stacked(DecoderLayer, cfg.depth, remat_policy=self.remat_policy,
                            scan=self.scan_layers,
-                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
+                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast,
+                                    nn.broadcast))
     self.layers = stack(cfg, self.attention)
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
@@ -214,8 +216,8 @@ class LLM(nn.Module):
     return nn.with_logical_constraint(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def decode(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array,
-             cache: KVCache | None = None, cache_index: Any = 0
-             ) -> tuple[jax.Array, KVCache | None]:
+             cache: KVCache | None = None, cache_index: Any = 0,
+             segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder stack on input embeddings.
 
     Args:
@@ -225,10 +227,14 @@ class LLM(nn.Module):
         T = T_max (the cache length) with one.
       cache: optional `KVCache`; the new keys/values are written at ``cache_index``.
       cache_index: slot of x's first token in the cache (int or scalar array).
+      segment_ids: [B, S] int (no cache): a packed row's conversation per slot (0:
+        padding); a query attends only to keys of its own conversation. None: one per row.
     Returns:
       (final normalised hidden states [B, S, D], updated cache or None).
     """
-    x, cache = self.layers(x, positions, key_valid, cache, cache_index)
+    if segment_ids is not None and cache is not None:
+      raise ValueError("segment ids are for training rows (self-attention), not a cache")
+    x, cache = self.layers(x, positions, key_valid, cache, cache_index, segment_ids)
     return self.final_norm(x), cache
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

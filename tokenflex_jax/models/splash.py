@@ -10,6 +10,7 @@ How the model's masks map onto the kernel:
 - padding: segment ids, valid keys in segment 1 and padding in segment 0. A valid query
   sees only valid keys; a padding query sees padding keys (at least itself under the
   causal mask), so no softmax row is empty, and its output is ignored downstream;
+- a packed row's conversations: their own segment ids (1, 2, ...; padding 0);
 - the sequence is padded with segment-0 slots to a multiple of the block size.
 Under a device mesh (`jax.set_mesh` + linen's logical rules) the kernel runs per shard
 through `jax.shard_map`: the batch split as the rules split "batch", the heads as they
@@ -54,7 +55,7 @@ def _kernel(length: int, block: int, group: int, causal: bool, interpret: bool):
                                 head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array,
+def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
                      causal: bool, pad_head_dim: bool) -> jax.Array:
   """`splash_attention` on one shard (all arrays local)."""
   b, s, h, d = q.shape
@@ -65,11 +66,11 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     padded = -(-d // LANES) * LANES
     widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, padded - d),))
     return _local_attention(widen(q * jnp.asarray((padded / d) ** 0.5, q.dtype)), widen(k),
-                            widen(v), key_valid, causal, False)[..., :d]
+                            widen(v), segment_ids, causal, False)[..., :d]
   block = block_size(s)
   pad = -(-s // block) * block - s
   length = s + pad
-  segments = jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, pad)))        # [B, L]
+  segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))      # [B, L]
   # The kernel does not scale the scores: fold 1/sqrt(Dh) into the queries.
   qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, s, kv, h // kv, d)
   qh = jnp.pad(qh.transpose(0, 2, 3, 1, 4), ((0, 0),) * 3 + ((0, pad), (0, 0)))  # [B,KV,G,L,Dh]
@@ -86,7 +87,8 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None,
-                     causal: bool, pad_head_dim: bool | None = None) -> jax.Array:
+                     causal: bool, pad_head_dim: bool | None = None,
+                     segment_ids: jax.Array | None = None) -> jax.Array:
   """Softmax attention with grouped KV heads through the splash kernel.
 
   Args:
@@ -96,6 +98,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     pad_head_dim: zero-pad Dh to a multiple of 128 for the kernel (SigLIP-so400m's ViT
       has Dh = 72); None: for a TPU target (`layers.target_platform`), where the
       kernel's tiles want whole lanes. Off a TPU the kernel runs interpreted (tests).
+    segment_ids: [B, S] int, a packed row's conversation per slot (0: padding; it
+      replaces ``key_valid``), or None: one conversation per row.
   Returns:
     [B, S, H, Dh], equal to `layers.reference_attention` with the matching mask at every
     valid query slot.
@@ -103,14 +107,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
   if k.shape[1] != q.shape[1]:
     raise ValueError(f"splash attention is for self-attention; got {q.shape[1]} queries "
                      f"and {k.shape[1]} keys")
-  if key_valid is None:
-    key_valid = jnp.ones(q.shape[:2], bool)
+  if segment_ids is None:
+    segment_ids = (jnp.ones(q.shape[:2], jnp.int32) if key_valid is None
+                   else key_valid.astype(jnp.int32))
   if pad_head_dim is None:
     pad_head_dim = layers.target_platform() == "tpu"
   local = functools.partial(_local_attention, causal=causal, pad_head_dim=pad_head_dim)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q, k, v, key_valid)
+    return local(q, k, v, segment_ids)
   # The rules' axes for the batch and the KV heads, each kept only where it divides the
   # dimension; the query heads follow the KV heads' split so every shard keeps whole
   # groups (H is a multiple of KV).
@@ -119,4 +124,4 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
   q_spec = PartitionSpec(batch, None, kv_heads, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, q_spec,
                                                    PartitionSpec(batch, None)),
-                       out_specs=q_spec, check_vma=False)(q, k, v, key_valid)
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)

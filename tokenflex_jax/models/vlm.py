@@ -1,23 +1,27 @@
 """The TokenFLEX vision-language model: ViT -> token-adaptive projector -> LLM.
 
-The visual tokens replace the single image placeholder token of each text
-sequence; text before it stays before, text after it follows the N visual tokens.
-All shapes are static: text is padded to a fixed length T, N is a static int, so
-the merged sequence has length S = T - 1 + N. A row without a placeholder (a text-only
-row, at most T - 1 tokens long) takes its N visual slots after its text, in place of
-its last (padding) slot, and they are masked out: no text attends to them and they do
-not advance the rotary position, so the row is the LLM alone on its text. The ViT still
-runs on that row's (zero) image: static shapes make its work wasted, not skipped.
+Each image placeholder token of a text row is replaced by its image's N visual tokens;
+text before it stays before, text after it follows them. All shapes are static: a row
+has T text slots (padded) and K image slots (images [B, H, W, 3] is K = 1; [B, K, H, W, 3]
+holds K), N is a static int, so the merged row has S = T + K (N - 1) slots, whatever its
+text: the k-th placeholder takes image k, and a row with fewer placeholders ends in
+unused slots, masked out like padding (a text-only row is the LLM alone on its text).
+The ViT still runs on unused slots' (zero) images: static shapes make that work wasted,
+not skipped.
+
+A packed row holds several conversations (`segments` [B, T]: 1, 2, ... per conversation,
+0 on the padding): they never attend to each other, and the rotary position restarts at
+0 with each, so every conversation computes what it would alone.
 
 Rotary positions: by default each merged slot advances the position by one, so the
-text after the image starts N positions later at every count. With
-``visual_position_span = K > 0`` the N visual tokens span K positions, so the text's
-positions are the same at every count. How they are laid out in that span:
-- ``visual_position_layout="raster"``: token i at p + i * K / N. The rows of the image
+text after an image starts N positions later at every count. With
+``visual_position_span = A > 0`` an image's N visual tokens span A positions, so the
+text's positions are the same at every count. How they are laid out in that span:
+- ``visual_position_layout="raster"``: token i at p + i * A / N. The rows of the image
   land at the same positions at every count, the columns do not (cell (r, c) of an
-  n x n grid is at p + K r / n + K c / n^2): each count is its own map of the image.
-- ``"grid"``: cell (r, c) at p + K (r + 1/2) / n + sqrt(K) (c + 1/2) / n, i.e. the place
-  (y, x) in [0, 1)^2 of the image at p + K y + sqrt(K) x at every count; with K >= n^2
+  n x n grid is at p + A r / n + A c / n^2): each count is its own map of the image.
+- ``"grid"``: cell (r, c) at p + A (r + 1/2) / n + sqrt(A) (c + 1/2) / n, i.e. the place
+  (y, x) in [0, 1)^2 of the image at p + A y + sqrt(A) x at every count; with A >= n^2
   the order is still row-major.
 """
 
@@ -59,13 +63,16 @@ class VLMConfig:
 
 
 def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
-                     span: int, layout: str = "raster") -> tuple[jax.Array, jax.Array]:
+                     span: int, layout: str = "raster", segments: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
   """Rotary positions of merged slots. valid, is_visual: [B, S] bool.
 
   Returns (positions [B, S] float32, the position after the last slot [B]). A padding
   slot does not advance the position; a text slot advances it by one; a visual slot by
   one, or by span / num_tokens when span > 0; with the "grid" layout a visual slot sits
-  at its cell's place in the span instead (module docstring).
+  at its cell's place in its image's span instead (module docstring). With ``segments``
+  [B, S] (a packed row's conversation ids, `packed_segments`) the positions restart at
+  0 with every conversation, as if each ran alone.
   """
   if layout not in VISUAL_POSITION_LAYOUTS:
     raise ValueError(f"visual_position_layout must be one of {VISUAL_POSITION_LAYOUTS}, "
@@ -76,47 +83,73 @@ def merged_positions(valid: jax.Array, is_visual: jax.Array, num_tokens: int,
   visual_end = jnp.cumsum(valid & is_visual, axis=1)
   text_before = text_end - (valid & ~is_visual)
   visual_before = visual_end - (valid & is_visual)
+  if segments is not None:
+    # Each count less its value at the first slot of the slot's conversation (the
+    # counts never decrease, so a running maximum carries that value along).
+    starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool),
+                              segments[:, 1:] != segments[:, :-1]], axis=1)
+    since_start = lambda a: a - jax.lax.cummax(jnp.where(starts, a, 0), axis=1)
+    text_before, visual_before = since_start(text_before), since_start(visual_before)
   positions = text_before.astype(jnp.float32) + visual_before * jnp.float32(visual_step)
   end = text_end[:, -1].astype(jnp.float32) + visual_end[:, -1] * jnp.float32(visual_step)
   if span and layout == "grid":
     side = math.isqrt(num_tokens)
-    row, col = visual_before // side, visual_before % side
+    cell = visual_before % num_tokens  # the slot's cell in its own image
+    row, col = cell // side, cell % side
+    image_start = text_before + (visual_before - cell) * jnp.float32(visual_step)
     place = (span * (row + 0.5) + math.sqrt(span) * (col + 0.5)) / side
-    positions = jnp.where(is_visual, text_before + place.astype(jnp.float32), positions)
+    positions = jnp.where(is_visual, image_start + place.astype(jnp.float32), positions)
   return positions, end
-
-
-def image_positions(tokens: jax.Array, image_token_id: int) -> tuple[jax.Array, jax.Array]:
-  """tokens [B, T] -> (image_pos [B] int32, has_image [B] bool): the placeholder's index,
-  or T - 1 for a row without one (module docstring)."""
-  is_image = tokens == image_token_id
-  has_image = jnp.any(is_image, axis=1)
-  image_pos = jnp.where(has_image, jnp.argmax(is_image, axis=1), tokens.shape[1] - 1)
-  return image_pos.astype(jnp.int32), has_image
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeIndex:
-  """Where each merged slot j in [0, S) reads from: is_visual, text_index, visual_index
-  [B, S]; image_pos [B], the slot of each row's first visual token."""
+  """Where each merged slot j in [0, S) reads from: is_visual [B, S]; text_index [B, S]
+  (clipped to [0, T); a visual slot's is its placeholder); visual_index [B, S] into the row's K * N visual tokens (image k's
+  at [k N, (k + 1) N)); past_text [B, S], a slot after the row's last text token;
+  text_slot [B, T], the merged slot of each text token (a placeholder: its image's last
+  visual slot)."""
   is_visual: jax.Array
   text_index: jax.Array
   visual_index: jax.Array
-  image_pos: jax.Array
+  past_text: jax.Array
+  text_slot: jax.Array
 
 
-def merge_index(image_pos: jax.Array, text_length: int, num_tokens: int) -> MergeIndex:
-  """Index maps for inserting N visual tokens at each row's placeholder. image_pos: [B]."""
-  j = jnp.arange(text_length - 1 + num_tokens)[None, :]
-  p = image_pos[:, None]
-  is_visual = (j >= p) & (j < p + num_tokens)
-  text_index = jnp.clip(jnp.where(j < p, j, j - num_tokens + 1), 0, text_length - 1)
-  visual_index = jnp.clip(j - p, 0, num_tokens - 1)
-  return MergeIndex(is_visual, text_index, visual_index, image_pos)
+def merge_index(is_image: jax.Array, num_tokens: int, image_slots: int = 1) -> MergeIndex:
+  """Index maps for replacing each image placeholder by N visual tokens.
+
+  is_image: [B, T] bool, the placeholders; a row holds at most ``image_slots`` = K of
+  them, the k-th taking image slot k. The merged row has S = T + K (N - 1) slots: text
+  token t sits at t + (N - 1) * (placeholders before it), so a row with fewer than K
+  images ends in unused slots (`past_text`).
+  """
+  b, t = is_image.shape
+  n = num_tokens
+  s = t + image_slots * (n - 1)
+  j = jnp.arange(s)[None, :, None]                                # [1, S, 1]
+  before = jnp.cumsum(is_image, axis=1) - is_image                # placeholders before t
+  k = jnp.arange(image_slots)
+  # The first merged slot of image k (S when the row has no k-th image): [B, 1, K].
+  placeholder = jnp.argmax(is_image[:, :, None] & (before[:, :, None] == k), axis=1)
+  present = jnp.any(is_image[:, :, None] & (before[:, :, None] == k), axis=1)
+  start = jnp.where(present, placeholder + k * (n - 1), s)[:, None, :]
+  inside = (j >= start) & (j < start + n)                         # [B, S, K]
+  is_visual = jnp.any(inside, axis=2)
+  which = jnp.argmax(inside, axis=2)
+  images_before = jnp.sum(j >= start + n, axis=2)
+  own_start = jnp.take_along_axis(start[:, 0], which, axis=1)
+  # A visual slot's text index is its placeholder (where its conversation id is read).
+  text_index = jnp.where(is_visual, own_start - which * (n - 1),
+                         j[..., 0] - images_before * (n - 1))
+  visual_index = which * n + jnp.clip(j[..., 0] - own_start, 0, n - 1)
+  text_slot = jnp.arange(t)[None, :] + (before + is_image) * (n - 1)
+  return MergeIndex(is_visual, jnp.clip(text_index, 0, t - 1), visual_index,
+                    text_index >= t, text_slot)
 
 
 def merge(visual: jax.Array, text: jax.Array, index: MergeIndex) -> jax.Array:
-  """Interleaves visual [B, N, D] and text [B, T, D] embeddings -> [B, S, D]."""
+  """Interleaves visual [B, K * N, D] and text [B, T, D] embeddings -> [B, S, D]."""
   take = lambda a, i: jnp.take_along_axis(a, i[..., None], axis=1)
   return jnp.where(index.is_visual[..., None], take(visual, index.visual_index),
                    take(text, index.text_index))
@@ -134,53 +167,77 @@ class VLM(nn.Module):
     self.llm = LLM(cfg.llm, **flags)
 
   def patches(self, images: jax.Array) -> jax.Array:
-    """[B, H, W, 3] -> the ViT's patch features [B, L, C], the same at every count."""
+    """[B, H, W, 3] -> the ViT's patch features [B, L, C], the same at every count;
+    [B, K, H, W, 3] (K image slots per row) -> [B, K, L, C]."""
+    if images.ndim == 5:
+      b, k = images.shape[:2]
+      out = self.vit(images.reshape((b * k,) + images.shape[2:]))
+      return out.reshape((b, k) + out.shape[1:])
     return self.vit(images)
 
   def encode_images(self, images: jax.Array, num_tokens: int,
                     patches: jax.Array | None = None) -> jax.Array:
-    """[B, H, W, 3] (or their ``patches`` [B, L, C]) -> visual tokens [B, num_tokens, D]."""
-    return self.projector(self.vit(images) if patches is None else patches, num_tokens)
+    """[B, H, W, 3] or [B, K, H, W, 3] (or their ``patches`` [B, (K,) L, C]) -> visual
+    tokens [B, K * num_tokens, D], image k's at [k N, (k + 1) N)."""
+    patches = self.patches(images) if patches is None else patches
+    if patches.ndim == 4:
+      b, k = patches.shape[:2]
+      out = self.projector(patches.reshape((b * k,) + patches.shape[2:]), num_tokens)
+      return out.reshape((b, k * num_tokens) + out.shape[2:])
+    return self.projector(patches, num_tokens)
 
-  def _embed_inputs(self, images, tokens, num_tokens, patches=None):
-    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], end [B], index.
-    A text-only row's visual slots are not valid (module docstring)."""
-    image_pos, has_image = image_positions(tokens, self.config.image_token_id)
-    index = merge_index(image_pos, tokens.shape[1], num_tokens)
+  def _embed_inputs(self, images, tokens, num_tokens, patches=None, segments=None):
+    """Merged embeddings [B, S, D], key validity [B, S], positions [B, S], end [B], the
+    index, and the merged conversation ids [B, S] (None without ``segments``).
+    Unused image slots and the slots past the text are not valid (module docstring)."""
+    cfg = self.config
+    slots = 1 if (patches if images is None else images).ndim == 4 else (
+        patches if images is None else images).shape[1]
+    is_image = tokens == cfg.image_token_id
+    index = merge_index(is_image, num_tokens, slots)
     x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index)
-    text_valid = tokens != self.config.pad_token_id
-    valid = jnp.where(index.is_visual, has_image[:, None],
-                      jnp.take_along_axis(text_valid, index.text_index, axis=1))
+    text_valid = tokens != cfg.pad_token_id
+    valid = index.is_visual | (~index.past_text & jnp.take_along_axis(
+        text_valid, index.text_index, axis=1))
+    merged_segments = None
+    if segments is not None:
+      merged_segments = jnp.where(valid, jnp.take_along_axis(segments, index.text_index, 1), 0)
     positions, end = merged_positions(valid, index.is_visual, num_tokens,
-                                      self.config.visual_position_span,
-                                      self.config.visual_position_layout)
-    return x, valid, positions, end, index
+                                      cfg.visual_position_span, cfg.visual_position_layout,
+                                      merged_segments)
+    return x, valid, positions, end, index, merged_segments
 
-  def __call__(self, images: jax.Array, tokens: jax.Array, num_tokens: int) -> jax.Array:
+  def __call__(self, images: jax.Array, tokens: jax.Array, num_tokens: int,
+               segments: jax.Array | None = None) -> jax.Array:
     """Teacher-forced logits aligned with the text.
 
     Args:
-      images: [B, H, W, 3] float in [-1, 1].
-      tokens: [B, T] int, right-padded, one image placeholder per row (or none: a
-        text-only row, at most T - 1 tokens; its image is not read).
-      num_tokens: visual token count N (a static square int).
+      images: [B, H, W, 3] float in [-1, 1], one image slot per row; or [B, K, H, W, 3],
+        K slots (a row's k-th placeholder takes slot k; unused slots are not read).
+      tokens: [B, T] int, right-padded; per row at most K image placeholders (none: a
+        text-only row).
+      num_tokens: visual token count N per image (a static square int).
+      segments: [B, T] int, which conversation of a packed row each token belongs to
+        (1, 2, ...; 0 on the padding), or None: one conversation per row. Conversations
+        never attend to each other and each starts at position 0.
     Returns:
       [B, T, V] float32, where [:, t] is the prediction of tokens[:, t] from
-      everything before it (row 0 and positions up to the placeholder are meaningless;
-      in a text-only row, the last position).
+      everything before it in its conversation (the first token of a conversation and
+      the placeholders are meaningless).
     """
-    return self.llm.logits(self.text_hidden(images, tokens, num_tokens))
+    return self.llm.logits(self.text_hidden(images, tokens, num_tokens, segments=segments))
 
   def text_hidden(self, images: jax.Array | None, tokens: jax.Array, num_tokens: int,
-                  patches: jax.Array | None = None) -> jax.Array:
-    """The final hidden states [B, T, D] behind `__call__`'s logits (the same alignment):
-    the loss projects them onto the vocabulary a chunk at a time. With ``patches``
-    [B, L, C] (`patches` of the images) the ViT is not run (``images`` may be None)."""
-    x, valid, positions, _, index = self._embed_inputs(images, tokens, num_tokens, patches)
-    hidden, _ = self.llm.decode(x, positions, valid)
-    t = jnp.arange(tokens.shape[1])[None, :]
-    merged_t = jnp.where(t < index.image_pos[:, None], t, t + num_tokens - 1)
-    predictor = jnp.maximum(merged_t - 1, 0)
+                  patches: jax.Array | None = None, segments: jax.Array | None = None
+                  ) -> jax.Array:
+    """The final hidden states [B, T, D] behind `__call__`'s logits (the same alignment
+    and arguments): the loss projects them onto the vocabulary a chunk at a time. With
+    ``patches`` [B, (K,) L, C] (`patches` of the images) the ViT is not run (``images``
+    may be None)."""
+    x, valid, positions, _, index, merged_segments = self._embed_inputs(
+        images, tokens, num_tokens, patches, segments)
+    hidden, _ = self.llm.decode(x, positions, valid, segment_ids=merged_segments)
+    predictor = jnp.maximum(index.text_slot - 1, 0)
     return jnp.take_along_axis(hidden, predictor[..., None], axis=1)
 
   def output_head(self) -> jax.Array:
@@ -193,16 +250,15 @@ class VLM(nn.Module):
     """Runs a left-padded prompt through the model, filling the cache from slot 0.
 
     Args:
-      images: [B, H, W, 3], or None when ``patches`` [B, L, C] (from `patches`) are
-      given, so that several counts share one ViT pass; tokens: [B, P] left-padded
-      prompts ending where the answer starts, each holding the image placeholder (a
-      text-only prompt would lose its last token to the visual slots); num_tokens: N;
-      cache: a `KVCache` with
-      T_max >= P - 1 + N slots.
+      images: [B, H, W, 3] or [B, K, H, W, 3], or None when ``patches`` [B, (K,) L, C]
+      (from `patches`) are given, so that several counts share one ViT pass; tokens:
+      [B, P] left-padded prompts ending where the answer starts, each holding one image
+      placeholder per image slot (the prompt's last token must be its merged row's last
+      slot); num_tokens: N; cache: a `KVCache` with T_max >= P + K (N - 1) slots.
     Returns:
       (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
     """
-    x, valid, positions, end, _ = self._embed_inputs(images, tokens, num_tokens, patches)
+    x, valid, positions, end, _, _ = self._embed_inputs(images, tokens, num_tokens, patches)
     t_max = cache["k"].shape[2]
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)

@@ -19,17 +19,27 @@ def check_weighting(weighting: str) -> None:
                              f"got {weighting!r}")
 
 
-def token_weights(loss_mask: jax.Array, weighting: str) -> jax.Array:
-  """[B, T] weights: the mask itself, or the mask / sqrt(answer tokens of the row)."""
+def token_weights(loss_mask: jax.Array, weighting: str,
+                  segments: jax.Array | None = None) -> jax.Array:
+  """[B, T] weights: the mask itself, or the mask / sqrt(answer tokens of the sample):
+  of the row, or with ``segments`` [B, T] (a packed row's conversation ids) of the
+  token's conversation, so that a packed conversation weighs what it would alone."""
   check_weighting(weighting)
   if weighting == "token_mean":
     return loss_mask
-  per_row = jnp.sum(loss_mask, axis=1, keepdims=True)
-  return loss_mask * jax.lax.rsqrt(jnp.maximum(per_row, 1.0))
+  if segments is None:
+    per_sample = jnp.sum(loss_mask, axis=1, keepdims=True)
+  else:
+    b, t = segments.shape
+    ids = (jnp.arange(b)[:, None] * (t + 1) + segments).reshape(-1)
+    totals = jax.ops.segment_sum(loss_mask.reshape(-1), ids, num_segments=b * (t + 1))
+    per_sample = totals[ids].reshape(b, t)
+  return loss_mask * jax.lax.rsqrt(jnp.maximum(per_sample, 1.0))
 
 
 def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-                weighting: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+                weighting: str, segments: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted mean cross-entropy over answer tokens.
 
   Args:
@@ -37,19 +47,21 @@ def answer_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array,
     targets: [B, T] int token ids.
     loss_mask: [B, T] float, 1 on answer tokens.
     weighting: "sqrt" or "token_mean".
+    segments: [B, T] int, a packed row's conversation ids, or None (`token_weights`).
   Returns:
     (scalar loss, {"token_accuracy", "answer_tokens"}).
   """
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return _weighted(ce, jnp.argmax(logits, axis=-1), targets, loss_mask, weighting)
+  return _weighted(ce, jnp.argmax(logits, axis=-1), targets, loss_mask, weighting, segments)
 
 
 def _weighted(ce: jax.Array, predicted: jax.Array, targets: jax.Array, loss_mask: jax.Array,
-              weighting: str) -> tuple[jax.Array, dict[str, jax.Array]]:
+              weighting: str, segments: jax.Array | None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Both losses' tail: per-token cross-entropy ce [B, T] and argmax ids predicted [B, T]
   -> (the weighted mean over answer tokens, {"token_accuracy", "answer_tokens",
   "loss_weight": the mean's normaliser, for gradient accumulation (`steps.LOSS_WEIGHT`)})."""
-  w = token_weights(loss_mask, weighting)
+  w = token_weights(loss_mask, weighting, segments)
   total = jnp.maximum(jnp.sum(w), 1e-9)
   loss = jnp.sum(ce * w) / total
   correct = (predicted == targets) * loss_mask
@@ -59,7 +71,8 @@ def _weighted(ce: jax.Array, predicted: jax.Array, targets: jax.Array, loss_mask
 
 
 def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,
-                        loss_mask: jax.Array, weighting: str, vocab_chunk: int
+                        loss_mask: jax.Array, weighting: str, vocab_chunk: int,
+                        segments: jax.Array | None = None
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """`answer_loss` of the logits ``hidden @ head``, ``vocab_chunk`` vocabulary entries
   at a time.
@@ -74,13 +87,13 @@ def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,
   Args:
     hidden: [B, T, D] final hidden states aligned with targets (compute dtype).
     head: [D, V] output projection (logits = hidden @ head, then float32).
-    targets, loss_mask, weighting: as `answer_loss`.
+    targets, loss_mask, weighting, segments: as `answer_loss`.
     vocab_chunk: vocabulary entries per chunk; V is padded up to a multiple of it.
   """
   d, v = head.shape
   if vocab_chunk <= 0 or vocab_chunk >= v:
     logits = jnp.einsum("btd,dv->btv", hidden, head.astype(hidden.dtype))
-    return answer_loss(logits.astype(jnp.float32), targets, loss_mask, weighting)
+    return answer_loss(logits.astype(jnp.float32), targets, loss_mask, weighting, segments)
   chunks = -(-v // vocab_chunk)
   padded = jnp.pad(head, [(0, 0), (0, chunks * vocab_chunk - v)])
   heads = jnp.moveaxis(padded.reshape(d, chunks, vocab_chunk), 1, 0)  # [chunks, D, C]
@@ -110,4 +123,4 @@ def chunked_answer_loss(hidden: jax.Array, head: jax.Array, targets: jax.Array,
            jnp.zeros(shape, jnp.int32))
   (top, total, target_logit, best_index), _ = jax.lax.scan(body, start, (heads, offsets))
   return _weighted(top + jnp.log(total) - target_logit, best_index, targets, loss_mask,
-                   weighting)
+                   weighting, segments)

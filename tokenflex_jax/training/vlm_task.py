@@ -31,17 +31,19 @@ def useful_positions(tokens: jax.Array, num_tokens: int, image_id: int, pad_id: 
 
 
 def vlm_loss(model: VLM, weighting: str, vocab_chunk: int = 0) -> LossFn:
-  """(params, batch, num_tokens) -> answer loss; batch: image [B, H, W, 3] f32,
-  tokens [B, T] i32, loss_mask [B, T] f32. The logits are computed ``vocab_chunk``
-  vocabulary entries at a time (0: all at once; `chunked_answer_loss`). Its metrics add
-  the batch's `useful_positions`."""
+  """(params, batch, num_tokens) -> answer loss; batch: image [B, H, W, 3] (or
+  [B, K, H, W, 3], K image slots per row) f32, tokens [B, T] i32, loss_mask [B, T] f32,
+  and for packed rows segments [B, T] i32 (`VLM.__call__`). The logits are computed
+  ``vocab_chunk`` vocabulary entries at a time (0: all at once; `chunked_answer_loss`).
+  Its metrics add the batch's `useful_positions`."""
   def loss_fn(params, batch, num_tokens):
     variables = {"params": params}
+    segments = batch.get("segments")
     hidden = model.apply(variables, batch["image"], batch["tokens"], num_tokens,
-                         method=VLM.text_hidden)
+                         segments=segments, method=VLM.text_hidden)
     head = model.apply(variables, method=VLM.output_head)
     loss, aux = chunked_answer_loss(hidden, head, batch["tokens"], batch["loss_mask"],
-                                    weighting, vocab_chunk)
+                                    weighting, vocab_chunk, segments)
     aux["useful_positions"] = useful_positions(batch["tokens"], num_tokens,
                                                model.config.image_token_id,
                                                model.config.pad_token_id)
