@@ -24,12 +24,13 @@ class Plus(pipeline.grain.transforms.Map):
     self.offset = offset
 
   def map(self, element):
-    return {"x": np.int32(element + self.offset)}
+    return {"x": np.int32(element["v"] + self.offset)}
 
 
 def _mixed(seed=0):
-  return pipeline.MixedSource([("small", list(range(10)), Plus(0), 3.0),
-                               ("large", list(range(50)), Plus(1000), 1.0)], seed)
+  return pipeline.MixedSource([("small", [{"v": i} for i in range(10)], Plus(0), 3.0),
+                               ("large", [{"v": i} for i in range(50)], Plus(1000), 1.0)],
+                              seed)
 
 
 def test_the_draw_follows_the_weights_and_the_position_alone():

@@ -54,6 +54,8 @@ class DataSpec:
   truncate: bool
   on_bad_record: str
   mixture: tuple[tuple[Any, ...], ...]   # ((source, tfds_dir, weight), ...) or ()
+  image_slots: int
+  pack: bool
 
 
 @_frozen

@@ -90,6 +90,12 @@ def base_config() -> ConfigDict:
   # ...), e.g. (("llava", "/data/llava_tfds", 0.8), ("procedural", "", 0.2)); each example
   # is drawn from a source with probability weight / sum (data/pipeline.py `MixedSource`).
   c.data.mixture = ()
+  # A row's shape: max_text_length token slots, of which image_slots (K) hold image
+  # placeholders; at N visual tokens per image a row is max_text_length + K (N - 1)
+  # positions whatever it holds. pack: several conversations per row (first fit in the
+  # shuffled order, each attending to itself only), or one per row, padded.
+  c.data.image_slots = 1
+  c.data.pack = False
 
   # "project": the demo's own sentencepiece model (path "" -> WORKDIR/tokenizer.model,
   # trained on the suite's text if missing). An LLM's own: kind "hf" (tokenizer.json; template

@@ -3,21 +3,25 @@
 Every chat tokenizer (`chat.ChatTokenizer`) formats the same parsed turns in its own
 template, so the rules live here once: roles are "user" and "assistant" (LLaVA's "human"
 and "gpt" too), after an optional first "system" turn; turns alternate starting with the
-user, and the literal ``<image>`` marker sits at most once in the conversation, in a
-user turn. The marker and one newline right
-after it are cut out; the tokenizer puts its single image placeholder id there. The LLaVA
-reader (`llava`) validates data rows by the same rules (`parse_turn`, `count_markers`);
+user, and image markers sit in user turns only: ``<image>`` once per image, the images
+taken in order (LLaVA, LLaVA-OneVision), or MMMU's ``<image k>``, naming image k of the
+row (from 1), not both kinds in one conversation. Each marker and one newline right
+after it are cut out; the tokenizer puts an image placeholder id there. The LLaVA
+reader (`llava`) validates data rows by the same rules (`parse_turn`, `image_order`);
 a broken rule raises `ConversationError`, whose ``reason`` names it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Collection, Sequence
 
 from tokenflex_jax.errors import InputError
 
 IMAGE_MARKER = "<image>"
+# ``<image>`` or ``<image k>``; group 1 holds k.
+MARKER = re.compile(r"<image(?: ([1-9][0-9]*))?>")
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 ROLES: dict[str, str] = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT,
                          "system": SYSTEM}
@@ -25,21 +29,33 @@ ROLES: dict[str, str] = {"user": USER, "human": USER, "assistant": ASSISTANT, "g
 
 @dataclasses.dataclass(frozen=True)
 class Turn:
-  """One turn with the image marker cut out: ``before`` [image] ``after``.
-
-  Without an image ``before`` holds the whole text and ``after`` is "".
-  """
+  """One turn with its image markers cut out: ``texts`` t_0 .. t_m with image i between
+  t_i and t_(i+1) (without an image, one text); ``refs`` per image: the k of its
+  ``<image k>`` marker, or None for ``<image>``."""
   role: str
-  before: str
-  after: str = ""
-  has_image: bool = False
+  texts: tuple[str, ...]
+  refs: tuple[int | None, ...] = ()
+
+  @property
+  def images(self) -> int:
+    return len(self.texts) - 1
+
+  @property
+  def text(self) -> str:
+    """The whole text without its images (a system turn's or a reply's text)."""
+    return "".join(self.texts)
+
+  def joined(self, image: str) -> str:
+    """The text with ``image`` (a template's image token) where each marker was."""
+    return image.join(self.texts)
 
   def trimmed(self) -> Turn:
     """The turn as templates that trim their texts see it: whitespace at either end of
-    the text goes, the image counting as text (so the whitespace beside it stays)."""
-    if self.has_image:
-      return dataclasses.replace(self, before=self.before.lstrip(), after=self.after.rstrip())
-    return dataclasses.replace(self, before=self.before.strip())
+    the text goes, the images counting as text (so the whitespace beside them stays)."""
+    if len(self.texts) == 1:
+      return dataclasses.replace(self, texts=(self.texts[0].strip(),))
+    return dataclasses.replace(self, texts=(self.texts[0].lstrip(), *self.texts[1:-1],
+                                            self.texts[-1].rstrip()))
 
 
 class ConversationError(InputError):
@@ -54,15 +70,31 @@ class ConversationError(InputError):
     return type(self), (self.reason, str(self))
 
 
-def count_markers(texts: Sequence[str]) -> int:
-  """The number of image markers in a conversation's texts (0 or 1); `ConversationError`
-  if there are more."""
-  markers = sum(text.count(IMAGE_MARKER) for text in texts)
-  if markers > 1:
-    raise ConversationError(f"more than one {IMAGE_MARKER} marker",
-                            f"the image marker {IMAGE_MARKER!r} appears {markers} times in "
-                            "the conversation; it may appear at most once")
-  return markers
+def image_order(turns: Sequence[Turn], images: int) -> tuple[int, ...]:
+  """Which of a row's ``images`` each image placeholder of ``turns`` shows, in order:
+  ``<image>`` markers take the images one each in order (as many markers as images);
+  ``<image k>`` markers name theirs (1 <= k <= images; one may be named twice). Raises
+  `ConversationError` where they disagree."""
+  refs = [ref for turn in turns for ref in turn.refs]
+  if any(ref is None for ref in refs):
+    if any(ref is not None for ref in refs):
+      raise ConversationError("mixed image markers", f"both {IMAGE_MARKER!r} and "
+                              "'<image k>' markers: use one kind per conversation")
+    if len(refs) != images:
+      reason = (f"no {IMAGE_MARKER} marker" if not refs else
+                f"{IMAGE_MARKER} marker without an image" if not images else
+                f"{IMAGE_MARKER} markers do not match the images")
+      raise ConversationError(reason, f"{len(refs)} {IMAGE_MARKER!r} markers for {images} "
+                              "image(s): one marker per image, in a user turn")
+    return tuple(range(images))
+  if not refs and images:
+    raise ConversationError(f"no {IMAGE_MARKER} marker",
+                            f"{images} image(s) but no {IMAGE_MARKER!r} marker in a user turn")
+  for ref in refs:
+    if ref > images:
+      raise ConversationError("<image k> beyond the images",
+                              f"'<image {ref}>' names image {ref} of {images}")
+  return tuple(ref - 1 for ref in refs)
 
 
 def is_system(role: object) -> bool:
@@ -88,29 +120,34 @@ def parse_turn(i: int, role: str, text: str, system_first: bool = False) -> Turn
                               f"turn {i} is {role!r} but turns must alternate user, "
                               "assistant, ... starting with the user (after an optional "
                               "system turn)")
-  if IMAGE_MARKER not in text:
-    return Turn(name, text)
+  pieces = MARKER.split(text)  # text, k or None, text, ...
+  if len(pieces) == 1:
+    return Turn(name, (text,))
   if name != USER:
     where = f"{'an' if name == ASSISTANT else 'a'} {name} turn"
     raise ConversationError(f"{IMAGE_MARKER} marker in {where}",
                             f"turn {i}: the image marker {IMAGE_MARKER!r} is in {where}; it "
                             "belongs in a user turn")
-  before, _, after = text.partition(IMAGE_MARKER)
-  return Turn(name, before, after.removeprefix("\n"), has_image=True)
+  texts = [pieces[0]] + [t.removeprefix("\n") for t in pieces[2::2]]
+  refs = tuple(None if k is None else int(k) for k in pieces[1::2])
+  return Turn(name, tuple(texts), refs)
 
 
 def parse_conversation(turns: Sequence[tuple[str, str]]) -> list[Turn]:
-  """Validates (role, text) turns and cuts the image marker out of its user turn.
+  """Validates (role, text) turns and cuts the image markers out of its user turns.
 
-  Raises `ConversationError` (a ValueError) for an empty conversation, a repeated
-  marker, or a turn that `parse_turn` rejects (unknown role, out of order, the marker in
-  an assistant turn).
+  Raises `ConversationError` (a ValueError) for an empty conversation, markers of both
+  kinds, or a turn that `parse_turn` rejects (unknown role, out of order, a marker in an
+  assistant turn).
   """
   if not turns or (is_system(turns[0][0]) and len(turns) == 1):
     raise ConversationError("no turns", "a conversation needs at least one user turn")
-  count_markers([text for _, text in turns])
   system_first = is_system(turns[0][0])
-  return [parse_turn(i, role, text, system_first) for i, (role, text) in enumerate(turns)]
+  parsed = [parse_turn(i, role, text, system_first) for i, (role, text) in enumerate(turns)]
+  refs = [ref for turn in parsed for ref in turn.refs]
+  if any(ref is None for ref in refs) and any(ref is not None for ref in refs):
+    image_order(parsed, len(refs))  # raises "mixed image markers"
+  return parsed
 
 
 def question_with_image(question: str, image_first: bool) -> str:
@@ -122,7 +159,7 @@ def check_image_count(ids: Sequence[int], image_id: int, turns: Sequence[Turn]) 
   """Raises `ConversationError` (a ValueError) unless ``ids`` hold the image id once per
   marker: a text that spells out the image token itself would make the spliced image
   land twice."""
-  expected = sum(t.has_image for t in turns)
+  expected = sum(t.images for t in turns)
   found = sum(1 for i in ids if i == image_id)
   if found != expected:
     raise ConversationError("image token in a text",
@@ -169,14 +206,14 @@ def format_ids(template: IdTemplate, turns: Sequence[Turn], encode: Callable[[st
       turn = turn.trimmed()
     if turn.role == USER:
       add(template.user_open)
-      add(encode(turn.before))
-      if turn.has_image:
-        add([image_id])
-      add(encode(turn.after))
+      for k, text in enumerate(turn.texts):
+        if k:
+          add([image_id])
+        add(encode(text))
       add(template.user_close)
     else:
       add(template.assistant_open)
-      add([*encode(turn.before), template.end_of_turn], loss=True)
+      add([*encode(turn.text), template.end_of_turn], loss=True)
       add(template.assistant_close)
   if turns[-1].role == USER:
     add(template.assistant_open)

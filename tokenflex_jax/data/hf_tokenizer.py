@@ -81,10 +81,10 @@ def text_template(name: str) -> TextTemplate:
 @dataclasses.dataclass(frozen=True)
 class Rendered:
   """A conversation as text: the reply spans [start, end) in characters, each covering
-  the reply and its end-of-turn token, and where the image id goes (None: no image)."""
+  the reply and its end-of-turn token, and where each image id goes (in order)."""
   text: str
   replies: tuple[tuple[int, int], ...]
-  image_at: int | None
+  image_at: tuple[int, ...]
 
 
 def render(template: TextTemplate, turns: Sequence[Turn], system_prompt: str,
@@ -94,28 +94,29 @@ def render(template: TextTemplate, turns: Sequence[Turn], system_prompt: str,
   takes the place of ``system_prompt``."""
   t = template
   if turns[0].role == SYSTEM:
-    system_prompt, turns = turns[0].before, turns[1:]
+    system_prompt, turns = turns[0].text, turns[1:]
   text = bos if t.begins_with_bos else ""
   if system_prompt:
     system = system_prompt.strip() if t.trim else system_prompt
     text += f"{t.header_start}system{t.header_end}{system}{t.end_of_turn}{t.separator}"
-  replies, image_at = [], None
+  replies, image_at = [], []
   for turn in turns:
     turn = turn.trimmed() if t.trim else turn
     text += f"{t.header_start}{turn.role}{t.header_end}"
     if turn.role == USER:
-      text += turn.before
-      if turn.has_image:
-        image_at = len(text)
-      text += turn.after + t.end_of_turn + t.separator
+      for k, piece in enumerate(turn.texts):
+        if k:
+          image_at.append(len(text))
+        text += piece
+      text += t.end_of_turn + t.separator
     else:
       start = len(text)
-      text += turn.before + t.end_of_turn
+      text += turn.text + t.end_of_turn
       replies.append((start, len(text)))
       text += t.separator
   if turns[-1].role == USER:
     text += f"{t.header_start}{ASSISTANT}{t.header_end}"
-  return Rendered(text, tuple(replies), image_at)
+  return Rendered(text, tuple(replies), tuple(image_at))
 
 
 def _in_replies(start: int, end: int, replies: Sequence[tuple[int, int]]) -> bool:
@@ -249,11 +250,11 @@ class HFTokenizer(ChatTokenizerBase):
     if self._jinja is not None:
       return self._jinja_ids(parsed)
     r = render(self._template, parsed, self._system, self._bos)
-    at = r.image_at
-    pieces = [(0, r.text)] if at is None else [(0, r.text[:at]), (at, r.text[at:])]
+    bounds = (0, *r.image_at, len(r.text))
+    pieces = [(a, r.text[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     ids, mask = [], []
     for k, (offset, text) in enumerate(pieces):
-      if k:  # the image placeholder sits between the two pieces
+      if k:  # an image placeholder sits between two pieces
         ids.append(self.image_id)
         mask.append(False)
       encoding = self._tok.encode(text, add_special_tokens=False)
@@ -265,7 +266,7 @@ class HFTokenizer(ChatTokenizerBase):
   def _jinja_ids(self, parsed: Sequence[Turn]) -> tuple[list[int], list[bool]]:
     """Parsed turns -> (ids, mask) through the file's own chat template."""
     messages = [{"role": t.role,
-                 "content": t.before + (self._image_token + t.after if t.has_image else "")}
+                 "content": t.joined(self._image_token)}
                 for t in parsed]
     if self._system and parsed[0].role != SYSTEM:
       messages.insert(0, {"role": SYSTEM, "content": self._system})

@@ -7,13 +7,14 @@ list of rows::
    "conversations": [{"from": "human", "value": "<image>\\nWhat is the bus doing?"},
                      {"from": "gpt", "value": "It is parked."}, ...]}
 
-``image`` is relative to an image folder. The turns follow `conversation`'s rules
-(roles, human -> gpt alternation, the ``<image>`` marker at most once, in a human turn);
-on top of them a row with an image needs its marker, a row without one (no ``image``
-field, or null: a text-only row, such as the ShareGPT rows of LLaVA-1.5's mix) needs
-none, and every row needs a non-empty reply to every question and a reply as its last
-turn. A text-only row trains the LLM on its text alone (`models.vlm`: its visual slots
-are masked out). A row that breaks these
+``image`` is relative to an image folder, or a list of them (several images, as
+LLaVA-OneVision's rows: one ``<image>`` marker each, in order, or MMMU-style
+``<image k>`` markers). The turns follow `conversation`'s rules (roles, human -> gpt
+alternation, markers in human turns only); on top of them the markers must match the
+images (`conversation.image_order`: a row without ``image``, or null or [], is a
+text-only row, such as the ShareGPT rows of LLaVA-1.5's mix, and has none), and every
+row needs a non-empty reply to every question and a reply as its last turn. A
+text-only row trains the LLM on its text alone. A row that breaks these
 rules is malformed: `read_llava` raises `rows.MalformedRowError` naming the file, the row
 and what is wrong, or, with ``skip_malformed``, leaves the row out and counts it by reason.
 """
@@ -29,7 +30,7 @@ from typing import Any
 
 from tokenflex_jax import paths
 from tokenflex_jax.data import conversation
-from tokenflex_jax.data.conversation import ASSISTANT, IMAGE_MARKER, ConversationError
+from tokenflex_jax.data.conversation import ASSISTANT, ConversationError
 from tokenflex_jax.data.rows import (MalformedRowError, check_text, collect_rows, data_lines,
                                      json_line, read_text)
 from tokenflex_jax.errors import InputError
@@ -37,21 +38,21 @@ from tokenflex_jax.errors import InputError
 
 @dataclasses.dataclass(frozen=True)
 class Conversation:
-  """One usable row: its id, its image file (None: a text-only row) and its turns as
+  """One usable row: its id, its image files (none: a text-only row) and its turns as
   (role, text) pairs, the roles "user" and "assistant"."""
   id: str
-  image_path: str | None
+  image_paths: tuple[str, ...]
   turns: tuple[tuple[str, str], ...]
   row: int
 
 
 def _parse_turns(conversations: list[Any], row_id: str,
-                 bad: Callable[[str, str], MalformedRowError], has_image: bool
+                 bad: Callable[[str, str], MalformedRowError], images: int
                  ) -> tuple[tuple[str, str], ...]:
   """A row's "conversations" list -> (role, text) turns, validated by `conversation`'s
-  rules plus LLaVA's own (one marker with an image, none without); raises
+  rules plus LLaVA's own (markers matching the row's ``images``); raises
   ``bad(reason, detail)``."""
-  turns = []
+  turns, parsed = [], []
   system_first = isinstance(conversations[0], dict) and conversation.is_system(
       conversations[0].get("from"))
   for i, turn in enumerate(conversations):
@@ -59,8 +60,10 @@ def _parse_turns(conversations: list[Any], row_id: str,
       raise bad("unknown role", f"id {row_id!r}, turn {i}: {turn!r}")
     text = turn.get("value")
     try:
-      role = conversation.parse_turn(i, turn.get("from", ""),
-                                     text if isinstance(text, str) else "", system_first).role
+      parsed.append(conversation.parse_turn(i, turn.get("from", ""),
+                                            text if isinstance(text, str) else "",
+                                            system_first))
+      role = parsed[-1].role
     except ConversationError as e:
       raise bad(e.reason, f"id {row_id!r}, {e}") from None
     if not isinstance(text, str) or (role == ASSISTANT and not text.strip()):
@@ -70,16 +73,10 @@ def _parse_turns(conversations: list[Any], row_id: str,
   if turns[-1][0] != ASSISTANT:
     raise bad("empty answer", f"id {row_id!r}: the last turn has no reply")
   try:
-    markers = conversation.count_markers([text for _, text in turns])
+    conversation.image_order(parsed, images)
   except ConversationError as e:
-    raise bad(e.reason, f"id {row_id!r}: {e}") from None
-  if has_image and not markers:
-    raise bad(f"no {IMAGE_MARKER} marker",
-              f"id {row_id!r} needs exactly one {IMAGE_MARKER} in a human turn, has 0")
-  if markers and not has_image:
-    raise bad(f"{IMAGE_MARKER} marker without an image",
-              f"id {row_id!r} has an {IMAGE_MARKER} marker but no 'image' (a text-only "
-              "row has no marker)")
+    raise bad(e.reason, f"id {row_id!r}: {e}" + (
+        " (a text-only row has no marker)" if not images else "")) from None
   return tuple(turns)
 
 
@@ -94,18 +91,19 @@ def parse_row(raw: object, path: str, row: int, image_dir: str) -> Conversation:
     raise bad("mistyped id", f"'id' is {type(row_id).__name__} {row_id!r:.80}")
   row_id = str(row_id)
   image = raw.get("image")
-  image_path = None
-  if image is not None:  # absent or null: a text-only row
-    if not image or not isinstance(image, str):
+  names = [] if image is None else image if isinstance(image, list) else [image]
+  image_paths = []
+  for name in names:  # absent, null or []: a text-only row
+    if not name or not isinstance(name, str):
       raise bad("missing image", f"id {row_id!r}: 'image' is {image!r:.80}")
-    image_path = os.path.join(image_dir, image)
-    if not paths.is_file(image_path):
-      raise bad("missing image", f"id {row_id!r}: {image_path} does not exist")
+    image_paths.append(os.path.join(image_dir, name))
+    if not paths.is_file(image_paths[-1]):
+      raise bad("missing image", f"id {row_id!r}: {image_paths[-1]} does not exist")
   conversations = raw.get("conversations")
   if not isinstance(conversations, list) or not conversations:
     raise bad("no conversations", f"id {row_id!r}")
-  return Conversation(row_id, image_path,
-                      _parse_turns(conversations, row_id, bad, image_path is not None), row)
+  return Conversation(row_id, tuple(image_paths),
+                      _parse_turns(conversations, row_id, bad, len(image_paths)), row)
 
 
 def read_llava(path: str, image_dir: str, skip_malformed: bool = False
@@ -186,11 +184,11 @@ def turns_from_json(text: str) -> Sequence[tuple[str, str]]:
 
 
 def check_turns(turns: Sequence[tuple[str, str]], row_id: str,
-                bad: Callable[[str, str], MalformedRowError], has_image: bool
+                bad: Callable[[str, str], MalformedRowError], images: int
                 ) -> tuple[tuple[str, str], ...]:
-  """Stored turns (`turns_from_json`) of a row with or without an image, validated by the
+  """Stored turns (`turns_from_json`) of a row with ``images`` images, validated by the
   same rules as a JSON row's (`parse_row`); raises ``bad(reason, detail)``."""
   if not turns:
     raise bad("no conversations", f"id {row_id!r}")
   return _parse_turns([{"from": role, "value": text} for role, text in turns], row_id, bad,
-                      has_image)
+                      images)

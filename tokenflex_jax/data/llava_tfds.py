@@ -15,9 +15,9 @@ fingerprint, from before this rule, is rebuilt too).
 Every row is validated first (`llava.read_llava`, then each image is decoded once): a
 malformed row stops the build with an error naming the file and row, or, with
 --skip_malformed, is left out and counted in the log. Text-only rows (no "image", such
-as the 41k ShareGPT rows of LLaVA-1.5's mix665k) are kept, with empty image bytes. Each
-example stores the image file's bytes as they are (decoded and resized by the input
-pipeline), the conversation
+as the 41k ShareGPT rows of LLaVA-1.5's mix665k) are kept, with no images. Each
+example stores its image files' bytes as they are (decoded and resized by the input
+pipeline), in the row's order, the conversation
 as JSON text [[role, text], ...] and its row in the JSON file; TFDS stores the examples
 in its own shuffled order.
 
@@ -57,18 +57,19 @@ class LlavaConfig(tfds.core.BuilderConfig):
   skip_malformed: bool = False
 
 
-def _checked_image_bytes(conversation: llava.Conversation, json_path: str) -> bytes:
-  """The image file's bytes, after checking that they decode (`images.decode`: a corrupt,
+def _checked_image_bytes(conversation: llava.Conversation, image_path: str,
+                         json_path: str) -> bytes:
+  """An image file's bytes, after checking that they decode (`images.decode`: a corrupt,
   truncated or too large image, or an unsupported mode, is a malformed row)."""
   try:
-    data = epath.Path(conversation.image_path).read_bytes()
+    data = epath.Path(image_path).read_bytes()
     images.decode(data, None)
   except images.ImageError as e:
     raise MalformedRowError(json_path, conversation.row, e.reason,
-                            f"{conversation.image_path}: {e}") from None
+                            f"{image_path}: {e}") from None
   except OSError as e:
     raise MalformedRowError(json_path, conversation.row, "unreadable image",
-                            f"{conversation.image_path}: {e}") from None
+                            f"{image_path}: {e}") from None
   return data
 
 
@@ -76,8 +77,9 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
   """One split, "train": the usable rows of a LLaVA JSON file ("row" says which)."""
 
   name = NAME
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "Several images per row: 'images' replaces 'image'."}
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -85,7 +87,8 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
         description=f"LLaVA conversations from {self.builder_config.json_path}.",
         features=tfds.features.FeaturesDict({
             "id": tfds.features.Text(),
-            "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # encoded bytes
+            # Encoded bytes per image, in the row's order.
+            "images": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
             "conversations": tfds.features.Text(),  # JSON [[role, text], ...]
             "row": tfds.features.Scalar(dtype=np.int64),
         }),
@@ -107,15 +110,15 @@ class LlavaConversations(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     for conversation in rows:
       try:
-        image = (b"" if conversation.image_path is None else
-                 _checked_image_bytes(conversation, cfg.json_path))
+        data = [_checked_image_bytes(conversation, path, cfg.json_path)
+                for path in conversation.image_paths]
       except MalformedRowError as e:
         if not cfg.skip_malformed:
           raise
         logging.warning("skipped %s", e)
         continue
       yield conversation.row, {
-          "id": conversation.id, "image": image, "row": conversation.row,
+          "id": conversation.id, "images": data, "row": conversation.row,
           "conversations": json.dumps([list(t) for t in conversation.turns])}
 
 
@@ -125,7 +128,7 @@ def source_fingerprint(config: LlavaConfig) -> dict[str, Any]:
   modification time (local files; a gs:// image enters by its name only)}."""
   rows, _ = llava.read_llava(config.json_path, config.image_dir, skip_malformed=True)
   digest = hashlib.sha256()
-  named = sorted({r.image_path for r in rows if r.image_path is not None})
+  named = sorted({path for r in rows for path in r.image_paths})
   for path in named:
     stat = None if paths.is_remote(path) else os.stat(path)
     digest.update(json.dumps([path, stat and stat.st_size, stat and stat.st_mtime_ns]).encode())
@@ -148,7 +151,7 @@ def source_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]
 
 def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
           skip_malformed: bool = False) -> str:
-  """Builds data_dir/llava_conversations/NAME/1.0.0, or reuses it if its sources have not
+  """Builds data_dir/llava_conversations/NAME/1.1.0, or reuses it if its sources have not
   changed since it was built (see `source_fingerprint`); returns that folder.
 
   NAME defaults to the JSON file's name without its extension.
@@ -187,16 +190,16 @@ def build(data_dir: str, json_path: str, image_dir: str, name: str = "",
 
 
 class LlavaTfdsSource(tfds_split.TfdsSplit):
-  """Grain random-access source: {"image": encoded bytes (b"" for a text-only row),
-  "turns": ((role, text), ...),
+  """Grain random-access source: {"images": a tuple of encoded bytes per image (none for
+  a text-only row), "turns": ((role, text), ...),
   "id": str, "row": its row in the JSON file, "source": this build and split, "record":
   its index in the split} ("source" and "record" name it in the pipeline's errors).
 
   Each record is checked by the JSON reader's rules (`llava.check_turns`: roles in
-  order, one <image> marker in a user turn with an image and none without, non-empty
-  replies; texts valid UTF-8): a
-  record that breaks them raises `MalformedRowError` naming the build, split and record.
-  The image is decoded (and checked) by the pipeline. Picklable: the array_record files
+  order, image markers in user turns matching the images, non-empty replies; texts valid
+  UTF-8): a record that breaks them raises `MalformedRowError` naming the build, split
+  and record. The images are decoded (and checked) by the pipeline. A 1.0.0 build (one
+  "image" per record, b"" for none) reads the same. Picklable: the array_record files
   are reopened lazily in each process.
   """
 
@@ -214,13 +217,14 @@ class LlavaTfdsSource(tfds_split.TfdsSplit):
     found = bad_text(turns, "'conversations'")
     if found:
       raise self.bad(index, INVALID_UTF8, f"id {row_id!r:.80}: {found}")
-    image = raw.get("image")
-    if not isinstance(image, bytes):
+    data = raw["images"] if "images" in raw else [raw.get("image")]
+    if not all(isinstance(image, bytes) for image in data):
       raise self.bad(index, "missing image", f"id {row_id!r:.80}: no image bytes")
+    data = tuple(image for image in data if image)  # 1.0.0: b"" is no image
     turns = llava.check_turns(turns, row_id, lambda reason, detail: self.bad(index, reason,
                                                                              detail),
-                              has_image=bool(image))
-    return {"image": image, "id": row_id, "turns": turns,
+                              images=len(data))
+    return {"images": data, "id": row_id, "turns": turns,
             "row": self.integer(raw, "row", index), "source": self.name, "record": index}
 
 

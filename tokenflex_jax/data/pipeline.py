@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from tokenflex_jax import sharding
-from tokenflex_jax.data import images, scenes
+from tokenflex_jax.data import conversation, images, pack, packed_rows, scenes
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.conversation import ConversationError
 from tokenflex_jax.data.rows import MalformedRowError
@@ -42,7 +42,7 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
   >= 0; ``max_text_length`` >= 2 (the placeholder and one answer token); an
   ``image_size`` of at least 1 (procedural: at least `scenes.BASE_SIZE`); procedural: a
   positive ``num_examples`` and known ``families`` with one weight >= 0 each, summing
-  to more than 0."""
+  to more than 0; ``image_slots`` >= 1 and ``max_text_length`` > ``image_slots``."""
   d = data_config
   if d.mixture:
     _check_mixture(d, reads_data)
@@ -55,10 +55,13 @@ def check_data_config(data_config: DataSpec, reads_data: bool = True) -> None:
                       f"reads a build of {build} from it")
   check_bad_record_policy(d.on_bad_record)
   for field, value, least in (("num_workers", d.num_workers, 0),
-                              ("max_text_length", d.max_text_length, 2),
+                              ("image_slots", d.image_slots, 1),
+                              ("max_text_length", d.max_text_length, d.image_slots + 1),
                               ("image_size", d.image_size, 1)):
     if value < least:  # an int: `config_schema.to_spec` checked the type
-      raise ConfigError(f"config.data.{field}={value!r} must be an integer >= {least}")
+      raise ConfigError(f"config.data.{field}={value!r} must be an integer >= {least}" + (
+          " (config.data.image_slots placeholders and one answer token)"
+          if field == "max_text_length" else ""))
   if d.source == "procedural" or any(m[0] == "procedural" for m in d.mixture):
     if d.image_size < scenes.BASE_SIZE:
       raise ConfigError(f"config.data.image_size={d.image_size}: the procedural scenes "
@@ -101,12 +104,27 @@ def components(data_config: DataSpec) -> list[tuple[str, DataSpec, float]]:
 def training_source(data_config: DataSpec, load_tokenizer: Callable[[], ChatTokenizer]
                     ) -> tuple[Any, grain.transforms.Map]:
   """(source, transform) of the training examples: ``config.data.source``'s, or a
-  `MixedSource` of ``config.data.mixture`` with `IDENTITY`."""
+  `MixedSource` of ``config.data.mixture`` with `IDENTITY`; with ``config.data.pack``, a
+  `packed_rows.PackedRows` over either's shuffled stream, with `IDENTITY` (its lengths
+  are measured here: one pass over the data without its images)."""
   if not data_config.mixture:
-    return make_source(data_config), make_transform(data_config, load_tokenizer)
-  return MixedSource([(name, make_source(d), make_transform(d, load_tokenizer), weight)
-                      for name, d, weight in components(data_config)],
-                     data_config.seed), IDENTITY
+    source, transform = make_source(data_config), make_transform(data_config, load_tokenizer)
+  else:
+    source, transform = MixedSource(
+        [(name, make_source(d), make_transform(d, load_tokenizer), weight)
+         for name, d, weight in components(data_config)], data_config.seed), IDENTITY
+  if not data_config.pack:
+    return source, transform
+  if isinstance(source, MixedSource):
+    stream, preprocess = source.stream, packed_rows.PerSource(source.transforms, _SOURCE_KEY)
+  else:
+    stream = grain.MapDataset.source(source).seed(data_config.seed + 1).shuffle()
+    preprocess = transform
+  return packed_rows.PackedRows(
+      stream, preprocess, row_shape(data_config), data_config.image_size,
+      load_tokenizer().pad_id, skip=data_config.on_bad_record == "skip",
+      num_workers=data_config.num_workers, names=getattr(source, "names", ()),
+      source_key=_SOURCE_KEY, reason_key=_REASON_KEY, encode_reason=_encode_reason), IDENTITY
 
 
 def make_source(data_config: DataSpec, split: str = "train") -> Any:
@@ -140,13 +158,53 @@ def pad_to_length(ids: Sequence[int], mask: Sequence[bool], length: int, pad_id:
   return tokens, loss_mask
 
 
-def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
-                         image_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Chat-formatted prompt + answer, right-padded.
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """One conversation, unpadded: tokens [L] int32 (one image placeholder per image),
+  loss_mask [L] float32 (1.0 on answer tokens) and images [n, S, S, 3] float32 in
+  [-1, 1], the k-th for the k-th placeholder."""
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  images: np.ndarray
 
-  Returns (tokens int32 [T], loss_mask float32 [T]) with the mask on answer tokens
-  (including the end-of-sequence token).
-  """
+  def lengths(self) -> pack.Lengths:
+    return pack.Lengths(len(self.tokens) - len(self.images), len(self.images))
+
+
+def row_shape(data_config: DataSpec) -> pack.RowShape:
+  """The text capacity and image slots of a training row: ``max_text_length`` token slots
+  of which ``image_slots`` hold image placeholders (one slot: `pack.padded_shape`)."""
+  return pack.RowShape(data_config.max_text_length - data_config.image_slots,
+                       data_config.image_slots)
+
+
+def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack.RowShape,
+            truncate: bool, name: str) -> tuple[list[int], list[bool]]:
+  """A conversation's ids and mask, checked to fit an empty row of ``shape`` (at most C
+  text tokens and K images), or with ``truncate`` cut to fit; cutting an image
+  placeholder off, or a conversation that does not fit without ``truncate``, raises
+  `ConversationError` "too long" naming ``name``."""
+  is_image = np.asarray(ids, np.int64) == image_id
+  images = int(is_image.sum())
+  text = len(ids) - images
+  if text <= shape.text_capacity and images <= shape.image_slots:
+    return list(ids), list(mask)
+  keep = int(np.searchsorted(np.cumsum(~is_image), shape.text_capacity, side="right"))
+  cut_image = images > shape.image_slots or bool(is_image[keep:].any())
+  if not truncate or cut_image:
+    raise ConversationError(TOO_LONG, f"{name}: needs {text} text tokens and {images} "
+                            f"image(s) but a row holds {shape.text_capacity} and "
+                            f"{shape.image_slots} (config.data.max_text_length less one "
+                            "slot per image slot, config.data.image_slots)" + (
+                                "" if not truncate else
+                                " and truncation would cut an image placeholder"))
+  return list(ids[:keep]), list(mask[:keep])
+
+
+def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
+                         image_first: bool = True) -> tuple[list[int], list[bool]]:
+  """Chat-formatted prompt + answer: (ids, mask) with the mask on answer tokens
+  (including the end-of-sequence token); at most ``max_length`` ids."""
   prompt = tokenizer.prompt_ids(question, image_first)
   answer_ids = tokenizer.answer_ids(answer)
   if len(answer_ids) < 2:
@@ -155,33 +213,20 @@ def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, m
   if len(ids) > max_length:
     raise ValueError(f"example needs {len(ids)} tokens but config.data.max_text_length is "
                      f"{max_length}: {question!r} -> {answer!r}")
-  return pad_to_length(ids, [False] * len(prompt) + [True] * len(answer_ids), max_length,
-                       tokenizer.pad_id)
+  return ids, [False] * len(prompt) + [True] * len(answer_ids)
 
 
-def encode_conversation(tokenizer: ChatTokenizer, turns: Sequence[tuple[str, str]],
-                        max_length: int, truncate: bool = False, name: str = ""
-                        ) -> tuple[np.ndarray, np.ndarray]:
-  """A whole conversation in the tokenizer's chat template, right-padded.
-
-  Returns (tokens int32 [T], loss_mask float32 [T]): the mask covers every assistant
-  reply and its end-of-turn token. A text-only conversation (no image marker) gets at
-  most T - 1 ids: its last slot stays padding, where the model puts its masked-out visual
-  slots (`models.vlm`). A longer conversation raises `ConversationError` "too long"
-  naming ``name``, or with ``truncate`` loses its tail (never the image placeholder).
-  """
-  ids, mask = tokenizer.conversation_ids(turns)
-  has_image = tokenizer.image_id in ids
-  limit = max_length if has_image else max_length - 1
-  if len(ids) > limit:
-    if not truncate or (has_image and tokenizer.image_id not in ids[:limit]):
-      raise ConversationError(TOO_LONG, f"{name}: needs {len(ids)} tokens but "
-                              f"config.data.max_text_length is {max_length}" + (
-                                  "" if has_image else " (one slot less without an image)")
-                              + ("" if not truncate else
-                                 " and truncation would cut the image placeholder"))
-    ids, mask = ids[:limit], mask[:limit]
-  return pad_to_length(ids, mask, max_length, tokenizer.pad_id)
+def pad_piece(piece: Piece, shape: pack.RowShape, pad_id: int, image_size: int
+              ) -> dict[str, np.ndarray]:
+  """One conversation in a row of its own (the unpacked layout): {"tokens": i32 [T],
+  "loss_mask": f32 [T], "image": f32 [S, S, 3] with one image slot (zeros for a text-only
+  row, whose tokens hold no placeholder), else [K, S, S, 3] (unused slots zero)}, T = C + K."""
+  tokens, loss_mask = pad_to_length(piece.tokens, piece.loss_mask,
+                                    shape.text_capacity + shape.image_slots, pad_id)
+  image = np.zeros((shape.image_slots, image_size, image_size, 3), np.float32)
+  image[:len(piece.images)] = piece.images
+  return {"image": image[0] if shape.image_slots == 1 else image, "tokens": tokens,
+          "loss_mask": loss_mask}
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -193,11 +238,16 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 class TokenizingPreprocess(grain.transforms.Map):
   """A transform that tokenizes: ``load_tokenizer`` is a picklable zero-argument callable
   (e.g. a functools.partial of `chat.load_tokenizer`). grain pickles transforms into its
-  worker processes without the tokenizer; each process loads it once, on first use."""
+  worker processes without the tokenizer; each process loads it once, on first use.
 
-  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer]):
+  Subclasses make a `Piece` of an element (`piece`) and measure it without its images
+  (`lengths`, for packing); `map` lays the piece out in a row of its own (`pad_piece`)."""
+
+  def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], shape: pack.RowShape,
+               image_size: int):
     self._load = load_tokenizer
     self._tokenizer: ChatTokenizer | None = None
+    self.shape, self.image_size = shape, image_size
 
   def __getstate__(self) -> dict[str, Any]:
     return {**self.__dict__, "_tokenizer": None}
@@ -208,62 +258,103 @@ class TokenizingPreprocess(grain.transforms.Map):
       self._tokenizer = self._load()
     return self._tokenizer
 
+  def piece(self, element: Mapping[str, Any]) -> Piece:
+    raise NotImplementedError
+
+  def lengths(self, element: Mapping[str, Any]) -> pack.Lengths:
+    raise NotImplementedError
+
+  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return pad_piece(self.piece(element), self.shape, self.tokenizer.pad_id, self.image_size)
+
 
 class QAPreprocess(TokenizingPreprocess):
-  """One question and one answer (the scene suite's examples) -> {"image": f32 [H,W,3],
-  "tokens": i32 [T], "loss_mask": f32 [T]}; the loss is on the answer."""
+  """One question and one answer about one image (the scene suite's examples); the loss
+  is on the answer."""
 
   def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], max_text_length: int,
-               image_first: bool = True):
-    super().__init__(load_tokenizer)
+               image_first: bool = True, image_slots: int = 1,
+               image_size: int = scenes.BASE_SIZE):
+    super().__init__(load_tokenizer, pack.RowShape(max_text_length - image_slots, image_slots),
+                     image_size)
     self._max_length = max_text_length
     self._image_first = image_first
 
-  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    tokens, mask = encode_training_text(self.tokenizer, element["question"],
-                                        element["answer"], self._max_length,
-                                        self._image_first)
-    return {"image": normalize_image(element["image"]), "tokens": tokens, "loss_mask": mask}
+  def _ids(self, element: Mapping[str, Any]) -> tuple[list[int], list[bool]]:
+    return encode_training_text(self.tokenizer, element["question"], element["answer"],
+                                self._max_length, self._image_first)
+
+  def piece(self, element: Mapping[str, Any]) -> Piece:
+    ids, mask = self._ids(element)
+    return Piece(np.asarray(ids, np.int32), np.asarray(mask, np.float32),
+                 normalize_image(element["image"])[None])
+
+  def lengths(self, element: Mapping[str, Any]) -> pack.Lengths:
+    return pack.Lengths(len(self._ids(element)[0]) - 1, 1)
 
 
 class ConversationPreprocess(TokenizingPreprocess):
-  """LLaVA source item -> {"image": f32 [S,S,3], "tokens": i32 [T], "loss_mask": f32 [T]};
-  the loss is on every assistant reply. A text-only item (image b"") gets a zero image,
-  which the model never reads (its tokens hold no image placeholder)."""
+  """A LLaVA source item (`llava_tfds.LlavaTfdsSource`'s: "images", "turns") -> a `Piece`;
+  the loss is on every assistant reply. Its images are decoded and resized to
+  ``image_size``, in the order its markers show them (`conversation.image_order`)."""
 
   def __init__(self, load_tokenizer: Callable[[], ChatTokenizer], image_size: int,
-               max_text_length: int, truncate: bool = False):
-    super().__init__(load_tokenizer)
-    self._image_size, self._max_length, self._truncate = image_size, max_text_length, truncate
+               max_text_length: int, truncate: bool = False, image_slots: int = 1):
+    super().__init__(load_tokenizer, pack.RowShape(max_text_length - image_slots, image_slots),
+                     image_size)
+    self._truncate = truncate
 
-  def map(self, element: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """A bad conversation (too long, the image token in a text) or image (corrupt,
-    truncated, too large) raises `MalformedRowError` naming the element's "source" and
-    "record" (`llava_tfds.LlavaTfdsSource`'s)."""
+  def _bad(self, element: Mapping[str, Any], e: Exception) -> MalformedRowError:
     name = f"row {element.get('row', '?')} (id {element.get('id', '?')!r})"
     source, record = element.get("source", "LLaVA conversations"), element.get("record", "?")
+    return MalformedRowError(source, record, getattr(e, "reason", "bad record"),
+                             f"{name}: {e}" if isinstance(e, images.ImageError) else str(e),
+                             unit="record")
+
+  def _ids(self, element: Mapping[str, Any]) -> tuple[list[int], list[bool], tuple[int, ...]]:
+    name = f"row {element.get('row', '?')} (id {element.get('id', '?')!r})"
+    turns = element["turns"]
+    ids, mask = self.tokenizer.conversation_ids(turns)
+    ids, mask = fit_ids(ids, mask, self.tokenizer.image_id, self.shape, self._truncate, name)
+    order = conversation.image_order(conversation.parse_conversation(turns),
+                                     len(element["images"]))
+    return ids, mask, order
+
+  def piece(self, element: Mapping[str, Any]) -> Piece:
+    """A bad conversation (too long, the image token in a text) or image (corrupt,
+    truncated, too large) raises `MalformedRowError` naming the element's "source" and
+    "record"."""
     try:
-      tokens, mask = encode_conversation(self.tokenizer, element["turns"], self._max_length,
-                                         self._truncate, name)
-      image = (decode_image(element["image"], self._image_size) if element["image"] else
-               np.zeros((self._image_size, self._image_size, 3), np.uint8))
+      ids, mask, order = self._ids(element)
+      decoded = [decode_image(element["images"][k], self.image_size) for k in order]
     except MalformedRowError:
       raise
     except (InputError, images.ImageError) as e:
-      raise MalformedRowError(source, record, getattr(e, "reason", "bad record"),
-                              f"{name}: {e}" if isinstance(e, images.ImageError) else str(e),
-                              unit="record") from None
-    return {"image": normalize_image(image), "tokens": tokens, "loss_mask": mask}
+      raise self._bad(element, e) from None
+    pixels = np.stack([normalize_image(d) for d in decoded]) if decoded else np.zeros(
+        (0, self.image_size, self.image_size, 3), np.float32)
+    return Piece(np.asarray(ids, np.int32), np.asarray(mask, np.float32), pixels)
+
+  def lengths(self, element: Mapping[str, Any]) -> pack.Lengths:
+    try:
+      ids, _, order = self._ids(element)
+    except MalformedRowError:
+      raise
+    except InputError as e:
+      raise self._bad(element, e) from None
+    return pack.Lengths(len(ids) - len(order), len(order))
 
 
 def make_transform(data_config: Any, load_tokenizer: Callable[[], ChatTokenizer]
-                   ) -> grain.transforms.Map:
+                   ) -> TokenizingPreprocess:
   """The preprocessing for ``config.data.source``: conversations for "llava", else the
   scene suite's single question and answer."""
   if data_config.source == "llava":
     return ConversationPreprocess(load_tokenizer, data_config.image_size,
-                                  data_config.max_text_length, data_config.truncate)
-  return QAPreprocess(load_tokenizer, data_config.max_text_length, data_config.image_first)
+                                  data_config.max_text_length, data_config.truncate,
+                                  data_config.image_slots)
+  return QAPreprocess(load_tokenizer, data_config.max_text_length, data_config.image_first,
+                      data_config.image_slots, data_config.image_size)
 
 
 class PatchLabelPreprocess(grain.transforms.Map):
@@ -309,16 +400,20 @@ class MixedSource:
 
   def __init__(self, parts: Sequence[tuple[str, Any, grain.transforms.Map, float]], seed: int):
     self.names = tuple(name for name, *_ in parts)
+    self.transforms = tuple(transform for _, _, transform, _ in parts)
     self._length = sum(len(source) for _, source, _, _ in parts)
-    datasets = [grain.MapDataset.source(source).seed(seed + i).shuffle().map(transform)
-                .map(_Tag(i)).repeat(None) for i, (_, source, transform, _) in enumerate(parts)]
-    self._mixed = grain.MapDataset.mix(datasets, [float(w) for *_, w in parts])
+    datasets = [grain.MapDataset.source(source).seed(seed + i).shuffle().map(_Tag(i))
+                .repeat(None) for i, (_, source, _, _) in enumerate(parts)]
+    # The untransformed examples, each tagged with its source (what packing measures).
+    self.stream = grain.MapDataset.mix(datasets, [float(w) for *_, w in parts])[:self._length]
 
   def __len__(self) -> int:
     return self._length
 
   def __getitem__(self, k: int) -> dict[str, Any]:
-    return self._mixed[k]
+    element = self.stream[k]
+    tag = element[_SOURCE_KEY]
+    return {**self.transforms[int(tag)].map(element), _SOURCE_KEY: tag}
 
 
 class Tally:
@@ -344,14 +439,20 @@ class SourceCounts(Tally):
 
 
 class CountSources(grain.transforms.Map):
-  """Batch -> the batch without its `MixedSource` tags, which it counts."""
+  """Batch -> the batch without its `MixedSource` tags, which it counts: a source index
+  per row, or per packed row its conversations per source."""
 
   def __init__(self, counts: SourceCounts):
     self.counts = counts
 
   def map(self, element: Mapping[str, Any]) -> dict[str, Any]:
     batch = dict(element)
-    self.counts.add([self.counts.names[int(i)] for i in np.asarray(batch.pop(_SOURCE_KEY))])
+    tags = np.asarray(batch.pop(_SOURCE_KEY))
+    if tags.ndim == 2:
+      self.counts.add([name for name, n in zip(self.counts.names, tags.sum(axis=0))
+                       for _ in range(int(n))])
+    else:
+      self.counts.add([self.counts.names[int(i)] for i in tags])
     return batch
 
 
@@ -478,7 +579,7 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
   skip = check_bad_record_policy(on_bad_record) == "skip"
   local_batch = global_batch // jax.process_count()
   ds = grain.MapDataset.source(source).seed(seed).shuffle().map(transform)
-  if skip:
+  if skip and not isinstance(source, packed_rows.PackedRows):  # which skips for itself
     ds = grain.MapDataset.source(SkipBadRecords(ds))
   ds = grain.MapDataset.source(HostRows(ds, global_batch, jax.process_index(),
                                         jax.process_count()))
@@ -489,8 +590,9 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   if skip:
     it = it.map(CountSkipped(SkippedRecords() if skipped is None else skipped))
-  if isinstance(source, MixedSource):
-    it = it.map(CountSources(SourceCounts(source.names) if sources is None else sources))
+  names = getattr(source, "names", ())
+  if names:
+    it = it.map(CountSources(SourceCounts(names) if sources is None else sources))
   return iter(it)
 
 
@@ -509,12 +611,16 @@ def abstract_batch(example_batch: Mapping[str, np.ndarray], mesh, rules
 def abstract_train_batch(config: Any, mesh, rules
                          ) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, Any]]:
   """`abstract_batch` of the batch a train step takes, as ``config`` describes it (no data
-  is read): image [B, S, S, 3] f32, tokens [B, T] i32, loss_mask [B, T] f32, B global."""
+  is read): image [B, S, S, 3] f32 (K > 1 image slots: [B, K, S, S, 3]), tokens [B, T]
+  i32, loss_mask [B, T] f32, and with ``config.data.pack`` segments [B, T] i32; B global."""
   local = config.batch_size // jax.process_count()
-  size, t = config.data.image_size, config.data.max_text_length
-  example = {"image": np.zeros((local, size, size, 3), np.float32),
+  size, t, k = config.data.image_size, config.data.max_text_length, config.data.image_slots
+  example = {"image": np.zeros((local,) + ((k,) if k > 1 else ()) + (size, size, 3),
+                               np.float32),
              "tokens": np.zeros((local, t), np.int32),
              "loss_mask": np.zeros((local, t), np.float32)}
+  if config.data.pack:
+    example["segments"] = np.zeros((local, t), np.int32)
   return abstract_batch(example, mesh, rules)
 
 

@@ -3,8 +3,10 @@
 Counted: every matmul and attention product, 2 FLOPs per multiply-add; norms,
 activations, softmax and the optimizer are left out. The forward pass of one example:
 the ViT on the full patch grid (attention over all patches), the projector (the two
-pooling matmuls and its MLP), the LLM on the T - 1 + N merged positions (causal
-attention: each query attends to itself and the positions before it) and the output
+pooling matmuls and its MLP) per image slot, the LLM on the T + K (N - 1) merged
+positions of a row of T text slots and K image slots (causal attention over the whole
+row: each query attends to itself and the positions before it, as the kernels compute
+it, whether or not a packed row's conversations mask some of it out) and the output
 projection on the T text positions. The backward pass of a trained module costs 2x its
 forward (its inputs' and its weights' gradients); a frozen module costs 1x when a
 trained module lies before it (the gradient passes through) and nothing otherwise, so
@@ -83,13 +85,16 @@ def train_flops(forwards: Mapping[str, Forward], trainable: Mapping[str, bool]) 
 
 
 def vlm_train_flops(cfg: VLMConfig, num_tokens: int, text_length: int, batch: int,
-                    trainable: Mapping[str, bool]) -> float:
-  """Model FLOPs of one train step of ``batch`` examples at ``num_tokens`` visual
-  tokens with text of ``text_length`` (one placeholder among them)."""
+                    trainable: Mapping[str, bool], image_slots: int = 1) -> float:
+  """Model FLOPs of one train step of ``batch`` rows at ``num_tokens`` visual tokens per
+  image, each row ``text_length`` token slots with ``image_slots`` images (one
+  placeholder each among the slots)."""
+  times = lambda f, k: Forward(f.weights * k, f.attention * k)
   forwards = {
-      "vit": vit_forward(cfg.vit),
-      "projector": projector_forward(cfg.projector, cfg.vit, cfg.llm.width, num_tokens),
-      "llm": llm_forward(cfg.llm, text_length - 1 + num_tokens, text_length)}
+      "vit": times(vit_forward(cfg.vit), image_slots),
+      "projector": times(projector_forward(cfg.projector, cfg.vit, cfg.llm.width, num_tokens),
+                         image_slots),
+      "llm": llm_forward(cfg.llm, text_length + image_slots * (num_tokens - 1), text_length)}
   return batch * train_flops(forwards, trainable)
 
 

@@ -24,7 +24,8 @@ def useful_positions(tokens: jax.Array, num_tokens: int, image_id: int, pad_id: 
                      ) -> jax.Array:
   """The positions of a batch (tokens [B, T]) that hold real text or visual tokens at
   ``num_tokens`` per image: the non-padding text, each image placeholder replaced by its
-  ``num_tokens`` (a row pays for T - 1 + num_tokens positions whatever it holds)."""
+  ``num_tokens`` (a row of K image slots pays for T + K (num_tokens - 1) positions
+  whatever it holds)."""
   placeholders = jnp.sum(tokens == image_id)
   return (jnp.sum(tokens != pad_id) - placeholders + placeholders * num_tokens
           ).astype(jnp.float32)
@@ -60,6 +61,7 @@ def vlm_task(config: RunSpec, model: VLM, mesh, rules,
   the ``(params, step) -> scalars`` the trainer runs every ``config.eval_every`` steps
   (the train binary's, from `evaluation.periodic`); None: no periodic evaluation."""
   buckets = Buckets.of(config)
+  slots = config.data.image_slots
   on_bad_record = config.data.on_bad_record  # checked at the door (config_checks)
   abstract_batch, _ = pipeline.abstract_train_batch(config, mesh, rules)
   image, tokens = abstract_batch["image"], abstract_batch["tokens"]
@@ -90,8 +92,8 @@ def vlm_task(config: RunSpec, model: VLM, mesh, rules,
               init_params=init_params,
               loss_fn=vlm_loss(model, config.loss_weighting, config.loss_vocab_chunk),
               abstract_batch=abstract_batch, data_from=data_from, buckets=buckets,
-              tokens_per_example=lambda n: config.data.max_text_length - 1 + n,
+              tokens_per_example=lambda n: config.data.max_text_length + slots * (n - 1),
               name="VLM train step",
               flops_per_step=lambda n: flops.vlm_train_flops(
                   model.config, n, config.data.max_text_length, config.batch_size,
-                  {name: m > 0 for name, m in config.lr_multipliers.items()}))
+                  {name: m > 0 for name, m in config.lr_multipliers.items()}, slots))
