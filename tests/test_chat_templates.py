@@ -137,7 +137,7 @@ def _messages(turns):
   becomes the image token, the project's rule for every template."""
   out = []
   for t in conversation.parse_conversation(turns):
-    content = t.before + (IMAGE_TOKEN + t.after if t.has_image else "")
+    content = t.joined(IMAGE_TOKEN)
     out.append({"role": t.role, "content": content})
   return out
 

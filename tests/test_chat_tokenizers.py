@@ -253,9 +253,7 @@ def test_hf_errors_name_the_problem(hf_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("turns,message", [
-    ([("user", "<image>\n<image>\nTwo?")], "appears 2 times"),
-    ([("user", "<image>\nOne?"), ("assistant", "Yes."), ("user", "<image>\nTwo?")],
-     "at most once"),
+    ([("user", "<image>\n<image 2>\nTwo?")], "one kind per conversation"),
     ([("user", "Hi"), ("assistant", "Look: <image>")], "in an assistant turn"),
     ([("user", "Hi"), ("system", "Be brief.")], "can only be the first"),
     ([("system", "Look: <image>"), ("user", "Hi")], "in a system turn"),
@@ -271,6 +269,31 @@ def test_bad_conversations_raise(hf_dirs, sp_models, project_tok, turns, message
   for tok in tokenizers:
     with pytest.raises(ValueError, match=message):
       tok.conversation_ids(turns)
+
+
+def test_several_images_take_one_placeholder_each(hf_dirs, sp_models, project_tok):
+  """Two images in one turn, a third in a later turn, as `<image>` or `<image k>`: one
+  placeholder each where its marker was, and the text between them kept."""
+  tokenizers = [HFTokenizer(hf_dirs["chatml"], "chatml", "<|image_pad|>"), project_tok,
+                SentencePieceChatTokenizer(sp_models["gemma"], "gemma", "<image>")]
+  for markers in (("<image>", "<image>", "<image>"), ("<image 1>", "<image 2>", "<image 3>")):
+    turns = [("user", f"{markers[0]}\nand {markers[1]}\nDiffer?"), ("assistant", "Yes."),
+             ("user", f"Now {markers[2]}?"), ("assistant", "Red.")]
+    for tok in tokenizers:
+      ids, mask = tok.conversation_ids(turns)
+      where = [i for i, t in enumerate(ids) if t == tok.image_id]
+      assert len(where) == 3 and not any(mask[i] for i in where)
+      between = tok.decode(ids[where[0] + 1:where[1]])
+      assert "and" in between and "Differ" not in between
+  parsed = conversation.parse_conversation(
+      [("user", "<image 2> then <image 1> and <image 2>"), ("assistant", "ok")])
+  assert conversation.image_order(parsed, 2) == (1, 0, 1)
+  with pytest.raises(ValueError, match="names image 3 of 2"):
+    conversation.image_order(conversation.parse_conversation(
+        [("user", "<image 3>"), ("assistant", "ok")]), 2)
+  with pytest.raises(ValueError, match="2 '<image>' markers for 1 image"):
+    conversation.image_order(conversation.parse_conversation(
+        [("user", "<image><image>"), ("assistant", "ok")]), 1)
 
 
 def _train_sp(path: str, user_defined: list[str], **options) -> str:

@@ -179,8 +179,11 @@ CASES = [
          data__source="llava"),
     case("data_workers", r"config\.data\.num_workers=-1 must be an integer >= 0$",
          job="aot", data__num_workers=-1),
-    case("data_text_length", r"config\.data\.max_text_length=1 must be an integer >= 2$",
+    case("data_text_length", r"config\.data\.max_text_length=1 must be an integer >= 2 "
+         r"\(config\.data\.image_slots placeholders and one answer token\)$",
          job="predict", data__max_text_length=1),
+    case("data_image_slots", r"config\.data\.image_slots=0 must be an integer >= 1$",
+         data__image_slots=0),
     case("data_scene_size", r"config\.data\.image_size=16: the procedural scenes are drawn "
          r"at 32 px or more$", job="pretrain_vision", stage=0, data__image_size=16,
          model__vit__image_size=16),

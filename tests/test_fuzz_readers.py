@@ -301,7 +301,7 @@ def llava_row(draw, i: int, lines: bool):
   elif mutation == "drop_image":
     del row["image"]
   elif mutation == "image_type":
-    row["image"] = draw(st.sampled_from([None, "", 0, 5, ["ok.png"], {"p": 1}]))
+    row["image"] = draw(st.sampled_from([None, "", 0, 5, [5], ["ok.png", ""], {"p": 1}]))
   elif mutation == "image_missing":
     row["image"] = draw(st.sampled_from(["nope.png", "sub", "sub/ok.png", "ok.png\x00"]))
   elif mutation == "drop_conversations":
@@ -379,7 +379,8 @@ def check_conversation(c: llava.Conversation) -> None:
     if role == "assistant":
       assert text.strip() and IMAGE_MARKER not in text
   assert sum(text.count(IMAGE_MARKER) for _, text in c.turns) == 1
-  assert os.path.isfile(c.image_path) and isinstance(c.id, str)
+  assert len(c.image_paths) == 1 and os.path.isfile(c.image_paths[0])
+  assert isinstance(c.id, str)
 
 
 @fuzz(500)
@@ -828,7 +829,7 @@ def llava_record(draw, source, records):
                                    "insert"]))
   if mutation == "image":
     name = draw(st.sampled_from(sorted(LLAVA_IMAGES)))
-    raw["image"] = b"" if name == "empty" else base64.b64decode(B64_IMAGES[name])
+    raw["images"] = [] if name == "empty" else [base64.b64decode(B64_IMAGES[name])]
     good = good and LLAVA_IMAGES[name]
   elif mutation == "conversation":
     text = draw(st.sampled_from(sorted(CONVERSATIONS)))
@@ -950,8 +951,9 @@ def test_make_iterator_skips_or_stops_at_a_bad_record(llava_build):
   preprocess = pipeline.ConversationPreprocess(lambda: tok, SIZE, LLAVA_LENGTH)
   it = pipeline.make_iterator(source, preprocess, 3, seed=0)
   with pytest.raises(MalformedRowError, match=rf"{re.escape(source.name)}: record \d: too "
-                     rf"long: row 2 \(id 'q2'\): needs \d+ tokens but config\.data\."
-                     rf"max_text_length is {LLAVA_LENGTH}"):
+                     rf"long: row 2 \(id 'q2'\): needs \d+ text tokens and 1 image\(s\) but a "
+                     rf"row holds {LLAVA_LENGTH - 1} and 1 \(config\.data\."
+                     rf"max_text_length={LLAVA_LENGTH}"):
     next(it)
   skipped = pipeline.SkippedRecords()
   it = pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="skip",

@@ -135,14 +135,14 @@ def test_tokenizer_llava_and_eval_files_read_from_a_bucket(emulator, tmp_path):
   assert there.conversation_ids(turns) == here.conversation_ids(turns)
   assert there.pad_id == here.pad_id  # its tokenizer_config.json was read
 
-  read = lambda where: [(r.id, r.turns, r.image_path and os.path.basename(r.image_path))
+  read = lambda where: [(r.id, r.turns, [os.path.basename(p) for p in r.image_paths])
                         for r in llava.read_llava(f"{where}/train.json", f"{where}/images")[0]]
   assert read(remote) == read(str(local))
   build = llava_tfds.build(f"gs://{BUCKET}/tfds", f"{remote}/train.json", f"{remote}/images")
   assert build.startswith(f"gs://{BUCKET}/tfds/llava_conversations/")
   source = llava_tfds.LlavaTfdsSource(build)
-  items = sorted((source[i]["id"], source[i]["image"]) for i in range(len(source)))
-  assert items == [("a", (local / "images" / "0.png").read_bytes()), ("t", b"")]
+  items = sorted((source[i]["id"], source[i]["images"]) for i in range(len(source)))
+  assert items == [("a", ((local / "images" / "0.png").read_bytes(),)), ("t", ())]
 
   vqa_here = eval_files.read_vqa(str(local / "vqa.jsonl"), 16)[0]
   vqa_there = eval_files.read_vqa(f"{remote}/vqa.jsonl", 16)[0]

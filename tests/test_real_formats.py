@@ -137,7 +137,10 @@ def _llava_rows(tmp_path, bad_row):
      "<image> marker in an assistant turn"),
     ({"id": "x", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image> Q <image>"}, {"from": "gpt", "value": "A"}]},
-     "more than one <image> marker"),
+     "<image> markers do not match the images"),
+    ({"id": "x", "image": ["a.png", "a.png"], "conversations": [
+        {"from": "human", "value": "<image 1> Q <image 3>"}, {"from": "gpt", "value": "A"}]},
+     "<image k> beyond the images"),
     ({"id": "x", "image": "a.png", "conversations": [
         {"from": "gpt", "value": "A"}, {"from": "human", "value": "<image> Q"}]},
      "turns out of order"),
@@ -235,7 +238,7 @@ def test_llava_to_tfds_to_training_and_resuming(files, tmp_path):
        f"--image_dir={files}/images", f"--data_dir={data_dir}")
   build = llava_tfds.LlavaTfdsSource(str(data_dir))
   assert len(build) == 20
-  assert sum(build[i]["image"] == b"" for i in range(20)) == 4  # the text-only rows, kept
+  assert sum(build[i]["images"] == () for i in range(20)) == 4  # the text-only rows, kept
   assert build[0]["turns"][0] == ("user", "<image>\nWhat colour is the picture?")
 
   # The pipeline: the chat template's tokens, loss on both assistant replies only.
@@ -296,9 +299,9 @@ def test_a_llava_build_rebuilds_when_its_sources_change(files, tmp_path, caplog)
   source.write_text(json.dumps(rows[:6]))
   count, warned = build()
   assert count == 6 and len(warned) == 1, warned
-  assert re.fullmatch(r"rebuilding .*/llava_conversations/rows/1\.0\.0: the JSON file's "
+  assert re.fullmatch(r"rebuilding .*/llava_conversations/rows/1\.1\.0: the JSON file's "
                       r"contents changed since it was built", warned[0]), warned
-  folder = str(tmp_path / "tfds" / "llava_conversations" / "rows" / "1.0.0")
+  folder = str(tmp_path / "tfds" / "llava_conversations" / "rows" / "1.1.0")
   answers = {r["id"]: r["turns"][1][1] for r in llava_tfds.LlavaTfdsSource(folder)}
   assert answers["q0"] == "crimson"
   source.write_text(json.dumps(rows[:7]))  # a row added, with its image

@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_models import IMAGE_ID, PAD, small_vlm
 from tests.test_real_formats import _png, make_hf_tokenizer
-from tokenflex_jax.data import chat, llava, llava_tfds, pipeline
+from tokenflex_jax.data import chat, llava, llava_tfds, pack, pipeline
 from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.models.llm import LLM
 from tokenflex_jax.training.loss import answer_loss
@@ -63,20 +63,20 @@ def test_a_text_only_row_is_the_llm_alone():
                          atol=1e-3)  # ...and it does read its own image.
 
 
-def test_a_text_only_conversation_keeps_its_last_slot_for_the_visual_tokens(tmp_path):
+def test_a_text_only_conversation_fits_one_slot_less_than_the_row(tmp_path):
+  """A row of T slots with one image slot holds C = T - 1 text tokens (`row_shape`)."""
   tok = chat.load_tokenizer(kind="hf", path=make_hf_tokenizer(str(tmp_path)), template="chatml",
                             image_token=IMAGE_TOKEN)
   turns = [("user", "Hello there"), ("assistant", "Hi")]
   ids, mask = tok.conversation_ids(turns)
   assert tok.image_id not in ids
-  tokens, loss_mask = pipeline.encode_conversation(tok, turns, len(ids) + 1)
-  assert list(tokens[:len(ids)]) == ids and tokens[-1] == tok.pad_id
-  assert list(loss_mask[:len(ids)]) == mask
-  # T = len(ids) is one slot short: refused, or truncated to T - 1 ids.
-  with pytest.raises(ValueError, match="one slot less without an image"):
-    pipeline.encode_conversation(tok, turns, len(ids), name="row 3")
-  tokens, _ = pipeline.encode_conversation(tok, turns, len(ids), truncate=True)
-  assert list(tokens[:-1]) == ids[:-1] and tokens[-1] == tok.pad_id
+  fits = pack.RowShape(len(ids), 1)
+  assert pipeline.fit_ids(ids, mask, tok.image_id, fits, False, "row 3") == (ids, mask)
+  # One text slot short: refused, or truncated to C ids.
+  short = pack.RowShape(len(ids) - 1, 1)
+  with pytest.raises(ValueError, match=r"row 3: needs \d+ text tokens and 0 image"):
+    pipeline.fit_ids(ids, mask, tok.image_id, short, False, "row 3")
+  assert pipeline.fit_ids(ids, mask, tok.image_id, short, True, "") == (ids[:-1], mask[:-1])
 
 
 def test_llava_rows_with_and_without_an_image_build_and_preprocess(tmp_path):
@@ -90,7 +90,7 @@ def test_llava_rows_with_and_without_an_image_build_and_preprocess(tmp_path):
   path = tmp_path / "rows.json"
   path.write_text(json.dumps(rows))
   read, skipped = llava.read_llava(str(path), str(tmp_path))
-  assert [r.image_path is None for r in read] == [False, True, True] and not skipped
+  assert [len(r.image_paths) for r in read] == [1, 0, 0] and not skipped
 
   # A marker without an image, and an image without a marker, stay malformed.
   bad = [rows[0], {"id": "x", "conversations": [{"from": "human", "value": "<image> Q"},
@@ -104,12 +104,12 @@ def test_llava_rows_with_and_without_an_image_build_and_preprocess(tmp_path):
                                                        str(tmp_path)))
   items = {source[i]["id"]: source[i] for i in range(len(source))}
   assert set(items) == {"img", "text", "null"}
-  assert items["text"]["image"] == b"" and items["null"]["image"] == b""
-  assert items["img"]["image"][:4] == b"\x89PNG"
+  assert items["text"]["images"] == () and items["null"]["images"] == ()
+  assert items["img"]["images"][0][:4] == b"\x89PNG"
   tok = chat.load_tokenizer(kind="hf", path=make_hf_tokenizer(str(tmp_path / "tok")),
                             template="chatml", image_token=IMAGE_TOKEN)
   transform = pipeline.ConversationPreprocess(lambda: tok, 16, 160)
   text = transform.map(items["text"])
   assert tok.image_id not in text["tokens"] and text["tokens"][-1] == tok.pad_id
-  np.testing.assert_array_equal(text["image"], -1.0)  # a zero image, never read
+  np.testing.assert_array_equal(text["image"], 0.0)  # an empty slot, never read
   assert (transform.map(items["img"])["tokens"] == tok.image_id).sum() == 1

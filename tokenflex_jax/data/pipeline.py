@@ -194,8 +194,9 @@ def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack
   if not truncate or cut_image:
     raise ConversationError(TOO_LONG, f"{name}: needs {text} text tokens and {images} "
                             f"image(s) but a row holds {shape.text_capacity} and "
-                            f"{shape.image_slots} (config.data.max_text_length less one "
-                            "slot per image slot, config.data.image_slots)" + (
+                            f"{shape.image_slots} (config.data.max_text_length="
+                            f"{shape.text_capacity + shape.image_slots}, of which "
+                            f"config.data.image_slots={shape.image_slots} hold images)" + (
                                 "" if not truncate else
                                 " and truncation would cut an image placeholder"))
   return list(ids[:keep]), list(mask[:keep])
