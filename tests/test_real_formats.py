@@ -39,14 +39,15 @@ def _texts():
           "Describe the image in one word. Is it bright? yes no"]
 
 
-def make_hf_tokenizer(directory: str) -> str:
-  """A tiny Qwen-style tokenizer.json (BPE + chatml special tokens) built locally."""
+def make_hf_tokenizer(directory: str, texts: tuple[str, ...] = ()) -> str:
+  """A tiny Qwen-style tokenizer.json (BPE + chatml special tokens) built locally, trained
+  on the tests' texts and ``texts``."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Metaspace()
   tok.decoder = decoders.Metaspace()
   trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"] + SPECIALS)
-  tok.train_from_iterator(_texts() * 3, trainer)
+  tok.train_from_iterator((_texts() + list(texts)) * 3, trainer)
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, "tokenizer.json")
   tok.save(path)

@@ -1,4 +1,5 @@
-"""Synthetic conversation lengths shaped like LLaVA-1.5's mix665k, for planning and tests.
+"""Synthetic conversations shaped like LLaVA-1.5's mix665k: lengths for planning, and
+LLaVA-format rows with images (`write_llava`) for the tests and the bench.
 
 The mixture's composition is LLaVA-1.5's (Liu et al., "Improved Baselines with Visual
 Instruction Tuning", 2023, Table 7), grouped by image source: 364k COCO conversations
@@ -12,12 +13,20 @@ mix665k, with ShareGPT's long tail. ``multi_image_share`` of the image rows get 
 
 Each line of a lengths file is ``{"text_tokens": int, "images": int}`` (image markers not
 counted in the text), what ``python -m tokenflex_jax.data.packing --lengths`` reads.
+
+`write_llava` turns the same draws into a LLaVA JSON file and an image folder: each
+conversation's text is that many words (a tokenizer makes its own count of them) over
+one to four question-answer turns, an image row's markers in its first question
+(``"image": [...]`` for several images), text-only rows without ``image``; the images
+are small PNGs of random colours.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,6 +74,45 @@ def mix665k_lengths(num: int, seed: int = 0, multi_image_share: float = 0.0,
     images = int(extra[i]) if s.images and multi[i] else s.images
     out.append(Lengths(tokens, images))
   return out
+
+
+WORDS = ("the", "red", "blue", "square", "image", "shows", "a", "large", "small", "circle",
+         "left", "right", "of", "what", "colour", "is", "there", "count", "text", "sign")
+
+
+def write_llava(directory: str, num: int, seed: int = 0, multi_image_share: float = 0.2,
+                max_images: int = 3, image_size: int = 24, scale: float = 1.0,
+                sources: Sequence[Source] = SOURCES) -> str:
+  """Writes DIRECTORY/train.json (``num`` LLaVA rows, their lengths `mix665k_lengths` x
+  ``scale`` words) and DIRECTORY/images/; returns the JSON file's path."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed + 1)
+  os.makedirs(os.path.join(directory, "images"), exist_ok=True)
+  rows = []
+  for i, c in enumerate(mix665k_lengths(num, seed, multi_image_share, max_images, sources)):
+    count = max(4, round(c.text_tokens * scale))
+    words = [WORDS[k] for k in rng.integers(len(WORDS), size=count)]
+    turns = int(rng.integers(1, 5)) if len(words) >= 16 else 1
+    cuts = np.linspace(0, len(words), 2 * turns + 1).round().astype(int)
+    texts = [" ".join(words[a:b]) or "yes" for a, b in zip(cuts[:-1], cuts[1:])]
+    names = []
+    for k in range(c.images):
+      names.append(f"{i}_{k}.png")
+      buf = io.BytesIO()
+      Image.fromarray(np.full((image_size, image_size, 3), rng.integers(256, size=3),
+                              np.uint8)).save(buf, format="PNG")
+      with open(os.path.join(directory, "images", names[-1]), "wb") as f:
+        f.write(buf.getvalue())
+    texts[0] = "<image>\n" * c.images + texts[0]
+    row = {"id": f"s{i}", "conversations": [
+        {"from": "human" if t % 2 == 0 else "gpt", "value": text} for t, text in enumerate(texts)]}
+    if names:
+      row["image"] = names[0] if len(names) == 1 else names
+    rows.append(row)
+  path = os.path.join(directory, "train.json")
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(rows, f)
+  return path
 
 
 def write_lengths(path: str, lengths: Sequence[Lengths]) -> None:
