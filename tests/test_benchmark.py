@@ -6,7 +6,7 @@ import os
 import pytest
 
 from tests.tiny import tiny_spec
-from tokenflex_jax.benchmarking import report, suite
+from tokenflex_jax.benchmarking import real_data, report, suite
 
 # The PyTorch peer has the paper's projector and one position per visual token.
 PEER_MODEL = dict(model__projector__position_embedding=False, model__visual_position_span=0,
@@ -18,7 +18,7 @@ def test_benchmark_reports_every_figure(tmp_path):
   # the two decoders at the largest) within the suite's budget.
   config = tiny_spec(token_counts=(64, 256), token_probs=(0.4, 0.6), **PEER_MODEL)
   options = suite.Options(rounds=2, steps_per_round=1, warmup=1, new_tokens=4,
-                          pipeline_batches=2, profile=True)
+                          pipeline_batches=2, profile=True, real_data=False)
   r = suite.benchmark(config, str(tmp_path), options)
   counts = [str(n) for n in sorted(config.token_counts)]
   assert list(r["buckets"]) == counts
@@ -64,6 +64,26 @@ def test_benchmark_reports_every_figure(tmp_path):
   assert all(f"| {n} |" in table for n in counts)
   assert (tmp_path / "bench.md").read_text().startswith("train step, batch 8")
   assert "profile of the 256-token step" in table and "thread-pool tasks" in table
+
+
+def test_the_real_data_section(tmp_path):
+  """Packed against padded rows and the peer's length-grouped batches on the same
+  synthetic LLaVA rows: bench.json's real_data figures, packed rows fuller."""
+  config = tiny_spec(token_counts=(16, 64), token_probs=(0.5, 0.5), **PEER_MODEL)
+  opts = real_data.RealDataOptions(conversations=80, scale=0.1, padded_length=64,
+                                   text_capacity=96, batches=2)
+  d = real_data.measure(config, str(tmp_path), rounds=1, steps_per_round=2, warmup=1,
+                        peer=True, setup=suite.setup, torch_peer=suite.torch_peer(),
+                        opts=opts)
+  assert list(d["buckets"]) == ["16", "64"] and d["setup"]["packed"]["image_slots"] >= 1
+  for b in d["buckets"].values():
+    assert 0 < b["useful_share_padded"] < b["useful_share_packed"] <= 1
+    assert b["packed_vs_padded"] == b["useful_tokens_per_s_packed"] / b[
+        "useful_tokens_per_s_padded"] > 0
+    assert b["packed_vs_peer"] == b["useful_tokens_per_s_packed"] / b[
+        "useful_tokens_per_s_peer"] > 0
+  table = report.real_data_markdown(d)
+  assert "| 64 |" in table and "packed / peer" in table
 
 
 def test_isolated_measurements(tmp_path):

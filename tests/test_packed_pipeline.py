@@ -113,6 +113,39 @@ def test_planned_rows_are_as_full_as_the_planner_says(build):
   assert useful == sum(c.text_tokens + c.images for c in lengths)
 
 
+def test_the_planner_measures_a_built_dataset_as_packing_does(build, tmp_path):
+  """`python -m tokenflex_jax.data.packing` without --lengths: the config's build,
+  measured uncut, planned into the figures; the binary prints them."""
+  from tokenflex_jax.app import config_schema  # pylint: disable=import-outside-toplevel
+  from tokenflex_jax.data import packing  # pylint: disable=import-outside-toplevel
+  spec = config_schema.to_spec(_config(build))
+  lengths = packing.measured(spec)
+  assert len(lengths) == 60 and sum(c.images for c in lengths) > 60  # several per row
+  source, _, _ = _packed(build)
+  cut = [pack.Lengths(int(t), int(i)) for t, i in source.lengths]
+  # Uncut: what training (C = T - K) would truncate is seen whole here.
+  assert all(a.text_tokens >= b.text_tokens and a.images == b.images
+             for a, b in zip(lengths, cut))
+  assert any(a.text_tokens > T - K for a in lengths)
+  out = tmp_path / "plan.json"
+  flags = [f"--config.data.tfds_dir={build[0]}", f"--config.tokenizer.path={build[1]}",
+           "--config.tokenizer.kind=hf", "--config.tokenizer.template=chatml",
+           f"--config.tokenizer.image_token={IMAGE_TOKEN}", "--config.tokenizer.system_prompt=",
+           "--config.data.source=llava", "--config.token_counts=(16,64)",
+           "--config.token_probs=(0.5,0.5)", "--text_capacity=124", "--images_per_row=4"]
+  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.data.packing",
+                           "--config=configs/demo.py", f"--json_out={out}", *flags],
+                          cwd=REPO, env={k: v for k, v in os.environ.items()
+                                         if k != "XLA_FLAGS"},
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  plan = json.loads(out.read_text())
+  assert plan["conversations"] == 60 and plan["packed_shape"]["image_slots"] == 4
+  want = packing.plan(lengths, spec.token_counts, spec.data.max_text_length, 124, 4)
+  assert plan["buckets"]["16"] == pytest.approx(want["buckets"][16])
+  assert "packed / padded" in result.stdout
+
+
 def test_a_packed_multi_image_run_resumes_bit_identically(build, tmp_path):
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
   one = dict(token_counts=(16,), token_probs=(1.0,), checkpoint_every=2)

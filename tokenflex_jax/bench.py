@@ -2,7 +2,7 @@ r"""The benchmark: train step per bucket, MFU, the bucket mix, input pipeline, g
 compile time scanned vs unrolled, and the PyTorch peer, measured in one process.
 
   python -m tokenflex_jax.bench --config=configs/bench.py --workdir=/tmp/bench \
-      [--rounds=3] [--steps_per_round=4] [--nopeer] [--nolayouts] [--profile]
+      [--rounds=3] [--steps_per_round=4] [--nopeer] [--nolayouts] [--noreal_data] [--profile]
 
 (or ``bash launch/bench.sh --out=DIR``). Prints one markdown table and writes
 WORKDIR/bench.json and WORKDIR/bench.md; `tokenflex_jax.benchmarking.suite` says what
@@ -41,9 +41,12 @@ def main() -> None:
                               "WORKDIR/profile and report its time per XLA op.")
   new_tokens = flags.DEFINE_integer("new_tokens", d.new_tokens,
                                     "Generated tokens per generation call.")
+  real = flags.DEFINE_bool("real_data", d.real_data, "Time packed against padded rows (and "
+                           "the peer) on synthetic LLaVA rows.")
   cli.run(lambda config, workdir: run(config, workdir, suite.Options(
       rounds=rounds.value, steps_per_round=steps.value, warmup=warmup.value, peer=peer.value,
-      layouts=layouts.value, new_tokens=new_tokens.value, profile=profile.value)))
+      layouts=layouts.value, new_tokens=new_tokens.value, profile=profile.value,
+      real_data=real.value)))
 
 
 if __name__ == "__main__":

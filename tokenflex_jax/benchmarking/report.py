@@ -57,8 +57,30 @@ def markdown(r: dict[str, Any]) -> str:
     worst = max(abs(b["peer_loss"] - b["loss"]) for b in r["buckets"].values()
                 if "peer_loss" in b)
     lines.append(f"- the peer's first loss equals ours to {worst:.1e} at every bucket")
+  if "real_data" in r:
+    lines += ["", real_data_markdown(r["real_data"])]
   if "profile" in r:
     lines += ["", profile.markdown(r["profile"], r["profile"]["bucket"])]
+  return "\n".join(lines)
+
+
+def real_data_markdown(d: dict[str, Any]) -> str:
+  """The real-data section (`real_data.measure`) as a table."""
+  s = d["setup"]
+  lines = [f"real data: {s['conversations']} synthetic mix665k-shaped conversations "
+           f"(lengths x {s['scale']}, mean {s['mean_text_tokens']:.0f} text tokens); padded "
+           f"rows of {s['padded']['token_slots']} slots, {s['padded']['rows_per_batch']} per "
+           f"batch; packed rows of {s['packed']['text_capacity']} text tokens and "
+           f"{s['packed']['image_slots']} image slots, {s['packed']['rows_per_batch']} per "
+           "batch; the peer: length-grouped batches padded to their longest row", "",
+           "| visual tokens | useful share, padded | useful share, packed | useful tokens/s, "
+           "padded | packed | peer | packed / padded | packed / peer |",
+           "|---" * 8 + "|"]
+  for n, b in d["buckets"].items():
+    lines.append(f"| {n} | {b['useful_share_padded']:.3f} | {b['useful_share_packed']:.3f} | "
+                 f"{b['useful_tokens_per_s_padded']:.0f} | {b['useful_tokens_per_s_packed']:.0f}"
+                 f" | {_f(b.get('useful_tokens_per_s_peer'), '.0f')} | "
+                 f"{b['packed_vs_padded']:.2f} | {_f(b.get('packed_vs_peer'), '.2f')} |")
   return "\n".join(lines)
 
 

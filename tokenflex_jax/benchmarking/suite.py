@@ -12,6 +12,8 @@
 6. compile time per bucket, the layers scanned and unrolled (and the unrolled step time);
 7. the PyTorch peer (`torch_peer`) on the torch device beside JAX's, started from the
    same parameters, its step time per bucket in rounds interleaved with ours;
+8. real data (`real_data`): useful tokens/s of packed against padded rows and the peer's
+   LLaVA-style batches, on the same synthetic LLaVA rows;
 and, if asked, a profile of the largest bucket's step (`profile`: time per XLA op).
 """
 
@@ -29,7 +31,7 @@ from absl import logging
 
 from tokenflex_jax import model_config, sharding, specs
 from tokenflex_jax.app import run_tokenizer
-from tokenflex_jax.benchmarking import decode_speed, profile, timing
+from tokenflex_jax.benchmarking import decode_speed, profile, real_data, timing
 from tokenflex_jax.data import pipeline, scenes
 from tokenflex_jax.evaluation.generate import encode_prompts
 from tokenflex_jax.models.vlm import VLM
@@ -50,7 +52,8 @@ class Options:
   failure of the peer (another framework's stack) is recorded as ``peer_error`` and the
   rest measured without it, instead of stopping the benchmark;
   ``first_loss_every_bucket``: compare both models' first loss at every bucket (each a
-  compile of the loss), else at the largest only."""
+  compile of the loss), else at the largest only; ``real_data``: the real-data section
+  (`real_data`: packed against padded rows and the peer, on LLaVA rows)."""
   rounds: int = 3
   steps_per_round: int = 4
   warmup: int = 2
@@ -62,6 +65,7 @@ class Options:
   roofline_size: int = 2048
   peer_failure_ok: bool = False
   first_loss_every_bucket: bool = True
+  real_data: bool = True
 
 
 @dataclasses.dataclass
@@ -268,6 +272,11 @@ def benchmark(config: RunSpec, workdir: str,
   out["generation"].update(num_tokens=counts[-1], new_tokens=options.new_tokens,
                            batch=int(local["image"].shape[0]))
   out["kv_cache_speedup"] = out["generation"]["speedup"]
+
+  if options.real_data:
+    out["real_data"] = real_data.measure(
+        config, workdir, options.rounds, options.steps_per_round, options.warmup,
+        peer_ok(), setup, torch_peer() if peer_ok() else None)
 
   layout = "scanned" if config.model.scan_layers else "unrolled"
   out["compile_s"] = {str(n): buckets[str(n)]["compile_s"] for n in counts}

@@ -72,7 +72,8 @@ class PeerVLM(torch.nn.Module):
 
   def loss(self, images: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor,
            num_tokens: int) -> torch.Tensor:
-    """images [B, 3, H, W]; tokens [B, T] long, right-padded, one placeholder per row;
+    """images [B, 3, H, W]; tokens [B, T] long, right-padded, one placeholder per row or
+    none (a text-only row: its image is not read, as LLaVA's own trainer leaves it out);
     loss_mask [B, T] float -> the scalar answer loss (float32)."""
     if self.compute_dtype is None:
       return self._loss(images, tokens, loss_mask, num_tokens)
@@ -86,14 +87,18 @@ class PeerVLM(torch.nn.Module):
     side = int(round(num_tokens ** 0.5))
     visual = self.projector(self.vision(pixel_values=images).last_hidden_state, side)
     text = self.llm.get_input_embeddings()(tokens)
-    image_pos = (tokens == self.image_token_id).int().argmax(dim=1)[:, None]      # [B, 1]
+    is_image = tokens == self.image_token_id
+    has_image = is_image.any(dim=1, keepdim=True)                                # [B, 1]
+    # A text-only row: its visual slots after its last slot, masked out.
+    image_pos = torch.where(has_image, is_image.int().argmax(dim=1, keepdim=True), t)
     j = arange(t - 1 + num_tokens)[None, :]
     is_visual = (j >= image_pos) & (j < image_pos + num_tokens)                  # [B, S]
     text_index = torch.where(j < image_pos, j, j - num_tokens + 1).clamp(0, t - 1)
     visual_index = (j - image_pos).clamp(0, num_tokens - 1)
     take = lambda a, i: torch.gather(a, 1, i[..., None].expand(-1, -1, a.shape[-1]))
     x = torch.where(is_visual[..., None], take(visual, visual_index), take(text, text_index))
-    valid = is_visual | torch.gather(tokens != self.pad_token_id, 1, text_index)
+    valid = (is_visual & has_image) | (~is_visual & torch.gather(
+        tokens != self.pad_token_id, 1, text_index))
     positions = valid.long().cumsum(1) - valid.long()
     hidden = self.llm.model(inputs_embeds=x, attention_mask=valid.long(),
                             position_ids=positions, use_cache=False).last_hidden_state

@@ -3,10 +3,14 @@ padded (one conversation per row, today's training rows) against packed (`pack`)
 
   python -m tokenflex_jax.data.packing --lengths=ROWS.jsonl --config=configs/paper.py \
       [--text_capacity=C] [--images_per_row=K] [--open_rows=64] [--json_out=F]
+  python -m tokenflex_jax.data.packing --config=configs/paper.py \
+      --config.data.tfds_dir=BUILD --config.tokenizer.path=...   # a built dataset
 
 ROWS.jsonl: one ``{"text_tokens": int, "images": int}`` per conversation (e.g. from
 ``--synthetic=N``: N conversations shaped like LLaVA-1.5's mix665k, `synthetic_llava`,
-written to --lengths). The config gives the buckets (``config.token_counts``) and the
+written to --lengths). Without --lengths the config's training data (its source or
+mixture, e.g. a LLaVA build) is measured in its chat template, as packing measures it
+(`packed_rows.measure`: every conversation, images counted, not decoded). The config gives the buckets (``config.token_counts``) and the
 padded row (``config.data.max_text_length``); the packed row holds C text tokens
 (default: the same ``max_text_length``) and K image slots (default: as many as the
 data's images per text token fill, `pack.balanced_image_slots`). Prints, per bucket,
@@ -23,8 +27,9 @@ import sys
 from absl import app, flags
 
 from tokenflex_jax import entry, errors
-from tokenflex_jax.app import config_checks, config_schema
-from tokenflex_jax.data import pack, synthetic_llava
+from tokenflex_jax.app import config_checks, config_schema, run_tokenizer
+from tokenflex_jax.data import pack, pipeline, synthetic_llava
+from tokenflex_jax.specs import RunSpec
 
 
 def plan(lengths: list[pack.Lengths], counts: tuple[int, ...], max_text_length: int,
@@ -45,6 +50,18 @@ def plan(lengths: list[pack.Lengths], counts: tuple[int, ...], max_text_length: 
                       for n in counts}}
 
 
+def measured(spec: RunSpec) -> list[pack.Lengths]:
+  """The lengths of one pass over ``spec``'s training data, uncut (a row too large to
+  cut anything); conversations that cannot be measured stop it, or under
+  ``config.data.on_bad_record="skip"`` are left out."""
+  if spec.tokenizer.kind == "project" and not spec.tokenizer.path:
+    raise errors.ConfigError("config.tokenizer.path is empty: measuring the data needs the "
+                             "run's tokenizer (the project's model: WORKDIR/tokenizer.model)")
+  data = dataclasses.replace(spec.data, pack=True, max_text_length=2**30, image_slots=2**10)
+  source, _ = pipeline.training_source(data, run_tokenizer.loader(spec, ""))
+  return [pack.Lengths(int(t), int(i)) for t, i in source.lengths if t >= 0]
+
+
 def markdown(result: dict) -> str:
   shape, padded, packed = result["packed_shape"], result["padded"], result["packed"]
   lines = [f"{result['conversations']} conversations. Padded: one per row, "
@@ -63,7 +80,7 @@ def markdown(result: dict) -> str:
 def main() -> None:
   config = config_schema.define_config_flag(flags.FLAGS, sys.argv)
   lengths = flags.DEFINE_string("lengths", None, "JSONL of {\"text_tokens\", \"images\"} "
-                                "per conversation.", required=True)
+                                "per conversation; none: measure the config's data.")
   synthetic = flags.DEFINE_integer("synthetic", 0, "First write this many mix665k-shaped "
                                    "conversations to --lengths (synthetic_llava).")
   capacity = flags.DEFINE_integer("text_capacity", 0, "Packed row's text tokens (0: "
@@ -84,11 +101,16 @@ def main() -> None:
       if value < least:
         raise errors.ConfigError(f"{flag}={value} must be >= {least}")
     spec = config_schema.to_spec(config_schema.loaded(config))
-    config_checks.check(spec, (config_checks.data_described, config_checks.trained_counts))
+    config_checks.check(spec, (config_checks.data_described, config_checks.trained_counts)
+                        if lengths.value else (config_checks.data_read, config_checks.tokenizer,
+                                               config_checks.trained_counts))
+    if synthetic.value and not lengths.value:
+      raise errors.ConfigError("--synthetic writes to --lengths: give both")
     if synthetic.value:
       synthetic_llava.write_lengths(lengths.value,
                                     synthetic_llava.mix665k_lengths(synthetic.value))
-    result = plan(synthetic_llava.read_lengths(lengths.value), spec.token_counts,
+    rows = (synthetic_llava.read_lengths(lengths.value) if lengths.value else measured(spec))
+    result = plan(rows, spec.token_counts,
                   spec.data.max_text_length, capacity.value, images.value, open_rows.value)
     print(markdown(result))
     if json_out.value:
