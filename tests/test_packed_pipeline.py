@@ -131,7 +131,8 @@ def test_the_planner_measures_a_built_dataset_as_packing_does(build, tmp_path):
   flags = [f"--config.data.tfds_dir={build[0]}", f"--config.tokenizer.path={build[1]}",
            "--config.tokenizer.kind=hf", "--config.tokenizer.template=chatml",
            f"--config.tokenizer.image_token={IMAGE_TOKEN}", "--config.tokenizer.system_prompt=",
-           "--config.data.source=llava", "--config.token_counts=(16,64)",
+           "--config.data.source=llava", f"--config.data.max_text_length={T}",
+           "--config.token_counts=(16,64)",
            "--config.token_probs=(0.5,0.5)", "--text_capacity=124", "--images_per_row=4"]
   result = subprocess.run([sys.executable, "-m", "tokenflex_jax.data.packing",
                            "--config=configs/demo.py", f"--json_out={out}", *flags],

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from tokenflex_jax import model_config, specs
+from tokenflex_jax import model_config, sharding, specs
 from tokenflex_jax.app import run_tokenizer
 from tokenflex_jax.benchmarking import timing
 from tokenflex_jax.data import llava_tfds, pack, pipeline, synthetic_llava
@@ -107,8 +107,10 @@ def measure(config: RunSpec, workdir: str, rounds: int, steps_per_round: int, wa
   k = pack.balanced_image_slots(lengths, opts.text_capacity)
   counts = sorted(config.token_counts)
   largest = counts[-1]
+  mesh, rules = sharding.mesh_from_config(config)
+  shards = sharding.data_parallel_size(dict(mesh.shape), rules)
   padded_positions = config.batch_size * (opts.padded_length + largest - 1)
-  rows = max(1, round(padded_positions / (opts.text_capacity + k * largest)))
+  rows = shards * max(1, round(padded_positions / (opts.text_capacity + k * largest) / shards))
   layouts = _layouts(config, tfds_dir, opts, k, rows)
   out: dict[str, Any] = {"setup": {
       "conversations": len(lengths), "scale": opts.scale,
@@ -116,8 +118,6 @@ def measure(config: RunSpec, workdir: str, rounds: int, steps_per_round: int, wa
       "padded": {"rows_per_batch": config.batch_size, "token_slots": opts.padded_length},
       "packed": {"rows_per_batch": rows, "text_capacity": opts.text_capacity,
                  "image_slots": k}}}
-  from tokenflex_jax import sharding  # pylint: disable=import-outside-toplevel
-  mesh, rules = sharding.mesh_from_config(config)
   model = VLM(model_config.vlm_config(config, tokenizer))
   image_id, pad_id = model.config.image_token_id, model.config.pad_token_id
   runs, local, batches = {}, {}, {}
