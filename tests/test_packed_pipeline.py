@@ -14,6 +14,7 @@ from tests.test_real_formats import make_hf_tokenizer
 from tests.tiny import TINY_FLAGS, losses, tiny_config
 from tokenflex_jax.data import chat, llava_tfds, pack, pipeline, synthetic_llava
 from tokenflex_jax.errors import InputError
+from tokenflex_jax.eval import run_eval
 from tokenflex_jax.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def test_the_planner_measures_a_built_dataset_as_packing_does(build, tmp_path):
   assert "packed / padded" in result.stdout
 
 
-def test_a_packed_multi_image_run_resumes_bit_identically(build, tmp_path):
+def test_a_packed_multi_image_run_resumes_bit_identically_and_evaluates(build, tmp_path):
   whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
   one = dict(token_counts=(16,), token_probs=(1.0,), checkpoint_every=2)
   train(_config(build, total_steps=4, **one), whole)
@@ -157,6 +158,9 @@ def test_a_packed_multi_image_run_resumes_bit_identically(build, tmp_path):
   with open(os.path.join(whole, "metrics.jsonl"), encoding="utf-8") as f:
     last = [json.loads(line) for line in f if "train/loss" in line][-1]
   assert last["train/useful_share"] > 0.6, last["train/useful_share"]
+  # The eval binary's library function on the packed run's checkpoint (the scene suite).
+  results = run_eval(_config(build, **one), whole)
+  assert results["step"] == 4 and 0 <= results["results"]["16"]["average"] <= 1, results
 
 
 def test_a_packed_weighted_mixture_counts_conversations_per_source(build, tmp_path):

@@ -160,3 +160,24 @@ def test_useful_positions_of_a_packed_row(params):
   text = sum(len(t) - n for t, _, n in CONVERSATIONS)
   images = sum(n for _, _, n in CONVERSATIONS)
   assert float(aux["useful_positions"]) == text + images * N
+
+
+def test_patches_stand_in_for_the_images(params):
+  """The ViT's patches, [B, K, L, C] for K slots or [B, L, C] for one, give the logits the
+  images give (evaluation runs the ViT once for every count)."""
+  m = model("reference")
+  batch = packed_batch()
+  hidden = jax.jit(lambda p, b, patches: m.apply(
+      {"params": p}, None if patches is not None else b["image"], b["tokens"], N, patches,
+      b["segments"], method=VLM.text_hidden))
+  patches = m.apply({"params": params}, batch["image"], method=VLM.patches)
+  assert patches.shape[:2] == (len(ROWS), K)
+  np.testing.assert_allclose(hidden(params, batch, patches), hidden(params, batch, None),
+                             atol=1e-5)
+  one = alone_batch(0)
+  single = {"image": one["image"][:, 0], "tokens": one["tokens"],
+            "segments": (one["tokens"] != PAD).astype(jnp.int32)}
+  patches = m.apply({"params": params}, single["image"], method=VLM.patches)
+  assert patches.ndim == 3
+  np.testing.assert_allclose(hidden(params, single, patches), hidden(params, single, None),
+                             atol=1e-5)

@@ -98,15 +98,15 @@ def test_a_lengths_file_round_trips_and_a_bad_line_is_named(tmp_path):
 
 
 def test_the_planning_command_on_the_paper_config(tmp_path):
-  """Packed rows of 2048 text tokens (image slots balanced to the data) keep at least
-  0.85 of every bucket's positions useful on mix665k-shaped rows, under 2% truncated;
-  the padded rows of today keep under half."""
+  """Packed rows of 1536 text tokens and 6 image slots (`configs/paper.py:pack=1`) keep at
+  least 0.85 of every bucket's positions useful on mix665k-shaped rows, under 2%
+  truncated; padded rows of 1024 tokens keep under half."""
   lengths, out = tmp_path / "rows.jsonl", tmp_path / "plan.json"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
       [sys.executable, "-m", "tokenflex_jax.data.packing", "--config=configs/paper.py",
-       f"--lengths={lengths}", "--synthetic=20000", "--text_capacity=2048",
-       f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+       f"--lengths={lengths}", "--synthetic=20000", "--text_capacity=1536",
+       "--images_per_row=6", f"--json_out={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   plan = json.loads(out.read_text())
   assert list(plan["buckets"]) == ["64", "144", "256"]

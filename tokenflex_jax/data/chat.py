@@ -26,7 +26,7 @@ KINDS = ("project", "sentencepiece", "hf")
 
 @runtime_checkable
 class ChatTokenizer(Protocol):
-  """Text <-> ids in one LLM's chat template, with one image placeholder id."""
+  """Text <-> ids in one LLM's chat template, an image placeholder id per image."""
 
   @property
   def vocab_size(self) -> int:

@@ -191,8 +191,9 @@ class VLM(nn.Module):
     index, and the merged conversation ids [B, S] (None without ``segments``).
     Unused image slots and the slots past the text are not valid (module docstring)."""
     cfg = self.config
-    slots = 1 if (patches if images is None else images).ndim == 4 else (
-        patches if images is None else images).shape[1]
+    # K image slots: images [B, K, H, W, 3] or patches [B, K, L, C]; one without K.
+    slots = (images.shape[1] if images.ndim == 5 else 1) if images is not None else (
+        patches.shape[1] if patches.ndim == 4 else 1)
     is_image = tokens == cfg.image_token_id
     index = merge_index(is_image, num_tokens, slots)
     x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index)
