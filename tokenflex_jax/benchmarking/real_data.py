@@ -100,10 +100,7 @@ def measure(config: RunSpec, workdir: str, rounds: int, steps_per_round: int, wa
   tokenizer = run_tokenizer.prepare(config, workdir)
   load_tokenizer = run_tokenizer.loader(config, workdir)
   probe = _layouts(config, tfds_dir, opts, 1, config.batch_size)["padded"]
-  measured = pipeline.training_source(
-      dataclasses.replace(probe.data, pack=True, max_text_length=2**30, image_slots=2**10),
-      load_tokenizer)[0].lengths
-  lengths = [pack.Lengths(int(t), int(i)) for t, i in measured]
+  lengths = pipeline.measured_lengths(probe.data, load_tokenizer)
   k = pack.balanced_image_slots(lengths, opts.text_capacity)
   counts = sorted(config.token_counts)
   largest = counts[-1]

@@ -57,9 +57,7 @@ def measured(spec: RunSpec) -> list[pack.Lengths]:
   if spec.tokenizer.kind == "project" and not spec.tokenizer.path:
     raise errors.ConfigError("config.tokenizer.path is empty: measuring the data needs the "
                              "run's tokenizer (the project's model: WORKDIR/tokenizer.model)")
-  data = dataclasses.replace(spec.data, pack=True, max_text_length=2**30, image_slots=2**10)
-  source, _ = pipeline.training_source(data, run_tokenizer.loader(spec, ""))
-  return [pack.Lengths(int(t), int(i)) for t, i in source.lengths if t >= 0]
+  return pipeline.measured_lengths(spec.data, run_tokenizer.loader(spec, ""))
 
 
 def markdown(result: dict) -> str:

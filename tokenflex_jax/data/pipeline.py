@@ -115,16 +115,34 @@ def training_source(data_config: DataSpec, load_tokenizer: Callable[[], ChatToke
          for name, d, weight in components(data_config)], data_config.seed), IDENTITY
   if not data_config.pack:
     return source, transform
-  if isinstance(source, MixedSource):
-    stream, preprocess = source.stream, packed_rows.PerSource(source.transforms, _SOURCE_KEY)
-  else:
-    stream = grain.MapDataset.source(source).seed(data_config.seed + 1).shuffle()
-    preprocess = transform
+  stream, preprocess = _packing_stream(data_config, source, transform)
   return packed_rows.PackedRows(
       stream, preprocess, row_shape(data_config), data_config.image_size,
       load_tokenizer().pad_id, skip=data_config.on_bad_record == "skip",
       num_workers=data_config.num_workers, names=getattr(source, "names", ()),
       source_key=_SOURCE_KEY, reason_key=_REASON_KEY, encode_reason=_encode_reason), IDENTITY
+
+
+def _packing_stream(data_config: DataSpec, source: Any, transform: Any) -> tuple[Any, Any]:
+  """(the conversations in packing order, their preprocessing): a mixture's stream, or
+  the source shuffled with ``config.data.seed`` + 1."""
+  if isinstance(source, MixedSource):
+    return source.stream, packed_rows.PerSource(source.transforms, _SOURCE_KEY)
+  return grain.MapDataset.source(source).seed(data_config.seed + 1).shuffle(), transform
+
+
+def measured_lengths(data_config: DataSpec, load_tokenizer: Callable[[], ChatTokenizer]
+                     ) -> list[pack.Lengths]:
+  """Every conversation of one pass over the training data (source or mixture), in
+  packing order, measured uncut in the chat template (images counted, not decoded); one
+  that cannot be measured stops it, or under ``on_bad_record="skip"`` is left out."""
+  uncut = dataclasses.replace(data_config, max_text_length=2**30, image_slots=2**10,
+                              pack=False)
+  source, transform = training_source(uncut, load_tokenizer)
+  stream, preprocess = _packing_stream(uncut, source, transform)
+  lengths, _ = packed_rows.measure(stream, preprocess, data_config.on_bad_record == "skip",
+                                   data_config.num_workers)
+  return [pack.Lengths(int(t), int(i)) for t, i in lengths if t >= 0]
 
 
 def make_source(data_config: DataSpec, split: str = "train") -> Any:
