@@ -71,7 +71,7 @@ def test_the_real_data_section(tmp_path):
   synthetic LLaVA rows: bench.json's real_data figures, packed rows fuller."""
   config = tiny_spec(token_counts=(16, 64), token_probs=(0.5, 0.5), **PEER_MODEL)
   opts = real_data.RealDataOptions(conversations=80, scale=0.1, padded_length=64,
-                                   text_capacity=96, batches=2)
+                                   text_capacity=96, padded_rows=None, batches=2)
   d = real_data.measure(config, str(tmp_path), rounds=1, steps_per_round=2, warmup=1,
                         peer=True, setup=suite.setup, torch_peer=suite.torch_peer(),
                         opts=opts)

@@ -159,7 +159,7 @@ def test_a_packed_multi_image_run_resumes_bit_identically_and_evaluates(build, t
     last = [json.loads(line) for line in f if "train/loss" in line][-1]
   assert last["train/useful_share"] > 0.6, last["train/useful_share"]
   # The eval binary's library function on the packed run's checkpoint (the scene suite).
-  results = run_eval(_config(build, **one), whole)
+  results = run_eval(_config(build, **one, eval__max_prompt_length=64), whole)
   assert results["step"] == 4 and 0 <= results["results"]["16"]["average"] <= 1, results
 
 

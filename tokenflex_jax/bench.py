@@ -3,6 +3,7 @@ compile time scanned vs unrolled, and the PyTorch peer, measured in one process.
 
   python -m tokenflex_jax.bench --config=configs/bench.py --workdir=/tmp/bench \
       [--rounds=3] [--steps_per_round=4] [--nopeer] [--nolayouts] [--noreal_data] [--profile]
+      [--only_real_data]
 
 (or ``bash launch/bench.sh --out=DIR``). Prints one markdown table and writes
 WORKDIR/bench.json and WORKDIR/bench.md; `tokenflex_jax.benchmarking.suite` says what
@@ -17,11 +18,17 @@ from tokenflex_jax.app import cli, config_checks, config_schema
 from tokenflex_jax.benchmarking import report, suite
 
 
-def run(config: config_schema.ConfigDict, workdir: str, options: suite.Options) -> dict:
-  """The binary's job: `suite.benchmark`, then the report."""
+def run(config: config_schema.ConfigDict, workdir: str, options: suite.Options,
+        only_real_data: bool = False) -> dict:
+  """The binary's job: `suite.benchmark` (or its real-data section alone), then the
+  report."""
   spec = config_schema.to_spec(config)
   # Before the workdir is written, data read or anything compiled.
   config_checks.check(spec, config_checks.TRAIN)
+  if only_real_data:
+    results = suite.real_data_only(spec, workdir, options)
+    print(report.write_real_data(results, workdir))
+    return results
   results = suite.benchmark(spec, workdir, options)
   print(report.write(results, workdir))
   logging.info("wrote %s/bench.json and bench.md", workdir)
@@ -43,10 +50,12 @@ def main() -> None:
                                     "Generated tokens per generation call.")
   real = flags.DEFINE_bool("real_data", d.real_data, "Time packed against padded rows (and "
                            "the peer) on synthetic LLaVA rows.")
+  only_real = flags.DEFINE_bool("only_real_data", False, "Measure the real-data section "
+                                "alone (bench.json: the run's setup and real_data).")
   cli.run(lambda config, workdir: run(config, workdir, suite.Options(
       rounds=rounds.value, steps_per_round=steps.value, warmup=warmup.value, peer=peer.value,
       layouts=layouts.value, new_tokens=new_tokens.value, profile=profile.value,
-      real_data=real.value)))
+      real_data=real.value), only_real.value))
 
 
 if __name__ == "__main__":

@@ -32,11 +32,12 @@ def options(dry: bool) -> tuple[suite.Options, gpu.AttentionShape, int, int]:
   """(bench options, attention shape, matmul size, timed calls) for a real or dry run."""
   if dry:
     return (suite.Options(rounds=1, steps_per_round=1, warmup=1, layouts=False, new_tokens=2,
-                          pipeline_batches=1, roofline_size=256, peer_failure_ok=True),
+                          pipeline_batches=1, roofline_size=256, peer_failure_ok=True,
+                          real_data=False),
             gpu.DRY_ATTENTION, 256, 2)
   return (suite.Options(rounds=3, steps_per_round=4, warmup=2, layouts=False, new_tokens=32,
                         pipeline_batches=10, roofline_size=8192, peer_failure_ok=True,
-                        first_loss_every_bucket=False),
+                        first_loss_every_bucket=False, real_data=False),
           gpu.FULL_ATTENTION, 8192, 10)
 
 

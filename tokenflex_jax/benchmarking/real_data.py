@@ -37,14 +37,16 @@ from tokenflex_jax.training import compiled
 
 @dataclasses.dataclass(frozen=True)
 class RealDataOptions:
-  """conversations written; their lengths x ``scale``; the padded row's token slots and
-  the packed row's text tokens (the paper config's 1024 and, from the planner, 1536
-  scaled); batches stepped over per layout."""
-  conversations: int = 600
-  scale: float = 0.25
-  padded_length: int = 256
-  text_capacity: int = 384
-  batches: int = 4
+  """conversations written; their lengths x ``scale`` words (0.5: about mix665k's 280
+  tokens a conversation in the bench's tokenizer); the padded row's token slots and the
+  packed row's text tokens (the paper config's 1024 and its ``pack=1`` row's 1536); the
+  padded rows per batch (None: the config's batch); batches stepped over per layout."""
+  conversations: int = 400
+  scale: float = 0.5
+  padded_length: int = 1024
+  text_capacity: int = 1536
+  padded_rows: int | None = 4
+  batches: int = 2
 
 
 def useful(batch: dict[str, np.ndarray], num_tokens: int, image_id: int, pad_id: int) -> int:
@@ -99,6 +101,8 @@ def measure(config: RunSpec, workdir: str, rounds: int, steps_per_round: int, wa
                               os.path.join(root, "rows", "images"))
   tokenizer = run_tokenizer.prepare(config, workdir)
   load_tokenizer = run_tokenizer.loader(config, workdir)
+  if opts.padded_rows:
+    config = specs.replace(config, batch_size=opts.padded_rows)
   probe = _layouts(config, tfds_dir, opts, 1, config.batch_size)["padded"]
   lengths = pipeline.measured_lengths(probe.data, load_tokenizer)
   k = pack.balanced_image_slots(lengths, opts.text_capacity)

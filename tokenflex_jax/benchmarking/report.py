@@ -84,10 +84,18 @@ def real_data_markdown(d: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def write_real_data(r: dict[str, Any], out_dir: str) -> str:
+  """`write` for a run of the real-data section alone."""
+  return _write(r, out_dir, real_data_markdown(r["real_data"]))
+
+
 def write(r: dict[str, Any], out_dir: str) -> str:
   """Writes ``out_dir``/bench.json and bench.md; returns the markdown."""
+  return _write(r, out_dir, markdown(r))
+
+
+def _write(r: dict[str, Any], out_dir: str, text: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
-  text = markdown(r)
   with open(os.path.join(out_dir, "bench.json"), "w", encoding="utf-8") as f:
     json.dump(r, f, indent=2)
   with open(os.path.join(out_dir, "bench.md"), "w", encoding="utf-8") as f:

@@ -158,6 +158,23 @@ def _peer_attempt(out: dict[str, Any], options: Options, what: str, fn: Callable
     return None
 
 
+def real_data_only(config: RunSpec, workdir: str, options: Options = Options()
+                   ) -> dict[str, Any]:
+  """The real-data section alone (`real_data.measure`), with the run's device and
+  options."""
+  os.makedirs(workdir, exist_ok=True)
+  out: dict[str, Any] = {"device_kind": jax.devices()[0].device_kind,
+                         "device_count": jax.device_count(), "backend": jax.default_backend(),
+                         "options": dataclasses.asdict(options)}
+  peer = None
+  if options.peer:
+    peer = _peer_attempt(out, options, "importing it", torch_peer)
+  out["real_data"] = real_data.measure(config, workdir, options.rounds,
+                                       options.steps_per_round, options.warmup,
+                                       peer is not None, setup, peer)
+  return out
+
+
 def benchmark(config: RunSpec, workdir: str,
               options: Options = Options(), out: dict[str, Any] | None = None
               ) -> dict[str, Any]:
