@@ -185,9 +185,6 @@ class Piece:
   loss_mask: np.ndarray
   images: np.ndarray
 
-  def lengths(self) -> pack.Lengths:
-    return pack.Lengths(len(self.tokens) - len(self.images), len(self.images))
-
 
 def row_shape(data_config: DataSpec) -> pack.RowShape:
   """The text capacity and image slots of a training row: ``max_text_length`` token slots
