@@ -54,7 +54,8 @@ def base_config() -> ConfigDict:
   c.model.remat_policy = "none"
   c.model.scan_layers = True
   # Attention: "reference" (scores written out), "blocked" (the reference on causal query
-  # blocks; the ViT's full attention is the reference), "xla" or "cudnn" (jax.nn.
+  # blocks; on packed rows only the blocks a conversation reaches; the ViT's full
+  # attention is the reference), "xla" or "cudnn" (jax.nn.
   # dot_product_attention's implementations; cuDNN: NVIDIA GPUs, 16-bit), "splash" (the
   # Pallas TPU kernel, models/splash.py), "auto": chosen per backend (models/layers.py
   # `resolve_attention`).

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokenflex_jax.models import segment_attention
+
 Axes = tuple[str | None, ...]
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -265,7 +267,9 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Block [a, b) of the queries attends to keys [0, b) only: the tiles above the diagonal
   of the [S, S] scores, which the causal mask would zero, are never computed (with 4
   blocks 3/8 of the scores and of their softmax are skipped). Same values as the
-  reference with `causal_mask` up to float32 rounding.
+  reference with `causal_mask` up to float32 rounding. A packed row (``segment_ids``)
+  goes to `segment_attention.segment_attention`, which also skips the blocks between
+  conversations, read from the data (zeros for queries without a valid key).
 
   Args:
     q: [B, S, H, Dh]; k, v: [B, S, KV, Dh], the same slots as the queries.
@@ -274,10 +278,11 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Returns:
     [B, S, H, Dh].
   """
-  segments = lambda b: None if segment_ids is None else segment_ids[:, :b]
+  if segment_ids is not None:
+    return segment_attention.segment_attention(q, k, v, key_valid, segment_ids)
   return jnp.concatenate([
       reference_attention(q[:, a:b], k[:, :b], v[:, :b],
-                          causal_mask(key_valid[:, :b], jnp.arange(a, b), segments(b)))
+                          causal_mask(key_valid[:, :b], jnp.arange(a, b)))
       for a, b in causal_blocks(q.shape[1])], axis=1)
 
 
