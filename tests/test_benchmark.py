@@ -68,7 +68,8 @@ def test_benchmark_reports_every_figure(tmp_path):
 
 def test_the_real_data_section(tmp_path):
   """Packed against padded rows and the peer's length-grouped batches on the same
-  synthetic LLaVA rows: bench.json's real_data figures, packed rows fuller."""
+  synthetic LLaVA rows, over an epoch: bench.json's real_data figures, packed rows
+  fuller."""
   config = tiny_spec(token_counts=(16, 64), token_probs=(0.5, 0.5), **PEER_MODEL)
   opts = real_data.RealDataOptions(conversations=80, scale=0.1, padded_length=64,
                                    text_capacity=96, padded_rows=None, batches=2)
@@ -76,6 +77,10 @@ def test_the_real_data_section(tmp_path):
                         peer=True, setup=suite.setup, torch_peer=suite.torch_peer(),
                         opts=opts)
   assert list(d["buckets"]) == ["16", "64"] and d["setup"]["packed"]["image_slots"] >= 1
+  setup = d["setup"]
+  assert setup["padded"]["epoch_batches"] == 80 // setup["padded"]["rows_per_batch"]
+  assert 1 <= setup["packed"]["epoch_batches"] < setup["padded"]["epoch_batches"]
+  assert setup["peer"]["epoch_batches"] == setup["padded"]["epoch_batches"]
   for b in d["buckets"].values():
     assert 0 < b["useful_share_padded"] < b["useful_share_packed"] <= 1
     assert b["packed_vs_padded"] == b["useful_tokens_per_s_packed"] / b[
@@ -101,3 +106,8 @@ def test_isolated_measurements(tmp_path):
   times = micro.step_ab(config, str(tmp_path), 64, ("reference", "blocked"), rounds=1,
                         steps_per_round=1, warmup=1)
   assert set(times) == {"reference", "blocked"} and min(times.values()) > 0
+
+
+def test_timed_batches_spread_over_the_epoch():
+  assert real_data.spread(10, 4) == [0, 3, 6, 9]
+  assert real_data.spread(3, 6) == [0, 1, 2] and real_data.spread(7, 1) == [0]

@@ -69,6 +69,19 @@ def test_balanced_image_slots_follow_the_datas_images_per_token():
   assert pack.balanced_image_slots([Lengths(50, 0)], 1000) == 1
 
 
+@pytest.mark.parametrize("seed", [0, 3])
+def test_best_image_slots_is_the_planners_best_from_the_balance_up(seed):
+  rng = np.random.default_rng(seed)
+  convs = [Lengths(int(t), int(i)) for t, i in zip(rng.lognormal(5.4, 0.7, 300),
+                                                   rng.random(300) < 0.93)]
+  mean_share = lambda k: np.mean(list(pack.figures(convs, RowShape(1536, k), (64, 256),
+                                                   packed=True).useful_share.values()))
+  best = pack.best_image_slots(convs, 1536, (64, 256))
+  assert best >= pack.balanced_image_slots(convs, 1536)
+  assert mean_share(best) >= mean_share(pack.balanced_image_slots(convs, 1536))
+  assert mean_share(best) > mean_share(best + 1)
+
+
 def test_mix665k_lengths_have_the_mixtures_shape():
   lengths = synthetic_llava.mix665k_lengths(40_000, seed=0)
   assert lengths == synthetic_llava.mix665k_lengths(40_000, seed=0)

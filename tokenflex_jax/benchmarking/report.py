@@ -72,7 +72,9 @@ def real_data_markdown(d: dict[str, Any]) -> str:
            f"rows of {s['padded']['token_slots']} slots, {s['padded']['rows_per_batch']} per "
            f"batch; packed rows of {s['packed']['text_capacity']} text tokens and "
            f"{s['packed']['image_slots']} image slots, {s['packed']['rows_per_batch']} per "
-           "batch; the peer: length-grouped batches padded to their longest row", "",
+           "batch; the peer: length-grouped batches padded to their longest row. Rates over "
+           f"an epoch ({s['padded']['epoch_batches']} / {s['packed']['epoch_batches']} "
+           f"batches), {s['batches_timed']} of each timed", "",
            "| visual tokens | useful share, padded | useful share, packed | useful tokens/s, "
            "padded | packed | peer | packed / padded | packed / peer |",
            "|---" * 8 + "|"]

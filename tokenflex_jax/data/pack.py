@@ -24,6 +24,8 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 
 @dataclasses.dataclass(frozen=True)
 class Lengths:
@@ -54,6 +56,25 @@ def balanced_image_slots(conversations: Sequence[Lengths], text_capacity: int) -
   text = sum(c.text_tokens for c in conversations)
   images = sum(c.images for c in conversations)
   return max(1, math.ceil(text_capacity * images / max(text, 1)))
+
+
+def best_image_slots(conversations: Sequence[Lengths], text_capacity: int,
+                     counts: Iterable[int], open_rows: int = 64) -> int:
+  """K for a packed row of ``text_capacity`` text tokens with the highest useful share of
+  the packed rows' positions, averaged over ``counts`` (`figures`), from
+  `balanced_image_slots` up: rows of mixed conversations need a few more slots than the
+  mean, as the balance of text and images varies from row to row. Stops at the first K
+  that does worse than the one before."""
+  counts = tuple(counts)
+  score = lambda k: float(np.mean(list(figures(conversations, RowShape(text_capacity, k),
+                                               counts, True, open_rows).useful_share.values())))
+  best = balanced_image_slots(conversations, text_capacity)
+  best_score = score(best)
+  while True:
+    candidate = score(best + 1)
+    if candidate <= best_score:
+      return best
+    best, best_score = best + 1, candidate
 
 
 def clip(c: Lengths, shape: RowShape) -> tuple[Lengths, bool]:

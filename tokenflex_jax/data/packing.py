@@ -12,8 +12,8 @@ written to --lengths). Without --lengths the config's training data (its source 
 mixture, e.g. a LLaVA build) is measured in its chat template, as packing measures it
 (`packed_rows.measure`: every conversation, images counted, not decoded). The config gives the buckets (``config.token_counts``) and the
 padded row (``config.data.max_text_length``); the packed row holds C text tokens
-(default: the same ``max_text_length``) and K image slots (default: as many as the
-data's images per text token fill, `pack.balanced_image_slots`). Prints, per bucket,
+(default: the same ``max_text_length``) and K image slots (default: the K with the
+highest mean useful share over the buckets, `pack.best_image_slots`). Prints, per bucket,
 the useful share of each layout (real text and visual tokens over all positions) and
 their ratio, with conversations per row and the share truncated.
 """
@@ -39,7 +39,8 @@ def plan(lengths: list[pack.Lengths], counts: tuple[int, ...], max_text_length: 
   {"useful_share_padded", "useful_share_packed", "packed_vs_padded"}}} (figures:
   `pack.LayoutFigures` as a dict)."""
   capacity = text_capacity or max_text_length
-  shape = pack.RowShape(capacity, images_per_row or pack.balanced_image_slots(lengths, capacity))
+  shape = pack.RowShape(capacity, images_per_row or pack.best_image_slots(lengths, capacity,
+                                                                          counts, open_rows))
   padded = pack.figures(lengths, pack.padded_shape(max_text_length), counts, packed=False)
   packed = pack.figures(lengths, shape, counts, packed=True, open_rows=open_rows)
   return {"conversations": len(lengths), "padded": dataclasses.asdict(padded),
