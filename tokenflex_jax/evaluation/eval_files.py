@@ -116,10 +116,16 @@ _REQUIRED_COLUMNS = ("question", "answer", "image", "A", "B")
 _DIGITS = re.compile(r"[0-9]+")
 
 
-def _tsv_rows(path: str) -> list[tuple[int, dict[str, str] | MalformedRowError]]:
-  """An MMBench TSV's data rows as (row number from 0, {column: value}), or the
+_MMBENCH_NEEDS = ("an MMBench TSV needs the columns index, question, A, B, [C, D, ...], "
+                  "answer, image")
+
+
+def tsv_rows(path: str, required: Sequence[str] = _REQUIRED_COLUMNS,
+             needs: str = _MMBENCH_NEEDS) -> list[tuple[int, dict[str, str] | MalformedRowError]]:
+  """A TSV's data rows as (row number from 0, {column: value}), or the
   `MalformedRowError` of a row that is not valid UTF-8 or not a TSV row (read per row,
-  so one bad row names itself). A header without the needed columns is an `InputError`."""
+  so one bad row names itself). A header without the ``required`` columns is an
+  `InputError` saying what the file ``needs``."""
   csv.field_size_limit(1 << 30)
   reader = csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t")
   try:
@@ -127,9 +133,8 @@ def _tsv_rows(path: str) -> list[tuple[int, dict[str, str] | MalformedRowError]]
   except csv.Error as e:
     raise InputError(f"{path}: line 1 (the header): not a TSV header: {e}") from None
   found = bad_text(header or [], "the header")
-  if header is None or found or not set(_REQUIRED_COLUMNS) <= set(header):
-    raise InputError(f"{path}: line 1 (the header): an MMBench TSV needs the columns index, "
-                     f"question, A, B, [C, D, ...], answer, image; "
+  if header is None or found or not set(required) <= set(header):
+    raise InputError(f"{path}: line 1 (the header): {needs}; "
                      f"{found or f'found {sorted(header or [])!r:.300}'}")
   rows: list[tuple[int, dict[str, str] | MalformedRowError]] = []
   while True:
@@ -165,7 +170,7 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
   Rows are numbered from 0 among the data rows of the file (blank lines left out);
   each is decoded on its own: bytes that are not UTF-8 make their row "invalid UTF-8".
   """
-  rows = _tsv_rows(path)
+  rows = tsv_rows(path)
   valid = [(i, r) for i, r in rows if isinstance(r, dict)]
   by_index = {r.get("index") or str(i): r for i, r in valid}
   # Circular copies (index >= 1e6) repeat an original row with rotated options.
