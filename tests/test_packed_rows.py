@@ -2,7 +2,6 @@
 and gradients, for image, multi-image and text-only conversations, with every attention
 implementation this CPU runs (splash through Pallas's interpreter)."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

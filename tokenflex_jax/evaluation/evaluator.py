@@ -122,33 +122,104 @@ def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
   return {n: {"granularity": by_name[n].granularity, "chance": by_name[n].chance} for n in names}
 
 
-def _predict_all(compiled: Any, params: Any, data: EvalSet, bs: int, image_sh, prompt_sh,
-                 mesh) -> tuple[list[list[int]], np.ndarray]:
-  """(generated ids, confidence [N]) for every example, in order.
+def prompt_buckets(prompts: np.ndarray, pad_id: int, smallest: int = 16) -> np.ndarray:
+  """Each prompt's compiled length: its tokens (prompts i32 [N, P] left-padded) rounded
+  up to a power of two, at least ``smallest``, at most P. [N] int."""
+  lengths = np.sum(np.cumsum(prompts != pad_id, axis=1) > 0, axis=1)
+  rounded = 2 ** np.ceil(np.log2(np.maximum(lengths, smallest)))
+  return np.minimum(rounded.astype(np.int64), prompts.shape[1])
 
-  Each process feeds and reads back only its rows of every global batch (rows
+
+@dataclasses.dataclass
+class Predictor:
+  """The sweep's compiled programs, compiled on first use: the ViT (`VLM.patches`, once
+  per image for every count) and greedy decoding from the patches per (count, prompt
+  length). compile_s: seconds spent compiling, per count (the ViT's under 0)."""
+  model: VLM
+  generate: Callable[..., Any]
+  mesh: Any
+  rules: Any
+  compile_s: dict[int, float] = dataclasses.field(default_factory=dict)
+  _programs: dict[Any, Any] = dataclasses.field(default_factory=dict)
+
+  def _compiled(self, key: Any, fn: Callable[..., Any], out_ndims: tuple[int, ...],
+                *args: Any) -> Any:
+    if key not in self._programs:
+      t0 = time.perf_counter()
+      out = tuple(sharding.batch_sharding(self.mesh, self.rules, d) for d in out_ndims)
+      with sharding.mesh_rules(self.mesh, self.rules):
+        self._programs[key] = jax.jit(fn, out_shardings=out if len(out) > 1 else out[0]
+                                      ).lower(*args).compile()
+      count = key[0] if isinstance(key, tuple) else 0
+      self.compile_s[count] = self.compile_s.get(count, 0.0) + time.perf_counter() - t0
+    return self._programs[key]
+
+  def patches(self, params: Any, images: jax.Array) -> jax.Array:
+    """images f32 [B, H, W, 3] -> patches [B, L, C]."""
+    fn = lambda p, i: self.model.apply({"params": p}, i, method=VLM.patches)
+    return self._compiled("vit", fn, (3,), params, images)(params, images)
+
+  def decode(self, params: Any, prompts: jax.Array, patches: jax.Array, num_tokens: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """prompts i32 [B, P'] left-padded -> (ids [B, max_new_tokens], confidence [B])."""
+    fn = lambda p, t, x: self.generate(p, None, t, num_tokens, x)
+    return self._compiled((num_tokens, prompts.shape[1]), fn, (2, 1), params, prompts,
+                          patches)(params, prompts, patches)
+
+
+def _predict_all(predictor: Predictor, params: Any, data: EvalSet, bs: int,
+                 counts: Sequence[int], pad_id: int, mesh) -> tuple[
+                     dict[int, list[list[int]]], dict[int, np.ndarray], dict[int, float]]:
+  """({count: generated ids}, {count: confidence [N]}, {count: seconds}) for every
+  example, in order.
+
+  The prompts are sorted by their compiled length (`prompt_buckets`), so a batch is cut
+  to its longest prompt's bucket instead of config.eval.max_prompt_length; each batch's
+  images go through the ViT once for all counts (its time shared out equally). Each
+  process feeds and reads back only its rows of every global batch (rows
   [p*bs/P, (p+1)*bs/P)); the hosts' predictions are gathered once at the end.
   """
   n, count, index = len(data.prompts), jax.process_count(), jax.process_index()
   local_bs = bs // count
+  buckets = prompt_buckets(data.prompts, pad_id)
+  order = np.argsort(buckets, kind="stable")
   padded = -(-n // bs) * bs  # The last batch is padded by repeating the last example.
-  rows_of = lambda start: np.minimum(np.arange(start, start + local_bs), n - 1)
-  local_out, local_conf = [], []
-  for start in range(index * local_bs, padded, bs):
-    rows = rows_of(start)
-    images = normalize_image(data.images[data.image_index[rows]])
-    out, conf = compiled(params, jax.make_array_from_process_local_data(image_sh, images),
-                         jax.make_array_from_process_local_data(prompt_sh, data.prompts[rows]))
-    local_out.append(np.asarray(
-        multihost_utils.global_array_to_host_local_array(out, mesh, prompt_sh.spec)))
-    local_conf.append(np.asarray(
-        multihost_utils.global_array_to_host_local_array(conf, mesh, conf.sharding.spec)))
-  local_out = np.stack(local_out)  # [batches, local_bs, T]
-  local_conf = np.stack(local_conf)  # [batches, local_bs]
-  if count > 1:  # [processes, batches, local_bs, ...] -> batch-major global order.
-    local_out = np.swapaxes(np.asarray(multihost_utils.process_allgather(local_out)), 0, 1)
-    local_conf = np.swapaxes(np.asarray(multihost_utils.process_allgather(local_conf)), 0, 1)
-  return local_out.reshape(padded, -1)[:n].tolist(), local_conf.reshape(padded)[:n]
+  image_sh = sharding.batch_sharding(mesh, predictor.rules, 4)
+  prompt_sh = sharding.batch_sharding(mesh, predictor.rules, 2)
+  global_array = jax.make_array_from_process_local_data
+  local = lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
+      x, mesh, x.sharding.spec))
+  outs = {c: [] for c in counts}
+  confs = {c: [] for c in counts}
+  seconds = dict.fromkeys(counts, 0.0)
+  for start in range(0, padded, bs):
+    batch = order[np.minimum(np.arange(start, start + bs), n - 1)]
+    rows = batch[index * local_bs:(index + 1) * local_bs]
+    length = int(buckets[batch].max())
+    t0, compiling = time.perf_counter(), sum(predictor.compile_s.values())
+    images = global_array(image_sh, normalize_image(data.images[data.image_index[rows]]))
+    patches = jax.block_until_ready(predictor.patches(params, images))
+    shared = (time.perf_counter() - t0 - sum(predictor.compile_s.values()) + compiling
+              ) / len(counts)
+    prompts = global_array(prompt_sh, data.prompts[rows][:, -length:])
+    for c in counts:
+      t0, compiling = time.perf_counter(), sum(predictor.compile_s.values())
+      out, conf = predictor.decode(params, prompts, patches, c)
+      outs[c].append(local(out))
+      confs[c].append(local(conf))
+      seconds[c] += (time.perf_counter() - t0 - sum(predictor.compile_s.values()) + compiling
+                     + shared)
+  position = np.empty(n, np.int64)
+  position[order] = np.arange(n)
+  ids, confidence = {}, {}
+  for c in counts:
+    out, conf = np.stack(outs[c]), np.stack(confs[c])  # [batches, local_bs, ...]
+    if count > 1:  # [processes, batches, local_bs, ...] -> batch-major global order.
+      out = np.swapaxes(np.asarray(multihost_utils.process_allgather(out)), 0, 1)
+      conf = np.swapaxes(np.asarray(multihost_utils.process_allgather(conf)), 0, 1)
+    out, conf = out.reshape(padded, -1)[position], conf.reshape(padded)[position]
+    ids[c], confidence[c] = out.tolist(), conf
+  return ids, confidence, seconds
 
 
 def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
@@ -156,33 +227,27 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
   """Greedy-decodes the eval set at every ``config.eval.token_counts``; returns results."""
   data = eval_set(config, tokenizer)
   n_examples, bs = len(data.prompts), config.eval.batch_size
-  generate = make_generate(model, config.eval.max_new_tokens, tokenizer.eos_id, tokenizer.pad_id)
-  image_sh = sharding.batch_sharding(mesh, rules, 4)
-  prompt_sh = sharding.batch_sharding(mesh, rules, 2)
-  conf_sh = sharding.batch_sharding(mesh, rules, 1)
-  results, texts, confidence = {}, {}, {}
-  for n in config.eval.token_counts:
-    fn = jax.jit(lambda p, i, t, n=n: generate(p, i, t, n), out_shardings=(prompt_sh, conf_sh))
-    with sharding.mesh_rules(mesh, rules):
-      t0 = time.perf_counter()
-      compiled = fn.lower(params, jax.ShapeDtypeStruct((bs,) + data.images.shape[1:],
-                                                       np.float32, sharding=image_sh),
-                          jax.ShapeDtypeStruct((bs, data.prompts.shape[1]), np.int32,
-                                               sharding=prompt_sh)).compile()
-      compile_s = time.perf_counter() - t0
-      t0 = time.perf_counter()
-      predictions, confidence[n] = _predict_all(compiled, params, data, bs, image_sh,
-                                                prompt_sh, mesh)
-      seconds = time.perf_counter() - t0
-    texts[n] = [tokenizer.decode(p).strip() for p in predictions]
+  counts = tuple(config.eval.token_counts)
+  predictor = Predictor(model, make_generate(model, config.eval.max_new_tokens,
+                                             tokenizer.eos_id, tokenizer.pad_id), mesh, rules)
+  t0 = time.perf_counter()
+  predictions, confidence, seconds = _predict_all(predictor, params, data, bs, counts,
+                                                  tokenizer.pad_id, mesh)
+  sweep_s = time.perf_counter() - t0
+  results, texts = {}, {}
+  for n in counts:
+    texts[n] = [tokenizer.decode(p).strip() for p in predictions[n]]
     per_family = data.score(texts[n])
     results[str(n)] = {"visual_tokens": int(n), "families": per_family,
                        "average": float(np.mean(list(per_family.values()))),
-                       "examples_per_s": n_examples / seconds}
+                       "examples_per_s": n_examples / seconds[n]}
     logging.info("eval %d visual tokens: average %.3f (%s); %.0f examples/s; compile %.1fs",
                  n, results[str(n)]["average"],
                  ", ".join(f"{k}={v:.2f}" for k, v in per_family.items()),
-                 n_examples / seconds, compile_s)
+                 n_examples / seconds[n], predictor.compile_s.get(n, 0.0))
+  logging.info("eval sweep: %d questions x %d counts in %.1fs (%.0f questions/s, compiling "
+               "%.1fs of it)", n_examples, len(counts), sweep_s,
+               n_examples * len(counts) / sweep_s, sum(predictor.compile_s.values()))
   out = {"step": int(step), "suite": config.eval.suite,
          "examples_per_family": data.examples_per_family,
          "families": data.families, "results": results}
