@@ -164,8 +164,8 @@ CASES = [
          tokenizer__kind="tiktoken"),
     case("tokenizer_path", r"config\.tokenizer\.kind='hf' needs config\.tokenizer\.path",
          job="eval", tokenizer__kind="hf"),
-    case("eval_suite", r"config\.eval\.suite must be 'scenes', 'mmbench' or 'vqa', got 'coco'",
-         job="eval", eval__suite="coco"),
+    case("eval_suite", r"config\.eval\.suite must be one of \('scenes', 'mmbench', 'vqa', "
+         r"'vlmeval'\), got 'coco'", job="eval", eval__suite="coco"),
     case("eval_data_path", r"config\.eval\.suite='vqa' needs config\.eval\.data_path, the "
          r"JSONL file$", job="eval", eval__suite="vqa"),
     case("periodic_eval_data_path", r"config\.eval\.suite='mmbench' needs config\.eval\."

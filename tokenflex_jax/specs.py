@@ -111,6 +111,7 @@ class EvalSpec:
   """``config.eval``: the evaluation the eval binary (and periodic evaluation) runs."""
   suite: str
   data_path: str
+  benchmark: str
   image_dir: str
   skip_malformed: bool
   token_counts: tuple[int, ...]

@@ -150,8 +150,10 @@ def base_config() -> ConfigDict:
   # stem>/step_<step>/.
   c.eval_every = 0
   c.eval = ConfigDict()
-  c.eval.suite = "scenes"           # or "mmbench" (TSV) / "vqa" (JSONL) at data_path
+  c.eval.suite = "scenes"           # or "mmbench" (TSV) / "vqa" (JSONL) / "vlmeval" at data_path
   c.eval.data_path = ""
+  # vlmeval: one of evaluation/benchmarks.py BENCHMARKS ("": the data file's name says)
+  c.eval.benchmark = ""
   c.eval.image_dir = ""             # vqa: folder of relative image paths ("" -> data_path's)
   c.eval.skip_malformed = False     # count and skip bad rows instead of failing
   c.eval.token_counts = (64, 100, 144, 196, 256)

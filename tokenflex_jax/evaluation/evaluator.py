@@ -22,7 +22,7 @@ from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.rows import format_skipped
-from tokenflex_jax.evaluation import auto_budget, eval_files
+from tokenflex_jax.evaluation import auto_budget, benchmark_set, benchmarks, eval_files
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
@@ -30,11 +30,12 @@ from tokenflex_jax.specs import RunSpec
 
 @dataclasses.dataclass
 class EvalSet:
-  """images: uint8 [M, H, W, 3]; image_index: int [N], the image of each prompt; prompts:
-  i32 [N, P] left-padded; score(decoded texts) -> {family: accuracy}; families: {family:
+  """images: uint8 [M, H, W, 3]; image_index: int [N], the image of each prompt, or
+  [N, K] for K image slots per prompt (-1: unused); prompts: i32 [N, P] left-padded; score(decoded texts) -> {family: accuracy}; families: {family:
   {"granularity", "chance"}}; examples_per_family: what the report states (the scene
   suite: per family; an eval file: its number of questions); prompt_scores(decoded
-  texts) -> float [N], each prompt's own credit in [0, 1]."""
+  texts) -> float [N], each prompt's own credit in [0, 1]; benchmark: the VLMEvalKit
+  benchmark it reads, if any."""
   images: np.ndarray
   image_index: np.ndarray
   prompts: np.ndarray
@@ -42,6 +43,7 @@ class EvalSet:
   families: dict[str, dict[str, Any]]
   examples_per_family: int
   prompt_scores: Callable[[Sequence[str]], np.ndarray]
+  benchmark: benchmark_set.BenchmarkSet | None = None
 
 
 def scene_eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
@@ -74,8 +76,31 @@ def scene_eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
                  int(config.eval.examples_per_family), prompt_scores)
 
 
+def vlmeval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
+  """A VLMEvalKit benchmark TSV (`benchmark_set`): one family, the benchmark's headline
+  (`benchmark_set.headline`); its full figures come with the results."""
+  bench = benchmark_set.BenchmarkSet(config.eval.data_path, config.eval.benchmark, tokenizer,
+                                     config.data.image_size, config.data.image_first)
+  name = bench.benchmark
+  prompts = np.full((len(bench.prompt_ids), config.eval.max_prompt_length),
+                    tokenizer.pad_id, np.int32)
+  for i, ids in enumerate(bench.prompt_ids):
+    if len(ids) > prompts.shape[1]:
+      raise errors.InputError(f"{config.eval.data_path}: index {bench.rows[i]['index']} needs "
+                              f"{len(ids)} prompt tokens but config.eval.max_prompt_length "
+                              f"is {prompts.shape[1]}")
+    prompts[i, prompts.shape[1] - len(ids):] = ids
+  return EvalSet(bench.images, bench.image_index, prompts,
+                 lambda texts: {name: benchmark_set.headline(bench.score(texts),
+                                                             len(bench.rows))},
+                 {name: {"granularity": "vlmeval", "chance": float("nan")}},
+                 len(bench.rows), bench.prompt_scores, bench)
+
+
 def eval_file_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
   """An MMBench TSV or VQA JSONL file (``config.eval.suite``, ``config.eval.data_path``)."""
+  if config.eval.suite == "vlmeval":
+    return vlmeval_set(config, tokenizer)
   path, size, skip = config.eval.data_path, config.data.image_size, config.eval.skip_malformed
   if config.eval.suite == "mmbench":
     bench = eval_files.mmbench(path, size, skip)
@@ -94,7 +119,7 @@ def eval_file_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
                  bench.num_questions, bench.prompt_scores)
 
 
-EVAL_SUITES = ("scenes", "mmbench", "vqa")
+EVAL_SUITES = ("scenes", "mmbench", "vqa", "vlmeval")
 
 
 def check_suite(config: RunSpec, context: str = "") -> None:
@@ -103,11 +128,14 @@ def check_suite(config: RunSpec, context: str = "") -> None:
   the run evaluates)."""
   suite = config.eval.suite
   if suite not in EVAL_SUITES:
-    raise errors.ConfigError(f"config.eval.suite must be 'scenes', 'mmbench' or 'vqa', "
+    raise errors.ConfigError(f"config.eval.suite must be one of {EVAL_SUITES}, "
                              f"got {suite!r}{context}")
   if suite != "scenes" and not config.eval.data_path:
     raise errors.ConfigError(f"config.eval.suite={suite!r} needs config.eval.data_path, the "
-                             f"{'TSV' if suite == 'mmbench' else 'JSONL'} file{context}")
+                             f"{'JSONL' if suite == 'vqa' else 'TSV'} file{context}")
+  if suite == "vlmeval" and (config.eval.benchmark or "") not in ("", *benchmarks.BENCHMARKS):
+    raise errors.ConfigError(f"config.eval.benchmark must be one of {benchmarks.BENCHMARKS} "
+                             f"or '' (the data file's name), got {config.eval.benchmark!r}")
 
 
 def eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
@@ -128,6 +156,16 @@ def prompt_buckets(prompts: np.ndarray, pad_id: int, smallest: int = 16) -> np.n
   lengths = np.sum(np.cumsum(prompts != pad_id, axis=1) > 0, axis=1)
   rounded = 2 ** np.ceil(np.log2(np.maximum(lengths, smallest)))
   return np.minimum(rounded.astype(np.int64), prompts.shape[1])
+
+
+def slot_images(data: EvalSet, rows: np.ndarray) -> np.ndarray:
+  """The images of ``rows``: [R, H, W, 3], or [R, K, H, W, 3] for an ``image_index`` of
+  K slots per prompt (unused slots black)."""
+  index = data.image_index[rows]
+  images = data.images[np.maximum(index, 0)]
+  if index.ndim == 2:
+    images = np.where((index >= 0)[:, :, None, None, None], images, 0).astype(images.dtype)
+  return images
 
 
 @dataclasses.dataclass
@@ -157,7 +195,7 @@ class Predictor:
   def patches(self, params: Any, images: jax.Array) -> jax.Array:
     """images f32 [B, H, W, 3] -> patches [B, L, C]."""
     fn = lambda p, i: self.model.apply({"params": p}, i, method=VLM.patches)
-    return self._compiled("vit", fn, (3,), params, images)(params, images)
+    return self._compiled("vit", fn, (images.ndim - 1,), params, images)(params, images)
 
   def decode(self, params: Any, prompts: jax.Array, patches: jax.Array, num_tokens: int
              ) -> tuple[jax.Array, jax.Array]:
@@ -184,7 +222,7 @@ def _predict_all(predictor: Predictor, params: Any, data: EvalSet, bs: int,
   buckets = prompt_buckets(data.prompts, pad_id)
   order = np.argsort(buckets, kind="stable")
   padded = -(-n // bs) * bs  # The last batch is padded by repeating the last example.
-  image_sh = sharding.batch_sharding(mesh, predictor.rules, 4)
+  image_sh = sharding.batch_sharding(mesh, predictor.rules, data.image_index.ndim + 3)
   prompt_sh = sharding.batch_sharding(mesh, predictor.rules, 2)
   global_array = jax.make_array_from_process_local_data
   local = lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
@@ -197,7 +235,7 @@ def _predict_all(predictor: Predictor, params: Any, data: EvalSet, bs: int,
     rows = batch[index * local_bs:(index + 1) * local_bs]
     length = int(buckets[batch].max())
     t0, compiling = time.perf_counter(), sum(predictor.compile_s.values())
-    images = global_array(image_sh, normalize_image(data.images[data.image_index[rows]]))
+    images = global_array(image_sh, normalize_image(slot_images(data, rows)))
     patches = jax.block_until_ready(predictor.patches(params, images))
     shared = (time.perf_counter() - t0 - sum(predictor.compile_s.values()) + compiling
               ) / len(counts)
@@ -241,6 +279,8 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
     results[str(n)] = {"visual_tokens": int(n), "families": per_family,
                        "average": float(np.mean(list(per_family.values()))),
                        "examples_per_s": n_examples / seconds[n]}
+    if data.benchmark is not None:
+      results[str(n)]["benchmark"] = data.benchmark.score(texts[n])
     logging.info("eval %d visual tokens: average %.3f (%s); %.0f examples/s; compile %.1fs",
                  n, results[str(n)]["average"],
                  ", ".join(f"{k}={v:.2f}" for k, v in per_family.items()),
@@ -251,6 +291,10 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
   out = {"step": int(step), "suite": config.eval.suite,
          "examples_per_family": data.examples_per_family,
          "families": data.families, "results": results}
+  if data.benchmark is not None:  # written beside results.json by `outputs.save`
+    out["benchmark"] = data.benchmark.benchmark
+    out["predictions"] = {str(n): benchmark_set.predictions_tsv(data.benchmark.rows, texts[n])
+                          for n in config.eval.token_counts}
   counts = sorted(set(config.token_counts) & set(config.eval.token_counts))
   if len(counts) >= 2:
     ladder = auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts,

@@ -16,17 +16,20 @@ from tokenflex_jax.models.vlm import VLM
 
 def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
                   ) -> Callable[..., tuple[jax.Array, jax.Array]]:
-  """Returns generate(params, images [B,H,W,3], prompts [B,P] left-padded, num_tokens,
-  patches=None) -> (ids [B, max_new_tokens] int32, confidence [B] float32).
+  """Returns generate(params, images [B,H,W,3] or [B,K,H,W,3], prompts [B,P] left-padded
+  (at most K image placeholders each), num_tokens, patches=None) -> (ids [B,
+  max_new_tokens] int32, confidence [B] float32).
 
   After the end-of-sequence token every position of ids holds ``pad_id``. The
   confidence is the answer's mean token log-probability, over its tokens up to and
-  including the end-of-sequence token. With ``patches`` [B, L, C] (`VLM.patches` of the
-  images) the ViT is not run again (``images`` may then be None).
+  including the end-of-sequence token. With ``patches`` [B, (K,) L, C] (`VLM.patches`
+  of the images) the ViT is not run again (``images`` may then be None).
   """
   def generate(params, images, prompts, num_tokens, patches=None):
     b, p = prompts.shape
-    prompt_length = p - 1 + num_tokens
+    given = images if patches is None else patches
+    slots = given.shape[1] if given.ndim == (5 if patches is None else 4) else 1
+    prompt_length = p + slots * (num_tokens - 1)
     cache = init_cache(model.config.llm, b, prompt_length + max_new_tokens,
                        jnp.dtype(model.config.llm.dtype))
     logits, cache, key_valid, position = model.apply(

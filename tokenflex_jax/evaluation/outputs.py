@@ -61,6 +61,9 @@ def save(eval_root: str, suite: str, results: dict[str, Any], source: str,
   step = int(results["step"])
   check_free(eval_root, suite, step, overwrite)
   out = results_dir(eval_root, suite, step)
+  results = dict(results)
+  for count, table in results.pop("predictions", {}).items():
+    paths.write_atomically(os.path.join(out, f"predictions_{count}.tsv"), table.encode("utf-8"))
   report.write_results(results, out)
   entry = {"suite": suite, "step": step, "dir": f"{suite}/step_{step}",
            "source": source,

@@ -254,17 +254,20 @@ class VLM(nn.Module):
       images: [B, H, W, 3] or [B, K, H, W, 3], or None when ``patches`` [B, (K,) L, C]
       (from `patches`) are given, so that several counts share one ViT pass; tokens:
       [B, P] left-padded prompts ending where the answer starts, each holding one image
-      placeholder per image slot (the prompt's last token must be its merged row's last
-      slot); num_tokens: N; cache: a `KVCache` with T_max >= P + K (N - 1) slots.
+      placeholder per image it shows (at most K); num_tokens: N; cache: a `KVCache` with
+      T_max >= P + K (N - 1) slots.
     Returns:
       (logits of the next token [B, V], cache, key_valid [B, T_max], next position [B]).
     """
-    x, valid, positions, end, _, _ = self._embed_inputs(images, tokens, num_tokens, patches)
+    x, valid, positions, end, index, _ = self._embed_inputs(images, tokens, num_tokens,
+                                                            patches)
     t_max = cache["k"].shape[2]
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)
     hidden, cache = self.llm.decode(x, positions, key_valid, cache, 0)
-    logits = self.llm.logits(hidden[:, -1:])[:, 0]
+    # The prompt's last token (image slots a prompt leaves unused come after it).
+    last = jnp.take_along_axis(hidden, index.text_slot[:, -1:, None], axis=1)
+    logits = self.llm.logits(last)[:, 0]
     return logits, cache, key_valid, end
 
   def decode_step(self, token: jax.Array, position: jax.Array, cache: KVCache,
