@@ -203,6 +203,40 @@ def test_eval_writes_results_with_the_schema(reference_run):
   assert all(f"| {name} |" in table for name in config.data.families)
 
 
+def test_benchmark_sweep_writes_the_table_and_plot_and_keeps_them(reference_run, tmp_path):
+  """The trained tiny model on small files of all eight VLMEvalKit layouts: a table row
+  per benchmark and a column per count, the plot, each benchmark's own results and
+  predictions; a second sweep refuses before any work and leaves them as they are."""
+  from tests.test_benchmark_eval import layout, write_tsv
+  from tokenflex_jax.evaluation import benchmark_sweep, benchmarks
+  workdir, config, _ = reference_run
+  for name in benchmarks.BENCHMARKS:
+    write_tsv(tmp_path / f"{name}.tsv", layout(name))
+  (tmp_path / "notes.tsv").write_text("index\n")  # not a benchmark's name: left out
+  files = benchmark_sweep.benchmark_files(str(tmp_path))
+  assert [os.path.basename(f) for f in files] == [f"{b}.tsv" for b in benchmarks.BENCHMARKS]
+  config = copy.deepcopy(config)
+  config.eval.max_prompt_length = 96
+  table = benchmark_sweep.sweep(config, workdir, files)
+  out = os.path.join(workdir, "eval", "benchmarks", f"step_{TOTAL}")
+  assert list(table["benchmarks"]) == list(benchmarks.BENCHMARKS)
+  assert all(set(row) == {"64", "100"} for row in table["benchmarks"].values())
+  assert table["benchmarks"]["MMVet"] == {"64": None, "100": None}
+  scored = [row["64"] for name, row in table["benchmarks"].items() if name != "MMVet"]
+  assert all(0 <= v <= 100 for v in scored)
+  assert table["average"]["64"] == pytest.approx(sum(scored) / len(scored))
+  md = open(os.path.join(out, "table.md"), encoding="utf-8").read()
+  assert "| MMStar |" in md and "| **average** |" in md and "| 64 tokens | 100 tokens |" in md
+  assert os.path.getsize(os.path.join(out, "accuracy.png")) > 0
+  for name in benchmarks.BENCHMARKS:
+    assert os.path.exists(os.path.join(workdir, "eval", name, f"step_{TOTAL}",
+                                       "predictions_100.tsv"))
+  before = open(os.path.join(out, "table.json"), encoding="utf-8").read()
+  with pytest.raises(errors.UserError, match="already holds a benchmark table"):
+    benchmark_sweep.sweep(config, workdir, files)
+  assert open(os.path.join(out, "table.json"), encoding="utf-8").read() == before
+
+
 def test_eval_reports_the_automatic_budget(reference_run):
   workdir, config, _ = reference_run
   config = copy.deepcopy(config)
