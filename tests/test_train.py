@@ -217,20 +217,25 @@ def test_benchmark_sweep_writes_the_table_and_plot_and_keeps_them(reference_run,
   assert [os.path.basename(f) for f in files] == [f"{b}.tsv" for b in benchmarks.BENCHMARKS]
   config = copy.deepcopy(config)
   config.eval.max_prompt_length = 96
+  config.eval.token_counts = (64, 144)  # two trained counts: the automatic budget too
   table = benchmark_sweep.sweep(config, workdir, files)
   out = os.path.join(workdir, "eval", "benchmarks", f"step_{TOTAL}")
   assert list(table["benchmarks"]) == list(benchmarks.BENCHMARKS)
-  assert all(set(row) == {"64", "100"} for row in table["benchmarks"].values())
-  assert table["benchmarks"]["MMVet"] == {"64": None, "100": None}
+  assert all(set(row) == {"64", "144", "auto"} for row in table["benchmarks"].values())
+  assert table["benchmarks"]["MMVet"]["64"] is None
+  assert table["benchmarks"]["MMVet"]["auto"]["value"] is None
   scored = [row["64"] for name, row in table["benchmarks"].items() if name != "MMVet"]
   assert all(0 <= v <= 100 for v in scored)
   assert table["average"]["64"] == pytest.approx(sum(scored) / len(scored))
+  assert all(64 <= row["auto"]["mean_visual_tokens"] <= 64 + 144
+             for row in table["benchmarks"].values())
   md = open(os.path.join(out, "table.md"), encoding="utf-8").read()
-  assert "| MMStar |" in md and "| **average** |" in md and "| 64 tokens | 100 tokens |" in md
+  assert "| MMStar |" in md and "| **average** |" in md
+  assert "| 64 tokens | 144 tokens | auto |" in md
   assert os.path.getsize(os.path.join(out, "accuracy.png")) > 0
   for name in benchmarks.BENCHMARKS:
     assert os.path.exists(os.path.join(workdir, "eval", name, f"step_{TOTAL}",
-                                       "predictions_100.tsv"))
+                                       "predictions_144.tsv"))
   before = open(os.path.join(out, "table.json"), encoding="utf-8").read()
   with pytest.raises(errors.UserError, match="already holds a benchmark table"):
     benchmark_sweep.sweep(config, workdir, files)

@@ -137,7 +137,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, steps: int = 25
   """Weights [F] of an L2-regularised logistic regression (Newton's method) of targets
   y in [0, 1] (soft credit allowed) on features x [N, F]."""
   w = np.zeros(x.shape[1])
-  reg = l2 * len(x) * np.eye(x.shape[1])
+  reg = l2 * max(len(x), 1) * np.eye(x.shape[1])  # an empty fold: the prior alone
   for _ in range(steps):
     p = 1.0 / (1.0 + np.exp(-(x @ w)))
     grad = x.T @ (p - y) + reg @ w

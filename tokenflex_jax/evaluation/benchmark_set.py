@@ -120,7 +120,8 @@ class BenchmarkSet:
   def prompt_scores(self, texts: Sequence[str]) -> np.ndarray:
     """Each row's own credit in [0, 1]: the option, yes / no or OCR rule on it alone
     (MMVet: 0, no rule)."""
-    return np.array([headline(self.score_one(r, t), 1) for r, t in zip(self.rows, texts)])
+    credit = [headline(self.score_one(r, t), 1) for r, t in zip(self.rows, texts)]
+    return np.nan_to_num(np.array(credit, np.float64))
 
   def score_one(self, row: Mapping[str, str], text: str) -> dict[str, Any]:
     if self.benchmark == "MMBench_DEV_EN_V11":  # one copy on its own

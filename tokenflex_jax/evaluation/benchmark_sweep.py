@@ -39,14 +39,22 @@ def benchmark_files(folder: str) -> list[str]:
 
 def markdown(table: dict[str, Any]) -> str:
   counts = table["counts"]
-  lines = [f"Benchmarks at step {table['step']}, headline metric (%) per visual-token count.",
-           "", "| benchmark | " + " | ".join(f"{c} tokens" for c in counts) + " |",
-           "|---|" + "---|" * len(counts)]
+  auto = any("auto" in row for row in table["benchmarks"].values())
+  lines = [f"Benchmarks at step {table['step']}, headline metric (%) per visual-token count"
+           + ("; auto: the automatic budget at config.eval.auto_threshold (mean visual "
+              "tokens, every attempt counted)." if auto else "."),
+           "", "| benchmark | " + " | ".join(f"{c} tokens" for c in counts)
+           + (" | auto |" if auto else " |"), "|---|" + "---|" * (len(counts) + auto)]
   cell = lambda v: "n/a" if v is None else f"{v:.1f}"
   for name, row in table["benchmarks"].items():
-    lines.append(f"| {name} | " + " | ".join(cell(row[str(c)]) for c in counts) + " |")
+    extra = ""
+    if auto:
+      a = row.get("auto")
+      extra = " n/a |" if a is None else f" {cell(a['value'])} ({a['mean_visual_tokens']:.0f}) |"
+    lines.append(f"| {name} | " + " | ".join(cell(row[str(c)]) for c in counts) + " |"
+                 + extra)
   lines.append("| **average** | " + " | ".join(
-      f"**{cell(table['average'][str(c)])}**" for c in counts) + " |")
+      f"**{cell(table['average'][str(c)])}**" for c in counts) + (" | |" if auto else " |"))
   return "\n".join(lines) + "\n"
 
 
@@ -93,6 +101,10 @@ def sweep(config: config_schema.ConfigDict | specs.RunSpec, workdir: str,
     for c in counts:
       value = benchmark_set.headline(results["results"][str(c)]["benchmark"], questions)
       row[str(c)] = None if math.isnan(value) else 100 * value
+    auto = results.get("auto_budget", {}).get("configured")
+    if auto is not None:
+      row["auto"] = {"value": None if math.isnan(auto["accuracy"]) else 100 * auto["accuracy"],
+                     "mean_visual_tokens": auto["mean_visual_tokens"]}
     table["benchmarks"][name] = row
     logging.info("%s: %s", name, row)
   table["average"] = {}

@@ -300,6 +300,9 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
     ladder = auto_budget.ladder_counts(config.eval.auto_counts, config.token_counts,
                                        config.eval.token_counts)
     out["auto_budget"] = auto_budget_results(data, texts, confidence, ladder)
+    # What `predict --num_tokens=auto` does: config.eval.auto_threshold.
+    out["auto_budget"]["configured"] = auto_budget.sweep(
+        texts, confidence, ladder, data.score, [config.eval.auto_threshold])[0]
     out["auto_budget_ladders"] = {
         "-".join(map(str, lad)): auto_budget_results(data, texts, confidence, lad)
         for lad in auto_budget.ladders(counts)}
