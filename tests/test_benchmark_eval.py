@@ -3,7 +3,6 @@ references, lists, MMMU's markers) read, every question asked, the predictions w
 VLMEvalKit's layout, and `tokenflex_jax.score` on them giving the eval's own figures."""
 
 import base64
-import csv
 import io
 import os
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_score import write_tsv
 from tests.tiny import tiny_spec
 from tokenflex_jax import model_config, sharding, specs
 from tokenflex_jax.app import run_tokenizer
@@ -62,16 +62,6 @@ def layout(name: str) -> list[dict]:
              "skills": "['logical reasoning']"}]
   return [{"index": 1, "image": png(1), "question": "What is it?", "answer": "a cat",
            "category": "rec"}]
-
-
-def write_tsv(path, rows):
-  columns = list(dict.fromkeys(k for r in rows for k in r))
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f, delimiter="\t")
-    w.writerow(columns)
-    for r in rows:
-      w.writerow([r.get(c, "") for c in columns])
-  return str(path)
 
 
 @pytest.fixture(scope="module")
