@@ -17,8 +17,8 @@ from tokenflex_jax import model_config, sharding, specs
 from tokenflex_jax.app import run_tokenizer
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.evaluation import benchmark_set, evaluator, outputs
+from tokenflex_jax.evaluation.benchmarks import score_files
 from tokenflex_jax.models.vlm import VLM
-from tokenflex_jax.score import score_files
 
 
 def png(seed: int) -> str:

@@ -11,7 +11,7 @@ LAYERS = {"errors": 0, "paths": 0, "entry": 0, "sharding": 0, "models": 1, "spec
           "model_config": 2, "data": 3, "training": 4, "evaluation": 5, "app": 6,
           "benchmarking": 7, "studies": 7}
 BINARIES = {"train", "pretrain_vision", "eval", "predict", "aot", "bench", "microbench",
-            "gpu_check", "probe", "report", "crash_test", "convert",
+            "gpu_check", "probe", "report", "crash_test", "convert", "score", "sweep",
             "data.packing"}  # the planner: a binary beside the data it plans
 BINARY = 9
 

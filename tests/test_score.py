@@ -11,7 +11,7 @@ import pytest
 
 from tokenflex_jax.errors import InputError
 from tokenflex_jax.evaluation import benchmarks, matching
-from tokenflex_jax.score import score_files
+from tokenflex_jax.evaluation.benchmarks import score_files
 
 CHOICES = {"A": "a cat", "B": "a dog", "C": "rabbit", "D": "teddy bear"}
 

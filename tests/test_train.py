@@ -208,7 +208,8 @@ def test_benchmark_sweep_writes_the_table_and_plot_and_keeps_them(reference_run,
   per benchmark and a column per count, the plot, each benchmark's own results and
   predictions; a second sweep refuses before any work and leaves them as they are."""
   from tests.test_benchmark_eval import layout, write_tsv
-  from tokenflex_jax.evaluation import benchmark_sweep, benchmarks
+  from tokenflex_jax.app import benchmark_sweep
+  from tokenflex_jax.evaluation import benchmarks
   workdir, config, _ = reference_run
   for name in benchmarks.BENCHMARKS:
     write_tsv(tmp_path / f"{name}.tsv", layout(name))

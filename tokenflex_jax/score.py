@@ -13,21 +13,11 @@ Prints and writes ``{"benchmark": NAME, <VLMEvalKit's metric names>: value, ...}
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from absl import app, flags
 
 from tokenflex_jax import entry
 from tokenflex_jax.evaluation import benchmarks
-
-
-def score_files(data: str, predictions: str, benchmark: str = "") -> dict[str, Any]:
-  """`benchmarks.score` of a predictions TSV against the benchmark TSV ``data``."""
-  name = benchmarks.recognise(data, benchmark)
-  rows = benchmarks.read_rows(data, benchmarks.REQUIRED[name])
-  predicted = benchmarks.read_rows(predictions, ("index", "prediction"))
-  by_index = {row["index"]: row["prediction"] for row in predicted}
-  return benchmarks.score(name, rows, benchmarks.paired(rows, by_index, predictions))
 
 
 def main() -> None:
@@ -41,7 +31,7 @@ def main() -> None:
   def run(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    result = score_files(data.value, predictions.value, benchmark.value)
+    result = benchmarks.score_files(data.value, predictions.value, benchmark.value)
     text = json.dumps(result, indent=2)
     print(text)
     if json_out.value:

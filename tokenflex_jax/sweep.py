@@ -7,7 +7,7 @@ BENCH_DIR holds VLMEvalKit's TSVs under their names (MMStar.tsv, OCRBench.tsv, .
 `evaluation/benchmarks.py`). Each is evaluated and saved as the eval binary saves it
 (WORKDIR/eval/<benchmark>/step_<N>/, with predictions_<count>.tsv in VLMEvalKit's layout),
 then WORKDIR/eval/benchmarks/step_<N>/{table.md,table.json,accuracy.png} holds one row
-per benchmark and one column per count (`evaluation.benchmark_sweep`). Without
+per benchmark and one column per count (`app.benchmark_sweep`). Without
 ``--config`` the workdir's own config is used, as by the eval binary.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from tokenflex_jax.app import cli, config_schema
-from tokenflex_jax.evaluation import benchmark_sweep
+from tokenflex_jax.app import benchmark_sweep
 
 
 def main() -> None:

@@ -299,3 +299,13 @@ def score(benchmark: str, rows: Sequence[Mapping[str, str]], predictions: Sequen
     figures = {"scored": False, "needs": "a GPT judge (VLMEvalKit: gpt-4-turbo); the "
                                          "predictions file is written for one"}
   return {"benchmark": benchmark, **figures}
+
+
+def score_files(data: str, predictions: str, benchmark: str = "") -> dict[str, Any]:
+  """`score` of a predictions TSV (``index`` and ``prediction`` columns) against the
+  benchmark TSV ``data`` (`recognise`)."""
+  name = recognise(data, benchmark)
+  rows = read_rows(data, REQUIRED[name])
+  predicted = read_rows(predictions, ("index", "prediction"))
+  by_index = {row["index"]: row["prediction"] for row in predicted}
+  return score(name, rows, paired(rows, by_index, predictions))
