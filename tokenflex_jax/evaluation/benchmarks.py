@@ -239,9 +239,7 @@ def _mathvista_check(r: Mapping[str, str], response: str, prefetch: bool) -> Any
     if r["question_type"] == "multi_choice":
       ans = r.get("answer_option", "")
       options = _literal(r["choices"], f"MathVista index {r['index']} choices")
-      res = matching.infer_option(response, dict(zip(string.ascii_uppercase, options))) or \
-          matching.infer_text(response, dict(zip(string.ascii_uppercase, options)))
-      res = res or False
+      res = matching.can_infer(response, dict(zip(string.ascii_uppercase, options))) or False
       if prefetch:
         return res
     elif r["answer_type"] == "integer":

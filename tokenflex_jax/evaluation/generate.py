@@ -11,7 +11,7 @@ import numpy as np
 from tokenflex_jax.errors import InputError
 from tokenflex_jax.data.tokenizer import Tokenizer
 from tokenflex_jax.models.llm import init_cache
-from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.models.vlm import VLM, image_slots
 
 
 def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
@@ -27,9 +27,7 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
   """
   def generate(params, images, prompts, num_tokens, patches=None):
     b, p = prompts.shape
-    given = images if patches is None else patches
-    slots = given.shape[1] if given.ndim == (5 if patches is None else 4) else 1
-    prompt_length = p + slots * (num_tokens - 1)
+    prompt_length = p + image_slots(images, patches) * (num_tokens - 1)
     cache = init_cache(model.config.llm, b, prompt_length + max_new_tokens,
                        jnp.dtype(model.config.llm.dtype))
     logits, cache, key_valid, position = model.apply(

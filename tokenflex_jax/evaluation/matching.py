@@ -54,11 +54,16 @@ def infer_text(answer: str, choices: Mapping[str, str]) -> str | None:
   return found[0] if len(found) == 1 else None
 
 
-def infer_choice(answer: str, choices: Mapping[str, str]) -> str:
-  """VLMEvalKit's ``can_infer`` with no judge: `infer_option`, else `infer_text`, else
-  `REFUSED`. ``choices``: {letter: option text} in letter order."""
+def can_infer(answer: str, choices: Mapping[str, str]) -> str | None:
+  """VLMEvalKit's ``can_infer``: `infer_option`, else `infer_text` (None: neither).
+  ``choices``: {letter: option text} in letter order."""
   answer = str(answer)
-  return infer_option(answer, choices) or infer_text(answer, choices) or REFUSED
+  return infer_option(answer, choices) or infer_text(answer, choices)
+
+
+def infer_choice(answer: str, choices: Mapping[str, str]) -> str:
+  """`can_infer` with no judge: what it finds, else `REFUSED`."""
+  return can_infer(answer, choices) or REFUSED
 
 
 _PUNCTUATION = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",

@@ -148,6 +148,14 @@ def merge_index(is_image: jax.Array, num_tokens: int, image_slots: int = 1) -> M
                     text_index >= t, text_slot)
 
 
+def image_slots(images: jax.Array | None, patches: jax.Array | None = None) -> int:
+  """K, the image slots per row: images [B, K, H, W, 3] or patches [B, K, L, C]; 1 for
+  images [B, H, W, 3] or patches [B, L, C] (``patches`` is read when ``images`` is None)."""
+  if images is not None:
+    return images.shape[1] if images.ndim == 5 else 1
+  return patches.shape[1] if patches.ndim == 4 else 1
+
+
 def merge(visual: jax.Array, text: jax.Array, index: MergeIndex) -> jax.Array:
   """Interleaves visual [B, K * N, D] and text [B, T, D] embeddings -> [B, S, D]."""
   take = lambda a, i: jnp.take_along_axis(a, i[..., None], axis=1)
@@ -191,9 +199,7 @@ class VLM(nn.Module):
     index, and the merged conversation ids [B, S] (None without ``segments``).
     Unused image slots and the slots past the text are not valid (module docstring)."""
     cfg = self.config
-    # K image slots: images [B, K, H, W, 3] or patches [B, K, L, C]; one without K.
-    slots = (images.shape[1] if images.ndim == 5 else 1) if images is not None else (
-        patches.shape[1] if patches.ndim == 4 else 1)
+    slots = image_slots(images, patches)
     is_image = tokens == cfg.image_token_id
     index = merge_index(is_image, num_tokens, slots)
     x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index)
