@@ -18,7 +18,14 @@ Options:
   --seeds=N                 seeds 0..N-1                                   [3]
   --models=A,B,...          variants to run (configs/reproduce.py)         [all]
   --examples_per_family=N   eval questions per family                      [1000]
+  --suite=v1|v2             question families (configs/reproduce.py SUITES) [v1]
+  --dev_only                evaluate on the development questions alone, report on them
+                            (for choosing the recipe; no test question is asked)
   --out=DIR                 where the report goes                          [<repo>/docs]
+  --archive=DIR             keep each finished run's small files (metrics, configs,
+                            evaluations, router; no checkpoints) in DIR, and take the
+                            runs DIR holds as finished: a reproduction spread over
+                            machines or sessions, whose DIR is committed      [none]
   -h, --help                this help
 Everything after `--` goes to every training stage and the evaluation (a small run:
 -- --config.total_steps=4).
@@ -27,10 +34,12 @@ EOF_USAGE
 
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-SEEDS=3 MODELS="" EXAMPLES=1000 OUT="$REPO/docs" RUN_DIR="" POSITIONAL=RUN_DIR
-declare -A VALUE_OPTIONS=([--seeds]=SEEDS [--models]=MODELS
-                          [--examples_per_family]=EXAMPLES [--out]=OUT)
-declare -A SWITCH_OPTIONS=()
+SEEDS=3 MODELS="" EXAMPLES=1000 OUT="$REPO/docs" RUN_DIR="" SUITE=v1 ARCHIVE=""
+POSITIONAL=RUN_DIR
+declare -A VALUE_OPTIONS=([--seeds]=SEEDS [--models]=MODELS [--examples_per_family]=EXAMPLES
+                          [--out]=OUT [--suite]=SUITE [--archive]=ARCHIVE)
+DEV_ONLY=0
+declare -A SWITCH_OPTIONS=([--dev_only]=DEV_ONLY)
 parse_launch_args "$@"
 source "$REPO/launch/setup_env.sh"
 cd "$REPO"
@@ -48,6 +57,24 @@ if [[ ! "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
   echo "$LAUNCHER: --seeds must be a positive integer, got '$SEEDS'" >&2; exit 2
 fi
 mkdir -p "$W"
+# merge FILE...: the lines of every FILE, each once, in order of first appearance.
+merge() { { cat "$@" 2>/dev/null || true; } | awk '!seen[$0]++'; }
+if [[ -n "$ARCHIVE" ]]; then
+  ARCHIVE="$(realpath -m "$ARCHIVE")"
+  mkdir -p "$ARCHIVE"
+  # Runs finished elsewhere (through this invocation's last evaluation): their files and
+  # done markers, so they are not run again.
+  for f in wall_times.tsv revisions.txt; do
+    merge "$W/$f" "$ARCHIVE/$f" > "$W/$f.merged"; mv "$W/$f.merged" "$W/$f"
+  done
+  last=eval.done; [[ "$DEV_ONLY" == 1 ]] && last=eval_dev.done
+  for kept in "$ARCHIVE"/*/seed*/"$last"; do
+    [[ -f "$kept" ]] || continue
+    rel="$(dirname "${kept#"$ARCHIVE"/}")"
+    [[ -f "$W/$rel/$last" ]] && continue
+    (cd "$ARCHIVE" && find "$rel" -type f -print0 | xargs -0 cp --parents -t "$W")
+  done
+fi
 printf '%q ' bash launch/reproduce.sh "$@" > "$W/command.txt"
 echo >> "$W/command.txt"
 # The code revision of every invocation that trained here (a resumed run may add one).
@@ -72,22 +99,59 @@ run() {
   mkdir -p "$(dirname "$done_file")"; touch "$done_file"
 }
 
-run stage0 - stage0 python -m tokenflex_jax.pretrain_vision \
-  --config=configs/reproduce.py:stage=0 --workdir="$W/stage0" "${TRAIN_FLAGS[@]}"
+# archive_run NAME SEED: a finished run's small files into $ARCHIVE (all or nothing: a run
+# there counts as finished).
+archive_run() {
+  [[ -z "$ARCHIVE" ]] && return
+  (cd "$W" && find "$1/seed$2" -type f \( -name '*.done' -o -name metrics.jsonl \
+     -o -name config.json -o -name router.json -o -path '*/eval/*' \) -print0 |
+     xargs -0 cp --parents -t "$ARCHIVE")
+  cp "$W/wall_times.tsv" "$W/revisions.txt" "$ARCHIVE/"
+  check_tower
+}
+
+# The shared vision tower, trained when a run first needs it.
+stage0() {
+  run stage0 - stage0 python -m tokenflex_jax.pretrain_vision \
+    --config="configs/reproduce.py:stage=0,suite=$SUITE" --workdir="$W/stage0" "${TRAIN_FLAGS[@]}"
+  check_tower
+}
+
+# check_tower: the tower's losses must match those the archive keeps (kept on first use):
+# every run of a reproduction starts from the same tower.
+check_tower() {
+  [[ -z "$ARCHIVE" || ! -f "$W/stage0/metrics.jsonl" ]] && return
+  local kept="$ARCHIVE/stage0_losses.txt" now
+  now="$(grep -o '"train/loss": [^,}]*' "$W/stage0/metrics.jsonl")"
+  if [[ ! -f "$kept" ]]; then echo "$now" > "$kept"
+  elif [[ "$now" != "$(cat "$kept")" ]]; then
+    echo "$LAUNCHER: the stage-0 tower trained here differs from $kept" >&2; exit 1
+  fi
+}
+
 for (( seed = 0; seed < SEEDS; seed++ )); do
   for name in "${MODEL_LIST[@]}"; do
     D="$W/$name/seed$seed"
-    C="configs/reproduce.py:model=$name,seed=$seed"
+    C="configs/reproduce.py:model=$name,seed=$seed,suite=$SUITE"
+    [[ -f "$D/stage1.done" ]] || stage0
     run "$name" "$seed" stage1 python -m tokenflex_jax.train --config="$C,stage=1" \
       --workdir="$D/stage1" --config.init.vision_checkpoint="$W/stage0" "${TRAIN_FLAGS[@]}"
     run "$name" "$seed" stage2 python -m tokenflex_jax.train --config="$C,stage=2" \
       --workdir="$D/stage2" --config.init.checkpoint="$D/stage1" "${TRAIN_FLAGS[@]}"
-    run "$name" "$seed" eval python -m tokenflex_jax.eval --config="$C,stage=2" \
+    # The development questions first (thresholds, the router), then the test ones.
+    run "$name" "$seed" eval_dev python -m tokenflex_jax.eval --config="$C,stage=2,split=dev" \
       --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" \
       --config.eval.overwrite=True "${TRAIN_FLAGS[@]}"
+    if [[ "$DEV_ONLY" == 0 ]]; then
+      run "$name" "$seed" eval python -m tokenflex_jax.eval --config="$C,stage=2" \
+        --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" \
+        --config.eval.overwrite=True "${TRAIN_FLAGS[@]}"
+    fi
+    archive_run "$name" "$seed"
   done
   log "seed $seed done: writing the report to $OUT"
   python -m tokenflex_jax.report --workdir="$W" --out="$OUT" \
-    --runs_revision="$(paste -sd, "$W/revisions.txt")"
+    --runs_revision="$(paste -sd, "$W/revisions.txt")" \
+    --split="$([[ "$DEV_ONLY" == 1 ]] && echo dev || echo test)"
 done
 log "done: $OUT/results.md"

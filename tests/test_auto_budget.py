@@ -1,5 +1,8 @@
 """The automatic visual-token budget: escalation, its sweep and the oracle."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
@@ -91,3 +94,42 @@ def test_router_escalates_where_more_tokens_help():
   assert spent.mean() == pytest.approx(64 + 256 * (kind == 1).mean())
   x = auto_budget.router_features(prompts, 8, confidence[64])
   assert x.shape == (n, 10) and set(np.unique(x[:, :8])) == {0.0, 1.0}
+
+
+def test_a_fitted_router_keeps_its_decisions_through_json_and_ignores_padding():
+  """Fitted once on development questions (`fit_router`), the router escalates the
+  questions that need the larger count; its threshold is the cheapest within the
+  tolerance of the best accuracy; written to JSON and read back it decides the same,
+  padded prompts or not."""
+  rng = np.random.default_rng(1)
+  n = 600
+  kind = rng.integers(3, size=n)  # 0: easy, 1: needs 256, 2: hopeless
+  prompts = np.stack([np.ones(n, int), np.array([6, 5, 7])[kind], np.full(n, 2)], 1)
+  confidence = {64: rng.normal(size=n), 256: rng.normal(size=n)}
+  credit = {64: (kind == 0).astype(float), 256: (kind != 2).astype(float)}
+  texts = {c: ["right" if x else "wrong" for x in credit[c]] for c in credit}
+  score = lambda answers: {"all": float(np.mean([a == "right" for a in answers]))}
+  router = auto_budget.fit_router(prompts, 8, 0, confidence, credit, texts, score,
+                                  (64, 256), 0.01, {"step": 3, "eval_seed": 7})
+  assert router.counts == (64, 256) and router.threshold is not None
+  assert router.fitted_on["step"] == 3 and router.fitted_on["questions"] == n
+  assert router.fitted_on["dev_accuracy"] == pytest.approx(2 / 3, abs=0.05)
+  stops = router.stops(64, prompts, confidence[64])
+  np.testing.assert_array_equal(stops, kind != 1)
+  assert router.stops(256, prompts, confidence[256]).all()
+  again = auto_budget.Router.from_json(json.loads(json.dumps(router.to_json())))
+  np.testing.assert_allclose(again.signal(64, prompts, confidence[64]),
+                             router.signal(64, prompts, confidence[64]))
+  padded = np.concatenate([np.zeros((n, 4), int), prompts], axis=1)  # pad id 0 in front
+  np.testing.assert_allclose(again.signal(64, padded, confidence[64]),
+                             router.signal(64, prompts, confidence[64]))
+  never = dataclasses.replace(router, threshold=None)
+  assert not never.stops(64, prompts, confidence[64]).any()
+
+
+def test_cheapest_within_picks_the_fewest_tokens_near_the_best():
+  curve = [{"accuracy": 0.70, "mean_visual_tokens": 64}, {"accuracy": 0.795,
+           "mean_visual_tokens": 120}, {"accuracy": 0.80, "mean_visual_tokens": 200}]
+  assert auto_budget.cheapest_within(curve, 0.01)["mean_visual_tokens"] == 120
+  assert auto_budget.cheapest_within(curve, 0.0)["mean_visual_tokens"] == 200
+  assert auto_budget.cheapest_within(curve, 0.2)["mean_visual_tokens"] == 64

@@ -46,7 +46,9 @@ def test_benchmark_reports_every_figure(tmp_path):
   assert prof["bucket"] == 256 and list(tmp_path.glob("profile/**/*perfetto_trace.json.gz"))
   assert prof["groups_ms"]["matmul"] > 0 and prof["top_ops"]
   assert sum(prof["groups_ms"].values()) >= max(o["ms"] for o in prof["top_ops"]) > 0
-  assert any(o["group"] == "matmul" and o["source"] for o in prof["top_ops"])
+  # Matmul time traced back to its JAX source (which ops make the top 15 varies with
+  # the machine's timing, so the whole trace is asked, not the top).
+  assert 0 < prof["sourced_ms"].get("matmul", 0) <= prof["groups_ms"]["matmul"] + 1e-9
   # How the threads spent it: every thread's op time within its busy time, within the wall.
   t = prof["threads"]
   assert t["per_thread"] and t["op_parallelism"] > 0

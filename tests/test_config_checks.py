@@ -57,6 +57,8 @@ CASES = [
     case("counts_empty", r"config\.token_counts is empty", token_counts=(), token_probs=()),
     case("counts_duplicates", r"config\.token_counts has duplicates",
          token_counts=(64, 64), token_probs=(0.5, 0.5)),
+    case("eval_tag_not_a_folder_name", r"config\.eval\.tag='\.\./x': letters, digits",
+         job="eval", eval__tag="../x"),
     case("eval_counts_not_square", r"config\.eval\.token_counts: num_visual_tokens=120",
          job="eval", eval__token_counts=(64, 120)),
     case("eval_counts_larger_than_the_grid", r"config\.eval\.token_counts=\(64, 324\): 324 "

@@ -32,8 +32,12 @@ from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 from tests.test_chat_templates import QWEN25  # pylint: disable=wrong-import-position
 from tests.test_chat_tokenizers import _bpe  # pylint: disable=wrong-import-position
 from tests.test_convert_hf import RTOL, relative_error  # pylint: disable=wrong-import-position
+from tokenflex_jax.data import images  # pylint: disable=wrong-import-position
+from tokenflex_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=wrong-import-position
+from tokenflex_jax.evaluation.generate import make_generate  # pylint: disable=wrong-import-position
 from tokenflex_jax.models import hf  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.llm import LLM  # pylint: disable=wrong-import-position
+from tokenflex_jax.models.vlm import VLM  # pylint: disable=wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "huggingface.md")
@@ -207,23 +211,57 @@ def test_every_documented_command_runs(whole_path):
     assert noise not in run.stderr, noise
 
 
-def test_the_exported_llm_is_the_trained_one(whole_path):
+def test_the_exported_folder_is_the_trained_model(whole_path):
   root, last, _ = whole_path
-  out = os.path.join(root, "out")
-  assert os.path.exists(os.path.join(out, "vision", "config.json"))
+  folder = os.path.join(root, "out", "tokenflex")
+  config, params = hf.import_vlm(folder)  # float32, as the folder stores it
+  model = VLM(config)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      folder, trust_remote_code=True, dtype=torch.float32).eval()
+  processor = transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+  tok = HFTokenizer(os.path.join(root, "models", "Qwen2.5-7B-Instruct", "tokenizer.json"),
+                    "", "<|image_pad|>")
+  question = "What colour is the car?"
+  with open(os.path.join(root, "data", "llava", "images", "coco", "1.jpg"), "rb") as f:
+    jpeg = f.read()
+  pixels = images.decode(jpeg, config.vit.image_size) / 127.5 - 1.0
+  text = processor.apply_chat_template(
+      [{"role": "user", "content": "<|image_pad|>" + question}], add_generation_prompt=True)
+  for count in (64, 36):  # trained, untrained
+    inputs = processor(images=[Image.open(io.BytesIO(jpeg))], text=[text],
+                       num_visual_tokens=count)
+    ids = tok.prompt_ids(question)
+    assert inputs["input_ids"][0].tolist() == np.repeat(
+        ids, [count if i == tok.image_id else 1 for i in ids]).tolist()
+    with torch.no_grad():
+      theirs = hf_model(**inputs).logits[:, -1].numpy()
+    tokens = np.asarray([ids + [tok.pad_id]], np.int32)  # the slot after the prompt
+    ours = model.apply({"params": params}, pixels[None], tokens, count)[:, len(ids)]
+    assert relative_error(ours, theirs) < RTOL
+    prompts = np.asarray([ids], np.int32)
+    answer, _ = make_generate(model, 3, tok.eos_id, tok.pad_id)(params, pixels[None],
+                                                                prompts, count)
+    out = hf_model.generate(**inputs, max_new_tokens=3)
+    theirs_answer = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert theirs_answer == np.asarray(answer)[0, :len(theirs_answer)].tolist()
+  # The folder read back into a workdir, with the overrides of its model.
+  with open(os.path.join(root, "ckpt", "again", "model_overrides.txt"), encoding="utf-8") as f:
+    overrides = f.read().split()
+  assert "--config.model.projector.pooling=resize_avg" in overrides
+  assert os.path.isdir(os.path.join(root, "ckpt", "again", "checkpoints", "0"))
+  # The towers: a plain Qwen2 folder with the trained LLM.
+  towers = os.path.join(root, "out", "towers")
+  assert os.path.exists(os.path.join(towers, "vision", "config.json"))
   again = transformers.Qwen2ForCausalLM.from_pretrained(
-      os.path.join(out, "llm"), attn_implementation="eager").eval()
+      os.path.join(towers, "llm"), attn_implementation="eager").eval()
+  llm_config, llm_params = hf.import_llm(os.path.join(towers, "llm"))
   tokens = np.arange(10, dtype=np.int32).reshape(1, 10)
-  config, params = hf.import_llm(os.path.join(out, "llm"))
   with torch.no_grad():
     ref = again(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
-  assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
-  # Every weight of the VLM in our layout: the trained projector (the converted start has
-  # none) and the same LLM as the Hugging Face folder.
-  vlm = load_file(os.path.join(out, "vlm", hf.SAFETENSORS))
-  assert any(k.startswith("projector.") for k in vlm) and any(k.startswith("vit.") for k in vlm)
-  np.testing.assert_array_equal(vlm["llm.embedding"], np.asarray(params["embedding"]))
+  assert relative_error(LLM(llm_config).apply({"params": llm_params}, tokens), ref) < RTOL
+  np.testing.assert_array_equal(llm_params["embedding"], params["llm"]["embedding"])
   original = load_file(os.path.join(root, "models", "Qwen2.5-7B-Instruct", hf.SAFETENSORS))
-  moved = not np.array_equal(np.asarray(params["embedding"]), original["model.embed_tokens.weight"])
+  moved = not np.array_equal(np.asarray(params["llm"]["embedding"]),
+                             original["model.embed_tokens.weight"])
   # Stage 1 trains the projector alone: the LLM comes back bit-exact. Stage 3 trains it.
   assert moved == (last == "stage3")

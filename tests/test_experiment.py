@@ -60,7 +60,7 @@ def _write_run(workdir, name, seed, counts, acc, step_times=(0.5, 0.5)):
         f.write(json.dumps({"step": i + 1, "train/step_time_s": t, "train/num_tokens": n}) + "\n")
   cfg = {"token_counts": list(counts), "token_probs": [1 / len(counts)] * len(counts),
          "model": {"projector": {"pooling": "adaptive_avg", "mlp": "swiglu",
-                               "position_embedding": True}}}
+                               "position_embedding": True}, "llm": {"vocab_size": 8}}}
   with open(os.path.join(base, "stage2", "config.json"), "w") as f:
     json.dump(cfg, f)
   with open(os.path.join(base, "stage2", "eval", "results.json"), "w") as f:
@@ -323,3 +323,90 @@ def test_the_report_says_what_its_figures_do_not_show(summary):
   assert experiment_report.caveats(one)[0].startswith("- 1 seed: no spread")
   assert "(one seed: no interval)" in experiment_report.markdown(one)
   assert "## What these figures do not show" in experiment_report.markdown(summary)
+
+
+def _questions(path, credit_of, seed):
+  """questions.npz of 200 questions, half "background" (right at every count), half
+  "marks" (``credit_of(count)`` for each)."""
+  rng = np.random.default_rng(seed)
+  n = 200
+  families = np.array(["background", "marks"])[np.arange(n) % 2]
+  prompts = np.stack([np.zeros(n, int), np.where(families == "marks", 5, 6)], 1)
+  record = {"prompts": prompts.astype(np.int32), "families": families}
+  for c in COUNTS:
+    record[f"credit_{c}"] = np.where(families == "marks", credit_of(int(c)), 1.0)
+    record[f"confidence_{c}"] = rng.normal(size=n).astype(np.float32)
+    record[f"seconds_{c}"] = np.float64(int(c) / 1e4)
+  np.savez_compressed(path, **record)
+
+
+def test_paired_table_bootstrap_and_the_budget_on_the_test_seed(workdir):
+  """TokenFLEX minus each model per count and family, seed by seed ([0, 1] units); the
+  paired bootstrap over seeds and questions; the budget's rules fixed on a development
+  evaluation and scored on the test one; the evaluation seeds recorded."""
+  for seed in SEEDS:
+    for name in ACC:
+      base = os.path.join(workdir, name, f"seed{seed}", "stage2", "eval")
+      marks = {"tokenflex": lambda c: float(c >= 144), "fixed_256": lambda c: 0.0,
+               "fixed_64": lambda c: 0.0}[name]
+      _questions(os.path.join(base, "questions.npz"), marks, seed)
+      with open(os.path.join(base, "results.json")) as f:
+        results = json.load(f)
+      with open(os.path.join(base, "results.json"), "w") as f:
+        json.dump({**results, "eval_seed": 12345}, f)
+      if name == "tokenflex":  # the development evaluation: config.eval.tag "dev"
+        dev = os.path.join(base, "scenes_dev", "step_10")
+        os.makedirs(dev)
+        _questions(os.path.join(dev, "questions.npz"), marks, 100 + seed)
+        with open(os.path.join(dev, "results.json"), "w") as f:
+          json.dump({**results, "eval_seed": 777}, f)
+        with open(os.path.join(base, "index.json"), "w") as f:
+          json.dump({"evaluations": [{"suite": "scenes_dev", "step": 10,
+                                      "dir": "scenes_dev/step_10"}]}, f)
+  s = experiment.summarize(experiment.collect(workdir), "cmd", 1.0, {"runs": "b" * 40})
+  assert s["code_revision"] == "b" * 40
+  assert s["eval_seeds"] == {"development": 777, "test": 12345}
+  assert s["evaluation_split"] == experiment.DEV_TEST_SPLIT
+  assert s["models"]["tokenflex"]["seeds"] == 3 and s["models"]["tokenflex"]["collapsed"] == 0
+  at_256 = s["paired"]["tokenflex-fixed_256"]["256"]
+  assert at_256["mean"] == pytest.approx((0.03 + 0.03 + 0.025) / 3)
+  assert at_256["seeds"] == 3 and at_256["ci95"][0] < at_256["mean"] < at_256["ci95"][1]
+  marks = s["paired"]["tokenflex-fixed_256"]["families"]["marks"]["256"]
+  assert marks["mean"] == pytest.approx(2 * at_256["mean"])  # marks = 2 * average - 1
+  # The bootstrap: TokenFLEX answers every "marks" question from 144 on, fixed_256 none.
+  lo, hi = s["bootstrap"]["tokenflex-fixed_256"]["256"]
+  assert 0.4 < lo <= 0.5 <= hi < 0.6
+  assert s["bootstrap"]["tokenflex-fixed_256"]["families"]["marks"]["256"] == [1.0, 1.0]
+  assert s["bootstrap"]["tokenflex-fixed_256"]["64"] == [0.0, 0.0]
+  # The budget: the router escalates "marks" from 64 to 144 (where it is right) and
+  # keeps the rest at 64; the family rule asks "marks" at 256 directly. Both are as
+  # accurate as 256, at 64 + 144 / 2 and (64 + 256) / 2 tokens.
+  budget = s["budget_split"]
+  assert budget["seeds"] == [0, 1, 2] and budget["largest"] == "fixed_256"
+  for rule, tokens in (("router", 64 + 72), ("family rule", 160)):
+    assert budget["rules"][rule]["accuracy"]["mean"] == pytest.approx(1.0)
+    assert budget["rules"][rule]["mean_visual_tokens"]["mean"] == pytest.approx(tokens)
+    assert budget["rules"][rule]["vs_largest"]["delta"] == pytest.approx(0.0)
+  assert json.loads(json.dumps(s)) is not None  # results.json serialises
+  md = experiment_report.markdown(s)
+  assert "| router | 100.0 ± 0.0 | 136.0 |" in md and " b[+" in md
+  assert "fitted on the development questions and scored on the test ones" in md
+  # The development questions alone (reproduce.sh --dev_only, report --split=dev): the
+  # runs whose development evaluation finished, reported as such.
+  for seed in SEEDS:
+    open(os.path.join(workdir, "tokenflex", f"seed{seed}", "eval_dev.done"), "w").close()
+  dev_runs = experiment.collect(workdir, "dev")
+  assert {r.name for r in dev_runs} == {"tokenflex"} and len(dev_runs) == 3
+  dev = experiment.summarize(dev_runs, "cmd", 1.0, split="dev")
+  assert dev["evaluation_split"] == experiment.DEV_DESIGN
+  assert dev["eval_seeds"] == {"development": 777, "test": None}
+  with pytest.raises(ValueError, match="split must be one of"):
+    experiment.collect(workdir, "validation")
+
+
+def test_the_report_renders_the_paired_table_and_the_split_budget(workdir):
+  md = experiment_report.markdown(experiment.summarize(experiment.collect(workdir), "cmd", 1.0))
+  assert "## Paired differences per count and family" in md
+  assert "| tokenflex-fixed_256 | average |" in md and "| tokenflex-fixed_256 | marks |" in md
+  # Without a development evaluation the report says so.
+  assert "No development evaluation" in md

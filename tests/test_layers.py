@@ -7,8 +7,8 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "tokenflex_jax")
 # Lower imports lower or equal; docs/architecture.md draws the same order.
-LAYERS = {"errors": 0, "paths": 0, "entry": 0, "sharding": 0, "models": 1, "specs": 2,
-          "model_config": 2, "data": 3, "training": 4, "evaluation": 5, "app": 6,
+LAYERS = {"errors": 0, "paths": 0, "entry": 0, "sharding": 0, "hf_remote": 0, "models": 1,
+          "specs": 2, "model_config": 2, "data": 3, "training": 4, "evaluation": 5, "app": 6,
           "benchmarking": 7, "studies": 7}
 BINARIES = {"train", "pretrain_vision", "eval", "predict", "aot", "bench", "microbench",
             "gpu_check", "probe", "report", "crash_test", "convert", "score", "sweep",

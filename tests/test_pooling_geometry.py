@@ -61,3 +61,16 @@ def test_marks_need_more_tokens_than_tiles():
       pooling_geometry.markdown_table()
   with pytest.raises(ValueError, match="shape"):
     pooling_geometry.solvable_share("shape", 64)
+
+
+def test_stripes_carry_the_count_effect_too():
+  """A stripe is two windows tall at every count, so its width alone decides: solvable
+  more often than a mark of the same width at 64 tokens, and more with every trained
+  count."""
+  stripes = [pooling_geometry.solvable_share("stripes", n) for n in COUNTS]
+  marks = [pooling_geometry.solvable_share("marks", n) for n in COUNTS]
+  assert stripes[0] < stripes[2] < stripes[3] < stripes[4] == 1.0
+  assert stripes[0] > marks[0]
+  # An 8 x 3 stripe on a token column at 64 tokens: 3 of the window's 4 pixels wide.
+  assert pooling_geometry.solvable(3, 4, 4, 64, "adaptive_avg", height=8)
+  assert not pooling_geometry.solvable(2, 4, 4, 64, "adaptive_avg", height=8)

@@ -21,11 +21,11 @@ SMALL = ("--config.total_steps=3", "--config.batch_size=8", "--config.log_every=
          *(f for f in TINY_FLAGS if f.startswith(("--config.model.", "--config.optimizer."))))
 
 
-def _reproduce(workdir, out):
+def _reproduce(workdir, out, *options):
   return subprocess.run(
       ["bash", os.path.join(REPO, "launch", "reproduce.sh"), workdir, "--seeds=1",
-       "--models=fixed_64,tokenflex", "--examples_per_family=4", f"--out={out}", "--", *SMALL],
-      capture_output=True, text=True, timeout=900, cwd=REPO, env=ONE_DEVICE)
+       "--models=fixed_64,tokenflex", "--examples_per_family=4", f"--out={out}", *options,
+       "--", *SMALL], capture_output=True, text=True, timeout=900, cwd=REPO, env=ONE_DEVICE)
 
 
 def test_variants_change_only_what_they_name():
@@ -37,16 +37,35 @@ def test_variants_change_only_what_they_name():
     assert all(c.model.projector[k] == v for k, v in projector.items())
     c2 = reproduce.get_config(f"model={name},seed=0,stage=2").to_dict()
     differ = {k for k in base if base[k] != c2[k]}
-    assert differ <= {"token_counts", "token_probs", "model"}, (name, differ)
+    allowed = {"token_counts", "token_probs", "model"} | (
+        {"total_steps"} if name in reproduce.EQUAL_COMPUTE_STEPS else set())
+    assert differ <= allowed, (name, differ)
   assert set(base_config()) >= set(base)  # overrides only
   with pytest.raises(ValueError, match="model must be"):
     reproduce.get_config("model=nope")
+  # The development split: other questions (another eval seed) in their own folder.
+  dev = reproduce.get_config("model=tokenflex,seed=0,stage=2,split=dev")
+  assert (dev.eval.seed, dev.eval.tag, dev.eval.save_router) == (
+      reproduce.EVAL_SEEDS["development"], "dev", True)
+  assert reproduce.get_config("model=fixed_64,split=dev").eval.save_router is False
+  test = reproduce.get_config("model=tokenflex,seed=0,stage=2")
+  assert (test.eval.seed, test.eval.tag) == (reproduce.EVAL_SEEDS["test"], "")
 
 
 def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "docs")
-  first = _reproduce(workdir, out)
+  # First the development questions alone (choosing the recipe): no test question asked.
+  design = _reproduce(workdir, str(tmp_path / "design"), "--dev_only")
+  assert design.returncode == 0, design.stdout[-3000:] + design.stderr[-3000:]
+  d = json.load(open(tmp_path / "design" / "results.json"))
+  assert d["eval_seeds"] == {"development": reproduce.EVAL_SEEDS["development"], "test": None}
+  assert set(d["models"]) == {"fixed_64", "tokenflex"}
+  assert not os.path.exists(os.path.join(workdir, "tokenflex", "seed0", "eval.done"))
+  # Then the test questions: the trained stages are reused.
+  archive = str(tmp_path / "archive")
+  first = _reproduce(workdir, out, f"--archive={archive}")
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  assert "stage1" not in first.stdout and "tokenflex seed 0: eval" in first.stdout
   for name in ("results.md", "results.json", "results_accuracy.png", "results_budget.png"):
     assert os.path.getsize(os.path.join(out, name)) > 0, name
   s = json.load(open(os.path.join(out, "results.json")))
@@ -70,12 +89,32 @@ def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
   md = open(os.path.join(out, "results.md")).read()
   assert "## Verdict" in md and "| fixed_64 | 64 | swiglu, adaptive_avg | 1 |" in md
   walls = open(os.path.join(workdir, "wall_times.tsv")).read().splitlines()
-  assert len(walls) == 1 + 2 * 3  # stage 0, then stages 1, 2 and eval of each variant
+  assert len(walls) == 1 + 2 * 4  # stage 0, then stages 1, 2 and both evals of each variant
+  assert s["eval_seeds"] == {"development": reproduce.EVAL_SEEDS["development"],
+                             "test": reproduce.EVAL_SEEDS["test"]}
+  assert set(s["paired"]) == {"tokenflex-fixed_64"}
+  assert set(s["paired"]["tokenflex-fixed_64"]["families"]) == set(s["families"])
+  assert set(s["budget_split"]["rules"]) >= {"router", "log-probability", "family rule",
+                                             "oracle", "fixed_64", "fixed_256"}
+  assert os.path.exists(os.path.join(workdir, "tokenflex", "seed0", "stage2", "router.json"))
 
   again = _reproduce(workdir, out)  # everything finished: nothing reruns
   assert again.returncode == 0, again.stderr[-3000:]
   assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
   assert "stage1" not in again.stdout and "done:" in again.stdout
+
+  # The archive keeps the finished runs without checkpoints; another workdir (another
+  # session) takes them as finished and writes the same report without training.
+  kept = [os.path.relpath(os.path.join(d, f), archive)
+          for d, _, files in os.walk(archive) for f in files]
+  assert "tokenflex/seed0/stage2/router.json" in kept
+  assert "train/loss" in open(os.path.join(archive, "stage0_losses.txt")).read()
+  assert not [k for k in kept if "checkpoint" in k or k.startswith("stage0/")], kept
+  elsewhere = _reproduce(str(tmp_path / "w2"), str(tmp_path / "docs2"), f"--archive={archive}")
+  assert elsewhere.returncode == 0, elsewhere.stdout[-3000:] + elsewhere.stderr[-3000:]
+  assert "stage0" not in elsewhere.stdout and "stage1" not in elsewhere.stdout
+  s2 = json.load(open(tmp_path / "docs2" / "results.json"))
+  assert s2["models"] == s["models"] and s2["paired"] == s["paired"]
 
 
 @pytest.mark.parametrize("arg,message", [("--models=fixed_64,nope", "unknown variant 'nope'"),

@@ -179,7 +179,8 @@ def test_family_weights_pick_families():
                                  family_weights=(0.0, 1.0))["family"] for i in range(30)}
   assert got == {"marks"}
   got = {scenes.generate_example(0, i)["family"] for i in range(200)}
-  assert got == set(scenes.FAMILY_NAMES)
+  assert got == set(scenes.DEFAULT_FAMILIES)  # every family but the newer ones
+  assert set(scenes.FAMILY_NAMES) - got == {"stripes"}
 
 
 def test_scene_source_is_a_picklable_random_access_source():
@@ -201,3 +202,27 @@ def test_corpus_covers_every_emitted_string():
   for i in range(300):
     ex = scenes.generate_example(9, i)
     assert ex["question"] in corpus and ex["answer"] in corpus
+
+
+def test_stripes_paint_four_stripes_and_ask_the_left_one():
+  for i in range(20):
+    ex = scenes.generate_example(4, i, families=("stripes",))
+    assert ex["question"] == "What colour is the left stripe?"
+    marks = ex["object_map"] == scenes.MARK
+    ys, xs = np.nonzero(marks)
+    assert ys.max() - ys.min() + 1 == scenes.STRIPE_HEIGHT
+    width = (xs.max() - xs.min() + 1) // 4
+    assert width in scenes.STRIPE_WIDTHS
+    left = ex["color_map"][ys.min(), xs.min()]
+    assert scenes.COLOR_NAMES[left] == ex["answer"]
+    colours = [ex["color_map"][ys.min(), xs.min() + k * width] for k in range(4)]
+    assert len(set(colours)) == 4
+
+
+def test_visible_chance_counts_the_colours_a_guesser_sees():
+  # Four marks of distinct colours on a background: one in five.
+  assert scenes.visible_chance("marks") == pytest.approx(0.2)
+  assert scenes.visible_chance("stripes") == pytest.approx(0.2)
+  assert scenes.visible_chance("shape_color") == pytest.approx(0.5)  # shape + background
+  assert 0.5 < scenes.visible_chance("background") < 1.0  # a distractor half the time
+  assert scenes.visible_chance("count") == scenes.get_family("count").chance  # not a colour

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
@@ -19,7 +20,7 @@ from tokenflex_jax import errors, eval as eval_binary, predict
 from tokenflex_jax.app import cli, config_schema, run_tokenizer, trained_model
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data.tokenizer import Tokenizer
-from tokenflex_jax.evaluation import outputs
+from tokenflex_jax.evaluation import auto_budget, outputs
 from tokenflex_jax.train import train
 from tokenflex_jax.training import checkpointing
 
@@ -185,7 +186,8 @@ def test_eval_writes_results_with_the_schema(reference_run):
     assert os.path.getsize(os.path.join(out, name)) > 0
   with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
     saved = json.load(f)
-  assert saved == json.loads(json.dumps(results))
+  assert saved == json.loads(json.dumps(outputs.results_json(results)))
+  assert os.path.exists(os.path.join(out, outputs.QUESTIONS_FILE))  # the rest, beside it
   assert saved["step"] == TOTAL
   assert set(saved["families"]) == set(config.data.families)
   for info in saved["families"].values():
@@ -266,6 +268,55 @@ def test_eval_reports_the_automatic_budget(reference_run):
   out = os.path.join(workdir, "eval", "scenes", f"step_{TOTAL}")
   assert os.path.getsize(os.path.join(out, "budget.png")) > 0
   assert "| oracle |" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+
+
+def test_a_router_saved_by_eval_decides_predicts_budget(reference_run, tmp_path):
+  workdir, config, _ = reference_run
+  config = copy.deepcopy(config)
+  config.eval.overwrite, config.eval.save_router = True, True
+  with pytest.raises(errors.ConfigError, match="config.eval.save_router"):
+    eval_binary.run_eval(config, workdir)  # (64, 100): one trained count, no router
+  config.eval.token_counts, config.eval.seed = (64, 144), 7  # a development seed
+  path = os.path.join(workdir, "router.json")
+  try:
+    results = eval_binary.run_eval(config, workdir)
+    # Every question's record: its family, and per count its credit and confidence.
+    record = outputs.read_questions(os.path.join(workdir, "eval", "scenes", f"step_{TOTAL}",
+                                                 outputs.QUESTIONS_FILE))
+    assert record["counts"] == [64, 144] and len(record["prompts"]) == len(record["families"])
+    for c in (64, 144):
+      for family, accuracy in results["results"][str(c)]["families"].items():
+        assert record["credit"][c][record["families"] == family].mean() == pytest.approx(
+            accuracy)
+      assert record["seconds"][c] > 0 and np.all(record["confidence"][c] <= 0)
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    assert saved == results["router"]
+    assert saved["fitted_on"]["step"] == TOTAL and saved["fitted_on"]["eval_seed"] == 7
+    assert saved["counts"] == [64, 144]
+    router = auto_budget.Router.from_json(saved)
+    example = scenes.generate_example(5, 0, families=("marks",))
+    image = str(tmp_path / "scene.png")
+    Image.fromarray(example["image"]).save(image)
+    question = example["question"]
+    at_64 = predict.predict(workdir, image, question, num_tokens=64)
+    tokenizer = Tokenizer(os.path.join(workdir, "tokenizer.model"))
+    prompt = np.asarray([tokenizer.prompt_ids(question, config.data.image_first)])
+    stops = router.stops(64, prompt, np.asarray([at_64.confidence]))[0]
+    auto = predict.predict(workdir, image, question, "auto")
+    assert auto.signal == "router"
+    assert auto.num_tokens == (64 if stops else 144)
+    assert auto.visual_tokens == (64 if stops else 64 + 144)
+    for threshold, count in ((None, 144), (-2.0, 64)):  # never / always stops at 64
+      with open(path, "w", encoding="utf-8") as f:
+        json.dump({**saved, "threshold": threshold}, f)
+      assert predict.predict(workdir, image, question, "auto").num_tokens == count
+    with open(path, "w", encoding="utf-8") as f:  # fitted on another step: not used
+      json.dump({**saved, "fitted_on": {**saved["fitted_on"], "step": TOTAL - 1}}, f)
+    assert predict.predict(workdir, image, question, "auto").signal == "log-probability"
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
 
 
 def test_eval_refuses_a_config_describing_another_model(reference_run):

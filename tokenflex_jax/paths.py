@@ -9,6 +9,7 @@ and files cannot be appended to; what that changes is said where it matters
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -80,3 +81,8 @@ def build_into(data_dir: str, build: Callable[[str], Any]) -> Any:
   if isinstance(out, str) and out.startswith(local):
     out = data_dir.rstrip("/") + out[len(local):]
   return out
+
+
+def write_json(path: str | os.PathLike, value: object) -> None:
+  """``value`` as indented UTF-8 JSON, written with `write_atomically`."""
+  write_atomically(path, json.dumps(value, indent=2, ensure_ascii=False).encode("utf-8"))

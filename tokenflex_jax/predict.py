@@ -4,9 +4,13 @@ r"""Answers one question about one image with a trained checkpoint.
       --question="What colour is the background?" --num_tokens=144 [--config=...]
 
 ``--num_tokens=auto`` chooses the budget per question: the ViT runs once, the model
-answers at the smallest trained count (``config.token_counts``, or the ladder
-``config.eval.auto_counts``) and again at the next while the answer's mean token
-log-probability is under ``config.eval.auto_threshold`` (see `evaluation.auto_budget`).
+answers at the smallest count and again at the next while unsure. With a router saved
+for this checkpoint (WORKDIR/router.json, written by ``eval --config.eval.save_router``)
+it escalates over the router's counts while the router expects the next count to do
+better by less than its threshold; without one, over the trained counts
+(``config.token_counts``, or the ladder ``config.eval.auto_counts``) while the answer's
+mean token log-probability is under ``config.eval.auto_threshold`` (see
+`evaluation.auto_budget`).
 
 Without ``--config`` the workdir's own config is used (``--config.a.b=V`` overrides apply
 to it); with it, it must describe the same model (the rule of every binary, `cli`).
@@ -15,17 +19,19 @@ to it); with it, it must describe the same model (the rule of every binary, `cli
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 
 from tokenflex_jax import errors, sharding
 from tokenflex_jax.app import cli, config_checks, config_schema, trained_model
 from tokenflex_jax.data import images
 from tokenflex_jax.data.pipeline import normalize_image
-from tokenflex_jax.evaluation import auto_budget
+from tokenflex_jax.evaluation import auto_budget, outputs
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
@@ -48,12 +54,15 @@ class Answer:
   num_tokens: int       # the count that answered
   confidence: float     # its mean token log-probability
   visual_tokens: int    # spent over every attempt
+  signal: str = ""      # what decided the budget: "router", "log-probability" or ""
 
 
 def answer(trained: trained_model.TrainedModel, image: np.ndarray, prompts: np.ndarray,
-           counts: Sequence[int], threshold: float, max_new_tokens: int) -> Answer:
+           counts: Sequence[int], threshold: float, max_new_tokens: int,
+           router: auto_budget.Router | None = None) -> Answer:
   """Answers at ``counts[0]``, then at each next count while the confidence is under
-  ``threshold``. image: f32 [1, H, W, 3]; prompts: i32 [1, P]. The ViT runs once."""
+  ``threshold`` (with a ``router``: while it does not stop). image: f32 [1, H, W, 3];
+  prompts: i32 [1, P]. The ViT runs once."""
   tokenizer, model = trained.tokenizer, trained.model
   generate = jax.jit(make_generate(model, max_new_tokens, tokenizer.eos_id, tokenizer.pad_id),
                      static_argnums=3)
@@ -63,10 +72,30 @@ def answer(trained: trained_model.TrainedModel, image: np.ndarray, prompts: np.n
   for n in counts:
     out, confidence = generate(trained.params, None, prompts, n, patches)
     spent += n
-    confidence = float(confidence[0])
-    if confidence >= threshold:
+    if router is not None:
+      stop = bool(router.stops(n, prompts, np.asarray(confidence, np.float64))[0])
+    else:
+      stop = float(confidence[0]) >= threshold
+    if stop:
       break
-  return Answer(tokenizer.decode(np.asarray(out)[0].tolist()).strip(), n, confidence, spent)
+  signal = "" if len(counts) == 1 else "router" if router is not None else "log-probability"
+  return Answer(tokenizer.decode(np.asarray(out)[0].tolist()).strip(), n,
+                float(confidence[0]), spent, signal)
+
+
+def saved_router(workdir: str, step: int) -> auto_budget.Router | None:
+  """WORKDIR/router.json when it was fitted on checkpoint ``step``; None (logged) when
+  there is none or it is of another step."""
+  path = epath.Path(workdir) / outputs.ROUTER_FILE
+  if not path.exists():
+    return None
+  router = auto_budget.Router.from_json(json.loads(path.read_text()))
+  if router.fitted_on.get("step") != step:
+    logging.warning("%s was fitted on step %s, not the checkpoint's %d: not used (run eval "
+                    "--config.eval.save_router=True again)", path, router.fitted_on.get("step"),
+                    step)
+    return None
+  return router
 
 
 def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
@@ -88,12 +117,15 @@ def predict(workdir: str, image_path: str, question: str, num_tokens: int | str,
                              f"got {num_tokens!r}")
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules, step)
+  router = saved_router(workdir, trained.step) if num_tokens == "auto" else None
+  if router is not None:
+    counts = list(router.counts)
   image = normalize_image(load_image(image_path, config.data.image_size))[None]
   image_first = config.data.image_first
   prompts = encode_prompts(trained.tokenizer, [question],
                            len(trained.tokenizer.prompt_ids(question, image_first)), image_first)
   with sharding.mesh_rules(mesh, rules):
-    return answer(trained, image, prompts, counts, threshold, max_new_tokens)
+    return answer(trained, image, prompts, counts, threshold, max_new_tokens, router)
 
 
 def main() -> None:
@@ -111,8 +143,9 @@ def main() -> None:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     result = predict(workdir.value, image.value, question.value, num_tokens.value, step.value,
                      max_new.value, config_schema.loaded(config))
-    logging.info("answered at %d visual tokens (%d spent), confidence %.3f",
-                 result.num_tokens, result.visual_tokens, result.confidence)
+    logging.info("answered at %d visual tokens (%d spent), confidence %.3f%s",
+                 result.num_tokens, result.visual_tokens, result.confidence,
+                 f", budget by the {result.signal}" if result.signal else "")
     print(result.text)
 
   cli.run_main(run)

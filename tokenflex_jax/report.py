@@ -2,10 +2,11 @@ r"""Writes the reproduction's report from a `launch/reproduce.sh` workdir, or re
 again from a results.json it wrote.
 
   python -m tokenflex_jax.report --workdir=workdirs/reproduce --out=docs \
-      [--runs_revision=SHA]
+      [--runs_revision=SHA] [--split=dev]
   python -m tokenflex_jax.report --from_json=docs/results.json --out=docs
 
-Reads every evaluated variant and seed (see `studies.experiment`) and writes
+Reads every evaluated variant and seed (see `studies.experiment`; with ``--split=dev``
+their development evaluations alone) and writes
 OUT/results.md, results.json, results_accuracy.png and results_budget.png. The summary
 records this checkout's git revision (``revision.report``) and, given
 ``--runs_revision``, the one the runs trained at (``revision.runs``). ``--from_json``
@@ -52,14 +53,16 @@ def _publish(summary: dict, out: str, what: str) -> dict:
   return summary
 
 
-def write_report(workdir: str, out: str, runs_revision: str | None = None) -> dict:
-  """Summarizes ``workdir``'s runs into ``out``; returns the summary (results.json)."""
-  runs = experiment.collect(workdir)
+def write_report(workdir: str, out: str, runs_revision: str | None = None,
+                 split: str = "test") -> dict:
+  """Summarizes ``workdir``'s runs on ``split``'s questions into ``out``; returns the
+  summary (results.json)."""
+  runs = experiment.collect(workdir, split)
   command_file = os.path.join(workdir, "command.txt")
   command = open(command_file, encoding="utf-8").read() if os.path.exists(command_file) else ""
   wall = sum(experiment.wall_times(workdir).values())
   summary = experiment.summarize(runs, command, wall,
-                                 {**code_revision(), "runs": runs_revision or None})
+                                 {**code_revision(), "runs": runs_revision or None}, split)
   return _publish(summary, out, f"{len(runs)} runs of {len(summary['models'])} variants")
 
 
@@ -88,6 +91,9 @@ def main() -> None:
   out = flags.DEFINE_string("out", "docs", "Directory for results.md, results.json, plots.")
   runs_revision = flags.DEFINE_string(
       "runs_revision", None, "The git revision the runs trained at (recorded as such).")
+  split = flags.DEFINE_enum("split", "test", experiment.SPLITS,
+                            "The questions to report: the test ones, or the development "
+                            "ones alone (for choosing the recipe, never for claims).")
   flags.mark_flags_as_mutual_exclusive(["workdir", "from_json"], required=True)
 
   def run(argv) -> None:
@@ -95,7 +101,7 @@ def main() -> None:
     if from_json.value:
       render_json(from_json.value, out.value, runs_revision.value)
     else:
-      write_report(workdir.value, out.value, runs_revision.value)
+      write_report(workdir.value, out.value, runs_revision.value, split.value)
   cli.run_main(run)
 
 

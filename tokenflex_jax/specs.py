@@ -120,10 +120,13 @@ class EvalSpec:
   max_prompt_length: int
   max_new_tokens: int
   seed: int
+  tag: str
   checkpoint_step: int
   overwrite: bool
   auto_threshold: float
   auto_counts: tuple[int, ...]
+  router_tolerance: float
+  save_router: bool
 
 
 @_frozen

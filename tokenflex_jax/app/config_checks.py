@@ -19,6 +19,7 @@ builds the VLM from a tokenizer calls it before compiling.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -170,8 +171,12 @@ def trained_counts(problems: "Problems", config: RunSpec, facts: Facts) -> None:
 def evaluation(problems: "Problems", config: RunSpec, facts: Facts, context: str = "") -> None:
   """``config.eval``: its token counts as `trained_counts`; its batch as the global
   batch; a known suite (with ``data_path`` for a file); ``auto_counts`` among the
-  trained and evaluated counts. ``context`` ends each suite line."""
+  trained and evaluated counts; a ``tag`` that names one folder. ``context`` ends each
+  suite line."""
   facts.counts(problems, "config.eval.token_counts", tuple(config.eval.token_counts))
+  if config.eval.tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", config.eval.tag):
+    problems.add(f"config.eval.tag={config.eval.tag!r}: letters, digits, '_', '.' and '-' "
+                 "only (it names a folder)")
   facts.batch_divisible(problems, "config.eval.batch_size", config.eval.batch_size)
   problems.check(evaluator.check_suite, config, context=context)
   if len(set(config.token_counts) & set(config.eval.token_counts)) >= 2:

@@ -20,6 +20,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from tokenflex_jax import errors, sharding, specs
+from tokenflex_jax.data import scenes
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -45,7 +46,10 @@ def base_config() -> ConfigDict:
       tie_embeddings=True, dtype="float32",
       # RoPE scaling as in a Hugging Face config (see models/llm.py): none by default.
       rope_type="default", rope_factor=1.0, rope_low_freq_factor=1.0,
-      rope_high_freq_factor=4.0, rope_original_max_positions=8192))
+      rope_high_freq_factor=4.0, rope_original_max_positions=8192,
+      # The longest sequence the LLM supports (its max_position_embeddings): read at
+      # import, written at export; it changes no parameter.
+      max_positions=32768))
   # Performance flags for the ViT blocks and LLM layers; the parameter tree (weights
   # stacked per layer) is the same whatever they say. remat_policy: what the backward
   # pass keeps of each layer, "none" (everything) | "dots" (matmul outputs) | "full"
@@ -74,8 +78,7 @@ def base_config() -> ConfigDict:
   c.data.seed = 1
   c.data.image_size = c.model.vit.get_ref("image_size")
   c.data.num_examples = 1_000_000   # size of the procedural train split
-  c.data.families = ("background", "shape_color", "shape", "count", "quadrant", "tiles",
-                     "marks")      # procedural question families and their weights
+  c.data.families = scenes.DEFAULT_FAMILIES  # procedural question families, their weights
   c.data.family_weights = (0.5, 0.5, 1.0, 1.0, 1.0, 1.0, 1.5)
   c.data.max_text_length = 24       # prompt + answer tokens, padded
   # The <image> placeholder before the question (True) or after it, where the visual
@@ -162,6 +165,8 @@ def base_config() -> ConfigDict:
   c.eval.max_prompt_length = 20
   c.eval.max_new_tokens = 4
   c.eval.seed = 12345
+  # Set: results go to WORKDIR/eval/<suite>_<tag>/ (e.g. "dev" for a development seed).
+  c.eval.tag = ""
   c.eval.checkpoint_step = -1       # -1: the latest
   c.eval.overwrite = False          # replace an existing evaluation of that suite and step
   # predict --num_tokens=auto: answer at the smallest trained count, escalate to the
@@ -170,6 +175,12 @@ def base_config() -> ConfigDict:
   # The counts it escalates over, ascending; () = the trained counts. The eval binary
   # also reports every other order (e.g. 64 -> 256, skipping 144) in results.json.
   c.eval.auto_counts = ()
+  # The router (evaluation/auto_budget.py): its threshold is the cheapest whose accuracy
+  # on the evaluated questions is within this of the best; save_router also writes it to
+  # WORKDIR/router.json, where predict --num_tokens=auto uses it (evaluate on a
+  # development seed for that, not on the questions you report).
+  c.eval.router_tolerance = 0.01
+  c.eval.save_router = False
   return c
 
 

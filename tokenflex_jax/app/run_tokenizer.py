@@ -70,6 +70,6 @@ def prepare(config: RunSpec, workdir: str) -> ChatTokenizer:
   path = tokenizer_path(config, workdir)
   if not epath.Path(path).exists() and not t.path:
     _inherit(config, path)
-  tokenizer = ensure_tokenizer(path)
+  tokenizer = ensure_tokenizer(path, tuple(config.data.families))
   logging.info("tokenizer %s: %d pieces", path, tokenizer.vocab_size)
   return tokenizer

@@ -49,16 +49,21 @@ def op_names(hlo_text: str) -> dict[str, str]:
 
 def summarize(events: list[dict[str, Any]], calls: int, sources: dict[str, str],
               top: int = 15) -> dict[str, Any]:
-  """{"calls", "groups_ms": {group: ms per call}, "top_ops": [{"op", "group", "ms",
-  "source"}]} from Perfetto trace events (complete events, microseconds)."""
+  """{"calls", "groups_ms": {group: ms per call}, "sourced_ms": {group: ms per call of
+  the ops whose JAX source is known}, "top_ops": [{"op", "group", "ms", "source"}]} from
+  Perfetto trace events (complete events, microseconds)."""
   per_op: collections.Counter[str] = collections.Counter()
   for e in events:
     if e.get("ph") == "X" and not e["name"].startswith(_NOT_OPS):
       per_op[e["name"]] += e.get("dur", 0) / 1e3 / calls
   groups: collections.Counter[str] = collections.Counter()
+  sourced: collections.Counter[str] = collections.Counter()
   for op, ms in per_op.items():
     groups[group(op)] += ms
+    if sources.get(op):
+      sourced[group(op)] += ms
   return {"calls": calls, "groups_ms": dict(groups.most_common()),
+          "sourced_ms": dict(sourced.most_common()),
           "top_ops": [{"op": op, "group": group(op), "ms": ms, "source": sources.get(op, "")}
                       for op, ms in per_op.most_common(top)]}
 

@@ -1,27 +1,33 @@
-r"""Converts Hugging Face towers into a workdir the train binary starts from, and back.
+r"""Converts Hugging Face checkpoints into a workdir the train binary starts from, and
+a trained workdir into a Hugging Face folder.
 
-Import (a SigLIP vision tower and/or a Qwen2 / Llama LLM):
+Import towers (a SigLIP vision tower and/or a Qwen2 / Llama LLM):
 
   python -m tokenflex_jax.convert --config=configs/demo.py --workdir=/ckpt/start \
       --vision=/models/siglip-so400m-patch14-384 --llm=/models/Qwen2.5-7B-Instruct
 
 writes an Orbax checkpoint WORKDIR/checkpoints/0 with params {"vit", "llm"} (each tensor
 read, converted and placed on the mesh of --config with its sharding one at a time (a
-per-layer weight with all its layers stacked), so
-no host holds the whole model) and WORKDIR/model_overrides.txt, the
-``--config.model.*`` flags that make the config's model shape match the converted one
-(not its compute dtype: a checkpoint's storage dtype is not the run's, so
-``config.model.*.dtype`` stays the config's). Then:
+per-layer weight with all its layers stacked), so no host holds the whole model) and
+WORKDIR/model_overrides.txt, the ``--config.model.*`` flags that make the config's model
+shape match the converted one (not its compute dtype: a checkpoint's storage dtype is
+not the run's, so ``config.model.*.dtype`` stays the config's). Then:
 
   python -m tokenflex_jax.train --config=... $(cat /ckpt/start/model_overrides.txt) \
       --config.init.checkpoint=/ckpt/start --workdir=/runs/stage1
 
-Export (a trained workdir's ViT and LLM to Hugging Face directories /out/vision and
-/out/llm, and every weight of the VLM, projector included, in our layout to /out/vlm):
+Export (the workdir's own config, as every binary without ``--config``): the whole
+trained VLM as one folder transformers loads with ``trust_remote_code=True``
+(`app.hf_export`), and with ``--towers_to`` its ViT and LLM as plain SigLIP and
+Qwen2 / Llama folders:
 
-  python -m tokenflex_jax.convert --workdir=/runs/stage3 --export_to=/out
+  python -m tokenflex_jax.convert --workdir=/runs/stage3 --export_to=/out/tokenflex \
+      [--towers_to=/out/towers]
 
-(the workdir's own config, as every binary without ``--config``).
+Import such a folder back (params {"vit", "projector", "llm"}, bit-exact):
+
+  python -m tokenflex_jax.convert --config=configs/demo.py --workdir=/ckpt/again \
+      --vlm=/out/tokenflex
 """
 
 from __future__ import annotations
@@ -34,17 +40,19 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from tokenflex_jax import sharding, specs
-from tokenflex_jax.app import cli, config_checks, config_schema, trained_model
+from tokenflex_jax import sharding
+from tokenflex_jax.app import cli, config_checks, config_schema, hf_export, trained_model
 from tokenflex_jax.models import hf
 from tokenflex_jax.models.llm import LLM, LLMConfig
 from tokenflex_jax.models.vit import ViT, ViTConfig
+from tokenflex_jax.models.vlm import VLM, VLMConfig
 from tokenflex_jax.specs import RunSpec
 from tokenflex_jax.training import checkpointing, compiled, steps
 
 OVERRIDES_FILE = "model_overrides.txt"
 OPTIONAL_LLM_FIELDS = ("rope_type", "rope_factor", "rope_low_freq_factor",
-                       "rope_high_freq_factor", "rope_original_max_positions")
+                       "rope_high_freq_factor", "rope_original_max_positions",
+                       "max_positions")
 # How the run computes, not what the checkpoint holds: never written as an override.
 COMPUTE_FIELDS = ("dtype",)
 
@@ -86,11 +94,50 @@ def overrides(vit: ViTConfig | None, llm: LLMConfig | None) -> list[str]:
   return flags_out
 
 
+def vlm_overrides(config: VLMConfig) -> list[str]:
+  """`overrides` of the towers plus the projector's fields and the visual positions."""
+  flags_out = overrides(config.vit, config.llm)
+  for k, v in dataclasses.asdict(config.projector).items():
+    if k not in COMPUTE_FIELDS:
+      flags_out.append(f"--config.model.projector.{k}={v}")
+  flags_out += [f"--config.model.visual_position_span={config.visual_position_span}",
+                f"--config.model.visual_position_layout={config.visual_position_layout}"]
+  return flags_out
+
+
+def _write_start(workdir: str, params: dict, converted_from: dict[str, str],
+                 flags_out: list[str]) -> None:
+  """Checkpoint 0 of ``workdir`` and its overrides file."""
+  os.makedirs(workdir, exist_ok=True)
+  with checkpointing.make_manager(workdir, asynchronous=False) as manager:
+    checkpointing.save_params(manager, 0, params, {"step": 0, "converted_from": converted_from})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, OVERRIDES_FILE), "w", encoding="utf-8") as f:
+      f.write("\n".join(flags_out) + "\n")
+  logging.info("wrote %s/checkpoints/0 and %s", workdir, OVERRIDES_FILE)
+
+
+def import_folder(config: config_schema.ConfigDict | RunSpec, workdir: str, vlm_dir: str
+                  ) -> list[str]:
+  """Writes an exported TokenFLEX folder's weights as checkpoint 0 of ``workdir``
+  (placed on the mesh of ``config``); returns the overrides of its model."""
+  config = config_schema.to_spec(config)
+  mesh, rules = sharding.mesh_from_config(config)
+  vlm_cfg = hf.vlm_config_from_hf(hf.read_config(vlm_dir))
+  size = vlm_cfg.vit.image_size
+  example = (jnp.zeros((1, size, size, 3)), jnp.zeros((1, 8), jnp.int32), config.token_counts[0])
+  _, params = hf.import_vlm(vlm_dir, _placer(_shardings(VLM(vlm_cfg), example, mesh, rules)))
+  flags_out = vlm_overrides(vlm_cfg)
+  _write_start(workdir, params, {"vlm": vlm_dir}, flags_out)
+  return flags_out
+
+
 def import_towers(config: config_schema.ConfigDict | RunSpec, workdir: str,
                   vision_dir: str | None, llm_dir: str | None) -> list[str]:
   """Writes the converted towers as checkpoint 0 of ``workdir``; returns the overrides."""
   if not vision_dir and not llm_dir:
-    raise app.UsageError("give --vision and/or --llm (Hugging Face model directories)")
+    raise app.UsageError("give --vision and/or --llm (Hugging Face model directories), "
+                         "--vlm (an exported TokenFLEX folder) or --export_to / --towers_to")
   config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config)
   params, vit_cfg, llm_cfg = {}, None, None
@@ -106,30 +153,34 @@ def import_towers(config: config_schema.ConfigDict | RunSpec, workdir: str,
     _, params["llm"] = hf.import_llm(
         llm_dir, _placer(_shardings(LLM(llm_cfg), (tokens,), mesh, rules)))
     logging.info("imported the LLM from %s: %s", llm_dir, llm_cfg)
-  os.makedirs(workdir, exist_ok=True)
-  with checkpointing.make_manager(workdir, asynchronous=False) as manager:
-    checkpointing.save_params(manager, 0, params, {"step": 0, "converted_from": {
-        "vision": vision_dir or "", "llm": llm_dir or ""}})
   flags_out = overrides(vit_cfg, llm_cfg)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, OVERRIDES_FILE), "w", encoding="utf-8") as f:
-      f.write("\n".join(flags_out) + "\n")
-  logging.info("wrote %s/checkpoints/0 and %s", workdir, OVERRIDES_FILE)
+  _write_start(workdir, params, {"vision": vision_dir or "", "llm": llm_dir or ""}, flags_out)
   return flags_out
 
 
-def export_towers(config: config_schema.ConfigDict | RunSpec, workdir: str, out_dir: str,
-                  llm_type: str) -> None:
-  """Writes the workdir's latest ViT and LLM as Hugging Face directories under out_dir,
-  and every weight of the VLM (projector included) in our layout under out_dir/vlm."""
+def export(config: config_schema.ConfigDict | RunSpec, workdir: str, out_dir: str | None,
+           towers_dir: str | None, llm_type: str) -> None:
+  """The workdir's latest checkpoint as a Hugging Face folder at ``out_dir``
+  (`hf_export.export_folder`) and/or its ViT and LLM as SigLIP and Qwen2 / Llama folders
+  under ``towers_dir``; ``llm_type`` "" picks qwen2 for an LLM with q/k/v biases, else
+  llama."""
   config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules)
+  model = trained.model.config
+  llm_type = llm_type or ("qwen2" if model.llm.qkv_bias else "llama")
   host = jax.tree.map(jax.device_get, trained.params)
-  hf.export_vision(trained.model.config.vit, host["vit"], os.path.join(out_dir, "vision"))
-  hf.export_llm(trained.model.config.llm, host["llm"], os.path.join(out_dir, "llm"), llm_type)
-  hf.export_vlm(host, specs.as_dict(config.model), os.path.join(out_dir, "vlm"))
-  logging.info("exported step %d of %s to %s/{vision,llm,vlm}", trained.step, workdir, out_dir)
+  if jax.process_index() != 0:
+    return
+  if out_dir:
+    hf_export.export_folder(model, host, trained.tokenizer, out_dir, llm_type,
+                            config.token_counts, config.eval.max_new_tokens)
+    logging.info("exported step %d of %s to %s", trained.step, workdir, out_dir)
+  if towers_dir:
+    hf.export_vision(model.vit, host["vit"], os.path.join(towers_dir, "vision"))
+    hf.export_llm(model.llm, host["llm"], os.path.join(towers_dir, "llm"), llm_type)
+    logging.info("exported the towers of step %d of %s to %s/{vision,llm}", trained.step,
+                 workdir, towers_dir)
 
 
 def main() -> None:
@@ -137,9 +188,15 @@ def main() -> None:
   process_flags = cli.define_distributed_flags()
   vision = flags.DEFINE_string("vision", None, "Hugging Face SigLIP directory to import.")
   llm = flags.DEFINE_string("llm", None, "Hugging Face Qwen2/Llama directory to import.")
-  export_to = flags.DEFINE_string("export_to", None,
-                                  "Export the workdir's ViT and LLM here instead of importing.")
-  llm_type = flags.DEFINE_enum("llm_type", "qwen2", hf.LLM_TYPES, "Exported LLM family.")
+  vlm = flags.DEFINE_string("vlm", None, "An exported TokenFLEX folder to import.")
+  export_to = flags.DEFINE_string(
+      "export_to", None, "Export the workdir's model here as a Hugging Face folder.")
+  towers_to = flags.DEFINE_string(
+      "towers_to", None, "Export the workdir's ViT and LLM here as SigLIP and Qwen2/Llama "
+      "folders (vision/, llm/).")
+  llm_type = flags.DEFINE_enum("llm_type", "", ("",) + hf.LLM_TYPES,
+                               "Exported LLM family; default: qwen2 with q/k/v biases, "
+                               "else llama.")
 
   def run(argv):
     if len(argv) > 1:
@@ -147,10 +204,13 @@ def main() -> None:
     spec = config_schema.to_spec(config_schema.loaded(config))
     cli.start_processes(*process_flags)
     # Before anything is read or written.
-    config_checks.check(spec, config_checks.PREDICT if export_to.value
+    exporting = bool(export_to.value or towers_to.value)
+    config_checks.check(spec, config_checks.PREDICT if exporting
                         else config_checks.IMPORT_TOWERS)
-    if export_to.value:
-      export_towers(spec, workdir.value, export_to.value, llm_type.value)
+    if exporting:
+      export(spec, workdir.value, export_to.value, towers_to.value, llm_type.value)
+    elif vlm.value:
+      print("\n".join(import_folder(spec, workdir.value, vlm.value)))
     else:
       print("\n".join(import_towers(spec, workdir.value, vision.value, llm.value)))
 

@@ -138,6 +138,11 @@ class IdTemplateTokenizer(ChatTokenizerBase):
     self._sp = spm.SentencePieceProcessor(model_proto=path.read_bytes())
     return self._sp
 
+  @property
+  def sentencepiece(self) -> spm.SentencePieceProcessor:
+    """The loaded model (its pieces, scores and kinds)."""
+    return self._sp
+
   def encode(self, text: str) -> list[int]:
     """Text -> piece ids, without bos/eos."""
     return self._sp.encode(text)

@@ -227,6 +227,23 @@ class HFTokenizer(ChatTokenizerBase):
     pad = specials["pad_token"] or next((t for t in PAD_CANDIDATES if t in added), "")
     return self._jinja.end_of_turn, pad, self._jinja.trims
 
+  @property
+  def template_name(self) -> str:
+    """The hand-written template's name ("chatml", "llama3"); "" for the file's own."""
+    return self._template.name if self._template else ""
+
+  @property
+  def system_prompt(self) -> str | None:
+    """The system turn added to conversations without one (None: none added)."""
+    return self._system
+
+  @property
+  def image_token(self) -> str:
+    return self._image_token
+
+  def id_to_token(self, i: int) -> str:
+    return self._tok.id_to_token(i)
+
   def _token_id(self, token: str, what: str, added: dict[str, int]) -> int:
     """The single id of ``token``; ValueError naming the file when it has none."""
     i = self._tok.token_to_id(token) if token else None

@@ -12,15 +12,19 @@ n x n visual tokens (each token averages a window of about 32/n pixels):
   survives pooling at every count (``shape``, ``count``, ``quadrant``), and ``tiles``;
 - budget-graded: ``tiles`` (medium) and ``marks`` (fine) ask the colour of the top-left
   mark of a 2x2 block of marks of distinct colours, each mark m x m pixels (tiles: m in
-  4..6, marks: 2..4) at a random place. A mark's colour survives pooling when some visual
-  token is mostly (> 50%) that mark, which needs windows no wider than about the mark:
-  the share of solvable questions grows with the count (`studies/pooling_geometry.py` computes
-  it exactly; docs/data.md has the table).
+  4..6, marks: 2..4) at a random place; ``stripes`` (fine) the colour of the left one of
+  four adjacent stripes of distinct colours, each w pixels wide (2..4) and 8 tall. A
+  mark's or stripe's colour survives pooling when some visual token is mostly (> 50%)
+  that mark, which needs windows no wider than about the mark: the share of solvable
+  questions grows with the count (`studies/pooling_geometry.py` computes it exactly;
+  docs/data.md has the table). A stripe is as tall as two windows even at 64 tokens, so
+  only its width limits it: it resolves at fewer tokens than a mark of the same width.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -94,9 +98,11 @@ class _Canvas:
               | ((np.abs(dy) <= arm) & (np.abs(dx) <= half)))
     raise ValueError(f"not a shape id: {kind}")
 
-  def box_mask(self, y: int, x: int, side: int) -> np.ndarray:
-    """Bool [H, W]: the side x side square of base pixels with top-left (y, x)."""
-    return (self.cy >= y) & (self.cy < y + side) & (self.cx >= x) & (self.cx < x + side)
+  def box_mask(self, y: int, x: int, height: int, width: int | None = None) -> np.ndarray:
+    """Bool [H, W]: the height x width (default: square) box of base pixels with top-left
+    (y, x)."""
+    width = height if width is None else width
+    return (self.cy >= y) & (self.cy < y + height) & (self.cx >= x) & (self.cx < x + width)
 
 
 def _other_colors(rng: np.random.Generator, exclude: int, n: int) -> np.ndarray:
@@ -199,6 +205,22 @@ def _mark_block(c: _Canvas, bg: int, sides: tuple[int, ...], noun: str) -> tuple
   return f"What colour is the top left {noun}?", COLOR_NAMES[int(colors[0])]
 
 
+STRIPE_WIDTHS: tuple[int, ...] = (2, 3, 4)
+STRIPE_HEIGHT = 8
+
+
+def _stripes(c: _Canvas, bg: int) -> tuple[str, str]:
+  # Four adjacent vertical stripes of distinct colours; the question asks the left one,
+  # which pooling mixes with its neighbour unless some token's window lies mostly in it.
+  width = int(c.rng.choice(STRIPE_WIDTHS))
+  y0 = int(c.rng.choice(BLOCK_ANCHORS))
+  x0 = int(c.rng.choice(block_anchors(width)))
+  colors = _other_colors(c.rng, bg, 4)
+  for k, color in enumerate(colors):
+    c.paint(c.box_mask(y0, x0 + k * width, STRIPE_HEIGHT, width), int(color), MARK)
+  return "What colour is the left stripe?", COLOR_NAMES[int(colors[0])]
+
+
 def _tiles(c: _Canvas, bg: int) -> tuple[str, str]:
   return _mark_block(c, bg, TILE_SIDES, "tile")
 
@@ -237,8 +259,14 @@ FAMILIES: tuple[Family, ...] = (
             COLOR_NAMES, _quadrant),
     _family("tiles", "medium", ("What colour is the top left tile?",), COLOR_NAMES, _tiles),
     _family("marks", "fine", ("What colour is the top left mark?",), COLOR_NAMES, _marks),
+    _family("stripes", "fine", ("What colour is the left stripe?",), COLOR_NAMES, _stripes),
 )
 FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in FAMILIES)
+# The suite a run asks by default (config.data.families' default, the TFDS build's, the
+# project tokenizer's corpus): every family but those added since (``stripes``), so that
+# adding a family changes no existing run.
+DEFAULT_FAMILIES: tuple[str, ...] = ("background", "shape_color", "shape", "count",
+                                     "quadrant", "tiles", "marks")
 
 
 def get_family(name: str) -> Family:
@@ -247,6 +275,20 @@ def get_family(name: str) -> Family:
     if family.name == name:
       return family
   raise ValueError(f"unknown question family {name!r}; known: {', '.join(FAMILY_NAMES)}")
+
+
+@functools.lru_cache(maxsize=None)
+def visible_chance(name: str, examples: int = 200) -> float:
+  """The accuracy of a guesser who sees which colours an image holds but not where: for
+  a family answered by a colour, the mean over ``examples`` of 1 / (colours in the
+  image); otherwise `Family.chance` (uniform over the answers). A ``marks`` block shows
+  four colours on a background, so its guesser is right one time in five, not in eight."""
+  family = get_family(name)
+  if family.answers != COLOR_NAMES:
+    return family.chance
+  shares = [1.0 / len(np.unique(generate_example(0, i, families=(name,))["color_map"]))
+            for i in range(examples)]
+  return float(np.mean(shares))
 
 
 def family_probs(families: tuple[str, ...],
@@ -268,7 +310,7 @@ def family_probs(families: tuple[str, ...],
 
 
 def generate_example(seed: int, index: int, *, image_size: int = BASE_SIZE,
-                     families: tuple[str, ...] = FAMILY_NAMES,
+                     families: tuple[str, ...] = DEFAULT_FAMILIES,
                      family_weights: tuple[float, ...] | None = None) -> dict[str, Any]:
   """One example, a pure function of (seed, index).
 
@@ -313,10 +355,10 @@ def patch_labels(color_map: np.ndarray, object_map: np.ndarray,
           np.take_along_axis(obj, first, -1)[..., 0])
 
 
-def corpus_texts() -> list[str]:
-  """Every question and answer the generator can emit, once each, in a fixed order."""
+def corpus_texts(families: tuple[str, ...] = DEFAULT_FAMILIES) -> list[str]:
+  """Every question and answer ``families`` can emit, once each, in a fixed order."""
   texts: list[str] = []
-  for family in FAMILIES:
+  for family in (f for f in FAMILIES if f.name in families):
     for text in family.questions + family.answers:
       if text not in texts:
         texts.append(text)

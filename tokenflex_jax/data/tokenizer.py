@@ -76,8 +76,10 @@ class Tokenizer(IdTemplateTokenizer):
     return self._assistant_id
 
 
-def ensure_tokenizer(model_path: str) -> Tokenizer:
-  """Loads ``model_path``, first training it on the scene suite's text if it is missing."""
+def ensure_tokenizer(model_path: str,
+                     families: tuple[str, ...] = scenes.DEFAULT_FAMILIES) -> Tokenizer:
+  """Loads ``model_path``, first training it on the text of the scene suite's
+  ``families`` if it is missing."""
   if not epath.Path(model_path).exists():
-    train_tokenizer(model_path, scenes.corpus_texts())
+    train_tokenizer(model_path, scenes.corpus_texts(families))
   return Tokenizer(model_path)

@@ -14,11 +14,14 @@ best on the question: the bound no confidence signal can beat.
 A second signal, the router, is learned: logistic regressions from what the question
 asks (its prompt tokens) and the answer's confidence to whether the answer is right at
 this count and at the next, cross-fitted on the evaluation set; it escalates when the
-next count is expected to do better (`router_confidence`).
+next count is expected to do better (`router_confidence`). `fit_router` fits it once on
+a development evaluation (every question, its threshold chosen there by a rule fixed in
+advance) as a `Router` that `predict --num_tokens=auto` applies to new questions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -122,14 +125,17 @@ def oracle(texts: Mapping[int, Sequence[str]], prompt_scores: Callable[[Sequence
 
 # --- A learned signal: the router. ---
 
-def router_features(prompts: np.ndarray, vocab_size: int, confidence: np.ndarray) -> np.ndarray:
+def router_features(prompts: np.ndarray, vocab_size: int, confidence: np.ndarray,
+                    pad_id: int = 0) -> np.ndarray:
   """[N, vocab_size + 2] features of each question at one count: which prompt tokens it
-  has (0/1 per vocabulary id: what is asked), the answer's confidence, and a bias.
+  has (0/1 per vocabulary id: what is asked; the padding left out, so a prompt reads the
+  same padded or not), the answer's confidence, and a bias.
 
   prompts: int [N, P]; confidence: [N]."""
   n = len(prompts)
   bag = np.zeros((n, vocab_size), np.float64)
   np.put_along_axis(bag, np.clip(prompts, 0, vocab_size - 1), 1.0, axis=1)
+  bag[:, pad_id] = 0.0
   return np.concatenate([bag, confidence[:, None].astype(np.float64), np.ones((n, 1))], axis=1)
 
 
@@ -159,7 +165,7 @@ def cross_fitted(x: np.ndarray, y: np.ndarray, folds: int = 2, seed: int = 0) ->
 
 def router_confidence(prompts: np.ndarray, vocab_size: int,
                       confidence: Mapping[int, np.ndarray], credit: Mapping[int, np.ndarray],
-                      ladder: Sequence[int]) -> dict[int, np.ndarray]:
+                      ladder: Sequence[int], pad_id: int = 0) -> dict[int, np.ndarray]:
   """{count: the router's signal [N]} for escalating along ``ladder``: at each count, the
   predicted chance that the answer there is right minus the predicted chance that the
   answer at the next count is (both cross-fitted from the features at this count), so
@@ -173,6 +179,95 @@ def router_confidence(prompts: np.ndarray, vocab_size: int,
   ladder = sorted(ladder)
   out = {ladder[-1]: np.zeros(len(prompts))}
   for c, nxt in zip(ladder, ladder[1:]):
-    x = router_features(prompts, vocab_size, confidence[c])
+    x = router_features(prompts, vocab_size, confidence[c], pad_id)
     out[c] = cross_fitted(x, credit[c]) - cross_fitted(x, credit[nxt])
   return out
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+  return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclasses.dataclass(frozen=True)
+class Router:
+  """A router fitted once (`fit_router`), for new questions.
+
+  ``weights[c]``: the logistic weights [F] of "the answer at count c is right" and of
+  "the answer at the next count is right", from the features at c (`router_features`);
+  a question escalates from c while ``signal`` is under ``threshold`` (None: always, to
+  the largest count). ``fitted_on``: where it was fitted (suite, eval seed, step,
+  questions), as the evaluation recorded it.
+  """
+  counts: tuple[int, ...]
+  vocab_size: int
+  pad_id: int
+  weights: dict[int, tuple[np.ndarray, np.ndarray]]
+  threshold: float | None
+  fitted_on: dict[str, Any]
+
+  def signal(self, count: int, prompts: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """[N]: P(right at ``count``) - P(right at the next count); 0 at the largest."""
+    if count == self.counts[-1]:
+      return np.zeros(len(prompts))
+    here, nxt = self.weights[count]
+    x = router_features(prompts, self.vocab_size, confidence, self.pad_id)
+    return _sigmoid(x @ here) - _sigmoid(x @ nxt)
+
+  def stops(self, count: int, prompts: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """[N] bool: whether the answer at ``count`` is kept."""
+    if count == self.counts[-1]:
+      return np.ones(len(prompts), bool)
+    if self.threshold is None:
+      return np.zeros(len(prompts), bool)
+    return self.signal(count, prompts, confidence) >= self.threshold
+
+  def to_json(self) -> dict[str, Any]:
+    return {"counts": list(self.counts), "vocab_size": self.vocab_size, "pad_id": self.pad_id,
+            "weights": {str(c): [w.tolist() for w in ws] for c, ws in self.weights.items()},
+            "threshold": self.threshold, "fitted_on": self.fitted_on}
+
+  @classmethod
+  def from_json(cls, value: Mapping[str, Any]) -> Router:
+    return cls(tuple(value["counts"]), int(value["vocab_size"]), int(value["pad_id"]),
+               {int(c): tuple(np.asarray(w, np.float64) for w in ws)
+                for c, ws in value["weights"].items()},
+               value["threshold"], dict(value["fitted_on"]))
+
+
+ROUTER_THRESHOLDS = tuple(np.round(np.linspace(-1.0, 1.0, 81), 3)) + (float("inf"),)
+
+
+def cheapest_within(curve: Sequence[Mapping[str, Any]], tolerance: float) -> Mapping[str, Any]:
+  """The point of ``curve`` (ordered by threshold) with the fewest mean visual tokens
+  whose accuracy is within ``tolerance`` of the curve's best, the middle one of a tie
+  (the widest margin): the rule, fixed in advance, that picks a threshold."""
+  scored = [p for p in curve if np.isfinite(p["accuracy"])]
+  if not scored:  # nothing scored (e.g. no question of a family): escalate all the way
+    return curve[-1]
+  best = max(p["accuracy"] for p in scored)
+  ok = [p for p in scored if p["accuracy"] >= best - tolerance]
+  fewest = min(p["mean_visual_tokens"] for p in ok)
+  tied = [p for p in ok if p["mean_visual_tokens"] == fewest]
+  return tied[len(tied) // 2]
+
+
+def fit_router(prompts: np.ndarray, vocab_size: int, pad_id: int,
+               confidence: Mapping[int, np.ndarray], credit: Mapping[int, np.ndarray],
+               texts: Mapping[int, Sequence[str]], score: Score, ladder: Sequence[int],
+               tolerance: float, fitted_on: Mapping[str, Any]) -> Router:
+  """The router of a development evaluation: its threshold is `cheapest_within` the
+  ``tolerance`` on the cross-fitted signal's curve over `ROUTER_THRESHOLDS` (the signal
+  is a difference of probabilities, in [-1, 1]; no question grades itself), its weights
+  are then fitted on every question."""
+  ladder = sorted(ladder)
+  signals = router_confidence(prompts, vocab_size, confidence, credit, ladder, pad_id)
+  curve = sweep(texts, signals, ladder, score, ROUTER_THRESHOLDS)
+  chosen = cheapest_within(curve, tolerance)
+  weights = {}
+  for c, nxt in zip(ladder, ladder[1:]):
+    x = router_features(prompts, vocab_size, confidence[c], pad_id)
+    weights[c] = (fit_logistic(x, credit[c]), fit_logistic(x, credit[nxt]))
+  return Router(tuple(ladder), vocab_size, pad_id, weights, chosen["threshold"],
+                {**fitted_on, "questions": int(len(prompts)), "tolerance": tolerance,
+                 "dev_accuracy": chosen["accuracy"],
+                 "dev_mean_visual_tokens": chosen["mean_visual_tokens"]})

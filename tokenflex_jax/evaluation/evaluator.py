@@ -22,7 +22,7 @@ from tokenflex_jax.data import scenes
 from tokenflex_jax.data.pipeline import normalize_image
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.rows import format_skipped
-from tokenflex_jax.evaluation import auto_budget, benchmark_set, benchmarks, eval_files
+from tokenflex_jax.evaluation import auto_budget, benchmark_set, benchmarks, eval_files, outputs
 from tokenflex_jax.evaluation.generate import encode_prompts, make_generate
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
@@ -36,7 +36,8 @@ class EvalSet:
   {"granularity", "chance"}}; examples_per_family: what the report states (the scene
   suite: per family; an eval file: its number of questions); prompt_scores(decoded
   texts) -> float [N], each prompt's own credit in [0, 1]; benchmark: the VLMEvalKit
-  benchmark it reads, if any."""
+  benchmark it reads, if any; question_families: str [N], each prompt's family (None:
+  the file's one)."""
   images: np.ndarray
   image_index: np.ndarray
   prompts: np.ndarray
@@ -45,6 +46,7 @@ class EvalSet:
   examples_per_family: int
   prompt_scores: Callable[[Sequence[str]], np.ndarray]
   benchmark: benchmark_set.BenchmarkSet | None = None
+  question_families: np.ndarray | None = None
 
 
 def scene_eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
@@ -74,7 +76,7 @@ def scene_eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
                  encode_prompts(tokenizer, questions, config.eval.max_prompt_length,
                                 config.data.image_first),
                  score, family_info(tuple(config.data.families)),
-                 int(config.eval.examples_per_family), prompt_scores)
+                 int(config.eval.examples_per_family), prompt_scores, question_families=fams)
 
 
 def vlmeval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
@@ -148,7 +150,8 @@ def eval_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
 
 def family_info(names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
   by_name = {f.name: f for f in scenes.FAMILIES}
-  return {n: {"granularity": by_name[n].granularity, "chance": by_name[n].chance} for n in names}
+  return {n: {"granularity": by_name[n].granularity, "chance": by_name[n].chance,
+              "visible_chance": scenes.visible_chance(n)} for n in names}
 
 
 def prompt_buckets(prompts: np.ndarray, pad_id: int, smallest: int = 16) -> np.ndarray:
@@ -233,6 +236,7 @@ def _predict_all(predictor: Predictor, params: Any, data: EvalSet, bs: int,
   outs = {c: [] for c in counts}
   confs = {c: [] for c in counts}
   seconds = dict.fromkeys(counts, 0.0)
+  vit_s = 0.0
   for start in range(0, padded, bs):
     batch = order[np.minimum(np.arange(start, start + bs), n - 1)]
     rows = batch[index * local_bs:(index + 1) * local_bs]
@@ -240,6 +244,7 @@ def _predict_all(predictor: Predictor, params: Any, data: EvalSet, bs: int,
     t0 = clock()
     images = global_array(image_sh, normalize_image(slot_images(data, rows)))
     patches = jax.block_until_ready(predictor.patches(params, images))
+    vit_s += clock() - t0
     shared = (clock() - t0) / len(counts)
     prompts = global_array(prompt_sh, data.prompts[rows][:, -length:])
     for c in counts:
@@ -248,6 +253,8 @@ def _predict_all(predictor: Predictor, params: Any, data: EvalSet, bs: int,
       outs[c].append(local(out))
       confs[c].append(local(conf))
       seconds[c] += clock() - t0 + shared
+  logging.info("eval: the ViT took %.1fs for %d images, shared by the %d counts; decoding "
+               "%.1fs", vit_s, n, len(counts), sum(seconds.values()) - vit_s)
   position = np.empty(n, np.int64)
   position[order] = np.arange(n)
   ids, confidence = {}, {}
@@ -274,6 +281,8 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
                                                   tokenizer.pad_id, mesh)
   sweep_s = time.perf_counter() - t0
   results, texts = {}, {}
+  families = (data.question_families if data.question_families is not None
+              else np.full(n_examples, next(iter(data.families))))
   for n in counts:
     texts[n] = [tokenizer.decode(p).strip() for p in predictions[n]]
     per_family = data.score(texts[n])
@@ -289,9 +298,14 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
   logging.info("eval sweep: %d questions x %d counts in %.1fs (%.0f questions/s, compiling "
                "%.1fs of it)", n_examples, len(counts), sweep_s,
                n_examples * len(counts) / sweep_s, sum(predictor.compile_s.values()))
-  out = {"step": int(step), "suite": config.eval.suite,
+  out = {"step": int(step), "suite": config.eval.suite, "eval_seed": int(config.eval.seed),
          "examples_per_family": data.examples_per_family,
-         "families": data.families, "results": results}
+         "families": data.families, "results": results,
+         # Written to questions.npz beside results.json (`outputs.save`).
+         "per_question": outputs.per_question(
+             data.prompts, families, {n: confidence[n] for n in counts},
+             {n: data.prompt_scores(texts[n]) for n in counts},
+             {n: seconds[n] / n_examples for n in counts})}
   if data.benchmark is not None:  # written beside results.json by `outputs.save`
     out["benchmark"] = data.benchmark.benchmark
     out["predictions"] = {str(n): benchmark_set.predictions_tsv(data.benchmark.rows, texts[n])
@@ -308,12 +322,19 @@ def evaluate(model: VLM, params: Any, tokenizer: ChatTokenizer,
         "-".join(map(str, lad)): auto_budget_results(data, texts, confidence, lad)
         for lad in auto_budget.ladders(counts)}
     credit = {c: data.prompt_scores(texts[c]) for c in counts}
+    vocab, pad = model.config.llm.vocab_size, tokenizer.pad_id
     out["auto_budget_router_ladders"] = {
         "-".join(map(str, lad)): auto_budget_results(
             data, texts, auto_budget.router_confidence(
-                data.prompts, model.config.llm.vocab_size, confidence, credit, lad),
+                data.prompts, vocab, confidence, credit, lad, pad),
             lad, "router: P(right here) - P(right at the next count), cross-fitted")
         for lad in auto_budget.ladders(counts)}
+    # Fitted on every question here, for predict (config.eval.save_router).
+    out["router"] = auto_budget.fit_router(
+        data.prompts, vocab, pad, confidence, credit, texts, data.score, ladder,
+        config.eval.router_tolerance,
+        {"suite": config.eval.suite, "data_path": config.eval.data_path,
+         "eval_seed": config.eval.seed, "step": int(step)}).to_json()
   else:
     logging.info("no automatic budget: fewer than two of the trained counts %s are among "
                  "config.eval.token_counts", tuple(config.token_counts))

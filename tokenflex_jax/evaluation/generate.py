@@ -20,9 +20,9 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
   (at most K image placeholders each), num_tokens, patches=None) -> (ids [B,
   max_new_tokens] int32, confidence [B] float32).
 
-  After the end-of-sequence token every position of ids holds ``pad_id``. The
-  confidence is the answer's mean token log-probability, over its tokens up to and
-  including the end-of-sequence token. With ``patches`` [B, (K,) L, C] (`VLM.patches`
+  After the end-of-sequence token every position of ids holds ``pad_id``; decoding
+  stops once every row has ended. The confidence is the answer's mean token
+  log-probability, over its tokens up to and including the end-of-sequence token. With ``patches`` [B, (K,) L, C] (`VLM.patches`
   of the images) the ViT is not run again (``images`` may then be None).
   """
   def generate(params, images, prompts, num_tokens, patches=None):
@@ -33,8 +33,8 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
     logits, cache, key_valid, position = model.apply(
         {"params": params}, images, prompts, num_tokens, cache, patches, method=VLM.prefill)
 
-    def body(i, carry):
-      out, logits, cache, done, logprob, length = carry
+    def body(carry):
+      i, out, logits, cache, done, logprob, length = carry
       token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
       token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
                                           token[:, None], axis=-1)[:, 0]
@@ -44,12 +44,16 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
       done = done | (token == eos_id)
       logits, cache = model.apply({"params": params}, token, position + i, cache, key_valid,
                                   prompt_length + i, method=VLM.decode_step)
-      return out, logits, cache, done, logprob, length
+      return i + 1, out, logits, cache, done, logprob, length
+
+    def more(carry):
+      i, done = carry[0], carry[4]
+      return (i < max_new_tokens) & ~jnp.all(done)
 
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     zeros = jnp.zeros((b,), jnp.float32)
-    out, _, _, _, logprob, length = jax.lax.fori_loop(
-        0, max_new_tokens, body, (out, logits, cache, jnp.zeros((b,), bool), zeros, zeros))
+    _, out, _, _, _, logprob, length = jax.lax.while_loop(
+        more, body, (0, out, logits, cache, jnp.zeros((b,), bool), zeros, zeros))
     return out, logprob / jnp.maximum(length, 1.0)
 
   return generate

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -36,7 +36,9 @@ from safetensors.numpy import save_file
 
 from tokenflex_jax.errors import MissingInputError
 from tokenflex_jax.models.llm import ROPE_TYPES, LLMConfig
+from tokenflex_jax.models.projector import ProjectorConfig
 from tokenflex_jax.models.vit import ViTConfig
+from tokenflex_jax.models.vlm import VLMConfig
 
 Params = dict[str, Any]
 # Receives each converted tensor (its path in the params tree, the array) and returns
@@ -215,7 +217,7 @@ def vision_config_from_hf(config: Mapping[str, Any], image_size: int | None = No
 
 
 def _vision_prefix(reader: TensorReader) -> str:
-  for prefix in ("vision_model.", "model.vision_model.", ""):
+  for prefix in ("vision_model.vision_model.", "vision_model.", "model.vision_model.", ""):
     if f"{prefix}embeddings.patch_embedding.weight" in reader:
       return prefix
   raise KeyError(f"no SigLIP vision tower (embeddings.patch_embedding.weight) in "
@@ -330,7 +332,14 @@ VISION_EXPORT_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 def export_vision(config: ViTConfig, params: Params, hf_dir: str,
                   model_type: str = "siglip_vision_model") -> None:
   """Writes a ``SiglipVisionModel`` or (``model_type="siglip2_vision_model"``) a NaFlex
-  ``Siglip2VisionModel`` directory, without pooling head, from our ViT params.
+  ``Siglip2VisionModel`` directory, without pooling head, from our ViT params
+  (`vision_tensors`)."""
+  write_checkpoint(hf_dir, *vision_tensors(config, params, model_type))
+
+
+def vision_tensors(config: ViTConfig, params: Params, model_type: str = "siglip_vision_model"
+                   ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config.json, tensors) of the tower as Hugging Face names it (no prefix).
 
   SigLIP2's position table is ours as is (grid_side * grid_side entries, so
   ``num_patches = grid_side ** 2``), and its patch Linear is our kernel flattened
@@ -376,12 +385,14 @@ def export_vision(config: ViTConfig, params: Params, hf_dir: str,
     hf_config["num_patches"] = config.grid_side ** 2
   else:
     hf_config["image_size"] = config.image_size
-  write_checkpoint(hf_dir, hf_config, tensors)
+  return hf_config, tensors
 
 
 # --- Language: Qwen2 / Llama -----------------------------------------------------------
 
 LLM_TYPES = ("qwen2", "llama")
+# max_position_embeddings when a config.json has none (LLMConfig's default).
+DEFAULT_MAX_POSITIONS = 32768
 
 
 def _rope_theta(cfg: Mapping[str, Any]) -> float:
@@ -447,7 +458,7 @@ def _rope_scaling_json(config: LLMConfig) -> dict[str, Any] | None:
 
 def llm_config_from_hf(config: Mapping[str, Any]) -> LLMConfig:
   """LLMConfig from a Qwen2 / Llama ``config.json`` (or a VLM's ``text_config``)."""
-  cfg = config.get("text_config", config)
+  cfg = config.get("text_config", config.get("llm_config", config))
   model_type = cfg.get("model_type", "")
   if model_type not in LLM_TYPES:
     raise ValueError(f"model_type={model_type!r} is not one of the supported LLM families "
@@ -466,7 +477,9 @@ def llm_config_from_hf(config: Mapping[str, Any]) -> LLMConfig:
                    num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=head_dim,
                    mlp_dim=cfg["intermediate_size"], rope_theta=_rope_theta(cfg),
                    rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), qkv_bias=bias,
-                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), **rope)
+                   tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                   max_positions=int(cfg.get("max_position_embeddings", DEFAULT_MAX_POSITIONS)),
+                   **rope)
 
 
 def _llm_prefix(reader: TensorReader) -> str:
@@ -510,8 +523,17 @@ def import_llm(hf_dir: str, place: Place = lambda path, x: x) -> tuple[LLMConfig
   return config, _build(loaders, place)
 
 
-def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str = "qwen2") -> None:
-  """Writes a Qwen2 or Llama ``*ForCausalLM`` directory from our LLM params."""
+def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str = "qwen2"
+               ) -> None:
+  """Writes a Qwen2 or Llama ``*ForCausalLM`` directory from our LLM params
+  (`llm_tensors`)."""
+  write_checkpoint(hf_dir, *llm_tensors(config, params, model_type))
+
+
+def llm_tensors(config: LLMConfig, params: Params, model_type: str = "qwen2"
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(config.json, tensors) of a Qwen2 or Llama ``*ForCausalLM``, its
+  ``max_position_embeddings`` the config's ``max_positions`` (the source's, from import)."""
   if model_type not in LLM_TYPES:
     raise ValueError(f"model_type must be one of {LLM_TYPES}, got {model_type!r}")
   if model_type == "qwen2" and not config.qkv_bias:
@@ -540,31 +562,103 @@ def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str =
       "head_dim": config.head_dim, "intermediate_size": config.mlp_dim,
       "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
       "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-      "max_position_embeddings": 32768, "torch_dtype": "float32",
+      "max_position_embeddings": config.max_positions, "torch_dtype": "float32",
   }
   if model_type == "llama":
     hf_config.update(attention_bias=config.qkv_bias, mlp_bias=False)
   scaling = _rope_scaling_json(config)
   if scaling is not None:
     hf_config["rope_scaling"] = scaling
-  write_checkpoint(hf_dir, hf_config, tensors)
+  return hf_config, tensors
 
 
-def export_vlm(params: Params, model_config: Mapping[str, Any], out_dir: str) -> None:
-  """The whole VLM's own weights (ViT, projector, LLM) in our layout, as safetensors.
+# --- The whole VLM: a folder transformers loads (hf_remote/modeling_tokenflex.py) -------
 
-  Tensor names are the params paths joined with "." ("projector.mlp.wi_gate.kernel");
-  ``config.json`` holds ``{"tokenflex_model": model_config}`` (``config.model``).
-  """
-  tensors = {name.replace("/", "."): np.asarray(leaf) for name, leaf in tree_paths(params)}
-  write_checkpoint(out_dir, {"tokenflex_model": dict(model_config)}, tensors)
+VLM_MODEL_TYPE = "tokenflex"
+VISION_PREFIX = "vision_model.vision_model."   # a SiglipVisionModel at .vision_model
+LLM_PREFIX = "language_model."                 # a *ForCausalLM at .language_model
+PROJECTOR_PREFIX = "projector."
 
 
-def tree_paths(params: Params, prefix: str = "") -> Iterator[tuple[str, Any]]:
-  """('a/b/kernel', leaf) for every leaf (for comparisons and logs)."""
-  for k, v in params.items():
-    if isinstance(v, Mapping):
-      yield from tree_paths(v, f"{prefix}{k}/")
-    else:
-      yield f"{prefix}{k}", v
+def vlm_tensors(config: VLMConfig, params: Params, llm_type: str
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """(the config.json fields of the model's shapes, tensors) of the whole VLM as
+  `TokenFlexForConditionalGeneration` names them (Ristretto's names: ``vision_model.``,
+  ``projector.mlp.``, ``language_model.``). The caller adds the serving fields
+  (``num_image_token``, ``auto_map``...)."""
+  vision_config, vision = vision_tensors(config.vit, params["vit"])
+  llm_config, llm = llm_tensors(config.llm, params["llm"], llm_type)
+  proj, pcfg = params["projector"], config.projector
+  p = lambda x: np.asarray(x)
+  tensors = {VISION_PREFIX + k: v for k, v in vision.items()}
+  tensors.update({LLM_PREFIX + k: v for k, v in llm.items()})
+  mlp = {"projector.mlp.layernorm.weight": p(proj["norm"]["scale"]),
+         "projector.mlp.layernorm.bias": p(proj["norm"]["bias"])}
+  if pcfg.mlp == "swiglu":
+    for ours, theirs in (("gate", "f1"), ("up", "f2"), ("down", "g")):
+      mlp[f"projector.mlp.{theirs}.weight"] = _linear(p(proj["mlp"][ours]["kernel"]))
+  else:
+    for n in ("fc1", "fc2"):
+      mlp[f"projector.mlp.{n}.weight"] = _linear(p(proj["mlp"][n]["kernel"]))
+      mlp[f"projector.mlp.{n}.bias"] = p(proj["mlp"][n]["bias"])
+  if pcfg.position_embedding:
+    mlp["projector.pos_embedding"] = p(proj["pos_embedding"])
+  tensors.update(mlp)
+  hf_config = {
+      "architectures": ["TokenFlexForConditionalGeneration"], "model_type": VLM_MODEL_TYPE,
+      "vision_config": vision_config, "llm_config": llm_config,
+      "image_token_id": config.image_token_id, "pad_token_id": config.pad_token_id,
+      "select_layer": -1, "force_image_size": config.vit.image_size,
+      "pooling": pcfg.pooling, "projector_mlp": pcfg.mlp, "projector_mlp_ratio": pcfg.mlp_ratio,
+      "projector_position_embedding": pcfg.position_embedding,
+      "projector_layer_norm_eps": pcfg.layer_norm_eps,
+      "visual_position_span": config.visual_position_span,
+      "visual_position_layout": config.visual_position_layout,
+      "tie_word_embeddings": config.llm.tie_embeddings, "torch_dtype": "float32"}
+  return hf_config, tensors
 
+
+def vlm_config_from_hf(config: Mapping[str, Any]) -> VLMConfig:
+  """The VLMConfig of a TokenFLEX folder's ``config.json`` (`vlm_tensors`' fields)."""
+  if config.get("model_type") != VLM_MODEL_TYPE:
+    raise ValueError(f"config.json: model_type={config.get('model_type')!r} is not a "
+                     f"TokenFLEX export ({VLM_MODEL_TYPE!r})")
+  if config.get("select_layer", -1) != -1:
+    raise ValueError(f"config.json: select_layer={config['select_layer']}: only the last "
+                     "layer's features (-1) are supported")
+  projector = ProjectorConfig(
+      pooling=config.get("pooling", "adaptive_avg"), mlp=config.get("projector_mlp", "swiglu"),
+      mlp_ratio=int(config.get("projector_mlp_ratio", 3)),
+      position_embedding=bool(config.get("projector_position_embedding", False)),
+      layer_norm_eps=float(config.get("projector_layer_norm_eps", 1e-6)))
+  return VLMConfig(vit=vision_config_from_hf(config["vision_config"]), projector=projector,
+                   llm=llm_config_from_hf(config["llm_config"]),
+                   image_token_id=int(config["image_token_id"]),
+                   pad_token_id=int(config.get("pad_token_id") or 0),
+                   visual_position_span=int(config.get("visual_position_span", 0)),
+                   visual_position_layout=config.get("visual_position_layout", "raster"))
+
+
+def import_vlm(hf_dir: str, place: Place = lambda path, x: x) -> tuple[VLMConfig, Params]:
+  """(config, params {"vit", "projector", "llm"}) of a TokenFLEX folder (written by
+  `vlm_tensors`): the inverse of the export, bit-exact. ``place`` as in `import_vision`."""
+  config = vlm_config_from_hf(read_config(hf_dir))
+  _, vit = import_vision(hf_dir, lambda path, x: place(("vit",) + path, x))
+  _, llm = import_llm(hf_dir, lambda path, x: place(("llm",) + path, x))
+  reader = TensorReader(hf_dir)
+  pcfg = config.projector
+  get = lambda name: reader(PROJECTOR_PREFIX + name)
+  loaders: list[tuple[tuple[str, ...], Callable[[], np.ndarray]]] = [
+      (("norm", "scale"), lambda: get("mlp.layernorm.weight")),
+      (("norm", "bias"), lambda: get("mlp.layernorm.bias"))]
+  if pcfg.mlp == "swiglu":
+    for ours, theirs in (("gate", "f1"), ("up", "f2"), ("down", "g")):
+      loaders.append((("mlp", ours, "kernel"), lambda t=theirs: _linear(get(f"mlp.{t}.weight"))))
+  else:
+    for n in ("fc1", "fc2"):
+      loaders += [(("mlp", n, "kernel"), lambda n=n: _linear(get(f"mlp.{n}.weight"))),
+                  (("mlp", n, "bias"), lambda n=n: get(f"mlp.{n}.bias"))]
+  if pcfg.position_embedding:
+    loaders.append((("pos_embedding",), lambda: get("pos_embedding")))
+  projector = _build(loaders, lambda path, x: place(("projector",) + path, x))
+  return config, {"vit": vit, "projector": projector, "llm": llm}

@@ -46,6 +46,7 @@ class LLMConfig:
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
   rope_original_max_positions: int = 8192
+  max_positions: int = 32768  # max_position_embeddings: metadata, no parameter depends on it
 
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:

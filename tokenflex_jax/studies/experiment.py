@@ -38,8 +38,18 @@ The summary (results.json)::
   auto_budget, oracle, auto_budget_counts: the primary ladder's mean curve, oracle, counts
   graded_solvable: {family: {count: share}}
 
-Everything but ``train`` and ``graded_solvable`` follows from the per-seed values
-(`restat`), so a results.json can be rendered again by newer code.
+  code_revision: str | None          the revision the runs trained at
+  eval_seeds: {"development": int | None, "test": int | None}
+  paired: {"tokenflex-OTHER": {count: {"mean", "ci95": [lo, hi], "sd", "p", "seeds"},
+           "families": {family: {count: ...}}}}   accuracies in [0, 1] (`paired_table`)
+  bootstrap: {"tokenflex-OTHER": {count: [lo, hi], "families": {...}}}  (`bootstrap_table`)
+  budget_split: {"tolerance", "seeds", "largest", "rules": {rule: {"accuracy",
+      "mean_visual_tokens", "mean_seconds", "vs_largest"}}, "per_seed"}  (`budget_table`)
+  models.NAME.collapsed: int          its seeds collapsed on some family
+
+Everything but ``train``, ``graded_solvable``, ``bootstrap`` and ``budget_split``
+(which read each question's record) follows from the per-seed values (`restat`), so a
+results.json can be rendered again by newer code.
 """
 
 from __future__ import annotations
@@ -54,18 +64,23 @@ from typing import Any
 
 import numpy as np
 
+from tokenflex_jax.data import tokenizer
 from tokenflex_jax.evaluation import outputs
-from tokenflex_jax.studies import pooling_geometry
+from tokenflex_jax.studies import budget_split, pooling_geometry
 
 FIXED_PREFIX = "fixed_"
 FLEX = "tokenflex"
 # Order of the variants in tables (others follow alphabetically).
-ORDER = ("fixed_64", "fixed_144", "fixed_256", "tokenflex", "ratio_111", "ratio_532",
-         "gelu_mlp", "resize_pool", "tokenflex_nope")
+ORDER = ("fixed_64", "fixed_144", "fixed_256", "fixed_64_flops", "fixed_144_flops",
+         "tokenflex", "ratio_111", "ratio_532", "gelu_mlp", "resize_pool", "tokenflex_nope",
+         "tokenflex_span0", "tokenflex_grid")
 SPREAD = "std: the sample standard deviation over seeds (ddof=1); 0.0 with one seed"
 EVALUATION_SPLIT = ("no development split: the demo recipe's design choices (the projector's "
                     "position embedding, the visual tokens' rotary layout) were made on these "
                     "same evaluation questions")
+DEV_TEST_SPLIT = ("a development evaluation seed (eval_seeds.development) chose the automatic "
+                  "budget's thresholds and fitted its router; every reported figure is on the "
+                  "test seed (eval_seeds.test)")
 # "At least as accurate": the paired 95% interval's lower bound above -MARGIN points.
 MARGIN = 1.0
 CONFIDENCE = 0.95
@@ -74,6 +89,11 @@ CONFIDENCE = 0.95
 COLLAPSE_BAND = 0.02
 COLLAPSE_GAP = 0.10
 POINT_KEYS = ("threshold", "accuracy", "mean_visual_tokens")
+# The development evaluation's folder (config.eval.tag "dev"): its questions choose the
+# automatic budget's thresholds and fit its router, never the reported figures.
+DEV_SUITE = "scenes_dev"
+BUDGET_TOLERANCE = 0.01
+BOOTSTRAP_DRAWS = 2000
 ORACLE_KEYS = ("accuracy", "mean_visual_tokens")
 
 
@@ -87,6 +107,10 @@ class Run:
   train_seconds: float         # stages 1 and 2: per count, median step time x its steps
   train_visual_tokens: float   # mean visual tokens per training example, stages 1 and 2
   wall_seconds: float          # wall time of stages 1 and 2 (start-up and compiles included)
+  # questions.npz of the test evaluation and of the development one (None: not run)
+  test_questions: str | None = None
+  dev_questions: str | None = None
+  dev_eval_seed: int | None = None
 
 
 def _read_json(path: str) -> Any:
@@ -110,6 +134,16 @@ def _metrics(path: str) -> tuple[float, list[float]]:
   return seconds, tokens
 
 
+def _dev_evaluation(eval_root: str) -> tuple[str | None, int | None]:
+  """(questions.npz, eval seed) of a run's development evaluation (`DEV_SUITE`), or
+  (None, None)."""
+  results = outputs.listed_results_file(eval_root, DEV_SUITE)
+  questions = results and os.path.join(os.path.dirname(results), outputs.QUESTIONS_FILE)
+  if not questions or not os.path.exists(questions):
+    return None, None
+  return questions, _read_json(results).get("eval_seed")
+
+
 def wall_times(workdir: str) -> dict[tuple[str, str, str], float]:
   """{(name, seed, stage): seconds} from wall_times.tsv (a rerun stage: its last line)."""
   out: dict[tuple[str, str, str], float] = {}
@@ -122,8 +156,17 @@ def wall_times(workdir: str) -> dict[tuple[str, str, str], float]:
   return out
 
 
-def collect(workdir: str) -> list[Run]:
-  """Every evaluated run of a reproduction workdir, in `ORDER` then by seed."""
+SPLITS = ("test", "dev")
+DEV_DESIGN = ("development questions (eval_seeds.development): a report for choosing the "
+              "recipe, not for claims")
+
+
+def collect(workdir: str, split: str = "test") -> list[Run]:
+  """Every evaluated run of a reproduction workdir, in `ORDER` then by seed: on the test
+  questions (``split`` "test"; the development ones ride along) or on the development
+  ones alone ("dev", for choosing the recipe)."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   walls = wall_times(workdir)
   runs = []
   for name in sorted(os.listdir(workdir)):
@@ -131,17 +174,25 @@ def collect(workdir: str) -> list[Run]:
                            if os.path.isdir(os.path.join(workdir, name)) else ()):
       match = re.fullmatch(r"seed(\d+)", seed_dir)
       base = os.path.join(workdir, name, seed_dir)
-      if not match or not os.path.exists(os.path.join(base, "eval.done")):
+      done = "eval.done" if split == "test" else "eval_dev.done"
+      if not match or not os.path.exists(os.path.join(base, done)):
         continue
-      results = outputs.latest_results_file(os.path.join(base, "stage2", "eval"), "scenes")
+      eval_root = os.path.join(base, "stage2", "eval")
+      results = (outputs.latest_results_file(eval_root, "scenes") if split == "test"
+                 else outputs.listed_results_file(eval_root, DEV_SUITE))
+      if results is None:
+        continue
       seconds, tokens = 0.0, []
       for stage in ("stage1", "stage2"):
         s, t = _metrics(os.path.join(base, stage, "metrics.jsonl"))
         seconds, tokens = seconds + s, tokens + t
       wall = sum(walls.get((name, match.group(1), stage), 0.0) for stage in ("stage1", "stage2"))
+      questions = os.path.join(os.path.dirname(results), outputs.QUESTIONS_FILE)
+      dev = _dev_evaluation(eval_root) if split == "test" else (None, None)
       runs.append(Run(name, int(match.group(1)),
                       _read_json(os.path.join(base, "stage2", "config.json")),
-                      _read_json(results), seconds, float(np.mean(tokens)), wall))
+                      _read_json(results), seconds, float(np.mean(tokens)), wall,
+                      questions if os.path.exists(questions) else None, *dev))
   rank = {n: i for i, n in enumerate(ORDER)}
   return sorted(runs, key=lambda r: (rank.get(r.name, len(ORDER)), r.name, r.seed))
 
@@ -291,9 +342,11 @@ def _model_seeds(group: Sequence[Run], counts: Sequence[str], families: Iterable
 
 
 def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0,
-              revision: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              revision: Mapping[str, Any] | None = None, split: str = "test"
+              ) -> dict[str, Any]:
   """The results.json of ``runs`` (the module docstring's schema). ``revision``:
-  {"report": the code's git revision now, "runs": the one the runs trained at, ...}."""
+  {"report": the code's git revision now, "runs": the one the runs trained at, ...};
+  ``split``: which questions ``runs`` were collected on (`collect`)."""
   if not runs:
     raise ValueError("no evaluated runs: nothing to summarize (did stage 2's eval finish?)")
   by_name: dict[str, list[Run]] = {}
@@ -318,17 +371,28 @@ def summarize(runs: Sequence[Run], command: str = "", wall_time_s: float = 0.0,
     }
   flex = by_name.get(FLEX, [])
   primary = next((r.eval["auto_budget"]["counts"] for r in flex if "auto_budget" in r.eval), [])
-  return restat({
+  dev_seeds = {r.dev_eval_seed for r in runs if r.dev_eval_seed is not None}
+  test_seeds = {r.eval.get("eval_seed") for r in runs} - {None}
+  if split == "dev":  # the runs' own questions are the development ones
+    dev_seeds, test_seeds = test_seeds, set()
+  revision = {"report": None, "report_modified": False, "runs": None, **(revision or {})}
+  summary = restat({
+      "code_revision": revision["runs"],
+      "eval_seeds": {"development": min(dev_seeds) if len(dev_seeds) == 1 else None,
+                     "test": min(test_seeds) if len(test_seeds) == 1 else None},
       "command": command, "wall_time_s": wall_time_s, "eval_counts": [int(c) for c in counts],
       "examples_per_family": runs[0].eval["examples_per_family"],
       "families": runs[0].eval["families"], "spread": SPREAD,
-      "evaluation_split": EVALUATION_SPLIT,
-      "revision": {"report": None, "report_modified": False, "runs": None, **(revision or {})},
+      "evaluation_split": (DEV_DESIGN if split == "dev" else DEV_TEST_SPLIT if dev_seeds
+                           else EVALUATION_SPLIT),
+      "revision": revision,
       "models": models, "auto_budget_counts": list(primary),
       "auto_budget_ladders": _seed_ladders(flex, "auto_budget_ladders"),
       "auto_budget_router_ladders": _seed_ladders(flex, "auto_budget_router_ladders"),
       "graded_solvable": {f: {c: pooling_geometry.solvable_share(f, int(c)) for c in counts}
                           for f in pooling_geometry.GRADED_SIDES if f in families}})
+  return {**summary, "bootstrap": bootstrap_table(runs, summary),
+          "budget_split": budget_table(runs)}
 
 
 def restat(summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -354,7 +418,11 @@ def restat(summary: Mapping[str, Any]) -> dict[str, Any]:
       "-".join(map(str, summary.get("auto_budget_counts", []))), {})
   out = {**summary, "models": models, **ladders, "auto_budget": primary.get("curve", []),
          "oracle": primary.get("oracle", {})}
-  return {**out, "collapsed": collapsed_runs(out)}
+  out["collapsed"] = collapsed_runs(out)
+  collapsed = collapsed_seeds(out)
+  for name, info in out["models"].items():
+    info["collapsed"] = len(collapsed.get(name, ()))
+  return {**out, "paired": paired_table(out)}
 
 
 def seed_values(info: Mapping[str, Any], count: int | str, family: str | None = None
@@ -407,6 +475,117 @@ def compare(summary: Mapping[str, Any], name: str, other: str, count: int,
   stat = paired(_without(seed_values(summary["models"][name], count), left),
                 _without(seed_values(summary["models"][other], count), left))
   return {**stat, **_verdicts(stat)}
+
+
+def _as_share(stat: Mapping[str, Any]) -> dict[str, Any]:
+  """A `paired` result in accuracy units ([0, 1]) for results.json's "paired"."""
+  scale = lambda x: None if x is None else x / 100
+  return {"mean": scale(stat["delta"]), "ci95": [scale(x) for x in stat["ci"]]
+          if stat["ci"] else None, "sd": scale(stat["sd"]), "p": stat["p"],
+          "seeds": len(stat["seeds"])}
+
+
+def paired_table(summary: Mapping[str, Any]) -> dict[str, Any]:
+  """{"tokenflex-OTHER": {count: {"mean", "ci95", "sd", "p", "seeds"}, "families":
+  {family: {count: ...}}}}: TokenFLEX minus every other model seed by seed, the
+  collapsed seeds of either left out (`collapsed_seeds`)."""
+  if FLEX not in summary["models"]:
+    return {}
+  exclude = collapsed_seeds(summary)
+  out = {}
+  for other in summary["models"]:
+    if other == FLEX:
+      continue
+    left = exclude.get(FLEX, set()) | exclude.get(other, set())
+    stat = lambda c, f=None: _as_share(paired(
+        _without(seed_values(summary["models"][FLEX], c, f), left),
+        _without(seed_values(summary["models"][other], c, f), left)))
+    counts = [str(c) for c in summary["eval_counts"]]
+    out[f"{FLEX}-{other}"] = {**{c: stat(c) for c in counts}, "families": {
+        f: {c: stat(c, f) for c in counts} for f in summary["families"]}}
+  return out
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                     seed: int = 0) -> list[float]:
+  """The `CONFIDENCE` percentile interval of mean(a - b) with seeds and questions both
+  resampled with replacement, the same draw for ``a`` and ``b`` (paired). a, b: [S, N]
+  each question's credit per seed."""
+  rng = np.random.default_rng(seed)
+  d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+  s, n = d.shape
+  stats = [d[np.ix_(rng.integers(s, size=s), rng.integers(n, size=n))].mean()
+           for _ in range(draws)]
+  lo, hi = np.quantile(stats, [(1 - CONFIDENCE) / 2, (1 + CONFIDENCE) / 2])
+  return [float(lo), float(hi)]
+
+
+def bootstrap_table(runs: Sequence[Run], summary: Mapping[str, Any]) -> dict[str, Any]:
+  """{"tokenflex-OTHER": {count: [lo, hi], "families": {family: {count: [lo, hi]}}}}:
+  `paired_bootstrap` over the seeds both have (collapsed ones left out) and the test
+  questions (each run's questions.npz); models without them are left out."""
+  by_model: dict[str, dict[int, Run]] = {}
+  for r in runs:
+    if r.test_questions:
+      by_model.setdefault(r.name, {})[r.seed] = r
+  if FLEX not in by_model:
+    return {}
+  exclude = collapsed_seeds(summary)
+  out = {}
+  for other, other_runs in by_model.items():
+    if other == FLEX:
+      continue
+    seeds = sorted((set(by_model[FLEX]) & set(other_runs)) - exclude.get(FLEX, set())
+                   - exclude.get(other, set()))
+    if not seeds:
+      continue
+    a = [outputs.read_questions(by_model[FLEX][k].test_questions) for k in seeds]
+    b = [outputs.read_questions(other_runs[k].test_questions) for k in seeds]
+    families = a[0]["families"]
+    table: dict[str, Any] = {"families": {}}
+    for c in summary["eval_counts"]:
+      credit_a = np.stack([q["credit"][c] for q in a])
+      credit_b = np.stack([q["credit"][c] for q in b])
+      table[str(c)] = paired_bootstrap(credit_a, credit_b)
+      for f in summary["families"]:
+        mask = families == f
+        table["families"].setdefault(f, {})[str(c)] = paired_bootstrap(
+            credit_a[:, mask], credit_b[:, mask])
+    out[f"{FLEX}-{other}"] = table
+  return out
+
+
+def budget_table(runs: Sequence[Run]) -> dict[str, Any]:
+  """TokenFLEX's automatic budget with every rule fixed on its development evaluation and
+  scored on its test one (`budget_split.rows`), per seed and as {rule: {"accuracy",
+  "mean_visual_tokens", "mean_seconds": mean_sd over seeds, "vs_largest": `paired`
+  accuracy minus the largest fixed count's (points)}}; {} without development runs."""
+  flex = [r for r in runs if r.name == FLEX and r.dev_questions and r.test_questions]
+  if not flex:
+    return {}
+  per_seed = {}
+  for r in sorted(flex, key=lambda r: r.seed):
+    dev, test = outputs.read_questions(r.dev_questions), outputs.read_questions(r.test_questions)
+    # The trained counts among those evaluated, as the evaluation's own budget.
+    ladder = sorted(set(int(c) for c in r.config["token_counts"]) & set(test["counts"]))
+    if len(ladder) < 2:
+      continue
+    per_seed[r.seed] = budget_split.rows(dev, test, ladder, BUDGET_TOLERANCE,
+                                         int(r.config["model"]["llm"]["vocab_size"]),
+                                         tokenizer.PAD_ID)
+  if not per_seed:
+    return {}
+  largest = f"fixed_{ladder[-1]}"
+  rules = {}
+  for rule in next(iter(per_seed.values())):
+    values = lambda key: [rows[rule][key] for rows in per_seed.values()]
+    rules[rule] = {key: mean_sd(values(key))
+                   for key in ("accuracy", "mean_visual_tokens", "mean_seconds")}
+    rules[rule]["vs_largest"] = paired(
+        {k: rows[rule]["accuracy"] for k, rows in per_seed.items()},
+        {k: rows[largest]["accuracy"] for k, rows in per_seed.items()})
+  return {"tolerance": BUDGET_TOLERANCE, "seeds": sorted(per_seed), "largest": largest,
+          "rules": rules, "per_seed": {str(k): v for k, v in per_seed.items()}}
 
 
 def _fixed_models(summary: Mapping[str, Any], name: str):

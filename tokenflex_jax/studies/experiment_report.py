@@ -280,6 +280,61 @@ def _revision(s: Mapping[str, Any]) -> str:
   return f"{runs}{note}; this report was rendered at {report}."
 
 
+def _share_interval(stat: Mapping[str, Any], boot: Sequence[float] | None) -> str:
+  """"+2.8 [+1.0, +4.6] b[+2.1, +3.5]" (points): the paired mean, its Student-t interval
+  over seeds and the bootstrap interval over seeds and questions."""
+  if stat["mean"] is None:
+    return "-"
+  out = f"{100 * stat['mean']:+.1f}"
+  if stat["ci95"]:
+    out += f" [{100 * stat['ci95'][0]:+.1f}, {100 * stat['ci95'][1]:+.1f}]"
+  if boot:
+    out += f" b[{100 * boot[0]:+.1f}, {100 * boot[1]:+.1f}]"
+  return out
+
+
+def _paired_section(s: Mapping[str, Any]) -> list[str]:
+  """TokenFLEX minus each model per count and family (`experiment.paired_table`)."""
+  if not s.get("paired"):
+    return ["No TokenFLEX runs: nothing to pair."]
+  counts = [str(c) for c in s["eval_counts"]]
+  lines = ["Points, TokenFLEX minus the model, seed by seed (collapsed seeds of either left "
+           "out): the mean [95% Student-t interval over seeds] b[95% paired bootstrap over "
+           "seeds and questions].", "",
+           "| pair | family | " + " | ".join(counts) + " |",
+           "|---|---|" + "---|" * len(counts)]
+  for pair, table in s["paired"].items():
+    boot = s.get("bootstrap", {}).get(pair, {})
+    lines.append(f"| {pair} | average | " + " | ".join(
+        _share_interval(table[c], boot.get(c)) for c in counts) + " |")
+    for family, per_count in table["families"].items():
+      fboot = boot.get("families", {}).get(family, {})
+      lines.append(f"| {pair} | {family} | " + " | ".join(
+          _share_interval(per_count[c], fboot.get(c)) for c in counts) + " |")
+  return lines
+
+
+def _split_budget_section(s: Mapping[str, Any]) -> list[str]:
+  """The budget's rules fixed on the development seed, on the test seed
+  (`experiment.budget_table`)."""
+  budget = s.get("budget_split")
+  if not budget:
+    return ["No development evaluation: every budget figure above is on the questions it "
+            "was chosen on."]
+  lines = [f"Each rule fixed on the development seed ({s['eval_seeds']['development']}), "
+           f"scored on the test seed ({s['eval_seeds']['test']}), seeds "
+           f"{_seeds(budget['seeds'])}; every attempt's tokens and seconds counted; "
+           f"thresholds: the cheapest within {100 * budget['tolerance']:.0f} point of the "
+           "best. Against: the paired difference from the largest fixed count's accuracy.", "",
+           "| rule | accuracy % | visual tokens | seconds a question | against "
+           f"{budget['largest']} |", "|---|---|---|---|---|"]
+  for rule, row in budget["rules"].items():
+    lines.append(f"| {rule} | {_pm(row['accuracy'])} | "
+                 f"{row['mean_visual_tokens']['mean']:.1f} | "
+                 f"{1000 * row['mean_seconds']['mean']:.2f} ms | {_paired(row['vs_largest'])} |")
+  return lines
+
+
 def caveats(s: Mapping[str, Any]) -> list[str]:
   """What the report's figures cannot support, read from the summary ``s``."""
   seeds = min(info["seeds"] for info in s["models"].values())
@@ -292,7 +347,11 @@ def caveats(s: Mapping[str, Any]) -> list[str]:
       "- 1 seed: no spread, interval or test; every verdict needs two seeds or more.",
       f"- {split[0].upper()}{split[1:]}.",
       f"- The {ROUTER} is fitted and scored on these questions (2 folds): not an estimate "
-      "for new questions; `predict --num_tokens=auto` escalates on the log-probability."]
+      "for new questions" + ("; the last section's router, fitted on the development "
+                             "questions and scored on the test ones, is, and is the one "
+                             "`predict --num_tokens=auto` uses." if s.get("budget_split") else
+                             "; `predict --num_tokens=auto` escalates on the log-probability "
+                             "unless a router was saved (eval --config.eval.save_router).")]
   if s.get("collapsed"):
     lines.append("- Collapsed runs (†) are kept in every mean, SD and test.")
   if s.get("per_seed_source"):
@@ -323,7 +382,9 @@ def markdown(s: Mapping[str, Any]) -> str:
          "## Per family", "", *_family_section(s), "",
          "## Training cost: dynamic against fixed-256", "", *_cost_section(s), "",
          "## Automatic budget (TokenFLEX, `--num_tokens=auto`)", "", *_budget_section(s), "",
-         "![automatic budget](results_budget.png)", ""]
+         "![automatic budget](results_budget.png)", "",
+         "## Paired differences per count and family", "", *_paired_section(s), "",
+         "## The budget chosen on development questions", "", *_split_budget_section(s), ""]
   return "\n".join(out)
 
 
