@@ -46,6 +46,10 @@ cd "$REPO"
 W="$(realpath -m "${RUN_DIR:-$REPO/workdirs/reproduce}")"
 OUT="$(realpath -m "$OUT")"
 KNOWN="$(python -c 'from configs import reproduce; print(",".join(reproduce.VARIANTS))')"
+# Variants trained at several counts: their development evaluation fits the router and
+# the thresholds; a fixed-count variant's is asked only under --dev_only.
+SEVERAL="$(python -c 'from configs import reproduce
+print(",".join(n for n, v in reproduce.VARIANTS.items() if len(v[0]) > 1))')"
 MODELS="${MODELS:-$KNOWN}"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 for name in "${MODEL_LIST[@]}"; do
@@ -139,9 +143,11 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
     run "$name" "$seed" stage2 python -m tokenflex_jax.train --config="$C,stage=2" \
       --workdir="$D/stage2" --config.init.checkpoint="$D/stage1" "${TRAIN_FLAGS[@]}"
     # The development questions first (thresholds, the router), then the test ones.
-    run "$name" "$seed" eval_dev python -m tokenflex_jax.eval --config="$C,stage=2,split=dev" \
-      --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" \
-      --config.eval.overwrite=True "${TRAIN_FLAGS[@]}"
+    if [[ "$DEV_ONLY" == 1 || ",$SEVERAL," == *",$name,"* ]]; then
+      run "$name" "$seed" eval_dev python -m tokenflex_jax.eval --config="$C,stage=2,split=dev" \
+        --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" \
+        --config.eval.overwrite=True "${TRAIN_FLAGS[@]}"
+    fi
     if [[ "$DEV_ONLY" == 0 ]]; then
       run "$name" "$seed" eval python -m tokenflex_jax.eval --config="$C,stage=2" \
         --workdir="$D/stage2" --config.eval.examples_per_family="$EXAMPLES" \
