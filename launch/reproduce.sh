@@ -105,11 +105,22 @@ run() {
 
 # archive_run NAME SEED: a finished run's small files into $ARCHIVE (all or nothing: a run
 # there counts as finished).
+# The metrics keep what the report reads (each step's count, time and loss).
 archive_run() {
   [[ -z "$ARCHIVE" ]] && return
   (cd "$W" && find "$1/seed$2" -type f \( -name '*.done' -o -name metrics.jsonl \
-     -o -name config.json -o -name router.json -o -path '*/eval/*' \) -print0 |
-     xargs -0 cp --parents -t "$ARCHIVE")
+     -o -name config.json -o -name router.json -o -name index.json -o -name results.json \
+     -o -name questions.npz \) -print0 | xargs -0 cp --parents -t "$ARCHIVE")
+  python - "$ARCHIVE/$1/seed$2" <<'EOF_SLIM'
+import glob, json, sys
+KEEP = ("step", "train/num_tokens", "train/step_time_s", "train/loss")
+for path in glob.glob(f"{sys.argv[1]}/*/metrics.jsonl"):
+  rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      if "train/step_time_s" in row:
+        f.write(json.dumps({k: row[k] for k in KEEP if k in row}) + "\n")
+EOF_SLIM
   cp "$W/wall_times.tsv" "$W/revisions.txt" "$ARCHIVE/"
   check_tower
 }
