@@ -2,7 +2,7 @@
 # Sets up the environment and runs the test suite on 8 simulated host devices.
 #   bash launch/test.sh              fast suite (what CI runs)
 #   bash launch/test.sh --all        also the slow end-to-end tests
-#   bash launch/test.sh -k sharding  extra arguments go to pytest (-n 0: one process)
+#   bash launch/test.sh -k sharding  extra arguments go to pytest
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REQUIREMENTS="requirements.txt requirements-test.txt requirements-tpu.txt"
@@ -11,5 +11,4 @@ source "$REPO/launch/setup_env.sh"
 cd "$REPO"
 marker=(-m "not slow")
 if [[ "${1:-}" == "--all" ]]; then marker=(); shift; fi
-# Two pytest processes, each taking a whole file at a time (its module fixtures built once).
-exec python -m pytest -q --durations=30 -n 2 --dist loadfile "${marker[@]}" "$@" tests
+exec python -m pytest -q --durations=20 "${marker[@]}" "$@" tests
