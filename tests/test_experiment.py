@@ -4,6 +4,8 @@ collapsed runs, each ladder's oracle, and the files."""
 import json
 import math
 import os
+import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -276,6 +278,30 @@ def test_verdicts_without_collapsed_runs_when_they_change(summary):
   assert "shown at 1 of 2 counts" in lines[i + 1]
 
 
+def test_runs_at_several_revisions_say_what_code_differs(tmp_path):
+  repo = str(tmp_path / "repo")
+  git = lambda *a: subprocess.run(["git", "-C", repo, *a], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+  os.makedirs(os.path.join(repo, "tokenflex_jax"))
+  git("init", "-q")
+  revs = []
+  for name, text in (("tokenflex_jax/a.py", "x = 1\n"), ("docs.md", "results\n"),
+                     ("tokenflex_jax/a.py", "x = 2\n")):
+    with open(os.path.join(repo, name), "w", encoding="utf-8") as f:
+      f.write(text)
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", name)
+    revs.append(git("rev-parse", "--short", "HEAD"))
+  assert report.runs_note(revs[0], repo) is None  # one revision: nothing to say
+  assert report.runs_note(",".join(revs[:2]), repo) == (
+      "tokenflex_jax/ and configs/ identical at all of them")
+  assert report.runs_note(",".join(revs), repo).endswith("differ from the first in "
+                                                         "tokenflex_jax/a.py")
+  line = experiment_report._revision({"revision": {"runs": ",".join(revs[:2]),
+                                                  "runs_note": "n"}})
+  assert line.startswith(f"The runs trained at `{revs[0]}`, `{revs[1]}` (n);")
+
+
 def test_report_files(workdir, tmp_path):
   out = str(tmp_path / "docs")
   summary = report.write_report(workdir, out, runs_revision="c" * 40)
@@ -289,6 +315,14 @@ def test_report_files(workdir, tmp_path):
   assert len(saved["revision"]["report"]) == 40  # this checkout's HEAD
   md = open(os.path.join(out, "results.md")).read()
   assert "`bash launch/reproduce.sh repro`" in md and "The runs trained at `ccccccc`" in md
+  # Written outside docs/, its links still reach the README and docs/measurements.md.
+  readme, measurements = re.search(r"\[README\]\(([^)]+)\) · \[measurements\]\(([^)]+)\)",
+                                   md).groups()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert os.path.normpath(os.path.join(out, readme)) == os.path.join(repo, "README.md")
+  assert os.path.normpath(os.path.join(out, measurements)) == os.path.join(
+      repo, "docs", "measurements.md")
+  assert experiment_report.markdown(summary).count("[README](../README.md)") == 1
   assert "mean ± sample SD (ddof=1) over seeds 0, 1, 2" in md
   assert "| fixed_64 | 64 | -1.0, +1.0, -1.5 | -0.5 [" in md and "| no |" in md
   assert "shown at 1 of 2 counts" in md

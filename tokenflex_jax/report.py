@@ -30,9 +30,9 @@ from tokenflex_jax.studies import experiment, experiment_report
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, repo: str = REPO) -> str | None:
   try:
-    return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True,
+    return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True,
                           check=True, timeout=30).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
@@ -46,8 +46,27 @@ def code_revision() -> dict[str, Any]:
   return {"report": head or None, "report_modified": bool(status)}
 
 
+def runs_note(runs_revision: str | None, repo: str = REPO) -> str | None:
+  """For runs trained at several revisions ("a,b,c", oldest first): whether the code
+  the runs execute (tokenflex_jax/, configs/) is the same at each as at the first, and
+  else in which files it differs, from the git checkout ``repo``; None for one revision
+  or where git cannot tell."""
+  shas = [sha for sha in (runs_revision or "").split(",") if sha]
+  if len(shas) < 2:
+    return None
+  files: set[str] = set()
+  for sha in shas[1:]:
+    changed = _git("diff", "--name-only", shas[0], sha, "--", "tokenflex_jax", "configs",
+                   repo=repo)
+    if changed is None:
+      return None
+    files.update(changed.split())
+  return ("tokenflex_jax/ and configs/ identical at all of them" if not files else
+          "tokenflex_jax/ and configs/ differ from the first in " + ", ".join(sorted(files)))
+
+
 def _publish(summary: dict, out: str, what: str) -> dict:
-  experiment_report.write(summary, out)
+  experiment_report.write(summary, out, os.path.join(REPO, "docs"))
   logging.info("%s -> %s/results.md\n%s", what, out,
                "\n".join(experiment_report.verdict(summary)))
   return summary
@@ -61,8 +80,11 @@ def write_report(workdir: str, out: str, runs_revision: str | None = None,
   command_file = os.path.join(workdir, "command.txt")
   command = open(command_file, encoding="utf-8").read() if os.path.exists(command_file) else ""
   wall = sum(experiment.wall_times(workdir).values())
-  summary = experiment.summarize(runs, command, wall,
-                                 {**code_revision(), "runs": runs_revision or None}, split)
+  revision = {**code_revision(), "runs": runs_revision or None}
+  note = runs_note(runs_revision)
+  if note:
+    revision["runs_note"] = note
+  summary = experiment.summarize(runs, command, wall, revision, split)
   return _publish(summary, out, f"{len(runs)} runs of {len(summary['models'])} variants")
 
 
@@ -80,6 +102,9 @@ def render_json(path: str, out: str, runs_revision: str | None = None) -> dict:
   revision = {**saved.get("revision", {}), **code_revision()}
   if runs_revision:
     revision["runs"] = runs_revision
+    revision.pop("runs_note", None)
+    if runs_note(runs_revision):
+      revision["runs_note"] = runs_note(runs_revision)
   return _publish({**summary, "revision": revision}, out, path)
 
 

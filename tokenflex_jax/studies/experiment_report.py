@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -272,7 +273,8 @@ def verdict(s: Mapping[str, Any]) -> list[str]:
 
 def _revision(s: Mapping[str, Any]) -> str:
   r = s.get("revision", {})
-  runs = (f"The runs trained at `{r['runs'][:7]}`" if r.get("runs")
+  shas = [sha.strip()[:7] for sha in (r.get("runs") or "").split(",") if sha.strip()]
+  runs = (f"The runs trained at {', '.join(f'`{sha}`' for sha in shas)}" if shas
           else "The runs' code revision is not recorded")
   note = f" ({r['runs_note']})" if r.get("runs_note") else ""
   report = (f"`{r['report'][:7]}`" + (" with uncommitted changes" if r.get("report_modified")
@@ -359,11 +361,14 @@ def caveats(s: Mapping[str, Any]) -> list[str]:
   return lines
 
 
-def markdown(s: Mapping[str, Any]) -> str:
+def markdown(s: Mapping[str, Any], docs: str = ".") -> str:
+  """results.md; ``docs``: the path from where it is written to docs/ (for its links)."""
+  link = lambda target: posixpath.normpath(posixpath.join(docs, target))
   hours = s["wall_time_s"] / 3600
   ids = sorted({k for info in s["models"].values() for k in info["seed_ids"]})
   out = ["# Results: the paper's experiment in miniature", "",
-         "[README](../README.md) · [measurements](measurements.md) (how these were diagnosed "
+         f"[README]({link('../README.md')}) · [measurements]({link('measurements.md')}) "
+         "(how these were diagnosed "
          "and what was tried)", "",
          f"Written by `python -m tokenflex_jax.report`, called by `{s['command'].strip()}` "
          f"after each seed; the stages took {s['wall_time_s']:.0f} s ({hours:.1f} h) of wall "
@@ -427,13 +432,16 @@ def plot_budget(s: Mapping[str, Any], path: str) -> None:
   save_figure(fig, ax, path, BUDGET_XLABEL, "average accuracy (%)")
 
 
-def write(s: Mapping[str, Any], out_dir: str) -> None:
-  """docs/results.md, results.json, results_accuracy.png and results_budget.png."""
+def write(s: Mapping[str, Any], out_dir: str, docs_dir: str | None = None) -> None:
+  """results.md, results.json, results_accuracy.png and results_budget.png into
+  ``out_dir`` (docs/ itself, or elsewhere with ``docs_dir`` the docs/ its links point
+  to)."""
   os.makedirs(out_dir, exist_ok=True)
+  docs = "." if docs_dir is None else os.path.relpath(docs_dir, out_dir).replace(os.sep, "/")
   with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(s, f, indent=2)
   with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(s))
+    f.write(markdown(s, docs))
   plot_accuracy(s, os.path.join(out_dir, "results_accuracy.png"))
   if s["auto_budget"]:
     plot_budget(s, os.path.join(out_dir, "results_budget.png"))
