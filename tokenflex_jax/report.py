@@ -65,6 +65,12 @@ def runs_note(runs_revision: str | None, repo: str = REPO) -> str | None:
           "tokenflex_jax/ and configs/ differ from the first in " + ", ".join(sorted(files)))
 
 
+def _runs_fields(runs_revision: str | None) -> dict[str, Any]:
+  """{"runs": the revisions, "runs_note": `runs_note` where it says something}."""
+  note = runs_note(runs_revision)
+  return {"runs": runs_revision or None, **({"runs_note": note} if note else {})}
+
+
 def _publish(summary: dict, out: str, what: str) -> dict:
   experiment_report.write(summary, out, os.path.join(REPO, "docs"))
   logging.info("%s -> %s/results.md\n%s", what, out,
@@ -80,11 +86,8 @@ def write_report(workdir: str, out: str, runs_revision: str | None = None,
   command_file = os.path.join(workdir, "command.txt")
   command = open(command_file, encoding="utf-8").read() if os.path.exists(command_file) else ""
   wall = sum(experiment.wall_times(workdir).values())
-  revision = {**code_revision(), "runs": runs_revision or None}
-  note = runs_note(runs_revision)
-  if note:
-    revision["runs_note"] = note
-  summary = experiment.summarize(runs, command, wall, revision, split)
+  summary = experiment.summarize(runs, command, wall,
+                                 {**code_revision(), **_runs_fields(runs_revision)}, split)
   return _publish(summary, out, f"{len(runs)} runs of {len(summary['models'])} variants")
 
 
@@ -101,10 +104,8 @@ def render_json(path: str, out: str, runs_revision: str | None = None) -> dict:
     raise errors.InputError(f"--from_json={path}: {e}") from None
   revision = {**saved.get("revision", {}), **code_revision()}
   if runs_revision:
-    revision["runs"] = runs_revision
     revision.pop("runs_note", None)
-    if runs_note(runs_revision):
-      revision["runs_note"] = runs_note(runs_revision)
+    revision.update(_runs_fields(runs_revision))
   return _publish({**summary, "revision": revision}, out, path)
 
 
