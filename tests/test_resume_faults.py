@@ -3,6 +3,7 @@ checkpoint and a non-finite loss: each ends in a named warning or a one-line err
 in a silent fresh start or lost steps."""
 
 import glob
+import json
 import logging as py_logging
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 from tests.tiny import losses, tiny_config
 from tokenflex_jax import errors
 from tokenflex_jax.train import train
-from tokenflex_jax.training import checkpointing
+from tokenflex_jax.training import checkpointing, integrity
 
 ONE_BUCKET = dict(token_counts=(64,), token_probs=(1.0,), eval__token_counts=(64,),
                   checkpoint_every=2, keep_checkpoints=3)
@@ -108,3 +109,20 @@ def test_a_non_finite_loss_names_the_step_bucket_and_last_checkpoint(saved_run, 
                            r"checkpoint: step 4 \(.*checkpoints/4\)"):
     # Resumed at step 4 with a learning rate so large that the first update overflows.
     train(tiny_config(total_steps=6, optimizer__learning_rate=1e30, **ONE_BUCKET), workdir)
+
+
+def test_checksums_skip_another_processes_write_in_progress(tmp_path):
+  """Process 1 writes its checksum record through a temporary file while process 0 lists
+  the step: that file, owned by no process by name, must not enter process 0's record
+  (it is renamed away before process 0 can read it; CI once failed on exactly this)."""
+  step = tmp_path / "6"
+  (step / "params" / "ocdbt.process_0").mkdir(parents=True)
+  (step / "params" / "ocdbt.process_0" / "d").write_bytes(b"weights")
+  (step / "meta").mkdir()
+  (step / "meta" / "metadata").write_text("{}")
+  (step / ".tmp-ugkf8zvn.part").write_text("process 1's record, half written")
+  integrity.write_checksums(str(step), 0)
+  record = json.loads((step / integrity.CHECKSUMS.format(0)).read_text())
+  assert sorted(record) == ["meta/metadata", "params/ocdbt.process_0/d"]
+  os.remove(step / ".tmp-ugkf8zvn.part")  # The rename that raced the listing.
+  assert integrity.problems(str(step), 0, ("params", "meta")) == []

@@ -38,6 +38,15 @@ def is_file(path: str) -> bool:
     return False
 
 
+_PARTIAL_PREFIX, _PARTIAL_SUFFIX = ".tmp-", ".part"  # `write_atomically`'s temporary files
+
+
+def is_partial_write(name: str) -> bool:
+  """Whether a file name is `write_atomically`'s temporary file (another process's write
+  in progress, or the leftover of a killed one): never content to list or checksum."""
+  return name.startswith(_PARTIAL_PREFIX) and name.endswith(_PARTIAL_SUFFIX)
+
+
 def write_atomically(path: str | os.PathLike, data: bytes) -> None:
   """Writes ``data`` to ``path`` so that a reader never sees half of it: locally through
   a temporary file renamed over it; on GCS a single upload is already all or nothing."""
@@ -46,7 +55,8 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> None:
     return
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")  # one per writer
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=_PARTIAL_PREFIX,
+                              suffix=_PARTIAL_SUFFIX)  # one per writer
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)

@@ -46,10 +46,14 @@ def _crc32(path: epath.Path) -> int:
 
 
 def _files(step_dir: epath.Path, prefix: str = "") -> list[str]:
-  """Paths relative to ``step_dir`` of every file in it but the checksum files."""
+  """Paths relative to ``step_dir`` of every file in it but the checksum files and the
+  temporary files of writes in progress (another process writing its checksums renames
+  its temporary file away while this one lists the directory)."""
   out = []
   for child in step_dir.iterdir():
     rel = f"{prefix}{child.name}"
+    if paths.is_partial_write(child.name):
+      continue
     if child.is_dir():
       out.extend(_files(child, rel + "/"))
     elif not (rel.startswith("checksums.process_") and rel.endswith(".json")):
