@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from tests.tiny import TINY_FLAGS
+from tests.xla_env import xla_flags
 from tokenflex_jax.studies import crash_harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ def test_two_kills_leave_a_bit_identical_run(tmp_path):
              "--kills=2", "--total_steps=10", "--checkpoint_every=2", "--seed=3", "--",
              *tiny, *ONE_BUCKET]
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=xla_flags(8))
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
   out = result.stdout.strip().splitlines()

@@ -32,6 +32,7 @@ from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 from tests.test_chat_templates import QWEN25  # pylint: disable=wrong-import-position
 from tests.test_chat_tokenizers import _bpe  # pylint: disable=wrong-import-position
 from tests.test_convert_hf import RTOL, relative_error  # pylint: disable=wrong-import-position
+from tests.xla_env import xla_flags  # pylint: disable=wrong-import-position
 from tokenflex_jax.data import images  # pylint: disable=wrong-import-position
 from tokenflex_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=wrong-import-position
 from tokenflex_jax.evaluation.generate import make_generate  # pylint: disable=wrong-import-position
@@ -163,7 +164,7 @@ def whole_path(request, tmp_path_factory):
   _data(root)
   # Two host devices: the doc's mesh (1, -1, 1) shards the towers as they are converted
   # and the model as it trains (FSDP over 2); compiles are faster than over 8.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   env.pop("PYTHONPATH", None)  # The docs run from the repository root, nothing else.
   env.pop("PYTEST_CURRENT_TEST", None)
   run = subprocess.run(["bash", "-c", _script(root, request.param)], cwd=REPO, env=env,

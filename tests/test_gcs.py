@@ -14,6 +14,7 @@ import pytest
 
 from tests import gcs_emulator
 from tests.tiny import TINY_FLAGS
+from tests.xla_env import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "tokenflex-test"
@@ -28,7 +29,7 @@ def emulator():
 
 def _env(url):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2", **gcs_emulator.client_env(url))
+             XLA_FLAGS=xla_flags(2), **gcs_emulator.client_env(url))
   env.pop("PYTEST_CURRENT_TEST", None)
   return env
 

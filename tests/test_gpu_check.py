@@ -11,6 +11,7 @@ import jax
 import pytest
 
 from configs import gpu_bench, paper
+from tests.xla_env import xla_flags
 from tokenflex_jax import model_config
 from tokenflex_jax.app import config_schema
 from tokenflex_jax.benchmarking import gpu, suite
@@ -22,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_dry_run_measures_every_section_and_prints_the_gpu_table(tmp_path):
   # One device, as on the lent machine (not the suite's 8 host devices).
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = dict(os.environ, XLA_FLAGS=xla_flags())
   result = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_check.sh"), "--dry",
                            f"--out={tmp_path}"], capture_output=True, text=True, timeout=600,
                           env=env)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from tests.tiny import TINY_FLAGS, losses
+from tests.xla_env import xla_flags
 from tokenflex_jax import errors
 from tokenflex_jax.training import checkpointing
 
@@ -66,7 +67,7 @@ def _flags(workdir, mesh, binary="train"):
 
 def _env(devices):
   return dict(_no_cache(), PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=xla_flags(devices))
 
 
 def _start_two(workdir, binary="train"):

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses
+from tests.xla_env import xla_flags
 from tokenflex_jax.data import llava, llava_tfds, pipeline
 from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.evaluation import eval_files
@@ -94,7 +95,7 @@ def files(tmp_path_factory):
 
 def _env():
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=xla_flags(8))
   env.pop("PYTEST_CURRENT_TEST", None)
   return env
 

@@ -9,11 +9,12 @@ import pytest
 
 from configs import reproduce
 from tests.tiny import TINY_FLAGS
+from tests.xla_env import xla_flags
 from tokenflex_jax.app.config_schema import base_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device, as a user's run on a laptop (not the suite's 8 simulated ones).
-ONE_DEVICE = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ONE_DEVICE = dict(os.environ, XLA_FLAGS=xla_flags())
 # The tiny model of tests/tiny.py (its widths, the same code paths), a few steps.
 SMALL = ("--config.total_steps=3", "--config.batch_size=8", "--config.log_every=1",
          "--config.checkpoint_every=3", "--config.eval.token_counts=(64,256)",

@@ -16,6 +16,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
+from tests.xla_env import xla_flags
 from tokenflex_jax import errors, eval as eval_binary, predict
 from tokenflex_jax.app import cli, config_schema, run_tokenizer, trained_model
 from tokenflex_jax.data import scenes
@@ -107,7 +108,7 @@ def _train_command(workdir):
 
 def _env():
   env = dict(os.environ, PYTHONPATH=REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+             XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
   return env
 
 
