@@ -60,7 +60,17 @@ done
 if [[ ! "$SEEDS" =~ ^[1-9][0-9]*$ ]]; then
   echo "$LAUNCHER: --seeds must be a positive integer, got '$SEEDS'" >&2; exit 2
 fi
-mkdir -p "$W"
+# writable DIR WHAT: DIR made and written to now, or one line naming WHAT (before hours
+# of training find out).
+writable() {
+  local probe="$1/.reproduce-write-probe-$$"
+  if ! { mkdir -p "$1" && : > "$probe" && rm -f "$probe"; } 2>/dev/null; then
+    echo "$LAUNCHER: $2: cannot write to $1" >&2; exit 2
+  fi
+}
+[[ -n "$ARCHIVE" ]] && writable "$(realpath -m "$ARCHIVE")" --archive
+writable "$OUT" --out
+writable "$W" "the run folder"
 # merge FILE...: the lines of every FILE, each once, in order of first appearance.
 merge() { { cat "$@" 2>/dev/null || true; } | awk '!seen[$0]++'; }
 if [[ -n "$ARCHIVE" ]]; then

@@ -118,9 +118,15 @@ def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
   assert s2["models"] == s["models"] and s2["paired"] == s["paired"]
 
 
-@pytest.mark.parametrize("arg,message", [("--models=fixed_64,nope", "unknown variant 'nope'"),
-                                         ("--seeds=0", "--seeds must be a positive integer")])
+@pytest.mark.parametrize("arg,message", [
+    ("--models=fixed_64,nope", "unknown variant 'nope'"),
+    ("--seeds=0", "--seeds must be a positive integer"),
+    # Folders that cannot be written (under a regular file): refused before any training.
+    ("--archive={tmp}/file/archive", "--archive: cannot write to {tmp}/file/archive"),
+    ("--out={tmp}/file/docs", "--out: cannot write to {tmp}/file/docs")])
 def test_bad_arguments_are_refused_in_one_line(tmp_path, arg, message):
+  (tmp_path / "file").write_text("")
+  arg, message = arg.format(tmp=tmp_path), message.format(tmp=tmp_path)
   result = subprocess.run(["bash", os.path.join(REPO, "launch", "reproduce.sh"),
                            str(tmp_path / "w"), arg], capture_output=True, text=True,
                           timeout=120, cwd=REPO)
