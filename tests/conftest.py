@@ -21,10 +21,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # operations (state set-up, Orbax's per-shard slices on its first save) are some 180
 # compiles of 20-50 ms each, paid again by every process unless cached (docs/testing.md).
 # This process keeps its own in memory and caches only the larger ones (below).
+CHOSEN_MIN_COMPILE_TIME = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # pylint: disable=wrong-import-position
 from absl import flags  # pylint: disable=wrong-import-position
 
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+if CHOSEN_MIN_COMPILE_TIME is None:
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 flags.FLAGS.mark_as_parsed()

@@ -136,7 +136,7 @@ def test_every_microbatch_at_one_count_is_the_whole_batchs_step(whole_batch):
   state_bytes = per_device(job.abstract_state)
   assert step.flops > 0 and step.compile_seconds > 0
   assert compiled.total_bytes(step.memory) > state_bytes + per_device(job.abstract_state.params)
-  state, metrics = job.draws.by_count[(64, 64)](fresh(), batch)
+  state, metrics = job.draws.step_for((64, 64))(fresh(), batch)
   metrics, params = jax.device_get(metrics), jax.device_get(state.params)
   want_metrics, want_params = whole_batch
   assert metrics["useful_positions"] == want_metrics["useful_positions"]
@@ -153,7 +153,8 @@ def test_microbatches_at_their_own_counts_weigh_as_one_batch():
   config = tiny_spec(batch_size=BATCH, microbatches=2, count_per_microbatch=True,
                      token_counts=(64, 144), token_probs=(0.5, 0.5))
   task, job, fresh, batch = _job(config)
-  assert set(job.draws.by_count) == {(64, 64), (64, 144), (144, 64), (144, 144)}
+  with pytest.raises(KeyError, match="a draw of 2 of the counts"):
+    job.draws.step_for((64, 256))
   start = jax.device_get(fresh())
   host, mesh_rules = _batch(config), sharding.mesh_from_config(config)
   parts = []
@@ -170,8 +171,8 @@ def test_microbatches_at_their_own_counts_weigh_as_one_batch():
   updates, _ = job.optimizer.tx.update(want_grads, start.opt_state, start.params)
   want_params = jax.tree.map(np.add, start.params, jax.device_get(updates))
 
-  both_64 = jax.device_get(job.draws.by_count[(64, 64)](fresh(), batch)[1])
-  state, metrics = job.draws.by_count[(64, 144)](fresh(), batch)
+  both_64 = jax.device_get(job.draws.step_for((64, 64))(fresh(), batch)[1])
+  state, metrics = job.draws.step_for((64, 144))(fresh(), batch)
   metrics = jax.device_get(metrics)
   assert metrics["loss"] == pytest.approx(want_loss, rel=1e-5)
   assert metrics["grad_norm"] == pytest.approx(
@@ -183,8 +184,8 @@ def test_microbatches_at_their_own_counts_weigh_as_one_batch():
 
 
 def test_a_count_per_microbatch_needs_microbatches():
-  with pytest.raises(errors.ConfigError, match=r"^config\.count_per_microbatch needs "
-                     r"config\.microbatches of at least 2, got 1"):
+  with pytest.raises(errors.ConfigError, match=r"^config\.count_per_microbatch=True needs "
+                     r"config\.microbatches >= 2, got 1"):
     config_checks.check(tiny_spec(batch_size=BATCH, count_per_microbatch=True),
                         config_checks.AOT)
 

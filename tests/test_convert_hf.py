@@ -308,6 +308,12 @@ def test_a_16_bit_checkpoint_imports_as_float32(tmp_path, dtype):
   assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
 
 
+def test_the_shard_plan_keeps_each_file_under_the_limit_but_a_larger_tensor_alone():
+  assert hf.shard_plan([3, 3, 10, 1, 1], 5) == [[0], [1], [2], [3, 4]]
+  assert hf.shard_plan([2, 2, 1], 5) == [[0, 1, 2]]
+  assert hf.shard_plan([], 5) == [[]]
+
+
 def test_unsupported_configs_name_the_field(tmp_path):
   _, path = llama(tmp_path, bias=True)
   with pytest.raises(ValueError, match="attention_bias"):

@@ -114,28 +114,36 @@ def write_checkpoint(hf_dir: str, config: Mapping[str, Any],
       os.remove(os.path.join(hf_dir, name))
   with open(os.path.join(hf_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(_with_dtype(config, dtype), f, indent=2)
-  narrow = lambda x: x.astype(jnp.bfloat16) if (
-      dtype == "bfloat16" and x.dtype == np.float32) else x
-  arrays = {k: np.ascontiguousarray(narrow(np.asarray(v))) for k, v in tensors.items()}
-  shards: list[dict[str, np.ndarray]] = [{}]
+  target = lambda x: jnp.bfloat16 if dtype == "bfloat16" and x.dtype == np.float32 else x.dtype
+  names = list(tensors)
+  shards = shard_plan([int(np.size(tensors[n])) * np.dtype(target(tensors[n])).itemsize
+                       for n in names], shard_bytes)
+  files = ([SAFETENSORS] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  weight_map, total = {}, 0
+  for file, shard in zip(files, shards):  # one shard's converted copy at a time
+    arrays = {names[i]: np.ascontiguousarray(np.asarray(tensors[names[i]]).astype(
+        target(tensors[names[i]]), copy=False)) for i in shard}
+    save_file(arrays, os.path.join(hf_dir, file), metadata={"format": "pt"})
+    weight_map.update({name: file for name in arrays})
+    total += sum(x.nbytes for x in arrays.values())
+  if len(shards) > 1:
+    with open(os.path.join(hf_dir, INDEX), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def shard_plan(sizes: list[int], limit: int) -> list[list[int]]:
+  """Consecutive groups of the indices of ``sizes`` (bytes), each at most ``limit`` bytes
+  in all, except a single item larger than it (one group, at least, even when empty)."""
+  groups: list[list[int]] = [[]]
   size = 0
-  for name, x in arrays.items():
-    if shards[-1] and size + x.nbytes > shard_bytes:
-      shards.append({})
+  for i, n in enumerate(sizes):
+    if groups[-1] and size + n > limit:
+      groups.append([])
       size = 0
-    shards[-1][name] = x
-    size += x.nbytes
-  if len(shards) == 1:
-    save_file(arrays, os.path.join(hf_dir, SAFETENSORS), metadata={"format": "pt"})
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards):
-    file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, os.path.join(hf_dir, file), metadata={"format": "pt"})
-    weight_map.update({name: file for name in shard})
-  with open(os.path.join(hf_dir, INDEX), "w", encoding="utf-8") as f:
-    json.dump({"metadata": {"total_size": sum(x.nbytes for x in arrays.values())},
-               "weight_map": weight_map}, f, indent=2)
+    groups[-1].append(i)
+    size += n
+  return groups
 
 
 def _with_dtype(config: Mapping[str, Any], dtype: str) -> dict[str, Any]:

@@ -74,9 +74,10 @@ Draw = int | tuple[int, ...]
 
 @dataclasses.dataclass(frozen=True)
 class BucketSteps:
-  """One step function per draw, ``(state, batch) -> (state, metrics)`` (compiled
-  executables in a run), and the rule that draws each step's count(s)."""
-  by_count: Mapping[Draw, Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]]
+  """The step function of each draw, ``step_for(draw)``: ``(state, batch) -> (state,
+  metrics)`` (compiled executables in a run), and the rule that draws each step's
+  count(s), ``count_for_step(step)``."""
+  step_for: Callable[[Draw], Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]]
   count_for_step: Callable[[int], Draw]
 
 
@@ -156,7 +157,8 @@ class Reporter:
     ``draw`` visual tokens (a tuple: its microbatches', each 1/k of the batch; logged as
     their mean)."""
     counts = draw if isinstance(draw, tuple) else (draw,)
-    num_tokens = float(np.mean(counts)) if len(counts) > 1 else counts[0]
+    single = len(set(counts)) == 1  # the step is at one count (bucket)
+    num_tokens = counts[0] if single else float(np.mean(counts))
     positions = float(np.mean([self._tokens(n) for n in counts]))  # per example
     flops = float(np.mean([self._flops.get(n, 0.0) for n in counts]))
     host = {k: float(np.asarray(v)) for k, v in metrics.items()}  # Waits for the step.
@@ -180,7 +182,7 @@ class Reporter:
                   / self._devices)
     host.update(self._counters())
     scalars = {f"train/{k}": v for k, v in host.items()}
-    if len(counts) == 1:  # per bucket: only steps at one count
+    if single:
       scalars.update({f"train_{num_tokens}tokens/{k}": host[k] for k in
                       ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device")
                       if k in host})
@@ -197,13 +199,13 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
   Each step's metrics are reported while the next step runs, so the host never waits
   for the device except to save and for ``periodic`` (after the save of its step).
   """
-  pending = None  # (step, num_tokens, metrics still on device)
+  pending = None  # (step, its draw, metrics still on device)
   done = start_step
   reporter.restart_clock()
   with _SigtermFlag() as sigterm:
     for step in range(start_step, total_steps):
       n = steps.count_for_step(step)
-      state, metrics = steps.by_count[n](state, data.to_global(next(data.iterator)))
+      state, metrics = steps.step_for(n)(state, data.to_global(next(data.iterator)))
       if pending is not None:
         reporter.report(*pending)  # The previous step, while this one runs.
       pending, done = (step, n, metrics), step + 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -44,11 +44,20 @@ def freeze(params: Mapping[str, Any], frozen: Sequence[str]) -> dict[str, Any]:
   return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
 
 
-Accumulator = tuple  # (loss, aux, grads, weight): sums over microbatches, weighted
+class Accumulator(NamedTuple):
+  """A step's microbatches so far, each weighted by its loss normaliser: loss [] and aux
+  {name: []} (`COUNTS` summed unweighted), grads {module: subtree} of the trainable
+  modules only (a frozen module's are zeros: not carried), weight [] (the normalisers'
+  sum)."""
+  loss: jax.Array
+  aux: dict[str, jax.Array]
+  grads: dict[str, Any]
+  weight: jax.Array
 
 
 def _value_and_grad(loss_fn: LossFn, optimizer: Optimizer):
-  """(params, batch, num_tokens) -> (loss, aux without the weight, grads, weight)."""
+  """(params, batch, num_tokens) -> (loss [], aux {name: []} without the weight, grads
+  shaped like params, weight [])."""
   def value_and_grad(params, batch, num_tokens):
     frozen_loss = lambda p: loss_fn(freeze(p, optimizer.frozen), batch, num_tokens)
     (loss, aux), grads = jax.value_and_grad(frozen_loss, has_aux=True)(params)
@@ -58,18 +67,38 @@ def _value_and_grad(loss_fn: LossFn, optimizer: Optimizer):
   return value_and_grad
 
 
+def _microbatch_value_and_grad(loss_fn: LossFn, optimizer: Optimizer, k: int):
+  """(params, global batch, j, num_tokens) -> one microbatch's `Accumulator` terms, unweighted:
+  (loss, aux, the trainable modules' grads, weight)."""
+  value_and_grad = _value_and_grad(loss_fn, optimizer)
+
+  def one(params, batch, j, num_tokens):
+    loss, aux, grads, weight = value_and_grad(params, microbatch(batch, j, k), num_tokens)
+    return loss, aux, {m: g for m, g in grads.items() if m not in optimizer.frozen}, weight
+  return one
+
+
+def _empty(shapes: tuple) -> Accumulator:
+  """The zero `Accumulator` for one microbatch's terms' ``shapes`` (`jax.eval_shape`)."""
+  return Accumulator(*jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+
 def _accumulate(acc: Accumulator, loss, aux, grads, weight) -> Accumulator:
   """``acc`` plus one microbatch, weighted by its loss normaliser (`COUNTS` summed)."""
   add = lambda total, x: total + weight * x
-  aux = {k: acc[1][k] + v if k in COUNTS else add(acc[1][k], v) for k, v in aux.items()}
-  return add(acc[0], loss), aux, jax.tree.map(add, acc[2], grads), acc[3] + weight
+  aux = {k: acc.aux[k] + v if k in COUNTS else add(acc.aux[k], v) for k, v in aux.items()}
+  return Accumulator(add(acc.loss, loss), aux, jax.tree.map(add, acc.grads, grads),
+                     acc.weight + weight)
 
 
-def _averaged(acc: Accumulator):
-  """(loss, aux, grads) of the whole batch from its microbatches' weighted sums."""
-  loss, aux, grads, total = acc
-  aux = {k: v if k in COUNTS else v / total for k, v in aux.items()}
-  return loss / total, aux, jax.tree.map(lambda g: g / total, grads)
+def _averaged(acc: Accumulator, params: Any):
+  """(loss, aux, grads shaped like ``params``) of the whole batch from its microbatches'
+  weighted sums; the frozen modules' gradients zeros."""
+  total = acc.weight
+  aux = {k: v if k in COUNTS else v / total for k, v in acc.aux.items()}
+  grads = {m: jax.tree.map(lambda g: g / total, acc.grads[m]) if m in acc.grads
+           else jax.tree.map(jnp.zeros_like, sub) for m, sub in params.items()}
+  return acc.loss / total, aux, grads
 
 
 def _update(optimizer: Optimizer, state: TrainState, loss, aux, grads
@@ -81,12 +110,11 @@ def _update(optimizer: Optimizer, state: TrainState, loss, aux, grads
   return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def microbatch(batch: Batch, j: jax.Array | int, k: int) -> dict[str, jax.Array]:
+def microbatch(batch: Batch, j: jax.Array | int, k: int) -> Batch:
   """Microbatch ``j`` of ``k`` of a global batch [B, ...]: rows j, j + k, ... [B / k, ...]
   (so each spans every data-parallel device); ``j`` may be traced."""
-  return {name: jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // k, k, *x.shape[1:]),
-                                             j, axis=1, keepdims=False)
-          for name, x in batch.items()}
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
+      x.reshape(x.shape[0] // k, k, *x.shape[1:]), j, axis=1, keepdims=False), dict(batch))
 
 
 def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
@@ -95,24 +123,23 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
 
   With ``microbatches`` k > 1 the global batch [B, ...] is split into k microbatches of
   B / k rows (`microbatch`), run one after another (`jax.lax.scan`: one microbatch's
-  activations at a time) and their gradients accumulated, each weighted by its loss
-  normaliser (aux `LOSS_WEIGHT`) over the batch's: the step equals the whole batch's, the
-  per-sample sqrt weighting included (normalising each microbatch on its own would not).
+  activations at a time) and their gradients accumulated (`Accumulator`), each weighted
+  by its loss normaliser (aux `LOSS_WEIGHT`) over the batch's: the step equals the whole
+  batch's, the per-sample sqrt weighting included (normalising each microbatch on its own
+  would not).
 
   Metrics: the loss, the gradient's global norm, the base learning rate and the loss
   function's own metrics (over microbatches: `COUNTS` summed, the rest weighted like the
   loss).
   """
   value_and_grad = _value_and_grad(loss_fn, optimizer)
+  one = _microbatch_value_and_grad(loss_fn, optimizer, microbatches)
 
   def accumulated(params, batch, num_tokens):
-    k = microbatches
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-        lambda: value_and_grad(params, microbatch(batch, 0, k), num_tokens)))
-    body = lambda acc, j: (_accumulate(acc, *value_and_grad(
-        params, microbatch(batch, j, k), num_tokens)), None)
-    acc, _ = jax.lax.scan(body, zeros, jnp.arange(k))
-    return _averaged(acc)
+    zeros = _empty(jax.eval_shape(lambda: one(params, batch, 0, num_tokens)))
+    body = lambda acc, j: (_accumulate(acc, *one(params, batch, j, num_tokens)), None)
+    acc, _ = jax.lax.scan(body, zeros, jnp.arange(microbatches))
+    return _averaged(acc, params)
 
   def train_step(state: TrainState, batch: Batch, num_tokens: int):
     if microbatches == 1:
@@ -128,11 +155,12 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
 class MicrobatchStep:
   """A step whose k microbatches may each run at their own visual-token count
   (``config.count_per_microbatch``), as pieces to compile separately, so that each
-  microbatch runs through its own count's compiled forward and backward:
+  microbatch runs through its own count's compiled forward and backward (batch: the
+  global batch [B, ...]; acc: an `Accumulator`):
 
-  zeros(params) -> the empty `Accumulator` (params: only their shapes matter);
-  add(params, acc, batch, j, num_tokens) -> ``acc`` plus microbatch ``j`` (`microbatch`)
-    of the global ``batch`` at ``num_tokens``, weighted by its loss normaliser;
+  zeros(params) -> the empty accumulator (only the params' shapes matter);
+  add(params, acc, batch, j, num_tokens) -> ``acc`` plus microbatch ``j`` [B / k, ...]
+    (`microbatch`) at ``num_tokens`` visual tokens, weighted by its loss normaliser;
   apply(state, acc) -> (state, metrics): the update of the whole batch, as
     `make_train_step`'s.
   With every microbatch at one count this is `make_train_step`'s step.
@@ -145,21 +173,22 @@ class MicrobatchStep:
 
 def make_microbatch_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int,
                          batch_shapes: Batch, num_tokens: int) -> MicrobatchStep:
-  """`MicrobatchStep` of ``loss_fn``; ``batch_shapes`` (the global batch's shapes) and
-  any one ``num_tokens`` give the accumulator's structure (the same at every count)."""
-  value_and_grad = _value_and_grad(loss_fn, optimizer)
-  k = microbatches
+  """`MicrobatchStep` of ``loss_fn``; ``batch_shapes`` (the global batch's
+  `jax.ShapeDtypeStruct`s) and any one ``num_tokens`` give the accumulator's structure
+  (the same at every count)."""
+  one = _microbatch_value_and_grad(loss_fn, optimizer, microbatches)
 
   def zeros(params):
-    shapes = jax.eval_shape(lambda p, b: value_and_grad(p, microbatch(b, 0, k), num_tokens),
-                            params, dict(batch_shapes))
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return _empty(jax.eval_shape(lambda p, b: one(p, b, 0, num_tokens), params,
+                                 dict(batch_shapes)))
 
   def add(params, acc, batch, j, n):
-    return _accumulate(acc, *value_and_grad(params, microbatch(batch, j, k), n))
+    return _accumulate(acc, *one(params, batch, j, n))
 
-  return MicrobatchStep(zeros, add, lambda state, acc: _update(optimizer, state,
-                                                               *_averaged(acc)), k)
+  def apply(state, acc):
+    return _update(optimizer, state, *_averaged(acc, state.params))
+
+  return MicrobatchStep(zeros, add, apply, microbatches)
 
 
 def boxed_params(init_params: InitParams, mesh, rules) -> Any:

@@ -115,13 +115,13 @@ def compile_steps(task: Task, plan: TaskPlan, mesh, rules) -> CompiledTask:
         plan.abstract_state, task.abstract_batch, counts, mesh, rules, task.name)
     return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state,
                         pieces.every_microbatch_at(), loop.BucketSteps(
-                            pieces, lambda step: task.buckets.for_microbatches(step, k)))
+                            pieces.step, lambda step: task.buckets.for_microbatches(step, k)))
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer,
                                                           task.microbatches),
                                       plan.abstract_state, task.abstract_batch, counts,
                                       mesh, rules, task.name)
   return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count,
-                      loop.BucketSteps(by_count, task.buckets.for_step))
+                      loop.BucketSteps(by_count.__getitem__, task.buckets.for_step))
 
 
 def compile_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
@@ -178,9 +178,6 @@ def check_loop_config(config: RunSpec) -> None:
   if config.batch_size % config.microbatches:
     raise errors.ConfigError(f"config.batch_size={config.batch_size} is not divisible by "
                              f"config.microbatches={config.microbatches}")
-  if config.count_per_microbatch and config.microbatches < 2:
-    raise errors.ConfigError("config.count_per_microbatch needs config.microbatches of at "
-                             f"least 2, got {config.microbatches}")
 
 
 def data_counts(task: Task) -> dict[str, float]:
