@@ -1,17 +1,23 @@
 """Gradient accumulation: k microbatches make the step of the whole batch (loss,
-gradients and the update, the per-sample sqrt weighting included), on the suite's mesh."""
+gradients and the update, the per-sample sqrt weighting included), on the suite's mesh;
+also with each microbatch at its own visual-token count (config.count_per_microbatch)."""
+
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.tiny import tiny_spec
+from tests.tiny import tiny_config, tiny_spec
 from tokenflex_jax import errors, model_config, sharding, specs
-from tokenflex_jax.app import config_checks
+from tokenflex_jax.app import config_checks, config_schema
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.models.vlm import VLM
+from tokenflex_jax.train import train
 from tokenflex_jax.training import compiled, steps, trainer
+from tokenflex_jax.training.buckets import Buckets
 from tokenflex_jax.training import vlm_task as vlm_task_lib
 from tokenflex_jax.training.vlm_task import vlm_task
 
@@ -98,3 +104,106 @@ def test_a_batch_the_microbatches_do_not_divide_is_refused():
   with pytest.raises(errors.ConfigError, match=r"^config\.batch_size / config\.microbatches=2 "
                      r"must be a positive multiple of the data-parallel size 4"):
     config_checks.check(tiny_spec(batch_size=BATCH, microbatches=8), config_checks.AOT)
+
+
+# --- Each microbatch at its own count (config.count_per_microbatch) ------------------
+
+def _job(config: specs.RunSpec):
+  """(task, compiled job, a random state maker, the global batch) for ``config``."""
+  mesh, rules = sharding.mesh_from_config(config)
+  model = VLM(model_config.vlm_config(config, model_config.FixedTokenIds(
+      config.model.llm.vocab_size)))
+  task = vlm_task(config, model, mesh, rules)
+  job = trainer.compile_task(config, task, mesh, rules)
+  fresh = lambda: steps.random_state(task.init_params, job.optimizer.tx, jax.random.key(0),
+                                     job.state_shardings, mesh, rules)
+  batch = pipeline.to_global_batch(_batch(config),
+                                   compiled.shardings_of(dict(task.abstract_batch)))
+  return task, job, fresh, batch
+
+
+def test_every_microbatch_at_one_count_is_the_whole_batchs_step(whole_batch):
+  config = tiny_spec(batch_size=BATCH, microbatches=2, count_per_microbatch=True,
+                     token_counts=(64,), token_probs=(1.0,))
+  config_checks.check(config, config_checks.AOT)
+  _, job, fresh, batch = _job(config)
+  assert job.draws.count_for_step(5) == (64, 64)
+  # As one compiled step (aot and the bench read it): its programs' FLOPs, and at least
+  # the parameters, optimizer state and gradients in memory at once.
+  step = job.steps[64]
+  per_device = lambda tree: sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                                for x in jax.tree.leaves(tree))
+  state_bytes = per_device(job.abstract_state)
+  assert step.flops > 0 and step.compile_seconds > 0
+  assert compiled.total_bytes(step.memory) > state_bytes + per_device(job.abstract_state.params)
+  state, metrics = job.draws.step_for((64, 64))(fresh(), batch)
+  metrics, params = jax.device_get(metrics), jax.device_get(state.params)
+  want_metrics, want_params = whole_batch
+  assert metrics["useful_positions"] == want_metrics["useful_positions"]
+  assert metrics["loss"] == pytest.approx(want_metrics["loss"], rel=1e-5)
+  assert metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=1e-5)
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_microbatches_at_their_own_counts_weigh_as_one_batch():
+  """(64, 144): microbatch 0 (rows 0, 2, ...) at 64 tokens, microbatch 1 (rows 1, 3, ...)
+  at 144. The loss, gradients and update are the loss-weight-weighted mean of the two,
+  computed here from the loss function alone; and the counts matter (both at 64 differs)."""
+  config = tiny_spec(batch_size=BATCH, microbatches=2, count_per_microbatch=True,
+                     token_counts=(64, 144), token_probs=(0.5, 0.5))
+  task, job, fresh, batch = _job(config)
+  with pytest.raises(KeyError, match="a draw of 2 of the counts"):
+    job.draws.step_for((64, 256))
+  start = jax.device_get(fresh())
+  host, mesh_rules = _batch(config), sharding.mesh_from_config(config)
+  parts = []
+  with sharding.mesh_rules(*mesh_rules):
+    for j, n in enumerate((64, 144)):
+      rows = {k: v[j::2] for k, v in host.items()}
+      (loss, aux), grads = jax.jit(jax.value_and_grad(
+          lambda p, b, n=n: task.loss_fn(p, b, n), has_aux=True))(start.params, rows)
+      parts.append((float(aux[steps.LOSS_WEIGHT]), float(loss), jax.device_get(grads)))
+  total = sum(w for w, _, _ in parts)
+  want_loss = sum(w * loss for w, loss, _ in parts) / total
+  want_grads = jax.tree.map(lambda *g: sum(w * x for (w, _, _), x in zip(parts, g)) / total,
+                            *[g for _, _, g in parts])
+  updates, _ = job.optimizer.tx.update(want_grads, start.opt_state, start.params)
+  want_params = jax.tree.map(np.add, start.params, jax.device_get(updates))
+
+  both_64 = jax.device_get(job.draws.step_for((64, 64))(fresh(), batch)[1])
+  state, metrics = job.draws.step_for((64, 144))(fresh(), batch)
+  metrics = jax.device_get(metrics)
+  assert metrics["loss"] == pytest.approx(want_loss, rel=1e-5)
+  assert metrics["grad_norm"] == pytest.approx(
+      float(np.sqrt(sum(np.sum(g ** 2) for g in jax.tree.leaves(want_grads)))), rel=1e-5)
+  assert abs(metrics["loss"] - both_64["loss"]) > 1e-4 * abs(both_64["loss"])
+  for got, want in zip(jax.tree.leaves(jax.device_get(state.params)),
+                       jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_count_per_microbatch_needs_microbatches():
+  with pytest.raises(errors.ConfigError, match=r"^config\.count_per_microbatch=True needs "
+                     r"config\.microbatches >= 2, got 1"):
+    config_checks.check(tiny_spec(batch_size=BATCH, count_per_microbatch=True),
+                        config_checks.AOT)
+
+
+def test_a_run_with_a_count_per_microbatch_logs_its_draws_and_resumes_identically(tmp_path):
+  two = dict(microbatches=2, count_per_microbatch=True, token_counts=(64, 144),
+             token_probs=(0.5, 0.5), checkpoint_every=2)
+  config = tiny_config(total_steps=4, **two)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train(config, straight)
+  train(tiny_config(total_steps=2, **two), resumed)
+  train(config, resumed)  # from step 2
+  records = {}
+  for workdir in (straight, resumed):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      records[workdir] = {r["step"]: (r["train/loss"], r["train/num_tokens"])
+                          for r in map(json.loads, f) if "train/loss" in r}
+  assert records[straight] == records[resumed]  # bit-identical losses
+  draws = Buckets.of(config_schema.to_spec(config))
+  assert [records[straight][s][1] for s in range(1, 5)] == [
+      float(np.mean(draws.for_microbatches(s, 2))) for s in range(4)]

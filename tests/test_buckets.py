@@ -4,7 +4,7 @@ import collections
 
 import pytest
 
-from tokenflex_jax.training.buckets import token_count_for_step, validate_buckets
+from tokenflex_jax.training.buckets import Buckets, token_count_for_step, validate_buckets
 
 
 def test_distribution_follows_probabilities():
@@ -44,7 +44,6 @@ def test_validation_names_the_field(counts, probs, match):
 
 def test_buckets_object_validates_when_made_and_draws_as_the_function():
   from tokenflex_jax import errors
-  from tokenflex_jax.training.buckets import Buckets
   b = Buckets((64, 144, 256), (0.2, 0.3, 0.5), seed=3)
   assert [b.for_step(s) for s in range(100)] == [
       token_count_for_step(3, s, (64, 144, 256), (0.2, 0.3, 0.5)) for s in range(100)]
@@ -53,3 +52,14 @@ def test_buckets_object_validates_when_made_and_draws_as_the_function():
     Buckets((64, 144), (0.5, 0.6))
   with pytest.raises(errors.ConfigError, match="num_visual_tokens=150 is not a positive square"):
     Buckets((64, 150), (0.5, 0.5))
+
+
+def test_microbatch_counts_continue_the_step_sequence():
+  """Microbatch j of step s draws as step s * k + j: a run's microbatch counts are the
+  step counts of a run with k times the steps (same mixture, pure in (seed, step))."""
+  b = Buckets((64, 144, 256), (0.2, 0.3, 0.5), seed=3)
+  assert b.for_microbatches(5, 4) == tuple(b.for_step(20 + j) for j in range(4))
+  draws = [b.for_microbatches(s, 4) for s in range(50)]
+  assert draws == [b.for_microbatches(s, 4) for s in range(50)]
+  assert any(len(set(d)) > 1 for d in draws)  # steps mixing counts
+  assert collections.Counter(n for d in draws for n in d)[256] > 60  # about half of 200

@@ -10,6 +10,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
@@ -289,6 +290,28 @@ def test_sharded_checkpoint_with_index(tmp_path):
   with torch.no_grad():
     ref = model(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
   assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_checkpoint_imports_as_float32(tmp_path, dtype):
+  """Released checkpoints are bfloat16: the parameters come back float32, each value the
+  checkpoint's exactly, and the logits are the checkpoint's model's in float32."""
+  model, _ = qwen2(tmp_path, tied=False)
+  path = _save(model.to(dtype), tmp_path / "half")
+  config, params = hf.import_llm(path)
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"float32"}
+  embedding = model.model.embed_tokens.weight.detach().float().numpy()
+  np.testing.assert_array_equal(params["embedding"], embedding)
+  tokens = np.arange(12, dtype=np.int32).reshape(2, 6)
+  with torch.no_grad():
+    ref = model.float()(input_ids=torch.from_numpy(tokens).long()).logits.numpy()
+  assert relative_error(LLM(config).apply({"params": params}, tokens), ref) < RTOL
+
+
+def test_the_shard_plan_keeps_each_file_under_the_limit_but_a_larger_tensor_alone():
+  assert hf.shard_plan([3, 3, 10, 1, 1], 5) == [[0], [1], [2], [3, 4]]
+  assert hf.shard_plan([2, 2, 1], 5) == [[0, 1, 2]]
+  assert hf.shard_plan([], 5) == [[]]
 
 
 def test_unsupported_configs_name_the_field(tmp_path):

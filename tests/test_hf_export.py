@@ -10,6 +10,7 @@ and one with one position per visual token.
 """
 
 import io
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,6 +22,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
+from safetensors import safe_open  # pylint: disable=wrong-import-position
 from transformers import (  # pylint: disable=wrong-import-position
     AutoModelForCausalLM, AutoProcessor, AutoTokenizer, GenerationConfig)
 
@@ -65,11 +67,10 @@ def _perturbed(params, seed: int = 1):
                                  ).astype(np.float32), params)
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
-def exported(request, tmp_path_factory):
-  """(variant, VLM, params, tokenizer, folder, images uint8 [2, S, S, 3])."""
-  root = tmp_path_factory.mktemp(request.param)
-  spec = tiny_spec(**VARIANTS[request.param])
+def _export(variant: str, root, **options):
+  """(variant, VLM, params, tokenizer, folder, images uint8 [2, S, S, 3]) of a random
+  model of ``variant`` exported under ``root`` (``options``: `export_folder`'s)."""
+  spec = tiny_spec(**VARIANTS[variant])
   tok = tok_lib.ensure_tokenizer(str(root / "tokenizer.model"))
   config = model_config.vlm_config(spec, tok)
   model = VLM(config)
@@ -79,8 +80,14 @@ def exported(request, tmp_path_factory):
                                           64)["params"]))
   folder = str(root / "folder")
   hf_export.export_folder(config, params, tok, folder, "qwen2" if config.llm.qkv_bias
-                          else "llama", spec.token_counts, max_new_tokens=8)
-  return request.param, model, params, tok, folder, pixels
+                          else "llama", spec.token_counts, max_new_tokens=8, **options)
+  return variant, model, params, tok, folder, pixels
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def exported(request, tmp_path_factory):
+  """`_export` of each variant, float32 in one file."""
+  return _export(request.param, tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +140,41 @@ def test_import_gives_the_same_parameters_back(exported):
   assert ours.keys() == theirs.keys()
   for name, value in ours.items():
     np.testing.assert_array_equal(theirs[name], value, err_msg=name)
+
+
+def test_a_bfloat16_export_in_shards_loads_and_imports_the_rounded_parameters(tmp_path):
+  """``dtype="bfloat16"`` with small shards: the index and shards transformers writes,
+  every tensor bfloat16; transformers loads it; importing it gives our parameters
+  rounded to bfloat16, as float32; and a float32 export over it leaves no stale shard."""
+  _, model, params, tok, folder, _ = _export("demo", tmp_path, dtype="bfloat16",
+                                              shard_bytes=20_000)
+  with open(os.path.join(folder, hf.INDEX), encoding="utf-8") as f:
+    index = json.load(f)
+  shards = sorted(set(index["weight_map"].values()))
+  assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+  assert not os.path.exists(os.path.join(folder, hf.SAFETENSORS))
+  total = 0
+  for shard in shards:
+    with safe_open(os.path.join(folder, shard), framework="pt") as f:
+      dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+      sizes = [f.get_slice(name).get_shape() for name in f.keys()]
+    assert dtypes == {"BF16"}, shard
+    total += sum(2 * int(np.prod(shape)) for shape in sizes)
+  assert total == index["metadata"]["total_size"]
+  config = hf.read_config(folder)
+  assert config["torch_dtype"] == config["llm_config"]["torch_dtype"] == "bfloat16"
+  hf_model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+  assert next(hf_model.parameters()).dtype == torch.bfloat16
+  _, again = hf.import_vlm(folder)
+  rounded = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32),
+                         params)
+  for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(rounded)):
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rounded),
+                                                     jax.tree.leaves(params)))
+  hf_export.export_folder(model.config, params, tok, folder, "llama", (64, 144, 256), 8)
+  assert sorted(f for f in os.listdir(folder) if "safetensors" in f) == [hf.SAFETENSORS]
 
 
 def test_the_processor_gives_our_ids_and_pixels(exported, loaded):

@@ -102,7 +102,7 @@ class Run:
     saver = loop.Saver(self.manager, every, lambda step: {"step": step})
     state = steps.TrainState(np.int32(start), {"w": np.float32(start)}, {"mu": ()})
     return loop.train_loop(state, start, total,
-                           loop.BucketSteps({n: self.step_fn(n) for n in COUNTS},
+                           loop.BucketSteps({n: self.step_fn(n) for n in COUNTS}.__getitem__,
                                             count_for_step),
                            loop.DataFeed(self.data, self.to_global), saver, reporter,
                            periodic)
@@ -304,3 +304,37 @@ def test_periodic_evaluation_runs_after_its_steps_on_their_parameters():
   # The evaluation of step 4 comes after step 4 ran and before step 5 (index 4) ran.
   assert r.events.index(("eval", 4)) < r.events.index(("step", 4))
   assert not loop.Periodic(0, evaluate).due(4)
+
+
+def test_a_step_of_microbatches_at_several_counts_reports_their_mean(tmp_path):
+  """A draw of one count per microbatch (`config.count_per_microbatch`): the step's
+  visual tokens, positions and FLOPs are its microbatches' mean (each 1/k of the batch),
+  and no per-bucket copy is written (the step is at no single bucket)."""
+  writer = MetricWriter(str(tmp_path))
+  reporter = loop.Reporter(writer, 2, log_every=1000, global_batch=BATCH,
+                           tokens_per_example=lambda n: n + 23,
+                           flops_per_step={n: 1e9 * n for n in COUNTS})
+  metrics = {"loss": np.float32(1.5), "grad_norm": np.float32(0.5),
+             "useful_positions": np.float32(BATCH * 100)}
+  reporter.report(0, (64, 144, 256, 64), metrics)
+  writer.close()
+  with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
+    (rec,) = [json.loads(line) for line in f]
+  mean, t = (64 + 144 + 256 + 64) / 4, rec["train/step_time_s"]
+  assert rec["train/num_tokens"] == mean
+  assert rec["train/tokens_per_s_per_device"] == pytest.approx(BATCH * (mean + 23) / t / 8)
+  assert rec["train/tflops_per_device"] == pytest.approx(1e9 * mean / t / 1e12)
+  assert rec["train/useful_share"] == pytest.approx(100 / (mean + 23))
+  assert not [k for k in rec if k.startswith("train_")]
+
+
+def test_a_step_of_microbatches_at_one_count_reports_as_that_bucket(tmp_path):
+  writer = MetricWriter(str(tmp_path))
+  reporter = loop.Reporter(writer, 2, log_every=1000, global_batch=BATCH,
+                           tokens_per_example=lambda n: n + 23,
+                           flops_per_step={n: 1e9 * n for n in COUNTS})
+  reporter.report(0, (144, 144), {"loss": np.float32(1.5), "grad_norm": np.float32(0.5)})
+  writer.close()
+  with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
+    (rec,) = [json.loads(line) for line in f]
+  assert rec["train/num_tokens"] == 144 and rec["train_144tokens/loss"] == 1.5

@@ -266,16 +266,17 @@ def test_causal_block_attention_equals_the_reference(length):
   v = jnp.asarray(rng.normal(size=(2, length, 2, 8)), jnp.float32)
   slots = np.arange(length)
   key_valid = jnp.asarray(np.stack([slots < length - 37, slots >= 11]))
-  blocked = lambda *a: layers.causal_block_attention(*a, key_valid)
-  ref = lambda *a: layers.reference_attention(*a, layers.causal_mask(key_valid,
-                                                                      jnp.arange(length)))
+  # Jitted: one program each (op by op, every block's slices would compile on their own).
+  blocked = jax.jit(lambda *a: layers.causal_block_attention(*a, key_valid))
+  ref = jax.jit(lambda *a: layers.reference_attention(*a, layers.causal_mask(
+      key_valid, jnp.arange(length))))
   seen = np.asarray(jnp.cumsum(key_valid, axis=1) > 0)  # [B, S]: has a valid key
   np.testing.assert_allclose(np.asarray(blocked(q, k, v))[seen], np.asarray(ref(q, k, v))[seen],
                              rtol=1e-5, atol=1e-6)
   weights = jnp.asarray(rng.normal(size=q.shape), jnp.float32) * seen[:, :, None, None]
   loss = lambda fn: lambda *a: jnp.sum(fn(*a) * weights)
-  for g, r in zip(jax.grad(loss(blocked), argnums=(0, 1, 2))(q, k, v),
-                  jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+  for g, r in zip(jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v),
+                  jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 

@@ -156,3 +156,29 @@ def test_two_processes_train_resume_evaluate_and_reshard_like_one(tmp_path):
   assert f"at step {stopped}" in other.stderr
   assert "data position is recomputed from the step" in other.stderr
   _assert_same(losses(other_dir), reference, range(stopped + 1, TOTAL + 1), rel=1e-4)
+
+
+@pytest.mark.slow  # The CI suite runs the plain path across processes (above).
+def test_two_processes_with_a_count_per_microbatch_train_like_one(tmp_path):
+  """`config.count_per_microbatch` across 2 processes: every process runs the same
+  microbatch programs in the same order, and the losses are 1 process's."""
+  extra = ["--config.batch_size=16", "--config.microbatches=2",
+           "--config.count_per_microbatch=True",
+           "--config.total_steps=6"]
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  ref = subprocess.run(_flags(one, "(1,-1,1)") + extra, cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  port = free_port()
+  _finish([subprocess.Popen(
+      _flags(two, "(1,-1,1)") + extra + [f"--coordinator_address=127.0.0.1:{port}",
+                                         "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)])
+  with open(os.path.join(one, "metrics.jsonl"), encoding="utf-8") as f:
+    draws = [json.loads(line)["train/num_tokens"] for line in f]
+  assert any(n not in (64, 144) for n in draws)  # some steps mix the two counts
+  reference, got = losses(one), losses(two)
+  assert sorted(got) == list(range(1, 7))
+  for step in got:
+    assert got[step][0] == pytest.approx(reference[step][0], rel=1e-5, abs=1e-6), step

@@ -144,6 +144,7 @@ class RunSpec:
   loss_vocab_chunk: int
   batch_size: int
   microbatches: int
+  count_per_microbatch: bool
   total_steps: int
   optimizer: OptimizerSpec
   lr_multipliers: Mapping[str, float]

@@ -144,11 +144,14 @@ def vlm_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
   data-parallel size and the processes; ``config.optimizer`` usable; one
   ``config.lr_multipliers`` entry >= 0 per module of `vlm.MODULES`, no other; the token
   buckets (`buckets.Buckets.checked`); a known ``config.loss_weighting``;
-  ``config.eval_every`` >= 0."""
+  ``config.eval_every`` >= 0; ``config.count_per_microbatch`` only with microbatches."""
   _training(problems, config, facts, vlm.MODULES)
   if facts.grid is not None:
     problems.check(buckets.Buckets.checked, config, *facts.grid)
   problems.check(loss.check_weighting, config.loss_weighting)
+  if config.count_per_microbatch and config.microbatches < 2:
+    problems.add("config.count_per_microbatch=True needs config.microbatches >= 2, got "
+                 f"{config.microbatches}")
   if config.eval_every < 0:
     problems.add(f"config.eval_every={config.eval_every} must be >= 0 (0: no periodic "
                  "evaluation)")

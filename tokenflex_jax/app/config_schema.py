@@ -123,6 +123,10 @@ def base_config() -> ConfigDict:
   # after another, their gradients summed into the one update of the whole batch
   # (training/steps.py); activations of one microbatch at a time.
   c.microbatches = 1
+  # With microbatches: each microbatch draws its own visual-token count from token_counts
+  # (the mix inside every step, one compiled forward and backward per count); False: one
+  # count per step, as the paper trains.
+  c.count_per_microbatch = False
   c.total_steps = 300
   c.optimizer = ConfigDict(dict(
       learning_rate=2e-3, warmup_steps=50, end_lr_fraction=0.05, b1=0.9, b2=0.98,

@@ -7,7 +7,8 @@ trust_remote_code=True)`` load offline:
   config.json                 TokenFlexConfig: vision_config, llm_config (the decoder's
                               own limits, e.g. max_position_embeddings), num_image_token,
                               visual_token_counts, the projector and rotary fields
-  model.safetensors           every weight, float32, Ristretto's tensor names
+  model.safetensors           every weight, float32 (or bfloat16), Ristretto's tensor
+                              names; above 5 GiB, shards and model.safetensors.index.json
   configuration_tokenflex.py, modeling_tokenflex.py, processing_tokenflex.py
                               the model on transformers' SigLIP and Qwen2 / Llama modules
   tokenizer.json, tokenizer_config.json, chat_template.jinja
@@ -43,10 +44,13 @@ PROCESSOR_CLASS = "processing_tokenflex.TokenFlexProcessor"
 
 
 def export_folder(config: VLMConfig, params: Any, tokenizer: ChatTokenizer, out_dir: str,
-                  llm_type: str, counts: Sequence[int], max_new_tokens: int) -> None:
+                  llm_type: str, counts: Sequence[int], max_new_tokens: int,
+                  dtype: str = "float32", shard_bytes: int = hf.SHARD_BYTES) -> None:
   """Writes the folder (module docstring) for ``params`` (host arrays {"vit",
   "projector", "llm"}) of a model of ``config`` trained at ``counts`` visual tokens (the
-  largest is the default); ``llm_type`` "qwen2" or "llama"."""
+  largest is the default); ``llm_type`` "qwen2" or "llama"; the weights in ``dtype``
+  ("float32": bit-exact; "bfloat16": half the bytes), in files of at most ``shard_bytes``
+  (`hf.write_checkpoint`)."""
   os.makedirs(out_dir, exist_ok=True)
   files = tokenizer_export.write(tokenizer, out_dir)
   hf_config, tensors = hf.vlm_tensors(config, params, llm_type)
@@ -54,7 +58,7 @@ def export_folder(config: VLMConfig, params: Any, tokenizer: ChatTokenizer, out_
   hf_config.update(auto_map=AUTO_MAP, image_token=files.image_token,
                    num_image_token=default, visual_token_counts=sorted(counts),
                    template=files.template_name)
-  hf.write_checkpoint(out_dir, hf_config, tensors)
+  hf.write_checkpoint(out_dir, hf_config, tensors, dtype, shard_bytes)
   for name in REMOTE_FILES:
     shutil.copyfile(os.path.join(os.path.dirname(hf_remote.__file__), name),
                     os.path.join(out_dir, name))

@@ -159,11 +159,11 @@ def import_towers(config: config_schema.ConfigDict | RunSpec, workdir: str,
 
 
 def export(config: config_schema.ConfigDict | RunSpec, workdir: str, out_dir: str | None,
-           towers_dir: str | None, llm_type: str) -> None:
+           towers_dir: str | None, llm_type: str, dtype: str = "float32") -> None:
   """The workdir's latest checkpoint as a Hugging Face folder at ``out_dir``
   (`hf_export.export_folder`) and/or its ViT and LLM as SigLIP and Qwen2 / Llama folders
   under ``towers_dir``; ``llm_type`` "" picks qwen2 for an LLM with q/k/v biases, else
-  llama."""
+  llama; the weights in ``dtype`` (float32 or bfloat16)."""
   config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config)
   trained = trained_model.load(config, workdir, mesh, rules)
@@ -174,11 +174,11 @@ def export(config: config_schema.ConfigDict | RunSpec, workdir: str, out_dir: st
     return
   if out_dir:
     hf_export.export_folder(model, host, trained.tokenizer, out_dir, llm_type,
-                            config.token_counts, config.eval.max_new_tokens)
+                            config.token_counts, config.eval.max_new_tokens, dtype)
     logging.info("exported step %d of %s to %s", trained.step, workdir, out_dir)
   if towers_dir:
-    hf.export_vision(model.vit, host["vit"], os.path.join(towers_dir, "vision"))
-    hf.export_llm(model.llm, host["llm"], os.path.join(towers_dir, "llm"), llm_type)
+    hf.export_vision(model.vit, host["vit"], os.path.join(towers_dir, "vision"), dtype=dtype)
+    hf.export_llm(model.llm, host["llm"], os.path.join(towers_dir, "llm"), llm_type, dtype)
     logging.info("exported the towers of step %d of %s to %s/{vision,llm}", trained.step,
                  workdir, towers_dir)
 
@@ -197,6 +197,9 @@ def main() -> None:
   llm_type = flags.DEFINE_enum("llm_type", "", ("",) + hf.LLM_TYPES,
                                "Exported LLM family; default: qwen2 with q/k/v biases, "
                                "else llama.")
+  export_dtype = flags.DEFINE_enum(
+      "export_dtype", "float32", hf.EXPORT_DTYPES, "The exported weights' dtype: float32 "
+      "(bit-exact) or bfloat16 (half the bytes, as released checkpoints ship).")
 
   def run(argv):
     if len(argv) > 1:
@@ -208,7 +211,8 @@ def main() -> None:
     config_checks.check(spec, config_checks.PREDICT if exporting
                         else config_checks.IMPORT_TOWERS)
     if exporting:
-      export(spec, workdir.value, export_to.value, towers_to.value, llm_type.value)
+      export(spec, workdir.value, export_to.value, towers_to.value, llm_type.value,
+             export_dtype.value)
     elif vlm.value:
       print("\n".join(import_folder(spec, workdir.value, vlm.value)))
     else:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
@@ -46,6 +48,9 @@ Params = dict[str, Any]
 Place = Callable[[tuple[str, ...], np.ndarray], Any]
 SAFETENSORS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+WIDENED = ("bfloat16", "float16")  # tensor dtypes read as float32
+EXPORT_DTYPES = ("float32", "bfloat16")  # what an export writes (float32: bit-exact)
+SHARD_BYTES = 5 * 2**30  # the largest file an export writes (transformers' usual shard)
 
 
 # --- Reading and writing checkpoint directories ---------------------------------------
@@ -59,7 +64,8 @@ def read_config(hf_dir: str) -> dict[str, Any]:
 
 
 class TensorReader:
-  """Reads named tensors from a single-file or sharded safetensors checkpoint."""
+  """Reads named tensors from a single-file or sharded safetensors checkpoint; bfloat16
+  and float16 tensors come back as float32 (exactly)."""
 
   def __init__(self, hf_dir: str):
     index = os.path.join(hf_dir, INDEX)
@@ -85,17 +91,66 @@ class TensorReader:
     if name not in self.files:
       raise KeyError(f"tensor {name!r} not in the checkpoint at {self.hf_dir}")
     with safe_open(self.files[name], framework="numpy") as f:
-      return f.get_tensor(name)
+      tensor = f.get_tensor(name)
+    # Released checkpoints are mostly bfloat16; parameters here are float32 (the compute
+    # dtype is a config field): 16-bit floats widen exactly.
+    return tensor.astype(np.float32) if tensor.dtype.name in WIDENED else tensor
 
 
 def write_checkpoint(hf_dir: str, config: Mapping[str, Any],
-                     tensors: Mapping[str, np.ndarray]) -> None:
-  """Writes ``config.json`` and ``model.safetensors`` (one file)."""
+                     tensors: Mapping[str, np.ndarray], dtype: str = "float32",
+                     shard_bytes: int = SHARD_BYTES) -> None:
+  """Writes ``config.json`` (its and its sub-configs' ``torch_dtype`` set to ``dtype``) and
+  the tensors in ``dtype`` (`EXPORT_DTYPES`; float32 ones narrowed to bfloat16 if asked):
+  ``model.safetensors``, or, above ``shard_bytes``, shards
+  ``model-0000i-of-0000n.safetensors`` of at most that size (a larger tensor alone) and
+  ``model.safetensors.index.json``, as transformers writes them. Weight files an earlier
+  export left in ``hf_dir`` are removed first."""
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"export dtype must be one of {EXPORT_DTYPES}, got {dtype!r}")
   os.makedirs(hf_dir, exist_ok=True)
+  for name in os.listdir(hf_dir):
+    if name in (SAFETENSORS, INDEX) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+      os.remove(os.path.join(hf_dir, name))
   with open(os.path.join(hf_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(config), f, indent=2)
-  save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            os.path.join(hf_dir, SAFETENSORS), metadata={"format": "pt"})
+    json.dump(_with_dtype(config, dtype), f, indent=2)
+  target = lambda x: jnp.bfloat16 if dtype == "bfloat16" and x.dtype == np.float32 else x.dtype
+  names = list(tensors)
+  shards = shard_plan([int(np.size(tensors[n])) * np.dtype(target(tensors[n])).itemsize
+                       for n in names], shard_bytes)
+  files = ([SAFETENSORS] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  weight_map, total = {}, 0
+  for file, shard in zip(files, shards):  # one shard's converted copy at a time
+    arrays = {names[i]: np.ascontiguousarray(np.asarray(tensors[names[i]]).astype(
+        target(tensors[names[i]]), copy=False)) for i in shard}
+    save_file(arrays, os.path.join(hf_dir, file), metadata={"format": "pt"})
+    weight_map.update({name: file for name in arrays})
+    total += sum(x.nbytes for x in arrays.values())
+  if len(shards) > 1:
+    with open(os.path.join(hf_dir, INDEX), "w", encoding="utf-8") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def shard_plan(sizes: list[int], limit: int) -> list[list[int]]:
+  """Consecutive groups of the indices of ``sizes`` (bytes), each at most ``limit`` bytes
+  in all, except a single item larger than it (one group, at least, even when empty)."""
+  groups: list[list[int]] = [[]]
+  size = 0
+  for i, n in enumerate(sizes):
+    if groups[-1] and size + n > limit:
+      groups.append([])
+      size = 0
+    groups[-1].append(i)
+    size += n
+  return groups
+
+
+def _with_dtype(config: Mapping[str, Any], dtype: str) -> dict[str, Any]:
+  """``config`` with ``torch_dtype`` = ``dtype`` at its top level and in its sub-configs."""
+  out = {k: _with_dtype(v, dtype) if isinstance(v, Mapping) and "torch_dtype" in v else v
+         for k, v in config.items()}
+  return {**out, "torch_dtype": dtype}
 
 
 def _build(loaders: list[tuple[tuple[str, ...], Callable[[], np.ndarray]]],
@@ -330,11 +385,11 @@ VISION_EXPORT_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 
 
 def export_vision(config: ViTConfig, params: Params, hf_dir: str,
-                  model_type: str = "siglip_vision_model") -> None:
+                  model_type: str = "siglip_vision_model", dtype: str = "float32") -> None:
   """Writes a ``SiglipVisionModel`` or (``model_type="siglip2_vision_model"``) a NaFlex
   ``Siglip2VisionModel`` directory, without pooling head, from our ViT params
-  (`vision_tensors`)."""
-  write_checkpoint(hf_dir, *vision_tensors(config, params, model_type))
+  (`vision_tensors`), in ``dtype`` (`write_checkpoint`)."""
+  write_checkpoint(hf_dir, *vision_tensors(config, params, model_type), dtype=dtype)
 
 
 def vision_tensors(config: ViTConfig, params: Params, model_type: str = "siglip_vision_model"
@@ -523,11 +578,11 @@ def import_llm(hf_dir: str, place: Place = lambda path, x: x) -> tuple[LLMConfig
   return config, _build(loaders, place)
 
 
-def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str = "qwen2"
-               ) -> None:
+def export_llm(config: LLMConfig, params: Params, hf_dir: str, model_type: str = "qwen2",
+               dtype: str = "float32") -> None:
   """Writes a Qwen2 or Llama ``*ForCausalLM`` directory from our LLM params
-  (`llm_tensors`)."""
-  write_checkpoint(hf_dir, *llm_tensors(config, params, model_type))
+  (`llm_tensors`), in ``dtype`` (`write_checkpoint`)."""
+  write_checkpoint(hf_dir, *llm_tensors(config, params, model_type), dtype=dtype)
 
 
 def llm_tensors(config: LLMConfig, params: Params, model_type: str = "qwen2"

@@ -94,3 +94,9 @@ class Buckets:
   def for_step(self, step: int) -> int:
     """The count of training step ``step`` (every host draws the same)."""
     return token_count_for_step(self.seed, step, self.counts, self.probs)
+
+  def for_microbatches(self, step: int, microbatches: int) -> tuple[int, ...]:
+    """The counts of the ``microbatches`` microbatches of training step ``step`` (every
+    host draws the same): microbatch j of step s draws as step s * k + j would, so the
+    sequence of microbatch counts is that of the steps of a run with k times the steps."""
+    return tuple(self.for_step(step * microbatches + j) for j in range(microbatches))

@@ -8,15 +8,18 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from tokenflex_jax import errors, sharding
+from tokenflex_jax.training import steps
 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledStep:
   """One bucket's executable ``(state, batch) -> (state, metrics)`` and what it costs."""
-  executable: Any          # jax.stages.Compiled
+  executable: Any          # jax.stages.Compiled, or a step of several (`MicrobatchSteps`)
   compile_seconds: float
   flops: float             # per call, per XLA's cost analysis (0 if unavailable)
   memory: Any              # executable.memory_analysis(), per device (None if unavailable)
@@ -41,27 +44,157 @@ def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstra
   """
   state_sh, batch_sh = shardings_of(abstract_state), shardings_of(dict(abstract_batch))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  out = {}
-  for n in counts:
-    t0 = time.perf_counter()
-    jitted = jax.jit(lambda s, b, n=n: step_fn(s, b, n), in_shardings=(state_sh, batch_sh),
-                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    with sharding.mesh_rules(mesh, rules):
-      lowered = jitted.lower(abstract_state, dict(abstract_batch))
-    try:
-      executable = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      raise errors.ConfigError(
-          f"the {name} at bucket {n} does not fit a device's memory "
-          f"({_first_line(e)}): keep less for the backward pass "
-          "(config.model.remat_policy=dots or full), shard over more devices or lower "
-          "config.batch_size") from None
-    out[n] = CompiledStep(executable, time.perf_counter() - t0, flops_of(executable),
-                          executable.memory_analysis())
-    log_compiled(f"{name} at bucket {n}", out[n])
+  return {n: _compiled(f"{name} at bucket {n}", lambda s, b, n=n: step_fn(s, b, n),
+                       (state_sh, batch_sh), (state_sh, replicated), (0,),
+                       (abstract_state, dict(abstract_batch)), mesh, rules)
+          for n in counts}
+
+
+# What a program too large for a device's memory can change, by what it runs.
+WHOLE_BATCH_ADVICE = "lower config.batch_size"
+MICROBATCH_ADVICE = "raise config.microbatches"
+
+
+def _compiled(what: str, fn: Callable, in_shardings: Any, out_shardings: Any,
+              donate: tuple[int, ...], abstract_args: tuple, mesh, rules,
+              advice: str = WHOLE_BATCH_ADVICE) -> CompiledStep:
+  """``fn`` jitted with those shardings and donations, lowered on ``abstract_args``
+  (`jax.ShapeDtypeStruct`s) under the rules and compiled, its cost logged as ``what``. A
+  program too large for a device is a `errors.ConfigError` naming ``what`` and ``advice``."""
+  t0 = time.perf_counter()
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate)
+  with sharding.mesh_rules(mesh, rules):
+    lowered = jitted.lower(*abstract_args)
+  try:
+    executable = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise errors.ConfigError(
+        f"the {what} does not fit a device's memory "
+        f"({_first_line(e)}): keep less for the backward pass "
+        f"(config.model.remat_policy=dots or full), shard over more devices or "
+        f"{advice}") from None
+  out = CompiledStep(executable, time.perf_counter() - t0, flops_of(executable),
+                     executable.memory_analysis())
+  log_compiled(what, out)
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchSteps:
+  """The compiled pieces of a `steps.MicrobatchStep` (one ``add`` per bucket); `step`
+  makes the step of any draw (a count per microbatch) from them."""
+  zeros: CompiledStep             # params -> accumulator
+  add: dict[int, CompiledStep]    # count -> (params, acc, batch, j) -> acc
+  apply: CompiledStep             # (state, acc) -> (state, metrics)
+  indices: tuple[jax.Array, ...]  # j = 0 .. k-1, on the devices once, replicated
+  held_bytes: int                 # per device, held beside every program: the optimizer state
+
+  def step(self, counts: tuple[int, ...]) -> Callable[[Any, Any], tuple[Any, dict]]:
+    """(state, batch [B, ...]) -> (state, metrics): microbatch j at ``counts[j]`` tokens."""
+    if len(counts) != len(self.indices) or not set(counts) <= set(self.add):
+      raise KeyError(f"a draw of {len(self.indices)} of the counts {sorted(self.add)}, "
+                     f"got {counts}")
+
+    def run(state, batch):
+      acc = self.zeros.executable(state.params)
+      for j, n in zip(self.indices, counts):
+        acc = self.add[n].executable(state.params, acc, batch, j)
+      return self.apply(state, acc)
+    return run
+
+  def every_microbatch_at(self) -> dict[int, CompiledStep]:
+    """{count: the step with every microbatch at that count, as one `CompiledStep`} (for
+    the benchmark and `aot`): its compile time summed over its programs, its FLOPs and
+    costs over the programs it runs, its memory their peak."""
+    k = len(self.indices)
+    out = {}
+    for n, add in self.add.items():
+      composed = _Composed(self.step((n,) * k), (self.zeros, add, self.apply), (1, k, 1),
+                           self.held_bytes)
+      out[n] = CompiledStep(composed, self.zeros.compile_seconds + add.compile_seconds
+                            + self.apply.compile_seconds, flops_of(composed),
+                            composed.memory_analysis())
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """Per-device bytes, as a compiled program's ``memory_analysis()`` gives them."""
+  argument_size_in_bytes: int
+  output_size_in_bytes: int
+  temp_size_in_bytes: int
+  generated_code_size_in_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Composed:
+  """A step run as several compiled programs in turn (``programs[i]`` ``runs[i]`` times;
+  the last takes the whole state), with a compiled program's interface: called as the
+  step; its text and code size those of its programs; its cost summed over the runs; its
+  memory the peak of any one program, plus ``held`` bytes (the optimizer state, alive
+  but not an argument) during all but the last."""
+  fn: Callable[[Any, Any], tuple[Any, dict]]
+  programs: tuple[CompiledStep, ...]
+  runs: tuple[int, ...]
+  held: int
+
+  def __call__(self, state: Any, batch: Any) -> tuple[Any, dict]:
+    return self.fn(state, batch)
+
+  def as_text(self) -> str:
+    return "\n".join(p.executable.as_text() for p in self.programs)
+
+  def cost_analysis(self) -> dict[str, float]:
+    return {key: sum(r * cost_of(p.executable, key) for p, r in zip(self.programs, self.runs))
+            for key in ("flops", "bytes accessed")}
+
+  def memory_analysis(self) -> Memory | None:
+    memories = [p.memory for p in self.programs]
+    if any(m is None for m in memories):
+      return None
+    held = [self.held] * (len(memories) - 1) + [0]
+    peak = max(total_bytes(m) + h for m, h in zip(memories, held))
+    busiest = max(memories[:-1], key=total_bytes)  # where the activations are
+    arguments = max(busiest.argument_size_in_bytes, busiest.output_size_in_bytes) + self.held
+    return Memory(arguments, arguments, peak - arguments,
+                  sum(m.generated_code_size_in_bytes for m in memories))
+
+
+def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
+                               abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
+                               counts: Sequence[int], mesh, rules,
+                               name: str = "train step") -> MicrobatchSteps:
+  """Compiles a `steps.MicrobatchStep`: ``zeros`` and ``apply`` once, ``add`` once per
+  ``n`` in ``counts`` (each microbatch then runs through its own count's program). The
+  accumulator's gradients take the parameters' shardings, its scalars are replicated;
+  ``add`` donates the accumulator, ``apply`` the state."""
+  state_sh, batch_sh = shardings_of(abstract_state), shardings_of(dict(abstract_batch))
+  params, param_sh = abstract_state.params, state_sh.params
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  with sharding.mesh_rules(mesh, rules):
+    shapes = jax.eval_shape(step.zeros, params)
+  acc_sh = steps.Accumulator(replicated, jax.tree.map(lambda _: replicated, shapes.aux),
+                             {m: param_sh[m] for m in shapes.grads}, replicated)
+  acc = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                     shapes, acc_sh)
+  j = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  zeros = _compiled(f"{name}: the empty accumulator", step.zeros, (param_sh,), acc_sh, (),
+                    (params,), mesh, rules, MICROBATCH_ADVICE)
+  add = {n: _compiled(f"{name}: one microbatch at bucket {n}",
+                      lambda p, a, b, i, n=n: step.add(p, a, b, i, n),
+                      (param_sh, acc_sh, batch_sh, replicated), acc_sh, (1,),
+                      (params, acc, dict(abstract_batch), j), mesh, rules, MICROBATCH_ADVICE)
+         for n in counts}
+  apply = _compiled(f"{name}: the update", step.apply, (state_sh, acc_sh),
+                    (state_sh, replicated), (0,), (abstract_state, acc), mesh, rules,
+                    MICROBATCH_ADVICE)
+  indices = tuple(jax.device_put(np.int32(i), replicated) for i in range(step.microbatches))
+  held = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(abstract_state.opt_state))
+  return MicrobatchSteps(zeros, add, apply, indices, held)
 
 
 def _first_line(e: Exception) -> str:

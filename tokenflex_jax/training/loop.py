@@ -68,12 +68,17 @@ def stop_requested(step: int, raised_here: bool) -> bool:
   return False
 
 
+# A step's visual-token count, or one count per microbatch (``config.count_per_microbatch``).
+Draw = int | tuple[int, ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketSteps:
-  """One step function per visual-token count, ``(state, batch) -> (state, metrics)``
-  (compiled executables in a run), and the rule that picks each step's count."""
-  by_count: Mapping[int, Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]]
-  count_for_step: Callable[[int], int]
+  """The step function of each draw, ``step_for(draw)``: ``(state, batch) -> (state,
+  metrics)`` (compiled executables in a run), and the rule that draws each step's
+  count(s), ``count_for_step(step)``."""
+  step_for: Callable[[Draw], Callable[[Any, Any], tuple[Any, Mapping[str, Any]]]]
+  count_for_step: Callable[[int], Draw]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +152,15 @@ class Reporter:
     """Writes scalars that are not a train step's (e.g. a periodic evaluation's)."""
     self._writer.write(step, scalars)
 
-  def report(self, step: int, num_tokens: int, metrics: Mapping[str, Any]) -> None:
-    """Reports step ``step`` (0-based; logged as ``step + 1``, the steps completed)."""
+  def report(self, step: int, draw: Draw, metrics: Mapping[str, Any]) -> None:
+    """Reports step ``step`` (0-based; logged as ``step + 1``, the steps completed) run at
+    ``draw`` visual tokens (a tuple: its microbatches', each 1/k of the batch; logged as
+    their mean)."""
+    counts = draw if isinstance(draw, tuple) else (draw,)
+    single = len(set(counts)) == 1  # the step is at one count (bucket)
+    num_tokens = counts[0] if single else float(np.mean(counts))
+    positions = float(np.mean([self._tokens(n) for n in counts]))  # per example
+    flops = float(np.mean([self._flops.get(n, 0.0) for n in counts]))
     host = {k: float(np.asarray(v)) for k, v in metrics.items()}  # Waits for the step.
     now = time.perf_counter()
     step_time, self._ready = now - self._ready, now
@@ -157,23 +169,23 @@ class Reporter:
     if not (math.isfinite(host["loss"]) and math.isfinite(host.get("grad_norm", 0.0))):
       raise NonFiniteLossError(
           f"step {step + 1}: non-finite loss={host['loss']} grad_norm={host.get('grad_norm')} "
-          f"at {num_tokens} visual tokens; stopping. Lower config.optimizer.learning_rate or "
+          f"at {draw} visual tokens; stopping. Lower config.optimizer.learning_rate or "
           "check the data.")
     host.update(num_tokens=num_tokens, step_time_s=step_time, host_rss_mib=resident_mib(),
                 examples_per_s=self._batch / step_time,
-                tokens_per_s_per_device=self._batch * self._tokens(num_tokens) / step_time
-                / self._devices,
-                tflops_per_device=self._flops.get(num_tokens, 0.0) / step_time / 1e12)
+                tokens_per_s_per_device=self._batch * positions / step_time / self._devices,
+                tflops_per_device=flops / step_time / 1e12)
     if "useful_positions" in host:  # real text and visual tokens among the paid positions
-      paid = self._batch * self._tokens(num_tokens)
+      paid = self._batch * positions
       host.update(useful_share=host["useful_positions"] / paid,
                   useful_tokens_per_s_per_device=host.pop("useful_positions") / step_time
                   / self._devices)
     host.update(self._counters())
     scalars = {f"train/{k}": v for k, v in host.items()}
-    scalars.update({f"train_{num_tokens}tokens/{k}": host[k] for k in
-                    ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device")
-                    if k in host})
+    if single:
+      scalars.update({f"train_{num_tokens}tokens/{k}": host[k] for k in
+                      ("loss", "grad_norm", "step_time_s", "tokens_per_s_per_device")
+                      if k in host})
     self._writer.write(step + 1, scalars)
     if (step + 1) % self._log_every == 0 or step + 1 == self._total or step == self._first:
       log_line(step + 1, self._total, host)
@@ -187,13 +199,13 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
   Each step's metrics are reported while the next step runs, so the host never waits
   for the device except to save and for ``periodic`` (after the save of its step).
   """
-  pending = None  # (step, num_tokens, metrics still on device)
+  pending = None  # (step, its draw, metrics still on device)
   done = start_step
   reporter.restart_clock()
   with _SigtermFlag() as sigterm:
     for step in range(start_step, total_steps):
       n = steps.count_for_step(step)
-      state, metrics = steps.by_count[n](state, data.to_global(next(data.iterator)))
+      state, metrics = steps.step_for(n)(state, data.to_global(next(data.iterator)))
       if pending is not None:
         reporter.report(*pending)  # The previous step, while this one runs.
       pending, done = (step, n, metrics), step + 1

@@ -102,7 +102,7 @@ def format_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
   for k in keys:
     if k in scalars:
       v = scalars[k]
-      parts.append(f"{k}={int(v)}" if k == "num_tokens" else f"{k}={v:.4g}")
+      parts.append(f"{k}={v:g}" if k == "num_tokens" else f"{k}={v:.4g}")
   return " ".join(parts)
 
 

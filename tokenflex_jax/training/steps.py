@@ -7,8 +7,9 @@ step, its optimizer update and its metrics are the same for every kind.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -43,60 +44,151 @@ def freeze(params: Mapping[str, Any], frozen: Sequence[str]) -> dict[str, Any]:
   return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
 
 
-def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
-                    ) -> Callable[[TrainState, Batch, int], tuple[TrainState, dict]]:
-  """(state, batch, num_tokens) -> (state, metrics): one optimizer step on ``loss_fn``.
+class Accumulator(NamedTuple):
+  """A step's microbatches so far, each weighted by its loss normaliser: loss [] and aux
+  {name: []} (`COUNTS` summed unweighted), grads {module: subtree} of the trainable
+  modules only (a frozen module's are zeros: not carried), weight [] (the normalisers'
+  sum)."""
+  loss: jax.Array
+  aux: dict[str, jax.Array]
+  grads: dict[str, Any]
+  weight: jax.Array
 
-  With ``microbatches`` k > 1 the global batch [B, ...] is split into k microbatches of
-  B / k rows (microbatch j: rows j, j + k, ..., so each spans every data-parallel
-  device), run one after another (`jax.lax.scan`: one microbatch's activations at a
-  time) and their gradients accumulated, each weighted by its loss normaliser (aux
-  `LOSS_WEIGHT`) over the batch's: the step equals the whole batch's, the per-sample
-  sqrt weighting included (normalising each microbatch on its own would not).
 
-  Metrics: the loss, the gradient's global norm, the base learning rate and the loss
-  function's own metrics (over microbatches: `COUNTS` summed, the rest weighted like the
-  loss).
-  """
+def _value_and_grad(loss_fn: LossFn, optimizer: Optimizer):
+  """(params, batch, num_tokens) -> (loss [], aux {name: []} without the weight, grads
+  shaped like params, weight [])."""
   def value_and_grad(params, batch, num_tokens):
     frozen_loss = lambda p: loss_fn(freeze(p, optimizer.frozen), batch, num_tokens)
     (loss, aux), grads = jax.value_and_grad(frozen_loss, has_aux=True)(params)
     aux = dict(aux)
     weight = aux.pop(LOSS_WEIGHT, jnp.ones((), jnp.float32))
     return loss, aux, grads, weight
+  return value_and_grad
+
+
+def _microbatch_value_and_grad(loss_fn: LossFn, optimizer: Optimizer, k: int):
+  """(params, global batch, j, num_tokens) -> one microbatch's `Accumulator` terms, unweighted:
+  (loss, aux, the trainable modules' grads, weight)."""
+  value_and_grad = _value_and_grad(loss_fn, optimizer)
+
+  def one(params, batch, j, num_tokens):
+    loss, aux, grads, weight = value_and_grad(params, microbatch(batch, j, k), num_tokens)
+    return loss, aux, {m: g for m, g in grads.items() if m not in optimizer.frozen}, weight
+  return one
+
+
+def _empty(shapes: tuple) -> Accumulator:
+  """The zero `Accumulator` for one microbatch's terms' ``shapes`` (`jax.eval_shape`)."""
+  return Accumulator(*jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+
+def _accumulate(acc: Accumulator, loss, aux, grads, weight) -> Accumulator:
+  """``acc`` plus one microbatch, weighted by its loss normaliser (`COUNTS` summed)."""
+  add = lambda total, x: total + weight * x
+  aux = {k: acc.aux[k] + v if k in COUNTS else add(acc.aux[k], v) for k, v in aux.items()}
+  return Accumulator(add(acc.loss, loss), aux, jax.tree.map(add, acc.grads, grads),
+                     acc.weight + weight)
+
+
+def _averaged(acc: Accumulator, params: Any):
+  """(loss, aux, grads shaped like ``params``) of the whole batch from its microbatches'
+  weighted sums; the frozen modules' gradients zeros."""
+  total = acc.weight
+  aux = {k: v if k in COUNTS else v / total for k, v in acc.aux.items()}
+  grads = {m: jax.tree.map(lambda g: g / total, acc.grads[m]) if m in acc.grads
+           else jax.tree.map(jnp.zeros_like, sub) for m, sub in params.items()}
+  return acc.loss / total, aux, grads
+
+
+def _update(optimizer: Optimizer, state: TrainState, loss, aux, grads
+            ) -> tuple[TrainState, dict]:
+  updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "learning_rate": optimizer.schedule(state.step), **aux}
+  return TrainState(state.step + 1, params, opt_state), metrics
+
+
+def microbatch(batch: Batch, j: jax.Array | int, k: int) -> Batch:
+  """Microbatch ``j`` of ``k`` of a global batch [B, ...]: rows j, j + k, ... [B / k, ...]
+  (so each spans every data-parallel device); ``j`` may be traced."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
+      x.reshape(x.shape[0] // k, k, *x.shape[1:]), j, axis=1, keepdims=False), dict(batch))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
+                    ) -> Callable[[TrainState, Batch, int], tuple[TrainState, dict]]:
+  """(state, batch, num_tokens) -> (state, metrics): one optimizer step on ``loss_fn``.
+
+  With ``microbatches`` k > 1 the global batch [B, ...] is split into k microbatches of
+  B / k rows (`microbatch`), run one after another (`jax.lax.scan`: one microbatch's
+  activations at a time) and their gradients accumulated (`Accumulator`), each weighted
+  by its loss normaliser (aux `LOSS_WEIGHT`) over the batch's: the step equals the whole
+  batch's, the per-sample sqrt weighting included (normalising each microbatch on its own
+  would not).
+
+  Metrics: the loss, the gradient's global norm, the base learning rate and the loss
+  function's own metrics (over microbatches: `COUNTS` summed, the rest weighted like the
+  loss).
+  """
+  value_and_grad = _value_and_grad(loss_fn, optimizer)
+  one = _microbatch_value_and_grad(loss_fn, optimizer, microbatches)
 
   def accumulated(params, batch, num_tokens):
-    k = microbatches
-    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]),
-                                                0, 1), dict(batch))
-    first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(lambda: value_and_grad(params, first, num_tokens)))
-
-    def body(carry, one):
-      loss, aux, grads, weight = value_and_grad(params, one, num_tokens)
-      add = lambda total, x: total + weight * x
-      aux = {k: carry[1][k] + v if k in COUNTS else add(carry[1][k], v)
-             for k, v in aux.items()}
-      return (add(carry[0], loss), aux, jax.tree.map(add, carry[2], grads),
-              carry[3] + weight), None
-
-    (loss, aux, grads, total), _ = jax.lax.scan(body, zeros, micro)
-    aux = {k: v if k in COUNTS else v / total for k, v in aux.items()}
-    return loss / total, aux, jax.tree.map(lambda g: g / total, grads)
+    zeros = _empty(jax.eval_shape(lambda: one(params, batch, 0, num_tokens)))
+    body = lambda acc, j: (_accumulate(acc, *one(params, batch, j, num_tokens)), None)
+    acc, _ = jax.lax.scan(body, zeros, jnp.arange(microbatches))
+    return _averaged(acc, params)
 
   def train_step(state: TrainState, batch: Batch, num_tokens: int):
     if microbatches == 1:
       loss, aux, grads, _ = value_and_grad(state.params, batch, num_tokens)
     else:
       loss, aux, grads = accumulated(state.params, batch, num_tokens)
-    updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": optimizer.schedule(state.step), **aux}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return _update(optimizer, state, loss, aux, grads)
 
   return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class MicrobatchStep:
+  """A step whose k microbatches may each run at their own visual-token count
+  (``config.count_per_microbatch``), as pieces to compile separately, so that each
+  microbatch runs through its own count's compiled forward and backward (batch: the
+  global batch [B, ...]; acc: an `Accumulator`):
+
+  zeros(params) -> the empty accumulator (only the params' shapes matter);
+  add(params, acc, batch, j, num_tokens) -> ``acc`` plus microbatch ``j`` [B / k, ...]
+    (`microbatch`) at ``num_tokens`` visual tokens, weighted by its loss normaliser;
+  apply(state, acc) -> (state, metrics): the update of the whole batch, as
+    `make_train_step`'s.
+  With every microbatch at one count this is `make_train_step`'s step.
+  """
+  zeros: Callable[[Any], Accumulator]
+  add: Callable[[Any, Accumulator, Batch, jax.Array, int], Accumulator]
+  apply: Callable[[TrainState, Accumulator], tuple[TrainState, dict]]
+  microbatches: int
+
+
+def make_microbatch_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int,
+                         batch_shapes: Batch, num_tokens: int) -> MicrobatchStep:
+  """`MicrobatchStep` of ``loss_fn``; ``batch_shapes`` (the global batch's
+  `jax.ShapeDtypeStruct`s) and any one ``num_tokens`` give the accumulator's structure
+  (the same at every count)."""
+  one = _microbatch_value_and_grad(loss_fn, optimizer, microbatches)
+
+  def zeros(params):
+    return _empty(jax.eval_shape(lambda p, b: one(p, b, 0, num_tokens), params,
+                                 dict(batch_shapes)))
+
+  def add(params, acc, batch, j, n):
+    return _accumulate(acc, *one(params, batch, j, n))
+
+  def apply(state, acc):
+    return _update(optimizer, state, *_averaged(acc, state.params))
+
+  return MicrobatchStep(zeros, add, apply, microbatches)
 
 
 def boxed_params(init_params: InitParams, mesh, rules) -> Any:

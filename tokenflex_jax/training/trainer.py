@@ -52,6 +52,9 @@ class Task:
     (``config.data.on_bad_record = "skip"``, `pipeline.SkippedRecords.counts`); None: none.
   microbatches: gradient accumulation, the global batch in this many microbatches per
     step (`steps.make_train_step`).
+  count_per_microbatch: each microbatch draws its own visual-token count
+    (`buckets.Buckets.for_microbatches`) and runs through that count's compiled forward
+    and backward (`steps.MicrobatchStep`); False: one count per step.
   source_counts: () -> {source: examples} this host was fed from each source of a
     mixture (``config.data.mixture``, `pipeline.SourceCounts.counts`); None: one source.
   """
@@ -67,6 +70,7 @@ class Task:
   eval_every: int = 0
   skipped_records: Callable[[], Mapping[str, int]] | None = None
   microbatches: int = 1
+  count_per_microbatch: bool = False
   source_counts: Callable[[], Mapping[str, int]] | None = None
 
 
@@ -81,8 +85,11 @@ class TaskPlan:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledTask(TaskPlan):
-  """A `TaskPlan` with its train step compiled per bucket: {count: step}."""
+  """A `TaskPlan` with its train step compiled per bucket: {count: step} (with
+  ``count_per_microbatch``: every microbatch at that count), and the step of every draw
+  (the loop's)."""
   steps: dict[int, compiled.CompiledStep]
+  draws: loop.BucketSteps
 
 
 def plan_task(config: RunSpec, task: Task, mesh, rules) -> TaskPlan:
@@ -96,12 +103,25 @@ def plan_task(config: RunSpec, task: Task, mesh, rules) -> TaskPlan:
 
 
 def compile_steps(task: Task, plan: TaskPlan, mesh, rules) -> CompiledTask:
-  """``plan`` with the train step lowered and compiled once per bucket."""
+  """``plan`` with the train step lowered and compiled once per bucket (with
+  ``task.count_per_microbatch``: a microbatch's forward and backward once per bucket,
+  the update once)."""
+  counts = task.buckets.counts
+  if task.count_per_microbatch:
+    k = task.microbatches
+    pieces = compiled.compile_microbatch_buckets(
+        steps.make_microbatch_step(task.loss_fn, plan.optimizer, k, task.abstract_batch,
+                                   counts[0]),
+        plan.abstract_state, task.abstract_batch, counts, mesh, rules, task.name)
+    return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state,
+                        pieces.every_microbatch_at(), loop.BucketSteps(
+                            pieces.step, lambda step: task.buckets.for_microbatches(step, k)))
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer,
                                                           task.microbatches),
-                                      plan.abstract_state, task.abstract_batch, task.buckets.counts,
+                                      plan.abstract_state, task.abstract_batch, counts,
                                       mesh, rules, task.name)
-  return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count)
+  return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count,
+                      loop.BucketSteps(by_count.__getitem__, task.buckets.for_step))
 
 
 def compile_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
@@ -202,7 +222,7 @@ def train(config: RunSpec, workdir: str, task: Task, mesh, rules
                task.buckets.counts)
   try:
     state, done = loop.train_loop(
-        state, start, config.total_steps, loop.BucketSteps(job.steps, task.buckets.for_step),
+        state, start, config.total_steps, job.draws,
         loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter,
         loop.Periodic(task.eval_every, task.evaluate) if task.evaluate else None)
   except errors.NonFiniteLossError as e:

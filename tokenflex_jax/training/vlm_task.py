@@ -87,6 +87,7 @@ def vlm_task(config: RunSpec, model: VLM, mesh, rules,
 
   return Task(evaluate=evaluate, eval_every=config.eval_every if evaluate else 0,
               microbatches=config.microbatches,
+              count_per_microbatch=config.count_per_microbatch,
               skipped_records=skipped.counts,
               source_counts=sources.counts if config.data.mixture else None,
               init_params=init_params,
