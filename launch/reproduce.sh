@@ -110,6 +110,7 @@ run() {
   "$@"
   printf '%s\t%s\t%s\t%s\n' "$name" "$seed" "$stage" "$(( $(date +%s) - t0 ))" \
     >> "$W/wall_times.tsv"
+  RAN=1
   mkdir -p "$(dirname "$done_file")"; touch "$done_file"
 }
 
@@ -154,6 +155,7 @@ check_tower() {
   fi
 }
 
+RAN=0  # set by run: something ran since the last report
 for (( seed = 0; seed < SEEDS; seed++ )); do
   for name in "${MODEL_LIST[@]}"; do
     D="$W/$name/seed$seed"
@@ -176,9 +178,14 @@ for (( seed = 0; seed < SEEDS; seed++ )); do
     fi
     archive_run "$name" "$seed"
   done
-  log "seed $seed done: writing the report to $OUT"
-  python -m tokenflex_jax.report --workdir="$W" --out="$OUT" \
-    --runs_revision="$(paste -sd, "$W/revisions.txt")" \
-    --split="$([[ "$DEV_ONLY" == 1 ]] && echo dev || echo test)"
+  # After a seed that ran something, and after the last (a resumed invocation does not
+  # redraw the report of seeds it only skipped).
+  if [[ "$RAN" == 1 || $(( seed + 1 )) == "$SEEDS" ]]; then
+    log "seed $seed done: writing the report to $OUT"
+    python -m tokenflex_jax.report --workdir="$W" --out="$OUT" \
+      --runs_revision="$(paste -sd, "$W/revisions.txt")" \
+      --split="$([[ "$DEV_ONLY" == 1 ]] && echo dev || echo test)"
+    RAN=0
+  fi
 done
 log "done: $OUT/results.md"
