@@ -45,11 +45,12 @@ source "$REPO/launch/setup_env.sh"
 cd "$REPO"
 W="$(realpath -m "${RUN_DIR:-$REPO/workdirs/reproduce}")"
 OUT="$(realpath -m "$OUT")"
-KNOWN="$(python -c 'from configs import reproduce; print(",".join(reproduce.VARIANTS))')"
-# Variants trained at several counts: their development evaluation fits the router and
-# the thresholds; a fixed-count variant's is asked only under --dev_only.
-SEVERAL="$(python -c 'from configs import reproduce
-print(",".join(n for n, v in reproduce.VARIANTS.items() if len(v[0]) > 1))')"
+# The variants, and those trained at several counts: their development evaluation fits
+# the router and the thresholds; a fixed-count variant's is asked only under --dev_only.
+# (One Python start: importing the configs takes seconds.)
+{ read -r KNOWN; read -r SEVERAL; } < <(python -c 'from configs import reproduce
+print(",".join(reproduce.VARIANTS))
+print(",".join(n for n, v in reproduce.VARIANTS.items() if len(v[0]) > 1))')
 MODELS="${MODELS:-$KNOWN}"
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 for name in "${MODEL_LIST[@]}"; do
