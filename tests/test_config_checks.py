@@ -92,6 +92,12 @@ CASES = [
          r"data-parallel size 8", batch_size=12, sharding__rules=sharding.DATA_PARALLEL_RULES),
     case("batch_pretrain_vision", r"config\.batch_size=6", job="pretrain_vision", stage=0,
          batch_size=6),
+    case("mixture_pretrain_vision", r"config\.data\.mixture: stage 0 trains on the "
+         r"procedural scenes alone", job="pretrain_vision", stage=0,
+         data__mixture=(("procedural", "", 1.0),)),
+    case("count_per_microbatch_pretrain_vision", r"config\.count_per_microbatch: stage 0 "
+         r"trains the ViT alone", job="pretrain_vision", stage=0, microbatches=2,
+         count_per_microbatch=True),
     case("eval_batch", r"config\.eval\.batch_size=6 must be a positive multiple of the "
          r"data-parallel size 4", job="eval", eval__batch_size=6),
     # Learning rates and multipliers (a multiplier of 0 freezes: valid, see below).

@@ -159,8 +159,12 @@ def vlm_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
 
 def vision_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
   """`vlm_training`'s loop, optimizer and batch checks for the PatchLabeler
-  (`patch_labeler.MODULES`)."""
+  (`patch_labeler.MODULES`); no data mixture and no ``config.count_per_microbatch``
+  (stage 0 has no visual-token count)."""
   _training(problems, config, facts, patch_labeler.MODULES)
+  if config.count_per_microbatch:
+    problems.add("config.count_per_microbatch: stage 0 trains the ViT alone, without a "
+                 "visual-token count; set config.count_per_microbatch=False")
   if config.data.mixture:
     problems.add("config.data.mixture: stage 0 trains on the procedural scenes alone; set "
                  "config.data.mixture=()")
