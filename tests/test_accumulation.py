@@ -131,11 +131,10 @@ def test_every_microbatch_at_one_count_is_the_whole_batchs_step(whole_batch):
   # As one compiled step (aot and the bench read it): its programs' FLOPs, and at least
   # the parameters, optimizer state and gradients in memory at once.
   step = job.steps[64]
-  per_device = lambda tree: sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-                                for x in jax.tree.leaves(tree))
-  state_bytes = per_device(job.abstract_state)
+  state_bytes = sharding.bytes_per_device(job.abstract_state)
   assert step.flops > 0 and step.compile_seconds > 0
-  assert compiled.total_bytes(step.memory) > state_bytes + per_device(job.abstract_state.params)
+  assert compiled.total_bytes(step.memory) > (
+      state_bytes + sharding.bytes_per_device(job.abstract_state.params))
   state, metrics = job.draws.step_for((64, 64))(fresh(), batch)
   metrics, params = jax.device_get(metrics), jax.device_get(state.params)
   want_metrics, want_params = whole_batch

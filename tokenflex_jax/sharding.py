@@ -338,6 +338,13 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def bytes_per_device(tree: Any) -> int:
+  """Bytes one device holds of ``tree``'s arrays (abstract or concrete, each with its
+  ``sharding``): every leaf's shard shape times its item size."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
 def describe(shardings: Any) -> str:
   """One line per leaf: its path and partition spec (for logs and golden tests)."""
   lines = []

@@ -192,8 +192,7 @@ def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
                     (state_sh, replicated), (0,), (abstract_state, acc), mesh, rules,
                     MICROBATCH_ADVICE)
   indices = tuple(jax.device_put(np.int32(i), replicated) for i in range(step.microbatches))
-  held = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-             for x in jax.tree.leaves(abstract_state.opt_state))
+  held = sharding.bytes_per_device(abstract_state.opt_state)
   return MicrobatchSteps(zeros, add, apply, indices, held)
 
 
