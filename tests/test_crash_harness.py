@@ -8,7 +8,7 @@ import sys
 import numpy as np
 
 from tests.tiny import TINY_FLAGS
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 from tokenflex_jax.studies import crash_harness
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,9 +21,7 @@ def test_two_kills_leave_a_bit_identical_run(tmp_path):
   command = [sys.executable, "-m", "tokenflex_jax.crash_test", f"--workdir={tmp_path}",
              "--kills=2", "--total_steps=10", "--checkpoint_every=2", "--seed=3", "--",
              *tiny, *ONE_BUCKET]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(8))
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+  result = subprocess.run(command, cwd=REPO, env=binary_env(8), capture_output=True, text=True,
                           timeout=900)
   out = result.stdout.strip().splitlines()
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]

@@ -14,7 +14,7 @@ import pytest
 
 from tests import gcs_emulator
 from tests.tiny import TINY_FLAGS
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "tokenflex-test"
@@ -28,10 +28,7 @@ def emulator():
 
 
 def _env(url):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(2), **gcs_emulator.client_env(url))
-  env.pop("PYTEST_CURRENT_TEST", None)
-  return env
+  return binary_env(2, **gcs_emulator.client_env(url))
 
 
 def _command(binary, workdir, data_dir):

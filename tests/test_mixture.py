@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.tiny import TINY_FLAGS, tiny_config, tiny_spec
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 from tokenflex_jax import errors
 from tokenflex_jax.app import config_checks
 from tokenflex_jax.data import pipeline
@@ -101,9 +101,7 @@ def test_a_mixture_survives_three_kills_bit_identically(tmp_path):
              *tiny, "--config.token_counts=(64,)", "--config.token_probs=(1.0,)",
              "--config.eval.token_counts=(64,)",
              "--config.data.mixture=(('procedural','',3.0),('procedural','',1.0))"]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(8))
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+  result = subprocess.run(command, cwd=REPO, env=binary_env(8), capture_output=True, text=True,
                           timeout=900)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]

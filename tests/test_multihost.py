@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.tiny import TINY_FLAGS, losses
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 from tokenflex_jax import errors
 from tokenflex_jax.training import checkpointing
 
@@ -26,17 +26,16 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def _no_cache() -> dict[str, str]:
-  """The environment without the suite's shared compilation cache (conftest.py): it
-  buys nothing here, and processes of one multi-process run would share its entries."""
-  return {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE")
+def _no_cache(env: dict[str, str]) -> dict[str, str]:
+  """``env`` without the suite's shared compilation cache (conftest.py): it buys
+  nothing here, and processes of one multi-process run would share its entries."""
+  return {k: v for k, v in env.items() if not k.startswith("JAX_PERSISTENT_CACHE")
           and k != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def test_bucket_choice_identical_across_processes(tmp_path):
   out, port, n = str(tmp_path / "draws.json"), free_port(), 2
-  env = {k: v for k, v in _no_cache().items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = {k: v for k, v in _no_cache(binary_env()).items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_buckets_worker", str(i),
                              str(n), str(port), out], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -66,8 +65,7 @@ def _flags(workdir, mesh, binary="train"):
 
 
 def _env(devices):
-  return dict(_no_cache(), PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=xla_flags(devices))
+  return _no_cache(binary_env(devices))
 
 
 def _start_two(workdir, binary="train"):

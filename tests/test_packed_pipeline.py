@@ -12,7 +12,7 @@ import pytest
 
 from tests.test_real_formats import make_hf_tokenizer
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 from tokenflex_jax.data import chat, llava_tfds, pack, pipeline, synthetic_llava
 from tokenflex_jax.errors import InputError
 from tokenflex_jax.eval import run_eval
@@ -230,9 +230,7 @@ def test_a_packed_mixture_survives_three_kills_bit_identically(build, tmp_path):
              "--config.tokenizer.template=chatml",
              f"--config.tokenizer.image_token={IMAGE_TOKEN}", "--config.tokenizer.system_prompt=",
              f"--config.data.mixture=(('llava','{build[0]}',2.0),('procedural','',1.0))"]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(8))
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+  result = subprocess.run(command, cwd=REPO, env=binary_env(8), capture_output=True, text=True,
                           timeout=1200)
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
   last = result.stdout.strip().splitlines()[-1]

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 from tokenflex_jax.data import llava, llava_tfds, pipeline
 from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.evaluation import eval_files
@@ -93,15 +93,8 @@ def files(tmp_path_factory):
   return root
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=xla_flags(8))
-  env.pop("PYTEST_CURRENT_TEST", None)
-  return env
-
-
 def _run(module, *args):
-  out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=_env(),
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=binary_env(8),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   return out

@@ -16,7 +16,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tests.xla_env import xla_flags
+from tests.xla_env import binary_env
 from tokenflex_jax import errors, eval as eval_binary, predict
 from tokenflex_jax.app import cli, config_schema, run_tokenizer, trained_model
 from tokenflex_jax.data import scenes
@@ -106,12 +106,6 @@ def _train_command(workdir):
           *TINY_FLAGS]
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=REPO,
-             XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
-  return env
-
-
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / "sigterm")
   cmd = _train_command(workdir)
@@ -119,7 +113,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   cmd = [c for c in cmd if not c.startswith(("--config.total_steps", "--config.token_"))] + [
       "--config.total_steps=100000", "--config.checkpoint_every=100000",
       "--config.token_counts=(64,)", "--config.token_probs=(1.0,)"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(cmd, cwd=REPO, env=binary_env(8), stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 240

@@ -8,6 +8,10 @@ run as in production; only the code each fusion becomes differs (its floating-po
 rounding may, in the last bits: tests compare within tolerances, or runs compiled alike).
 """
 
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                 "--xla_cpu_use_fusion_emitters=false")
 
@@ -17,3 +21,12 @@ def xla_flags(devices: int | None = None) -> str:
   devices (None: the platform's own count, one CPU device)."""
   count = f"--xla_force_host_platform_device_count={devices} " if devices else ""
   return count + FAST_COMPILE
+
+
+def binary_env(devices: int | None = None, **extra: str) -> dict[str, str]:
+  """The environment of a binary a test starts: this one's, with the repository on
+  PYTHONPATH, the CPU platform, `xla_flags` (``devices``) and ``extra``."""
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices),
+             **extra)
+  env.pop("PYTEST_CURRENT_TEST", None)
+  return env
