@@ -297,6 +297,9 @@ def test_runs_at_several_revisions_say_what_code_differs(tmp_path):
       "tokenflex_jax/ and configs/ identical at all of them")
   assert report.runs_note(",".join(revs), repo).endswith("differ from the first in "
                                                          "tokenflex_jax/a.py")
+  # A revision reproduce.sh marked "+uncommitted" is compared at its commit.
+  assert report.runs_note(f"{revs[0]},{revs[1]}+uncommitted", repo) == (
+      "tokenflex_jax/ and configs/ identical at all of them")
   line = experiment_report._revision({"revision": {"runs": ",".join(revs[:2]),
                                                   "runs_note": "n"}})
   assert line.startswith(f"The runs trained at `{revs[0]}`, `{revs[1]}` (n);")

@@ -28,6 +28,8 @@ from tokenflex_jax.app import cli
 from tokenflex_jax.studies import experiment, experiment_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The code a run executes (what its revision stands for).
+CODE = ("tokenflex_jax", "configs", "launch")
 
 
 def _git(*args: str, repo: str = REPO) -> str | None:
@@ -40,9 +42,10 @@ def _git(*args: str, repo: str = REPO) -> str | None:
 
 def code_revision() -> dict[str, Any]:
   """{"report": this checkout's HEAD (None outside git), "report_modified": whether
-  tracked files differ from it}."""
+  the code (tokenflex_jax/, configs/, launch/) differs from it; reports and archived
+  runs under docs/ do not count}."""
   head = _git("rev-parse", "HEAD")
-  status = _git("status", "--porcelain", "--untracked-files=no") if head else None
+  status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE) if head else None
   return {"report": head or None, "report_modified": bool(status)}
 
 
@@ -51,7 +54,8 @@ def runs_note(runs_revision: str | None, repo: str = REPO) -> str | None:
   the runs execute (tokenflex_jax/, configs/) is the same at each as at the first, and
   else in which files it differs, from the git checkout ``repo``; None for one revision
   or where git cannot tell."""
-  shas = [sha for sha in (runs_revision or "").split(",") if sha]
+  # "sha+uncommitted": the runs at sha with code changes not committed (reproduce.sh).
+  shas = [sha.removesuffix("+uncommitted") for sha in (runs_revision or "").split(",") if sha]
   if len(shas) < 2:
     return None
   files: set[str] = set()
