@@ -328,7 +328,7 @@ def test_report_files(workdir, tmp_path):
   assert experiment_report.markdown(summary).count("[README](../README.md)") == 1
   assert "mean ± sample SD (ddof=1) over seeds 0, 1, 2" in md
   assert "| fixed_64 | 64 | -1.0, +1.0, -1.5 | -0.5 [" in md and "| no |" in md
-  assert "shown at 1 of 2 counts" in md
+  assert "shown at 1 of 2 counts (TokenFLEX − fixed, fixed_64 at 64: -0.5 [" in md
   assert "clearly better (interval above 0) in 7 of 8 (model, count) pairs" in md
   assert "| tokenflex | 64/144/256 at 3:3:3 | swiglu, adaptive_avg | 3 |" in md
   assert "No development split" in md

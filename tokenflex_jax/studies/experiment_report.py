@@ -195,8 +195,8 @@ def _budget_section(s: Mapping[str, Any]) -> list[str]:
 
 
 def _list(deltas: Sequence[Mapping[str, Any]]) -> str:
-  """"64: -0.9 [...], p = ...; 144: ..." of own-count deltas."""
-  return "; ".join(f"{d['count']}: {_paired(d)}" for d in deltas)
+  """"fixed_64 at 64: -0.9 [...], p = ...; fixed_144 at 144: ..." of own-count deltas."""
+  return "; ".join(f"{d['fixed']} at {d['count']}: {_paired(d)}" for d in deltas)
 
 
 def _comparison_verdicts(s: Mapping[str, Any], exclude: Mapping[str, Any] | None = None
