@@ -1,5 +1,6 @@
-"""launch/reproduce.sh end to end, small: one seed, two variants, a few steps; then its
-files against the results.json schema of docs/results.md, and a resumed rerun."""
+"""launch/reproduce.sh end to end, small: one seed, a few steps; then its files against
+the results.json schema of docs/results.md, and a resumed rerun. CI runs one variant;
+the slow test two, with the development pass first and the archive."""
 
 import json
 import os
@@ -22,10 +23,10 @@ SMALL = ("--config.total_steps=3", "--config.batch_size=8", "--config.log_every=
          *(f for f in TINY_FLAGS if f.startswith(("--config.model.", "--config.optimizer."))))
 
 
-def _reproduce(workdir, out, *options):
+def _reproduce(workdir, out, *options, models="fixed_64,tokenflex"):
   return subprocess.run(
       ["bash", os.path.join(REPO, "launch", "reproduce.sh"), workdir, "--seeds=1",
-       "--models=fixed_64,tokenflex", "--examples_per_family=4", f"--out={out}", *options,
+       f"--models={models}", "--examples_per_family=4", f"--out={out}", *options,
        "--", *SMALL], capture_output=True, text=True, timeout=900, cwd=REPO, env=ONE_DEVICE)
 
 
@@ -53,6 +54,29 @@ def test_variants_change_only_what_they_name():
   assert (test.eval.seed, test.eval.tag) == (reproduce.EVAL_SEEDS["test"], "")
 
 
+def test_one_variant_trains_evaluates_reports_and_is_not_rerun(tmp_path):
+  workdir, out = str(tmp_path / "w"), str(tmp_path / "docs")
+  first = _reproduce(workdir, out, models="tokenflex")
+  assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+  for name in ("results.md", "results.json", "results_accuracy.png", "results_budget.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  s = json.load(open(os.path.join(out, "results.json")))
+  assert list(s["models"]) == ["tokenflex"] and s["examples_per_family"] == 4
+  model = s["models"]["tokenflex"]
+  assert model["seeds"] == 1 and set(model["accuracy"]) == {"64", "256"}
+  assert 0 < model["train"]["mean_visual_tokens"] < 256 and model["train"]["step_seconds"] > 0
+  assert s["eval_seeds"] == {"development": reproduce.EVAL_SEEDS["development"],
+                             "test": reproduce.EVAL_SEEDS["test"]}
+  assert os.path.exists(os.path.join(workdir, "tokenflex", "seed0", "stage2", "router.json"))
+  walls = open(os.path.join(workdir, "wall_times.tsv")).read().splitlines()
+  assert len(walls) == 1 + 4  # stage 0, then stages 1 and 2 and both evaluations
+  again = _reproduce(workdir, out, models="tokenflex")  # finished: nothing reruns
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
+  assert "stage1" not in again.stdout and "done:" in again.stdout
+
+
+@pytest.mark.slow  # CI runs one variant (above).
 def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "docs")
   # First the development questions alone (choosing the recipe): no test question asked.

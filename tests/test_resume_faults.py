@@ -8,7 +8,11 @@ import logging as py_logging
 import os
 import re
 import shutil
+from unittest import mock
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from tests.tiny import losses, tiny_config
@@ -126,3 +130,32 @@ def test_checksums_skip_another_processes_write_in_progress(tmp_path):
   assert sorted(record) == ["meta/metadata", "params/ocdbt.process_0/d"]
   os.remove(step / ".tmp-ugkf8zvn.part")  # The rename that raced the listing.
   assert integrity.problems(str(step), 0, ("params", "meta")) == []
+
+
+def test_only_large_replicated_arrays_are_split_among_their_replicas(tmp_path):
+  """Orbax writes a replicated array in parallel from its replicas, slicing it with one
+  eager program per shape; below `MIN_REPLICA_SLICE_BYTES` per replica one replica writes
+  it whole, so small arrays cost no such program. Both kinds restore exactly."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "fsdp"))
+  rows = checkpointing.MIN_REPLICA_SLICE_BYTES // (4 * 64)  # float32 [rows, 128] / 2 shards
+  tree = {"small": jax.device_put(np.arange(64 * 8, dtype=np.float32).reshape(8, 64), sharding),
+          "large": jax.device_put(np.ones((2 * rows, 128), np.float32), sharding)}
+  sliced = []
+  real_slice = jax.lax.slice_in_dim
+
+  def counting(operand, *args, **kwargs):
+    sliced.append(operand.shape)
+    return real_slice(operand, *args, **kwargs)
+
+  with mock.patch.object(jax.lax, "slice_in_dim", counting):
+    with checkpointing.make_manager(str(tmp_path), asynchronous=False) as manager:
+      checkpointing.save_params(manager, 1, tree, {"step": 1})
+  assert sliced and all(shape == (2 * rows, 64) for shape in sliced), sliced  # large only
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          tree)
+  with checkpointing.make_manager(str(tmp_path), read_only=True) as manager:
+    restored = manager.restore(1, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+        abstract, checkpointing._restore_args(abstract))))  # pylint: disable=protected-access
+  for name, array in tree.items():
+    np.testing.assert_array_equal(restored["params"][name], array)

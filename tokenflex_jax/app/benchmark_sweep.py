@@ -20,7 +20,6 @@ from typing import Any
 
 from absl import logging
 from etils import epath
-from matplotlib.figure import Figure
 
 from tokenflex_jax import paths, sharding, specs
 from tokenflex_jax.app import config_checks, config_schema, trained_model
@@ -59,8 +58,7 @@ def markdown(table: dict[str, Any]) -> str:
 
 
 def plot(table: dict[str, Any], path: str) -> None:
-  fig = Figure(figsize=(6.4, 4.2))
-  ax = fig.add_subplot()
+  fig, ax = report.new_axes((6.4, 4.2))
   counts = table["counts"]
   for name, row in table["benchmarks"].items():
     points = [(c, row[str(c)]) for c in counts if row[str(c)] is not None]

@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 from etils import epath
-from matplotlib.figure import Figure
 
 BUDGET_XLABEL = "mean visual tokens per question (every attempt counted)"
 
@@ -66,9 +65,11 @@ def save_figure(fig, ax, path: str, xlabel: str, ylabel: str) -> None:
   epath.Path(path).write_bytes(buffer.getvalue())  # local or gs://
 
 
-def new_axes(figsize: tuple[float, float]) -> tuple[Figure, Any]:
-  """A figure with one set of axes, drawn off-screen (matplotlib's object API: no
-  pyplot, no process-wide backend)."""
+def new_axes(figsize: tuple[float, float]) -> tuple[Any, Any]:
+  """A matplotlib figure with one set of axes, drawn off-screen (matplotlib's object
+  API: no pyplot, no process-wide backend)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  # (imported here, not at the top: only plotting needs it, and it is slow to import)
   fig = Figure(figsize=figsize)
   return fig, fig.subplots()
 
