@@ -18,6 +18,9 @@ from tokenflex_jax import errors
 from tokenflex_jax.training import checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Two processes of one job must not share the 2 cores with another test's work: their
+# coordination waits on the slower one (launch/test.sh runs these alone).
+pytestmark = pytest.mark.serial
 
 
 def free_port() -> int:

@@ -49,9 +49,9 @@ def make_manager(workdir: str, keep: int = 2, asynchronous: bool = True,
 
 
 # Orbax's default splits every replicated array among its replicas to write it in
-# parallel, which costs an eager slice program per array shape at the first save (some
-# 180 of them for the demo model) and gains nothing for small arrays: below this size per
-# replica, one replica writes the whole shard.
+# parallel, which costs an eager slice program per array shape and replica at the first
+# save and gains nothing for small arrays: below this size per replica, one replica
+# writes the whole shard.
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
