@@ -18,9 +18,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tokenflex-jax-cache-")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 # The binaries tests start cache every program, however small: a binary's eager
-# operations (state set-up, Orbax's per-shard slices on its first save) are some 180
-# compiles of 20-50 ms each, paid again by every process unless cached (docs/testing.md).
-# This process keeps its own in memory and caches only the larger ones (below).
+# operations are paid again by every process unless cached (docs/testing.md). This
+# process keeps its own in memory and caches only the larger ones (below).
 CHOSEN_MIN_COMPILE_TIME = os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
