@@ -16,12 +16,13 @@ cores="$(nproc)"
 workers="${TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}"
 # Two parts. First every test not marked serial, one test file per worker at a time (a
 # single pytest process mostly compiles, on one core). Then those marked serial (several
-# processes of one job) alone. Exit status 5 means "no test selected" (-k, for one part).
-status=0
+# processes of one job) alone. pytest's exit status 5 means "no test selected": fine for
+# one part (-k), returned when neither part selects a test.
+status=5
 run_part() {
   local rc=0
   python -m pytest -q --durations=20 "$@" tests || rc=$?
-  if [[ $rc -ne 0 && $rc -ne 5 ]]; then status=$rc; fi
+  if [[ $rc -ne 5 && $status -eq 5 ]] || [[ $rc -ne 0 && $rc -ne 5 ]]; then status=$rc; fi
 }
 run_part -n "$workers" --dist loadfile -m "${only}not serial" "$@"
 run_part -m "${only}serial" "$@"
