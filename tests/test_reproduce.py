@@ -30,6 +30,19 @@ def _reproduce(workdir, out, *options, models="fixed_64,tokenflex"):
        "--", *SMALL], capture_output=True, text=True, timeout=900, cwd=REPO, env=ONE_DEVICE)
 
 
+def _assert_report_files(out):
+  for name in ("results.md", "results.json", "results_accuracy.png", "results_budget.png"):
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+
+
+def _assert_nothing_reruns(workdir, out, **kwargs):
+  walls = open(os.path.join(workdir, "wall_times.tsv")).read().splitlines()
+  again = _reproduce(workdir, out, **kwargs)  # everything finished: nothing reruns
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
+  assert "stage1" not in again.stdout and "done:" in again.stdout
+
+
 def test_variants_change_only_what_they_name():
   base = reproduce.get_config("model=tokenflex,seed=0,stage=2").to_dict()
   for name, (counts, probs, projector) in reproduce.VARIANTS.items():
@@ -58,8 +71,7 @@ def test_one_variant_trains_evaluates_reports_and_is_not_rerun(tmp_path):
   workdir, out = str(tmp_path / "w"), str(tmp_path / "docs")
   first = _reproduce(workdir, out, models="tokenflex")
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-  for name in ("results.md", "results.json", "results_accuracy.png", "results_budget.png"):
-    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  _assert_report_files(out)
   s = json.load(open(os.path.join(out, "results.json")))
   assert list(s["models"]) == ["tokenflex"] and s["examples_per_family"] == 4
   model = s["models"]["tokenflex"]
@@ -70,10 +82,7 @@ def test_one_variant_trains_evaluates_reports_and_is_not_rerun(tmp_path):
   assert os.path.exists(os.path.join(workdir, "tokenflex", "seed0", "stage2", "router.json"))
   walls = open(os.path.join(workdir, "wall_times.tsv")).read().splitlines()
   assert len(walls) == 1 + 4  # stage 0, then stages 1 and 2 and both evaluations
-  again = _reproduce(workdir, out, models="tokenflex")  # finished: nothing reruns
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
-  assert "stage1" not in again.stdout and "done:" in again.stdout
+  _assert_nothing_reruns(workdir, out, models="tokenflex")
 
 
 @pytest.mark.slow  # CI runs one variant (above).
@@ -91,8 +100,7 @@ def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
   first = _reproduce(workdir, out, f"--archive={archive}")
   assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
   assert "stage1" not in first.stdout and "tokenflex seed 0: eval" in first.stdout
-  for name in ("results.md", "results.json", "results_accuracy.png", "results_budget.png"):
-    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  _assert_report_files(out)
   s = json.load(open(os.path.join(out, "results.json")))
   assert set(s["models"]) == {"fixed_64", "tokenflex"}
   for name, model in s["models"].items():
@@ -123,10 +131,7 @@ def test_reproduce_small_writes_the_report_and_resumes(tmp_path):
                                              "oracle", "fixed_64", "fixed_256"}
   assert os.path.exists(os.path.join(workdir, "tokenflex", "seed0", "stage2", "router.json"))
 
-  again = _reproduce(workdir, out)  # everything finished: nothing reruns
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert open(os.path.join(workdir, "wall_times.tsv")).read().splitlines() == walls
-  assert "stage1" not in again.stdout and "done:" in again.stdout
+  _assert_nothing_reruns(workdir, out)
 
   # The archive keeps the finished runs without checkpoints; another workdir (another
   # session) takes them as finished and writes the same report without training.

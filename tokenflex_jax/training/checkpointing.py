@@ -42,9 +42,10 @@ def make_manager(workdir: str, keep: int = 2, asynchronous: bool = True,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       enable_async_checkpointing=asynchronous, read_only=read_only, create=not read_only)
-  arrays = ocp.PyTreeCheckpointHandler(type_handler_registry=_type_handlers())
-  handlers = {"params": arrays, "opt_state": arrays, "meta": ocp.JsonCheckpointHandler(),
-              "data": grain.checkpoint.CheckpointHandler()}
+  registry = _type_handlers()
+  handlers = {"params": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+              "opt_state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+              "meta": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers, options=options)
 
 
