@@ -94,10 +94,7 @@ printf '%q ' bash launch/reproduce.sh "$@" > "$W/command.txt"
 echo >> "$W/command.txt"
 # The code revision of every invocation that trained here (a resumed run may add one);
 # "+uncommitted" where the code differs from it (not the archive or the report).
-rev="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if ! git -C "$REPO" diff --quiet HEAD -- tokenflex_jax configs launch 2>/dev/null; then
-  rev="$rev+uncommitted"
-fi
+rev="$(python -c 'from tokenflex_jax import report; print(report.short_revision())')"
 grep -qxF "$rev" "$W/revisions.txt" 2>/dev/null || echo "$rev" >> "$W/revisions.txt"
 start=$(date +%s)
 log() { echo "[reproduce $(( $(date +%s) - start ))s] $*"; }

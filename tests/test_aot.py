@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.xla_env import REPO
 
 
 def _aot(*flags, target="--num_cpu_devices=64"):

@@ -9,11 +9,10 @@ import sys
 
 import pytest
 
+from tests.xla_env import REPO
 from tokenflex_jax import entry
 from tokenflex_jax.app import cli
 from tokenflex_jax.entry import QuietLibraryInfo
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _record(level, path):

@@ -13,13 +13,13 @@ import pytest
 
 from configs import bench, demo, gpu_bench, paper, reproduce
 from tests.tiny import tiny_config
+from tests.xla_env import REPO
 from tokenflex_jax import errors, model_config, predict, sharding
 from tokenflex_jax.app import config_checks, config_schema
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.models.patch_labeler import PatchLabeler
 from tokenflex_jax.models.vlm import VLM
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Multipliers = ml_collections.ConfigDict
 
 

@@ -4,7 +4,6 @@ saved configs read back through the schema."""
 from __future__ import annotations
 
 import json
-import os
 
 import ml_collections
 import pytest
@@ -12,10 +11,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import demo, paper
+from tests.xla_env import REPO
 from tokenflex_jax import sharding
 from tokenflex_jax.app.config_schema import base_config, parse_arg, read_saved
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [(demo, f"stage={s},rules={r}") for s in "012" for r in demo.RULES] + [
     (paper, f"stage={s}") for s in "123"]
 

@@ -1,17 +1,15 @@
 """The crash harness, short version: 2 SIGKILLs of a tiny run (one aimed at an
 asynchronous save), restarts, and a bit-identical comparison with an uninterrupted run."""
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 
 from tests.tiny import TINY_FLAGS
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 from tokenflex_jax.studies import crash_harness
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_BUCKET = ("--config.token_counts=(64,)", "--config.token_probs=(1.0,)",
               "--config.eval.token_counts=(64,)")
 

@@ -32,7 +32,7 @@ from safetensors.numpy import load_file  # pylint: disable=wrong-import-position
 from tests.test_chat_templates import QWEN25  # pylint: disable=wrong-import-position
 from tests.test_chat_tokenizers import _bpe  # pylint: disable=wrong-import-position
 from tests.test_convert_hf import RTOL, relative_error  # pylint: disable=wrong-import-position
-from tests.xla_env import xla_flags  # pylint: disable=wrong-import-position
+from tests.xla_env import REPO, xla_flags  # pylint: disable=wrong-import-position
 from tokenflex_jax.data import images  # pylint: disable=wrong-import-position
 from tokenflex_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=wrong-import-position
 from tokenflex_jax.evaluation.generate import make_generate  # pylint: disable=wrong-import-position
@@ -40,7 +40,6 @@ from tokenflex_jax.models import hf  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.llm import LLM  # pylint: disable=wrong-import-position
 from tokenflex_jax.models.vlm import VLM  # pylint: disable=wrong-import-position
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(REPO, "docs", "huggingface.md")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220),

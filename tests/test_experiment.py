@@ -283,23 +283,34 @@ def test_runs_at_several_revisions_say_what_code_differs(tmp_path):
   git = lambda *a: subprocess.run(["git", "-C", repo, *a], check=True, capture_output=True,
                                   text=True).stdout.strip()
   os.makedirs(os.path.join(repo, "tokenflex_jax"))
+  os.makedirs(os.path.join(repo, "launch"))
   git("init", "-q")
   revs = []
   for name, text in (("tokenflex_jax/a.py", "x = 1\n"), ("docs.md", "results\n"),
-                     ("tokenflex_jax/a.py", "x = 2\n")):
+                     ("tokenflex_jax/a.py", "x = 2\n"), ("launch/run.sh", "true\n")):
     with open(os.path.join(repo, name), "w", encoding="utf-8") as f:
       f.write(text)
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", name)
     revs.append(git("rev-parse", "--short", "HEAD"))
+  same = "tokenflex_jax/, configs/ and launch/ identical at all of them"
   assert report.runs_note(revs[0], repo) is None  # one revision: nothing to say
-  assert report.runs_note(",".join(revs[:2]), repo) == (
-      "tokenflex_jax/ and configs/ identical at all of them")
-  assert report.runs_note(",".join(revs), repo).endswith("differ from the first in "
-                                                         "tokenflex_jax/a.py")
+  assert report.runs_note(",".join(revs[:2]), repo) == same
+  assert report.runs_note(",".join(revs[:3]), repo).endswith("differ from the first in "
+                                                             "tokenflex_jax/a.py")
+  assert report.runs_note(",".join(revs), repo).endswith(
+      "differ from the first in launch/run.sh, tokenflex_jax/a.py")
   # A revision reproduce.sh marked "+uncommitted" is compared at its commit.
-  assert report.runs_note(f"{revs[0]},{revs[1]}+uncommitted", repo) == (
-      "tokenflex_jax/ and configs/ identical at all of them")
+  assert report.runs_note(f"{revs[0]},{revs[1]}+uncommitted", repo) == same
+  # What reproduce.sh records: "+uncommitted" for a change to the code, not to docs.
+  assert report.short_revision(repo) == revs[-1]
+  with open(os.path.join(repo, "docs.md"), "w", encoding="utf-8") as f:
+    f.write("new results\n")
+  assert report.short_revision(repo) == revs[-1]
+  with open(os.path.join(repo, "launch", "run.sh"), "w", encoding="utf-8") as f:
+    f.write("false\n")
+  assert report.short_revision(repo) == revs[-1] + "+uncommitted"
+  assert report.short_revision(str(tmp_path)) == "unknown"
   line = experiment_report._revision({"revision": {"runs": ",".join(revs[:2]),
                                                   "runs_note": "n"}})
   assert line.startswith(f"The runs trained at `{revs[0]}`, `{revs[1]}` (n);")

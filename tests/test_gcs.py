@@ -14,9 +14,8 @@ import pytest
 
 from tests import gcs_emulator
 from tests.tiny import TINY_FLAGS
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "tokenflex-test"
 TOTAL = 10
 

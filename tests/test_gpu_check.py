@@ -11,14 +11,12 @@ import jax
 import pytest
 
 from configs import gpu_bench, paper
-from tests.xla_env import xla_flags
+from tests.xla_env import REPO, xla_flags
 from tokenflex_jax import model_config
 from tokenflex_jax.app import config_schema
 from tokenflex_jax.benchmarking import gpu, suite
 from tokenflex_jax.models import flops
 from tokenflex_jax.models.vlm import VLM
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_dry_run_measures_every_section_and_prints_the_gpu_table(tmp_path):

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.xla_env import REPO
+
 SCRIPTS = sorted(glob.glob(os.path.join(REPO, "launch", "*.sh")))
 CLUSTER_SCRIPTS = ("tpu_pod.sh", "slurm.sh", "hosts.sh")
 # The minimal valid dry run of each cluster script.

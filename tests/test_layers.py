@@ -4,7 +4,8 @@ and only the binaries, `app.config_schema` and configs/ see ml_collections."""
 import ast
 import os
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.xla_env import REPO
+
 PACKAGE = os.path.join(REPO, "tokenflex_jax")
 # Lower imports lower or equal; docs/architecture.md draws the same order.
 LAYERS = {"errors": 0, "paths": 0, "entry": 0, "sharding": 0, "hf_remote": 0, "models": 1,

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 
 from tests.tiny import TINY_FLAGS, tiny_config, tiny_spec
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 from tokenflex_jax import errors
 from tokenflex_jax.app import config_checks
 from tokenflex_jax.data import pipeline
 from tokenflex_jax.train import train
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Plus(pipeline.grain.transforms.Map):

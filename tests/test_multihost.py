@@ -13,11 +13,10 @@ import time
 import pytest
 
 from tests.tiny import TINY_FLAGS, losses
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 from tokenflex_jax import errors
 from tokenflex_jax.training import checkpointing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two processes of one job must not share the 2 cores with another test's work: their
 # coordination waits on the slower one (launch/test.sh runs these alone).
 pytestmark = pytest.mark.serial

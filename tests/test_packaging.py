@@ -4,7 +4,7 @@ import importlib
 import os
 import tomllib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.xla_env import REPO
 
 
 def _requirements(name="requirements.txt"):

@@ -12,13 +12,12 @@ import pytest
 
 from tests.test_real_formats import make_hf_tokenizer
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 from tokenflex_jax.data import chat, llava_tfds, pack, pipeline, synthetic_llava
 from tokenflex_jax.errors import InputError
 from tokenflex_jax.eval import run_eval
 from tokenflex_jax.train import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_TOKEN = "<|image_pad|>"
 T, K = 128, 4  # token slots and image slots per row
 SIZE = 32  # the procedural scenes are drawn at 32 px or more

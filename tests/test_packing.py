@@ -9,11 +9,10 @@ import sys
 import numpy as np
 import pytest
 
+from tests.xla_env import REPO
 from tokenflex_jax import errors
 from tokenflex_jax.data import pack, synthetic_llava
 from tokenflex_jax.data.pack import Lengths, RowShape
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_first_fit_fills_rows_in_stream_order_within_both_capacities():

@@ -16,12 +16,11 @@ import pytest
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 from tokenflex_jax.data import llava, llava_tfds, pipeline
 from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.evaluation import eval_files
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 COLORS = ["red", "green", "blue", "yellow"]
 

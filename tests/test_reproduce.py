@@ -10,10 +10,10 @@ import pytest
 
 from configs import reproduce
 from tests.tiny import TINY_FLAGS
-from tests.xla_env import xla_flags
+from tests.xla_env import REPO, xla_flags
+from tokenflex_jax import report
 from tokenflex_jax.app.config_schema import base_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One CPU device, as a user's run on a laptop (not the suite's 8 simulated ones).
 ONE_DEVICE = dict(os.environ, XLA_FLAGS=xla_flags())
 # The tiny model of tests/tiny.py (its widths, the same code paths), a few steps.
@@ -82,6 +82,10 @@ def test_one_variant_trains_evaluates_reports_and_is_not_rerun(tmp_path):
   assert os.path.exists(os.path.join(workdir, "tokenflex", "seed0", "stage2", "router.json"))
   walls = open(os.path.join(workdir, "wall_times.tsv")).read().splitlines()
   assert len(walls) == 1 + 4  # stage 0, then stages 1 and 2 and both evaluations
+  # The revision the runs trained at, as the report reads it.
+  assert open(os.path.join(workdir, "revisions.txt")).read().split() == [
+      report.short_revision()]
+  assert s["revision"]["runs"] == report.short_revision()
   _assert_nothing_reruns(workdir, out, models="tokenflex")
 
 

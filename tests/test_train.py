@@ -16,7 +16,7 @@ from absl import flags
 from PIL import Image
 
 from tests.tiny import TINY_FLAGS, losses, tiny_config
-from tests.xla_env import binary_env
+from tests.xla_env import REPO, binary_env
 from tokenflex_jax import errors, eval as eval_binary, predict
 from tokenflex_jax.app import cli, config_schema, run_tokenizer, trained_model
 from tokenflex_jax.data import scenes
@@ -25,7 +25,6 @@ from tokenflex_jax.evaluation import auto_budget, outputs
 from tokenflex_jax.train import train
 from tokenflex_jax.training import checkpointing
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL = 40
 
 

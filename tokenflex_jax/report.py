@@ -30,6 +30,7 @@ from tokenflex_jax.studies import experiment, experiment_report
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The code a run executes (what its revision stands for).
 CODE = ("tokenflex_jax", "configs", "launch")
+CODE_NAMES = ", ".join(f"{d}/" for d in CODE[:-1]) + f" and {CODE[-1]}/"
 
 
 def _git(*args: str, repo: str = REPO) -> str | None:
@@ -40,33 +41,43 @@ def _git(*args: str, repo: str = REPO) -> str | None:
     return None
 
 
-def code_revision() -> dict[str, Any]:
-  """{"report": this checkout's HEAD (None outside git), "report_modified": whether
-  the code (tokenflex_jax/, configs/, launch/) differs from it; reports and archived
-  runs under docs/ do not count}."""
-  head = _git("rev-parse", "HEAD")
-  status = _git("status", "--porcelain", "--untracked-files=no", "--", *CODE) if head else None
+def code_revision(repo: str = REPO) -> dict[str, Any]:
+  """{"report": the git checkout ``repo``'s HEAD (None outside git), "report_modified":
+  whether the code (`CODE`) differs from it; reports and archived runs under docs/ do
+  not count}."""
+  head = _git("rev-parse", "HEAD", repo=repo)
+  status = (_git("status", "--porcelain", "--untracked-files=no", "--", *CODE, repo=repo)
+            if head else None)
   return {"report": head or None, "report_modified": bool(status)}
+
+
+def short_revision(repo: str = REPO) -> str:
+  """The revision reproduce.sh records for the runs it trains: the git checkout
+  ``repo``'s short HEAD, "+uncommitted" appended where the code (`CODE`) differs from
+  it; "unknown" outside git."""
+  head = _git("rev-parse", "--short", "HEAD", repo=repo)
+  if not head:
+    return "unknown"
+  return head + ("+uncommitted" if code_revision(repo)["report_modified"] else "")
 
 
 def runs_note(runs_revision: str | None, repo: str = REPO) -> str | None:
   """For runs trained at several revisions ("a,b,c", oldest first): whether the code
-  the runs execute (tokenflex_jax/, configs/) is the same at each as at the first, and
-  else in which files it differs, from the git checkout ``repo``; None for one revision
-  or where git cannot tell."""
-  # "sha+uncommitted": the runs at sha with code changes not committed (reproduce.sh).
+  the runs execute (`CODE`) is the same at each as at the first, and else in which
+  files it differs, from the git checkout ``repo``; None for one revision or where git
+  cannot tell."""
+  # "sha+uncommitted": the runs at sha with code changes not committed (`short_revision`).
   shas = [sha.removesuffix("+uncommitted") for sha in (runs_revision or "").split(",") if sha]
   if len(shas) < 2:
     return None
   files: set[str] = set()
   for sha in shas[1:]:
-    changed = _git("diff", "--name-only", shas[0], sha, "--", "tokenflex_jax", "configs",
-                   repo=repo)
+    changed = _git("diff", "--name-only", shas[0], sha, "--", *CODE, repo=repo)
     if changed is None:
       return None
     files.update(changed.split())
-  return ("tokenflex_jax/ and configs/ identical at all of them" if not files else
-          "tokenflex_jax/ and configs/ differ from the first in " + ", ".join(sorted(files)))
+  return (f"{CODE_NAMES} identical at all of them" if not files else
+          f"{CODE_NAMES} differ from the first in " + ", ".join(sorted(files)))
 
 
 def _runs_fields(runs_revision: str | None) -> dict[str, Any]:
