@@ -1,6 +1,7 @@
 """The ViT, the decoder (cache vs. no cache) and the VLM's placement of visual tokens."""
 
 import dataclasses
+import functools
 from unittest import mock
 
 import jax
@@ -25,12 +26,27 @@ def small_vlm(visual_position_span: int = 0, **llm_overrides) -> VLM:
                        visual_position_span=visual_position_span))
 
 
+# The models are run jitted: one program each, rather than op by op (the suite's time).
+def init(model, *args, seed=0):
+  """``model.init`` jitted; a VLM's visual-token count (its 4th argument) is static."""
+  static = (3,) if isinstance(model, VLM) else ()
+  return jax.jit(model.init, static_argnums=static)(jax.random.key(seed), *args)
+
+
+def apply(model, params, *args, method=None):
+  """``model.apply`` jitted; a VLM's call, `VLM.prefill` and `VLM.text_hidden` take the
+  count as their 3rd argument (static)."""
+  fn = functools.partial(model.apply, method=method) if method else model.apply
+  static = (3,) if isinstance(model, VLM) and method is not VLM.decode_step else ()
+  return jax.jit(fn, static_argnums=static)(params, *args)
+
+
 def test_vit_shapes_and_posemb_interpolation():
   vit = ViT(ViTConfig(image_size=16, patch_size=2, width=16, depth=1, mlp_dim=32, num_heads=2))
-  params = vit.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  assert vit.apply(params, jnp.zeros((2, 16, 16, 3))).shape == (2, 64, 16)
+  params = init(vit, jnp.zeros((1, 16, 16, 3)))
+  assert apply(vit, params, jnp.zeros((2, 16, 16, 3))).shape == (2, 64, 16)
   # Another resolution works through an interpolated position embedding.
-  assert vit.apply(params, jnp.zeros((2, 24, 24, 3))).shape == (2, 144, 16)
+  assert apply(vit, params, jnp.zeros((2, 24, 24, 3))).shape == (2, 144, 16)
   posemb = jnp.arange(16.0).reshape(1, 16, 1)
   np.testing.assert_allclose(interpolate_posemb(posemb, 4), posemb)
   assert interpolate_posemb(posemb, 8).shape == (1, 64, 1)
@@ -61,20 +77,20 @@ def test_cached_generation_matches_teacher_forcing(overrides, image_first):
     tokens = jnp.array([[2, 5, 7, 8, 9, IMAGE_ID, 6, 10, 11, 3, 0, 0],
                         [2, 5, 7, 8, IMAGE_ID, 6, 12, 13, 3, 0, 0, 0]])
     prompts = jnp.array([[2, 5, 7, 8, 9, IMAGE_ID, 6], [0, 2, 5, 7, 8, IMAGE_ID, 6]])
-  params = model.init(jax.random.key(0), images, tokens, 16)
+  params = init(model, images, tokens, 16)
   n = 16
-  teacher = model.apply(params, images, tokens, n)
+  teacher = apply(model, params, images, tokens, n)
   assert teacher.shape == (2, 12, 32)
   length = prompts.shape[1] - 1 + n
   cache = init_cache(model.config.llm, 2, length + 3)
-  logits, cache, key_valid, pos = model.apply(params, images, prompts, n, cache,
-                                              method=VLM.prefill)
+  logits, cache, key_valid, pos = apply(model, params, images, prompts, n, cache,
+                                        method=VLM.prefill)
   np.testing.assert_allclose(logits[0], teacher[0, 7], atol=2e-5)
   np.testing.assert_allclose(logits[1], teacher[1, 6], atol=2e-5)
   step_tokens = [jnp.array([10, 12]), jnp.array([11, 13])]
   for i, tok in enumerate(step_tokens):
-    logits, cache = model.apply(params, tok, pos + i, cache, key_valid, jnp.array(length + i),
-                                method=VLM.decode_step)
+    logits, cache = apply(model, params, tok, pos + i, cache, key_valid,
+                          jnp.array(length + i), method=VLM.decode_step)
     np.testing.assert_allclose(logits[0], teacher[0, 8 + i], atol=2e-5)
     np.testing.assert_allclose(logits[1], teacher[1, 7 + i], atol=2e-5)
 
@@ -121,11 +137,11 @@ def test_visual_tokens_change_the_answer_logits_and_count_matters():
   model = small_vlm()
   tokens = jnp.array([[2, IMAGE_ID, 7, 6, 10, 3]])
   a = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3))
-  params = model.init(jax.random.key(0), a, tokens, 16)
+  params = init(model, a, tokens, 16)
   b = -a
-  la = model.apply(params, a, tokens, 16)[0, 4]
-  lb = model.apply(params, b, tokens, 16)[0, 4]
-  l4 = model.apply(params, a, tokens, 4)[0, 4]
+  la = apply(model, params, a, tokens, 16)[0, 4]
+  lb = apply(model, params, b, tokens, 16)[0, 4]
+  l4 = apply(model, params, a, tokens, 4)[0, 4]
   assert float(jnp.abs(la - lb).max()) > 1e-4
   assert float(jnp.abs(la - l4).max()) > 1e-4
 
@@ -134,9 +150,9 @@ def test_llm_plain_call_is_causal():
   llm = LLM(LLMConfig(vocab_size=32, width=32, depth=1, num_heads=2, num_kv_heads=1,
                       head_dim=16, mlp_dim=64))
   tokens = jnp.array([[1, 2, 3, 4, 5]])
-  params = llm.init(jax.random.key(0), tokens)
-  out = llm.apply(params, tokens)
-  changed = llm.apply(params, tokens.at[0, 4].set(9))
+  params = init(llm, tokens)
+  out = apply(llm, params, tokens)
+  changed = apply(llm, params, tokens.at[0, 4].set(9))
   np.testing.assert_allclose(out[0, :4], changed[0, :4], atol=1e-6)
   assert float(jnp.abs(out[0, 4] - changed[0, 4]).max()) > 1e-4
 
@@ -150,7 +166,7 @@ def _images_tokens():
 def test_layers_are_stacked_with_a_layers_axis():
   model = small_vlm()
   images, tokens = _images_tokens()
-  boxed = model.init(jax.random.key(0), images, tokens, 16)["params"]
+  boxed = init(model, images, tokens, 16)["params"]
   q = boxed["llm"]["layers"]["attn"]["q"]["kernel"]
   assert q.value.shape == (2, 32, 4, 8) and q.names == ("layers", "embed", "heads", "head_dim")
   fc1 = boxed["vit"]["blocks"]["fc1"]["kernel"]
@@ -165,16 +181,17 @@ def test_a_stack_runs_its_layers_in_order_on_their_own_slices():
   cfg = model.config.llm
   llm = LLM(cfg)
   tokens = jnp.array([[3, 5, 7, 9, 11, 2]])
-  params = llm.init(jax.random.key(0), tokens)["params"]
-  x = llm.apply({"params": params}, tokens, method=LLM.embed)
+  params = init(llm, tokens)["params"]
+  x = apply(llm, {"params": params}, tokens, method=LLM.embed)
   positions = jnp.arange(6)[None]
   valid = jnp.ones((1, 6), bool)
+  layer_apply = jax.jit(lambda p, x: DecoderLayer(cfg).apply(p, x, positions, valid, None, 0))
   for i in range(cfg.depth):  # a Python loop over slices of the stacked tree
     layer = jax.tree.map(lambda a, i=i: a[i], params["layers"])
-    x, _ = DecoderLayer(cfg).apply({"params": layer}, x, positions, valid, None, 0)
-  final = llm.apply({"params": params}, x, method=lambda m, h: m.final_norm(h))
-  expected = llm.apply({"params": params}, final, method=LLM.logits)
-  np.testing.assert_allclose(llm.apply({"params": params}, tokens), expected, atol=1e-5)
+    x, _ = layer_apply({"params": layer}, x)
+  final = apply(llm, {"params": params}, x, method=lambda m, h: m.final_norm(h))
+  expected = apply(llm, {"params": params}, final, method=LLM.logits)
+  np.testing.assert_allclose(apply(llm, {"params": params}, tokens), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("remat_policy,scan_layers",
@@ -184,8 +201,8 @@ def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, s
   flagged = VLM(dataclasses.replace(plain.config, remat_policy=remat_policy,
                                     scan_layers=scan_layers))
   images, tokens = _images_tokens()
-  params = plain.init(jax.random.key(0), images, tokens, 16)
-  other = flagged.init(jax.random.key(0), images, tokens, 16)
+  params = init(plain, images, tokens, 16)
+  other = init(flagged, images, tokens, 16)
   assert jax.tree.structure(other) == jax.tree.structure(params)
   assert jax.tree.map(jnp.shape, other) == jax.tree.map(jnp.shape, params)
   loss = lambda model: lambda p: jnp.mean(model.apply(p, images, tokens, 16) ** 2)
@@ -194,24 +211,26 @@ def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, s
   np.testing.assert_allclose(value_f, value, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads_f, grads)
-  jaxpr = lambda model: str(jax.make_jaxpr(jax.grad(loss(model)))(params))
+  flagged_jaxpr, plain_jaxpr = (str(jax.make_jaxpr(jax.grad(loss(model)))(params))
+                                for model in (flagged, plain))
   # A remat policy puts the layers' backward pass in remat regions; unrolling is the
   # scan's unroll (one copy per layer), rolled is one.
-  assert ("remat" in jaxpr(flagged)) == (remat_policy != "none")
-  assert "remat" not in jaxpr(plain)
-  assert "unroll=2" in jaxpr(flagged) if not scan_layers else "unroll=1" in jaxpr(flagged)
+  assert ("remat" in flagged_jaxpr) == (remat_policy != "none")
+  assert "remat" not in plain_jaxpr
+  assert ("unroll=2" if not scan_layers else "unroll=1") in flagged_jaxpr
 
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_vocabulary_chunked_vlm_loss_equals_the_whole_logits_loss(tie_embeddings):
   from tokenflex_jax.training.vlm_task import vlm_loss
   model = small_vlm(tie_embeddings=tie_embeddings)
   images, tokens = _images_tokens()
-  params = model.init(jax.random.key(0), images, tokens, 16)["params"]
+  params = init(model, images, tokens, 16)["params"]
   batch = {"image": images, "tokens": tokens,
            "loss_mask": (jnp.arange(tokens.shape[1]) >= 4).astype(jnp.float32)[None] *
                         (tokens != PAD)}
-  whole = jax.value_and_grad(lambda p: vlm_loss(model, "sqrt", 0)(p, batch, 16)[0])(params)
-  chunked = jax.value_and_grad(lambda p: vlm_loss(model, "sqrt", 10)(p, batch, 16)[0])(params)
+  loss = lambda chunk: jax.jit(jax.value_and_grad(
+      lambda p: vlm_loss(model, "sqrt", chunk)(p, batch, 16)[0]))(params)
+  whole, chunked = loss(0), loss(10)
   np.testing.assert_allclose(chunked[0], whole[0], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                chunked[1], whole[1])
@@ -287,9 +306,9 @@ def test_decoder_logits_with_causal_blocks_equal_the_reference():
                   head_dim=8, mlp_dim=64)
   tokens = jax.random.randint(jax.random.key(1), (2, 200), 0, 32)
   ref = LLM(cfg, attention="reference")
-  params = ref.init(jax.random.key(0), tokens)
-  np.testing.assert_allclose(LLM(cfg, attention="blocked").apply(params, tokens),
-                             ref.apply(params, tokens), rtol=1e-4, atol=1e-5)
+  params = init(ref, tokens)
+  np.testing.assert_allclose(apply(LLM(cfg, attention="blocked"), params, tokens),
+                             apply(ref, params, tokens), rtol=1e-4, atol=1e-5)
   if jax.default_backend() == "cpu":
     assert layers.resolve_attention("auto", jnp.float32) == "blocked"
 
@@ -298,9 +317,9 @@ def test_vlm_logits_do_not_depend_on_the_attention_implementation():
   images, tokens = _images_tokens()
   ref = VLM(dataclasses.replace(small_vlm().config, attention="reference"))
   xla = VLM(dataclasses.replace(small_vlm().config, attention="xla"))
-  params = ref.init(jax.random.key(0), images, tokens, 16)
-  np.testing.assert_allclose(xla.apply(params, images, tokens, 16),
-                             ref.apply(params, images, tokens, 16), rtol=1e-4, atol=1e-5)
+  params = init(ref, images, tokens, 16)
+  np.testing.assert_allclose(apply(xla, params, images, tokens, 16),
+                             apply(ref, params, images, tokens, 16), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -385,10 +404,10 @@ def test_bfloat16_compute_keeps_float32_parameters():
                                  llm=dataclasses.replace(cfg.llm, dtype="bfloat16"),
                                  projector=dataclasses.replace(cfg.projector,
                                                                dtype="bfloat16")))
-  params = bf16.init(jax.random.key(0), images, tokens, 16)
+  params = init(bf16, images, tokens, 16)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  logits = bf16.apply(params, images, tokens, 16)
+  logits = apply(bf16, params, images, tokens, 16)
   assert logits.dtype == jnp.float32
   jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply(p, images, tokens, 16))(params))
   assert "preferred_element_type=bfloat16" in jaxpr or "bf16[" in jaxpr
-  np.testing.assert_allclose(logits, f32.apply(params, images, tokens, 16), atol=0.1)
+  np.testing.assert_allclose(logits, apply(f32, params, images, tokens, 16), atol=0.1)
