@@ -8,7 +8,7 @@ is the demo's (`configs/demo.py`), so every variant trains on the same data with
 same step budget. ``seed`` sets the parameter init, the token-count draws and the data
 order (``config.seed`` and ``config.data.seed``), the same across variants. Stage 0 has
 no variant: its ViT is shared. ``suite`` picks the question families (`SUITES`): "v1",
-the seven docs/results.md was made with; "v2" leaves out ``quadrant`` (it moved with the
+the demo's seven families, weighted as the first reproduction weighted them; "v2" (docs/results.md) leaves out ``quadrant`` (it moved with the
 rotary layout, not with pooling) and ``shape`` (near chance) and adds ``stripes``, a
 second fine family whose solvable share grows with the count
 (`tokenflex_jax.studies.pooling_geometry`). ``split`` picks the evaluation: "test", the
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = parse_arg(arg, "configs/reproduce.py", model=tuple(VARIANTS), seed=SEEDS,
                    stage=("2", "0", "1"), suite=tuple(SUITES), split=("test", "dev"))
   c = demo.get_config(f"stage={args['stage']}")
-  # v1: the recipe docs/results.md was made with (the demo now weights `background` 1.0).
+  # v1: the first reproduction's weights (the demo now weights `background` 1.0).
   c.data.families, c.data.family_weights = SUITES[args["suite"]]
   if c.stage == 0:
     return c
