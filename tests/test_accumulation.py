@@ -167,7 +167,7 @@ def test_microbatches_at_their_own_counts_weigh_as_one_batch():
   want_loss = sum(w * loss for w, loss, _ in parts) / total
   want_grads = jax.tree.map(lambda *g: sum(w * x for (w, _, _), x in zip(parts, g)) / total,
                             *[g for _, _, g in parts])
-  updates, _ = job.optimizer.tx.update(want_grads, start.opt_state, start.params)
+  updates, _ = jax.jit(job.optimizer.tx.update)(want_grads, start.opt_state, start.params)
   want_params = jax.tree.map(np.add, start.params, jax.device_get(updates))
 
   both_64 = jax.device_get(job.draws.step_for((64, 64))(fresh(), batch)[1])
