@@ -115,10 +115,12 @@ def _comparison_section(s: Mapping[str, Any]) -> list[str]:
 
 def _family_section(s: Mapping[str, Any]) -> list[str]:
   counts = [str(c) for c in s["eval_counts"]]
-  lines = ["Mean over seeds, %; the family's granularity and chance on its first row.", "",
+  names = [n for n in MAIN if n in s["models"]]
+  others = [n for n in s["models"] if n not in MAIN]
+  lines = ["Mean over seeds, %; the family's granularity and chance on its first row"
+           + (f"; {', '.join(others)} per family: results.json" if others else "") + ".", "",
            "| family | model | " + " | ".join(counts) + " |", "|---|---|" + "---|" * len(counts)]
   for fam, info in s["families"].items():
-    names = [n for n in MAIN if n in s["models"]]
     for i, name in enumerate(names):
       stats = s["models"][name]["families"]
       head = f"{fam} ({info['granularity']}, {_pct(info['chance'])})" if i == 0 else ""
