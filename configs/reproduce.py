@@ -8,13 +8,14 @@ is the demo's (`configs/demo.py`), so every variant trains on the same data with
 same step budget. ``seed`` sets the parameter init, the token-count draws and the data
 order (``config.seed`` and ``config.data.seed``), the same across variants. Stage 0 has
 no variant: its ViT is shared. ``suite`` picks the question families (`SUITES`): "v1",
-the demo's seven families, weighted as the first reproduction weighted them; "v2" (docs/results.md) leaves out ``quadrant`` (it moved with the
-rotary layout, not with pooling) and ``shape`` (near chance) and adds ``stripes``, a
-second fine family whose solvable share grows with the count
-(`tokenflex_jax.studies.pooling_geometry`). ``split`` picks the evaluation: "test", the
-questions every reported figure comes from, or "dev" (`EVAL_SEEDS`), other questions of
-the same families, written beside them (``config.eval.tag``), on which the automatic
-budget's thresholds are chosen and its router is fitted (and saved for ``predict``).
+the demo's seven families, weighted as the first reproduction weighted them; "v2"
+(docs/results.md) leaves out ``quadrant`` (it moved with the rotary layout, not with
+pooling) and ``shape`` (near chance) and adds ``stripes``, a second fine family whose
+solvable share grows with the count (`tokenflex_jax.studies.pooling_geometry`).
+``split`` picks the evaluation: "test", the questions every reported figure comes from,
+or "dev" (`EVAL_SEEDS`), other questions of the same families, written beside them
+(``config.eval.tag``), on which the automatic budget's thresholds are chosen and its
+router is fitted (and saved for ``predict``).
 """
 
 from __future__ import annotations

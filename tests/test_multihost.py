@@ -132,7 +132,8 @@ def test_two_processes_train_and_resume_like_one(tmp_path):
   _train_two_like_one(tmp_path, buckets=ONE_BUCKET)
 
 
-@pytest.mark.slow  # CI runs the part above at one bucket (test_two_processes_train_and_resume_like_one).
+# CI runs the part above at one bucket (test_two_processes_train_and_resume_like_one).
+@pytest.mark.slow
 def test_two_processes_train_resume_evaluate_and_reshard_like_one(tmp_path):
   """The above; then evaluation split over 2 processes equals 1 process's, and the
   2-process checkpoint resumes in 1 process on a (2,2,2) mesh."""
@@ -143,11 +144,12 @@ def test_two_processes_train_resume_evaluate_and_reshard_like_one(tmp_path):
   one = subprocess.run(_flags(two_dir, "(1,-1,1)", "eval"), cwd=REPO, env=_env(8),
                        capture_output=True, text=True, timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
-  with open(os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json"), encoding="utf-8") as f:
+  results = os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json")
+  with open(results, encoding="utf-8") as f:
     single = json.load(f)
-  os.remove(os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json"))
+  os.remove(results)
   _finish(_start_two(two_dir, "eval"))
-  with open(os.path.join(two_dir, "eval", "scenes", f"step_{TOTAL}", "results.json"), encoding="utf-8") as f:
+  with open(results, encoding="utf-8") as f:
     gathered = json.load(f)
   assert gathered["step"] == single["step"] == TOTAL
   for count, result in single["results"].items():
