@@ -194,6 +194,41 @@ def test_a_stack_runs_its_layers_in_order_on_their_own_slices():
   np.testing.assert_allclose(apply(llm, {"params": params}, tokens), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("depth,scan_layers", [(1, True), (3, True), (3, False)])
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_states_at_output_slots_equal_the_whole_stack_at_those_slots(depth, scan_layers,
+                                                                     with_cache):
+  """`LLM.decode` with ``output_slots`` (the last layer's queries and MLP at those slots
+  only) gives the states and the cache the whole stack gives, left padding included."""
+  cfg = dataclasses.replace(small_vlm().config.llm, depth=depth)
+  llm = LLM(cfg, scan_layers=scan_layers)
+  tokens = jnp.array([[0, 0, 3, 5, 7, 9, 11, 2], [3, 5, 7, 9, 11, 2, 4, 6]])
+  params = init(llm, tokens)
+  x = apply(llm, params, tokens, method=LLM.embed)
+  valid = tokens != 0
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  slots = jnp.array([[7, 4], [7, 0]])
+  cache = init_cache(cfg, 2, 11) if with_cache else None
+  key_valid = jnp.pad(valid, ((0, 0), (0, 3)), constant_values=True) if with_cache else valid
+
+  def decode(m, output_slots):
+    return m.decode(x, positions, key_valid, cache, 0, output_slots=output_slots)
+  whole, whole_cache = apply(llm, params, None, method=decode)
+  part, part_cache = apply(llm, params, slots, method=decode)
+  assert part.shape == (2, 2, cfg.width)
+  np.testing.assert_allclose(part, jnp.take_along_axis(whole, slots[..., None], axis=1),
+                             atol=1e-5)
+  if with_cache:
+    for name in ("k", "v"):
+      np.testing.assert_array_equal(part_cache[name], whole_cache[name])
+  # The attention at the slots is causal: a later token does not change slot 4's state.
+  changed = x.at[0, 6].add(1.0)
+  part2, _ = apply(llm, params, slots, method=lambda m, s: m.decode(
+      changed, positions, key_valid, cache, 0, output_slots=s))
+  np.testing.assert_allclose(part2[0, 1], part[0, 1], atol=1e-6)
+  assert float(jnp.abs(part2[0, 0] - part[0, 0]).max()) > 1e-4
+
+
 @pytest.mark.parametrize("remat_policy,scan_layers",
                          [("dots", True), ("full", False)])
 def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, scan_layers):

@@ -21,9 +21,10 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
   max_new_tokens] int32, confidence [B] float32).
 
   After the end-of-sequence token every position of ids holds ``pad_id``; decoding
-  stops once every row has ended. The confidence is the answer's mean token
-  log-probability, over its tokens up to and including the end-of-sequence token. With ``patches`` [B, (K,) L, C] (`VLM.patches`
-  of the images) the ViT is not run again (``images`` may then be None).
+  stops once every row has ended (the prefill gives the first token, each decoding step
+  one more). The confidence is the answer's mean token log-probability, over its tokens
+  up to and including the end-of-sequence token. With ``patches`` [B, (K,) L, C]
+  (`VLM.patches` of the images) the ViT is not run again (``images`` may then be None).
   """
   def generate(params, images, prompts, num_tokens, patches=None):
     b, p = prompts.shape
@@ -33,27 +34,34 @@ def make_generate(model: VLM, max_new_tokens: int, eos_id: int, pad_id: int
     logits, cache, key_valid, position = model.apply(
         {"params": params}, images, prompts, num_tokens, cache, patches, method=VLM.prefill)
 
-    def body(carry):
-      i, out, logits, cache, done, logprob, length = carry
+    def record(i, logits, out, done, logprob, length):
+      """Picks answer token i from its logits [B, V]; the pad after a row has ended."""
       token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
       token_logprob = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)),
                                           token[:, None], axis=-1)[:, 0]
       out = out.at[:, i].set(jnp.where(done, pad_id, token))
       logprob = logprob + jnp.where(done, 0.0, token_logprob)
       length = length + (~done).astype(jnp.float32)
-      done = done | (token == eos_id)
-      logits, cache = model.apply({"params": params}, token, position + i, cache, key_valid,
-                                  prompt_length + i, method=VLM.decode_step)
-      return i + 1, out, logits, cache, done, logprob, length
+      return token, out, done | (token == eos_id), logprob, length
+
+    def body(carry):
+      # One decoding step per token still wanted: token i - 1 in, token i out.
+      i, token, cache, out, done, logprob, length = carry
+      logits, cache = model.apply({"params": params}, token, position + i - 1, cache,
+                                  key_valid, prompt_length + i - 1, method=VLM.decode_step)
+      token, out, done, logprob, length = record(i, logits, out, done, logprob, length)
+      return i + 1, token, cache, out, done, logprob, length
 
     def more(carry):
       i, done = carry[0], carry[4]
       return (i < max_new_tokens) & ~jnp.all(done)
 
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
     zeros = jnp.zeros((b,), jnp.float32)
-    _, out, _, _, _, logprob, length = jax.lax.while_loop(
-        more, body, (0, out, logits, cache, jnp.zeros((b,), bool), zeros, zeros))
+    token, out, done, logprob, length = record(
+        0, logits, jnp.full((b, max_new_tokens), pad_id, jnp.int32), jnp.zeros((b,), bool),
+        zeros, zeros)
+    _, _, _, out, _, logprob, length = jax.lax.while_loop(
+        more, body, (1, token, cache, out, done, logprob, length))
     return out, logprob / jnp.maximum(length, 1.0)
 
   return generate

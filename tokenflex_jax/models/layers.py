@@ -233,16 +233,17 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 def causal_mask(key_valid: jax.Array, query_slots: jax.Array,
                 segment_ids: jax.Array | None = None) -> jax.Array:
-  """Causal + padding mask: key_valid [B, T], query_slots [S] -> [B, S, T] bool, True
-  where the query at slot s may attend to key t (t <= s and the key is valid). With
-  ``segment_ids`` [B, T] (self-attention: the keys' and so the queries' conversation in
-  a packed row) only keys of the query's own conversation."""
+  """Causal + padding mask: key_valid [B, T], query_slots [S] (or [B, S], a row's own)
+  -> [B, S, T] bool, True where the query at slot s may attend to key t (t <= s and the
+  key is valid). With ``segment_ids`` [B, T] (self-attention: the keys' and so the
+  queries' conversation in a packed row) only keys of the query's own conversation."""
   key_slots = jnp.arange(key_valid.shape[1])
-  causal = key_slots[None, :] <= query_slots[:, None]
-  mask = causal[None] & key_valid[:, None, :]
+  causal = key_slots <= query_slots[..., None]                    # [(B,) S, T]
+  mask = causal & key_valid[:, None, :]
   if segment_ids is None:
     return mask
-  query_segments = jnp.take(segment_ids, query_slots, axis=1)
+  query_segments = (jnp.take(segment_ids, query_slots, axis=1) if query_slots.ndim == 1
+                    else jnp.take_along_axis(segment_ids, query_slots, axis=1))
   return mask & (query_segments[:, :, None] == segment_ids[:, None, :])
 
 

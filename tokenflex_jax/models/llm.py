@@ -98,43 +98,67 @@ def rotary(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Arra
   return out.astype(x.dtype)
 
 
+def at_slots(x: jax.Array, slots: jax.Array | None) -> jax.Array:
+  """x [B, S, ...] at slots [B, Q] -> [B, Q, ...]; x itself for slots None."""
+  if slots is None:
+    return x
+  return jnp.take_along_axis(x, slots.reshape(slots.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
 class Attention(nn.Module):
+  """Grouped-query attention with rotary positions, optionally writing a KV cache.
+
+  x [B, S, D] -> ([B, S, D], or [B, Q, D] with ``output_slots`` [B, Q]; the updated cache
+  or None). With ``output_slots`` only those slots query (the keys and values, and the
+  cache, still come from every slot).
+  """
   config: LLMConfig
   implementation: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, cache, cache_index, segment_ids=None):
+  def __call__(self, x, positions, key_valid, cache, cache_index, segment_ids=None,
+               output_slots=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     q = layers.dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
-                     use_bias=cfg.qkv_bias, dtype=dtype, name="q")(x)
+                     use_bias=cfg.qkv_bias, dtype=dtype, name="q")(at_slots(x, output_slots))
     k = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
                      use_bias=cfg.qkv_bias, dtype=dtype, name="k")(x)
     v = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
                      use_bias=cfg.qkv_bias, dtype=dtype, name="v")(x)
     inv_freq = rope_frequencies(cfg)
-    q = rotary(q, positions, inv_freq)
+    q = rotary(q, at_slots(positions, output_slots), inv_freq)
     k = rotary(k, positions, inv_freq)
     new_cache = None
     if cache is not None:
       start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-      new_cache = {"k": k, "v": v}
+      new_cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
+                                                     start),
+                   "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
+                                                     start)}
+    # A prefill (the cache filled from slot 0) attends to its own keys, as training does:
+    # the cache's later slots are all in the future.
+    own_keys = cache is None or (isinstance(cache_index, int) and cache_index == 0)
     implementation = layers.resolve_attention(self.implementation, dtype)
-    if implementation == "splash" and cache is None:
+    self_attention = own_keys and output_slots is None
+    if own_keys:
+      key_valid = key_valid[:, :x.shape[1]]
+    if self_attention and implementation == "splash":
       out = splash.splash_attention(q, k, v, key_valid, causal=True, segment_ids=segment_ids)
-    elif implementation == "blocked" and cache is None:
+    elif self_attention and implementation == "blocked":
       out = layers.causal_block_attention(q, k, v, key_valid, segment_ids)
-    elif implementation in ("xla", "cudnn") and cache is None:
+    elif self_attention and implementation in ("xla", "cudnn"):
       out = layers.causal_self_attention(q, k, v, key_valid, implementation, segment_ids)
     else:
-      # Decoding with a KV cache (queries at cache_index.., keys over the whole cache)
-      # takes the dense mask; splash and causal blocks are for self-attention, so the
-      # reference ("blocked" is the reference on a dense mask).
+      # A dense mask: a self-attention reference; queries at some slots only; decoding
+      # (queries at cache_index.., keys over the whole cache). Splash and causal blocks
+      # are for self-attention, so the reference ("blocked" is it on a dense mask).
       implementation = "reference" if implementation == "splash" else implementation
-      query_slots = cache_index + jnp.arange(x.shape[1])
-      out = layers.grouped_attention(q, k.astype(dtype), v.astype(dtype),
+      query_slots = jnp.arange(x.shape[1]) if output_slots is None else output_slots
+      if not own_keys:
+        query_slots = cache_index + query_slots
+        k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
+      out = layers.grouped_attention(q, k, v,
                                      layers.causal_mask(key_valid, query_slots, segment_ids),
                                      implementation)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
@@ -147,22 +171,29 @@ class DecoderLayer(nn.Module):
   """One pre-norm layer: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
 
   x [B, S, D] (the carry of a layer stack) -> (x [B, S, D], this layer's updated cache
-  slice {"k", "v": [B, T_max, KV, Dh]} or None).
+  slice {"k", "v": [B, T_max, KV, Dh]} or None). With ``output_slots`` [B, Q] the output
+  is [B, Q, D], those slots' alone: the keys and values still come from every slot.
   """
   config: LLMConfig
   attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
-  def __call__(self, x, positions, key_valid, cache, cache_index, segment_ids=None):
+  def __call__(self, x, positions, key_valid, cache, cache_index, segment_ids=None,
+               output_slots=None):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="attn_norm")(x)
-    y, new_cache = Attention(cfg, self.attention, name="attn")(y, positions, key_valid, cache,
-                                                              cache_index, segment_ids)
-    x = nn.with_logical_constraint(x + y, ("batch", "length", "embed"))
+    y, new_cache = Attention(cfg, self.attention, name="attn")(
+        y, positions, key_valid, cache, cache_index, segment_ids, output_slots)
+    x = nn.with_logical_constraint(at_slots(x, output_slots) + y, ("batch", "length", "embed"))
     y = layers.RMSNorm(cfg.rms_norm_eps, dtype, name="mlp_norm")(x)
     y = layers.SwiGLU(cfg.mlp_dim, cfg.width, dtype=dtype, name="mlp")(y)
     return nn.with_logical_constraint(x + y, ("batch", "length", "embed")), new_cache
+
+
+# Per layer of a stack: positions, key_valid, cache_index and segment ids are shared, the
+# cache is sliced.
+LAYER_IN_AXES = (nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast)
 
 
 class LLM(nn.Module):
@@ -182,13 +213,9 @@ class LLM(nn.Module):
         "embedding", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                   ("vocab", "embed")),
         (cfg.vocab_size, cfg.width))
-    # Per layer: positions, key_valid, cache_index and segment ids are shared, the cache
-    # is sliced.
-    stack = layers.stacked(DecoderLayer, cfg.depth, remat_policy=self.remat_policy,
-                           scan=self.scan_layers,
-                           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast,
-                                    nn.broadcast))
-    self.layers = stack(cfg, self.attention)
+    self.layers = layers.stacked(DecoderLayer, cfg.depth, remat_policy=self.remat_policy,
+                                 scan=self.scan_layers, in_axes=LAYER_IN_AXES
+                                 )(cfg, self.attention)
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.lm_head = layers.dense(cfg.vocab_size, ("embed", "vocab"),
@@ -218,7 +245,8 @@ class LLM(nn.Module):
 
   def decode(self, x: jax.Array, positions: jax.Array, key_valid: jax.Array,
              cache: KVCache | None = None, cache_index: Any = 0,
-             segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+             segment_ids: jax.Array | None = None, output_slots: jax.Array | None = None
+             ) -> tuple[jax.Array, KVCache | None]:
     """Runs the decoder stack on input embeddings.
 
     Args:
@@ -227,16 +255,52 @@ class LLM(nn.Module):
       key_valid: [B, T] bool, which key slots hold real tokens; T = S without a cache,
         T = T_max (the cache length) with one.
       cache: optional `KVCache`; the new keys/values are written at ``cache_index``.
-      cache_index: slot of x's first token in the cache (int or scalar array).
+      cache_index: slot of x's first token in the cache (int or scalar array; the int 0,
+        a prefill, attends to x's own keys as training does).
       segment_ids: [B, S] int (no cache): a packed row's conversation per slot (0:
         padding); a query attends only to keys of its own conversation. None: one per row.
+      output_slots: [B, Q] int, the only slots whose states are wanted (a prefill wants
+        each prompt's last), or None: all. The last layer then computes its keys and
+        values at every slot (the cache holds them) but its queries, attention and MLP
+        only at these.
     Returns:
-      (final normalised hidden states [B, S, D], updated cache or None).
+      (final normalised hidden states [B, S, D], or [B, Q, D] at ``output_slots``;
+      updated cache or None).
     """
     if segment_ids is not None and cache is not None:
       raise ValueError("segment ids are for training rows (self-attention), not a cache")
-    x, cache = self.layers(x, positions, key_valid, cache, cache_index, segment_ids)
+    if output_slots is None:
+      x, cache = self.layers(x, positions, key_valid, cache, cache_index, segment_ids)
+    else:
+      x, cache = self._layers_to_slots(x, positions, key_valid, cache, cache_index,
+                                       segment_ids, output_slots)
     return self.final_norm(x), cache
+
+  def _layers_to_slots(self, x, positions, key_valid, cache, cache_index, segment_ids,
+                       output_slots):
+    """`self.layers` on the same parameters, its last layer at ``output_slots`` only
+    (`decode`): the layers below as a stack of depth - 1, then the last one."""
+    cfg = self.config
+    params = nn.unbox(self.layers.variables["params"])  # [depth, ...] each
+    below = lambda tree: jax.tree.map(lambda a: a[:-1], tree)
+    top = lambda tree: jax.tree.map(lambda a: a[-1], tree)
+    new_cache = None
+    # Modules of their own (parent=None), applied to slices of this one's parameters.
+    if cfg.depth > 1:
+      stack = layers.stacked(DecoderLayer, cfg.depth - 1, remat_policy=self.remat_policy,
+                             scan=self.scan_layers, in_axes=LAYER_IN_AXES
+                             )(cfg, self.attention, parent=None)
+      x, new_cache = stack.apply({"params": below(params)}, x, positions, key_valid,
+                                 None if cache is None else below(cache), cache_index,
+                                 segment_ids)
+    x, top_cache = DecoderLayer(cfg, self.attention, parent=None).apply(
+        {"params": top(params)}, x, positions, key_valid, None if cache is None else top(cache),
+        cache_index, segment_ids, output_slots)
+    if cache is not None:
+      new_cache = {name: (top_cache[name][None] if new_cache is None else
+                          jnp.concatenate([new_cache[name], top_cache[name][None]]))
+                   for name in cache}
+    return x, new_cache
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """Plain causal LM: [B, S] -> logits [B, S, V] (no padding, no cache)."""

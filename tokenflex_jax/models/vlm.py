@@ -270,11 +270,11 @@ class VLM(nn.Module):
     t_max = cache["k"].shape[2]
     key_valid = jnp.concatenate(
         [valid, jnp.ones((valid.shape[0], t_max - valid.shape[1]), bool)], axis=1)
-    hidden, cache = self.llm.decode(x, positions, key_valid, cache, 0)
-    # The prompt's last token (image slots a prompt leaves unused come after it).
-    last = jnp.take_along_axis(hidden, index.text_slot[:, -1:, None], axis=1)
-    logits = self.llm.logits(last)[:, 0]
-    return logits, cache, key_valid, end
+    # Only the prompt's last token needs its state (image slots a prompt leaves unused
+    # come after it).
+    last, cache = self.llm.decode(x, positions, key_valid, cache, 0,
+                                  output_slots=index.text_slot[:, -1:])
+    return self.llm.logits(last)[:, 0], cache, key_valid, end
 
   def decode_step(self, token: jax.Array, position: jax.Array, cache: KVCache,
                   key_valid: jax.Array, cache_index: jax.Array
