@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tokenflex_jax.models.projector import (ProjectorConfig, TokenAdaptiveProjector, pool_grid,
-                                            token_side)
+                                            pooling_matrix, token_side)
 
 
 def reference_adaptive_avg(grid: np.ndarray, side: int) -> np.ndarray:
@@ -97,10 +97,12 @@ def test_projector_one_set_of_weights_for_every_count():
 
 
 def test_projector_full_count_is_identity_pooling():
-  """At 256 tokens from a 16x16 grid the pooling must be the identity."""
+  """At 256 tokens from a 16x16 grid the pooling is the identity: both modes' matrices
+  are, so pool_grid returns the grid itself."""
   grid = jax.random.normal(jax.random.key(0), (1, 16, 16, 8))
   for mode in ("adaptive_avg", "resize_avg"):
-    np.testing.assert_allclose(pool_grid(grid, 16, mode), grid, atol=1e-6)
+    np.testing.assert_array_equal(pooling_matrix(16, 16, mode), np.eye(16))
+    np.testing.assert_array_equal(pool_grid(grid, 16, mode), grid)
 
 
 def test_sincos_2d_encodes_row_and_column():
