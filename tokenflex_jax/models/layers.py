@@ -122,10 +122,10 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
   """
   b, kv, g, s, d = q.shape
   t = k.shape[2]
-  # One 3-D batched matmul, [B KV, G S, Dh] x [B KV, T, Dh], scaled before it is viewed
-  # in 5-D (why: docs/measurements.md).
-  scores = jnp.einsum("bsd,btd->bst", q.reshape(b * kv, g * s, d), k.reshape(b * kv, t, d))
-  scores = (scores.astype(jnp.float32) * (d ** -0.5)).reshape(b, kv, g, s, t)
+  scores = jnp.einsum("bkgsd,bktd->bkgst", q, k)
+  # Scaled as [B KV, G S, T], a view of the same values (why: docs/measurements.md).
+  scores = scores.reshape(b * kv, g * s, t).astype(jnp.float32) * (d ** -0.5)
+  scores = scores.reshape(b, kv, g, s, t)
   if mask is not None:
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   return jax.nn.softmax(scores, axis=-1)
@@ -223,17 +223,16 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                         mask: jax.Array | None) -> jax.Array:
   """`grouped_attention` written out: scores in float32, softmax, weighted values.
 
-  The heads are moved in front of the sequence once, so both products are plain 3-D
-  batched matmuls over contiguous [S, Dh] blocks (why: docs/measurements.md).
+  The heads are moved in front of the sequence once, so both products are plain batched
+  matmuls over contiguous [S, Dh] blocks (why: docs/measurements.md).
   """
   b, s, h, d = q.shape
-  t, kv = k.shape[1], k.shape[2]
-  g = h // kv
-  qg = q.reshape(b, s, kv, g, d).transpose(0, 2, 3, 1, 4)         # [B, KV, G, S, Dh]
+  kv = k.shape[2]
+  qg = q.reshape(b, s, kv, h // kv, d).transpose(0, 2, 3, 1, 4)   # [B, KV, G, S, Dh]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)        # [B, KV, T, Dh]
   probs = attention_weights(qg, kh, mask).astype(v.dtype)
-  out = jnp.einsum("bst,btd->bsd", probs.reshape(b * kv, g * s, t), vh.reshape(b * kv, t, d))
-  return out.reshape(b, kv, g, s, d).transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+  out = jnp.einsum("bkgst,bktd->bkgsd", probs, vh)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 def causal_mask(key_valid: jax.Array, query_slots: jax.Array,
