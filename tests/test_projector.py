@@ -98,7 +98,7 @@ def test_projector_one_set_of_weights_for_every_count():
 
 def test_projector_full_count_is_identity_pooling():
   """At 256 tokens from a 16x16 grid the pooling is the identity: both modes' matrices
-  are, so pool_grid returns the grid itself."""
+  are, so pool_grid returns the grid exactly."""
   grid = jax.random.normal(jax.random.key(0), (1, 16, 16, 8))
   for mode in ("adaptive_avg", "resize_avg"):
     np.testing.assert_array_equal(pooling_matrix(16, 16, mode), np.eye(16))
