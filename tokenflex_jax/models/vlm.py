@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tokenflex_jax.models.llm import LLM, KVCache, LLMConfig
+from tokenflex_jax.models.llm import LLM, KVCache, LLMConfig, at_slots
 from tokenflex_jax.models.projector import ProjectorConfig, TokenAdaptiveProjector
 from tokenflex_jax.models.vit import ViT, ViTConfig
 
@@ -158,9 +158,8 @@ def image_slots(images: jax.Array | None, patches: jax.Array | None = None) -> i
 
 def merge(visual: jax.Array, text: jax.Array, index: MergeIndex) -> jax.Array:
   """Interleaves visual [B, K * N, D] and text [B, T, D] embeddings -> [B, S, D]."""
-  take = lambda a, i: jnp.take_along_axis(a, i[..., None], axis=1)
-  return jnp.where(index.is_visual[..., None], take(visual, index.visual_index),
-                   take(text, index.text_index))
+  return jnp.where(index.is_visual[..., None], at_slots(visual, index.visual_index),
+                   at_slots(text, index.text_index))
 
 
 class VLM(nn.Module):
@@ -245,7 +244,7 @@ class VLM(nn.Module):
         images, tokens, num_tokens, patches, segments)
     hidden, _ = self.llm.decode(x, positions, valid, segment_ids=merged_segments)
     predictor = jnp.maximum(index.text_slot - 1, 0)
-    return jnp.take_along_axis(hidden, predictor[..., None], axis=1)
+    return at_slots(hidden, predictor)
 
   def output_head(self) -> jax.Array:
     """The LLM's output projection [D, V] (compute dtype): logits = hidden @ it."""
