@@ -88,10 +88,12 @@ def test_paper_model_compiles_on_64_host_devices():
 def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   """--topology=v5e:2x2 from this CPU host: the target's devices make the mesh, "auto"
   attention is splash, lowered by Mosaic into the TPU program (its kernel calls counted),
-  and the JSON holds the TPU compiler's memory, FLOPs, bytes and the roofline bound."""
+  and the JSON holds the TPU compiler's memory, FLOPs, bytes and the roofline bound, and
+  (--compile_profile) where the compiler's time went, read from libtpu's log."""
   out = tmp_path / "aot.json"
   stdout = _aot("--config=configs/demo.py", "--config.token_counts=(64,)",
-                "--config.token_probs=(1.0,)", f"--json_out={out}", target="--topology=v5e:2x2")
+                "--config.token_probs=(1.0,)", f"--json_out={out}", "--compile_profile",
+                target="--topology=v5e:2x2")
   assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1} of TPU v5 lite; attention splash" in stdout
   with open(out, encoding="utf-8") as f:
     r = json.load(f)["64"]
@@ -100,6 +102,20 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   assert r["tpu_kernels"] > 0  # splash's kernels, in the ViT's and the decoder's layers
   assert r["roofline_step_s"] == max(r["flops"] / 197e12, r["bytes_accessed"] / 819e9)
   assert r["total_gib"] == max(r["argument_gib"], r["output_gib"]) + r["temp_gib"]
+  p = r["compile_profile"]
+  assert p["kernels"] > 50 and p["threads"] >= 1 and p["longest_kernel_s"] > 0
+  assert 0 < p["stages_s"]["BACKEND_PASSES"] < p["stages_s"]["END_TO_END"] <= r["compile_s"]
+  # The kernels fill the backend's threads: their seconds add up to at most its span times
+  # the threads, and to more than half of one thread's.
+  backend = p["stages_s"]["BACKEND_PASSES"]
+  assert 0.5 * backend < p["kernel_s"] <= 1.05 * backend * p["threads"], p
+  assert p["host_cores"] == len(os.sched_getaffinity(0))
+  assert {"vit", "llm", "projector"} <= {part.split()[0] for part in p["by_part_s"]}
+  assert {"vit backward", "llm backward"} <= set(p["by_part_s"])
+  assert sum(p["by_part_s"].values()) == pytest.approx(p["kernel_s"])
+  projected = list(p["projected_s"].values())
+  assert projected == sorted(projected, reverse=True) and projected[-1] < r["compile_s"]
+  assert "| 64 | " in stdout.split("| projected compile (s) on 8 / 16 / 32 cores |")[1]
 
 
 def test_an_unknown_topology_is_one_line():
@@ -110,3 +126,53 @@ def test_an_unknown_topology_is_one_line():
                           text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:3x5x9: ")
+
+
+def test_a_profile_without_topology_is_refused():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.aot", "--compile_profile",
+                           "--config=configs/demo.py"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode != 0
+  assert "--compile_profile reads the TPU compiler's log: give --topology" in result.stderr
+
+
+def test_libtpu_log_lines_make_each_program_s_kernels_and_stages():
+  from tokenflex_jax.benchmarking import compile_profile
+  backend = "deepsea_compiler_backend.cc"
+  log = f"""Log file created at: 2026/12/07 00:50:17
+I1207 00:50:20.000000   100 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage duration: 3.25s
+I1207 00:50:21.000000   201 {backend}:3769] [fusion.1] LLO optimizing 40 instructions
+I1207 00:50:21.500000   202 {backend}:3769] [reshape.7] LLO optimizing 502 instructions
+I1207 00:50:22.000000   201 {backend}:3422] XLA::TPU LLO dependency graph-based ... time: 1 ms
+I1207 00:50:23.000000   201 {backend}:3769] [fusion.2] LLO optimizing 18 instructions
+I1207 00:50:24.000000   201 {backend}:3422] XLA::TPU LLO dependency graph-based ... time: 1 ms
+I1207 00:50:31.500000   202 {backend}:3422] XLA::TPU LLO dependency graph-based ... time: 2 ms
+I1207 00:50:32.000000   100 deepsea_compiler_base.cc:3931] BACKEND_PASSES stage duration: 11.0s
+I1207 00:50:33.000000   100 deepsea_compiler_backend.cc:1488] CODE_GENERATION stage duration: 605ms
+I1207 00:50:34.000000   100 deepsea_compiler_base.cc:985] END_TO_END stage duration: 1m2.5s
+I1207 00:51:00.000000   203 {backend}:3769] [fusion.1] LLO optimizing 40 instructions
+I1207 00:51:02.000000   203 {backend}:3422] XLA::TPU LLO dependency graph-based ... time: 1 ms
+I1207 00:51:03.000000   100 deepsea_compiler_base.cc:985] END_TO_END stage duration: 3s
+""".splitlines()
+  first, second = compile_profile.parse(log)
+  assert first.kernels == pytest.approx({"fusion.1": 2.0, "reshape.7": 10.0, "fusion.2": 1.0})
+  assert first.threads == 2 and second.threads == 1
+  assert first.stages == pytest.approx({"HLO_PASSES": 3.25, "BACKEND_PASSES": 11.0,
+                                        "CODE_GENERATION": 0.605, "END_TO_END": 62.5})
+  assert second.kernels == pytest.approx({"fusion.1": 2.0})
+  hlo = """  %reshape.7 = bf16[6,729,4304] reshape(%x), metadata={op_name="jit(f)/transpose(jvp(VLM.text_hidden))/VLM.patches/vit/while/body/fc1/reshape"}
+  %fusion.1 = f32[8] fusion(%y), metadata={op_name="jit(f)/jvp(VLM.text_hidden)/llm.decode/layers/q/dot_general"}
+  ROOT %fusion.2 = f32[8] fusion(%z)
+"""
+  got = compile_profile.summary(first, hlo, compile_seconds=70.0, host_cores=2,
+                                cores=(1, 64))
+  assert got["by_part_s"] == pytest.approx({"vit backward": 10.0, "llm": 2.0, "unnamed": 1.0})
+  assert got["longest_kernel"] == "reshape.7" and got["kernel_s"] == pytest.approx(13.0)
+  # 70 s less the backend's 11 s, plus all the kernels on 1 core (13 s) or, on 64, the
+  # longest kernel (10 s).
+  assert got["projected_s"] == pytest.approx({"1": 72.0, "64": 69.0})
+  # On 1 host core the kernels' seconds (13) overlap: the work is the backend's 11 s.
+  alone = compile_profile.summary(first, hlo, compile_seconds=70.0, host_cores=1, cores=(1,))
+  assert alone["projected_s"] == pytest.approx({"1": 70.0})

@@ -254,6 +254,36 @@ def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, s
   assert "remat" not in plain_jaxpr
   assert ("unroll=2" if not scan_layers else "unroll=1") in flagged_jaxpr
 
+@pytest.mark.parametrize("attention", ["reference", "splash"])
+def test_a_padded_patch_sequence_keeps_the_parameters_values_and_gradients(attention):
+  # 18 px / 2 -> 81 patches, padded to 96 slots (splash runs interpreted on this CPU).
+  config = ViTConfig(image_size=18, patch_size=2, width=16, depth=2, mlp_dim=32, num_heads=2)
+  plain, padded = (ViT(config, attention=attention, pad_length=pad) for pad in (False, True))
+  images = jax.random.uniform(jax.random.key(1), (2, 18, 18, 3), minval=-1, maxval=1)
+  params = init(plain, images)
+  assert jax.tree.map(jnp.shape, init(padded, images)) == jax.tree.map(jnp.shape, params)
+  padded_jaxpr = str(jax.make_jaxpr(padded.apply)(params, images))
+  assert "f32[2,96,16]" in padded_jaxpr  # The blocks run on 96 slots.
+  assert "96" not in str(jax.make_jaxpr(plain.apply)(params, images))
+  weights = jax.random.normal(jax.random.key(2), (2, 81, 16))
+  loss = lambda model: lambda p: jnp.sum(model.apply(p, images) * weights)
+  value, grads = jax.jit(jax.value_and_grad(loss(plain)))(params)
+  value_p, grads_p = jax.jit(jax.value_and_grad(loss(padded)))(params)
+  np.testing.assert_allclose(value_p, value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads_p, grads)
+
+
+def test_the_patch_sequence_is_padded_by_default_for_a_tpu_target_only():
+  config = ViTConfig(image_size=18, patch_size=2, width=16, depth=1, mlp_dim=32, num_heads=2)
+  vit = ViT(config, attention="reference")
+  images = jnp.zeros((2, 18, 18, 3))
+  params = init(vit, images)
+  assert "96" not in str(jax.make_jaxpr(vit.apply)(params, images))  # this CPU
+  with mock.patch.object(layers, "target_platform", lambda: "tpu"):
+    assert "f32[2,96,16]" in str(jax.make_jaxpr(vit.apply)(params, images))
+
+
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_vocabulary_chunked_vlm_loss_equals_the_whole_logits_loss(tie_embeddings):
   from tokenflex_jax.training.vlm_task import vlm_loss

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,7 @@ from absl import app, flags
 
 from tokenflex_jax import errors, model_config, sharding
 from tokenflex_jax.app import cli, config_checks, config_schema
+from tokenflex_jax.benchmarking import compile_profile
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
@@ -72,7 +74,8 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 
 
 def bucket_figures(config: config_schema.ConfigDict | RunSpec,
-                   devices: list[jax.Device] | None = None) -> dict[int, dict[str, float]]:
+                   devices: list[jax.Device] | None = None,
+                   profile_dir: str | None = None) -> dict[int, dict[str, float]]:
   """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
   "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s"]}} per
   device, for the train step of each of ``config.token_counts`` compiled for ``devices``
@@ -81,7 +84,9 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
   scanned loop's body once. ``roofline_step_s`` (chips in `CHIPS`): max(FLOPs / peak,
   bytes / bandwidth), a lower bound on the step time (the bytes of the layer loop counted
   once make it lower still). ``tpu_kernels`` (a TPU target): the Mosaic kernel calls in
-  the compiled program (splash attention's)."""
+  the compiled program (splash attention's). ``compile_profile`` (``profile_dir``: the
+  libtpu log directory set with `compile_profile.environment` before libtpu loaded): where
+  the TPU compiler's time went (`compile_profile.summary`)."""
   config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config, devices)
   model = VLM(model_config.vlm_config(config,
@@ -105,6 +110,8 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
       out[n]["roofline_step_s"] = max(flops / chip[0], out[n]["bytes_accessed"] / chip[1])
     if mesh.devices.flat[0].platform == "tpu":  # Mosaic kernels (splash) in the program
       out[n]["tpu_kernels"] = step.executable.as_text().count("tpu_custom_call")
+  if profile_dir is not None:
+    _attach_profiles(out, job, profile_dir)
   n_params = sum(x.size for x in jax.tree.leaves(job.abstract_state.params))
   attention = layers.resolve_attention(config.model.attention, jnp.dtype(config.model.llm.dtype),
                                        mesh.devices.flat[0].platform)
@@ -118,8 +125,30 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
     roof = f"{r['roofline_step_s']:.2f}" if "roofline_step_s" in r else "-"
     print(f"| {n} | {r['compile_s']:.0f} | {r['gflop']:.0f} | {r['xla_gflop']:.0f} | "
           f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {roof} |")
+  if profile_dir is not None:
+    print("| visual tokens | kernels | kernel-seconds | longest kernel (s) | threads / "
+          "cores | seconds by part | projected compile (s) on 8 / 16 / 32 cores |")
+    print("|---|---|---|---|---|---|---|")
+    for n, r in out.items():
+      p = r["compile_profile"]
+      parts = "; ".join(f"{k} {v:.0f}" for k, v in p["by_part_s"].items())
+      print(f"| {n} | {p['kernels']} | {p['kernel_s']:.0f} | {p['longest_kernel_s']:.1f} "
+            f"({p['longest_kernel']}) | {p['threads']} / {p['host_cores']} | {parts} | "
+            f"{' / '.join(f'{v:.0f}' for v in p['projected_s'].values())} |")
   sys.stdout.flush()
   return out
+
+
+def _attach_profiles(out: dict[int, dict], job: trainer.CompiledTask, log_dir: str) -> None:
+  """Adds each bucket's `compile_profile.summary` to ``out``: libtpu logged one program
+  per bucket, in the order they were compiled."""
+  compiles = compile_profile.read(log_dir)[-len(job.steps):]
+  if len(compiles) != len(job.steps):
+    raise errors.ConfigError(f"--compile_profile: libtpu's log in {log_dir} records "
+                             f"{len(compiles)} programs for {len(job.steps)} buckets")
+  for (n, step), record in zip(job.steps.items(), compiles):
+    out[n]["compile_profile"] = compile_profile.summary(
+        record, step.executable.as_text(), step.compile_seconds, len(os.sched_getaffinity(0)))
 
 
 def main() -> None:
@@ -130,24 +159,34 @@ def main() -> None:
                                  "the TPU compiler on this host, e.g. v5e:8x8, v5p:4x4x4, "
                                  "v6e:8x8 (needs requirements-tpu.txt).")
   out = flags.DEFINE_string("json_out", None, "Also write the figures here.")
+  profile = flags.DEFINE_bool("compile_profile", False, "With --topology: also where the "
+                              "TPU compiler's time went, from libtpu's log (kernels, the "
+                              "longest, seconds by part of the model, a projection for "
+                              "more cores): docs/performance.md.")
 
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if devices.value and topology.value:
       raise app.UsageError("give --num_cpu_devices or --topology, not both")
+    if profile.value and not topology.value:
+      raise app.UsageError("--compile_profile reads the TPU compiler's log: give --topology")
+    log_dir = tempfile.mkdtemp(prefix="tokenflex-tpu-log-") if profile.value else None
     if devices.value:
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", devices.value)
     if topology.value:  # Before libtpu loads.
       for key, value in compile_only_environment(topology.value).items():
         os.environ.setdefault(key, value)
+      if log_dir:
+        os.environ.update(compile_profile.environment(
+            log_dir, os.environ.get("LIBTPU_INIT_ARGS", "")))
     targets = tpu_devices(topology.value) if topology.value else None
     # On the target mesh, before anything compiles.
     spec = config_schema.to_spec(config_schema.loaded(config))
     config_checks.check(spec, config_checks.AOT,
                         len(targets) if targets else devices.value or None)
-    results = bucket_figures(spec, targets)
+    results = bucket_figures(spec, targets, log_dir)
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)

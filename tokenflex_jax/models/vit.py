@@ -12,6 +12,10 @@ import numpy as np
 from tokenflex_jax.models import layers, splash
 
 
+# What `ViT` pads its patch sequence to a multiple of, where it pads (``pad_length``).
+LENGTH_MULTIPLE = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
   image_size: int = 32
@@ -41,13 +45,15 @@ def interpolate_posemb(posemb: jax.Array, side: int) -> jax.Array:
 class EncoderBlock(nn.Module):
   """Pre-LayerNorm transformer block: x + MHA(LN(x)); x + MLP(LN(x)).
 
-  [B, L, C] -> ([B, L, C], None): the (carry, output) of one step of a layer stack.
+  ([B, L, C], key_valid [B, L] bool or None) -> ([B, L, C], None): the (carry, output)
+  of one step of a layer stack; slots whose ``key_valid`` is False are never attended to.
   """
   config: ViTConfig
   attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, key_valid: jax.Array | None = None
+               ) -> tuple[jax.Array, None]:
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     head_dim = cfg.width // cfg.num_heads
@@ -55,9 +61,11 @@ class EncoderBlock(nn.Module):
     q, k, v = (layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "head_dim"),
                             use_bias=True, dtype=dtype, name=n)(y) for n in ("q", "k", "v"))
     if layers.resolve_attention(self.attention, q.dtype) == "splash":
-      y = splash.splash_attention(q, k, v, key_valid=None, causal=False)
+      y = splash.splash_attention(q, k, v, key_valid=key_valid, causal=False)
     else:
-      y = layers.grouped_attention(q, k, v, mask=None, implementation=self.attention)
+      mask = None if key_valid is None else jnp.broadcast_to(
+          key_valid[:, None, :], (x.shape[0], x.shape[1], x.shape[1]))
+      y = layers.grouped_attention(q, k, v, mask=mask, implementation=self.attention)
     y = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2, use_bias=True,
                      dtype=dtype, name="out")(y)
     x = x + y
@@ -80,6 +88,13 @@ class ViT(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = True
   attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
+  # The blocks run on the patch sequence padded to a multiple of `LENGTH_MULTIPLE`
+  # slots, masked as keys and dropped after the last block (True), or on the sequence as
+  # it is (False). None: padded on a TPU target, where the compiler tiles a sequence by
+  # 8 (16 in bfloat16) and reshapes of any other length become copies: SigLIP's 729
+  # patches become 736 (docs/performance.md). The outputs at the patches are the same up
+  # to rounding.
+  pad_length: bool | None = None
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -104,6 +119,14 @@ class ViT(nn.Module):
     x = x + interpolate_posemb(posemb, gh).astype(dtype)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     blocks = layers.stacked(EncoderBlock, cfg.depth, remat_policy=self.remat_policy,
-                            scan=self.scan_layers)
-    x, _ = blocks(cfg, self.attention, name="blocks")(x)
+                            scan=self.scan_layers, in_axes=(nn.broadcast,))
+    length = x.shape[1]
+    pad = self.pad_length if self.pad_length is not None else layers.target_platform() == "tpu"
+    padded = -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE if pad else length
+    key_valid = None
+    if padded != length:
+      x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))
+      key_valid = jnp.broadcast_to(jnp.arange(padded) < length, (b, padded))
+    x, _ = blocks(cfg, self.attention, name="blocks")(x, key_valid)
+    x = x[:, :length]
     return layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_final")(x)
