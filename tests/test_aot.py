@@ -144,7 +144,7 @@ def test_libtpu_log_lines_make_each_program_s_kernels_and_stages():
   log = f"""Log file created at: 2026/12/07 00:50:17
 I1207 00:50:20.000000   100 deepsea_compiler_hlo_passes.cc:6241] HLO_PASSES stage duration: 3.25s
 I1207 00:50:21.000000   201 {backend}:3769] [fusion.1] LLO optimizing 40 instructions
-I1207 00:50:21.500000   202 {backend}:3769] [reshape.7] LLO optimizing 502 instructions
+I1207 00:50:21.500000   202 {backend}:3769] [reshape.7] LLO optimizing 502,793 instructions
 I1207 00:50:22.000000   201 {backend}:3422] XLA::TPU LLO dependency graph-based ... time: 1 ms
 I1207 00:50:23.000000   201 {backend}:3769] [fusion.2] LLO optimizing 18 instructions
 I1207 00:50:24.000000   201 {backend}:3422] XLA::TPU LLO dependency graph-based ... time: 1 ms

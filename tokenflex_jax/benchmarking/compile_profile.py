@@ -28,7 +28,7 @@ VMODULE = "deepsea_compiler_backend=1"
 PARTS = ("vit", "projector", "llm")
 
 _LINE = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s+(\d+) (\S+?):\d+\] (.*)$")
-_KERNEL = re.compile(r"^\[(\S+)\] LLO optimizing \d+ instructions")
+_KERNEL = re.compile(r"^\[(\S+)\] LLO optimizing [\d,]+ instructions")
 _STAGE = re.compile(r"^(HLO_PASSES|BACKEND_PASSES|CODE_GENERATION|END_TO_END) stage "
                     r"duration: (.+)$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)")
