@@ -12,11 +12,15 @@ import pytest
 from tests.xla_env import REPO
 
 
-def _aot(*flags, target="--num_cpu_devices=64"):
+def _run_aot(*flags) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.aot", target, *flags],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  return subprocess.run([sys.executable, "-m", "tokenflex_jax.aot", *flags], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=1200)
+
+
+def _aot(*flags, target="--num_cpu_devices=64"):
+  result = _run_aot(target, *flags)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -56,13 +60,9 @@ def test_paper_remat_is_the_least_recomputation_that_fits_a_v5e_chip(tmp_path):
   assert dots[64]["flops"] < dots[144]["flops"] < dots[256]["flops"]
   # The TPU compiler refuses a step that does not fit the chip: one line naming the
   # bucket, the compiler's figures and the fields to change.
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-      [sys.executable, "-m", "tokenflex_jax.aot", "--topology=v5e:8x8",
-       "--config=configs/paper.py:stage=3", "--config.model.remat_policy=none",
-       "--config.token_counts=(64,)", "--config.token_probs=(1.0,)"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  result = _run_aot("--topology=v5e:8x8", "--config=configs/paper.py:stage=3",
+                    "--config.model.remat_policy=none", "--config.token_counts=(64,)",
+                    "--config.token_probs=(1.0,)")
   assert result.returncode == 2, result.stderr[-3000:]
   line = result.stderr.strip().splitlines()[-1]
   assert line.startswith("error: the VLM train step at bucket 64 does not fit a device's "
@@ -119,21 +119,13 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
 
 
 def test_an_unknown_topology_is_one_line():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.aot", "--topology=v5e:3x5x9",
-                           "--config=configs/demo.py"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = _run_aot("--topology=v5e:3x5x9", "--config=configs/demo.py")
   assert result.returncode == 2, result.stderr[-3000:]
   assert result.stderr.strip().splitlines()[-1].startswith("error: --topology=v5e:3x5x9: ")
 
 
 def test_a_profile_without_topology_is_refused():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "tokenflex_jax.aot", "--compile_profile",
-                           "--config=configs/demo.py"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+  result = _run_aot("--compile_profile", "--config=configs/demo.py")
   assert result.returncode != 0
   assert "--compile_profile reads the TPU compiler's log: give --topology" in result.stderr
 
