@@ -11,7 +11,7 @@ import pytest
 
 from tests.xla_env import REPO
 from tokenflex_jax import entry
-from tokenflex_jax.app import cli
+from tokenflex_jax.app import cli, compilation_cache, config_schema
 from tokenflex_jax.entry import QuietLibraryInfo
 
 
@@ -127,3 +127,12 @@ def test_a_host_without_a_tpu_does_not_start_libtpu():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   assert "host bounds" not in result.stderr and "TPU_WORKER" not in result.stderr, result.stderr
+
+
+def test_the_compilation_cache_is_the_workdirs_unless_moved_or_turned_off():
+  config = config_schema.base_config()
+  assert compilation_cache.directory(config, "gs://b/run") == "gs://b/run/compilation_cache"
+  config.compilation_cache_dir = "/shared/jax_cache"
+  assert compilation_cache.directory(config, "gs://b/run") == "/shared/jax_cache"
+  config.compilation_cache = False
+  assert compilation_cache.directory(config, "gs://b/run") is None

@@ -1,5 +1,7 @@
 """The crash harness, short version: 2 SIGKILLs of a tiny run (one aimed at an
-asynchronous save), restarts, and a bit-identical comparison with an uninterrupted run."""
+asynchronous save), restarts, and a bit-identical comparison with an uninterrupted run.
+Every program is kept in the compilation cache (the tiny ones compile in under its 1 s
+threshold), so each restart runs the steps its first start compiled."""
 
 import subprocess
 import sys
@@ -19,7 +21,8 @@ def test_two_kills_leave_a_bit_identical_run(tmp_path):
   command = [sys.executable, "-m", "tokenflex_jax.crash_test", f"--workdir={tmp_path}",
              "--kills=2", "--total_steps=10", "--checkpoint_every=2", "--seed=3", "--",
              *tiny, *ONE_BUCKET]
-  result = subprocess.run(command, cwd=REPO, env=binary_env(8), capture_output=True, text=True,
+  env = binary_env(8, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1")
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
   out = result.stdout.strip().splitlines()
   assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -29,6 +32,10 @@ def test_two_kills_leave_a_bit_identical_run(tmp_path):
   # has one "resumed from" per restart after a commit.
   log = (tmp_path / "killed.log").read_text()
   assert "resumed from" in log and "the temporary directory of a save that did not finish" in log
+  # The restarts loaded their train step from the compilation cache of the workdir.
+  hits = [l for l in log.splitlines() if "Persistent compilation cache hit for" in l]
+  assert any("jit__lambda" in l for l in hits), log[-3000:]
+  assert any((tmp_path / "killed" / "compilation_cache").iterdir())
   # The comparison itself can fail: one flipped bit is a difference.
   a = {"w": np.arange(4, dtype=np.float32)}
   b = {"w": a["w"].copy()}

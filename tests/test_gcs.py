@@ -1,6 +1,6 @@
 """gs:// end to end against a local GCS emulator (tests/gcs_emulator.py): a TFDS build
-written into a bucket, training with a gs:// workdir, SIGKILL, resume and evaluation;
-the losses equal those of the same run on local disk."""
+written into a bucket, training with a gs:// workdir (its compilation cache there too),
+SIGKILL, resume and evaluation; the losses equal those of the same run on local disk."""
 
 import json
 import os
@@ -27,7 +27,10 @@ def emulator():
 
 
 def _env(url):
-  return binary_env(2, **gcs_emulator.client_env(url))
+  # Every program is kept in the compilation cache (the tiny ones compile in under its
+  # 1 s threshold) and its hits are logged.
+  return binary_env(2, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1",
+                    **gcs_emulator.client_env(url))
 
 
 def _command(binary, workdir, data_dir):
@@ -81,6 +84,9 @@ def test_gs_workdir_and_data_train_resume_and_evaluate_like_local(emulator, tmp_
   assert proc.returncode == -signal.SIGKILL
   resumed = _run(_command("train", gs_work, gs_data), env)
   assert "resumed from gs://" in resumed.stderr
+  # The restart loaded its train step from the workdir's compilation cache in the bucket.
+  assert "Persistent compilation cache hit for 'jit__lambda'" in resumed.stderr
+  assert list((epath.Path(gs_work) / "compilation_cache").iterdir())
   got = _losses((epath.Path(gs_work) / "metrics.jsonl").read_text())
   assert got == reference  # identical, step for step
 

@@ -61,7 +61,7 @@ def run_eval(config: config_schema.ConfigDict | RunSpec, workdir: str) -> dict:
 
 
 def main() -> None:
-  cli.run(run_eval)
+  cli.run(run_eval, compilation_cache=True)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def pretrain(config: config_schema.ConfigDict | RunSpec, workdir: str) -> steps.
 
 
 def main() -> None:
-  cli.run(pretrain)
+  cli.run(pretrain, compilation_cache=True)
 
 
 if __name__ == "__main__":

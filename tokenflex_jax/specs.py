@@ -154,6 +154,8 @@ class RunSpec:
   log_every: int
   checkpoint_every: int
   keep_checkpoints: int
+  compilation_cache: bool
+  compilation_cache_dir: str
   vision_pretrain: VisionPretrainSpec
   eval_every: int
   eval: EvalSpec

@@ -41,7 +41,7 @@ def train(config: config_schema.ConfigDict | RunSpec, workdir: str) -> steps.Tra
 
 
 def main() -> None:
-  cli.run(train)
+  cli.run(train, compilation_cache=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from tokenflex_jax import entry, errors
+from tokenflex_jax.app import compilation_cache as compilation_cache_lib
 from tokenflex_jax.app import config_schema, distributed, workdir as workdir_lib
 
 SAVED_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "saved_config.py")
@@ -115,9 +116,12 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
   entry.run(main, command_line() if takes_config else sys.argv)
 
 
-def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
+def run(job: Callable[[config_schema.ConfigDict, str], Any],
+        compilation_cache: bool = False) -> None:
   """Parses ``--config=FILE[:ARG] [--config.a.b=V ...] --workdir=DIR`` (and the
-  multi-process flags) and calls ``job(config, workdir)`` under `entry.run`."""
+  multi-process flags) and calls ``job(config, workdir)`` under `entry.run`; with
+  ``compilation_cache`` (a binary whose restarts compile the same programs), first
+  points JAX's persistent cache where the config says (`compilation_cache`)."""
   config, workdir = define_flags()
   process_flags = define_distributed_flags()
 
@@ -126,6 +130,8 @@ def run(job: Callable[[config_schema.ConfigDict, str], Any]) -> None:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     loaded = config_schema.loaded(config)
     start_processes(*process_flags)
+    if compilation_cache:
+      compilation_cache_lib.enable(loaded, workdir.value)
     job(loaded, workdir.value)
 
   entry.run(main, command_line())

@@ -147,6 +147,11 @@ def base_config() -> ConfigDict:
   c.log_every = 25
   c.checkpoint_every = 150
   c.keep_checkpoints = 2
+  # train, pretrain_vision and eval keep what they compile in this directory ("":
+  # WORKDIR/compilation_cache; a shared gs:// folder serves several runs), so a restart
+  # loads its steps instead of compiling them again (app/compilation_cache.py).
+  c.compilation_cache = True
+  c.compilation_cache_dir = ""
 
   # Stage 0 (pretrain_vision): loss weight of the per-patch object labels.
   c.vision_pretrain = ConfigDict(dict(object_weight=5.0))
