@@ -116,6 +116,21 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   projected = list(p["projected_s"].values())
   assert projected == sorted(projected, reverse=True) and projected[-1] < r["compile_s"]
   assert "| 64 | " in stdout.split("| projected compile (s) on 8 / 16 / 32 cores |")[1]
+  assert os.path.isdir(stdout.split("libtpu's log: ")[1].split()[0])
+
+
+def test_microbatches_at_their_own_counts_compile_for_a_tpu_topology():
+  """The pieces of a step whose microbatches draw their own counts (an accumulator, an
+  add per bucket, one update) compile for a TPU topology, whose devices hold no arrays."""
+  stdout = _aot("--config=configs/demo.py", "--config.token_counts=(64,144)",
+                "--config.token_probs=(0.5,0.5)", "--config.microbatches=2",
+                "--config.count_per_microbatch=True", target="--topology=v5e:2x2")
+  rows = _rows(stdout)
+  assert sorted(rows) == [64, 144] and rows[64][1] < rows[144][1], stdout
+  # Where the compiler's time went is read one program per bucket: refused here.
+  result = _run_aot("--topology=v5e:2x2", "--compile_profile", "--config=configs/demo.py",
+                    "--config.microbatches=2", "--config.count_per_microbatch=True")
+  assert result.returncode != 0 and "compiles several" in result.stderr, result.stderr[-300:]
 
 
 def test_an_unknown_topology_is_one_line():

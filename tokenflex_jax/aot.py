@@ -186,7 +186,12 @@ def main() -> None:
     spec = config_schema.to_spec(config_schema.loaded(config))
     config_checks.check(spec, config_checks.AOT,
                         len(targets) if targets else devices.value or None)
+    if log_dir and spec.count_per_microbatch:
+      raise app.UsageError("--compile_profile reads one program per bucket; "
+                           "config.count_per_microbatch=True compiles several")
     results = bucket_figures(spec, targets, log_dir)
+    if log_dir:
+      print(f"libtpu's log: {log_dir}")
     if out.value:
       with open(out.value, "w", encoding="utf-8") as f:
         json.dump({str(k): v for k, v in results.items()}, f, indent=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -89,13 +90,21 @@ class MicrobatchSteps:
   zeros: CompiledStep             # params -> accumulator
   add: dict[int, CompiledStep]    # count -> (params, acc, batch, j) -> acc
   apply: CompiledStep             # (state, acc) -> (state, metrics)
-  indices: tuple[jax.Array, ...]  # j = 0 .. k-1, on the devices once, replicated
+  microbatches: int               # k
+  index_sharding: jax.sharding.Sharding  # j's: replicated
   held_bytes: int                 # per device, held beside every program: the optimizer state
+
+  @functools.cached_property
+  def indices(self) -> tuple[jax.Array, ...]:
+    """j = 0 .. k-1, put on the devices at the first step (not when compiling: `aot`'s
+    devices of a TPU topology hold no arrays)."""
+    return tuple(jax.device_put(np.int32(i), self.index_sharding)
+                 for i in range(self.microbatches))
 
   def step(self, counts: tuple[int, ...]) -> Callable[[Any, Any], tuple[Any, dict]]:
     """(state, batch [B, ...]) -> (state, metrics): microbatch j at ``counts[j]`` tokens."""
-    if len(counts) != len(self.indices) or not set(counts) <= set(self.add):
-      raise KeyError(f"a draw of {len(self.indices)} of the counts {sorted(self.add)}, "
+    if len(counts) != self.microbatches or not set(counts) <= set(self.add):
+      raise KeyError(f"a draw of {self.microbatches} of the counts {sorted(self.add)}, "
                      f"got {counts}")
 
     def run(state, batch):
@@ -109,7 +118,7 @@ class MicrobatchSteps:
     """{count: the step with every microbatch at that count, as one `CompiledStep`} (for
     the benchmark and `aot`): its compile time summed over its programs, its FLOPs and
     costs over the programs it runs, its memory their peak."""
-    k = len(self.indices)
+    k = self.microbatches
     out = {}
     for n, add in self.add.items():
       composed = _Composed(self.step((n,) * k), (self.zeros, add, self.apply), (1, k, 1),
@@ -191,9 +200,8 @@ def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
   apply = _compiled(f"{name}: the update", step.apply, (state_sh, acc_sh),
                     (state_sh, replicated), (0,), (abstract_state, acc), mesh, rules,
                     MICROBATCH_ADVICE)
-  indices = tuple(jax.device_put(np.int32(i), replicated) for i in range(step.microbatches))
   held = sharding.bytes_per_device(abstract_state.opt_state)
-  return MicrobatchSteps(zeros, add, apply, indices, held)
+  return MicrobatchSteps(zeros, add, apply, step.microbatches, replicated, held)
 
 
 def _first_line(e: Exception) -> str:
