@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import re
 from unittest import mock
 
 import jax
@@ -230,7 +231,7 @@ def test_states_at_output_slots_equal_the_whole_stack_at_those_slots(depth, scan
 
 
 @pytest.mark.parametrize("remat_policy,scan_layers",
-                         [("dots", True), ("full", False)])
+                         [("dots", True), ("dots_except_mlp", True), ("full", False)])
 def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, scan_layers):
   plain = small_vlm()
   flagged = VLM(dataclasses.replace(plain.config, remat_policy=remat_policy,
@@ -253,6 +254,36 @@ def test_performance_flags_keep_the_parameters_and_the_gradients(remat_policy, s
   assert ("remat" in flagged_jaxpr) == (remat_policy != "none")
   assert "remat" not in plain_jaxpr
   assert ("unroll=2" if not scan_layers else "unroll=1") in flagged_jaxpr
+
+def test_dots_except_mlp_keeps_the_attention_projections_not_the_mlp_hidden_layer(capsys):
+  """What each remat policy keeps for the backward pass of an LLM: the saved residuals
+  (stacked over the layers by the scan) and the compiler's temporaries. "dots_except_mlp"
+  keeps q, k, v and the attention output, not the SwiGLU's two [B, S, mlp_dim] matmul
+  outputs per layer that "dots" keeps; "full" keeps neither."""
+  config = LLMConfig(vocab_size=32, width=32, depth=4, num_heads=4, num_kv_heads=2,
+                     head_dim=8, mlp_dim=512)
+  tokens = jnp.ones((2, 256), jnp.int32)
+  temps, saved = {}, {}
+  for policy in layers.REMAT_POLICIES:
+    llm = LLM(config, remat_policy=policy, attention="reference")
+    params = init(llm, tokens)
+    loss = lambda p, llm=llm: jnp.mean(llm.apply(p, tokens) ** 2)
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+    temps[policy] = compiled.memory_analysis().temp_size_in_bytes
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(loss, params)
+    saved[policy] = capsys.readouterr().out
+  # Stacked over the layers, [depth, B, S, ...] or [depth, B * S, ...].
+  keeps = lambda policy, last: re.search(rf"f32\[{config.depth},(2,256|512),{last}\]",
+                                         saved[policy]) is not None
+  queries, hidden = "4,8", "512"
+  assert keeps("dots_except_mlp", queries) and not keeps("dots_except_mlp", hidden)
+  assert keeps("dots", queries) and keeps("dots", hidden)
+  assert not keeps("full", queries) and not keeps("full", hidden)
+  hidden_bytes = 2 * tokens.size * config.mlp_dim * 4 * config.depth  # gate and up
+  assert temps["none"] > temps["dots"] > temps["dots_except_mlp"], temps
+  assert temps["dots"] - temps["dots_except_mlp"] > hidden_bytes / 2, temps
+
 
 @pytest.mark.parametrize("attention", ["reference", "splash"])
 def test_a_padded_patch_sequence_keeps_the_parameters_values_and_gradients(attention):

@@ -52,8 +52,9 @@ def base_config() -> ConfigDict:
       max_positions=32768))
   # Performance flags for the ViT blocks and LLM layers; the parameter tree (weights
   # stacked per layer) is the same whatever they say. remat_policy: what the backward
-  # pass keeps of each layer, "none" (everything) | "dots" (matmul outputs) | "full"
-  # (the layer's input only). scan_layers: one rolled loop (compiles one layer) or
+  # pass keeps of each layer, "none" (everything) | "dots" (matmul outputs) |
+  # "dots_except_mlp" (the attention's projections) | "full" (the layer's input only;
+  # models/layers.py REMAT_POLICIES). scan_layers: one rolled loop (compiles one layer) or
   # unrolled (models/layers.py `stacked`).
   c.model.remat_policy = "none"
   c.model.scan_layers = True

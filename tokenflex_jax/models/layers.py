@@ -295,8 +295,14 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 # What the backward pass keeps of each layer: "none" keeps every activation (no
 # rematerialisation), "dots" keeps the matmul outputs and recomputes the rest (the
-# elementwise ops, norms, softmax), "full" keeps only the layer's input.
-REMAT_POLICIES = ("none", "dots", "full")
+# elementwise ops, norms, softmax), "dots_except_mlp" keeps the attention's projections
+# (`ATTENTION_PROJECTIONS`) and recomputes the MLP from its input (its hidden layer,
+# [tokens, mlp_dim] twice in a SwiGLU, is most of what "dots" keeps), "full" keeps only
+# the layer's input.
+REMAT_POLICIES = ("none", "dots", "dots_except_mlp", "full")
+# The name (`jax.ad_checkpoint.checkpoint_name`) of the attention's q, k, v and output
+# projections in the ViT's and the LLM's layers.
+ATTENTION_PROJECTIONS = "attention_projections"
 LAYERS_AXIS = "layers"
 
 
@@ -315,8 +321,10 @@ def stacked(block: type[nn.Module], length: int, *, remat_policy: str = "none",
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
   if remat_policy != "none":
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-              if remat_policy == "dots" else None)
+    policy = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+              "dots_except_mlp": jax.checkpoint_policies.save_only_these_names(
+                  ATTENTION_PROJECTIONS),
+              "full": None}[remat_policy]
     block = nn.remat(block, policy=policy, prevent_cse=False)
   return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=in_axes, length=length, unroll=1 if scan else length,

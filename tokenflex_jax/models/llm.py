@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from tokenflex_jax.models import layers, splash
@@ -126,6 +127,7 @@ class Attention(nn.Module):
                      use_bias=cfg.qkv_bias, dtype=dtype, name="k")(x)
     v = layers.dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"),
                      use_bias=cfg.qkv_bias, dtype=dtype, name="v")(x)
+    q, k, v = (checkpoint_name(a, layers.ATTENTION_PROJECTIONS) for a in (q, k, v))
     inv_freq = rope_frequencies(cfg)
     q = rotary(q, at_slots(positions, output_slots), inv_freq)
     k = rotary(k, positions, inv_freq)
@@ -164,7 +166,7 @@ class Attention(nn.Module):
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2,
                        dtype=dtype, name="o")(out)
-    return out, new_cache
+    return checkpoint_name(out, layers.ATTENTION_PROJECTIONS), new_cache
 
 
 class DecoderLayer(nn.Module):

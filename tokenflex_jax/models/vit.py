@@ -7,6 +7,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 import numpy as np
 
 from tokenflex_jax.models import layers, splash
@@ -58,8 +59,10 @@ class EncoderBlock(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     head_dim = cfg.width // cfg.num_heads
     y = layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_attn")(x)
-    q, k, v = (layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "head_dim"),
-                            use_bias=True, dtype=dtype, name=n)(y) for n in ("q", "k", "v"))
+    q, k, v = (checkpoint_name(
+        layers.dense((cfg.num_heads, head_dim), ("embed", "heads", "head_dim"),
+                     use_bias=True, dtype=dtype, name=n)(y), layers.ATTENTION_PROJECTIONS)
+               for n in ("q", "k", "v"))
     if layers.resolve_attention(self.attention, q.dtype) == "splash":
       y = splash.splash_attention(q, k, v, key_valid=key_valid, causal=False)
     else:
@@ -68,7 +71,7 @@ class EncoderBlock(nn.Module):
       y = layers.grouped_attention(q, k, v, mask=mask, implementation=self.attention)
     y = layers.dense(cfg.width, ("heads", "head_dim", "embed"), num_contract=2, use_bias=True,
                      dtype=dtype, name="out")(y)
-    x = x + y
+    x = x + checkpoint_name(y, layers.ATTENTION_PROJECTIONS)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     y = layers.layer_norm(cfg.layer_norm_eps, dtype, name="ln_mlp")(x)
     y = layers.dense(cfg.mlp_dim, ("embed", "mlp"), use_bias=True, dtype=dtype, name="fc1")(y)
