@@ -89,7 +89,8 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   """--topology=v5e:2x2 from this CPU host: the target's devices make the mesh, "auto"
   attention is splash, lowered by Mosaic into the TPU program (its kernel calls counted),
   and the JSON holds the TPU compiler's memory, FLOPs, bytes and the roofline bound, and
-  (--compile_profile) where the compiler's time went, read from libtpu's log."""
+  (--compile_profile) where the compiler's time went, read from libtpu's log; a lower
+  config.compiler_optimization_level compiles another program."""
   out = tmp_path / "aot.json"
   stdout = _aot("--config=configs/demo.py", "--config.token_counts=(64,)",
                 "--config.token_probs=(1.0,)", f"--json_out={out}", "--compile_profile",
@@ -117,6 +118,14 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   assert projected == sorted(projected, reverse=True) and projected[-1] < r["compile_s"]
   assert "| 64 | " in stdout.split("| projected compile (s) on 8 / 16 / 32 cores |")[1]
   assert os.path.isdir(stdout.split("libtpu's log: ")[1].split()[0])
+  # config.compiler_optimization_level reaches the TPU compiler: another program.
+  fast_out = tmp_path / "o1.json"
+  _aot("--config=configs/demo.py", "--config.token_counts=(64,)", "--config.token_probs=(1.0,)",
+       f"--json_out={fast_out}", "--config.compiler_optimization_level=O1",
+       target="--topology=v5e:2x2")
+  with open(fast_out, encoding="utf-8") as f:
+    fast = json.load(f)["64"]
+  assert (fast["temp_gib"], fast["bytes_accessed"]) != (r["temp_gib"], r["bytes_accessed"])
 
 
 def test_microbatches_at_their_own_counts_compile_for_a_tpu_topology():

@@ -146,6 +146,8 @@ CASES = [
     case("remat_policy", r"config\.model\.remat_policy must be one of",
          model__remat_policy="some"),
     case("attention", r"config\.model\.attention must be one of", model__attention="flash"),
+    case("compiler_optimization_level", r"config\.compiler_optimization_level must be \"\" or "
+         r"one of \('O0', 'O1', 'O2', 'O3'\), got 'fast'", compiler_optimization_level="fast"),
     case("pooling", r"config\.model\.projector\.pooling must be one of",
          model__projector__pooling="max"),
     case("projector_mlp", r"config\.model\.projector\.mlp must be one of",

@@ -142,6 +142,7 @@ class RunSpec:
   token_probs: tuple[float, ...]
   loss_weighting: str
   loss_vocab_chunk: int
+  compiler_optimization_level: str
   batch_size: int
   microbatches: int
   count_per_microbatch: bool

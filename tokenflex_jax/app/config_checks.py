@@ -31,7 +31,7 @@ from tokenflex_jax.data import pipeline
 from tokenflex_jax.evaluation import auto_budget, evaluator
 from tokenflex_jax.models import patch_labeler, vlm
 from tokenflex_jax.specs import RunSpec
-from tokenflex_jax.training import buckets, loss, optimizer, trainer
+from tokenflex_jax.training import buckets, compiled, loss, optimizer, trainer
 
 
 def grid_side(config: RunSpec) -> tuple[int, str]:
@@ -136,13 +136,15 @@ def _training(problems: "Problems", config: RunSpec, facts: Facts,
                           config.batch_size // config.microbatches)
   problems.check(optimizer.check_optimizer, config.optimizer)
   problems.check(optimizer.check_multipliers, modules, dict(config.lr_multipliers))
+  problems.check(compiled.compiler_options, config.compiler_optimization_level)
 
 
 def vlm_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
   """The VLM's train step and loop: ``config.batch_size``, ``log_every``,
   ``checkpoint_every``, ``keep_checkpoints`` positive; the global batch divisible by the
   data-parallel size and the processes; ``config.optimizer`` usable; one
-  ``config.lr_multipliers`` entry >= 0 per module of `vlm.MODULES`, no other; the token
+  ``config.lr_multipliers`` entry >= 0 per module of `vlm.MODULES`, no other; a known
+  ``config.compiler_optimization_level``; the token
   buckets (`buckets.Buckets.checked`); a known ``config.loss_weighting``;
   ``config.eval_every`` >= 0; ``config.count_per_microbatch`` only with microbatches."""
   _training(problems, config, facts, vlm.MODULES)

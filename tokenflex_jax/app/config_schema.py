@@ -118,6 +118,10 @@ def base_config() -> ConfigDict:
   # softmax), so [batch, text, vocab] float32 logits never exist at once; 0 or more than
   # the vocabulary: all at once. A performance flag: the same loss (training/loss.py).
   c.loss_vocab_chunk = 16384
+  # XLA's optimization level for the train step: "" (the compiler's default) or "O0" ..
+  # "O3". A performance flag: a lower level compiles faster and may run slower
+  # (training/compiled.py; docs/performance.md).
+  c.compiler_optimization_level = ""
 
   c.batch_size = 32                 # global
   # Gradient accumulation: each step's global batch runs as this many microbatches, one

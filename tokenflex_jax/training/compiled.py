@@ -36,8 +36,10 @@ def shardings_of(abstract: Any) -> Any:
 
 def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstract_state: Any,
                     abstract_batch: Mapping[str, jax.ShapeDtypeStruct], counts: Sequence[int],
-                    mesh, rules, name: str = "train step") -> dict[int, CompiledStep]:
-  """Lowers and compiles ``step_fn(state, batch, n)`` once per ``n`` in ``counts``.
+                    mesh, rules, name: str = "train step",
+                    options: Mapping[str, Any] | None = None) -> dict[int, CompiledStep]:
+  """Lowers and compiles ``step_fn(state, batch, n)`` once per ``n`` in ``counts``, with
+  the compiler ``options`` (`compiler_options`).
 
   The state and batch are abstract (`jax.ShapeDtypeStruct` with shardings); the state
   is donated and comes back in its own shardings, the metrics replicated. Logs each
@@ -47,8 +49,23 @@ def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstra
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return {n: _compiled(f"{name} at bucket {n}", lambda s, b, n=n: step_fn(s, b, n),
                        (state_sh, batch_sh), (state_sh, replicated), (0,),
-                       (abstract_state, dict(abstract_batch)), mesh, rules)
+                       (abstract_state, dict(abstract_batch)), mesh, rules, options=options)
           for n in counts}
+
+
+# XLA's optimization levels (the values of xla::ExecutionOptions' EffortLevel), by name.
+OPTIMIZATION_LEVELS = {"O0": 9, "O1": 19, "O2": 29, "O3": 39}
+
+
+def compiler_options(optimization_level: str) -> dict[str, int] | None:
+  """What `_compiled` asks of the compiler for ``config.compiler_optimization_level``:
+  "" (None: the compiler's default) or one of `OPTIMIZATION_LEVELS`."""
+  if not optimization_level:
+    return None
+  if optimization_level not in OPTIMIZATION_LEVELS:
+    raise errors.ConfigError(f"config.compiler_optimization_level must be \"\" or one of "
+                             f"{tuple(OPTIMIZATION_LEVELS)}, got {optimization_level!r}")
+  return {"optimization_level": OPTIMIZATION_LEVELS[optimization_level]}
 
 
 # What a program too large for a device's memory can change, by what it runs.
@@ -58,17 +75,19 @@ MICROBATCH_ADVICE = "raise config.microbatches"
 
 def _compiled(what: str, fn: Callable, in_shardings: Any, out_shardings: Any,
               donate: tuple[int, ...], abstract_args: tuple, mesh, rules,
-              advice: str = WHOLE_BATCH_ADVICE) -> CompiledStep:
+              advice: str = WHOLE_BATCH_ADVICE,
+              options: Mapping[str, Any] | None = None) -> CompiledStep:
   """``fn`` jitted with those shardings and donations, lowered on ``abstract_args``
-  (`jax.ShapeDtypeStruct`s) under the rules and compiled, its cost logged as ``what``. A
-  program too large for a device is a `errors.ConfigError` naming ``what`` and ``advice``."""
+  (`jax.ShapeDtypeStruct`s) under the rules and compiled with the compiler ``options``,
+  its cost logged as ``what``. A program too large for a device is a
+  `errors.ConfigError` naming ``what`` and ``advice``."""
   t0 = time.perf_counter()
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate)
   with sharding.mesh_rules(mesh, rules):
     lowered = jitted.lower(*abstract_args)
   try:
-    executable = lowered.compile()
+    executable = lowered.compile(options)
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
@@ -175,11 +194,13 @@ class _Composed:
 def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
                                abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
                                counts: Sequence[int], mesh, rules,
-                               name: str = "train step") -> MicrobatchSteps:
+                               name: str = "train step",
+                               options: Mapping[str, Any] | None = None) -> MicrobatchSteps:
   """Compiles a `steps.MicrobatchStep`: ``zeros`` and ``apply`` once, ``add`` once per
   ``n`` in ``counts`` (each microbatch then runs through its own count's program). The
   accumulator's gradients take the parameters' shardings, its scalars are replicated;
-  ``add`` donates the accumulator, ``apply`` the state."""
+  ``add`` donates the accumulator, ``apply`` the state. Each with the compiler
+  ``options`` (`compiler_options`)."""
   state_sh, batch_sh = shardings_of(abstract_state), shardings_of(dict(abstract_batch))
   params, param_sh = abstract_state.params, state_sh.params
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -191,15 +212,16 @@ def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
                      shapes, acc_sh)
   j = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   zeros = _compiled(f"{name}: the empty accumulator", step.zeros, (param_sh,), acc_sh, (),
-                    (params,), mesh, rules, MICROBATCH_ADVICE)
+                    (params,), mesh, rules, MICROBATCH_ADVICE, options)
   add = {n: _compiled(f"{name}: one microbatch at bucket {n}",
                       lambda p, a, b, i, n=n: step.add(p, a, b, i, n),
                       (param_sh, acc_sh, batch_sh, replicated), acc_sh, (1,),
-                      (params, acc, dict(abstract_batch), j), mesh, rules, MICROBATCH_ADVICE)
+                      (params, acc, dict(abstract_batch), j), mesh, rules, MICROBATCH_ADVICE,
+                      options)
          for n in counts}
   apply = _compiled(f"{name}: the update", step.apply, (state_sh, acc_sh),
                     (state_sh, replicated), (0,), (abstract_state, acc), mesh, rules,
-                    MICROBATCH_ADVICE)
+                    MICROBATCH_ADVICE, options)
   held = sharding.bytes_per_device(abstract_state.opt_state)
   return MicrobatchSteps(zeros, add, apply, step.microbatches, replicated, held)
 

@@ -102,31 +102,33 @@ def plan_task(config: RunSpec, task: Task, mesh, rules) -> TaskPlan:
   return TaskPlan(optimizer, state_sh, steps.abstract_state(params, optimizer.tx, state_sh))
 
 
-def compile_steps(task: Task, plan: TaskPlan, mesh, rules) -> CompiledTask:
+def compile_steps(task: Task, plan: TaskPlan, mesh, rules,
+                  options: Mapping[str, Any] | None = None) -> CompiledTask:
   """``plan`` with the train step lowered and compiled once per bucket (with
   ``task.count_per_microbatch``: a microbatch's forward and backward once per bucket,
-  the update once)."""
+  the update once), with the compiler ``options`` (`compiled.compiler_options`)."""
   counts = task.buckets.counts
   if task.count_per_microbatch:
     k = task.microbatches
     pieces = compiled.compile_microbatch_buckets(
         steps.make_microbatch_step(task.loss_fn, plan.optimizer, k, task.abstract_batch,
                                    counts[0]),
-        plan.abstract_state, task.abstract_batch, counts, mesh, rules, task.name)
+        plan.abstract_state, task.abstract_batch, counts, mesh, rules, task.name, options)
     return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state,
                         pieces.every_microbatch_at(), loop.BucketSteps(
                             pieces.step, lambda step: task.buckets.for_microbatches(step, k)))
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer,
                                                           task.microbatches),
                                       plan.abstract_state, task.abstract_batch, counts,
-                                      mesh, rules, task.name)
+                                      mesh, rules, task.name, options)
   return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count,
                       loop.BucketSteps(by_count.__getitem__, task.buckets.for_step))
 
 
 def compile_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
   """`plan_task` and `compile_steps`: everything a run needs before its first step."""
-  return compile_steps(task, plan_task(config, task, mesh, rules), mesh, rules)
+  return compile_steps(task, plan_task(config, task, mesh, rules), mesh, rules,
+                       compiled.compiler_options(config.compiler_optimization_level))
 
 
 def flops_per_device(task: Task, job: CompiledTask) -> dict[int, float]:
@@ -209,7 +211,8 @@ def train(config: RunSpec, workdir: str, task: Task, mesh, rules
   # Restored before compiling, so that a damaged or mismatched checkpoint is reported
   # at once, not after minutes of compilation.
   state, start, data = start_state(config, task, plan, manager, mesh, rules)
-  job = compile_steps(task, plan, mesh, rules)
+  job = compile_steps(task, plan, mesh, rules,
+                      compiled.compiler_options(config.compiler_optimization_level))
   batch_sh = compiled.shardings_of(dict(task.abstract_batch))
   writer = MetricWriter(workdir)
   reporter = loop.Reporter(writer, config.total_steps, config.log_every, config.batch_size,
