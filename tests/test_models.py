@@ -315,6 +315,39 @@ def test_the_patch_sequence_is_padded_by_default_for_a_tpu_target_only():
     assert "f32[2,96,16]" in str(jax.make_jaxpr(vit.apply)(params, images))
 
 
+def test_merging_by_matmul_gives_the_gathers_values_and_gradients():
+  """One-hot matmuls in place of the gathers that merge the embeddings and pick the text's
+  hidden states: the same loss and gradients (to float32 rounding: the gradients' sums
+  run in another order), for rows with two image slots (one row using both, one using
+  one)."""
+  gathers = small_vlm()
+  images = jax.random.uniform(jax.random.key(1), (2, 2, 16, 16, 3), minval=-1, maxval=1)
+  tokens = jnp.array([[2, IMAGE_ID, 5, IMAGE_ID, 7, 8, 3, 0],
+                      [2, 9, IMAGE_ID, 7, 6, 3, 0, 0]])
+  params = init(gathers, images, tokens, 4)
+  out = {}
+  for by_matmul in (False, True):
+    model = VLM(gathers.config, merge_by_matmul=by_matmul)
+    loss = lambda p, model=model: jnp.sum(model.apply(p, images, tokens, 4) ** 2)
+    out[by_matmul] = jax.jit(jax.value_and_grad(loss))(params)
+  np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               out[True][1], out[False][1])
+  assert float(out[False][0]) > 0
+
+
+def test_the_merge_is_by_matmul_by_default_for_a_tpu_target_only():
+  model = small_vlm()
+  images, tokens = _images_tokens()
+  params = init(model, images, tokens, 16)
+  gathers = lambda: str(jax.make_jaxpr(lambda p: model.apply(p, images, tokens, 16))(
+      params)).count(" gather[")
+  on_cpu = gathers()
+  with mock.patch.object(layers, "target_platform", lambda: "tpu"):
+    # The visual and text embeddings' gathers and the text's hidden states' one.
+    assert gathers() == on_cpu - 3
+
+
 @pytest.mark.parametrize("tie_embeddings", [True, False])
 def test_vocabulary_chunked_vlm_loss_equals_the_whole_logits_loss(tie_embeddings):
   from tokenflex_jax.training.vlm_task import vlm_loss

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tokenflex_jax.models import layers
 from tokenflex_jax.models.llm import LLM, KVCache, LLMConfig, at_slots
 from tokenflex_jax.models.projector import ProjectorConfig, TokenAdaptiveProjector
 from tokenflex_jax.models.vit import ViT, ViTConfig
@@ -156,14 +157,36 @@ def image_slots(images: jax.Array | None, patches: jax.Array | None = None) -> i
   return patches.shape[1] if patches.ndim == 4 else 1
 
 
-def merge(visual: jax.Array, text: jax.Array, index: MergeIndex) -> jax.Array:
-  """Interleaves visual [B, K * N, D] and text [B, T, D] embeddings -> [B, S, D]."""
-  return jnp.where(index.is_visual[..., None], at_slots(visual, index.visual_index),
-                   at_slots(text, index.text_index))
+def rows_at(x: jax.Array, slots: jax.Array, by_matmul: bool) -> jax.Array:
+  """x [B, S, D] at slots [B, Q] -> [B, Q, D]: a gather, or (``by_matmul``) a product
+  with the one-hot [B, Q, S], exact (one 1 per row) and without the scatter-add that a
+  gather's gradient is, which the TPU compiler lowers slowly (docs/performance.md)."""
+  if not by_matmul:
+    return at_slots(x, slots)
+  one_hot = (slots[..., None] == jnp.arange(x.shape[1])).astype(x.dtype)
+  return jnp.einsum("bqs,bsd->bqd", one_hot, x, precision=jax.lax.Precision.HIGHEST,
+                    preferred_element_type=x.dtype)
+
+
+def merge(visual: jax.Array, text: jax.Array, index: MergeIndex,
+          by_matmul: bool = False) -> jax.Array:
+  """Interleaves visual [B, K * N, D] and text [B, T, D] embeddings -> [B, S, D]
+  (`rows_at` ``by_matmul``)."""
+  return jnp.where(index.is_visual[..., None], rows_at(visual, index.visual_index, by_matmul),
+                   rows_at(text, index.text_index, by_matmul))
 
 
 class VLM(nn.Module):
   config: VLMConfig
+  # Visual and text embeddings merged, and the text's hidden states picked from the
+  # merged row, by one-hot matmuls (True) or gathers (False; `rows_at`): the same values
+  # and gradients. None: matmuls on a TPU target, gathers elsewhere.
+  merge_by_matmul: bool | None = None
+
+  def _by_matmul(self) -> bool:
+    if self.merge_by_matmul is not None:
+      return self.merge_by_matmul
+    return layers.target_platform() == "tpu"
 
   def setup(self):
     cfg = self.config
@@ -201,7 +224,8 @@ class VLM(nn.Module):
     slots = image_slots(images, patches)
     is_image = tokens == cfg.image_token_id
     index = merge_index(is_image, num_tokens, slots)
-    x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index)
+    x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index,
+              self._by_matmul())
     text_valid = tokens != cfg.pad_token_id
     valid = index.is_visual | (~index.past_text & jnp.take_along_axis(
         text_valid, index.text_index, axis=1))
@@ -244,7 +268,7 @@ class VLM(nn.Module):
         images, tokens, num_tokens, patches, segments)
     hidden, _ = self.llm.decode(x, positions, valid, segment_ids=merged_segments)
     predictor = jnp.maximum(index.text_slot - 1, 0)
-    return at_slots(hidden, predictor)
+    return rows_at(hidden, predictor, self._by_matmul())
 
   def output_head(self) -> jax.Array:
     """The LLM's output projection [D, V] (compute dtype): logits = hidden @ it."""
