@@ -179,8 +179,9 @@ def merge(visual: jax.Array, text: jax.Array, index: MergeIndex,
 class VLM(nn.Module):
   config: VLMConfig
   # Visual and text embeddings merged, and the text's hidden states picked from the
-  # merged row, by one-hot matmuls (True) or gathers (False; `rows_at`): the same values
-  # and gradients. None: matmuls on a TPU target, gathers elsewhere.
+  # merged row, by one-hot matmuls (True) or gathers (False; `rows_at`): the same values,
+  # and the gradients up to the order of their sums. None: matmuls on a TPU target,
+  # gathers elsewhere.
   merge_by_matmul: bool | None = None
 
   def _by_matmul(self) -> bool:
