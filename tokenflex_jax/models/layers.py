@@ -148,6 +148,11 @@ def target_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
+def on_tpu_by_default(flag: bool | None) -> bool:
+  """A flag that None turns on for a TPU target (`target_platform`) and off elsewhere."""
+  return flag if flag is not None else target_platform() == "tpu"
+
+
 def resolve_attention(name: str, dtype: jnp.dtype, platform: str | None = None) -> str:
   """The implementation "auto" stands for on ``platform`` (default: `target_platform`;
   others are returned as they are): splash on a TPU, cuDNN on a GPU in 16-bit, else the

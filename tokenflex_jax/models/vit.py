@@ -124,8 +124,8 @@ class ViT(nn.Module):
     blocks = layers.stacked(EncoderBlock, cfg.depth, remat_policy=self.remat_policy,
                             scan=self.scan_layers, in_axes=(nn.broadcast,))
     length = x.shape[1]
-    pad = self.pad_length if self.pad_length is not None else layers.target_platform() == "tpu"
-    padded = -(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE if pad else length
+    padded = (-(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+              if layers.on_tpu_by_default(self.pad_length) else length)
     key_valid = None
     if padded != length:
       x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0)))

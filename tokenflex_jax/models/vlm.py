@@ -184,11 +184,6 @@ class VLM(nn.Module):
   # gathers elsewhere.
   merge_by_matmul: bool | None = None
 
-  def _by_matmul(self) -> bool:
-    if self.merge_by_matmul is not None:
-      return self.merge_by_matmul
-    return layers.target_platform() == "tpu"
-
   def setup(self):
     cfg = self.config
     flags = dict(remat_policy=cfg.remat_policy, scan_layers=cfg.scan_layers,
@@ -226,7 +221,7 @@ class VLM(nn.Module):
     is_image = tokens == cfg.image_token_id
     index = merge_index(is_image, num_tokens, slots)
     x = merge(self.encode_images(images, num_tokens, patches), self.llm.embed(tokens), index,
-              self._by_matmul())
+              layers.on_tpu_by_default(self.merge_by_matmul))
     text_valid = tokens != cfg.pad_token_id
     valid = index.is_visual | (~index.past_text & jnp.take_along_axis(
         text_valid, index.text_index, axis=1))
@@ -269,7 +264,7 @@ class VLM(nn.Module):
         images, tokens, num_tokens, patches, segments)
     hidden, _ = self.llm.decode(x, positions, valid, segment_ids=merged_segments)
     predictor = jnp.maximum(index.text_slot - 1, 0)
-    return rows_at(hidden, predictor, self._by_matmul())
+    return rows_at(hidden, predictor, layers.on_tpu_by_default(self.merge_by_matmul))
 
   def output_head(self) -> jax.Array:
     """The LLM's output projection [D, V] (compute dtype): logits = hidden @ it."""
