@@ -46,6 +46,7 @@ def test_paper_model_fits_a_16_gib_v5e_chip_by_the_tpu_compiler(tmp_path):
   Two minutes; CI compiles a small VLM for a TPU topology instead (below)."""
   r = _tpu_figures(tmp_path, "--config.token_counts=(256,)", "--config.token_probs=(1.0,)")[256]
   assert r["tpu_kernels"] > 0 and r["flops"] > 0 and r["roofline_step_s"] > 0
+  assert r["estimated_step_s"] > r["roofline_step_s"], r
   assert r["argument_gib"] > 0 and r["temp_gib"] > 0
   assert r["total_gib"] <= 16.0, r
 
@@ -102,6 +103,7 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
     assert r[key] > 0, (key, r)
   assert r["tpu_kernels"] > 0  # splash's kernels, in the ViT's and the decoder's layers
   assert r["roofline_step_s"] == max(r["flops"] / 197e12, r["bytes_accessed"] / 819e9)
+  assert r["estimated_step_s"] > 0  # the compiler's cycles at a v5e's clock
   assert r["total_gib"] == max(r["argument_gib"], r["output_gib"]) + r["temp_gib"]
   p = r["compile_profile"]
   assert p["kernels"] > 50 and p["threads"] >= 1 and p["longest_kernel_s"] > 0
@@ -192,3 +194,108 @@ I1207 00:51:03.000000   100 deepsea_compiler_base.cc:985] END_TO_END stage durat
   # On 1 host core the kernels' seconds (13) overlap: the work is the backend's 11 s.
   alone = compile_profile.summary(first, hlo, compile_seconds=70.0, host_cores=1, cores=(1,))
   assert alone["projected_s"] == pytest.approx({"1": 70.0})
+
+
+_LOOPS_HLO = """HloModule loops
+
+%kernel (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %e = f32[4]{0} exponential(%p), backend_config={"estimated_cycles":"1000"}
+}
+
+%inner_condition (s: (s32[], f32[4])) -> pred[] {
+  %s = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%inner_body (s: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %s = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  %x = f32[4]{0} get-tuple-element(%s), index=1
+  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%kernel, backend_config={"estimated_cycles":"5"}
+  ROOT %t = (s32[], f32[4]{0}) tuple(%j, %f)
+}
+
+%outer_condition (s: (s32[], f32[4])) -> pred[] {
+  %s = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %n = s32[] constant(7)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%outer_body (s: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %s = (s32[], f32[4]{0}) parameter(0)
+  %w = (s32[], f32[4]{0}) while(%s), condition=%inner_condition, body=%inner_body
+  %x = f32[4]{0} get-tuple-element(%w), index=1
+  %c = f32[4]{0} copy(%x), backend_config={"estimated_cycles":"2"}
+  %i = s32[] get-tuple-element(%s), index=0
+  ROOT %t = (s32[], f32[4]{0}) tuple(%i, %c)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %t = (s32[], f32[4]{0}) tuple(%zero, %a)
+  %w = (s32[], f32[4]{0}) while(%t), condition=%outer_condition, body=%outer_body
+  %x = f32[4]{0} get-tuple-element(%w), index=1
+  ROOT %g = f32[4]{0} fusion(%x), kind=kLoop, calls=%kernel,
+      backend_config={"estimated_cycles":"10"}
+}
+"""
+
+
+def test_the_compilers_cycle_estimate_runs_each_kernel_once_per_loop_trip():
+  """`tpu_cycles.estimated_cycles`: an annotated instruction counts once per run of its
+  computation (nested loops multiply their trip counts, read from each condition), a
+  fusion's insides never; a program without estimates, or with a loop whose trip count
+  cannot be read, has no estimate."""
+  from tokenflex_jax.benchmarking import tpu_cycles
+  assert tpu_cycles.estimated_cycles(_LOOPS_HLO) == 10 + 7 * (2 + 3 * 5)
+  unknown = _LOOPS_HLO.replace("%n = s32[] constant(3)",
+                               "%n = s32[] get-tuple-element(%s), index=0")
+  assert tpu_cycles.estimated_cycles(unknown) is None
+  assert tpu_cycles.estimated_cycles(_LOOPS_HLO.replace('"estimated_cycles"', '"other"')) is None
+  known = _LOOPS_HLO.replace(
+      "body=%inner_body", 'body=%inner_body, backend_config={"known_trip_count":{"n":"4"}}')
+  assert tpu_cycles.estimated_cycles(known) == 10 + 7 * (2 + 4 * 5)
+
+
+_SCAN_CYCLES = """
+import json, os, sys
+import jax, jax.numpy as jnp
+from tokenflex_jax import aot
+from tokenflex_jax.benchmarking import tpu_cycles
+os.environ.update(aot.compile_only_environment("v5e:2x2"))
+device = aot.tpu_devices("v5e:2x2")[0]
+on = jax.sharding.SingleDeviceSharding(device)
+x = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=on)
+layers = lambda x, w: jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+out = {}
+for n in (3, 6, 12):
+  w = jax.ShapeDtypeStruct((n, 512, 512), jnp.bfloat16, sharding=on)
+  out[n] = tpu_cycles.estimated_cycles(jax.jit(layers).lower(x, w).compile().as_text())
+cpu = jax.jit(layers).lower(jnp.ones((4, 4)), jnp.ones((3, 4, 4))).compile().as_text()
+out["cpu"] = tpu_cycles.estimated_cycles(cpu)
+print(json.dumps(out))
+"""
+
+
+def test_the_tpu_compilers_estimate_grows_with_a_scans_length():
+  """The TPU compiler (libtpu, compiling for v5e 2x2 on this host) annotates a scanned
+  matmul layer's kernels; the estimate grows by the same cycles per layer at 3, 6 and 12
+  layers, so each trip is counted; a CPU program has none."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SCAN_CYCLES], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  assert got["cpu"] is None
+  per_layer = (got["6"] - got["3"]) / 3
+  assert per_layer > 0 and got["12"] - got["6"] == 6 * per_layer, got
+  # A 512 x 512 x 512 bfloat16 matmul is 2.7e8 FLOPs: at most a v5e's 131,072 per cycle.
+  assert per_layer >= 2 * 512**3 / 131072, got

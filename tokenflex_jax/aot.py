@@ -10,8 +10,9 @@ laptop, to read the compiler's per-device memory analysis before renting the pod
 ``--topology`` compiles for a Cloud TPU slice with the TPU compiler (libtpu,
 requirements-tpu.txt) running on this host: the target's devices make the mesh, so
 "auto" attention is splash, lowered by Mosaic for real; per bucket it also gives the
-compiled FLOPs and bytes and a roofline bound on the step time from the chip's
-published peak (`CHIPS`). ``--num_cpu_devices`` uses the CPU compiler instead (its
+compiled FLOPs and bytes, a roofline bound on the step time from the chip's published
+peak (`CHIPS`), and the compiler's own estimate of its kernels' time
+(`benchmarking.tpu_cycles`). ``--num_cpu_devices`` uses the CPU compiler instead (its
 figures are a CPU's, not a TPU's).
 """
 
@@ -30,7 +31,7 @@ from absl import app, flags
 
 from tokenflex_jax import errors, model_config, sharding
 from tokenflex_jax.app import cli, config_checks, config_schema
-from tokenflex_jax.benchmarking import compile_profile
+from tokenflex_jax.benchmarking import compile_profile, tpu_cycles
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
@@ -38,11 +39,12 @@ from tokenflex_jax.training import compiled, trainer
 from tokenflex_jax.training.vlm_task import vlm_task
 
 # Per chip: (peak dense bfloat16 FLOP/s, HBM bytes/s, HBM GiB), from Google Cloud's TPU
-# pages (docs/performance.md cites them), by JAX's device_kind.
+# pages (docs/performance.md cites them), and the clock (Hz): the peak over the MXUs'
+# FLOPs per cycle (4, 8 and 16 times a 128 x 128 array's 32,768), by JAX's device_kind.
 CHIPS = {
-    "TPU v5 lite": (197e12, 819e9, 16),    # v5e
-    "TPU v5": (459e12, 2765e9, 95),        # v5p
-    "TPU v6 lite": (918e12, 1640e9, 32),   # v6e (Trillium)
+    "TPU v5 lite": (197e12, 819e9, 16, 197e12 / (4 * 32768)),    # v5e
+    "TPU v5": (459e12, 2765e9, 95, 459e12 / (8 * 32768)),        # v5p
+    "TPU v6 lite": (918e12, 1640e9, 32, 918e12 / (16 * 32768)),  # v6e (Trillium)
 }
 
 
@@ -77,16 +79,19 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
                    devices: list[jax.Device] | None = None,
                    profile_dir: str | None = None) -> dict[int, dict[str, float]]:
   """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
-  "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s"]}} per
+  "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s",
+  "estimated_step_s"]}} per
   device, for the train step of each of ``config.token_counts`` compiled for ``devices``
   (default: this run's). ``gflop``/``flops``: the model FLOPs (`models.flops`);
   ``xla_gflop`` and ``bytes_accessed``: the compiler's cost analysis, which counts a
   scanned loop's body once. ``roofline_step_s`` (chips in `CHIPS`): max(FLOPs / peak,
   bytes / bandwidth), a lower bound on the step time (the bytes of the layer loop counted
-  once make it lower still). ``tpu_kernels`` (a TPU target): the Mosaic kernel calls in
-  the compiled program (splash attention's). ``compile_profile`` (``profile_dir``: the
-  libtpu log directory set with `compile_profile.environment` before libtpu loaded): where
-  the TPU compiler's time went (`compile_profile.summary`)."""
+  once make it lower still). ``estimated_step_s`` (chips in `CHIPS`): the TPU compiler's
+  estimate of its own kernels' time (`tpu_cycles.estimated_cycles` at the chip's clock),
+  without the Mosaic kernels and collectives. ``tpu_kernels`` (a TPU target): the Mosaic
+  kernel calls in the compiled program (splash attention's). ``compile_profile``
+  (``profile_dir``: the libtpu log directory set with `compile_profile.environment`
+  before libtpu loaded): where the TPU compiler's time went (`compile_profile.summary`)."""
   config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config, devices)
   model = VLM(model_config.vlm_config(config,
@@ -109,7 +114,11 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
     if chip:
       out[n]["roofline_step_s"] = max(flops / chip[0], out[n]["bytes_accessed"] / chip[1])
     if mesh.devices.flat[0].platform == "tpu":  # Mosaic kernels (splash) in the program
-      out[n]["tpu_kernels"] = step.executable.as_text().count("tpu_custom_call")
+      text = step.executable.as_text()
+      out[n]["tpu_kernels"] = text.count("tpu_custom_call")
+      cycles = tpu_cycles.estimated_cycles(text)
+      if chip and cycles is not None:
+        out[n]["estimated_step_s"] = cycles / chip[3]
   if profile_dir is not None:
     _attach_profiles(out, job, profile_dir)
   n_params = sum(x.size for x in jax.tree.leaves(job.abstract_state.params))
@@ -119,12 +128,15 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
         f"{mesh.devices.flat[0].device_kind}; attention {attention}; global batch "
         f"{config.batch_size}; frozen: {job.optimizer.frozen or 'none'}")
   print("| visual tokens | compile (s) | model GFLOP/step/device | XLA's count (a scanned "
-        "loop once) | arguments GiB | temporaries GiB | total GiB/device | roofline step (s) |")
-  print("|---|---|---|---|---|---|---|---|")
+        "loop once) | arguments GiB | temporaries GiB | total GiB/device | roofline step (s) | "
+        "compiler's estimate, XLA's kernels (s) |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for n, r in out.items():
-    roof = f"{r['roofline_step_s']:.2f}" if "roofline_step_s" in r else "-"
+    roof, est = (f"{r[k]:.2f}" if k in r else "-" for k in ("roofline_step_s",
+                                                            "estimated_step_s"))
     print(f"| {n} | {r['compile_s']:.0f} | {r['gflop']:.0f} | {r['xla_gflop']:.0f} | "
-          f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {roof} |")
+          f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {roof} | "
+          f"{est} |")
   if profile_dir is not None:
     print("| visual tokens | kernels | kernel-seconds | longest kernel (s) | threads / "
           "cores | seconds by part | projected compile (s) on 8 / 16 / 32 cores |")
