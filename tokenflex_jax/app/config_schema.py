@@ -119,8 +119,8 @@ def base_config() -> ConfigDict:
   # the vocabulary: all at once. A performance flag: the same loss (training/loss.py).
   c.loss_vocab_chunk = 16384
   # XLA's optimization level for the train step: "" (the compiler's default) or "O0" ..
-  # "O3". A performance flag: a lower level compiles faster and may run slower
-  # (training/compiled.py; docs/performance.md).
+  # "O3". A performance flag: a lower level compiles faster and runs slower (by the TPU
+  # compiler's own estimate, docs/performance.md; training/compiled.py).
   c.compiler_optimization_level = ""
 
   c.batch_size = 32                 # global
