@@ -130,14 +130,23 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   assert (fast["temp_gib"], fast["bytes_accessed"]) != (r["temp_gib"], r["bytes_accessed"])
 
 
-def test_microbatches_at_their_own_counts_compile_for_a_tpu_topology():
+def test_microbatches_at_their_own_counts_compile_for_a_tpu_topology(tmp_path):
   """The pieces of a step whose microbatches draw their own counts (an accumulator, an
-  add per bucket, one update) compile for a TPU topology, whose devices hold no arrays."""
-  stdout = _aot("--config=configs/demo.py", "--config.token_counts=(64,144)",
-                "--config.token_probs=(0.5,0.5)", "--config.microbatches=2",
-                "--config.count_per_microbatch=True", target="--topology=v5e:2x2")
+  add per bucket, one update) compile for a TPU topology, whose devices hold no arrays;
+  the compiler's estimate of the step counts each piece as often as it runs (close to
+  the one program that accumulates the same microbatches in a loop)."""
+  flags = ("--config=configs/demo.py", "--config.token_counts=(64,144)",
+           "--config.token_probs=(0.5,0.5)", "--config.microbatches=2")
+  stdout = _aot(*flags, "--config.count_per_microbatch=True",
+                f"--json_out={tmp_path / 'pieces.json'}", target="--topology=v5e:2x2")
   rows = _rows(stdout)
   assert sorted(rows) == [64, 144] and rows[64][1] < rows[144][1], stdout
+  _aot(*flags, f"--json_out={tmp_path / 'loop.json'}", target="--topology=v5e:2x2")
+  estimates = [{int(n): r["estimated_step_s"] for n, r in
+                json.loads((tmp_path / f"{name}.json").read_text()).items()}
+               for name in ("pieces", "loop")]
+  for n in (64, 144):
+    assert 0.8 < estimates[0][n] / estimates[1][n] < 1.25, estimates
   # Where the compiler's time went is read one program per bucket: refused here.
   result = _run_aot("--topology=v5e:2x2", "--compile_profile", "--config=configs/demo.py",
                     "--config.microbatches=2", "--config.count_per_microbatch=True")

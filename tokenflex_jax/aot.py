@@ -116,9 +116,10 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
     if mesh.devices.flat[0].platform == "tpu":  # Mosaic kernels (splash) in the program
       text = step.executable.as_text()
       out[n]["tpu_kernels"] = text.count("tpu_custom_call")
-      cycles = tpu_cycles.estimated_cycles(text)
-      if chip and cycles is not None:
-        out[n]["estimated_step_s"] = cycles / chip[3]
+      cycles = [(tpu_cycles.estimated_cycles(program.as_text()), runs)
+                for program, runs in compiled.programs_of(step.executable)]
+      if chip and all(c is not None for c, _ in cycles):
+        out[n]["estimated_step_s"] = sum(c * runs for c, runs in cycles) / chip[3]
   if profile_dir is not None:
     _attach_profiles(out, job, profile_dir)
   n_params = sum(x.size for x in jax.tree.leaves(job.abstract_state.params))

@@ -249,6 +249,15 @@ def flops_of(executable: Any) -> float:
   return cost_of(executable, "flops")
 
 
+def programs_of(executable: Any) -> tuple[tuple[Any, int], ...]:
+  """The compiled programs one call of ``executable`` runs, each with how many times:
+  itself once, or for a step composed of several (`MicrobatchSteps.every_microbatch_at`)
+  each of its programs with its runs."""
+  if isinstance(executable, _Composed):
+    return tuple((p.executable, r) for p, r in zip(executable.programs, executable.runs))
+  return ((executable, 1),)
+
+
 def total_bytes(memory: Any) -> float | None:
   """Per-device bytes a compiled step holds at its peak, from its ``memory_analysis()``:
   the arguments (donated into the outputs, so not counted twice) plus the temporaries;
