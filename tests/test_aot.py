@@ -251,8 +251,7 @@ ENTRY %main (a: f32[4]) -> f32[4] {
   %t = (s32[], f32[4]{0}) tuple(%zero, %a)
   %w = (s32[], f32[4]{0}) while(%t), condition=%outer_condition, body=%outer_body
   %x = f32[4]{0} get-tuple-element(%w), index=1
-  ROOT %g = f32[4]{0} fusion(%x), kind=kLoop, calls=%kernel,
-      backend_config={"estimated_cycles":"10"}
+  ROOT %g = f32[4]{0} fusion(%x), calls=%kernel, backend_config={"estimated_cycles":"10"}
 }
 """
 
