@@ -41,10 +41,10 @@ def _check_against_reference(q, k, v, key_valid, causal, fn):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("causal,pad_head_dim", [(True, False), (False, True)])
+@pytest.mark.parametrize("causal,pad_head_dim", [(True, False), (False, False), (False, True)])
 def test_splash_equals_the_reference_with_padding_and_grouped_heads(causal, pad_head_dim):
-  """140 slots (padded to 256 inside, blocks of 256); Dh 16, or zero-padded to 128 as on
-  a TPU."""
+  """140 slots (padded to 256 inside, blocks of 256); Dh 16 as it is (the default), or
+  zero-padded to 128."""
   q, k, v, key_valid = _inputs()
   fn = jax.jit(lambda *a: splash.splash_attention(*a, key_valid, causal=causal,
                                                   pad_head_dim=pad_head_dim))

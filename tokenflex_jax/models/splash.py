@@ -87,7 +87,7 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None,
-                     causal: bool, pad_head_dim: bool | None = None,
+                     causal: bool, pad_head_dim: bool = False,
                      segment_ids: jax.Array | None = None) -> jax.Array:
   """Softmax attention with grouped KV heads through the splash kernel.
 
@@ -95,9 +95,10 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     q: [B, S, H, Dh]; k, v: [B, S, KV, Dh] (self-attention: keys are the queries' slots).
     key_valid: [B, S] bool, False for padding; None: every slot is valid.
     causal: slot s attends to slots <= s (else to every valid slot).
-    pad_head_dim: zero-pad Dh to a multiple of 128 for the kernel (SigLIP-so400m's ViT
-      has Dh = 72); None: for a TPU target (`layers.target_platform`), where the
-      kernel's tiles want whole lanes. Off a TPU the kernel runs interpreted (tests).
+    pad_head_dim: zero-pad Dh to a multiple of 128 before the kernel. Off by default:
+      the kernel takes any Dh (SigLIP-so400m's ViT has 72; a TPU holds it in whole
+      128-lane tiles either way), and padding it first adds pads and slices of its own
+      (docs/performance.md). Off a TPU the kernel runs interpreted (tests).
     segment_ids: [B, S] int, a packed row's conversation per slot (0: padding; it
       replaces ``key_valid``), or None: one conversation per row.
   Returns:
@@ -110,8 +111,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
   if segment_ids is None:
     segment_ids = (jnp.ones(q.shape[:2], jnp.int32) if key_valid is None
                    else key_valid.astype(jnp.int32))
-  if pad_head_dim is None:
-    pad_head_dim = layers.target_platform() == "tpu"
   local = functools.partial(_local_attention, causal=causal, pad_head_dim=pad_head_dim)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
