@@ -13,8 +13,10 @@ import numpy as np
 from tokenflex_jax.models import layers, splash
 
 
-# What `ViT` pads its patch sequence to a multiple of, where it pads (``pad_length``).
+# What `ViT` pads its patch sequence to a multiple of, where it pads (``pad_length``):
+# the TPU compiler's bfloat16 tiles, or splash's blocks where the blocks run splash.
 LENGTH_MULTIPLE = 16
+SPLASH_LENGTH_MULTIPLE = splash.LANES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,11 +94,12 @@ class ViT(nn.Module):
   scan_layers: bool = True
   attention: str = "auto"  # `layers.ATTENTION_IMPLEMENTATIONS`
   # The blocks run on the patch sequence padded to a multiple of `LENGTH_MULTIPLE`
-  # slots, masked as keys and dropped after the last block (True), or on the sequence as
-  # it is (False). None: padded on a TPU target, where the compiler tiles a sequence by
-  # 8 (16 in bfloat16) and reshapes of any other length become copies: SigLIP's 729
-  # patches become 736 (docs/performance.md). The outputs at the patches are the same up
-  # to rounding.
+  # slots (`SPLASH_LENGTH_MULTIPLE` with splash attention, which would pad to its blocks
+  # otherwise), masked as keys and dropped after the last block (True), or on the
+  # sequence as it is (False). None: padded on a TPU target, where the compiler tiles a
+  # sequence by 8 (16 in bfloat16) and reshapes of any other length become copies:
+  # SigLIP's 729 patches become 768 with splash, 736 without (docs/performance.md). The
+  # outputs at the patches are the same up to rounding.
   pad_length: bool | None = None
 
   @nn.compact
@@ -124,7 +127,9 @@ class ViT(nn.Module):
     blocks = layers.stacked(EncoderBlock, cfg.depth, remat_policy=self.remat_policy,
                             scan=self.scan_layers, in_axes=(nn.broadcast,))
     length = x.shape[1]
-    padded = (-(-length // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+    multiple = (SPLASH_LENGTH_MULTIPLE if layers.resolve_attention(self.attention, dtype)
+                == "splash" else LENGTH_MULTIPLE)
+    padded = (-(-length // multiple) * multiple
               if layers.on_tpu_by_default(self.pad_length) else length)
     key_valid = None
     if padded != length:
