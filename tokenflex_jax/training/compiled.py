@@ -176,7 +176,7 @@ class _Composed:
     return "\n".join(p.executable.as_text() for p in self.programs)
 
   def cost_analysis(self) -> dict[str, float]:
-    return {key: sum(r * cost_of(p.executable, key) for p, r in zip(self.programs, self.runs))
+    return {key: sum(runs * cost_of(program, key) for program, runs in programs_of(self))
             for key in ("flops", "bytes accessed")}
 
   def memory_analysis(self) -> Memory | None:
