@@ -5,6 +5,7 @@ import functools
 import re
 from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.llm import LLM, LLMConfig, init_cache
 from tokenflex_jax.models.projector import ProjectorConfig
-from tokenflex_jax.models.vit import ViT, ViTConfig, interpolate_posemb
+from tokenflex_jax.models.vit import PatchEmbed, ViT, ViTConfig, interpolate_posemb
 from tokenflex_jax.models.vlm import VLM, VLMConfig, merge, merge_index, merged_positions
 
 IMAGE_ID, PAD = 4, 0
@@ -51,6 +52,25 @@ def test_vit_shapes_and_posemb_interpolation():
   posemb = jnp.arange(16.0).reshape(1, 16, 1)
   np.testing.assert_allclose(interpolate_posemb(posemb, 4), posemb)
   assert interpolate_posemb(posemb, 8).shape == (1, 64, 1)
+
+
+def test_the_patch_embedding_is_the_valid_strided_convolution():
+  # 23 px / 5 -> a 4 x 4 grid, the 3 px remainder dropped as a VALID convolution drops it;
+  # the same parameters (names, shapes, initial values), outputs and gradients.
+  conv = nn.Conv(8, (5, 5), strides=(5, 5), padding="VALID",
+                 kernel_init=layers.default_kernel_init)
+  embed = PatchEmbed(8, 5, jnp.float32)
+  images = jax.random.uniform(jax.random.key(1), (2, 23, 23, 3), minval=-1, maxval=1)
+  params = nn.meta.unbox(embed.init(jax.random.key(0), images))
+  jax.tree.map(np.testing.assert_array_equal, params, conv.init(jax.random.key(0), images))
+  params = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(2), x.shape), params)
+  weights = jax.random.normal(jax.random.key(3), (2, 4, 4, 8))
+  loss = lambda model: lambda p, x: jnp.sum(model.apply(p, x) * weights)
+  (value, grads), (value_c, grads_c) = (
+      jax.value_and_grad(loss(m), argnums=(0, 1))(params, images) for m in (embed, conv))
+  np.testing.assert_allclose(value, value_c, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               grads, grads_c)
 
 
 def test_merge_places_visual_tokens_at_the_placeholder():

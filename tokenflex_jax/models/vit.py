@@ -83,6 +83,31 @@ class EncoderBlock(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
+class PatchEmbed(nn.Module):
+  """SigLIP's patch embedding, a VALID convolution of stride ``patch_size``, as one
+  matmul over the flattened patches (its gradient is a matmul too, where the TPU
+  compiler lowers a convolution's gradient to a kernel slow to compile:
+  docs/performance.md). Images [B, H, W, c] -> [B, H//p, W//p, width]; a remainder
+  smaller than a patch is dropped (384 px / 14 -> a 27 x 27 grid). The parameters are
+  `nn.Conv`'s: kernel [p, p, c, width], bias [width]."""
+  width: int
+  patch_size: int
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    p = self.patch_size
+    b, h, w, c = images.shape
+    gh, gw = h // p, w // p
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        layers.default_kernel_init, (None, None, None, "embed")), (p, p, c, self.width))
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("embed",)), (self.width,))
+    patches = images[:, :gh * p, :gw * p].astype(self.dtype).reshape(b, gh, p, gw, p, c)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+    return x + bias.astype(self.dtype)
+
+
 class ViT(nn.Module):
   """Images [B, H, W, 3] in [-1, 1] -> patch features [B, L, C], L = (H//p) * (W//p)."""
   config: ViTConfig
@@ -110,13 +135,7 @@ class ViT(nn.Module):
     if images.shape[1] != images.shape[2] or images.shape[1] < p:
       raise ValueError(f"images of shape {images.shape} are not square, or smaller than "
                        f"patch_size={p}")
-    # Like SigLIP's VALID convolution, a remainder smaller than a patch is dropped
-    # (384 px / 14 -> a 27 x 27 grid).
-    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                kernel_init=nn.with_logical_partitioning(
-                    layers.default_kernel_init, (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
-                name="patch_embed")(images.astype(dtype))
+    x = PatchEmbed(cfg.width, p, dtype, name="patch_embed")(images)
     b, gh, gw, c = x.shape
     x = x.reshape(b, gh * gw, c)
     posemb = self.param("pos_embedding", nn.with_logical_partitioning(
