@@ -104,7 +104,17 @@ def test_a_tpu_topology_is_compiled_by_the_tpu_compiler_with_splash(tmp_path):
   assert r["tpu_kernels"] > 0  # splash's kernels, in the ViT's and the decoder's layers
   assert r["roofline_step_s"] == max(r["flops"] / 197e12, r["bytes_accessed"] / 819e9)
   assert r["estimated_step_s"] > 0  # the compiler's cycles at a v5e's clock
-  assert r["total_gib"] == max(r["argument_gib"], r["output_gib"]) + r["temp_gib"]
+  # The memory is libtpu's own count from its log: the temporaries its heap, the total the
+  # arguments plus the program's HBM; PJRT's temporaries (a training log's) hold the
+  # heap's fragmentation twice, in the heap and again beside it.
+  from tokenflex_jax.benchmarking import tpu_memory
+  hbm = tpu_memory.read(stdout.split("libtpu's log: ")[1].split()[0])[-1]
+  assert 0 < hbm.fragmentation_bytes < hbm.heap_bytes < hbm.program_bytes, hbm
+  assert r["temp_gib"] * 2**30 == hbm.heap_bytes
+  assert r["total_gib"] * 2**30 == pytest.approx(
+      max(r["argument_gib"], r["output_gib"]) * 2**30 + hbm.program_bytes)
+  assert r["pjrt_temp_gib"] * 2**30 == pytest.approx(
+      hbm.heap_bytes + hbm.fragmentation_bytes, rel=0.01), (r, hbm)
   p = r["compile_profile"]
   assert p["kernels"] > 50 and p["threads"] >= 1 and p["longest_kernel_s"] > 0
   assert 0 < p["stages_s"]["BACKEND_PASSES"] < p["stages_s"]["END_TO_END"] <= r["compile_s"]
@@ -163,6 +173,36 @@ def test_a_profile_without_topology_is_refused():
   result = _run_aot("--compile_profile", "--config=configs/demo.py")
   assert result.returncode != 0
   assert "--compile_profile reads the TPU compiler's log: give --topology" in result.stderr
+
+
+def test_libtpu_log_lines_make_each_program_s_hbm():
+  """`tpu_memory.parse`: each "Program hbm requirement" block's total and the heap and
+  fragmentation of its first "HLO temp" line (not the sflag block's before it), in
+  libtpu's binary units."""
+  from tokenflex_jax.benchmarking import tpu_memory
+  log = """I1207 08:10:15.644296   31867 deepsea_compiler_backend.cc:2171] Total hbm usage >= 13.64G:
+    reserved        258.03M
+    program          11.93G
+I1207 08:10:15.644306   31867 deepsea_compiler_backend.cc:2175] Program sflag requirement 364B:
+    HLO temp            96B (100.0% utilization: Unpadded (92B) Padded (92B), 4.2% fragmentation (4B))
+Program hbm requirement 11.93G:
+    global            1.50M
+    scoped           40.88M
+    HLO temp         11.81G (98.8% utilization: Unpadded (10.34G) Padded (10.46G), 11.4% fragmentation (1.35G))
+    overlays         81.12M
+Program vmem requirement 127.60M:
+    HLO temp        112.00M (0.0% utilization: Unpadded (0B) Padded (0B), 100.0% fragmentation (112.00M))
+Program hbm requirement 19.57M:
+    HLO temp          8.00M (84.2% utilization: Unpadded (2.66M) Padded (3.16M), 60.5% fragmentation (4.84M))
+""".splitlines()
+  first, second = tpu_memory.parse(log)
+  assert first == tpu_memory.ProgramHbm(round(11.93 * 2**30), round(11.81 * 2**30),
+                                        round(1.35 * 2**30))
+  assert second == tpu_memory.ProgramHbm(round(19.57 * 2**20), 8 * 2**20,
+                                         round(4.84 * 2**20))
+  assert tpu_memory.size_bytes("4.0K") == 4096 and tpu_memory.size_bytes("140B") == 140
+  with pytest.raises(ValueError, match="not a libtpu size"):
+    tpu_memory.size_bytes("12 GiB")
 
 
 def test_libtpu_log_lines_make_each_program_s_kernels_and_stages():

@@ -12,7 +12,8 @@ requirements-tpu.txt) running on this host: the target's devices make the mesh, 
 "auto" attention is splash, lowered by Mosaic for real; per bucket it also gives the
 compiled FLOPs and bytes, a roofline bound on the step time from the chip's published
 peak (`CHIPS`), and the compiler's own estimate of its kernels' time
-(`benchmarking.tpu_cycles`). ``--num_cpu_devices`` uses the CPU compiler instead (its
+(`benchmarking.tpu_cycles`); its memory is libtpu's own count, read from its log
+(`benchmarking.tpu_memory`: PJRT's counts the heap's fragmentation twice). ``--num_cpu_devices`` uses the CPU compiler instead (its
 figures are a CPU's, not a TPU's).
 """
 
@@ -31,7 +32,7 @@ from absl import app, flags
 
 from tokenflex_jax import errors, model_config, sharding
 from tokenflex_jax.app import cli, config_checks, config_schema
-from tokenflex_jax.benchmarking import compile_profile, tpu_cycles
+from tokenflex_jax.benchmarking import compile_profile, tpu_cycles, tpu_memory
 from tokenflex_jax.models import layers
 from tokenflex_jax.models.vlm import VLM
 from tokenflex_jax.specs import RunSpec
@@ -77,10 +78,11 @@ def tpu_devices(topology: str) -> list[jax.Device]:
 
 def bucket_figures(config: config_schema.ConfigDict | RunSpec,
                    devices: list[jax.Device] | None = None,
-                   profile_dir: str | None = None) -> dict[int, dict[str, float]]:
+                   log_dir: str | None = None,
+                   profile: bool = False) -> dict[int, dict[str, float]]:
   """{num_tokens: {"compile_s", "gflop", "xla_gflop", "flops", "bytes_accessed",
-  "argument_gib", "output_gib", "temp_gib", "total_gib"[, "roofline_step_s",
-  "estimated_step_s"]}} per
+  "argument_gib", "output_gib", "temp_gib", "total_gib"[, "pjrt_temp_gib",
+  "roofline_step_s", "estimated_step_s"]}} per
   device, for the train step of each of ``config.token_counts`` compiled for ``devices``
   (default: this run's). ``gflop``/``flops``: the model FLOPs (`models.flops`);
   ``xla_gflop`` and ``bytes_accessed``: the compiler's cost analysis, which counts a
@@ -89,15 +91,20 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
   once make it lower still). ``estimated_step_s`` (chips in `CHIPS`): the TPU compiler's
   estimate of its own kernels' time (`tpu_cycles.estimated_cycles` at the chip's clock),
   without the Mosaic kernels and collectives. ``tpu_kernels`` (a TPU target): the Mosaic
-  kernel calls in the compiled program (splash attention's). ``compile_profile``
-  (``profile_dir``: the libtpu log directory set with `compile_profile.environment`
-  before libtpu loaded): where the TPU compiler's time went (`compile_profile.summary`)."""
+  kernel calls in the compiled program (splash attention's). With ``log_dir`` (a TPU
+  target's: the libtpu log directory set with `compile_profile.environment` before
+  libtpu loaded) the memory is libtpu's own count (`tpu_memory.LibtpuMemory`: the
+  temporaries its heap, the total the arguments plus its program's HBM; ``pjrt_temp_gib``
+  for a step of one program: PJRT's temporaries, which a training log reports), and with
+  ``profile`` each bucket's ``compile_profile``, where the TPU compiler's time went
+  (`compile_profile.summary`)."""
   config = config_schema.to_spec(config)
   mesh, rules = sharding.mesh_from_config(config, devices)
   model = VLM(model_config.vlm_config(config,
                                       model_config.FixedTokenIds(config.model.llm.vocab_size)))
   task = vlm_task(config, model, mesh, rules)
-  job = trainer.compile_task(config, task, mesh, rules)
+  job = trainer.compile_task(config, task, mesh, rules,
+                             tpu_memory.LibtpuMemory(log_dir) if log_dir else None)
   chip = CHIPS.get(mesh.devices.flat[0].device_kind)
   gib = lambda b: b / 2**30
   out = {}
@@ -111,6 +118,9 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
               "output_gib": gib(mem.output_size_in_bytes),
               "temp_gib": gib(mem.temp_size_in_bytes)}
     out[n]["total_gib"] = gib(compiled.total_bytes(mem))
+    programs = compiled.programs_of(step.executable)
+    if log_dir and len(programs) == 1:  # What a training log on the TPU reports.
+      out[n]["pjrt_temp_gib"] = gib(compiled.pjrt_memory(programs[0][0]).temp_size_in_bytes)
     if chip:
       out[n]["roofline_step_s"] = max(flops / chip[0], out[n]["bytes_accessed"] / chip[1])
     if mesh.devices.flat[0].platform == "tpu":  # Mosaic kernels (splash) in the program
@@ -120,8 +130,8 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
                 for program, runs in compiled.programs_of(step.executable)]
       if chip and all(c is not None for c, _ in cycles):
         out[n]["estimated_step_s"] = sum(c * runs for c, runs in cycles) / chip[3]
-  if profile_dir is not None:
-    _attach_profiles(out, job, profile_dir)
+  if profile:
+    _attach_profiles(out, job, log_dir)
   n_params = sum(x.size for x in jax.tree.leaves(job.abstract_state.params))
   attention = layers.resolve_attention(config.model.attention, jnp.dtype(config.model.llm.dtype),
                                        mesh.devices.flat[0].platform)
@@ -138,7 +148,7 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
     print(f"| {n} | {r['compile_s']:.0f} | {r['gflop']:.0f} | {r['xla_gflop']:.0f} | "
           f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {roof} | "
           f"{est} |")
-  if profile_dir is not None:
+  if profile:
     print("| visual tokens | kernels | kernel-seconds | longest kernel (s) | threads / "
           "cores | seconds by part | projected compile (s) on 8 / 16 / 32 cores |")
     print("|---|---|---|---|---|---|---|")
@@ -184,25 +194,24 @@ def main() -> None:
       raise app.UsageError("give --num_cpu_devices or --topology, not both")
     if profile.value and not topology.value:
       raise app.UsageError("--compile_profile reads the TPU compiler's log: give --topology")
-    log_dir = tempfile.mkdtemp(prefix="tokenflex-tpu-log-") if profile.value else None
+    log_dir = tempfile.mkdtemp(prefix="tokenflex-tpu-log-") if topology.value else None
     if devices.value:
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", devices.value)
     if topology.value:  # Before libtpu loads.
       for key, value in compile_only_environment(topology.value).items():
         os.environ.setdefault(key, value)
-      if log_dir:
-        os.environ.update(compile_profile.environment(
-            log_dir, os.environ.get("LIBTPU_INIT_ARGS", "")))
+      os.environ.update(compile_profile.environment(
+          log_dir, os.environ.get("LIBTPU_INIT_ARGS", "")))
     targets = tpu_devices(topology.value) if topology.value else None
     # On the target mesh, before anything compiles.
     spec = config_schema.to_spec(config_schema.loaded(config))
     config_checks.check(spec, config_checks.AOT,
                         len(targets) if targets else devices.value or None)
-    if log_dir and spec.count_per_microbatch:
+    if profile.value and spec.count_per_microbatch:
       raise app.UsageError("--compile_profile reads one program per bucket; "
                            "config.count_per_microbatch=True compiles several")
-    results = bucket_figures(spec, targets, log_dir)
+    results = bucket_figures(spec, targets, log_dir, profile.value)
     if log_dir:
       print(f"libtpu's log: {log_dir}")
     if out.value:

@@ -23,7 +23,7 @@ class CompiledStep:
   executable: Any          # jax.stages.Compiled, or a step of several (`MicrobatchSteps`)
   compile_seconds: float
   flops: float             # per call, per XLA's cost analysis (0 if unavailable)
-  memory: Any              # executable.memory_analysis(), per device (None if unavailable)
+  memory: Memory | None    # per device (`MemoryOf`; None if unavailable)
 
   def __call__(self, state: Any, batch: Mapping[str, jax.Array]) -> tuple[Any, dict]:
     return self.executable(state, batch)
@@ -37,9 +37,11 @@ def shardings_of(abstract: Any) -> Any:
 def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstract_state: Any,
                     abstract_batch: Mapping[str, jax.ShapeDtypeStruct], counts: Sequence[int],
                     mesh, rules, name: str = "train step",
-                    options: Mapping[str, Any] | None = None) -> dict[int, CompiledStep]:
+                    options: Mapping[str, Any] | None = None,
+                    memory_of: MemoryOf | None = None) -> dict[int, CompiledStep]:
   """Lowers and compiles ``step_fn(state, batch, n)`` once per ``n`` in ``counts``, with
-  the compiler ``options`` (`compiler_options`).
+  the compiler ``options`` (`compiler_options`), each program's memory read by
+  ``memory_of`` (default `pjrt_memory`).
 
   The state and batch are abstract (`jax.ShapeDtypeStruct` with shardings); the state
   is donated and comes back in its own shardings, the metrics replicated. Logs each
@@ -49,7 +51,8 @@ def compile_buckets(step_fn: Callable[[Any, Any, int], tuple[Any, dict]], abstra
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   return {n: _compiled(f"{name} at bucket {n}", lambda s, b, n=n: step_fn(s, b, n),
                        (state_sh, batch_sh), (state_sh, replicated), (0,),
-                       (abstract_state, dict(abstract_batch)), mesh, rules, options=options)
+                       (abstract_state, dict(abstract_batch)), mesh, rules, options=options,
+                       memory_of=memory_of)
           for n in counts}
 
 
@@ -76,11 +79,13 @@ MICROBATCH_ADVICE = "raise config.microbatches"
 def _compiled(what: str, fn: Callable, in_shardings: Any, out_shardings: Any,
               donate: tuple[int, ...], abstract_args: tuple, mesh, rules,
               advice: str = WHOLE_BATCH_ADVICE,
-              options: Mapping[str, Any] | None = None) -> CompiledStep:
+              options: Mapping[str, Any] | None = None,
+              memory_of: MemoryOf | None = None) -> CompiledStep:
   """``fn`` jitted with those shardings and donations, lowered on ``abstract_args``
   (`jax.ShapeDtypeStruct`s) under the rules and compiled with the compiler ``options``,
-  its cost logged as ``what``. A program too large for a device is a
-  `errors.ConfigError` naming ``what`` and ``advice``."""
+  its memory read by ``memory_of`` (default `pjrt_memory`) and its cost logged as
+  ``what``. A program too large for a device is a `errors.ConfigError` naming ``what``
+  and ``advice``."""
   t0 = time.perf_counter()
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate)
@@ -97,7 +102,7 @@ def _compiled(what: str, fn: Callable, in_shardings: Any, out_shardings: Any,
         f"(config.model.remat_policy=dots or full), shard over more devices or "
         f"{advice}") from None
   out = CompiledStep(executable, time.perf_counter() - t0, flops_of(executable),
-                     executable.memory_analysis())
+                     (memory_of or pjrt_memory)(executable))
   log_compiled(what, out)
   return out
 
@@ -150,11 +155,30 @@ class MicrobatchSteps:
 
 @dataclasses.dataclass(frozen=True)
 class Memory:
-  """Per-device bytes, as a compiled program's ``memory_analysis()`` gives them."""
+  """Per-device bytes of a compiled program (`MemoryOf`): its arguments, outputs,
+  temporaries and code, as ``memory_analysis()`` names them, and its total where the
+  compiler counts one itself (`total_bytes`)."""
   argument_size_in_bytes: int
   output_size_in_bytes: int
   temp_size_in_bytes: int
   generated_code_size_in_bytes: int
+  total_in_bytes: int | None = None
+
+
+# How a compiled program's `Memory` is read: `pjrt_memory`, or on a TPU target libtpu's
+# own count (`benchmarking.tpu_memory.LibtpuMemory`).
+MemoryOf = Callable[[Any], "Memory | None"]
+
+
+def pjrt_memory(executable: Any) -> Memory | None:
+  """A compiled program's `Memory` as PJRT's ``memory_analysis()`` gives it (None if the
+  compiler gives none). For a TPU program its temporaries count the heap's fragmentation
+  twice (`benchmarking.tpu_memory`)."""
+  m = executable.memory_analysis()
+  if m is None:
+    return None
+  return Memory(m.argument_size_in_bytes, m.output_size_in_bytes, m.temp_size_in_bytes,
+                m.generated_code_size_in_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,12 +219,13 @@ def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
                                abstract_batch: Mapping[str, jax.ShapeDtypeStruct],
                                counts: Sequence[int], mesh, rules,
                                name: str = "train step",
-                               options: Mapping[str, Any] | None = None) -> MicrobatchSteps:
+                               options: Mapping[str, Any] | None = None,
+                               memory_of: MemoryOf | None = None) -> MicrobatchSteps:
   """Compiles a `steps.MicrobatchStep`: ``zeros`` and ``apply`` once, ``add`` once per
   ``n`` in ``counts`` (each microbatch then runs through its own count's program). The
   accumulator's gradients take the parameters' shardings, its scalars are replicated;
   ``add`` donates the accumulator, ``apply`` the state. Each with the compiler
-  ``options`` (`compiler_options`)."""
+  ``options`` (`compiler_options`), its memory read by ``memory_of``."""
   state_sh, batch_sh = shardings_of(abstract_state), shardings_of(dict(abstract_batch))
   params, param_sh = abstract_state.params, state_sh.params
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -212,16 +237,16 @@ def compile_microbatch_buckets(step: steps.MicrobatchStep, abstract_state: Any,
                      shapes, acc_sh)
   j = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   zeros = _compiled(f"{name}: the empty accumulator", step.zeros, (param_sh,), acc_sh, (),
-                    (params,), mesh, rules, MICROBATCH_ADVICE, options)
+                    (params,), mesh, rules, MICROBATCH_ADVICE, options, memory_of)
   add = {n: _compiled(f"{name}: one microbatch at bucket {n}",
                       lambda p, a, b, i, n=n: step.add(p, a, b, i, n),
                       (param_sh, acc_sh, batch_sh, replicated), acc_sh, (1,),
                       (params, acc, dict(abstract_batch), j), mesh, rules, MICROBATCH_ADVICE,
-                      options)
+                      options, memory_of)
          for n in counts}
   apply = _compiled(f"{name}: the update", step.apply, (state_sh, acc_sh),
                     (state_sh, replicated), (0,), (abstract_state, acc), mesh, rules,
-                    MICROBATCH_ADVICE, options)
+                    MICROBATCH_ADVICE, options, memory_of)
   held = sharding.bytes_per_device(abstract_state.opt_state)
   return MicrobatchSteps(zeros, add, apply, step.microbatches, replicated, held)
 
@@ -258,12 +283,14 @@ def programs_of(executable: Any) -> tuple[tuple[Any, int], ...]:
   return ((executable, 1),)
 
 
-def total_bytes(memory: Any) -> float | None:
-  """Per-device bytes a compiled step holds at its peak, from its ``memory_analysis()``:
-  the arguments (donated into the outputs, so not counted twice) plus the temporaries;
-  None if the compiler gave no analysis."""
+def total_bytes(memory: Memory | None) -> float | None:
+  """Per-device bytes a compiled step holds at its peak: the compiler's own total where
+  it counts one (libtpu's), else the arguments (donated into the outputs, so not counted
+  twice) plus the temporaries; None if the compiler gave no analysis."""
   if memory is None:
     return None
+  if memory.total_in_bytes is not None:
+    return memory.total_in_bytes
   return (max(memory.argument_size_in_bytes, memory.output_size_in_bytes)
           + memory.temp_size_in_bytes)
 

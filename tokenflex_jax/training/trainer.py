@@ -103,32 +103,37 @@ def plan_task(config: RunSpec, task: Task, mesh, rules) -> TaskPlan:
 
 
 def compile_steps(task: Task, plan: TaskPlan, mesh, rules,
-                  options: Mapping[str, Any] | None = None) -> CompiledTask:
+                  options: Mapping[str, Any] | None = None,
+                  memory_of: compiled.MemoryOf | None = None) -> CompiledTask:
   """``plan`` with the train step lowered and compiled once per bucket (with
   ``task.count_per_microbatch``: a microbatch's forward and backward once per bucket,
-  the update once), with the compiler ``options`` (`compiled.compiler_options`)."""
+  the update once), with the compiler ``options`` (`compiled.compiler_options`), each
+  program's memory read by ``memory_of`` (default `compiled.pjrt_memory`)."""
   counts = task.buckets.counts
   if task.count_per_microbatch:
     k = task.microbatches
     pieces = compiled.compile_microbatch_buckets(
         steps.make_microbatch_step(task.loss_fn, plan.optimizer, k, task.abstract_batch,
                                    counts[0]),
-        plan.abstract_state, task.abstract_batch, counts, mesh, rules, task.name, options)
+        plan.abstract_state, task.abstract_batch, counts, mesh, rules, task.name, options,
+        memory_of)
     return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state,
                         pieces.every_microbatch_at(), loop.BucketSteps(
                             pieces.step, lambda step: task.buckets.for_microbatches(step, k)))
   by_count = compiled.compile_buckets(steps.make_train_step(task.loss_fn, plan.optimizer,
                                                           task.microbatches),
                                       plan.abstract_state, task.abstract_batch, counts,
-                                      mesh, rules, task.name, options)
+                                      mesh, rules, task.name, options, memory_of)
   return CompiledTask(plan.optimizer, plan.state_shardings, plan.abstract_state, by_count,
                       loop.BucketSteps(by_count.__getitem__, task.buckets.for_step))
 
 
-def compile_task(config: RunSpec, task: Task, mesh, rules) -> CompiledTask:
+def compile_task(config: RunSpec, task: Task, mesh, rules,
+                 memory_of: compiled.MemoryOf | None = None) -> CompiledTask:
   """`plan_task` and `compile_steps`: everything a run needs before its first step."""
   return compile_steps(task, plan_task(config, task, mesh, rules), mesh, rules,
-                       compiled.compiler_options(config.compiler_optimization_level))
+                       compiled.compiler_options(config.compiler_optimization_level),
+                       memory_of)
 
 
 def flops_per_device(task: Task, job: CompiledTask) -> dict[int, float]:
