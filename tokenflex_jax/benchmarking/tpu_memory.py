@@ -53,14 +53,18 @@ def size_bytes(text: str) -> int:
 
 def parse(lines: Sequence[str]) -> list[ProgramHbm]:
   """The HBM figures of every program a libtpu INFO log records, in the order compiled:
-  each "Program hbm requirement" block and the first "HLO temp" line in it."""
-  out, program = [], None
-  for line in lines:
-    if m := _REQUIREMENT.match(line):
-      program = size_bytes(m[1])
-    elif program is not None and (m := _HEAP.match(line)):
-      out.append(ProgramHbm(program, size_bytes(m[1]), size_bytes(m[2])))
-      program = None
+  each "Program hbm requirement" block (its indented lines) and the "HLO temp" line in
+  it, if any (a program without temporaries has none)."""
+  out, block = [], None
+  for line in [*lines, ""]:
+    if block is not None and line[:1].isspace():
+      if m := _HEAP.match(line):
+        block = ProgramHbm(block.program_bytes, size_bytes(m[1]), size_bytes(m[2]))
+      continue
+    if block is not None:
+      out.append(block)
+    m = _REQUIREMENT.match(line)
+    block = ProgramHbm(size_bytes(m[1]), 0, 0) if m else None
   return out
 
 
