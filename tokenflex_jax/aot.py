@@ -13,8 +13,9 @@ requirements-tpu.txt) running on this host: the target's devices make the mesh, 
 compiled FLOPs and bytes, a roofline bound on the step time from the chip's published
 peak (`CHIPS`), and the compiler's own estimate of its kernels' time
 (`benchmarking.tpu_cycles`); its memory is libtpu's own count, read from its log
-(`benchmarking.tpu_memory`: PJRT's counts the heap's fragmentation twice). ``--num_cpu_devices`` uses the CPU compiler instead (its
-figures are a CPU's, not a TPU's).
+(`benchmarking.tpu_memory`: PJRT's counts the heap's fragmentation twice).
+``--num_cpu_devices`` uses the CPU compiler instead (its figures are a CPU's, not a
+TPU's).
 """
 
 from __future__ import annotations
