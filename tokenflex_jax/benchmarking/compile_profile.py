@@ -86,13 +86,18 @@ def parse(lines: Sequence[str]) -> list[Compile]:
   return out
 
 
-def read(log_dir: str) -> list[Compile]:
-  """`parse` of the INFO logs in ``log_dir`` (one per process), oldest first."""
+def log_lines(log_dir: str) -> list[str]:
+  """The lines of libtpu's INFO logs in ``log_dir`` (one per process), oldest first."""
   lines: list[str] = []
   for path in sorted(glob.glob(os.path.join(log_dir, "*.log.INFO.*"))):
     with open(path, encoding="utf-8", errors="replace") as f:
       lines += f.read().splitlines()
-  return parse(lines)
+  return lines
+
+
+def read(log_dir: str) -> list[Compile]:
+  """`parse` of libtpu's INFO logs in ``log_dir``."""
+  return parse(log_lines(log_dir))
 
 
 def owners(hlo_text: str) -> dict[str, str]:

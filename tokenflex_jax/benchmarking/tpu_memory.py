@@ -17,14 +17,13 @@ program since the last it read, else keeps PJRT's and says so.
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 from absl import logging
 
+from tokenflex_jax.benchmarking import compile_profile
 from tokenflex_jax.training import compiled
 
 _REQUIREMENT = re.compile(r"^Program hbm requirement (\S+):$")
@@ -69,12 +68,8 @@ def parse(lines: Sequence[str]) -> list[ProgramHbm]:
 
 
 def read(log_dir: str) -> list[ProgramHbm]:
-  """`parse` of the INFO logs in ``log_dir`` (libtpu's ``TPU_LOG_DIR``), oldest first."""
-  lines: list[str] = []
-  for path in sorted(glob.glob(os.path.join(log_dir, "*.log.INFO.*"))):
-    with open(path, encoding="utf-8", errors="replace") as f:
-      lines += f.read().splitlines()
-  return parse(lines)
+  """`parse` of libtpu's INFO logs in ``log_dir`` (its ``TPU_LOG_DIR``)."""
+  return parse(compile_profile.log_lines(log_dir))
 
 
 class LibtpuMemory:
