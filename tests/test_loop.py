@@ -183,6 +183,7 @@ def test_written_scalars(tmp_path):
     assert rec["train/useful_tokens_per_s_per_device"] == pytest.approx(BATCH * n / t / 8)
     assert "train/useful_positions" not in rec
     assert 10 < rec["train/host_rss_mib"] < 1e6  # this test process's resident memory
+    assert "train/device_peak_gib" not in rec  # a CPU device keeps no memory_stats
   assert os.listdir(tmp_path / "tensorboard")
 
 
@@ -281,6 +282,32 @@ def test_host_counters_reach_the_metrics():
   assert first["train/skipped_records"] == 0
   assert second["train/skipped_records"] == 2
   assert second["train/skipped_records/unreadable_image"] == 2
+
+
+class DeviceWithMemory:
+  """What a GPU's or TPU's ``memory_stats()`` holds (jax_bridge's keys), in bytes."""
+
+  def memory_stats(self):
+    return {"bytes_in_use": 2**30, "peak_bytes_in_use": 3 * 2**30,
+            "bytes_limit": 15.75 * 2**30, "largest_alloc_size": 2**29}
+
+
+def test_the_device_memory_its_runtime_counts_reaches_the_metrics_and_the_log(
+    monkeypatch, caplog):
+  """On a device whose runtime counts its memory (GPU, TPU) each step's scalars hold its
+  peak and limit in GiB, and the console line the peak; a CPU's None is none of them."""
+  assert loop.device_memory_gib(None) == {}
+  assert loop.device_memory_gib({"bytes_in_use": 5}) == {}
+  monkeypatch.setattr(loop.jax, "local_devices", lambda: [DeviceWithMemory()])
+  writer = FakeWriter()
+  reporter = loop.Reporter(writer, 10, log_every=1, global_batch=BATCH,
+                           tokens_per_example=lambda n: n, flops_per_step={})
+  with caplog.at_level("INFO"):
+    reporter.report(0, 64, {"loss": np.float32(1.0)})
+  (_, scalars), = writer.records
+  assert scalars["train/device_peak_gib"] == 3.0
+  assert scalars["train/device_limit_gib"] == 15.75
+  assert "device_peak_gib=3 " in caplog.text
 
 
 def test_periodic_evaluation_runs_after_its_steps_on_their_parameters():

@@ -150,14 +150,16 @@ def bucket_figures(config: config_schema.ConfigDict | RunSpec,
           f"{r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | {roof} | "
           f"{est} |")
   if profile:
-    print("| visual tokens | kernels | kernel-seconds | longest kernel (s) | threads / "
-          "cores | seconds by part | projected compile (s) on 8 / 16 / 32 cores |")
-    print("|---|---|---|---|---|---|---|")
+    print("| visual tokens | kernels | kernel-seconds | longest kernel (s) | instructions "
+          "(M) | threads / cores | seconds by part | projected compile (s) on 8 / 16 / 32 "
+          "cores |")
+    print("|---|---|---|---|---|---|---|---|")
     for n, r in out.items():
       p = r["compile_profile"]
       parts = "; ".join(f"{k} {v:.0f}" for k, v in p["by_part_s"].items())
       print(f"| {n} | {p['kernels']} | {p['kernel_s']:.0f} | {p['longest_kernel_s']:.1f} "
-            f"({p['longest_kernel']}) | {p['threads']} / {p['host_cores']} | {parts} | "
+            f"({p['longest_kernel']}) | {p['instructions'] / 1e6:.2f} | {p['threads']} / "
+            f"{p['host_cores']} | {parts} | "
             f"{' / '.join(f'{v:.0f}' for v in p['projected_s'].values())} |")
   sys.stdout.flush()
   return out

@@ -28,7 +28,7 @@ VMODULE = "deepsea_compiler_backend=1"
 PARTS = ("vit", "projector", "llm")
 
 _LINE = re.compile(r"^[IWEF]\d{4} (\d\d):(\d\d):(\d\d\.\d+)\s+(\d+) (\S+?):\d+\] (.*)$")
-_KERNEL = re.compile(r"^\[(\S+)\] LLO optimizing [\d,]+ instructions")
+_KERNEL = re.compile(r"^\[(\S+)\] LLO optimizing ([\d,]+) instructions")
 _STAGE = re.compile(r"^(HLO_PASSES|BACKEND_PASSES|CODE_GENERATION|END_TO_END) stage "
                     r"duration: (.+)$")
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|m|s)")
@@ -38,11 +38,16 @@ _UNIT = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
 @dataclasses.dataclass(frozen=True)
 class Compile:
   """One program compiled by libtpu: its kernels' seconds {name: s}, the threads that
-  compiled them, and its stages' seconds {"HLO_PASSES", "BACKEND_PASSES",
-  "CODE_GENERATION", "END_TO_END"}."""
+  compiled them, its stages' seconds {"HLO_PASSES", "BACKEND_PASSES",
+  "CODE_GENERATION", "END_TO_END"}, and the machine instructions libtpu optimized for
+  each kernel {name: count} (every attempt: libtpu compiles some kernels again after a
+  first attempt fails). The seconds depend on the host and its load; the instructions
+  are the same on every run of the same program, the measure of the compiler's work
+  that two revisions can be compared by on a noisy host."""
   kernels: Mapping[str, float]
   threads: int
   stages: Mapping[str, float]
+  instructions: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def environment(log_dir: str, libtpu_args: str = "") -> dict[str, str]:
@@ -62,6 +67,7 @@ def parse(lines: Sequence[str]) -> list[Compile]:
   """The programs a libtpu INFO log records, in the order they finished compiling."""
   out, starts, last = [], collections.defaultdict(list), {}
   stages: dict[str, float] = {}
+  instructions: dict[str, int] = collections.defaultdict(int)
   for line in lines:
     m = _LINE.match(line)
     if not m:
@@ -70,6 +76,7 @@ def parse(lines: Sequence[str]) -> list[Compile]:
     thread, message = int(m[4]), m[6]
     if (k := _KERNEL.match(message)) and m[5] == "deepsea_compiler_backend.cc":
       starts[thread].append((t, k[1]))
+      instructions[k[1]] += int(k[2].replace(",", ""))
       last[thread] = t
     elif thread in last:
       last[thread] = t
@@ -81,8 +88,9 @@ def parse(lines: Sequence[str]) -> list[Compile]:
           for i, (t0, name) in enumerate(seq):
             end = seq[i + 1][0] if i + 1 < len(seq) else last[th]
             kernels[name] = kernels.get(name, 0.0) + max(end - t0, 0.0)
-        out.append(Compile(kernels, len(starts), dict(stages)))
+        out.append(Compile(kernels, len(starts), dict(stages), dict(instructions)))
         starts, last, stages = collections.defaultdict(list), {}, {}
+        instructions = collections.defaultdict(int)
   return out
 
 
@@ -115,9 +123,10 @@ def owners(hlo_text: str) -> dict[str, str]:
 def summary(compile_: Compile, hlo_text: str, compile_seconds: float, host_cores: int,
             cores: Sequence[int] = (8, 16, 32)) -> dict[str, object]:
   """The figures `aot --compile_profile` prints and writes for one program: kernels,
-  their total and longest seconds, the threads, the stages, the seconds by part of the
-  model (backward passes apart), and the compile's seconds (``compile_seconds``, tracing
-  and lowering included, on ``host_cores`` cores) projected for hosts of ``cores``."""
+  their total and longest seconds, their machine instructions, the threads, the stages,
+  the seconds by part of the model (backward passes apart), and the compile's seconds
+  (``compile_seconds``, tracing and lowering included, on ``host_cores`` cores)
+  projected for hosts of ``cores``."""
   total = sum(compile_.kernels.values())
   longest = max(compile_.kernels.items(), key=lambda kv: kv[1], default=("-", 0.0))
   backend = compile_.stages.get("BACKEND_PASSES", 0.0)
@@ -128,7 +137,8 @@ def summary(compile_: Compile, hlo_text: str, compile_seconds: float, host_cores
     part = part_of.get(name, "unnamed")
     by_part[part + (" backward" if name in backward else "")] += s
   return {"kernels": len(compile_.kernels), "kernel_s": total, "longest_kernel": longest[0],
-          "longest_kernel_s": longest[1], "threads": compile_.threads,
+          "longest_kernel_s": longest[1],
+          "instructions": sum(compile_.instructions.values()), "threads": compile_.threads,
           "host_cores": host_cores,
           "stages_s": dict(compile_.stages),
           "by_part_s": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenflex_jax.training import loop
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -66,6 +68,4 @@ def roofline_gflops(dtype: str, size: int = 2048, calls: int = 10) -> float:
 def peak_gib() -> float | None:
   """The most memory the first device has held since the process started, in GiB, where
   its runtime keeps the figure (GPUs and TPUs do; a CPU does not: None)."""
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
-  return None if peak is None else peak / 2**30
+  return loop.device_memory_gib(jax.devices()[0].memory_stats()).get("device_peak_gib")

@@ -114,6 +114,16 @@ def resident_mib() -> float:
     return 0.0
 
 
+def device_memory_gib(stats: Mapping[str, int] | None) -> dict[str, float]:
+  """A device's memory as its runtime counts it, from ``device.memory_stats()`` (GPUs and
+  TPUs keep one; a CPU gives None: {}): ``device_peak_gib``, the most it has held since
+  the process started, and ``device_limit_gib``, what it can hold; each where reported.
+  The compile's figures (`compiled.log_compiled`, `aot`) predict the peak; this measures
+  it."""
+  names = {"peak_bytes_in_use": "device_peak_gib", "bytes_limit": "device_limit_gib"}
+  return {name: stats[key] / 2**30 for key, name in names.items() if key in (stats or {})}
+
+
 @dataclasses.dataclass(frozen=True)
 class Periodic:
   """``fn(params, step) -> {name: scalar}`` every ``every`` completed steps (0: never),
@@ -174,7 +184,8 @@ class Reporter:
     host.update(num_tokens=num_tokens, step_time_s=step_time, host_rss_mib=resident_mib(),
                 examples_per_s=self._batch / step_time,
                 tokens_per_s_per_device=self._batch * positions / step_time / self._devices,
-                tflops_per_device=flops / step_time / 1e12)
+                tflops_per_device=flops / step_time / 1e12,
+                **device_memory_gib(jax.local_devices()[0].memory_stats()))
     if "useful_positions" in host:  # real text and visual tokens among the paid positions
       paid = self._batch * positions
       host.update(useful_share=host["useful_positions"] / paid,

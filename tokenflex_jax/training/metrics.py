@@ -97,7 +97,7 @@ def format_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
   """A compact console line: ``[  250/900  28%] loss=0.41 ...``."""
   keys = ("num_tokens", "loss", "token_accuracy", "grad_norm", "learning_rate", "step_time_s",
           "examples_per_s", "tokens_per_s_per_device", "useful_share", "tflops_per_device",
-          "host_rss_mib")
+          "device_peak_gib", "host_rss_mib")
   parts = [f"[{step:>6}/{total} {100 * step / max(total, 1):3.0f}%]"]
   for k in keys:
     if k in scalars:
