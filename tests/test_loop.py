@@ -308,6 +308,13 @@ def test_the_device_memory_its_runtime_counts_reaches_the_metrics_and_the_log(
   assert scalars["train/device_peak_gib"] == 3.0
   assert scalars["train/device_limit_gib"] == 15.75
   assert "device_peak_gib=3 " in caplog.text
+  # A backend that raises instead of returning None reports without the figures.
+  class Unimplemented:
+    def memory_stats(self):
+      raise RuntimeError("UNIMPLEMENTED: memory_stats")
+  monkeypatch.setattr(loop.jax, "local_devices", lambda: [Unimplemented()])
+  reporter.report(1, 64, {"loss": np.float32(1.0)})
+  assert "train/device_peak_gib" not in writer.records[-1][1]
 
 
 def test_periodic_evaluation_runs_after_its_steps_on_their_parameters():

@@ -124,6 +124,14 @@ def device_memory_gib(stats: Mapping[str, int] | None) -> dict[str, float]:
   return {name: stats[key] / 2**30 for key, name in names.items() if key in (stats or {})}
 
 
+def _memory_stats(device: Any) -> Mapping[str, int] | None:
+  """``device.memory_stats()``, or None where its backend does not implement it."""
+  try:
+    return device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # e.g. a plugin's UNIMPLEMENTED
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Periodic:
   """``fn(params, step) -> {name: scalar}`` every ``every`` completed steps (0: never),
@@ -185,7 +193,7 @@ class Reporter:
                 examples_per_s=self._batch / step_time,
                 tokens_per_s_per_device=self._batch * positions / step_time / self._devices,
                 tflops_per_device=flops / step_time / 1e12,
-                **device_memory_gib(jax.local_devices()[0].memory_stats()))
+                **device_memory_gib(_memory_stats(jax.local_devices()[0])))
     if "useful_positions" in host:  # real text and visual tokens among the paid positions
       paid = self._batch * positions
       host.update(useful_share=host["useful_positions"] / paid,
