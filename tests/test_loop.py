@@ -313,6 +313,8 @@ def test_the_device_memory_its_runtime_counts_reaches_the_metrics_and_the_log(
     def memory_stats(self):
       raise RuntimeError("UNIMPLEMENTED: memory_stats")
   monkeypatch.setattr(loop.jax, "local_devices", lambda: [Unimplemented()])
+  reporter = loop.Reporter(writer, 10, log_every=1, global_batch=BATCH,
+                           tokens_per_example=lambda n: n, flops_per_step={})
   reporter.report(1, 64, {"loss": np.float32(1.0)})
   assert "train/device_peak_gib" not in writer.records[-1][1]
 

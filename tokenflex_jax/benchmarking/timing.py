@@ -68,4 +68,4 @@ def roofline_gflops(dtype: str, size: int = 2048, calls: int = 10) -> float:
 def peak_gib() -> float | None:
   """The most memory the first device has held since the process started, in GiB, where
   its runtime keeps the figure (GPUs and TPUs do; a CPU does not: None)."""
-  return loop.device_memory_gib(jax.devices()[0].memory_stats()).get("device_peak_gib")
+  return loop.device_memory_gib(loop.memory_stats(jax.devices()[0])).get("device_peak_gib")

@@ -124,7 +124,7 @@ def device_memory_gib(stats: Mapping[str, int] | None) -> dict[str, float]:
   return {name: stats[key] / 2**30 for key, name in names.items() if key in (stats or {})}
 
 
-def _memory_stats(device: Any) -> Mapping[str, int] | None:
+def memory_stats(device: Any) -> Mapping[str, int] | None:
   """``device.memory_stats()``, or None where its backend does not implement it."""
   try:
     return device.memory_stats()
@@ -160,6 +160,7 @@ class Reporter:
     self._counters = host_counters
     self._batch, self._tokens, self._flops = global_batch, tokens_per_example, flops_per_step
     self._devices = jax.device_count()
+    self._device = jax.local_devices()[0]  # whose memory each step reports
     self._first: int | None = None
     self.restart_clock()
 
@@ -193,7 +194,7 @@ class Reporter:
                 examples_per_s=self._batch / step_time,
                 tokens_per_s_per_device=self._batch * positions / step_time / self._devices,
                 tflops_per_device=flops / step_time / 1e12,
-                **device_memory_gib(_memory_stats(jax.local_devices()[0])))
+                **device_memory_gib(memory_stats(self._device)))
     if "useful_positions" in host:  # real text and visual tokens among the paid positions
       paid = self._batch * positions
       host.update(useful_share=host["useful_positions"] / paid,
