@@ -65,6 +65,8 @@ def test_microbatches_make_the_whole_batchs_step(whole_batch, microbatches):
   metrics, params = _step(config)
   want_metrics, want_params = whole_batch
   assert metrics["useful_positions"] == want_metrics["useful_positions"]  # a count: summed
+  assert metrics["answer_tokens"] == want_metrics["answer_tokens"]
+  assert metrics["token_accuracy"] == pytest.approx(want_metrics["token_accuracy"], abs=1e-6)
   assert metrics["loss"] == pytest.approx(want_metrics["loss"], rel=1e-5)
   assert metrics["grad_norm"] == pytest.approx(want_metrics["grad_norm"], rel=1e-5)
   for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params)):
@@ -95,6 +97,27 @@ def test_normalising_each_microbatch_alone_would_differ():
   whole = (ce * w).sum() / w.sum()
   halves = np.mean([(ce[j::2] * w[j::2]).sum() / w[j::2].sum() for j in range(2)])
   assert abs(halves - whole) > 1e-3 * whole
+
+
+def test_a_share_of_a_count_averages_over_that_count_not_the_loss_weight():
+  """token_accuracy of microbatches answering 3 of 12 and 9 of 11 tokens is the batch's
+  12 of 23, though their loss weights (2 and 5) differ; likewise the ViT's shares of
+  patches; a metric that is no share averages weighted like the loss."""
+  micro = [({"token_accuracy": 3 / 12, "answer_tokens": 12.0, "color_accuracy": 0.5,
+             "patches": 8.0, "object_recall": 1.0, "object_patches": 1.0, "other": 1.0}, 2.0),
+           ({"token_accuracy": 9 / 11, "answer_tokens": 11.0, "color_accuracy": 1.0,
+             "patches": 8.0, "object_recall": 0.0, "object_patches": 3.0, "other": 4.0}, 5.0)]
+  acc = steps.Accumulator(jnp.zeros(()), {k: jnp.zeros(()) for k in micro[0][0]}, {},
+                          jnp.zeros(()))
+  for aux, weight in micro:
+    acc = steps._accumulate(acc, jnp.ones(()), {k: jnp.asarray(v) for k, v in aux.items()},
+                            {}, jnp.asarray(weight))
+  _, aux, _ = steps._averaged(acc, {})
+  assert float(aux["token_accuracy"]) == pytest.approx(12 / 23)
+  assert float(aux["answer_tokens"]) == 23.0
+  assert float(aux["color_accuracy"]) == pytest.approx(0.75)
+  assert float(aux["object_recall"]) == pytest.approx(0.25)
+  assert float(aux["other"]) == pytest.approx((2 * 1 + 5 * 4) / 7)
 
 
 def test_a_batch_the_microbatches_do_not_divide_is_refused():

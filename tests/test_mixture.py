@@ -34,7 +34,11 @@ def _mixed(seed=0):
 
 def test_the_draw_follows_the_weights_and_the_position_alone():
   mixed = _mixed()
-  assert len(mixed) == 60 and mixed.names == ("small", "large")
+  # One epoch: the positions that draw each source at least its size (the large one's 50
+  # at a weight of 1/4), so every example of each is in it.
+  assert len(mixed) == 200 and mixed.names == ("small", "large")
+  epoch = [mixed[k] for k in range(len(mixed))]
+  assert {int(d["x"]) for d in epoch} == set(range(10)) | set(range(1000, 1050))
   drawn = [mixed[k] for k in range(400)]
   from_small = np.array([d["_source"] == 0 for d in drawn])
   assert from_small.mean() == pytest.approx(0.75, abs=0.05)
@@ -61,8 +65,9 @@ def test_batches_resume_and_are_counted_per_source():
     ((("procedural", "", 1.0), ("coco", "/d", 1.0)),
      r"^config\.data\.mixture\[1\]: the source must be one of"),
     ((("llava", "", 1.0),), r"^config\.data\.mixture\[0\]: source 'llava' needs its tfds_dir"),
-    ((("procedural", "", -1.0),), r"^config\.data\.mixture\[0\]: the weight must be >= 0"),
-    ((("procedural", "", 0.0),), r"^config\.data\.mixture: the weights must sum to more than 0"),
+    ((("procedural", "", -1.0),), r"^config\.data\.mixture\[0\]: the weight must be > 0"),
+    ((("procedural", "", 1.0), ("procedural", "", 0.0)),
+     r"^config\.data\.mixture\[1\]: the weight must be > 0, got 0\.0"),
     ((("procedural", 1.0),), r"^config\.data\.mixture\[0\]=\('procedural', 1\.0\) must be "
                              r"\(source, tfds_dir, weight\)"),
 ])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -85,10 +87,9 @@ def _check_mixture(d: DataSpec, reads_data: bool) -> None:
       raise ConfigError(f"{field}: the source must be one of {SOURCES}, got {entry[0]!r}")
     if reads_data and entry[0] != "procedural" and not entry[1]:
       raise ConfigError(f"{field}: source {entry[0]!r} needs its tfds_dir")
-    if entry[2] < 0:
-      raise ConfigError(f"{field}: the weight must be >= 0, got {entry[2]}")
-  if sum(entry[2] for entry in d.mixture) <= 0:
-    raise ConfigError("config.data.mixture: the weights must sum to more than 0")
+    if entry[2] <= 0:
+      raise ConfigError(f"{field}: the weight must be > 0, got {entry[2]} (leave a source "
+                        "out to not draw from it)")
 
 
 def components(data_config: DataSpec) -> list[tuple[str, DataSpec, float]]:
@@ -411,17 +412,20 @@ class MixedSource:
   index), transformed, tagged with its index and repeated, then drawn by weight
   (`grain.MapDataset.mix`: position k is a pure function of k, so a resumed run or one
   on another number of processes sees the same examples). Its length, one "epoch", is
-  the parts' records together; `make_iterator` shuffles and repeats it as any source,
-  with `IDENTITY` as the transform, and counts each batch's examples per source."""
+  the positions by which every source has been drawn at least its size
+  (`covering_length`: no example left out, whatever the weights); `make_iterator`
+  shuffles and repeats it as any source, with `IDENTITY` as the transform, and counts
+  each batch's examples per source."""
 
   def __init__(self, parts: Sequence[tuple[str, Any, grain.transforms.Map, float]], seed: int):
     self.names = tuple(name for name, *_ in parts)
     self.transforms = tuple(transform for _, _, transform, _ in parts)
-    self._length = sum(len(source) for _, source, _, _ in parts)
+    weights = [float(w) for *_, w in parts]
+    self._length = covering_length([len(source) for _, source, _, _ in parts], weights)
     datasets = [grain.MapDataset.source(source).seed(seed + i).shuffle().map(_Tag(i))
                 .repeat(None) for i, (_, source, _, _) in enumerate(parts)]
     # The untransformed examples, each tagged with its source (what packing measures).
-    self.stream = grain.MapDataset.mix(datasets, [float(w) for *_, w in parts])[:self._length]
+    self.stream = grain.MapDataset.mix(datasets, weights)[:self._length]
 
   def __len__(self) -> int:
     return self._length
@@ -430,6 +434,39 @@ class MixedSource:
     element = self.stream[k]
     tag = element[_SOURCE_KEY]
     return {**self.transforms[int(tag)].map(element), _SOURCE_KEY: tag}
+
+
+class _Key(grain.transforms.Map):
+  def __init__(self, index: int):
+    self._index = index
+
+  def map(self, element: int) -> tuple[int, int]:
+    return self._index, int(element)
+
+
+def covering_length(lengths: Sequence[int], weights: Sequence[float]) -> int:
+  """The fewest positions of `grain.MapDataset.mix` over sources of ``lengths`` repeated,
+  with ``weights`` (all > 0), in which each source is drawn at least its length times."""
+  total = sum(weights)
+  draws = grain.MapDataset.mix([grain.MapDataset.range(sys.maxsize).map(_Key(i))
+                                for i in range(len(lengths))], list(weights))
+
+  def short(n: int) -> int:  # the most any source falls short of its length in [0, n)
+    drawn: dict[int, int] = {}
+    k = n
+    while len(drawn) < len(lengths):  # a source's next draw at or after n: its count
+      i, key = draws[k]
+      drawn.setdefault(i, key)
+      k += 1
+    return max(length - drawn[i] for i, length in enumerate(lengths))
+
+  n = max(math.ceil(length * total / w) for length, w in zip(lengths, weights))
+  n = max(n - len(lengths), 0)
+  while (missing := short(n)) > 0:
+    n += missing
+  while n > 0 and short(n - 1) <= 0:
+    n -= 1
+  return n
 
 
 class Tally:
@@ -582,7 +619,9 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
                   skipped: SkippedRecords | None = None,
                   sources: SourceCounts | None = None) -> grain.DatasetIterator:
   """An endless, checkpointable iterator of host-local batches, from global batch
-  ``start_batch`` on (the order does not depend on the number of processes).
+  ``start_batch`` on (the order does not depend on the number of processes). The source
+  is shuffled anew each epoch (``seed`` + the epoch), and a batch may span two epochs:
+  no example is dropped, and a source smaller than one batch repeats within it.
 
   ``on_bad_record`` ("error" | "skip", ``config.data.on_bad_record``): a record whose
   reading or preprocessing raises `InputError` stops the run, or is skipped
@@ -593,13 +632,16 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
     raise ConfigError(f"config.batch_size={global_batch} is not divisible by the "
                       f"{jax.process_count()} processes")
   skip = check_bad_record_policy(on_bad_record) == "skip"
+  if not len(source):
+    raise InputError(f"the training data has no examples ({type(source).__name__} of length 0)")
   local_batch = global_batch // jax.process_count()
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().map(transform)
+  # Repeated below the shuffle, which then draws epoch e's order with seed + e.
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(transform)
   if skip and not isinstance(source, packed_rows.PackedRows):  # which skips for itself
     ds = grain.MapDataset.source(SkipBadRecords(ds))
   ds = grain.MapDataset.source(HostRows(ds, global_batch, jax.process_index(),
                                         jax.process_count()))
-  ds = ds.repeat(None)[start_batch * local_batch:]
+  ds = ds[start_batch * local_batch:]
   ds = ds.batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if num_workers > 0:

@@ -61,4 +61,5 @@ def patch_label_loss(color_logits: jax.Array, object_logits: jax.Array, patch_co
   return loss, {
       "loss_weight": jnp.sum(w),  # the normaliser, for gradient accumulation
       "color_accuracy": jnp.mean(jnp.argmax(color_logits, -1) == color),
-      "object_recall": jnp.sum(obj_correct * has_obj) / jnp.maximum(jnp.sum(has_obj), 1.0)}
+      "object_recall": jnp.sum(obj_correct * has_obj) / jnp.maximum(jnp.sum(has_obj), 1.0),
+      "patches": jnp.asarray(color.size, jnp.float32), "object_patches": jnp.sum(has_obj)}

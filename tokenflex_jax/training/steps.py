@@ -26,9 +26,13 @@ LossFn = Callable[[Any, Batch, int], tuple[jax.Array, dict[str, jax.Array]]]
 # over the batch divided by it), so that microbatches' gradients add up to the whole
 # batch's; without it every microbatch weighs the same.
 LOSS_WEIGHT = "loss_weight"
-# Aux metrics that are counts over the batch: summed over microbatches (the others are
-# averaged, weighted like the loss).
-COUNTS = frozenset({"answer_tokens", "useful_positions"})
+# Aux metrics that are counts over the batch: summed over microbatches.
+COUNTS = frozenset({"answer_tokens", "useful_positions", "patches", "object_patches"})
+# Aux metrics that are shares of one of the `COUNTS` (metric: its denominator): averaged
+# over microbatches weighted by that count, so they equal the whole batch's. The rest are
+# averaged weighted like the loss.
+RATIOS = {"token_accuracy": "answer_tokens", "color_accuracy": "patches",
+          "object_recall": "object_patches"}
 InitParams = Callable[[jax.Array], Any]  # rng -> params boxed with their logical axes
 
 
@@ -46,7 +50,7 @@ def freeze(params: Mapping[str, Any], frozen: Sequence[str]) -> dict[str, Any]:
 
 class Accumulator(NamedTuple):
   """A step's microbatches so far, each weighted by its loss normaliser: loss [] and aux
-  {name: []} (`COUNTS` summed unweighted), grads {module: subtree} of the trainable
+  {name: []} (`COUNTS` summed, `RATIOS` weighted by their count), grads {module: subtree} of the trainable
   modules only (a frozen module's are zeros: not carried), weight [] (the normalisers'
   sum)."""
   loss: jax.Array
@@ -84,9 +88,12 @@ def _empty(shapes: tuple) -> Accumulator:
 
 
 def _accumulate(acc: Accumulator, loss, aux, grads, weight) -> Accumulator:
-  """``acc`` plus one microbatch, weighted by its loss normaliser (`COUNTS` summed)."""
+  """``acc`` plus one microbatch, weighted by its loss normaliser (`COUNTS` summed,
+  `RATIOS` weighted by their count)."""
   add = lambda total, x: total + weight * x
-  aux = {k: acc.aux[k] + v if k in COUNTS else add(acc.aux[k], v) for k, v in aux.items()}
+  aux = {k: acc.aux[k] + v if k in COUNTS
+         else acc.aux[k] + aux[RATIOS[k]] * v if k in RATIOS and RATIOS[k] in aux
+         else add(acc.aux[k], v) for k, v in aux.items()}
   return Accumulator(add(acc.loss, loss), aux, jax.tree.map(add, acc.grads, grads),
                      acc.weight + weight)
 
@@ -95,7 +102,9 @@ def _averaged(acc: Accumulator, params: Any):
   """(loss, aux, grads shaped like ``params``) of the whole batch from its microbatches'
   weighted sums; the frozen modules' gradients zeros."""
   total = acc.weight
-  aux = {k: v if k in COUNTS else v / total for k, v in acc.aux.items()}
+  aux = {k: v if k in COUNTS
+         else v / jnp.maximum(acc.aux[RATIOS[k]], 1.0) if k in RATIOS and RATIOS[k] in acc.aux
+         else v / total for k, v in acc.aux.items()}
   grads = {m: jax.tree.map(lambda g: g / total, acc.grads[m]) if m in acc.grads
            else jax.tree.map(jnp.zeros_like, sub) for m, sub in params.items()}
   return acc.loss / total, aux, grads
@@ -129,8 +138,8 @@ def make_train_step(loss_fn: LossFn, optimizer: Optimizer, microbatches: int = 1
   would not).
 
   Metrics: the loss, the gradient's global norm, the base learning rate and the loss
-  function's own metrics (over microbatches: `COUNTS` summed, the rest weighted like the
-  loss).
+  function's own metrics (over microbatches: `COUNTS` summed, `RATIOS` weighted by their
+  count, the rest weighted like the loss).
   """
   value_and_grad = _value_and_grad(loss_fn, optimizer)
   one = _microbatch_value_and_grad(loss_fn, optimizer, microbatches)
