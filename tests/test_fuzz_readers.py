@@ -968,6 +968,24 @@ def test_make_iterator_skips_or_stops_at_a_bad_record(llava_build):
     pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="ignore")
 
 
+def test_a_question_too_long_for_its_row_is_a_bad_record(llava_build):
+  """The suite's examples (QAPreprocess): one whose prompt and answer exceed
+  config.data.max_text_length stops the run in one line, or is skipped and counted."""
+  _, tok = llava_build
+  image = np.zeros((scenes.BASE_SIZE, scenes.BASE_SIZE, 3), np.uint8)
+  source = [{"question": "what colour is it" + " really" * (40 if k == 1 else 0),
+             "answer": "red", "image": image} for k in range(4)]
+  preprocess = pipeline.QAPreprocess(lambda: tok, max_text_length=LLAVA_LENGTH)
+  with pytest.raises(InputError, match=rf"^example needs \d+ tokens but config\.data\."
+                     rf"max_text_length is {LLAVA_LENGTH}: 'what colour is it really"):
+    [preprocess.map(example) for example in source]
+  skipped = pipeline.SkippedRecords()
+  it = pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="skip",
+                              skipped=skipped)
+  assert next(it)["tokens"].shape == (3, LLAVA_LENGTH)
+  assert skipped.counts() == {"InputError": 1}
+
+
 def test_skip_policy_in_the_config():
   from tokenflex_jax.app import config_schema  # pylint: disable=import-outside-toplevel
   assert config_schema.base_config().data.on_bad_record == "error"

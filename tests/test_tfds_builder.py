@@ -1,10 +1,14 @@
 """The TFDS array_record build reads back exactly what the generator makes."""
 
+import os
 import pickle
+import re
+import shutil
 
 import numpy as np
 import pytest
 
+from tokenflex_jax import errors
 from tokenflex_jax.data import scenes
 from tokenflex_jax.data import tfds_builder
 
@@ -44,6 +48,15 @@ def test_source_pickles_and_the_build_is_found(data_dir):
   assert tfds_builder.tfds_source(src.dataset_dir, "train")[0]["index"] == src[0]["index"]
 
 
-def test_missing_build_raises(tmp_path):
-  with pytest.raises(ValueError, match="tokenflex_scenes"):
+def test_a_missing_or_ambiguous_build_is_one_line_naming_the_folder(tmp_path, data_dir):
+  with pytest.raises(errors.MissingInputError,
+                     match=rf"^{re.escape(str(tmp_path))}: no tokenflex_scenes build here"):
     tfds_builder.tfds_source(str(tmp_path), "train")
+  build = tfds_builder.tfds_source(data_dir, "train").dataset_dir
+  twin = os.path.join(os.path.dirname(os.path.dirname(build)), "other", "1.0.0")
+  shutil.copytree(build, twin)
+  try:
+    with pytest.raises(errors.InputError, match=r": 2 tokenflex_scenes builds under it"):
+      tfds_builder.tfds_source(data_dir, "train")
+  finally:
+    shutil.rmtree(os.path.dirname(twin))

@@ -290,7 +290,7 @@ def assert_params_sufficiently_sharded(boxed_params: Any, shardings: Any, mesh: 
   details = "; ".join(f"{u.path} {u.shape} logical {tuple(u.logical)}: "
                       f"{', '.join(u.unused)}" for u in bad[:3])
   more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-  raise ValueError(
+  raise errors.ConfigError(
       f"{len(bad)} parameter(s) of >= {min_size} elements are fully replicated on mesh "
       f"{dict(mesh.shape)}: none of the mesh axes the rules ask for divides its dimension: "
       f"{details}{more}. Change config.mesh.shape so that those mesh axes divide the "

@@ -225,10 +225,10 @@ def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, m
   prompt = tokenizer.prompt_ids(question, image_first)
   answer_ids = tokenizer.answer_ids(answer)
   if len(answer_ids) < 2:
-    raise ValueError(f"empty answer for question {question!r}")
+    raise InputError(f"empty answer for question {question!r}")
   ids = prompt + answer_ids
   if len(ids) > max_length:
-    raise ValueError(f"example needs {len(ids)} tokens but config.data.max_text_length is "
+    raise InputError(f"example needs {len(ids)} tokens but config.data.max_text_length is "
                      f"{max_length}: {question!r} -> {answer!r}")
   return ids, [False] * len(prompt) + [True] * len(answer_ids)
 

@@ -10,6 +10,7 @@ from etils import epath
 from tensorflow_datasets.core import decode as tfds_decode
 
 from tokenflex_jax.data.rows import INVALID_UTF8, MalformedRowError
+from tokenflex_jax.errors import InputError, MissingInputError
 
 
 def find_build(data_dir: str, name: str) -> str:
@@ -19,9 +20,12 @@ def find_build(data_dir: str, name: str) -> str:
     return data_dir
   found = sorted(str(p.parent) for p in
                  (epath.Path(data_dir) / name).glob("*/*/dataset_info.json"))
-  if len(found) != 1:
-    raise ValueError(f"expected one {name} build under {data_dir}, found {found or 'none'}; "
-                     f"pass that build's folder instead")
+  if not found:
+    raise MissingInputError(f"{data_dir}: no {name} build here (no dataset_info.json in it "
+                            f"or in {name}/<config>/<version>/ under it)")
+  if len(found) > 1:
+    raise InputError(f"{data_dir}: {len(found)} {name} builds under it ({', '.join(found)}); "
+                     "pass one build's folder instead")
   return found[0]
 
 
