@@ -143,6 +143,10 @@ def test_collect_and_summarize(workdir):
   with open(path, "a") as f:
     f.write(json.dumps({"step": 3, "train/step_time_s": 100.0, "train/num_tokens": 64}) + "\n")
   assert experiment.collect(workdir)[0].train_seconds == pytest.approx(0.2 * 5)
+  with open(path, "a") as f:  # steps 2 and 3 redone after a restart: counted once each
+    for step in (2, 3):
+      f.write(json.dumps({"step": step, "train/step_time_s": 0.2, "train/num_tokens": 64}) + "\n")
+  assert experiment.collect(workdir)[0].train_seconds == pytest.approx(0.2 * 5)
   assert runs[6].name == "tokenflex"
   assert runs[6].train_visual_tokens == pytest.approx(np.mean([64, 144, 256]))
   s = experiment.summarize(runs, "cmd", 123.0, {"report": "abc", "runs": "def"})

@@ -342,6 +342,20 @@ def test_periodic_evaluation_runs_after_its_steps_on_their_parameters():
   assert not loop.Periodic(0, evaluate).due(4)
 
 
+def test_periodic_evaluation_runs_before_its_steps_save():
+  """At a step both saved and evaluated the evaluation comes first: a run killed while
+  it evaluates resumes from the save before and evaluates the step again."""
+  r = Run()
+
+  def evaluate(params, step):
+    r.events.append(("eval", step))
+    return {"eval/x": 1.0}
+
+  r.run(0, 8, every=4, periodic=loop.Periodic(4, evaluate))
+  for step in (4, 8):
+    assert r.events.index(("eval", step)) < r.events.index(("save", step))
+
+
 def test_a_step_of_microbatches_at_several_counts_reports_their_mean(tmp_path):
   """A draw of one count per microbatch (`config.count_per_microbatch`): the step's
   visual tokens, positions and FLOPs are its microbatches' mean (each 1/k of the batch),

@@ -121,15 +121,19 @@ def _read_json(path: str) -> Any:
 def _metrics(path: str) -> tuple[float, list[float]]:
   """(training seconds, every step's train/num_tokens) of a metrics.jsonl. The seconds
   are, per visual-token count, the median step time times that count's steps: robust to
-  a machine paused or shared for a while (a restart's first step, a test run beside it)."""
-  times: dict[float, list[float]] = {}
-  tokens = []
+  a machine paused or shared for a while (a restart's first step, a test run beside it).
+  A step redone after a restart counts once, by its last record."""
+  steps: dict[int, dict[str, float]] = {}
   with open(path, encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
       if "train/step_time_s" in row:
-        times.setdefault(row["train/num_tokens"], []).append(row["train/step_time_s"])
-        tokens.append(row["train/num_tokens"])
+        steps[row["step"]] = row
+  times: dict[float, list[float]] = {}
+  tokens = []
+  for _, row in sorted(steps.items()):
+    times.setdefault(row["train/num_tokens"], []).append(row["train/step_time_s"])
+    tokens.append(row["train/num_tokens"])
   seconds = sum(float(np.median(t)) * len(t) for t in times.values())
   return seconds, tokens
 

@@ -217,7 +217,10 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
   """Runs steps [start_step, total_steps); returns (state, steps completed).
 
   Each step's metrics are reported while the next step runs, so the host never waits
-  for the device except to save and for ``periodic`` (after the save of its step).
+  for the device except to save and for ``periodic``. ``periodic`` runs before its
+  step's save (a run killed while it evaluates resumes from the save before and
+  evaluates that step again), except at a stop requested by SIGTERM, which saves at once
+  and skips it.
   """
   pending = None  # (step, its draw, metrics still on device)
   done = start_step
@@ -230,19 +233,19 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
         reporter.report(*pending)  # The previous step, while this one runs.
       pending, done = (step, n, metrics), step + 1
       stop = stop_requested(done, sigterm.raised)
-      if done % saver.every == 0 or done == total_steps or stop:
+      if periodic is not None and periodic.due(done) and not stop:
         reporter.report(*pending)
         pending = None
-        saver.save(done, state, data.iterator)
-        reporter.restart_clock()  # Saving is not step time.
-      if stop:
-        break
-      if periodic is not None and periodic.due(done):
+        reporter.write(done, periodic.fn(state.params, done))
+        reporter.restart_clock()  # Evaluating is not step time.
+      if done % saver.every == 0 or done == total_steps or stop:
         if pending is not None:
           reporter.report(*pending)
           pending = None
-        reporter.write(done, periodic.fn(state.params, done))
-        reporter.restart_clock()  # Nor is evaluating.
+        saver.save(done, state, data.iterator)
+        reporter.restart_clock()  # Nor is saving.
+      if stop:
+        break
     if pending is not None:
       reporter.report(*pending)
   checkpointing.finish(saver.manager)
