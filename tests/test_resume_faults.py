@@ -115,6 +115,23 @@ def test_a_non_finite_loss_names_the_step_bucket_and_last_checkpoint(saved_run, 
     train(tiny_config(total_steps=6, optimizer__learning_rate=1e30, **ONE_BUCKET), workdir)
 
 
+def test_the_checkpoint_before_a_non_finite_loss_gets_its_checksums(saved_run, tmp_path):
+  """Saving every step from step 4 with a learning rate that overflows: the run stops on a
+  non-finite loss after saving at least one more step, and every step it committed has
+  the checksums a resume verifies."""
+  _, stopped = saved_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped, workdir)
+  with pytest.raises(errors.NonFiniteLossError):
+    train(tiny_config(total_steps=8, optimizer__learning_rate=1e30,
+                      **{**ONE_BUCKET, "checkpoint_every": 1}), workdir)
+  last = checkpointing.latest_step(workdir)
+  assert last > 4
+  for step in range(4, last + 1):
+    assert integrity.has_checksums(os.path.join(checkpointing.checkpoint_dir(workdir),
+                                                str(step)), 0), step
+
+
 def test_checksums_skip_another_processes_write_in_progress(tmp_path):
   """Process 1 writes its checksum record through a temporary file while process 0 lists
   the step: that file, owned by no process by name, must not enter process 0's record

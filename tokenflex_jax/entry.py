@@ -64,13 +64,26 @@ def handle_errors(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any
   return wrapped
 
 
+_CONFIG_ERROR = f"{errors.ConfigError.__module__}.{errors.ConfigError.__qualname__}: "
+
+
+def _config_file_error(message: str) -> str:
+  """A flag error's message; for a config file's own `errors.ConfigError` (a bad
+  ``--config=FILE:ARG``), which ml_collections hands on as its traceback's text, that
+  error's message alone. Any other error in a config file keeps its traceback."""
+  lines = message.rstrip().splitlines()
+  if lines and lines[-1].startswith(_CONFIG_ERROR):
+    return lines[-1][len(_CONFIG_ERROR):]
+  return message
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag (unknown, malformed, a missing config file or
   key) as one line and `errors.USAGE_EXIT_CODE` instead of absl's usage text."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    message = str(e)
+    message = _config_file_error(str(e))
   except (AttributeError, KeyError) as e:  # config_flags: an override of a key not there
     key = str(e).strip("\"'")
     named = [a for a in argv if a.startswith("--config.") and key and key in a.split("=")[0]]

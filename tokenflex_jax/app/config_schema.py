@@ -223,8 +223,8 @@ def parse_arg(arg: str | None, file: str, **choices: tuple[str, ...]) -> dict[st
   """Parses a config file's argument, e.g. ``"stage=1,rules=fsdp"``, into {key: value}.
 
   ``choices`` maps each key to its allowed values, the first being the default. A bare
-  first value (``"1"``) sets the first key. Raises ValueError naming ``file``, the key
-  and the allowed values.
+  first value (``"1"``) sets the first key. Raises `errors.ConfigError` naming ``file``,
+  the key and the allowed values.
   """
   values = {key: allowed[0] for key, allowed in choices.items()}
   usage = ",".join(f"{key}={'|'.join(sorted(allowed))}" for key, allowed in choices.items())
@@ -232,10 +232,10 @@ def parse_arg(arg: str | None, file: str, **choices: tuple[str, ...]) -> dict[st
   for i, part in enumerate(p for p in (arg or "").split(",") if p):
     key, value = part.split("=", 1) if "=" in part else (first if i == 0 else "", part)
     if key not in choices:
-      raise ValueError(f"{file}: unknown argument {part!r}; use {usage}")
+      raise errors.ConfigError(f"{file}: unknown argument {part!r}; use {usage}")
     if value not in choices[key]:
-      raise ValueError(f"{file}: {key} must be {_one_of(sorted(choices[key]))}, "
-                       f"got {value!r}; use {usage}")
+      raise errors.ConfigError(f"{file}: {key} must be {_one_of(sorted(choices[key]))}, "
+                               f"got {value!r}; use {usage}")
     values[key] = value
   return values
 

@@ -234,7 +234,7 @@ def train(config: RunSpec, workdir: str, task: Task, mesh, rules
         loop.DataFeed(data, lambda b: pipeline.to_global_batch(b, batch_sh)), saver, reporter,
         loop.Periodic(task.eval_every, task.evaluate) if task.evaluate else None)
   except errors.NonFiniteLossError as e:
-    manager.wait_until_finished()
+    checkpointing.finish(manager)  # The last save's checksums too: it is where to resume.
     last = manager.latest_step()
     where = (f"step {last} ({manager.directory}/{last}), where a restart resumes"
              if last is not None else "none (a restart starts from scratch)")
