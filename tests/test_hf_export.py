@@ -197,6 +197,20 @@ def test_the_processor_gives_our_ids_and_pixels(exported, loaded):
   np.testing.assert_allclose(theirs.permute(1, 2, 0).numpy(), ours, atol=1e-6)
 
 
+def test_images_and_image_markers_must_match(exported, loaded):
+  _, _, _, _, _, pixels = exported
+  model, processor = loaded
+  with pytest.raises(ValueError, match=r"^1 image\(s\) but 0 <image> marker\(s\)"):
+    processor(images=[pixels[0]], text=["What is shown?"], num_visual_tokens=64)
+  with pytest.raises(ValueError, match=r"^0 image\(s\) but 1 <image> marker\(s\)"):
+    processor(text=["<image>What is shown?"], num_visual_tokens=64)
+  text_only = processor(text=["What is shown?"], num_visual_tokens=64)
+  pixel_values = processor.image_processor([pixels[0]], return_tensors="pt")["pixel_values"]
+  with pytest.raises(ValueError, match=r"^0 image tokens for 1 images"):
+    model(input_ids=text_only["input_ids"], attention_mask=text_only["attention_mask"],
+          pixel_values=pixel_values)
+
+
 @pytest.mark.parametrize("count", TRAINED + UNTRAINED)
 def test_logits_equal_ours_at_trained_and_untrained_counts(exported, loaded, count):
   _, model, params, tok, _, pixels = exported

@@ -141,7 +141,7 @@ class TokenFlexForConditionalGeneration(PreTrainedModel, GenerationMixin):
   def tokens_per_image(self, input_ids: torch.Tensor, num_images: int) -> int:
     """N: the image tokens in ``input_ids`` over the images."""
     count = int((input_ids == self.config.image_token_id).sum())
-    if num_images == 0 or count % num_images:
+    if num_images == 0 or count == 0 or count % num_images:
       raise ValueError(f"{count} image tokens for {num_images} images: each image needs "
                        "the same number N of image tokens")
     return count // num_images

@@ -10,7 +10,7 @@ class TokenFlexProcessor(ProcessorMixin):
   """``processor(images=..., text=..., num_visual_tokens=N)`` -> input_ids and
   attention_mask (left-padded) and pixel_values [I, 3, H, W], ready for the model's
   forward and generate. Each text holds one image token per image, in the order of
-  ``images``."""
+  ``images`` (ValueError if the counts differ)."""
 
   def __init__(self, image_processor=None, tokenizer=None, chat_template=None,
                num_visual_tokens=256, image_token="<image>", **kwargs):
@@ -22,6 +22,12 @@ class TokenFlexProcessor(ProcessorMixin):
                **kwargs):
     n = num_visual_tokens or self.num_visual_tokens
     texts = [text] if isinstance(text, str) else list(text or [])
+    markers = sum(t.count(self.image_token) for t in texts)
+    given = (0 if images is None else len(images) if isinstance(images, (list, tuple))
+             else images.shape[0] if getattr(images, "ndim", 0) == 4 else 1)
+    if markers != given:
+      raise ValueError(f"{given} image(s) but {markers} {self.image_token} marker(s) in the "
+                       f"text: write one {self.image_token} per image, in the order of images")
     texts = [t.replace(self.image_token, self.image_token * n) for t in texts]
     data = dict(self.tokenizer(texts, padding=True, padding_side="left",
                                add_special_tokens=False, return_tensors=return_tensors))
