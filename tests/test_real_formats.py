@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.tiny import TINY_FLAGS, losses
+from tests.tiny import TINY_FLAGS, losses, tiny_spec
 from tests.xla_env import REPO, binary_env
+from tokenflex_jax import errors
 from tokenflex_jax.data import llava, llava_tfds, pipeline
+from tokenflex_jax.data import tokenizer as tok_lib
 from tokenflex_jax.data.rows import MalformedRowError
-from tokenflex_jax.evaluation import eval_files
+from tokenflex_jax.evaluation import eval_files, evaluator
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>"]
 COLORS = ["red", "green", "blue", "yellow"]
@@ -170,6 +172,18 @@ def test_malformed_eval_file_rows(tmp_path):
     eval_files.read_vqa(str(jsonl), 16)
   rows, skipped = eval_files.read_vqa(str(jsonl), 16, skip_malformed=True)
   assert len(rows) == 1 and skipped == {"empty answer": 1, "missing image": 1}
+
+
+def test_a_question_too_long_for_the_prompt_names_its_file(tmp_path):
+  (tmp_path / "a.png").write_bytes(_png("red"))
+  jsonl = tmp_path / "vqa.jsonl"
+  jsonl.write_text(json.dumps({"image": "a.png", "question": "What colour is the picture?",
+                               "answers": ["red"]}) + "\n")
+  spec = tiny_spec(eval__suite="vqa", eval__data_path=str(jsonl), eval__max_prompt_length=8)
+  tok = tok_lib.ensure_tokenizer(str(tmp_path / "tokenizer.model"))
+  with pytest.raises(errors.InputError, match=rf"^{re.escape(str(jsonl))}: question needs "
+                     r"\d+ prompt tokens but config\.eval\.max_prompt_length is 8: 'What"):
+    evaluator.eval_file_set(spec, tok)
 
 
 # --- Scoring ---------------------------------------------------------------------------

@@ -112,12 +112,14 @@ def eval_file_set(config: RunSpec, tokenizer: ChatTokenizer) -> EvalSet:
   if bench.skipped:
     logging.warning("%s: %s", path, format_skipped(bench.skipped))
   if not bench.questions:
-    raise ValueError(f"{path}: no usable rows")
+    raise errors.InputError(f"{path}: no usable rows")
+  try:
+    prompts = encode_prompts(tokenizer, bench.questions, config.eval.max_prompt_length,
+                             config.data.image_first)
+  except errors.InputError as e:
+    raise errors.InputError(f"{path}: {e}") from None
   granularity = config.eval.suite
-  return EvalSet(bench.images, bench.image_index,
-                 encode_prompts(tokenizer, bench.questions, config.eval.max_prompt_length,
-                                config.data.image_first),
-                 bench.score,
+  return EvalSet(bench.images, bench.image_index, prompts, bench.score,
                  {f: {"granularity": granularity, "chance": c} for f, c in bench.chance.items()},
                  bench.num_questions, bench.prompt_scores)
 
