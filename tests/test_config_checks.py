@@ -236,6 +236,15 @@ def test_every_problem_of_a_config_is_reported_at_once():
       "config.eval.suite"], lines
 
 
+def test_a_bad_count_and_too_many_probabilities_are_both_reported_once_each():
+  with pytest.raises(errors.ConfigError) as raised:
+    check(tiny_config(token_counts=(64, 1024), token_probs=(0.2, 0.3, 0.5)), 8)
+  lines = str(raised.value).splitlines()
+  assert len(lines) == 2, lines
+  assert lines[0].startswith("config.token_counts=(64, 1024): 1024 visual tokens need a")
+  assert lines[1] == "config.token_probs has 3 entries but config.token_counts has 2"
+
+
 def test_a_config_error_is_a_one_line_user_error_and_a_value_error():
   assert issubclass(errors.ConfigError, errors.UserError)
   assert issubclass(errors.ConfigError, ValueError)

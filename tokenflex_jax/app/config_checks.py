@@ -148,6 +148,7 @@ def vlm_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
   buckets (`buckets.Buckets.checked`); a known ``config.loss_weighting``;
   ``config.eval_every`` >= 0; ``config.count_per_microbatch`` only with microbatches."""
   _training(problems, config, facts, vlm.MODULES)
+  trained_counts(problems, config, facts)  # Reported beside a token_probs problem.
   if facts.grid is not None:
     problems.check(buckets.Buckets.checked, config, *facts.grid)
   problems.check(loss.check_weighting, config.loss_weighting)
@@ -218,7 +219,8 @@ class Problems:
     self.lines: list[str] = []
 
   def add(self, line: str) -> None:
-    self.lines.append(line)
+    if line not in self.lines:  # Two checks may find the same problem.
+      self.lines.append(line)
 
   def check(self, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``, or None when it raised a `errors.UserError` (recorded).
@@ -228,7 +230,8 @@ class Problems:
     try:
       return fn(*args, **kwargs)
     except errors.UserError as e:
-      self.lines.extend(str(e).splitlines())
+      for line in str(e).splitlines():
+        self.add(line)
     except (ArithmeticError, TypeError, ValueError, LookupError):
       if not self.lines:
         raise

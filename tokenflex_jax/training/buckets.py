@@ -43,13 +43,14 @@ def validate_buckets(counts: Sequence[int], probs: Sequence[float],
                      grid_fields: str = "config.model.vit.image_size / patch_size") -> None:
   """Raises `errors.ConfigError` (a ValueError) naming the config field if counts/probs
   are unusable (`check_counts`, with the patch grid if ``grid_side`` is given)."""
-  check_counts(counts, "config.token_counts", grid_side, grid_fields)
-  if len(probs) != len(counts):
+  # The probabilities before the counts, which the config checks also check on their own.
+  if counts and len(probs) != len(counts):
     raise errors.ConfigError(f"config.token_probs has {len(probs)} entries but "
                              f"config.token_counts has {len(counts)}")
-  if any(p < 0 for p in probs) or not np.isclose(sum(probs), 1.0, atol=1e-6):
+  if counts and (any(p < 0 for p in probs) or not np.isclose(sum(probs), 1.0, atol=1e-6)):
     raise errors.ConfigError(f"config.token_probs must be non-negative and sum to 1, got "
                              f"{tuple(probs)}")
+  check_counts(counts, "config.token_counts", grid_side, grid_fields)
 
 
 def token_count_for_step(seed: int, step: int, counts: Sequence[int],
