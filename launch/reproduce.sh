@@ -144,14 +144,17 @@ stage0() {
   check_tower
 }
 
-# check_tower: the tower's losses must match those the archive keeps (kept on first use):
-# every run of a reproduction starts from the same tower.
+# check_tower: the tower's losses must match those the archive keeps (kept on first use)
+# to a relative 1e-4: every run of a reproduction starts from the same tower. Another
+# processor rounds float32 otherwise (about 1e-7 relative), another tower by far more.
 check_tower() {
   [[ -z "$ARCHIVE" || ! -f "$W/stage0/metrics.jsonl" ]] && return
   local kept="$ARCHIVE/stage0_losses.txt" now
   now="$(grep -o '"train/loss": [^,}]*' "$W/stage0/metrics.jsonl")"
   if [[ ! -f "$kept" ]]; then echo "$now" > "$kept"
-  elif [[ "$now" != "$(cat "$kept")" ]]; then
+  elif ! python -c 'import sys; from tokenflex_jax.studies import experiment
+problem = experiment.tower_difference(open(sys.argv[1]).read(), sys.argv[2])
+sys.exit(problem and print(problem, file=sys.stderr) or bool(problem))' "$kept" "$now"; then
     echo "$LAUNCHER: the stage-0 tower trained here differs from $kept" >&2; exit 1
   fi
 }

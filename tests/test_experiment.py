@@ -128,6 +128,16 @@ def test_paired_t_against_a_hand_computed_value():
   assert same["ci"] == [0.0, 0.0] and same["p"] == 1.0
 
 
+def test_a_tower_matches_its_archive_to_float32_rounding_not_beyond():
+  kept = '"train/loss": 4.640263081\n"train/loss": 3.5\n'
+  assert experiment.tower_difference(kept, kept) is None
+  # Another processor: 1e-7 relative (docs/configs.md).
+  assert experiment.tower_difference(kept, '"train/loss": 4.640263557\n"train/loss": 3.5') is None
+  assert "relative difference 0.029" in experiment.tower_difference(
+      kept, '"train/loss": 4.640263081\n"train/loss": 3.6')
+  assert "1 losses against 2 kept" in experiment.tower_difference(kept, '"train/loss": 4.6')
+
+
 def test_spreads_are_sample_sds():
   assert experiment.mean_sd([0.7, 0.8, 0.9]) == pytest.approx({"mean": 0.8, "std": 0.1})
   assert experiment.mean_sd([0.7]) == {"mean": 0.7, "std": 0.0}

@@ -118,6 +118,21 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
+TOWER_RTOL = 1e-4  # another processor's float32 rounding: about 1e-7 (docs/configs.md)
+
+
+def tower_difference(kept: str, now: str) -> str | None:
+  """Why the stage-0 losses ``now`` (lines ``"train/loss": x`` of a metrics.jsonl) are not
+  those an archive ``kept``, or None: as many, each within `TOWER_RTOL` relative."""
+  losses = lambda text: [float(x) for x in re.findall(r'"train/loss": ([^,}\s]+)', text)]
+  a, b = losses(now), losses(kept)
+  worst = max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)), default=0.0)
+  if len(a) != len(b) or worst > TOWER_RTOL:
+    return (f"{len(a)} losses against {len(b)} kept, the largest relative difference "
+            f"{worst:.2g} (at most {TOWER_RTOL:g})")
+  return None
+
+
 def _metrics(path: str) -> tuple[float, list[float]]:
   """(training seconds, every step's train/num_tokens) of a metrics.jsonl. The seconds
   are, per visual-token count, the median step time times that count's steps: robust to
