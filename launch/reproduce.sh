@@ -150,7 +150,8 @@ stage0() {
 check_tower() {
   [[ -z "$ARCHIVE" || ! -f "$W/stage0/metrics.jsonl" ]] && return
   local kept="$ARCHIVE/stage0_losses.txt" now
-  now="$(grep -o '"train/loss": [^,}]*' "$W/stage0/metrics.jsonl")"
+  now="$(python -c 'import sys; from tokenflex_jax.studies import experiment
+print(experiment.tower_losses(sys.argv[1]), end="")' "$W/stage0/metrics.jsonl")"
   if [[ ! -f "$kept" ]]; then echo "$now" > "$kept"
   elif ! python -c 'import sys; from tokenflex_jax.studies import experiment
 problem = experiment.tower_difference(open(sys.argv[1]).read(), sys.argv[2])

@@ -32,13 +32,18 @@ def test_resuming_at_a_batch_reads_the_same_batches():
   assert _batches(list(range(10)), 4, 6, start_batch=5) == _batches(list(range(10)), 4, 11)[5:]
 
 
-def test_hosts_read_their_rows_of_the_same_global_batches():
-  ds = (pipeline.grain.MapDataset.source(list(range(10))).seed(0).shuffle().repeat(None))
-  hosts = [pipeline.HostRows(ds, 4, index, 2) for index in (0, 1)]
-  one = sum(_batches(list(range(10)), 4, 6), [])
-  for b in range(6):
-    assert [hosts[0][2 * b + r] for r in (0, 1)] + [hosts[1][2 * b + r] for r in (0, 1)] \
-        == one[4 * b:4 * b + 4]
+@pytest.mark.parametrize("processes", [2, 3])
+def test_processes_read_their_rows_of_the_same_global_batches(monkeypatch, processes):
+  """Each of P processes (jax.process_index/count as P processes see them) reads its
+  B / P rows of the global batches one process reads, across epochs and resumed."""
+  one = _batches(list(range(10)), 6, 7)
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: processes)
+  for start in (0, 3):
+    hosts = []
+    for index in range(processes):
+      monkeypatch.setattr(pipeline.jax, "process_index", lambda index=index: index)
+      hosts.append(_batches(list(range(10)), 6, 7 - start, start_batch=start))
+    assert [sum((h[b] for h in hosts), []) for b in range(7 - start)] == one[start:]
 
 
 def test_an_empty_source_is_one_line():

@@ -138,6 +138,15 @@ def test_a_tower_matches_its_archive_to_float32_rounding_not_beyond():
   assert "1 losses against 2 kept" in experiment.tower_difference(kept, '"train/loss": 4.6')
 
 
+def test_a_resumed_tower_keeps_each_steps_last_loss(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  # Steps 1 and 2, killed before a save, then 1 and 2 again: the last record of each.
+  rows = [(1, 9.0), (2, 8.0), (1, 4.640263081), (2, 3.5)]
+  path.write_text("".join(json.dumps({"step": s, "train/loss": x}) + "\n" for s, x in rows)
+                  + json.dumps({"step": 2, "eval/x": 1.0}) + "\n")
+  assert experiment.tower_losses(str(path)) == '"train/loss": 4.640263081\n"train/loss": 3.5\n'
+
+
 def test_spreads_are_sample_sds():
   assert experiment.mean_sd([0.7, 0.8, 0.9]) == pytest.approx({"mean": 0.8, "std": 0.1})
   assert experiment.mean_sd([0.7]) == {"mean": 0.7, "std": 0.0}

@@ -983,7 +983,7 @@ def test_a_question_too_long_for_its_row_is_a_bad_record(llava_build):
   it = pipeline.make_iterator(source, preprocess, 3, seed=0, on_bad_record="skip",
                               skipped=skipped)
   assert next(it)["tokens"].shape == (3, LLAVA_LENGTH)
-  assert skipped.counts() == {"InputError": 1}
+  assert skipped.counts() == {"too long": 1}
 
 
 def test_skip_policy_in_the_config():

@@ -204,6 +204,9 @@ def test_images_and_image_markers_must_match(exported, loaded):
     processor(images=[pixels[0]], text=["What is shown?"], num_visual_tokens=64)
   with pytest.raises(ValueError, match=r"^0 image\(s\) but 1 <image> marker\(s\)"):
     processor(text=["<image>What is shown?"], num_visual_tokens=64)
+  nested = processor(images=[[pixels[0], pixels[1]], [pixels[0]]], num_visual_tokens=4,
+                     text=["<image><image>Two?", "<image>One?"])  # a list per prompt
+  assert nested["pixel_values"].shape[0] == 3
   text_only = processor(text=["What is shown?"], num_visual_tokens=64)
   pixel_values = processor.image_processor([pixels[0]], return_tensors="pt")["pixel_values"]
   with pytest.raises(ValueError, match=r"^0 image tokens for 1 images"):

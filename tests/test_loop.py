@@ -356,6 +356,17 @@ def test_periodic_evaluation_runs_before_its_steps_save():
     assert r.events.index(("eval", step)) < r.events.index(("save", step))
 
 
+def test_an_evaluation_that_fails_saves_its_step_first():
+  r = Run()
+
+  def evaluate(params, step):
+    raise OSError("the eval file is gone")
+
+  with pytest.raises(OSError, match="the eval file is gone"):
+    r.run(0, 8, every=4, periodic=loop.Periodic(4, evaluate))
+  assert ("save", 4) in r.events and ("step", 4) not in r.events  # 0-based step 4 not run
+
+
 def test_a_step_of_microbatches_at_several_counts_reports_their_mean(tmp_path):
   """A draw of one count per microbatch (`config.count_per_microbatch`): the step's
   visual tokens, positions and FLOPs are its microbatches' mean (each 1/k of the batch),

@@ -50,6 +50,12 @@ def test_the_draw_follows_the_weights_and_the_position_alone():
   assert [_mixed(seed=1)[k]["x"] for k in range(20)] != [d["x"] for d in drawn[:20]]
 
 
+def test_a_source_without_examples_is_one_line_naming_it():
+  with pytest.raises(errors.InputError, match=r"^config\.data\.mixture: source empty has no "
+                                              r"examples"):
+    pipeline.MixedSource([("full", [{"v": 1}], Plus(0), 1.0), ("empty", [], Plus(0), 1.0)], 0)
+
+
 def test_batches_resume_and_are_counted_per_source():
   counts = pipeline.SourceCounts(("small", "large"))
   it = pipeline.make_iterator(_mixed(), pipeline.IDENTITY, 8, seed=0, sources=counts)
@@ -65,9 +71,12 @@ def test_batches_resume_and_are_counted_per_source():
     ((("procedural", "", 1.0), ("coco", "/d", 1.0)),
      r"^config\.data\.mixture\[1\]: the source must be one of"),
     ((("llava", "", 1.0),), r"^config\.data\.mixture\[0\]: source 'llava' needs its tfds_dir"),
-    ((("procedural", "", -1.0),), r"^config\.data\.mixture\[0\]: the weight must be > 0"),
+    ((("procedural", "", -1.0),), r"^config\.data\.mixture\[0\]: the weight must be a finite "
+                                  r"number > 0"),
+    ((("procedural", "", float("nan")),), r"^config\.data\.mixture\[0\]: the weight must be a "
+                                          r"finite number > 0, got nan"),
     ((("procedural", "", 1.0), ("procedural", "", 0.0)),
-     r"^config\.data\.mixture\[1\]: the weight must be > 0, got 0\.0"),
+     r"^config\.data\.mixture\[1\]: the weight must be a finite number > 0, got 0\.0"),
     ((("procedural", 1.0),), r"^config\.data\.mixture\[0\]=\('procedural', 1\.0\) must be "
                              r"\(source, tfds_dir, weight\)"),
 ])

@@ -87,9 +87,9 @@ def _check_mixture(d: DataSpec, reads_data: bool) -> None:
       raise ConfigError(f"{field}: the source must be one of {SOURCES}, got {entry[0]!r}")
     if reads_data and entry[0] != "procedural" and not entry[1]:
       raise ConfigError(f"{field}: source {entry[0]!r} needs its tfds_dir")
-    if entry[2] <= 0:
-      raise ConfigError(f"{field}: the weight must be > 0, got {entry[2]} (leave a source "
-                        "out to not draw from it)")
+    if not (math.isfinite(entry[2]) and entry[2] > 0):
+      raise ConfigError(f"{field}: the weight must be a finite number > 0, got {entry[2]} "
+                        "(leave a source out to not draw from it)")
 
 
 def components(data_config: DataSpec) -> list[tuple[str, DataSpec, float]]:
@@ -218,6 +218,18 @@ def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack
   return list(ids[:keep]), list(mask[:keep])
 
 
+class ExampleError(InputError):
+  """A question and answer that cannot be trained on; ``reason`` is what a skipped one is
+  counted as (`SkippedRecords`)."""
+
+  def __init__(self, reason: str, message: str):
+    super().__init__(message)
+    self.reason = reason
+
+  def __reduce__(self):  # Picklable: grain's worker processes send errors back.
+    return type(self), (self.reason, str(self))
+
+
 def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
                          image_first: bool = True) -> tuple[list[int], list[bool]]:
   """Chat-formatted prompt + answer: (ids, mask) with the mask on answer tokens
@@ -225,11 +237,12 @@ def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, m
   prompt = tokenizer.prompt_ids(question, image_first)
   answer_ids = tokenizer.answer_ids(answer)
   if len(answer_ids) < 2:
-    raise InputError(f"empty answer for question {question!r}")
+    raise ExampleError("empty answer", f"empty answer for question {question!r}")
   ids = prompt + answer_ids
   if len(ids) > max_length:
-    raise InputError(f"example needs {len(ids)} tokens but config.data.max_text_length is "
-                     f"{max_length}: {question!r} -> {answer!r}")
+    raise ExampleError("too long", f"example needs {len(ids)} tokens but "
+                       f"config.data.max_text_length is {max_length}: {question!r} -> "
+                       f"{answer!r}")
   return ids, [False] * len(prompt) + [True] * len(answer_ids)
 
 
@@ -421,6 +434,9 @@ class MixedSource:
     self.names = tuple(name for name, *_ in parts)
     self.transforms = tuple(transform for _, _, transform, _ in parts)
     weights = [float(w) for *_, w in parts]
+    for name, source, _, _ in parts:
+      if not len(source):
+        raise InputError(f"config.data.mixture: source {name} has no examples")
     self._length = covering_length([len(source) for _, source, _, _ in parts], weights)
     datasets = [grain.MapDataset.source(source).seed(seed + i).shuffle().map(_Tag(i))
                 .repeat(None) for i, (_, source, _, _) in enumerate(parts)]
@@ -445,28 +461,28 @@ class _Key(grain.transforms.Map):
 
 
 def covering_length(lengths: Sequence[int], weights: Sequence[float]) -> int:
-  """The fewest positions of `grain.MapDataset.mix` over sources of ``lengths`` repeated,
-  with ``weights`` (all > 0), in which each source is drawn at least its length times."""
+  """The fewest positions of `grain.MapDataset.mix` over sources of ``lengths`` (each
+  >= 1) repeated, with ``weights`` (all > 0), in which each source is drawn at least its
+  length times: one past the last of the sources' length-th draws."""
   total = sum(weights)
   draws = grain.MapDataset.mix([grain.MapDataset.range(sys.maxsize).map(_Key(i))
                                 for i in range(len(lengths))], list(weights))
-
-  def short(n: int) -> int:  # the most any source falls short of its length in [0, n)
-    drawn: dict[int, int] = {}
-    k = n
-    while len(drawn) < len(lengths):  # a source's next draw at or after n: its count
-      i, key = draws[k]
-      drawn.setdefault(i, key)
+  end = 0
+  for i, (length, w) in enumerate(zip(lengths, weights)):
+    gap = math.ceil(total / w)  # about the positions between two draws of source i
+    start = max(0, math.floor((length - len(lengths) - 1) * total / w))
+    while True:  # from the first draw of source i at or after start, key = its count
+      k = start
+      while (found := draws[k])[0] != i:
+        k += 1
+      if found[1] < length or start == 0:
+        break
+      start = max(0, start - (found[1] - length + 2) * gap)  # past it: start earlier
+    while found != (i, length - 1):
       k += 1
-    return max(length - drawn[i] for i, length in enumerate(lengths))
-
-  n = max(math.ceil(length * total / w) for length, w in zip(lengths, weights))
-  n = max(n - len(lengths), 0)
-  while (missing := short(n)) > 0:
-    n += missing
-  while n > 0 and short(n - 1) <= 0:
-    n -= 1
-  return n
+      found = draws[k]
+    end = max(end, k + 1)
+  return end
 
 
 class Tally:
@@ -564,17 +580,20 @@ def _encode_reason(error: InputError | None) -> np.ndarray:
 class SkipBadRecords:
   """Random access over ``dataset`` (shuffled records, preprocessed) that skips bad ones.
 
-  Position k holds the first good record at k, k+1, ... (cyclically): batches keep their
-  size, and a resumed run, or one on another number of processes, sees the same batches.
+  Position k holds the first good record at k, k+1, ... (cyclically over a finite
+  ``dataset``; an endless one runs on into the next epoch): batches keep their size, and
+  a resumed run, or one on another number of processes, sees the same batches.
   A record is bad when reading or preprocessing it raises `InputError` (the message names
   its file or build and its row or record); any other error propagates. The record at
   position k, if bad, is logged once there and its reason travels with the example
   (uint8 [64] under a private key) to `CountSkipped` in the process that takes the batch;
-  `MAX_BAD_IN_A_ROW` bad records in a row raise `InputError`.
+  `MAX_BAD_IN_A_ROW` bad records in a row, or ``records`` (the distinct records, if
+  fewer), raise `InputError`.
   """
 
-  def __init__(self, dataset: Any):
+  def __init__(self, dataset: Any, records: int | None = None):
     self.dataset = dataset
+    self._limit = min(len(dataset) if records is None else records, MAX_BAD_IN_A_ROW)
 
   def __len__(self) -> int:
     return len(self.dataset)
@@ -583,7 +602,7 @@ class SkipBadRecords:
     n = len(self.dataset)
     first: InputError | None = None
     last: InputError | None = None
-    for step in range(min(n, MAX_BAD_IN_A_ROW)):
+    for step in range(self._limit):
       try:
         example = self.dataset[(k + step) % n]
       except InputError as e:
@@ -593,7 +612,7 @@ class SkipBadRecords:
           logging.warning("skipping a bad record (config.data.on_bad_record='skip'): %s", e)
         continue
       return {**example, _REASON_KEY: _encode_reason(first)}
-    raise InputError(f"{min(n, MAX_BAD_IN_A_ROW)} records in a row are bad, e.g. {last}; "
+    raise InputError(f"{self._limit} records in a row are bad, e.g. {last}; "
                      "config.data.on_bad_record='skip' skips single bad records, not a "
                      "broken source")
 
@@ -638,7 +657,7 @@ def make_iterator(source: Any, transform: grain.transforms.Map, global_batch: in
   # Repeated below the shuffle, which then draws epoch e's order with seed + e.
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(transform)
   if skip and not isinstance(source, packed_rows.PackedRows):  # which skips for itself
-    ds = grain.MapDataset.source(SkipBadRecords(ds))
+    ds = grain.MapDataset.source(SkipBadRecords(ds, len(source)))
   ds = grain.MapDataset.source(HostRows(ds, global_batch, jax.process_index(),
                                         jax.process_count()))
   ds = ds[start_batch * local_batch:]

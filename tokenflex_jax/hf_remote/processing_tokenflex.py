@@ -6,6 +6,16 @@ from transformers import ProcessorMixin
 from transformers.feature_extraction_utils import BatchFeature
 
 
+def _count_images(images) -> int:
+  """Images in what an image processor takes: one image (PIL, [H, W, C] or [C, H, W]),
+  a batch array [I, ...], or (nested) lists of them."""
+  if images is None:
+    return 0
+  if isinstance(images, (list, tuple)):
+    return sum(_count_images(x) for x in images)
+  return images.shape[0] if getattr(images, "ndim", 0) == 4 else 1
+
+
 class TokenFlexProcessor(ProcessorMixin):
   """``processor(images=..., text=..., num_visual_tokens=N)`` -> input_ids and
   attention_mask (left-padded) and pixel_values [I, 3, H, W], ready for the model's
@@ -23,8 +33,7 @@ class TokenFlexProcessor(ProcessorMixin):
     n = num_visual_tokens or self.num_visual_tokens
     texts = [text] if isinstance(text, str) else list(text or [])
     markers = sum(t.count(self.image_token) for t in texts)
-    given = (0 if images is None else len(images) if isinstance(images, (list, tuple))
-             else images.shape[0] if getattr(images, "ndim", 0) == 4 else 1)
+    given = _count_images(images)
     if markers != given:
       raise ValueError(f"{given} image(s) but {markers} {self.image_token} marker(s) in the "
                        f"text: write one {self.image_token} per image, in the order of images")

@@ -121,9 +121,21 @@ def _read_json(path: str) -> Any:
 TOWER_RTOL = 1e-4  # another processor's float32 rounding: about 1e-7 (docs/configs.md)
 
 
+def tower_losses(metrics_path: str) -> str:
+  """A stage-0 run's losses as an archive keeps them (``stage0_losses.txt``): a line
+  ``"train/loss": x`` per step, a step redone after a restart by its last record."""
+  steps: dict[int, float] = {}
+  with open(metrics_path, encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "train/loss" in row:
+        steps[row["step"]] = row["train/loss"]
+  return "".join(f'"train/loss": {steps[s]!r}\n' for s in sorted(steps))
+
+
 def tower_difference(kept: str, now: str) -> str | None:
-  """Why the stage-0 losses ``now`` (lines ``"train/loss": x`` of a metrics.jsonl) are not
-  those an archive ``kept``, or None: as many, each within `TOWER_RTOL` relative."""
+  """Why the stage-0 losses ``now`` are not those an archive ``kept`` (both as
+  `tower_losses` writes them), or None: as many, each within `TOWER_RTOL` relative."""
   losses = lambda text: [float(x) for x in re.findall(r'"train/loss": ([^,}\s]+)', text)]
   a, b = losses(now), losses(kept)
   worst = max((abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b)), default=0.0)

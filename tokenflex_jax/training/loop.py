@@ -219,8 +219,8 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
   Each step's metrics are reported while the next step runs, so the host never waits
   for the device except to save and for ``periodic``. ``periodic`` runs before its
   step's save (a run killed while it evaluates resumes from the save before and
-  evaluates that step again), except at a stop requested by SIGTERM, which saves at once
-  and skips it.
+  evaluates that step again; one whose evaluation raises saves first), except at a stop
+  requested by SIGTERM, which saves at once and skips it.
   """
   pending = None  # (step, its draw, metrics still on device)
   done = start_step
@@ -233,12 +233,19 @@ def train_loop(state: Any, start_step: int, total_steps: int, steps: BucketSteps
         reporter.report(*pending)  # The previous step, while this one runs.
       pending, done = (step, n, metrics), step + 1
       stop = stop_requested(done, sigterm.raised)
+      save = done % saver.every == 0 or done == total_steps or stop
       if periodic is not None and periodic.due(done) and not stop:
         reporter.report(*pending)
         pending = None
-        reporter.write(done, periodic.fn(state.params, done))
+        try:
+          reporter.write(done, periodic.fn(state.params, done))
+        except Exception:
+          if save:  # An evaluation that fails loses no training.
+            saver.save(done, state, data.iterator)
+            checkpointing.finish(saver.manager)
+          raise
         reporter.restart_clock()  # Evaluating is not step time.
-      if done % saver.every == 0 or done == total_steps or stop:
+      if save:
         if pending is not None:
           reporter.report(*pending)
           pending = None
