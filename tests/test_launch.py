@@ -43,6 +43,18 @@ def test_every_script_parses_and_passes_shellcheck():
   assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.parametrize("script,first", [("demo.sh", "The main job:"),
+                                          ("crash_test.sh", "The crash harness:")])
+def test_the_local_scripts_print_their_usage_and_do_nothing_else(script, first, tmp_path):
+  """--help: the header's usage, no set-up (it runs before the venv) and no workdir."""
+  helped = subprocess.run(["bash", os.path.join(REPO, "launch", script), "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+  assert helped.returncode == 0, helped.stderr
+  lines = helped.stdout.splitlines()
+  assert lines[0].startswith(first) and lines[-1].startswith(("Re-running", "e.g."))
+  assert not os.listdir(tmp_path)
+
+
 @pytest.mark.parametrize("script", CLUSTER_SCRIPTS)
 def test_help_and_missing_arguments(script):
   helped = _run(script, "--help")
