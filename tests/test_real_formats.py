@@ -219,6 +219,10 @@ def test_mmbench_circular_evaluation(files):
   wrong_once[1] = "A" if right[1] != "A" else "B"  # question 0 (red, warm), rotation 1
   assert bench.score(wrong_once) == {"warm": 0.75, "cold": 1.0}
   assert bench.score(["(" + r + ") text" for r in right]) == {"warm": 1.0, "cold": 1.0}
+  # Answers given as the option's text are read in each rotation's own order.
+  texts = [(COLORS * 2)[q_num] for q_num in range(8) for _ in range(4)]
+  assert bench.score(texts) == {"warm": 1.0, "cold": 1.0}
+  assert bench.prompt_scores(texts).tolist() == [1.0] * 32
 
 
 def test_choice_parsing_and_circular_copies_in_the_file(tmp_path):
@@ -228,6 +232,8 @@ def test_choice_parsing_and_circular_copies_in_the_file(tmp_path):
   assert eval_files.parse_choice("it is green", options) == 1  # the option's text
   assert eval_files.parse_choice("green or blue", options) is None
   assert eval_files.parse_choice("D", options) is None
+  assert eval_files.parse_choice("b", options) == 1 and eval_files.parse_choice("b.", options) == 1
+  assert eval_files.parse_choice("a dog", ("a cat", "a dog")) == 1  # an article, not "A"
   # VLMEvalKit-style files carry the rotated copies as rows index + j * 1e6.
   image = base64.b64encode(_png("red")).decode()
   tsv = tmp_path / "circular.tsv"

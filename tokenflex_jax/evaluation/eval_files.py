@@ -98,11 +98,13 @@ def mc_prompt(question: str, hint: str, options: Sequence[str]) -> str:
 
 
 def parse_choice(text: str, options: Sequence[str]) -> int | None:
-  """The option a generated answer names: a letter ("B", "b.", "(B) cat", "The answer is
-  B") or, failing that, exactly one option's text. None if it names none."""
+  """The option a generated answer names: a letter ("B", "b.", "(b)", "(B) cat", "The
+  answer is B") or, failing that, exactly one option's text. None if it names none. A
+  leading lowercase letter counts only as "b", "b." or "(b)": "a dog" is a text."""
   valid = LETTERS[:len(options)]
   text = text.strip()
-  m = re.match(r"^\(?([A-Za-z])(?:[.):\s]|$)", text)
+  m = (re.match(r"^\(?([A-Z])(?:[.):\s]|$)", text)
+       or re.match(r"^\(?([a-z])(?:[.)]|\)?$)", text))
   if m and m.group(1).upper() in valid:
     return valid.index(m.group(1).upper())
   found = [f for f in re.findall(r"\b([A-Z])\b", text) if f in valid]
@@ -223,27 +225,28 @@ def read_mmbench(path: str, image_size: int, skip_malformed: bool = False
 def mmbench(path: str, image_size: int, skip_malformed: bool = False) -> EvalFile:
   """Circular multiple choice: each k-option question is asked k times, rotated."""
   questions, skipped = read_mmbench(path, image_size, skip_malformed)
-  prompts, image_index, asked = [], [], []  # asked: (question number, right letter index)
+  prompts, image_index = [], []
+  asked = []  # (question number, the options in the order asked, the right one's index)
   for q_num, q in enumerate(questions):
     k = len(q.options)
     for shift in range(k):
       rotated = q.options[shift:] + q.options[:shift]
       prompts.append(mc_prompt(q.question, q.hint, rotated))
       image_index.append(q_num)
-      asked.append((q_num, (q.answer - shift) % k))
+      asked.append((q_num, rotated, (q.answer - shift) % k))
   categories = sorted({q.category for q in questions})
 
   def score(predictions: Sequence[str]) -> dict[str, float]:
     correct = np.ones(len(questions), bool)
-    for (q_num, answer), text in zip(asked, predictions, strict=True):
-      if parse_choice(text, questions[q_num].options) != answer:
+    for (q_num, options, answer), text in zip(asked, predictions, strict=True):
+      if parse_choice(text, options) != answer:
         correct[q_num] = False
     cats = np.array([q.category for q in questions])
     return {c: float(correct[cats == c].mean()) for c in categories}
 
   def prompt_scores(predictions: Sequence[str]) -> np.ndarray:
-    return np.array([float(parse_choice(text, questions[q_num].options) == answer)
-                     for (q_num, answer), text in zip(asked, predictions, strict=True)])
+    return np.array([float(parse_choice(text, options) == answer)
+                     for (_, options, answer), text in zip(asked, predictions, strict=True)])
 
   chance = {c: float(np.mean([(1 / len(q.options)) ** len(q.options) for q in questions
                               if q.category == c])) for c in categories}
