@@ -280,13 +280,14 @@ def hf_tokenizer_dirs(tmp_path_factory):
   return {"own": own, "bare": bare}
 
 
-@pytest.mark.parametrize("template,image_token", [("", "<|image_pad|>"),
-                                                  ("chatml", "<|image_pad|>"),
-                                                  ("llama3", "<image>")])
+@pytest.mark.parametrize("template,image_token,system", [("", "<|image_pad|>", None),
+                                                         ("", "<|image_pad|>", "Be brief."),
+                                                         ("chatml", "<|image_pad|>", None),
+                                                         ("llama3", "<image>", None)])
 def test_an_llm_tokenizer_exports_with_the_template_the_run_used(
-    tmp_path, hf_tokenizer_dirs, template, image_token):
+    tmp_path, hf_tokenizer_dirs, template, image_token, system):
   source = hf_tokenizer_dirs["own" if not template else "bare"]
-  ours = HFTokenizer(source, template, image_token)
+  ours = HFTokenizer(source, template, image_token, system)
   files = tokenizer_export.write(ours, str(tmp_path))
   assert files.image_token == image_token
   theirs = AutoTokenizer.from_pretrained(str(tmp_path))

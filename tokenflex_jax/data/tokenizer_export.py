@@ -132,6 +132,10 @@ def _hf(tok: hf_tokenizer.HFTokenizer, out_dir: str) -> TokenizerFiles:
     name = tok.template_name
   else:
     source = jinja_template.find_chat_template(tok.path, config)
+    if tok.system_prompt:  # As the run trained: a system turn first unless one is given.
+      source = ("{%- if not messages or messages[0]['role'] != 'system' %}{%- set messages = "
+                "[{'role': 'system', 'content': " + json.dumps(tok.system_prompt) + "}] + "
+                "messages %}{%- endif %}" + source)
     name = "own"
   config.update(chat_template=source, image_token=tok.image_token, padding_side="left")
   config.setdefault("extra_special_tokens", {})
