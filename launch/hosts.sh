@@ -10,7 +10,8 @@ Usage: bash launch/hosts.sh --hosts=H0,H1,... --workdir=DIR [options] [-- TRAIN_
 Process i runs on host i with --coordinator_address=H0:PORT --num_processes=N
 --process_id=i. Every host needs this checkout at the same path with its environment
 set up (bash launch/setup_env.sh or `pip install .`) and passwordless ssh. The host
-named `localhost` runs without ssh.
+named `localhost` runs without ssh; as H0 the other hosts reach it by this machine's
+name (`hostname -f`).
 
 Required: --hosts, --workdir (a directory every host sees).
 Options:
@@ -34,6 +35,9 @@ require HOSTS WORKDIR
 IFS=',' read -r -a HOST_LIST <<< "$HOSTS"
 N="${#HOST_LIST[@]}"
 COORDINATOR="${HOST_LIST[0]}:$PORT"
+if [[ "${HOST_LIST[0]}" == localhost && "$N" -gt 1 ]]; then  # what the others can reach
+  COORDINATOR="$(hostname -f 2>/dev/null || hostname):$PORT"
+fi
 
 pids=()
 for i in "${!HOST_LIST[@]}"; do

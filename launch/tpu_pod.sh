@@ -108,7 +108,7 @@ train() {
 
 # Follows worker 0's log until its training process exits (then `all` deletes the slice).
 logs() {
-  run "${GCLOUD[@]}" tpu-vm ssh "$NAME" "${WHERE[@]}" --worker=0 --command="pid=\$(pgrep -o -f tokenflex_jax.train); if [ -n \"\$pid\" ]; then tail -n +1 -F --pid=\$pid $LOG; else cat $LOG; fi"
+  run "${GCLOUD[@]}" tpu-vm ssh "$NAME" "${WHERE[@]}" --worker=0 --command="pid=\$(pgrep -o -f 'tokenflex_jax[.]train'); if [ -n \"\$pid\" ]; then tail -n +1 -F --pid=\$pid $LOG; else cat $LOG; fi"
 }
 
 delete() {

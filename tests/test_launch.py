@@ -2,6 +2,8 @@
 
 import glob
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -126,6 +128,25 @@ def test_hosts_dry_run_numbers_the_processes():
     assert line.startswith(f"+ ssh {host} ")
     assert "--coordinator_address=gpu0:9000" in line and "--num_processes=3" in line
     assert f"--process_id={i}" in line
+  # This machine as host 0: the other host is told its name, not "localhost".
+  local = _run("hosts.sh", "--hosts=localhost,gpu1", "--workdir=/nfs/run", "--dry-run")
+  name = subprocess.run(["hostname", "-f"], capture_output=True, text=True).stdout.strip()
+  assert local.returncode == 0 and name, local.stderr
+  lines = local.stdout.splitlines()
+  assert lines[0].startswith("+ bash -c ") and lines[1].startswith("+ ssh gpu1 ")
+  assert f"--coordinator_address={name}:8476" in lines[1]
+
+
+def test_the_pod_log_stream_does_not_wait_on_its_own_shell():
+  """`tpu_pod.sh logs` waits for the training process found by pgrep: its pattern must
+  not match the shell that runs it (it would wait on itself forever)."""
+  result = _run("tpu_pod.sh", "logs", *DRY_RUNS["tpu_pod.sh"][1:])
+  assert result.returncode == 0, result.stderr
+  line = next(c for c in result.stdout.splitlines() if "pgrep" in c)
+  command = next(a for a in shlex.split(line[2:]) if a.startswith("--command="))
+  pattern = re.search(r"pgrep -o -f '([^']+)'", command).group(1)
+  assert re.search(pattern, "python -m tokenflex_jax.train --workdir=gs://b/r")
+  assert not re.search(pattern, command)  # the remote shell's own command line
 
 
 @pytest.mark.parametrize("script", CLUSTER_SCRIPTS)
