@@ -214,6 +214,20 @@ def test_images_and_image_markers_must_match(exported, loaded):
           pixel_values=pixel_values)
 
 
+def test_a_forward_without_a_mask_is_one_with_every_token(exported, loaded):
+  """One unpadded row: no attention_mask means all ones, also where an image's tokens
+  span several positions and no cache is used (transformers would otherwise split the
+  row at each position jump)."""
+  _, _, _, _, _, pixels = exported
+  hf_model, processor = loaded
+  inputs = processor(images=[pixels[0]], text=["<image>What is shown?"], num_visual_tokens=64)
+  with torch.no_grad():
+    masked = hf_model(**inputs, use_cache=False).logits
+    unmasked = hf_model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                        use_cache=False).logits
+  torch.testing.assert_close(unmasked, masked, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("count", TRAINED + UNTRAINED)
 def test_logits_equal_ours_at_trained_and_untrained_counts(exported, loaded, count):
   _, model, params, tok, _, pixels = exported

@@ -174,8 +174,13 @@ class TokenFlexForConditionalGeneration(PreTrainedModel, GenerationMixin):
       visual = self.visual_tokens(pixel_values.to(self.vision_model.dtype), num_tokens)
       mask = (input_ids == self.config.image_token_id)[..., None].expand_as(inputs_embeds)
       inputs_embeds = inputs_embeds.masked_scatter(mask, visual.to(inputs_embeds.dtype))
+    cached = cache is not None and cache.get_seq_length() > 0
+    if attention_mask is None and input_ids is not None and not cached:
+      # Explicit: without a mask transformers reads a jump in the positions (an image's
+      # tokens spanning several) as the start of another packed sequence.
+      attention_mask = torch.ones_like(input_ids)
     if position_ids is None:
-      if cache is not None and cache.get_seq_length() > 0:
+      if cached:
         raise ValueError("decoding from a cache needs position_ids (generate passes them)")
       position_ids = self.positions(input_ids, attention_mask, num_tokens)
     return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
