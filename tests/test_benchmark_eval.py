@@ -5,6 +5,7 @@ VLMEvalKit's layout, and `tokenflex_jax.score` on them giving the eval's own fig
 import base64
 import io
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from tests.tiny import tiny_spec
 from tokenflex_jax import model_config, sharding, specs
 from tokenflex_jax.app import run_tokenizer
 from tokenflex_jax.data.pipeline import normalize_image
+from tokenflex_jax.errors import InputError
 from tokenflex_jax.evaluation import benchmark_set, evaluator, outputs
 from tokenflex_jax.evaluation.benchmarks import score_files
 from tokenflex_jax.models.vlm import VLM
@@ -105,3 +107,12 @@ def test_each_layout_is_evaluated_written_and_rescored(name, tiny_model, tmp_pat
     figures = results["results"][n]["benchmark"]
     assert score_files(data, table) == figures
   assert not os.path.exists(os.path.join(out, "predictions.tsv"))
+
+
+def test_an_mmmu_marker_without_its_image_names_the_file_and_index(tiny_model, tmp_path):
+  config, tokenizer, _, _ = tiny_model
+  rows = layout("MMMU_DEV_VAL")[1:]
+  rows[0] = dict(rows[0], question="<image 2> counts how many?")  # one image only
+  data = write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", rows)
+  with pytest.raises(InputError, match=rf"^{re.escape(data)}: index 2: .*<image 2>"):
+    benchmark_set.BenchmarkSet(data, "", tokenizer, config.data.image_size, True)

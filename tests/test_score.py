@@ -4,6 +4,7 @@ VLMEvalKit's rules (commit e8e78f0, 2026-08-18: `vlmeval/utils/matching_util.py`
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -182,6 +183,30 @@ def test_mmvet_claims_no_score_and_errors_name_the_row(tmp_path):
                                               "A": "x", "B": "y"}])
   pred = write_tsv(tmp_path / "p.tsv", [{"index": 1, "prediction": "A"}])
   with pytest.raises(InputError, match="no prediction for index '2'"):
+    score_files(data, pred)
+
+
+@pytest.mark.parametrize("name,rows,message", [
+    ("MMBench_DEV_EN_V11", [{"index": "q1", "question": "q", "answer": "A", "A": "x",
+                             "B": "y"}], r"row 0 \(index q1\): MMBench_DEV_EN_V11 cannot score"),
+    ("OCRBench", [{"index": 0, "question": "q", "answer": "['a']", "category": "Doc-oriented VQA"},
+                  {"index": 1, "question": "q", "answer": "42", "category": "Doc-oriented VQA"}],
+     r"row 1 \(index 1\): OCRBench cannot score it: TypeError"),
+    ("MathVista_MINI", [{"index": 7, "question": "q", "answer": "4", "answer_type": "text",
+                         "question_type": "multi_choice"}],
+     r"row 0 \(index 7\): MathVista_MINI cannot score it: KeyError"),
+    ("MMStar", [], r"no rows"),
+])
+def test_a_row_the_rules_cannot_read_is_one_line_naming_it(tmp_path, name, rows, message):
+  header = {"MMBench_DEV_EN_V11": "index\tquestion\tanswer\tA\tB\n",
+            "MMStar": "index\tquestion\tanswer\tA\tB\n"}
+  data = (write_tsv(tmp_path / f"{name}.tsv", rows) if rows else
+          str(tmp_path / f"{name}.tsv"))
+  if not rows:
+    (tmp_path / f"{name}.tsv").write_text(header[name])
+  pred = write_tsv(tmp_path / "pred.tsv", [{"index": r["index"], "prediction": "A"}
+                                           for r in rows] or [{"index": 0, "prediction": "A"}])
+  with pytest.raises(InputError, match=rf"^{re.escape(data)}: {message}"):
     score_files(data, pred)
 
 

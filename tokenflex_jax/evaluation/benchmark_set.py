@@ -87,13 +87,18 @@ class BenchmarkSet:
                image_first: bool):
     self.path, self.benchmark = path, benchmarks.recognise(path, benchmark)
     self.rows = benchmarks.read_rows(path, benchmarks.REQUIRED[self.benchmark])
+    benchmarks.check_rows(self.benchmark, self.rows, path)  # before hours of generation
     decoded: dict[str, int] = {}
     images: list[np.ndarray] = []
     order, self.prompt_ids = [], []
     for r, cells in zip(self.rows, row_images(self.rows, path)):
       text = user_text(self.benchmark, r, len(cells), image_first)
-      slots = conversation.image_order(
-          conversation.parse_conversation([(conversation.USER, text)]), len(cells))
+      try:
+        slots = conversation.image_order(
+            conversation.parse_conversation([(conversation.USER, text)]), len(cells))
+        prompt_ids = tokenizer.conversation_ids([(conversation.USER, text)])[0]
+      except conversation.ConversationError as e:
+        raise InputError(f"{path}: index {r['index']}: {e}") from None
       ids = []
       for k in slots:
         if cells[k] not in decoded:
@@ -101,7 +106,7 @@ class BenchmarkSet:
           images.append(self._decode(cells[k], r["index"], image_size))
         ids.append(decoded[cells[k]])
       order.append(ids)
-      self.prompt_ids.append(tokenizer.conversation_ids([(conversation.USER, text)])[0])
+      self.prompt_ids.append(prompt_ids)
     width = max(len(o) for o in order)
     self.image_index = np.array([o + [-1] * (width - len(o)) for o in order], np.int64)
     self.images = np.stack(images)

@@ -299,11 +299,31 @@ def score(benchmark: str, rows: Sequence[Mapping[str, str]], predictions: Sequen
   return {"benchmark": benchmark, **figures}
 
 
+def check_rows(benchmark: str, rows: Sequence[Mapping[str, str]], path: str) -> None:
+  """An `InputError` naming ``path`` and the row for a row that `score` cannot read (each
+  row is scored alone against an empty prediction), or for no rows at all."""
+  if not rows:
+    raise InputError(f"{path}: no rows")
+  for i, row in enumerate(rows):
+    try:
+      alone = row
+      if benchmark == "MMBench_DEV_EN_V11":  # a circular copy alone: as its question
+        alone = dict(row, index=str(int(row["index"]) % CIRCULAR_COPY_OFFSET))
+      score(benchmark, [alone], [""])
+    except InputError:
+      raise
+    except (ArithmeticError, LookupError, StopIteration, SyntaxError, TypeError,
+            ValueError) as e:
+      raise InputError(f"{path}: row {i} (index {row.get('index', '?')}): {benchmark} cannot "
+                       f"score it: {type(e).__name__}: {e}") from None
+
+
 def score_files(data: str, predictions: str, benchmark: str = "") -> dict[str, Any]:
   """`score` of a predictions TSV (``index`` and ``prediction`` columns) against the
-  benchmark TSV ``data`` (`recognise`)."""
+  benchmark TSV ``data`` (`recognise`), its rows checked first (`check_rows`)."""
   name = recognise(data, benchmark)
   rows = read_rows(data, REQUIRED[name])
+  check_rows(name, rows, data)
   predicted = read_rows(predictions, ("index", "prediction"))
   by_index = {row["index"]: row["prediction"] for row in predicted}
   return score(name, rows, paired(rows, by_index, predictions))
