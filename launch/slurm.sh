@@ -11,7 +11,7 @@ Every process runs `python -m tokenflex_jax.train`; jax.distributed finds the
 coordinator, the process count and each process's index from SLURM itself.
 
 Required: --partition, --nodes, --workdir (a directory every node sees, e.g. NFS/Lustre,
-or a gs:// path).
+or a gs:// path; then the job script and SLURM's log go to <repo>/workdirs/slurm/NAME).
 Options:
   --gpus-per-node=G    GPUs per node                                      [8]
   --per-gpu            one process per GPU (default: one process per node, all its GPUs)
@@ -53,6 +53,8 @@ ACCOUNT_LINE=""
 if [[ -n "$ACCOUNT" ]]; then ACCOUNT_LINE="#SBATCH --account=$ACCOUNT"; fi
 TRAIN_ARGS="$(train_args)"
 
+# The job script and SLURM's log need a local path (a gs:// workdir is not one).
+if [[ "$WORKDIR" == gs://* ]]; then JOB_DIR="$REPO/workdirs/slurm/$JOB"; else JOB_DIR="$WORKDIR"; fi
 SCRIPT="#!/usr/bin/env bash
 #SBATCH --job-name=$JOB
 #SBATCH --partition=$PARTITION
@@ -60,7 +62,7 @@ SCRIPT="#!/usr/bin/env bash
 #SBATCH --ntasks-per-node=$TASKS_PER_NODE
 $GPU_LINE
 #SBATCH --time=$TIME
-#SBATCH --output=$WORKDIR/slurm-%j.out
+#SBATCH --output=$JOB_DIR/slurm-%j.out
 $ACCOUNT_LINE
 # $((NODES * TASKS_PER_NODE)) processes over $((NODES * GPUS)) GPUs (with one process per GPU,
 # SLURM gives each task its own GPU).
@@ -73,9 +75,9 @@ $(resuming "srun --kill-on-bad-exit=1 $(printf '%q' "$VENV")/bin/python -m token
 
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%s' "$SCRIPT"
-  echo "+ mkdir -p $WORKDIR && sbatch <the script above>"
+  echo "+ mkdir -p $JOB_DIR && sbatch <the script above>"
   exit 0
 fi
-mkdir -p "$WORKDIR"
-printf '%s' "$SCRIPT" > "$WORKDIR/slurm_job.sh"
-sbatch "$WORKDIR/slurm_job.sh"
+mkdir -p "$JOB_DIR"
+printf '%s' "$SCRIPT" > "$JOB_DIR/slurm_job.sh"
+sbatch "$JOB_DIR/slurm_job.sh"

@@ -113,6 +113,12 @@ def test_slurm_two_node_dry_run():
   per_gpu = _run("slurm.sh", "--partition=gpu", "--nodes=2", "--per-gpu",
                  "--workdir=/shared/run1", "--dry-run").stdout.splitlines()
   assert "#SBATCH --ntasks-per-node=8" in per_gpu and "#SBATCH --gpus-per-task=1" in per_gpu
+  # A gs:// workdir: the job script and SLURM's log in a local folder of the checkout.
+  remote = _run("slurm.sh", "--partition=gpu", "--nodes=2", "--workdir=gs://b/run",
+                "--dry-run").stdout.splitlines()
+  local = os.path.join(REPO, "workdirs", "slurm", "tokenflex")
+  assert f"#SBATCH --output={local}/slurm-%j.out" in remote
+  assert remote[-1] == f"+ mkdir -p {local} && sbatch <the script above>"
   # The generated script itself is valid bash.
   assert subprocess.run(["bash", "-n"], input=result.stdout.split("+ mkdir")[0],
                         text=True).returncode == 0

@@ -338,7 +338,7 @@ def read_vqa(path: str, image_size: int, skip_malformed: bool = False, image_dir
     except OSError as e:
       raise bad("unreadable image", f"{image_path}: {e}") from None
     pixels = _decode(data, image_size, path, i, image_path)
-    return pixels, question.strip(), answers, str(category or "vqa")
+    return pixels, question.strip(), answers, "vqa" if category in (None, "") else str(category)
 
   return collect_rows(lines, parse, skip_malformed)
 
