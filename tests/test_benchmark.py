@@ -113,3 +113,16 @@ def test_isolated_measurements(tmp_path):
 def test_timed_batches_spread_over_the_epoch():
   assert real_data.spread(10, 4) == [0, 3, 6, 9]
   assert real_data.spread(3, 6) == [0, 1, 2] and real_data.spread(7, 1) == [0]
+
+
+def test_mfu_is_a_chips_share_on_accelerators_and_the_hosts_on_cpu_devices():
+  """The roofline is measured on the first device: one chip of 8, or a host whose cores
+  all 8 simulated CPU devices share."""
+  from types import SimpleNamespace
+  from tokenflex_jax.benchmarking import timing
+  gpus = [SimpleNamespace(platform="gpu")] * 8
+  cpus = [SimpleNamespace(platform="cpu")] * 8
+  # 30 GFLOP per device in 1 s against a 1000 GFLOP/s roofline.
+  assert timing.mfu(30e9, 1.0, 1000.0, gpus) == pytest.approx(0.03)
+  assert timing.mfu(30e9, 1.0, 1000.0, cpus) == pytest.approx(0.24)
+  assert timing.mfu(30e9, 1.0, 1000.0, cpus[:1]) == pytest.approx(0.03)

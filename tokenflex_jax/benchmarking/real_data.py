@@ -186,8 +186,9 @@ def measure(config: RunSpec, workdir: str, rounds: int, steps_per_round: int, wa
     for _ in range(rounds):
       for name in names:
         seconds[name] += [step(name, n) for _ in range(steps_per_round)]
-    epoch_useful = {name: figures[name].useful_share[n] * figures[name].rows *
-                    shapes[name].positions(n) for name in layouts}
+    # The useful tokens of the epoch's whole batches, the ones its time counts.
+    epoch_useful = {name: figures[name].useful_share[n] * epoch[name] *
+                    layouts[name].batch_size * shapes[name].positions(n) for name in layouts}
     epoch_s = {name: epoch[name] * float(np.mean(seconds[name])) for name in layouts}
     rate = {name: epoch_useful[name] / epoch_s[name] for name in layouts}
     row = {"useful_share_packed": figures["packed"].useful_share[n],

@@ -256,7 +256,7 @@ def benchmark(config: RunSpec, workdir: str,
                examples_per_s=config.batch_size / t.median,
                gflop_per_step=flops[n] / 1e9, xla_gflop_per_step=step.flops / 1e9,
                gflop_per_s_per_device=flops[n] / t.median / 1e9,
-               mfu=flops[n] * jax.device_count() / t.median / 1e9 / roofline,
+               mfu=timing.mfu(flops[n], t.median, roofline, jax.devices()),
                peak_gib=timing.peak_gib())
     if theirs and peer_ok():
       p = timing.Timing.of(theirs)

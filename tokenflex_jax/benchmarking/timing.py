@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -63,6 +63,16 @@ def roofline_gflops(dtype: str, size: int = 2048, calls: int = 10) -> float:
   jax.block_until_ready(matmul(x))
   seconds = float(np.median(time_calls(lambda: matmul(x), calls)))
   return 2 * size ** 3 / seconds / 1e9
+
+
+def mfu(flops_per_device: float, step_s: float, roofline: float,
+        devices: Sequence[Any]) -> float:
+  """Model FLOPs utilisation of a step against `roofline_gflops` (measured on
+  ``devices[0]``): an accelerator's roofline is one chip's, so a device's share of the
+  step against it; host CPU devices share the cores that roofline already used, so the
+  whole step's."""
+  shares = len(devices) if devices[0].platform == "cpu" else 1
+  return flops_per_device * shares / step_s / 1e9 / roofline
 
 
 def peak_gib() -> float | None:
