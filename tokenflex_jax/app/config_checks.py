@@ -145,12 +145,11 @@ def vlm_training(problems: "Problems", config: RunSpec, facts: Facts) -> None:
   data-parallel size and the processes; ``config.optimizer`` usable; one
   ``config.lr_multipliers`` entry >= 0 per module of `vlm.MODULES`, no other; a known
   ``config.compiler_optimization_level``; the token
-  buckets (`buckets.Buckets.checked`); a known ``config.loss_weighting``;
+  buckets (`trained_counts`, `buckets.check_probs`); a known ``config.loss_weighting``;
   ``config.eval_every`` >= 0; ``config.count_per_microbatch`` only with microbatches."""
   _training(problems, config, facts, vlm.MODULES)
-  trained_counts(problems, config, facts)  # Reported beside a token_probs problem.
-  if facts.grid is not None:
-    problems.check(buckets.Buckets.checked, config, *facts.grid)
+  trained_counts(problems, config, facts)
+  problems.check(buckets.check_probs, tuple(config.token_counts), tuple(config.token_probs))
   problems.check(loss.check_weighting, config.loss_weighting)
   if config.count_per_microbatch and config.microbatches < 2:
     problems.add("config.count_per_microbatch=True needs config.microbatches >= 2, got "
@@ -219,8 +218,7 @@ class Problems:
     self.lines: list[str] = []
 
   def add(self, line: str) -> None:
-    if line not in self.lines:  # Two checks may find the same problem.
-      self.lines.append(line)
+    self.lines.append(line)
 
   def check(self, fn, *args, **kwargs):
     """``fn(*args, **kwargs)``, or None when it raised a `errors.UserError` (recorded).
@@ -230,8 +228,7 @@ class Problems:
     try:
       return fn(*args, **kwargs)
     except errors.UserError as e:
-      for line in str(e).splitlines():
-        self.add(line)
+      self.lines.extend(str(e).splitlines())
     except (ArithmeticError, TypeError, ValueError, LookupError):
       if not self.lines:
         raise

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tokenflex_jax.training import checkpointing, integrity
+from tokenflex_jax.training import checkpointing, integrity, metrics
 
 _RESUMED = re.compile(r"resumed from .* at step (\d+)")
 
@@ -92,13 +92,8 @@ def _steps_logged(workdir: str) -> int:
 
 def loss_history(workdir: str) -> dict[int, float]:
   """{step: train/loss}, the last record of each step winning (redone steps)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      if "train/loss" in record:  # Not a periodic evaluation's record.
-        out[record["step"]] = record["train/loss"]
-  return out
+  return {step: record["train/loss"] for step, record in metrics.last_records(
+      os.path.join(workdir, "metrics.jsonl"), "train/loss").items()}
 
 
 def _final_arrays(workdir: str, item: str) -> dict[str, np.ndarray]:

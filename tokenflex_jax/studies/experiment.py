@@ -67,6 +67,7 @@ import numpy as np
 from tokenflex_jax.data import tokenizer
 from tokenflex_jax.evaluation import outputs
 from tokenflex_jax.studies import budget_split, pooling_geometry
+from tokenflex_jax.training import metrics
 
 FIXED_PREFIX = "fixed_"
 FLEX = "tokenflex"
@@ -124,13 +125,8 @@ TOWER_RTOL = 1e-4  # another processor's float32 rounding: about 1e-7 (docs/conf
 def tower_losses(metrics_path: str) -> str:
   """A stage-0 run's losses as an archive keeps them (``stage0_losses.txt``): a line
   ``"train/loss": x`` per step, a step redone after a restart by its last record."""
-  steps: dict[int, float] = {}
-  with open(metrics_path, encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        steps[row["step"]] = row["train/loss"]
-  return "".join(f'"train/loss": {steps[s]!r}\n' for s in sorted(steps))
+  return "".join(f'"train/loss": {record["train/loss"]!r}\n'
+                 for record in metrics.last_records(metrics_path, "train/loss").values())
 
 
 def tower_difference(kept: str, now: str) -> str | None:
@@ -150,15 +146,9 @@ def _metrics(path: str) -> tuple[float, list[float]]:
   are, per visual-token count, the median step time times that count's steps: robust to
   a machine paused or shared for a while (a restart's first step, a test run beside it).
   A step redone after a restart counts once, by its last record."""
-  steps: dict[int, dict[str, float]] = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/step_time_s" in row:
-        steps[row["step"]] = row
   times: dict[float, list[float]] = {}
   tokens = []
-  for _, row in sorted(steps.items()):
+  for row in metrics.last_records(path, "train/step_time_s").values():
     times.setdefault(row["train/num_tokens"], []).append(row["train/step_time_s"])
     tokens.append(row["train/num_tokens"])
   seconds = sum(float(np.median(t)) * len(t) for t in times.values())

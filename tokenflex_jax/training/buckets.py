@@ -38,19 +38,22 @@ def check_counts(counts: Sequence[int], field: str = "config.token_counts",
           f"than the ViT's {grid_side}x{grid_side} patch grid ({grid_fields})")
 
 
-def validate_buckets(counts: Sequence[int], probs: Sequence[float],
-                     grid_side: int | None = None,
-                     grid_fields: str = "config.model.vit.image_size / patch_size") -> None:
-  """Raises `errors.ConfigError` (a ValueError) naming the config field if counts/probs
-  are unusable (`check_counts`, with the patch grid if ``grid_side`` is given)."""
-  # The probabilities before the counts, which the config checks also check on their own.
+def check_probs(counts: Sequence[int], probs: Sequence[float]) -> None:
+  """Raises `errors.ConfigError` naming ``config.token_probs`` unless it has one
+  non-negative entry per count (none to check without counts) and sums to 1."""
   if counts and len(probs) != len(counts):
     raise errors.ConfigError(f"config.token_probs has {len(probs)} entries but "
                              f"config.token_counts has {len(counts)}")
   if counts and (any(p < 0 for p in probs) or not np.isclose(sum(probs), 1.0, atol=1e-6)):
     raise errors.ConfigError(f"config.token_probs must be non-negative and sum to 1, got "
                              f"{tuple(probs)}")
-  check_counts(counts, "config.token_counts", grid_side, grid_fields)
+
+
+def validate_buckets(counts: Sequence[int], probs: Sequence[float]) -> None:
+  """Raises `errors.ConfigError` (a ValueError) naming the config field if counts/probs
+  are unusable (`check_counts`, `check_probs`)."""
+  check_counts(counts, "config.token_counts")
+  check_probs(counts, probs)
 
 
 def token_count_for_step(seed: int, step: int, counts: Sequence[int],
@@ -67,7 +70,8 @@ def token_count_for_step(seed: int, step: int, counts: Sequence[int],
 class Buckets:
   """The visual-token budgets a training run draws from: ``counts`` with ``probs``, one
   per step by a pure function of (``seed``, step) (`token_count_for_step`). Validated
-  when made (`validate_buckets`); `checked` also against the ViT's patch grid."""
+  when made (`validate_buckets`); `config_checks` also checks the counts against the ViT's
+  patch grid."""
   counts: tuple[int, ...]
   probs: tuple[float, ...]
   seed: int = 0
@@ -79,13 +83,6 @@ class Buckets:
   def of(cls, config: RunSpec) -> "Buckets":
     """``config.token_counts`` / ``token_probs`` / ``seed``."""
     return cls(tuple(config.token_counts), tuple(config.token_probs), config.seed)
-
-  @classmethod
-  def checked(cls, config: RunSpec, grid_side: int, grid_fields: str) -> "Buckets":
-    """`of`, every count also pooled from at most the ``grid_side`` patch grid (which
-    comes from ``grid_fields``); `config_checks` calls it before anything runs."""
-    validate_buckets(config.token_counts, config.token_probs, grid_side, grid_fields)
-    return cls.of(config)
 
   @classmethod
   def single(cls, count: int) -> "Buckets":

@@ -93,6 +93,18 @@ class MetricWriter:
       self._jsonl.close()
 
 
+def last_records(path: str, key: str) -> dict[int, dict[str, float]]:
+  """{step: record} of the records of a local metrics.jsonl (`MetricWriter`) that hold
+  ``key``, in step order; a step written again after a restart by its last record."""
+  out: dict[int, dict[str, float]] = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      if key in record:
+        out[record["step"]] = record
+  return dict(sorted(out.items()))
+
+
 def format_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
   """A compact console line: ``[  250/900  28%] loss=0.41 ...``."""
   keys = ("num_tokens", "loss", "token_accuracy", "grad_norm", "learning_rate", "step_time_s",
