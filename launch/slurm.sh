@@ -53,6 +53,11 @@ ACCOUNT_LINE=""
 if [[ -n "$ACCOUNT" ]]; then ACCOUNT_LINE="#SBATCH --account=$ACCOUNT"; fi
 TRAIN_ARGS="$(train_args)"
 
+# One task: the train binary, its exit 75 (saved, restart me) reported as 0 with the mark
+# (no single quote in it: the job script quotes it with them).
+# shellcheck disable=SC2016  # expanded by the task's shell
+TASK='rc=0; "$@" || rc=$?; if [ "$rc" -eq 75 ]; then [ "$SLURM_PROCID" != 0 ] || touch "$MARK"; exit 0; fi; exit "$rc"'
+
 # The job script and SLURM's log need a local path (a gs:// workdir is not one).
 if [[ "$WORKDIR" == gs://* ]]; then JOB_DIR="$REPO/workdirs/slurm/$JOB"; else JOB_DIR="$WORKDIR"; fi
 SCRIPT="#!/usr/bin/env bash
@@ -69,8 +74,16 @@ $ACCOUNT_LINE
 set -euo pipefail
 cd $(printf '%q' "$REPO")
 export PYTHONPATH=$(printf '%q' "$REPO")
-# Exit 75: saved on SIGTERM / a preemption notice; run again from that checkpoint.
-$(resuming "srun --kill-on-bad-exit=1 $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$TRAIN_ARGS")
+# Exit 75: saved on SIGTERM / a preemption notice; run again from that checkpoint. Each
+# task reports its 75 to SLURM as 0 and task 0 leaves the mark MARK: srun's
+# --kill-on-bad-exit would kill a task still finishing the save once another exits 75.
+export MARK=$(printf '%q' "$JOB_DIR")/.preempted-\$SLURM_JOB_ID
+while :; do
+  rm -f \"\$MARK\"
+  srun --kill-on-bad-exit=1 bash -c '$TASK' task $(printf '%q' "$VENV")/bin/python -m tokenflex_jax.train$TRAIN_ARGS
+  [ -e \"\$MARK\" ] || exit 0
+  echo \"preempted (exit 75): restarting from the last checkpoint\" >&2
+done
 "
 
 if [[ "$DRY_RUN" == 1 ]]; then

@@ -227,3 +227,62 @@ def test_resuming_restarts_on_the_preemption_code_only(tmp_path):
     assert result.returncode == final, result.stderr
     assert counter.read_text().strip() == "3"
     assert result.stderr.count("preempted (exit 75): restarting") == 2
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# A stand-in for SLURM's srun: runs $FAKE_NTASKS copies of the command, each with its
+# SLURM_PROCID; with --kill-on-bad-exit=1 the first task to exit non-zero gets the others
+# SIGKILLed; exits with the highest status, 128 + the signal for a killed task, as srun does.
+kill_on_bad=0
+while [[ "$1" == --* ]]; do [[ "$1" == --kill-on-bad-exit=1 ]] && kill_on_bad=1; shift; done
+pids=()
+for ((i = 0; i < FAKE_NTASKS; i++)); do SLURM_PROCID=$i "$@" & pids+=("$!"); done
+worst=0 running=${#pids[@]}
+while ((running > 0)); do
+  for i in "${!pids[@]}"; do
+    pid=${pids[$i]}
+    [[ -z "$pid" ]] && continue
+    kill -0 "$pid" 2>/dev/null && continue
+    rc=0; wait "$pid" || rc=$?
+    pids[i]="" running=$((running - 1)) worst=$((rc > worst ? rc : worst))
+    if ((rc != 0 && kill_on_bad)); then
+      for other in "${pids[@]}"; do [[ -n "$other" ]] && kill -9 "$other" 2>/dev/null; done
+    fi
+  done
+  sleep 0.05
+done
+exit "$worst"
+"""
+
+# The train binary as two tasks see it: on the first run both save on a preemption notice
+# and exit 75, task 1 at once and task 0 a second later (still writing the checkpoint);
+# on the second run both finish (0).
+FAKE_TRAIN = r"""#!/usr/bin/env bash
+runs="$STATE/runs.$SLURM_PROCID"
+n=$(cat "$runs" 2>/dev/null || echo 0); echo $((n + 1)) > "$runs"
+[ "$n" -ge 1 ] && exit 0
+if [ "$SLURM_PROCID" = 0 ]; then sleep 1; echo saved >> "$STATE/saves"; fi
+exit 75
+"""
+
+
+def test_slurm_job_restarts_after_a_preemption_without_killing_a_saving_task(tmp_path):
+  """srun --kill-on-bad-exit kills every task once one exits non-zero: a task that exits
+  75 (saved, restart me) first must not cut short another still saving, nor turn the
+  job's status into the killed task's 137."""
+  bin_dir, venv, state, workdir = (tmp_path / d for d in ("bin", "venv", "state", "w"))
+  for d in (bin_dir, venv / "bin", state, workdir):
+    d.mkdir(parents=True)
+  for path, text in ((bin_dir / "srun", FAKE_SRUN), (venv / "bin" / "python", FAKE_TRAIN)):
+    path.write_text(text)
+    path.chmod(0o755)
+  script = _run("slurm.sh", "--partition=gpu", "--nodes=2", f"--workdir={workdir}",
+                f"--venv={venv}", "--dry-run").stdout.split("+ mkdir")[0]
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_NTASKS="2",
+             STATE=str(state), SLURM_JOB_ID="7")
+  result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=60)
+  assert result.returncode == 0, (result.returncode, result.stderr)
+  assert result.stderr.count("preempted (exit 75): restarting") == 1
+  assert (state / "saves").read_text() == "saved\n"  # task 0's save ran to its end
+  assert [(state / f"runs.{i}").read_text() for i in (0, 1)] == ["2\n", "2\n"]
