@@ -4,6 +4,10 @@
 #   bash launch/gpu_wheels.sh [DIR]
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+  -h|--help) sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -*) echo "gpu_wheels.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+esac
 DEST="${1:-$REPO/.whl}"
 mkdir -p "$DEST"
 platforms=()

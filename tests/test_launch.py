@@ -286,3 +286,14 @@ def test_slurm_job_restarts_after_a_preemption_without_killing_a_saving_task(tmp
   assert result.stderr.count("preempted (exit 75): restarting") == 1
   assert (state / "saves").read_text() == "saved\n"  # task 0's save ran to its end
   assert [(state / f"runs.{i}").read_text() for i in (0, 1)] == ["2\n", "2\n"]
+
+
+def test_gpu_wheels_answers_help_and_refuses_an_option(tmp_path):
+  """`gpu_wheels.sh --help` prints its usage; an option is not taken for the folder."""
+  helped = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_wheels.sh"), "--help"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+  assert helped.returncode == 0 and "gpu_wheels.sh [DIR]" in helped.stdout, helped.stderr
+  refused = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_wheels.sh"), "--dir=x"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+  assert refused.returncode == 2 and "unknown option --dir=x" in refused.stderr
+  assert not os.listdir(tmp_path)

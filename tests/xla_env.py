@@ -2,8 +2,8 @@
 loads, and tests pass them to the binaries they start).
 
 Tests compile far more than they run. LLVM's cheapest optimisation level with XLA's
-older (LLVM IR) fusion emitters compiles the suite's programs about 4x faster than
-either alone (docs/testing.md). XLA's own HLO passes, which decide fusion and sharding,
+older (LLVM IR) fusion emitters makes the suite's programs compile faster (the figures:
+docs/testing.md). XLA's own HLO passes, which decide fusion and sharding,
 run as in production; only the code each fusion becomes differs (its floating-point
 rounding may, in the last bits: tests compare within tolerances, or runs compiled alike).
 """
