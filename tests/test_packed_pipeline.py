@@ -14,6 +14,7 @@ from tests.test_real_formats import make_hf_tokenizer
 from tests.tiny import TINY_FLAGS, losses, tiny_config
 from tests.xla_env import REPO, binary_env
 from tokenflex_jax.data import chat, llava_tfds, pack, pipeline, synthetic_llava
+from tokenflex_jax.data.rows import MalformedRowError
 from tokenflex_jax.errors import InputError
 from tokenflex_jax.eval import run_eval
 from tokenflex_jax.train import train
@@ -189,11 +190,113 @@ def test_a_bad_image_is_left_out_of_its_row_under_skip(build, tmp_path):
                                              skip=True, **kwargs)
   r = next(r for r in range(len(skipping)) if broken in skipping.members(r))
   row = skipping[r]
-  assert bytes(row["_bad_record_reason"]).rstrip(b"\0") == b"unreadable image"
+  reasons = [bytes(x).rstrip(b"\0") for x in row["_bad_record_reason"]]
+  assert reasons == [b"unreadable image"] + [b""] * (len(reasons) - 1)
   assert row["segments"].max() == len(skipping.members(r)) - 1  # the others are kept
   stopping = pipeline.packed_rows.PackedRows(bad, preprocess, shape, SIZE, tok.pad_id, **kwargs)
   with pytest.raises(InputError, match="unreadable image"):
     stopping[r]
+
+
+class Stream:
+  """``n`` conversations of 5 text tokens and an image; reading ``unreadable`` ones fails."""
+
+  def __init__(self, n, unreadable=()):
+    self.n, self.unreadable = n, set(unreadable)
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    if i in self.unreadable:
+      raise MalformedRowError("BUILD (train split)", i, "bad json", "x", unit="record")
+    return {"i": i}
+
+
+class Pieces:
+  """Each conversation's `pipeline.Piece`; ``bad`` ones' images cannot be decoded."""
+
+  def __init__(self, bad=lambda i: False):
+    self.bad = bad
+
+  def lengths(self, element):
+    return pack.Lengths(5, 1)
+
+  def piece(self, element):
+    if self.bad(element["i"]):
+      raise MalformedRowError("BUILD (train split)", element["i"], "unreadable image", "x",
+                              unit="record")
+    return pipeline.Piece(np.full(6, 7, np.int32), np.ones(6, np.float32),
+                          np.zeros((1, 4, 4, 3), np.float32))
+
+
+def _skipping_rows(stream, pieces):
+  return pipeline.packed_rows.PackedRows(
+      stream, pieces, pack.RowShape(40, 4), 4, 0, skip=True,
+      reason_key="_bad_record_reason",
+      encode_reason=pipeline._encode_reason,  # pylint: disable=protected-access
+      max_bad_in_a_row=pipeline.MAX_BAD_IN_A_ROW)
+
+
+def test_skip_leaves_an_unreadable_conversation_out_of_the_plan():
+  rows = _skipping_rows(Stream(6, unreadable={2}), Pieces())
+  assert rows.left_out == {"bad json": 1}
+  assert sorted(i for r in range(len(rows)) for i in rows.members(r)) == [0, 1, 3, 4, 5]
+
+
+def test_skip_counts_every_bad_conversation_of_a_row():
+  skipped = pipeline.SkippedRecords()
+  rows = _skipping_rows(Stream(4), Pieces(lambda i: i in (1, 2)))
+  assert rows.members(0) == (0, 1, 2, 3)
+  next(pipeline.make_iterator(rows, pipeline.IDENTITY, 1, seed=0, on_bad_record="skip",
+                              skipped=skipped))
+  assert skipped.counts() == {"unreadable image": 2}
+
+
+def test_skip_fills_an_all_bad_row_and_stops_a_broken_source():
+  # Rows of four: row 0's conversations are all bad, so it holds row 1's.
+  rows = _skipping_rows(Stream(8), Pieces(lambda i: i < 4))
+  np.testing.assert_array_equal(rows[0]["segments"], rows[1]["segments"])
+  assert rows[0]["segments"].max() == 4
+  broken = _skipping_rows(Stream(400), Pieces(lambda i: True))
+  with pytest.raises(InputError, match="100 conversations in a row are bad"):
+    broken[0]
+
+
+class QATokenizer:
+  """Prompt [2, 5, <image>, a word each, 6], answer [a word each, 3]."""
+  pad_id, image_id = 0, 4
+
+  def prompt_ids(self, question, image_first=True):
+    return [2, 5, 4] + [9] * len(question.split()) + [6]
+
+  def answer_ids(self, answer):
+    return [10] * len(answer.split()) + [3]
+
+
+def test_a_scene_question_fits_the_rows_text_capacity():
+  """With K image slots a row of T slots holds C = T - K text tokens: a question of more
+  is refused (skippable as "too long"), one of C is packed whole."""
+  t, k = 20, 4
+  pre = pipeline.QAPreprocess(QATokenizer, t, image_slots=k, image_size=4)
+  image = np.zeros((4, 4, 3), np.uint8)
+  at_capacity = {"question": "w " * 10, "answer": "x y", "image": image}  # 16 text tokens
+  assert pre.lengths(at_capacity) == pack.Lengths(t - k, 1)
+  with pytest.raises(pipeline.ExampleError, match=r"example needs 18 tokens but config.data.max_text_length is 20 \(a row of 4 "
+                     r"image slots holds 17 with one image\)"):
+    pre.lengths({**at_capacity, "question": "w " * 11})
+
+
+def test_an_undecodable_image_of_several_is_named_by_its_place(build):
+  source, _, spec = _packed(build)
+  stream = grain_stream(build, spec)
+  i = next(i for i in range(60) if len(stream[i]["images"]) >= 2)
+  element = stream[i]
+  broken = {**element, "images": (element["images"][0], b"not a png",
+                                  *element["images"][2:])}
+  preprocess = pipeline.make_transform(spec.data, lambda: _tokenizer(build))
+  with pytest.raises(InputError, match=rf"image 2 of {len(element['images'])}: "):
+    preprocess.piece(broken)
 
 
 class BrokenImage:

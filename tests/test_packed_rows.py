@@ -16,12 +16,13 @@ from tokenflex_jax.training.loss import token_weights
 from tokenflex_jax.training.vlm_task import vlm_loss
 
 IMG, PAD, N = 4, 0, 16
-# (tokens, answer mask, images): one image, two images (one in a later turn), text only,
-# and one image again.
+# (tokens, answer mask, images): one image, two images (one in a later turn; its text
+# spells the pad id, which a tokenizer may emit for a special token written in a text),
+# text only, and one image again.
 CONVERSATIONS = [
     ([2, 5, IMG, 7, 8, 6, 10, 11, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1], 1),
-    ([2, IMG, 5, 6, 12, 3, 7, IMG, 9, 6, 13, 14, 15, 3],
-     [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1], 2),
+    ([2, IMG, 5, 6, 12, 3, 7, IMG, 9, PAD, 6, 13, 14, 15, 3],
+     [0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1], 2),
     ([2, 5, 7, 9, 6, 14, 3], [0, 0, 0, 0, 0, 1, 1], 0),
     ([2, 8, 9, IMG, 6, 15, 16, 17, 18, 3], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1], 1),
 ]
@@ -110,8 +111,9 @@ def test_packed_logits_equal_each_conversation_alone(params, attention, span, la
     want = logits(m, params, alone)[0]
     row, start = where_in_rows(c)
     got = packed[row, start:start + len(tokens)]
-    # Every prediction but the first token's and the placeholders' (meaningless alone too).
-    keep = [t for t in range(1, len(tokens)) if tokens[t] != IMG]
+    # Every prediction but the first token's and the placeholders' and pads' (meaningless
+    # alone too).
+    keep = [t for t in range(1, len(tokens)) if tokens[t] not in (IMG, PAD)]
     np.testing.assert_allclose(np.asarray(got)[keep], np.asarray(want)[keep], atol=1e-5,
                                err_msg=f"conversation {c} ({attention})")
 
@@ -156,7 +158,7 @@ def test_sqrt_weights_are_per_conversation():
 def test_useful_positions_of_a_packed_row(params):
   batch = packed_batch()
   _, aux = jax.jit(vlm_loss(model("reference"), "sqrt"), static_argnums=2)(params, batch, N)
-  text = sum(len(t) - n for t, _, n in CONVERSATIONS)
+  text = sum(len([x for x in t if x != PAD]) - n for t, _, n in CONVERSATIONS)
   images = sum(n for _, _, n in CONVERSATIONS)
   assert float(aux["useful_positions"]) == text + images * N
 

@@ -127,6 +127,13 @@ def test_the_planning_command_on_the_paper_config(tmp_path):
     assert b["packed_vs_padded"] >= 2.0
   assert plan["packed"]["truncated_share"] <= 0.02
   assert "| 256 | 0.3" in result.stdout and "packed / padded" in result.stdout
+  # `:pack=1` itself: the row training builds is the planner's packed row by default.
+  packed_config = subprocess.run(
+      [sys.executable, "-m", "tokenflex_jax.data.packing", "--config=configs/paper.py:pack=1",
+       f"--lengths={lengths}", f"--json_out={out}"], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=300)
+  assert packed_config.returncode == 0, packed_config.stderr[-3000:]
+  assert json.loads(out.read_text())["packed"] == plan["packed"]
   bad = subprocess.run([sys.executable, "-m", "tokenflex_jax.data.packing",
                         "--config=configs/paper.py", f"--lengths={tmp_path / 'none.jsonl'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -77,6 +77,11 @@ def test_a_text_only_conversation_fits_one_slot_less_than_the_row(tmp_path):
   with pytest.raises(ValueError, match=r"row 3: needs \d+ text tokens and 0 image"):
     pipeline.fit_ids(ids, mask, tok.image_id, short, False, "row 3")
   assert pipeline.fit_ids(ids, mask, tok.image_id, short, True, "") == (ids[:-1], mask[:-1])
+  # Truncation that would keep no answer token refuses the conversation ("too long", which
+  # "skip" counts) rather than training on a row with nothing to learn.
+  no_answer = pack.RowShape(mask.index(True), 1)
+  with pytest.raises(ValueError, match="row 3: truncated to the row's .* no answer token"):
+    pipeline.fit_ids(ids, mask, tok.image_id, no_answer, True, "row 3")
 
 
 def test_llava_rows_with_and_without_an_image_build_and_preprocess(tmp_path):

@@ -17,8 +17,9 @@ when K = 1), its conversations' images in order; the model keeps the conversatio
 Bad conversations: one that cannot be measured (broken turns, too long without
 ``config.data.truncate``) stops the run when the source is opened under
 ``on_bad_record="error"``, or is left out of the plan and logged under "skip"; one whose
-image cannot be decoded when its row is assembled stops the run, or under "skip" is left
-out of its row (its slots stay padding) and counted by reason.
+image cannot be read or decoded when its row is assembled stops the run, or under "skip"
+is left out of its row (its slots stay padding) and counted by reason; a row left with
+no conversation holds the next one that has one.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ Encode = Callable[[InputError | None], np.ndarray]
 
 
 class _Measure(grain.transforms.Map):
-  """Element -> (text tokens, images), or (-1, -1) and the reason under "skip"."""
+  """Stream index -> (text tokens, images), or (-1, -1) and the reason under "skip" (a
+  conversation that cannot be read or measured)."""
 
-  def __init__(self, preprocess: Any, skip: bool):
-    self._preprocess, self._skip = preprocess, skip
+  def __init__(self, stream: Any, preprocess: Any, skip: bool):
+    self._stream, self._preprocess, self._skip = stream, preprocess, skip
 
-  def map(self, element: Mapping[str, Any]) -> tuple[int, int, str]:
+  def map(self, i: int) -> tuple[int, int, str]:
     try:
-      lengths = self._preprocess.lengths(element)
+      lengths = self._preprocess.lengths(self._stream[int(i)])
     except InputError as e:
       if not self._skip:
         raise
@@ -57,7 +59,7 @@ def measure(stream: Any, preprocess: Any, skip: bool, num_workers: int = 0
             ) -> tuple[np.ndarray, dict[str, int]]:
   """Lengths [E, 2] (text tokens, images; -1 for a conversation left out) of the stream's
   first E = len(stream) conversations, and {reason: count} of those left out."""
-  ds = grain.MapDataset.source(stream).map(_Measure(preprocess, skip))
+  ds = grain.MapDataset.range(len(stream)).map(_Measure(stream, preprocess, skip))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
@@ -92,8 +94,10 @@ class PackedRows:
       or a mixture's `PerSource`).
     shape: C text tokens and K image slots per row.
     image_size, pad_id: of the rows' images and padding.
-    skip: ``config.data.on_bad_record == "skip"``; ``encode_reason`` then puts the first
-      bad conversation's reason into each row under ``reason_key``.
+    skip: ``config.data.on_bad_record == "skip"``; ``encode_reason`` then puts each bad
+      conversation's reason into its row under ``reason_key`` ([M, ...] for rows of at
+      most M conversations, zeros where none), and ``max_bad_in_a_row`` bad
+      conversations in a row raise `InputError`.
     names: a mixture's source names; each row then counts its conversations per source
       (int32 [len(names)] under ``source_key``).
   """
@@ -101,13 +105,15 @@ class PackedRows:
   def __init__(self, stream: Any, preprocess: Any, shape: pack.RowShape, image_size: int,
                pad_id: int, *, skip: bool = False, num_workers: int = 0,
                names: Sequence[str] = (), source_key: str = "", reason_key: str = "",
-               encode_reason: Encode | None = None):
+               encode_reason: Encode | None = None, max_bad_in_a_row: int = 100):
     self._stream, self._preprocess, self.shape = stream, preprocess, shape
     self._image_size, self._pad_id, self._skip = image_size, pad_id, skip
     self.names, self._source_key = tuple(names), source_key
     self._reason_key, self._encode_reason = reason_key, encode_reason
     self.lengths, self.left_out = measure(stream, preprocess, skip, num_workers)
     self._rows = plan_rows(self.lengths, shape)
+    self._most = max((len(row) for row in self._rows), default=0)
+    self._max_bad = min(max_bad_in_a_row, sum(len(row) for row in self._rows))
     if not self._rows:
       raise InputError(f"no conversation of the {len(stream)} in the training data fits a "
                        f"row of {shape.text_capacity} text tokens and {shape.image_slots} "
@@ -125,6 +131,29 @@ class PackedRows:
     return self._rows[r]
 
   def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+    row, bad = self._assemble(r)
+    if not self._skip:
+      return row
+    # A row whose every conversation is bad holds the next row with a good one (as
+    # `pipeline.SkipBadRecords` does for records); its own are counted here, the others'
+    # at their own rows. A run of `max_bad_in_a_row` bad conversations stops.
+    reasons = np.zeros((self._most, *self._encode_reason(None).shape), np.uint8)
+    for j, e in enumerate(bad):
+      reasons[j] = self._encode_reason(e)
+    in_a_row, step = len(bad), 0
+    while not row["segments"].any():
+      if in_a_row >= self._max_bad:
+        raise InputError(f"{in_a_row} conversations in a row are bad, e.g. {bad[-1]}; "
+                         "config.data.on_bad_record='skip' skips single bad records, not a "
+                         "broken source")
+      step += 1
+      row, bad = self._assemble((r + step) % len(self._rows))
+      in_a_row += len(bad)
+    row[self._reason_key] = reasons
+    return row
+
+  def _assemble(self, r: int) -> tuple[dict[str, np.ndarray], list[InputError]]:
+    """Row ``r`` and, under "skip", the errors of the conversations left out of it."""
     c, k = self.shape.text_capacity, self.shape.image_slots
     size = self._image_size
     row = {"image": np.zeros((k, size, size, 3), np.float32),
@@ -133,16 +162,16 @@ class PackedRows:
            "segments": np.zeros((c + k,), np.int32)}
     counts = np.zeros((len(self.names),), np.int32)
     at = slot = segment = 0
-    first_bad: InputError | None = None
+    bad: list[InputError] = []
     for i in self._rows[r]:
-      element = self._stream[i]
       try:
+        element = self._stream[i]
         piece = self._preprocess.piece(element)
       except InputError as e:
         if not self._skip:
           raise
         logging.warning("skipping a bad record (config.data.on_bad_record='skip'): %s", e)
-        first_bad = first_bad or e
+        bad.append(e)
         continue
       n, m = len(piece.tokens), len(piece.images)
       if at + n > c + k or slot + m > k:
@@ -160,9 +189,7 @@ class PackedRows:
       row["image"] = row["image"][0]
     if self.names:
       row[self._source_key] = counts
-    if self._skip:
-      row[self._reason_key] = self._encode_reason(first_bad)
-    return row
+    return row, bad
 
 
 class PerSource:

@@ -11,9 +11,10 @@ ROWS.jsonl: one ``{"text_tokens": int, "images": int}`` per conversation (e.g. f
 written to --lengths). Without --lengths the config's training data (its source or
 mixture, e.g. a LLaVA build) is measured in its chat template, as packing measures it
 (`packed_rows.measure`: every conversation, images counted, not decoded). The config gives the buckets (``config.token_counts``) and the
-padded row (``config.data.max_text_length``); the packed row holds C text tokens
-(default: the same ``max_text_length``) and K image slots (default: the K with the
-highest mean useful share over the buckets, `pack.best_image_slots`). Prints, per bucket,
+padded row (``config.data.max_text_length``); the packed row holds C text tokens and K
+image slots: by default, with ``config.data.pack``, the row training builds
+(`pipeline.row_shape`), else C = ``max_text_length`` and the K with the highest mean
+useful share over the buckets (`pack.best_image_slots`). Prints, per bucket,
 the useful share of each layout (real text and visual tokens over all positions) and
 their ratio, with conversations per row and the share truncated.
 """
@@ -82,10 +83,12 @@ def main() -> None:
                                 "per conversation; none: measure the config's data.")
   synthetic = flags.DEFINE_integer("synthetic", 0, "First write this many mix665k-shaped "
                                    "conversations to --lengths (synthetic_llava).")
-  capacity = flags.DEFINE_integer("text_capacity", 0, "Packed row's text tokens (0: "
+  capacity = flags.DEFINE_integer("text_capacity", 0, "Packed row's text tokens (0: the "
+                                  "training row's with config.data.pack, else "
                                   "config.data.max_text_length).")
-  images = flags.DEFINE_integer("images_per_row", 0, "Packed row's image slots (0: "
-                                "balanced to the data).")
+  images = flags.DEFINE_integer("images_per_row", 0, "Packed row's image slots (0: the "
+                                "training row's with config.data.pack, else balanced to "
+                                "the data).")
   open_rows = flags.DEFINE_integer("open_rows", 64, "Rows first fit keeps open.")
   json_out = flags.DEFINE_string("json_out", None, "Also write the figures here.")
   flags.mark_flags_as_required(["config"])
@@ -109,8 +112,10 @@ def main() -> None:
       synthetic_llava.write_lengths(lengths.value,
                                     synthetic_llava.mix665k_lengths(synthetic.value))
     rows = (synthetic_llava.read_lengths(lengths.value) if lengths.value else measured(spec))
-    result = plan(rows, spec.token_counts,
-                  spec.data.max_text_length, capacity.value, images.value, open_rows.value)
+    trained = pipeline.row_shape(spec.data) if spec.data.pack else pack.RowShape(0, 0)
+    result = plan(rows, spec.token_counts, spec.data.max_text_length,
+                  capacity.value or trained.text_capacity,
+                  images.value or trained.image_slots, open_rows.value)
     print(markdown(result))
     if json_out.value:
       with open(json_out.value, "w", encoding="utf-8") as f:

@@ -121,7 +121,8 @@ def training_source(data_config: DataSpec, load_tokenizer: Callable[[], ChatToke
       stream, preprocess, row_shape(data_config), data_config.image_size,
       load_tokenizer().pad_id, skip=data_config.on_bad_record == "skip",
       num_workers=data_config.num_workers, names=getattr(source, "names", ()),
-      source_key=_SOURCE_KEY, reason_key=_REASON_KEY, encode_reason=_encode_reason), IDENTITY
+      source_key=_SOURCE_KEY, reason_key=_REASON_KEY, encode_reason=_encode_reason,
+      max_bad_in_a_row=MAX_BAD_IN_A_ROW), IDENTITY
 
 
 def _packing_stream(data_config: DataSpec, source: Any, transform: Any) -> tuple[Any, Any]:
@@ -215,6 +216,12 @@ def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack
                             f"config.data.image_slots={shape.image_slots} hold images)" + (
                                 "" if not truncate else
                                 " and truncation would cut an image placeholder"))
+  if any(mask) and not any(mask[:keep]):
+    raise ConversationError(TOO_LONG, f"{name}: truncated to the row's "
+                            f"{shape.text_capacity} text tokens it keeps no answer token "
+                            f"(config.data.max_text_length="
+                            f"{shape.text_capacity + shape.image_slots}, of which "
+                            f"config.data.image_slots={shape.image_slots} hold images)")
   return list(ids[:keep]), list(mask[:keep])
 
 
@@ -231,18 +238,20 @@ class ExampleError(InputError):
 
 
 def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
-                         image_first: bool = True) -> tuple[list[int], list[bool]]:
+                         image_first: bool = True, limit: str = ""
+                         ) -> tuple[list[int], list[bool]]:
   """Chat-formatted prompt + answer: (ids, mask) with the mask on answer tokens
-  (including the end-of-sequence token); at most ``max_length`` ids."""
+  (including the end-of-sequence token); at most ``max_length`` ids (``limit`` says
+  where that comes from in the error)."""
+  limit = limit or f"config.data.max_text_length is {max_length}"
   prompt = tokenizer.prompt_ids(question, image_first)
   answer_ids = tokenizer.answer_ids(answer)
   if len(answer_ids) < 2:
     raise ExampleError("empty answer", f"empty answer for question {question!r}")
   ids = prompt + answer_ids
   if len(ids) > max_length:
-    raise ExampleError("too long", f"example needs {len(ids)} tokens but "
-                       f"config.data.max_text_length is {max_length}: {question!r} -> "
-                       f"{answer!r}")
+    raise ExampleError("too long", f"example needs {len(ids)} tokens but {limit}: "
+                       f"{question!r} -> {answer!r}")
   return ids, [False] * len(prompt) + [True] * len(answer_ids)
 
 
@@ -307,12 +316,15 @@ class QAPreprocess(TokenizingPreprocess):
                image_size: int = scenes.BASE_SIZE):
     super().__init__(load_tokenizer, pack.RowShape(max_text_length - image_slots, image_slots),
                      image_size)
-    self._max_length = max_text_length
     self._image_first = image_first
+    # The row's C text tokens and the image's placeholder.
+    self._limit = f"config.data.max_text_length is {max_text_length}" + (
+        f" (a row of {image_slots} image slots holds {max_text_length - image_slots + 1} "
+        "with one image)" if image_slots > 1 else "")
 
   def _ids(self, element: Mapping[str, Any]) -> tuple[list[int], list[bool]]:
     return encode_training_text(self.tokenizer, element["question"], element["answer"],
-                                self._max_length, self._image_first)
+                                self.shape.text_capacity + 1, self._image_first, self._limit)
 
   def piece(self, element: Mapping[str, Any]) -> Piece:
     ids, mask = self._ids(element)
@@ -356,7 +368,14 @@ class ConversationPreprocess(TokenizingPreprocess):
     "record"."""
     try:
       ids, mask, order = self._ids(element)
-      decoded = [decode_image(element["images"][k], self.image_size) for k in order]
+      decoded = []
+      for n, k in enumerate(order):
+        try:
+          decoded.append(decode_image(element["images"][k], self.image_size))
+        except images.ImageError as e:
+          if len(order) == 1:
+            raise
+          raise images.ImageError(e.reason, f"image {n + 1} of {len(order)}: {e}") from None
     except MalformedRowError:
       raise
     except (InputError, images.ImageError) as e:

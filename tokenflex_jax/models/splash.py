@@ -56,8 +56,9 @@ def _kernel(length: int, block: int, group: int, causal: bool, interpret: bool):
 
 
 def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-                     causal: bool, pad_head_dim: bool) -> jax.Array:
-  """`splash_attention` on one shard (all arrays local)."""
+                     key_segments: jax.Array, causal: bool, pad_head_dim: bool) -> jax.Array:
+  """`splash_attention` on one shard (all arrays local): a query attends the keys whose
+  ``key_segments`` equal its ``segment_ids``."""
   b, s, h, d = q.shape
   kv = k.shape[2]
   if pad_head_dim and d % LANES:
@@ -66,11 +67,12 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     padded = -(-d // LANES) * LANES
     widen = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, padded - d),))
     return _local_attention(widen(q * jnp.asarray((padded / d) ** 0.5, q.dtype)), widen(k),
-                            widen(v), segment_ids, causal, False)[..., :d]
+                            widen(v), segment_ids, key_segments, causal, False)[..., :d]
   block = block_size(s)
   pad = -(-s // block) * block - s
   length = s + pad
-  segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)))      # [B, L]
+  segments, keys = (jnp.pad(x.astype(jnp.int32), ((0, 0), (0, pad)))          # [B, L]
+                    for x in (segment_ids, key_segments))
   # The kernel does not scale the scores: fold 1/sqrt(Dh) into the queries.
   qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, s, kv, h // kv, d)
   qh = jnp.pad(qh.transpose(0, 2, 3, 1, 4), ((0, 0),) * 3 + ((0, pad), (0, 0)))  # [B,KV,G,L,Dh]
@@ -78,11 +80,11 @@ def _local_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
   kernel = _kernel(length, block, h // kv, causal, layers.target_platform() != "tpu")
 
-  def per_head(qg, kg, vg, seg):
-    return kernel(qg, kg, vg, segment_ids=splash.SegmentIds(seg, seg))
+  def per_head(qg, kg, vg, seg, key_seg):
+    return kernel(qg, kg, vg, segment_ids=splash.SegmentIds(seg, key_seg))
 
-  per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, None))                    # over KV heads
-  out = jax.vmap(per_batch)(qh, kh, vh, segments)                            # [B,KV,G,L,Dh]
+  per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, None, None))              # over KV heads
+  out = jax.vmap(per_batch)(qh, kh, vh, segments, keys)                      # [B,KV,G,L,Dh]
   return out[:, :, :, :s].transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
@@ -99,8 +101,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
       the kernel takes any Dh (SigLIP-so400m's ViT has 72; a TPU holds it in whole
       128-lane tiles either way), and padding it first adds pads and slices of its own
       (docs/performance.md). Off a TPU the kernel runs interpreted (tests).
-    segment_ids: [B, S] int, a packed row's conversation per slot (0: padding; it
-      replaces ``key_valid``), or None: one conversation per row.
+    segment_ids: [B, S] int, a packed row's conversation per slot (0: padding), or None:
+      one conversation per row. A query attends the valid keys of its conversation;
+      padding queries attend padding keys (their outputs are not used).
   Returns:
     [B, S, H, Dh], equal to `layers.reference_attention` with the matching mask at every
     valid query slot.
@@ -109,12 +112,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
     raise ValueError(f"splash attention is for self-attention; got {q.shape[1]} queries "
                      f"and {k.shape[1]} keys")
   if segment_ids is None:
-    segment_ids = (jnp.ones(q.shape[:2], jnp.int32) if key_valid is None
-                   else key_valid.astype(jnp.int32))
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+  # An invalid key inside a conversation (padding of an unpacked row, a pad id spelled in a
+  # text) matches no query.
+  key_segments = (segment_ids if key_valid is None
+                  else jnp.where(key_valid | (segment_ids == 0), segment_ids, -1))
   local = functools.partial(_local_attention, causal=causal, pad_head_dim=pad_head_dim)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(q, k, v, segment_ids)
+    return local(q, k, v, segment_ids, key_segments)
   # The rules' axes for the batch and the KV heads, each kept only where it divides the
   # dimension; the query heads follow the KV heads' split so every shard keeps whole
   # groups (H is a multiple of KV).
@@ -122,5 +128,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Ar
       nn.logical_to_mesh_axes(("batch", None, "kv_heads", None)), k.shape, mesh)[0]
   q_spec = PartitionSpec(batch, None, kv_heads, None)
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, q_spec, q_spec,
+                                                   PartitionSpec(batch, None),
                                                    PartitionSpec(batch, None)),
-                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids)
+                       out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, key_segments)
