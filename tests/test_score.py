@@ -150,6 +150,19 @@ def test_ocrbench_substring_rule_and_final_score(tmp_path):
                "Final Score Norm": 0.4}
 
 
+def test_a_prediction_pandas_reads_as_missing_is_scored_as_nan(tmp_path):
+  """VLMEvalKit reads its predictions back with pandas: "", "None", "N/A" ... become NaN,
+  which its scorers see as the text "nan"."""
+  rows = [{"index": i, "question": "Read it.", "answer": a, "category": "Doc-oriented VQA"}
+          for i, a in enumerate(["['a']", "['None']", "['n/a']", "['none']"])]
+  r = scored(tmp_path, "OCRBench", rows, ["", "None", "N/A", "none"])
+  # "a" is in "nan" (the empty prediction's); "none" and "n/a" are not; a lowercase
+  # "none" is no missing value to pandas and matches as written.
+  assert r["Doc-oriented VQA"] == 2
+  mc = [{"index": 1, "question": "q", "answer": "a", "A": "one", "B": "two"}]
+  assert scored(tmp_path, "AI2D_TEST", mc, ["A"])["Overall"] == 0.0  # only MMMU maps to A
+
+
 def test_mathvista_rule_based_part_and_the_share_left_to_a_judge(tmp_path):
   def q(index, qtype, atype, answer, **kw):
     return {"index": index, "question": "Hint: ...\nQuestion: ?", "answer": answer,

@@ -228,6 +228,8 @@ def test_benchmark_sweep_writes_the_table_and_plot_and_keeps_them(reference_run,
              for row in table["benchmarks"].values())
   md = open(os.path.join(out, "table.md"), encoding="utf-8").read()
   assert "| MMStar |" in md and "| **average** |" in md
+  assert "| MathVista_MINI† |" in md and "† MathVista_MINI: the rows VLMEvalKit" in md
+  assert set(table["needs_judge_share"]) == {"MathVista_MINI"}
   assert "| 64 tokens | 144 tokens | auto |" in md
   assert os.path.getsize(os.path.join(out, "accuracy.png")) > 0
   for name in benchmarks.BENCHMARKS:

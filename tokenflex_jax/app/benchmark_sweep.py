@@ -39,7 +39,9 @@ def benchmark_files(folder: str) -> list[str]:
 def markdown(table: dict[str, Any]) -> str:
   counts = table["counts"]
   auto = any("auto" in row for row in table["benchmarks"].values())
-  lines = [f"Benchmarks at step {table['step']}, headline metric (%) per visual-token count"
+  judged = table.get("needs_judge_share", {})
+  lines = [f"Benchmarks at step {table['step']}, headline metric (%) per visual-token count, "
+           "by VLMEvalKit's rules without a judge model (`--judge exact_matching`)"
            + ("; auto: the automatic budget at config.eval.auto_threshold (mean visual "
               "tokens, every attempt counted)." if auto else "."),
            "", "| benchmark | " + " | ".join(f"{c} tokens" for c in counts)
@@ -50,10 +52,15 @@ def markdown(table: dict[str, Any]) -> str:
     if auto:
       a = row.get("auto")
       extra = " n/a |" if a is None else f" {cell(a['value'])} ({a['mean_visual_tokens']:.0f}) |"
-    lines.append(f"| {name} | " + " | ".join(cell(row[str(c)]) for c in counts) + " |"
+    mark = "†" if name in judged else ""
+    lines.append(f"| {name}{mark} | " + " | ".join(cell(row[str(c)]) for c in counts) + " |"
                  + extra)
   lines.append("| **average** | " + " | ".join(
       f"**{cell(table['average'][str(c)])}**" for c in counts) + (" | |" if auto else " |"))
+  for name, shares in judged.items():
+    lines += ["", f"† {name}: the rows VLMEvalKit would send to its judge count as wrong, a "
+              "lower bound of its judged score (their share: " + ", ".join(
+                  f"{100 * shares[str(c)]:.0f}% at {c}" for c in counts) + ")."]
   return "\n".join(lines) + "\n"
 
 
@@ -89,7 +96,8 @@ def sweep(config: config_schema.ConfigDict | specs.RunSpec, workdir: str,
   for name in runs:
     outputs.check_free(eval_root, name, trained.step, config.eval.overwrite)
   counts = [int(c) for c in config.eval.token_counts]
-  table: dict[str, Any] = {"step": trained.step, "counts": counts, "benchmarks": {}}
+  table: dict[str, Any] = {"step": trained.step, "counts": counts, "benchmarks": {},
+                           "needs_judge_share": {}}
   for name, spec in runs.items():
     results = evaluate(trained.model, trained.params, trained.tokenizer, spec, mesh, rules,
                        trained.step)
@@ -104,6 +112,10 @@ def sweep(config: config_schema.ConfigDict | specs.RunSpec, workdir: str,
       row["auto"] = {"value": None if math.isnan(auto["accuracy"]) else 100 * auto["accuracy"],
                      "mean_visual_tokens": auto["mean_visual_tokens"]}
     table["benchmarks"][name] = row
+    judge = {str(c): results["results"][str(c)]["benchmark"].get("needs_judge_share")
+             for c in counts}
+    if all(v is not None for v in judge.values()):  # MathVista's, scored by rules only
+      table["needs_judge_share"][name] = judge
     logging.info("%s: %s", name, row)
   table["average"] = {}
   for c in counts:

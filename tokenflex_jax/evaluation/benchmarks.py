@@ -151,8 +151,9 @@ def score_multiple_choice(benchmark: str, rows: Sequence[Mapping[str, str]],
   """{"splits": {split: {"Overall", <category>: ...}}, "Overall": the headline}."""
   if benchmark == "MMMU_DEV_VAL":
     rows = [dict(r, A=r["answer"], B=OTHER_ANSWERS) if missing(r.get("A")) else r for r in rows]
-  truth = [r["answer"] if len(r["answer"]) == 1 and r["answer"] in string.ascii_uppercase
-           else "A" for r in rows]
+  # MMMU's answers that are no option letter (its open questions) are option A.
+  truth = [r["answer"] if benchmark != "MMMU_DEV_VAL" or (
+      len(r["answer"]) == 1 and r["answer"] in string.ascii_uppercase) else "A" for r in rows]
   hits = [int(matching.infer_choice(p, choices(r)) == t)
           for r, p, t in zip(rows, predictions, truth)]
   if benchmark == "MMBench_DEV_EN_V11":
@@ -284,7 +285,10 @@ def score_mathvista(rows: Sequence[Mapping[str, str]], predictions: Sequence[str
 
 def score(benchmark: str, rows: Sequence[Mapping[str, str]], predictions: Sequence[str]
           ) -> dict[str, Any]:
-  """``{"benchmark": benchmark, <VLMEvalKit's metrics>...}`` for one prediction per row."""
+  """``{"benchmark": benchmark, <VLMEvalKit's metrics>...}`` for one prediction per row.
+  A prediction pandas reads as missing ("", "None", "N/A", ...) is scored as "nan", the
+  text VLMEvalKit's scorers get back from its predictions file."""
+  predictions = ["nan" if missing(p) else p for p in predictions]
   if benchmark in MULTIPLE_CHOICE:
     figures = score_multiple_choice(benchmark, rows, predictions)
   elif benchmark == "HallusionBench":

@@ -275,9 +275,10 @@ _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 
 
 def normalize_vqa_answer(text: str) -> str:
-  """The official VQA evaluation's answer normalisation: punctuation (removed next to a
-  space or inside a number, else a space), periods outside numbers, lower case, number
-  words to digits, articles, common contractions."""
+  """The official VQA evaluation's answer normalisation, its period rule as written there:
+  punctuation (removed next to a space or inside a number, else a space), periods
+  outside numbers, lower case, number words to digits, articles, and 12 of its
+  contractions."""
   text = text.replace("\n", " ").replace("\t", " ").strip()
   for p in _PUNCT:
     if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text):
