@@ -63,8 +63,9 @@ def useful(batch: dict[str, np.ndarray], num_tokens: int, image_id: int, pad_id:
 
 def _layouts(config: RunSpec, tfds_dir: str, opts: RealDataOptions, k: int, rows: int
              ) -> dict[str, RunSpec]:
+  # Truncated to fit; a conversation that would keep no answer token is left out of both.
   data = dict(data__source="llava", data__tfds_dir=tfds_dir, data__mixture=(),
-              data__truncate=True, data__num_workers=0)
+              data__truncate=True, data__on_bad_record="skip", data__num_workers=0)
   return {"padded": specs.replace(config, **data, data__max_text_length=opts.padded_length,
                                   data__image_slots=1, data__pack=False),
           "packed": specs.replace(config, **data, data__pack=True, data__image_slots=k,
