@@ -54,9 +54,11 @@ if [[ -n "$ACCOUNT" ]]; then ACCOUNT_LINE="#SBATCH --account=$ACCOUNT"; fi
 TRAIN_ARGS="$(train_args)"
 
 # One task: the train binary, its exit 75 (saved, restart me) reported as 0 with the mark
-# (no single quote in it: the job script quotes it with them).
+# (no single quote in it: the job script quotes it with them). The task's shell outlives a
+# SIGTERM (SLURM signals every process of the step) and waits for the binary's save; the
+# binary keeps its own handler (a trapped signal is reset in a child).
 # shellcheck disable=SC2016  # expanded by the task's shell
-TASK='rc=0; "$@" || rc=$?; if [ "$rc" -eq 75 ]; then [ "$SLURM_PROCID" != 0 ] || touch "$MARK"; exit 0; fi; exit "$rc"'
+TASK='trap : TERM INT; rc=0; "$@" || rc=$?; if [ "$rc" -eq 75 ]; then [ "$SLURM_PROCID" != 0 ] || touch "$MARK"; exit 0; fi; exit "$rc"'
 
 # The job script and SLURM's log need a local path (a gs:// workdir is not one).
 if [[ "$WORKDIR" == gs://* ]]; then JOB_DIR="$REPO/workdirs/slurm/$JOB"; else JOB_DIR="$WORKDIR"; fi

@@ -230,13 +230,21 @@ def test_resuming_restarts_on_the_preemption_code_only(tmp_path):
 
 
 FAKE_SRUN = r"""#!/usr/bin/env bash
-# A stand-in for SLURM's srun: runs $FAKE_NTASKS copies of the command, each with its
-# SLURM_PROCID; with --kill-on-bad-exit=1 the first task to exit non-zero gets the others
-# SIGKILLed; exits with the highest status, 128 + the signal for a killed task, as srun does.
+# A stand-in for SLURM's srun: runs $FAKE_NTASKS copies of the command, each in its own
+# process group with its SLURM_PROCID; on its first call it signals every task's processes
+# with SIGTERM after 0.5 s, as a preemption does; with --kill-on-bad-exit=1 the first task
+# to exit non-zero gets the others SIGKILLed; exits with the highest status, 128 + the
+# signal for a killed task, as srun does.
+set -m
 kill_on_bad=0
 while [[ "$1" == --* ]]; do [[ "$1" == --kill-on-bad-exit=1 ]] && kill_on_bad=1; shift; done
 pids=()
 for ((i = 0; i < FAKE_NTASKS; i++)); do SLURM_PROCID=$i "$@" & pids+=("$!"); done
+if [[ ! -e "$STATE/preempted" ]]; then
+  touch "$STATE/preempted"
+  sleep 0.5
+  for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null; done
+fi
 worst=0 running=${#pids[@]}
 while ((running > 0)); do
   for i in "${!pids[@]}"; do
@@ -246,7 +254,7 @@ while ((running > 0)); do
     rc=0; wait "$pid" || rc=$?
     pids[i]="" running=$((running - 1)) worst=$((rc > worst ? rc : worst))
     if ((rc != 0 && kill_on_bad)); then
-      for other in "${pids[@]}"; do [[ -n "$other" ]] && kill -9 "$other" 2>/dev/null; done
+      for other in "${pids[@]}"; do [[ -n "$other" ]] && kill -9 -- "-$other" 2>/dev/null; done
     fi
   done
   sleep 0.05
@@ -254,22 +262,26 @@ done
 exit "$worst"
 """
 
-# The train binary as two tasks see it: on the first run both save on a preemption notice
-# and exit 75, task 1 at once and task 0 a second later (still writing the checkpoint);
-# on the second run both finish (0).
+# The train binary as two tasks see it: on the first run each waits for SIGTERM, saves and
+# exits 75, task 1 at once and task 0 a second later (still writing the checkpoint); on
+# the second run both finish (0).
 FAKE_TRAIN = r"""#!/usr/bin/env bash
 runs="$STATE/runs.$SLURM_PROCID"
 n=$(cat "$runs" 2>/dev/null || echo 0); echo $((n + 1)) > "$runs"
 [ "$n" -ge 1 ] && exit 0
+term=0
+trap 'term=1' TERM
+while [ "$term" = 0 ]; do sleep 0.05; done
 if [ "$SLURM_PROCID" = 0 ]; then sleep 1; echo saved >> "$STATE/saves"; fi
 exit 75
 """
 
 
 def test_slurm_job_restarts_after_a_preemption_without_killing_a_saving_task(tmp_path):
-  """srun --kill-on-bad-exit kills every task once one exits non-zero: a task that exits
-  75 (saved, restart me) first must not cut short another still saving, nor turn the
-  job's status into the killed task's 137."""
+  """A preemption's SIGTERM reaches every process of the step, and srun --kill-on-bad-exit
+  kills every task once one exits non-zero: a task that exits 75 (saved, restart me)
+  first must not cut short another still saving, nor turn the job's status into a killed
+  task's 137 or 143."""
   bin_dir, venv, state, workdir = (tmp_path / d for d in ("bin", "venv", "state", "w"))
   for d in (bin_dir, venv / "bin", state, workdir):
     d.mkdir(parents=True)
