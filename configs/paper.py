@@ -61,7 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_examples=0, families=(), family_weights=(),
       max_text_length=1024,         # ours
       image_first=True, num_workers=8,
-      truncate=True)                # LLaVA practice: cut conversations past the length
+      truncate=True,                # LLaVA practice: cut conversations past the length
+      # Ours: count and skip a bad record (a conversation truncation leaves without an
+      # answer, a corrupt image) rather than stop; 100 in a row still stop (docs/data.md).
+      on_bad_record="skip")
 
   # Qwen2.5's own tokenizer.json and the Jinja chat template of its tokenizer_config.json
   # (template ""); <|image_pad|> is one of its special tokens and marks where the visual

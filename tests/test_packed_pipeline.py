@@ -258,6 +258,10 @@ def test_skip_fills_an_all_bad_row_and_stops_a_broken_source():
   rows = _skipping_rows(Stream(8), Pieces(lambda i: i < 4))
   np.testing.assert_array_equal(rows[0]["segments"], rows[1]["segments"])
   assert rows[0]["segments"].max() == 4
+  # Row 0's four bad conversations are counted at row 0, row 1 has none.
+  assert [bytes(x).rstrip(b"\0") for x in rows[0]["_bad_record_reason"]] == [
+      b"unreadable image"] * 4
+  assert not rows[1]["_bad_record_reason"].any()
   broken = _skipping_rows(Stream(400), Pieces(lambda i: True))
   with pytest.raises(InputError, match="100 conversations in a row are bad"):
     broken[0]

@@ -133,7 +133,10 @@ def test_the_planning_command_on_the_paper_config(tmp_path):
        f"--lengths={lengths}", f"--json_out={out}"], cwd=REPO, env=env, capture_output=True,
       text=True, timeout=300)
   assert packed_config.returncode == 0, packed_config.stderr[-3000:]
-  assert json.loads(out.read_text())["packed"] == plan["packed"]
+  packed_plan = json.loads(out.read_text())
+  assert packed_plan["packed"] == plan["packed"]
+  assert packed_plan["padded_length"] == 1542 and "one per row of 1542 token slots" in (
+      packed_config.stdout)
   bad = subprocess.run([sys.executable, "-m", "tokenflex_jax.data.packing",
                         "--config=configs/paper.py", f"--lengths={tmp_path / 'none.jsonl'}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -63,7 +63,8 @@ def useful(batch: dict[str, np.ndarray], num_tokens: int, image_id: int, pad_id:
 
 def _layouts(config: RunSpec, tfds_dir: str, opts: RealDataOptions, k: int, rows: int
              ) -> dict[str, RunSpec]:
-  # Truncated to fit; a conversation that would keep no answer token is left out of both.
+  # Truncated to fit; a conversation that would keep no answer token in a layout's row is
+  # left out of that layout.
   data = dict(data__source="llava", data__tfds_dir=tfds_dir, data__mixture=(),
               data__truncate=True, data__on_bad_record="skip", data__num_workers=0)
   return {"padded": specs.replace(config, **data, data__max_text_length=opts.padded_length,

@@ -44,7 +44,8 @@ def plan(lengths: list[pack.Lengths], counts: tuple[int, ...], max_text_length: 
                                                                           counts, open_rows))
   padded = pack.figures(lengths, pack.padded_shape(max_text_length), counts, packed=False)
   packed = pack.figures(lengths, shape, counts, packed=True, open_rows=open_rows)
-  return {"conversations": len(lengths), "padded": dataclasses.asdict(padded),
+  return {"conversations": len(lengths), "padded_length": max_text_length,
+          "padded": dataclasses.asdict(padded),
           "packed": dataclasses.asdict(packed), "packed_shape": dataclasses.asdict(shape),
           "buckets": {n: {"useful_share_padded": padded.useful_share[n],
                           "useful_share_packed": packed.useful_share[n],
@@ -64,8 +65,8 @@ def measured(spec: RunSpec) -> list[pack.Lengths]:
 
 def markdown(result: dict) -> str:
   shape, padded, packed = result["packed_shape"], result["padded"], result["packed"]
-  lines = [f"{result['conversations']} conversations. Padded: one per row, "
-           f"{padded['truncated_share']:.1%} truncated. Packed: {shape['text_capacity']} text "
+  lines = [f"{result['conversations']} conversations. Padded: one per row of "
+           f"{result['padded_length']} token slots, {padded['truncated_share']:.1%} truncated. Packed: {shape['text_capacity']} text "
            f"tokens and {shape['image_slots']} image slots per row, "
            f"{packed['conversations_per_row']:.2f} conversations per row, "
            f"{packed['truncated_share']:.1%} truncated.", "",

@@ -195,6 +195,11 @@ def row_shape(data_config: DataSpec) -> pack.RowShape:
                        data_config.image_slots)
 
 
+def _row_fields(shape: pack.RowShape) -> str:
+  return (f"config.data.max_text_length={shape.text_capacity + shape.image_slots}, of which "
+          f"config.data.image_slots={shape.image_slots} hold images")
+
+
 def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack.RowShape,
             truncate: bool, name: str) -> tuple[list[int], list[bool]]:
   """A conversation's ids and mask, checked to fit an empty row of ``shape`` (at most C
@@ -211,17 +216,13 @@ def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack
   if not truncate or cut_image:
     raise ConversationError(TOO_LONG, f"{name}: needs {text} text tokens and {images} "
                             f"image(s) but a row holds {shape.text_capacity} and "
-                            f"{shape.image_slots} (config.data.max_text_length="
-                            f"{shape.text_capacity + shape.image_slots}, of which "
-                            f"config.data.image_slots={shape.image_slots} hold images)" + (
+                            f"{shape.image_slots} ({_row_fields(shape)})" + (
                                 "" if not truncate else
                                 " and truncation would cut an image placeholder"))
   if any(mask) and not any(mask[:keep]):
     raise ConversationError(TOO_LONG, f"{name}: truncated to the row's "
                             f"{shape.text_capacity} text tokens it keeps no answer token "
-                            f"(config.data.max_text_length="
-                            f"{shape.text_capacity + shape.image_slots}, of which "
-                            f"config.data.image_slots={shape.image_slots} hold images)")
+                            f"({_row_fields(shape)})")
   return list(ids[:keep]), list(mask[:keep])
 
 
@@ -567,7 +568,8 @@ class HostRows:
 
 BAD_RECORD_POLICIES = ("error", "skip")
 MAX_BAD_IN_A_ROW = 100  # "skip" skips single bad records, not a broken source
-_REASON_KEY = "_bad_record_reason"  # uint8 [_REASON_BYTES] per example, only under "skip"
+_REASON_KEY = "_bad_record_reason"  # uint8 [_REASON_BYTES] per example ([M, ...] per
+                                     # packed row), only under "skip"
 _REASON_BYTES = 64
 
 

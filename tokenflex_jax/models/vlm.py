@@ -227,11 +227,11 @@ class VLM(nn.Module):
         text_valid, index.text_index, axis=1))
     merged_segments = None
     if segments is not None:
-      # A text slot keeps its conversation even where it is not valid (a pad id spelled
-      # inside a text: no key, but no boundary either, and its query sees its own
-      # conversation as it would alone); an image slot its placeholder's while it is used.
-      merged_segments = jnp.where(valid | ~(index.is_visual | index.past_text),
-                                  jnp.take_along_axis(segments, index.text_index, 1), 0)
+      # Every slot before the row's end keeps its conversation (a visual one its
+      # placeholder's), valid or not: a pad id spelled inside a text is no key, but no
+      # boundary either, and its query sees its own conversation as it would alone.
+      merged_segments = jnp.where(index.past_text, 0,
+                                  jnp.take_along_axis(segments, index.text_index, 1))
     positions, end = merged_positions(valid, index.is_visual, num_tokens,
                                       cfg.visual_position_span, cfg.visual_position_layout,
                                       merged_segments)
