@@ -234,8 +234,7 @@ def _skipping_rows(stream, pieces):
   return pipeline.packed_rows.PackedRows(
       stream, pieces, pack.RowShape(40, 4), 4, 0, skip=True,
       reason_key="_bad_record_reason",
-      encode_reason=pipeline._encode_reason,  # pylint: disable=protected-access
-      max_bad_in_a_row=pipeline.MAX_BAD_IN_A_ROW)
+      encode_reason=pipeline._encode_reason)  # pylint: disable=protected-access
 
 
 def test_skip_leaves_an_unreadable_conversation_out_of_the_plan():

@@ -33,6 +33,7 @@ import numpy as np
 from absl import logging
 
 from tokenflex_jax.data import pack
+from tokenflex_jax.data.rows import MAX_BAD_IN_A_ROW, too_many_bad
 from tokenflex_jax.errors import InputError
 
 Encode = Callable[[InputError | None], np.ndarray]
@@ -96,7 +97,7 @@ class PackedRows:
     image_size, pad_id: of the rows' images and padding.
     skip: ``config.data.on_bad_record == "skip"``; ``encode_reason`` then puts each bad
       conversation's reason into its row under ``reason_key`` ([M, ...] for rows of at
-      most M conversations, zeros where none), and ``max_bad_in_a_row`` bad
+      most M conversations, zeros where none), and `rows.MAX_BAD_IN_A_ROW` bad
       conversations in a row raise `InputError`.
     names: a mixture's source names; each row then counts its conversations per source
       (int32 [len(names)] under ``source_key``).
@@ -105,7 +106,7 @@ class PackedRows:
   def __init__(self, stream: Any, preprocess: Any, shape: pack.RowShape, image_size: int,
                pad_id: int, *, skip: bool = False, num_workers: int = 0,
                names: Sequence[str] = (), source_key: str = "", reason_key: str = "",
-               encode_reason: Encode | None = None, max_bad_in_a_row: int = 100):
+               encode_reason: Encode | None = None):
     self._stream, self._preprocess, self.shape = stream, preprocess, shape
     self._image_size, self._pad_id, self._skip = image_size, pad_id, skip
     self.names, self._source_key = tuple(names), source_key
@@ -113,7 +114,7 @@ class PackedRows:
     self.lengths, self.left_out = measure(stream, preprocess, skip, num_workers)
     self._rows = plan_rows(self.lengths, shape)
     self._most = max((len(row) for row in self._rows), default=0)
-    self._max_bad = min(max_bad_in_a_row, sum(len(row) for row in self._rows))
+    self._max_bad = min(MAX_BAD_IN_A_ROW, sum(len(row) for row in self._rows))
     if not self._rows:
       raise InputError(f"no conversation of the {len(stream)} in the training data fits a "
                        f"row of {shape.text_capacity} text tokens and {shape.image_slots} "
@@ -136,16 +137,14 @@ class PackedRows:
       return row
     # A row whose every conversation is bad holds the next row with a good one (as
     # `pipeline.SkipBadRecords` does for records); its own are counted here, the others'
-    # at their own rows. A run of `max_bad_in_a_row` bad conversations stops.
+    # at their own rows. A run of `rows.MAX_BAD_IN_A_ROW` bad conversations stops.
     reasons = np.zeros((self._most, *self._encode_reason(None).shape), np.uint8)
     for j, e in enumerate(bad):
       reasons[j] = self._encode_reason(e)
     in_a_row, step = len(bad), 0
     while not row["segments"].any():
       if in_a_row >= self._max_bad:
-        raise InputError(f"{in_a_row} conversations in a row are bad, e.g. {bad[-1]}; "
-                         "config.data.on_bad_record='skip' skips single bad records, not a "
-                         "broken source")
+        raise too_many_bad(in_a_row, "conversations", bad[-1])
       step += 1
       row, bad = self._assemble((r + step) % len(self._rows))
       in_a_row += len(bad)

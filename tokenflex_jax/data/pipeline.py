@@ -25,7 +25,7 @@ from tokenflex_jax import sharding
 from tokenflex_jax.data import conversation, images, pack, packed_rows, scenes
 from tokenflex_jax.data.chat import ChatTokenizer
 from tokenflex_jax.data.conversation import ConversationError
-from tokenflex_jax.data.rows import MalformedRowError
+from tokenflex_jax.data.rows import MAX_BAD_IN_A_ROW, MalformedRowError, too_many_bad
 from tokenflex_jax.errors import ConfigError, InputError
 from tokenflex_jax.specs import DataSpec
 
@@ -121,8 +121,7 @@ def training_source(data_config: DataSpec, load_tokenizer: Callable[[], ChatToke
       stream, preprocess, row_shape(data_config), data_config.image_size,
       load_tokenizer().pad_id, skip=data_config.on_bad_record == "skip",
       num_workers=data_config.num_workers, names=getattr(source, "names", ()),
-      source_key=_SOURCE_KEY, reason_key=_REASON_KEY, encode_reason=_encode_reason,
-      max_bad_in_a_row=MAX_BAD_IN_A_ROW), IDENTITY
+      source_key=_SOURCE_KEY, reason_key=_REASON_KEY, encode_reason=_encode_reason), IDENTITY
 
 
 def _packing_stream(data_config: DataSpec, source: Any, transform: Any) -> tuple[Any, Any]:
@@ -226,25 +225,16 @@ def fit_ids(ids: Sequence[int], mask: Sequence[bool], image_id: int, shape: pack
   return list(ids[:keep]), list(mask[:keep])
 
 
-class ExampleError(InputError):
+class ExampleError(ConversationError):
   """A question and answer that cannot be trained on; ``reason`` is what a skipped one is
   counted as (`SkippedRecords`)."""
 
-  def __init__(self, reason: str, message: str):
-    super().__init__(message)
-    self.reason = reason
-
-  def __reduce__(self):  # Picklable: grain's worker processes send errors back.
-    return type(self), (self.reason, str(self))
-
 
 def encode_training_text(tokenizer: ChatTokenizer, question: str, answer: str, max_length: int,
-                         image_first: bool = True, limit: str = ""
-                         ) -> tuple[list[int], list[bool]]:
+                         image_first: bool, limit: str) -> tuple[list[int], list[bool]]:
   """Chat-formatted prompt + answer: (ids, mask) with the mask on answer tokens
   (including the end-of-sequence token); at most ``max_length`` ids (``limit`` says
   where that comes from in the error)."""
-  limit = limit or f"config.data.max_text_length is {max_length}"
   prompt = tokenizer.prompt_ids(question, image_first)
   answer_ids = tokenizer.answer_ids(answer)
   if len(answer_ids) < 2:
@@ -567,7 +557,6 @@ class HostRows:
 # --- Bad records (config.data.on_bad_record) --------------------------------------------
 
 BAD_RECORD_POLICIES = ("error", "skip")
-MAX_BAD_IN_A_ROW = 100  # "skip" skips single bad records, not a broken source
 _REASON_KEY = "_bad_record_reason"  # uint8 [_REASON_BYTES] per example ([M, ...] per
                                      # packed row), only under "skip"
 _REASON_BYTES = 64
@@ -633,9 +622,7 @@ class SkipBadRecords:
           logging.warning("skipping a bad record (config.data.on_bad_record='skip'): %s", e)
         continue
       return {**example, _REASON_KEY: _encode_reason(first)}
-    raise InputError(f"{self._limit} records in a row are bad, e.g. {last}; "
-                     "config.data.on_bad_record='skip' skips single bad records, not a "
-                     "broken source")
+    raise too_many_bad(self._limit, "records", last)
 
 
 class CountSkipped(grain.transforms.Map):

@@ -22,6 +22,17 @@ from tokenflex_jax.errors import InputError
 
 T = TypeVar("T")
 
+# config.data.on_bad_record="skip" skips single bad records, not a broken source.
+MAX_BAD_IN_A_ROW = 100
+
+
+def too_many_bad(count: int, what: str, last: Exception | None) -> InputError:
+  """The error that stops a "skip" run at ``count`` bad ``what`` (records,
+  conversations) in a row, ``last`` the latest."""
+  return InputError(f"{count} {what} in a row are bad, e.g. {last}; "
+                    "config.data.on_bad_record='skip' skips single bad records, not a "
+                    "broken source")
+
 
 class MalformedRowError(InputError):
   """A data row that cannot be used; the message names the file and the row ("record"
